@@ -7,6 +7,7 @@ Run with `make test` (offline: HF_HUB_OFFLINE=1).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import os
@@ -651,3 +652,18 @@ def test_speed_changes_duration(servers: dict[str, ServerProcess]) -> None:
     body = {"input": "Speed test sentence here.", "seed": 8, "response_format": "pcm"}
     normal, fast = len(speak(srv, **body).content), len(speak(srv, **body, speed=2.0).content)
     assert abs(fast / normal - 0.5) < 0.05
+
+
+# ---------------------------------------------------------------------------
+# Documentation agrees with the code
+# ---------------------------------------------------------------------------
+
+
+def test_readme_documents_every_setting_and_route() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for f in dataclasses.fields(server.Settings):
+        name, default = f.metadata["env"], f.default
+        assert f"| `{name}` | `{default}` |" in readme or (default == "" and f"| `{name}` | (empty) |" in readme), name
+    app = server.create_app(server.Settings(), ToneEngine())
+    for route in app.routes:
+        assert f"`{route.path}`" in readme, route.path
