@@ -14,6 +14,7 @@ One module, in the order data flows through it:
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import heapq
 import io
@@ -38,12 +39,13 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "numba"))
 import numpy as np
 import torch
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 __version__ = "0.1.0"
 
@@ -69,6 +71,13 @@ class Settings:
     voice_cache_size: int = _env("VOICE_CACHE_SIZE", "Prepared voice conditionals kept in memory (LRU).", default=32)
     max_input_chars: int = _env("MAX_INPUT_CHARS", "Longest accepted `input`, in characters.", default=4096)
     chunk_max_chars: int = _env("CHUNK_MAX_CHARS", "Longest text handed to the model in one call.", default=250)
+    stream_first_chunk_tokens: int = _env("STREAM_FIRST_CHUNK_TOKENS", "Speech tokens before the first audio.",
+                                          default=20)
+    stream_chunk_tokens: int = _env("STREAM_CHUNK_TOKENS", "Speech tokens per later streamed chunk.", default=40)
+    stream_context_tokens: int = _env("STREAM_CONTEXT_TOKENS", "Already-spoken tokens re-decoded before each chunk.",
+                                      default=80)
+    audio_trim_silence: bool = _env("AUDIO_TRIM_SILENCE", "Trim silence at each utterance's start and end.",
+                                    default=False)
     log_level: str = _env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", default="INFO")
 
     @classmethod
@@ -81,7 +90,7 @@ class Settings:
                 continue
             kind = type(f.default)
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise SystemExit(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
         settings = cls(**values)
@@ -89,7 +98,23 @@ class Settings:
             raise SystemExit(f"TTS_MODEL={settings.tts_model!r}: choose one of {', '.join(MODEL_KINDS)}")
         if settings.device not in ("auto", "cuda", "mps", "cpu"):
             raise SystemExit(f"DEVICE={settings.device!r}: choose auto, cuda, mps or cpu")
+        if not 1 <= settings.stream_first_chunk_tokens <= settings.stream_chunk_tokens:
+            raise SystemExit("STREAM_FIRST_CHUNK_TOKENS must be between 1 and STREAM_CHUNK_TOKENS")
+        if settings.stream_context_tokens < max(50, 2 * settings.stream_chunk_tokens):
+            raise SystemExit("STREAM_CONTEXT_TOKENS must be at least 50 and at least twice STREAM_CHUNK_TOKENS")
         return settings
+
+    @property
+    def stream_plan(self) -> StreamPlan:
+        return StreamPlan(self.stream_first_chunk_tokens, self.stream_chunk_tokens, self.stream_context_tokens)
+
+
+def _parse_bool(raw: str) -> bool:
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 MODEL_KINDS = ("turbo", "standard", "multilingual")
@@ -291,15 +316,6 @@ class ChunkJoiner:
         return tail
 
 
-def change_speed(audio: np.ndarray, speed: float) -> np.ndarray:
-    """Change tempo without changing pitch."""
-    if speed == 1.0 or len(audio) < 2048:
-        return audio
-    import librosa
-
-    return librosa.effects.time_stretch(audio.astype(np.float32), rate=speed).astype(np.float32)
-
-
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
     """Decode any container/codec PyAV knows to mono float32 at its own rate."""
     import av
@@ -331,6 +347,275 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     import soxr
 
     return soxr.resample(audio.astype(np.float32), from_rate, to_rate, quality="HQ").astype(np.float32)
+
+
+class StreamResampler:
+    """Stateful resampling across chunks (soxr): the joined output equals resampling the whole."""
+
+    def __init__(self, from_rate: int, to_rate: int):
+        import soxr
+
+        self._stream = None if from_rate == to_rate else soxr.ResampleStream(
+            from_rate, to_rate, 1, dtype="float32", quality="HQ")
+
+    def push(self, audio: np.ndarray, last: bool = False) -> np.ndarray:
+        audio = np.ascontiguousarray(audio, dtype=np.float32)
+        return audio if self._stream is None else self._stream.resample_chunk(audio, last=last)
+
+    def finish(self) -> np.ndarray:
+        return self.push(np.zeros(0, dtype=np.float32), last=True)
+
+
+class TempoStretcher:
+    """Streaming tempo change without pitch change (FFmpeg's atempo, WSOLA, via PyAV)."""
+
+    def __init__(self, sample_rate: int, speed: float):
+        import fractions
+
+        import av.filter
+
+        self.rate = sample_rate
+        self.time_base = fractions.Fraction(1, sample_rate)
+        self.pts = 0
+        self.graph = av.filter.Graph()
+        node = self.graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono", time_base=self.time_base)
+        self._source = node
+        for factor in _atempo_factors(speed):
+            stage = self.graph.add("atempo", f"{factor:.6f}")
+            node.link_to(stage)
+            node = stage
+        sink = self.graph.add("abuffersink")
+        node.link_to(sink)
+        self.graph.configure()
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        import av
+
+        if len(audio) == 0:
+            return np.zeros(0, dtype=np.float32)
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1),
+                                           format="flt", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.rate, self.pts, self.time_base
+        self.pts += len(audio)
+        self.graph.push(frame)
+        return self._pull()
+
+    def finish(self) -> np.ndarray:
+        self.graph.push(None)
+        return self._pull()
+
+    def _pull(self) -> np.ndarray:
+        import av
+
+        out: list[np.ndarray] = []
+        while True:
+            try:
+                out.append(self.graph.pull().to_ndarray().reshape(-1))
+            except (av.error.BlockingIOError, av.error.EOFError):
+                break
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
+
+
+def _atempo_factors(speed: float) -> list[float]:
+    """atempo takes 0.5..2.0 per stage; chain stages for 0.25..4.0."""
+    factors = []
+    while speed > 2.0:
+        factors.append(2.0)
+        speed /= 2.0
+    while speed < 0.5:
+        factors.append(0.5)
+        speed /= 0.5
+    return factors + [speed]
+
+
+SILENCE_THRESHOLD = 10 ** (-50 / 20)  # -50 dBFS
+EDGE_FADE_SECONDS = 0.005
+TRIM_PAD_SECONDS = 0.05
+
+
+class UtteranceEdges:
+    """Clean utterance edges: a short fade-in and fade-out, and optionally the silence at the
+    very start and end trimmed (leaving a short pad). Never touches audio between chunks."""
+
+    def __init__(self, sample_rate: int, trim_silence: bool):
+        self.trim = trim_silence
+        self.fade = max(1, int(EDGE_FADE_SECONDS * sample_rate))
+        self.pad = int(TRIM_PAD_SECONDS * sample_rate)
+        self.started = False
+        self._held = np.zeros(0, dtype=np.float32)  # trailing audio not yet released
+        self._faded_in = 0
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        audio = np.asarray(audio, dtype=np.float32)
+        if self.trim and not self.started:
+            loud = np.flatnonzero(np.abs(audio) > SILENCE_THRESHOLD)
+            if not len(loud):
+                self._held = np.concatenate([self._held, audio])[-self.pad :]  # keep a pad's worth
+                return np.zeros(0, dtype=np.float32)
+            audio = np.concatenate([self._held, audio])
+            audio = audio[max(0, len(self._held) + loud[0] - self.pad) :]
+            self._held = np.zeros(0, dtype=np.float32)
+        self.started = True
+        audio = np.concatenate([self._held, audio])
+        keep = self.fade
+        if self.trim:  # hold back the trailing quiet run: it may be the utterance's end
+            loud = np.flatnonzero(np.abs(audio) > SILENCE_THRESHOLD)
+            keep = max(keep, len(audio) - (loud[-1] + 1) if len(loud) else len(audio))
+        keep = min(keep, len(audio))
+        ready, self._held = audio[: len(audio) - keep], audio[len(audio) - keep :]
+        return self._fade_in(ready)
+
+    def finish(self) -> np.ndarray:
+        tail, self._held = self._held, np.zeros(0, dtype=np.float32)
+        if self.trim:
+            loud = np.flatnonzero(np.abs(tail) > SILENCE_THRESHOLD)
+            tail = tail[: (loud[-1] + 1 + self.pad) if len(loud) else min(len(tail), self.pad)]
+            if not self.started:
+                return np.zeros(0, dtype=np.float32)
+        tail = self._fade_in(tail)
+        n = min(self.fade, len(tail))
+        if n:
+            tail = tail.copy()
+            tail[len(tail) - n :] *= fade_curves(n)[0]
+        return tail
+
+    def _fade_in(self, audio: np.ndarray) -> np.ndarray:
+        n = min(self.fade - self._faded_in, len(audio))
+        if n > 0:
+            audio = audio.copy()
+            audio[:n] *= fade_curves(self.fade)[1][self._faded_in : self._faded_in + n]
+            self._faded_in += n
+        return audio
+
+
+# --- G.711 (bit-exact with the reference implementation audioop used) -----
+
+_ULAW_SEGMENTS = np.array([0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF, 0x1FFF])
+_ALAW_SEGMENTS = np.array([0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF])
+
+
+def pcm16_to_ulaw(samples: np.ndarray) -> bytes:
+    value = samples.astype(np.int32) >> 2
+    mask = np.where(value < 0, 0x7F, 0xFF)
+    value = np.minimum(np.abs(value), 8159) + 0x21
+    segment = np.searchsorted(_ULAW_SEGMENTS, value)
+    code = (segment << 4) | ((value >> (segment + 1)) & 0xF)
+    code = np.where(segment >= 8, 0x7F, code)
+    return (code ^ mask).astype(np.uint8).tobytes()
+
+
+def pcm16_to_alaw(samples: np.ndarray) -> bytes:
+    value = samples.astype(np.int32) >> 3
+    negative = value < 0
+    mask = np.where(negative, 0x55, 0xD5)
+    value = np.where(negative, -value - 1, value)
+    segment = np.searchsorted(_ALAW_SEGMENTS, value)
+    shift = np.where(segment < 2, 1, segment)
+    code = (segment << 4) | ((value >> shift) & 0xF)
+    code = np.where(segment >= 8, 0x7F, code)
+    return (code ^ mask).astype(np.uint8).tobytes()
+
+
+# --- Encoders ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    name: str
+    media_type: str
+    default_rate: int
+    rates: tuple[int, ...]  # sample rates the codec accepts
+    container: str = ""  # PyAV muxer, for compressed formats
+    codec: str = ""
+    options: tuple[tuple[str, str], ...] = ()
+
+
+SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
+AUDIO_FORMATS = {f.name: f for f in [
+    AudioFormat("pcm", "audio/pcm", 24000, SAMPLE_RATES),
+    AudioFormat("wav", "audio/wav", 24000, SAMPLE_RATES),
+    AudioFormat("mp3", "audio/mpeg", 24000, SAMPLE_RATES, "mp3", "libmp3lame"),
+    AudioFormat("opus", "audio/ogg", 48000, (8000, 16000, 24000, 48000), "ogg", "libopus",
+                (("page_duration", "20000"),)),
+    AudioFormat("webm", "audio/webm", 48000, (8000, 16000, 24000, 48000), "webm", "libopus",
+                (("cluster_time_limit", "100"),)),
+    AudioFormat("aac", "audio/aac", 24000, SAMPLE_RATES, "adts", "aac"),
+    AudioFormat("flac", "audio/flac", 24000, SAMPLE_RATES, "flac", "flac"),
+    AudioFormat("ulaw", "audio/basic", 8000, (8000,)),
+    AudioFormat("alaw", "audio/x-alaw-basic", 8000, (8000,)),
+]}
+
+
+class _Sink:
+    """A write-only sink: muxers see it is not seekable and never rewrite earlier bytes."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def drain(self) -> bytes:
+        data, self.parts = b"".join(self.parts), []
+        return data
+
+
+class Encoder:
+    """float32 mono at `rate` in, the format's bytes out, incrementally."""
+
+    FRAME_SECONDS = 0.1  # bytes leave for every 100 ms of audio
+
+    def __init__(self, fmt: AudioFormat, rate: int, streaming: bool, bitrate: int | None = None):
+        self.fmt, self.rate, self.streaming = fmt, rate, streaming
+        self.samples = 0
+        self._header_sent = False
+        self._av: Any = None
+        if fmt.container:
+            import av
+
+            self._sink = _Sink()
+            self._av = av.open(self._sink, mode="w", format=fmt.container, options=dict(fmt.options))
+            self._stream = self._av.add_stream(fmt.codec, rate=rate, layout="mono")
+            if bitrate:
+                self._stream.bit_rate = bitrate
+
+    def encode(self, audio: np.ndarray) -> bytes:
+        self.samples += len(audio)
+        if self._av is None:
+            pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+            if self.fmt.name == "ulaw":
+                return pcm16_to_ulaw(pcm)
+            if self.fmt.name == "alaw":
+                return pcm16_to_alaw(pcm)
+            data = pcm.tobytes()
+            if self.fmt.name == "wav" and self.streaming and not self._header_sent:
+                self._header_sent = True
+                data = wav_header(self.rate, None) + data
+            return data
+        import av
+
+        out = []
+        step = int(self.FRAME_SECONDS * self.rate)
+        for i in range(0, len(audio), step):
+            piece = np.ascontiguousarray(audio[i : i + step], dtype=np.float32).reshape(1, -1)
+            frame = av.AudioFrame.from_ndarray(piece, format="flt", layout="mono")
+            frame.sample_rate = self.rate
+            for packet in self._stream.encode(frame):
+                self._av.mux(packet)
+            out.append(self._sink.drain())
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self._av is None:
+            if self.fmt.name == "wav" and self.streaming and not self._header_sent:
+                self._header_sent = True
+                return wav_header(self.rate, None)
+            return b""
+        for packet in self._stream.encode(None):
+            self._av.mux(packet)
+        self._av.close()
+        return self._sink.drain()
 
 
 # ---------------------------------------------------------------------------
@@ -579,8 +864,9 @@ MULTILINGUAL_LANGUAGES = (
 class ChatterboxEngine(Engine):
     """Chatterbox Turbo, standard or Multilingual; voice conditionals travel with each request."""
 
-    def __init__(self, kind: str, model_dir: str, device: str):
+    def __init__(self, kind: str, model_dir: str, device: str, stream: StreamPlan | None = None):
         self.kind = kind
+        self.stream = stream or StreamPlan()
         self.name = f"chatterbox-{kind}"
         self.sample_rate = NATIVE_SAMPLE_RATE
         self.model_dir = model_dir
@@ -663,28 +949,77 @@ class ChatterboxEngine(Engine):
 
     def synthesize(self, text: str, voice: Any, params: SynthesisParams,
                    max_tokens: int | None = None) -> Iterator[np.ndarray]:
+        """Speech tokens are decoded to audio in windows while T3 is still generating.
+
+        Each window re-decodes `context` already-spoken tokens before its new ones and
+        keeps only the new audio, minus a short margin at the window's open end (the
+        vocoder's edge); consecutive windows overlap by a short crossfade.
+        """
         parts = self._parts()
+        plan = self.stream
         budget = max_tokens or speech_token_budget(text)
         with torch.inference_mode():
             text_tokens = self._text_tokens(text, params.language)
-            t3_cond = _copy_t3_cond(voice.t3)  # stock T3 caches embeddings on the cond object
-            if self.kind == "turbo":
-                tokens = parts.t3.inference_turbo(t3_cond=t3_cond, text_tokens=text_tokens,
-                                                  temperature=params.temperature, max_gen_len=budget - 1)
-            else:
-                tokens = parts.t3.inference(t3_cond=t3_cond, text_tokens=text_tokens, max_new_tokens=budget,
-                                            temperature=params.temperature, cfg_weight=params.cfg_weight)
-            tokens = tokens[0]
-            tokens = tokens[tokens < SPEECH_CODEBOOK]
+            tokens: list[int] = []
+            window = StreamWindow(plan.first_chunk_tokens, plan.chunk_tokens, plan.context_tokens)
+            joiner = ChunkJoiner(STREAM_CROSSFADE_SAMPLES)
+            # Turbo's flow takes its noise as input: one draw per sentence, sliced by token
+            # position, so every window sees the same noise where they overlap.
+            noise = (torch.randn(1, 80, 2 * (budget + 8), device=self.device, dtype=parts.s3gen.dtype)
+                     if self.kind == "turbo" else None)
+            for token in self._speech_tokens(text_tokens, voice.t3, params, budget):
+                if token < SPEECH_CODEBOOK:
+                    tokens.append(token)
+                if (span := window.next_span(len(tokens))) is not None:
+                    start, end = span
+                    audio = self._decode(tokens, start, end, voice, noise, final=False)
+                    yield joiner.push(audio, starts_segment=start > 0)
             if self.kind == "turbo":
                 from chatterbox.models.s3gen.const import S3GEN_SIL
 
-                tokens = torch.cat([tokens, torch.full((3,), S3GEN_SIL, dtype=tokens.dtype, device=tokens.device)])
-            if len(tokens) == 0:
-                return
-            wav, _ = parts.s3gen.inference(speech_tokens=tokens, ref_dict=dict(voice.gen),
-                                           n_cfm_timesteps=2 if self.kind == "turbo" else None)
-        yield wav.squeeze(0).float().cpu().numpy()
+                tokens += [S3GEN_SIL] * 3  # upstream pads Turbo's tokens with silence before decoding
+            start = window.emitted
+            if len(tokens) > start:
+                audio = self._decode(tokens, start, len(tokens), voice, noise, final=True)
+                yield np.concatenate([joiner.push(audio, starts_segment=start > 0), joiner.finish()])
+            else:
+                yield joiner.finish()
+
+    def _decode(self, tokens: list[int], start: int, end: int, voice: Any, noise: torch.Tensor | None,
+                final: bool) -> np.ndarray:
+        """Audio for tokens[start:end] (plus a crossfade's worth before `start`), decoded with context."""
+        from chatterbox.models.s3gen.s3gen import S3Token2Mel
+
+        s3gen = self._parts().s3gen
+        first = max(0, start - self.stream.context_tokens)
+        last = end if final else min(len(tokens), end + FLOW_LOOKAHEAD_TOKENS + STREAM_MARGIN_TOKENS)
+        window = torch.tensor(tokens[first:last], dtype=torch.long, device=self.device)
+        noised = None if noise is None else noise[:, :, 2 * first : 2 * last]
+        # Always "finalize": upstream's non-final flow path is broken (mask and features disagree in
+        # length); the audio near an open window end is not emitted anyway.
+        mels = S3Token2Mel.forward(s3gen, window, ref_wav=None, ref_sr=None, ref_dict=dict(voice.gen),
+                                   n_cfm_timesteps=2 if self.kind == "turbo" else 10, finalize=True,
+                                   noised_mels=noised)
+        wav, _ = s3gen.hift_inference(mels.to(dtype=s3gen.dtype), None)
+        wav = wav.squeeze(0)
+        if first == 0:  # upstream silences the first 20 ms and fades in, against reference spill-over
+            fade = s3gen.trim_fade.to(wav.dtype)
+            wav[: len(fade)] *= fade[: len(wav)]
+        lead = STREAM_CROSSFADE_SAMPLES if start > 0 else 0
+        lo = (start - first) * SAMPLES_PER_TOKEN - lead
+        hi = (end - first) * SAMPLES_PER_TOKEN if not final else wav.shape[-1]
+        return wav[lo:hi].float().cpu().numpy()
+
+    def _speech_tokens(self, text_tokens: torch.Tensor, cond: Any, params: SynthesisParams,
+                       budget: int) -> Iterator[int]:
+        """T3's speech tokens one by one, sampled exactly as upstream's generate() does."""
+        t3 = self._parts().t3
+        if self.kind == "turbo":
+            yield from turbo_tokens(t3, text_tokens, cond, params.temperature, budget)
+        else:
+            yield from llama_tokens(t3, text_tokens, cond, params, budget,
+                                    repetition_penalty=2.0 if self.kind == "multilingual" else 1.2,
+                                    align=self.kind == "multilingual")
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "chatterbox", "model": self.kind, "device": self.device, "checkpoint": self.checkpoint,
@@ -692,11 +1027,136 @@ class ChatterboxEngine(Engine):
                 "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"]}
 
 
-def _copy_t3_cond(cond: Any) -> Any:
-    from chatterbox.models.t3.modules.cond_enc import T3Cond
+SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 speech tokens per second
+FLOW_LOOKAHEAD_TOKENS = 3  # S3Gen's flow encoder looks this many tokens ahead
+STREAM_MARGIN_TOKENS = 2  # audio this close to a window's open end waits for the next window
+STREAM_CROSSFADE_SAMPLES = 480  # 20 ms
 
-    return T3Cond(speaker_emb=cond.speaker_emb, cond_prompt_speech_tokens=cond.cond_prompt_speech_tokens,
-                  emotion_adv=cond.emotion_adv)
+
+@dataclass(frozen=True)
+class StreamPlan:
+    first_chunk_tokens: int = 20
+    chunk_tokens: int = 40
+    context_tokens: int = 80
+
+
+class StreamWindow:
+    """Decides when enough new speech tokens exist to decode the next window."""
+
+    def __init__(self, first_chunk: int, chunk: int, context: int):
+        self.first_chunk, self.chunk, self.context = first_chunk, chunk, context
+        self.emitted = 0  # tokens whose audio has been handed out
+
+    def next_span(self, available: int) -> tuple[int, int] | None:
+        """(start, end) token span to emit now, or None to keep generating."""
+        size = self.chunk if self.emitted else self.first_chunk
+        # The window's open end needs the flow's lookahead and a margin beyond `end`.
+        end = available - FLOW_LOOKAHEAD_TOKENS - STREAM_MARGIN_TOKENS
+        if end - self.emitted < size:
+            return None
+        span = (self.emitted, end)
+        self.emitted = end
+        return span
+
+
+def turbo_tokens(t3: Any, text_tokens: torch.Tensor, cond: Any, temperature: float, budget: int,
+                 top_k: int = 1000, top_p: float = 0.95, repetition_penalty: float = 1.2) -> Iterator[int]:
+    """Turbo's (GPT-2) sampling loop, as upstream's inference_turbo, one token at a time."""
+    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper,
+                                                        TopPLogitsWarper)
+
+    processors = LogitsProcessorList()
+    if temperature > 0 and temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    processors.append(TopKLogitsWarper(top_k))
+    processors.append(TopPLogitsWarper(top_p))
+    processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
+    stop = t3.hp.stop_speech_token
+    start = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=t3.device)
+    embeds, _ = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens, speech_tokens=start, cfg_weight=0.0)
+    out = t3.tfmr(inputs_embeds=embeds, use_cache=True)
+    history = start
+    generated: list[torch.Tensor] = []
+    for _ in range(budget):
+        logits = t3.speech_head(out.last_hidden_state[:, -1:])[:, -1, :]
+        logits = processors(history, logits)
+        if torch.all(logits == -float("inf")):
+            return
+        token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+        value = int(token)
+        if value == stop:
+            return
+        yield value
+        generated.append(token)
+        history = torch.cat(generated, dim=1)
+        out = t3.tfmr(inputs_embeds=t3.speech_emb(token), past_key_values=out.past_key_values, use_cache=True)
+
+
+def llama_tokens(t3: Any, text_tokens: torch.Tensor, cond: Any, params: SynthesisParams, budget: int,
+                 repetition_penalty: float, align: bool, min_p: float = 0.05, top_p: float = 1.0) -> Iterator[int]:
+    """Standard/Multilingual (Llama, CFG as batch 2) sampling loop, as upstream's T3.inference."""
+    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
+                                                        TopPLogitsWarper)
+
+    cfg_weight = params.cfg_weight
+    stop = t3.hp.stop_speech_token
+    bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=t3.device)
+    embeds, len_cond = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens,
+                                               speech_tokens=bos.expand(2, 1), cfg_weight=cfg_weight)
+    # Upstream feeds the start-of-speech token a second time, with its position embedding.
+    bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
+    inputs = torch.cat([embeds, bos_embed.expand(2, -1, -1)], dim=1)
+    repetition = RepetitionPenaltyLogitsProcessor(penalty=float(repetition_penalty))
+    min_p_warper, top_p_warper = MinPLogitsWarper(min_p=min_p), TopPLogitsWarper(top_p=top_p)
+    with alignment_monitor(t3, len_cond, text_tokens.size(-1)) if align else _no_monitor() as monitor:
+        out = t3.tfmr(inputs_embeds=inputs, use_cache=True, output_attentions=align)
+        history = bos
+        for step in range(budget):
+            both = t3.speech_head(out.last_hidden_state[:, -1, :])
+            logits = both[0:1] + cfg_weight * (both[0:1] - both[1:2])
+            if monitor is not None:
+                logits = monitor.step(logits, next_token=int(history[0, -1]))
+            logits = repetition(history, logits)
+            if params.temperature != 1.0:
+                logits = logits / params.temperature
+            logits = top_p_warper(history, min_p_warper(history, logits))
+            token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+            value = int(token)
+            if value == stop:
+                return
+            yield value
+            history = torch.cat([history, token], dim=1)
+            embed = t3.speech_emb(token) + t3.speech_pos_emb.get_fixed_embedding(step + 1)
+            out = t3.tfmr(inputs_embeds=embed.expand(2, -1, -1), past_key_values=out.past_key_values,
+                          use_cache=True, output_attentions=align)
+
+
+@contextmanager
+def _no_monitor() -> Iterator[None]:
+    yield None
+
+
+@contextmanager
+def alignment_monitor(t3: Any, len_cond: int, len_text: int) -> Iterator[Any]:
+    """Upstream's multilingual alignment analyzer (forces EOS on runaway or repeating speech).
+
+    It hooks three attention layers and never unhooks them; remove its hooks after the
+    sentence so they cannot pile up across requests.
+    """
+    from chatterbox.models.t3.inference.alignment_stream_analyzer import (LLAMA_ALIGNED_HEADS,
+                                                                          AlignmentStreamAnalyzer)
+
+    layers = [t3.tfmr.layers[index].self_attn for index, _ in LLAMA_ALIGNED_HEADS]
+    before = [set(layer._forward_hooks) for layer in layers]
+    analyzer = AlignmentStreamAnalyzer(t3.tfmr, None, text_tokens_slice=(len_cond, len_cond + len_text),
+                                       alignment_layer_idx=9, eos_idx=t3.hp.stop_speech_token)
+    try:
+        yield analyzer
+    finally:
+        for layer, keys in zip(layers, before):
+            for key in set(layer._forward_hooks) - keys:
+                del layer._forward_hooks[key]
 
 
 def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
@@ -815,13 +1275,21 @@ class InferenceWorker:
         self._stopping = False
         self._thread.start()
 
-    async def run(self, fn: Callable[[], Any], priority: int = Priority.FILE) -> Any:
+    def _submit(self, fn: Callable[[], Any], priority: int) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
             heapq.heappush(self._heap, _WorkItem(priority, next(self._seq), fn, future, loop))
             self._cond.notify()
-        return await future
+        return future
+
+    async def run(self, fn: Callable[[], Any], priority: int = Priority.FILE) -> Any:
+        return await self._submit(fn, priority)
+
+    def post(self, fn: Callable[[], Any], priority: int = Priority.FILE) -> None:
+        """Run fn on the inference thread without waiting for it."""
+        future = self._submit(fn, priority)
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume any error
 
     def stop(self) -> None:
         with self._cond:
@@ -896,16 +1364,58 @@ class RngStream:
 JOIN_CROSSFADE_SECONDS = 0.02
 
 
+@dataclass(frozen=True)
+class OutputSpec:
+    fmt: AudioFormat
+    rate: int
+    bitrate: int | None = None
+
+
 @dataclass
 class SpeechJob:
-    """Everything needed to speak one request, validated."""
+    """Everything needed to speak one utterance, validated. The text arrives separately."""
 
-    text: str
     voice: VoiceRef
     params: SynthesisParams
+    output: OutputSpec
     speed: float = 1.0
     seed: int | None = None
     priority: int = Priority.FILE
+    timeline: Timeline = field(default_factory=lambda: Timeline())
+
+
+@dataclass
+class Timeline:
+    """Server-side timestamps of one utterance, in seconds since it was accepted."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_audio: float | None = None  # first encoded bytes handed to the transport
+    chunks_generated: list[float] = field(default_factory=list)  # each text chunk's generation finished
+    characters: int = 0
+    audio_seconds: float = 0.0
+
+    def now(self) -> float:
+        return time.perf_counter() - self.started
+
+    def report(self) -> dict[str, Any]:
+        ms = lambda t: None if t is None else round(1000 * t, 1)  # noqa: E731
+        return {"first_audio_ms": ms(self.first_audio), "total_ms": ms(self.now()),
+                "chunks_generated_ms": [ms(t) for t in self.chunks_generated],
+                "audio_ms": round(1000 * self.audio_seconds, 1)}
+
+    def usage(self) -> dict[str, int]:
+        # input: characters spoken; output: speech tokens' worth of audio (25 per second).
+        output = round(self.audio_seconds * 25)
+        return {"input_tokens": self.characters, "output_tokens": output, "total_tokens": self.characters + output}
+
+
+async def iterate(items: list[str]) -> AsyncIterator[str]:
+    for item in items:
+        yield item
+
+
+_CHUNK_END = object()
+_DONE = object()
 
 
 class Speaker:
@@ -938,29 +1448,90 @@ class Speaker:
 
         return self.voice_cache.get((voice.digest, exaggeration), make)
 
-    async def stream(self, job: SpeechJob) -> AsyncIterator[np.ndarray]:
-        """Audio of the whole job at the engine's rate, chunk by chunk, joined without clicks."""
+    async def audio(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[np.ndarray]:
+        """The job's audio at the engine's rate, text chunk by chunk, joined without clicks.
+
+        A producer task keeps the model busy: it starts the next text chunk while the
+        current one is still being consumed, but never runs more than one chunk ahead.
+        """
         worker, engine = self.worker, self.engine
         conds = await worker.run(lambda: self._conditionals(job.voice, job.params.exaggeration), job.priority)
         seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
         rng = RngStream(seed)
-        joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
 
         def step(pieces: Iterator[np.ndarray]) -> np.ndarray | None:
             with rng.active():
                 return next(pieces, None)
 
-        for chunk in text_chunks(job.text, self.settings.chunk_max_chars):
-            pieces = engine.synthesize(chunk, conds, job.params)
-            starts_segment = True
-            while (piece := await worker.run(lambda: step(pieces), job.priority)) is not None:
-                ready = joiner.push(change_speed(piece, job.speed), starts_segment)
-                starts_segment = False
+        async def produce() -> None:
+            pieces: Iterator[np.ndarray] | None = None
+            try:
+                async for chunk in texts:
+                    await ahead.acquire()
+                    job.timeline.characters += len(chunk)
+                    pieces = engine.synthesize(chunk, conds, job.params)
+                    first = True
+                    while (piece := await worker.run(lambda: step(pieces), job.priority)) is not None:
+                        await queue.put((piece, first))
+                        first = False
+                    pieces = None
+                    job.timeline.chunks_generated.append(job.timeline.now())
+                    await queue.put(_CHUNK_END)
+                await queue.put(_DONE)
+            except BaseException as exc:
+                await queue.put(exc)
+                raise
+            finally:
+                if pieces is not None and hasattr(pieces, "close"):
+                    worker.post(pieces.close, job.priority)  # release it on the thread that runs it
+
+        producer = asyncio.ensure_future(produce())
+        joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
+        try:
+            while (item := await queue.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                if item is _CHUNK_END:
+                    ahead.release()
+                    continue
+                ready = joiner.push(*item)
                 if len(ready):
                     yield ready
-        tail = joiner.finish()
-        if len(tail):
-            yield tail
+            tail = joiner.finish()
+            if len(tail):
+                yield tail
+        finally:
+            producer.cancel()
+            await asyncio.gather(producer, return_exceptions=True)
+
+    async def render(self, job: SpeechJob, texts: AsyncIterator[str], streaming: bool) -> AsyncIterator[bytes]:
+        """Encoded bytes of the job in its output format: speed, clean edges, resampling, encoding."""
+        rate = self.engine.sample_rate
+        stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
+        edges = UtteranceEdges(rate, self.settings.audio_trim_silence)
+        resampler = StreamResampler(rate, job.output.rate)
+        encoder = Encoder(job.output.fmt, job.output.rate, streaming, job.output.bitrate)
+
+        def emit(data: bytes) -> bytes:
+            if data and job.timeline.first_audio is None:
+                job.timeline.first_audio = job.timeline.now()
+            return data
+
+        async for audio in self.audio(job, texts):
+            if stretch is not None:
+                audio = stretch.push(audio)
+            audio = resampler.push(edges.push(audio))
+            job.timeline.audio_seconds += len(audio) / job.output.rate
+            if data := emit(encoder.encode(audio)):
+                yield data
+        tail = stretch.finish() if stretch is not None else np.zeros(0, dtype=np.float32)
+        tail = np.concatenate([edges.push(tail), edges.finish()])
+        tail = np.concatenate([resampler.push(tail), resampler.finish()])
+        job.timeline.audio_seconds += len(tail) / job.output.rate
+        if data := emit(encoder.encode(tail) + encoder.finish()):
+            yield data
 
 
 # ---------------------------------------------------------------------------
@@ -992,15 +1563,16 @@ class VoiceObject(BaseModel):
     id: str
 
 
-class SpeechRequest(BaseModel):
-    """POST /v1/audio/speech. Unknown fields are ignored, as OpenAI clients send extras."""
+class SynthesisFields(BaseModel):
+    """What to say it with: shared by HTTP requests and WebSocket `speak` messages.
+    Unknown fields are ignored, as OpenAI clients send extras."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
-    model: str = "tts-1"
-    input: str
     voice: str | VoiceObject = "default"
-    response_format: str = "wav"
+    response_format: str | None = Field(None, validation_alias=AliasChoices("response_format", "format"))
+    output_format: str | None = None  # ElevenLabs-style: pcm_16000, ulaw_8000, mp3_44100_128, ...
+    sample_rate: int | None = None
     speed: float = Field(1.0, ge=0.25, le=4.0)
     exaggeration: float = Field(0.5, ge=0.25, le=2.0)
     cfg_weight: float = Field(0.5, ge=0.0, le=1.0)
@@ -1013,11 +1585,44 @@ class SpeechRequest(BaseModel):
         return self.voice.id if isinstance(self.voice, VoiceObject) else self.voice
 
 
-RESPONSE_FORMATS = {"wav": "audio/wav", "pcm": "audio/pcm"}
+class SpeechRequest(SynthesisFields):
+    model: str = "tts-1"
+    input: str
+    stream_format: Literal["audio", "sse"] | None = None
+
+
+_OUTPUT_FORMAT = re.compile(r"^(pcm|ulaw|alaw|mp3|opus)_(\d+)(?:_(\d+))?$")
+
+
+def output_spec(fields: SynthesisFields, default_format: str) -> OutputSpec:
+    name, rate, bitrate = fields.response_format or default_format, fields.sample_rate, None
+    if fields.output_format is not None:
+        match = _OUTPUT_FORMAT.match(fields.output_format)
+        if not match:
+            raise ApiError(400, f"Unsupported output_format {fields.output_format!r}; use e.g. pcm_16000, ulaw_8000, "
+                           "alaw_8000, mp3_44100_128 or opus_48000_64.", param="output_format",
+                           code="unsupported_format")
+        name, rate = match.group(1), int(match.group(2))
+        bitrate = int(match.group(3)) * 1000 if match.group(3) else None
+    fmt = AUDIO_FORMATS.get(name)
+    if fmt is None:
+        raise ApiError(400, f"Unsupported response_format {name!r}; choose one of {', '.join(AUDIO_FORMATS)}.",
+                       param="response_format", code="unsupported_format")
+    rate = rate or fmt.default_rate
+    if rate not in SAMPLE_RATES:
+        raise ApiError(422, f"Unsupported sample_rate {rate}; choose one of {', '.join(map(str, SAMPLE_RATES))}.",
+                       param="sample_rate", code="invalid_value")
+    if rate not in fmt.rates:
+        raise ApiError(400, f"{name} cannot be encoded at {rate} Hz; it supports "
+                       f"{', '.join(map(str, fmt.rates))}.", param="sample_rate", code="unsupported_sample_rate")
+    return OutputSpec(fmt, rate, bitrate)
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    body = await read_body(request, max_bytes)
+    return parse_json(await read_body(request, max_bytes))
+
+
+def parse_json(body: bytes | str) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -1046,35 +1651,35 @@ def parse_model(model: type[BaseModel], data: dict[str, Any]) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or None
-        status = 400 if err["type"] in ("missing", "string_type", "model_type") else 422
+        status = 400 if err["type"] in ("missing", "string_type", "model_type", "literal_error") else 422
         raise ApiError(status, f"Invalid value for '{param}': {err['msg']}", param=param,
                        code="missing_field" if err["type"] == "missing" else "invalid_value") from None
 
 
-def speech_job(req: SpeechRequest, app_state: AppState, priority: int) -> SpeechJob:
-    settings = app_state.settings
-    text = req.input.strip()
-    if not text or not split_sentences(text):
-        raise ApiError(400, "'input' is empty: give some text to speak.", param="input", code="empty_input")
-    if len(req.input) > settings.max_input_chars:
-        raise ApiError(413, f"'input' is {len(req.input)} characters; the limit is {settings.max_input_chars}.",
-                       param="input", code="input_too_long")
-    if req.response_format not in RESPONSE_FORMATS:
-        raise ApiError(400, f"Unsupported response_format {req.response_format!r}; "
-                       f"choose one of {', '.join(RESPONSE_FORMATS)}.", param="response_format",
-                       code="unsupported_format")
+def check_text(text: str, settings: Settings, param: str = "input") -> str:
+    if len(text) > settings.max_input_chars:
+        raise ApiError(413, f"'{param}' is {len(text)} characters; the limit is {settings.max_input_chars}.",
+                       param=param, code="input_too_long")
+    if not split_sentences(text):
+        raise ApiError(400, f"'{param}' is empty: give some text to speak.", param=param, code="empty_input")
+    return text.strip()
+
+
+def speech_job(fields: SynthesisFields, app_state: AppState, priority: int, default_format: str) -> SpeechJob:
+    output = output_spec(fields, default_format)
     languages = app_state.engine.describe().get("languages", ["en"])
-    language = (req.language or "en").lower()
+    language = (fields.language or "en").lower()
     if language not in languages:
-        raise ApiError(400, f"Unsupported language {req.language!r} for {app_state.engine.name}; "
+        raise ApiError(400, f"Unsupported language {fields.language!r} for {app_state.engine.name}; "
                        f"supported: {', '.join(languages)}.", param="language", code="unsupported_language")
-    voice = app_state.speaker.voices.resolve(req.voice_name)
+    voice = app_state.speaker.voices.resolve(fields.voice_name)
     if voice is None:
-        raise ApiError(404, f"Voice {req.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
+        raise ApiError(404, f"Voice {fields.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
                        param="voice", code="voice_not_found")
-    params = SynthesisParams(exaggeration=req.exaggeration, cfg_weight=req.cfg_weight,
-                             temperature=req.temperature, language=language)
-    return SpeechJob(text=text, voice=voice, params=params, speed=req.speed, seed=req.seed, priority=priority)
+    params = SynthesisParams(exaggeration=fields.exaggeration, cfg_weight=fields.cfg_weight,
+                             temperature=fields.temperature, language=language)
+    return SpeechJob(voice=voice, params=params, output=output, speed=fields.speed, seed=fields.seed,
+                     priority=priority)
 
 
 @dataclass
@@ -1085,7 +1690,7 @@ class AppState:
     started: float = field(default_factory=time.time)
 
 
-def state(request: Request) -> AppState:
+def state(request: Request | WebSocket) -> AppState:
     return request.app.state.tts
 
 
@@ -1098,17 +1703,279 @@ def require_ready(app_state: AppState) -> None:
 MAX_JSON_BYTES = 1024 * 1024
 
 
-async def speech(request: Request) -> Response:
+async def speech_request(request: Request, default_format: str, **overrides: Any) -> tuple[AppState, SpeechRequest,
+                                                                                           SpeechJob]:
     app_state = state(request)
-    req = parse_model(SpeechRequest, await read_json(request, MAX_JSON_BYTES))
-    job = speech_job(req, app_state, Priority.FILE)
+    data = await read_json(request, MAX_JSON_BYTES)
+    req: SpeechRequest = parse_model(SpeechRequest, {**data, **overrides})
+    text = check_text(req.input, app_state.settings)
+    priority = Priority.FILE if req.stream_format is None else Priority.REALTIME
+    job = speech_job(req, app_state, priority, default_format)
     require_ready(app_state)
-    pieces = [piece async for piece in app_state.speaker.stream(job)]
-    audio = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
-    pcm = float_to_pcm16(resample(audio, app_state.engine.sample_rate, NATIVE_SAMPLE_RATE))
-    if req.response_format == "wav":
-        pcm = wav_header(NATIVE_SAMPLE_RATE, len(pcm) // 2) + pcm
-    return Response(pcm, media_type=RESPONSE_FORMATS[req.response_format])
+    req.input = text
+    return app_state, req, job
+
+
+def chunks_of(app_state: AppState, text: str) -> AsyncIterator[str]:
+    return iterate(text_chunks(text, app_state.settings.chunk_max_chars))
+
+
+async def primed(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Wait for the first bytes before the response starts, so early failures still get a status code."""
+    first = await anext(stream, b"")
+
+    async def rest() -> AsyncIterator[bytes]:
+        try:
+            if first:
+                yield first
+            async for data in stream:
+                yield data
+        finally:
+            await stream.aclose()
+
+    return rest()
+
+
+def sse_event(event: dict[str, Any]) -> bytes:
+    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
+async def sse_stream(app_state: AppState, job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        async for data in audio:
+            yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        yield sse_event({"type": "speech.audio.done", "usage": job.timeline.usage(),
+                         "timings": job.timeline.report()})
+    except Exception as exc:
+        logger.opt(exception=exc).error("stream failed")
+        yield sse_event({"type": "error", "error": {"message": "Synthesis failed; the server log has details.",
+                                                   "type": "server_error", "param": None, "code": "synthesis_failed"}})
+
+
+async def speech(request: Request) -> Response:
+    app_state, req, job = await speech_request(request, "mp3")
+    speaker = app_state.speaker
+    if req.stream_format == "sse":
+        audio = await primed(speaker.render(job, chunks_of(app_state, req.input), streaming=True))
+        return StreamingResponse(sse_stream(app_state, job, audio), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    if req.stream_format == "audio":
+        audio = await primed(speaker.render(job, chunks_of(app_state, req.input), streaming=True))
+        return StreamingResponse(audio, media_type=job.output.fmt.media_type)
+    body = b"".join([data async for data in speaker.render(job, chunks_of(app_state, req.input), streaming=False)])
+    if job.output.fmt.name == "wav":
+        body = wav_header(job.output.rate, len(body) // 2) + body
+    return Response(body, media_type=job.output.fmt.media_type)
+
+
+async def speech_sse(request: Request) -> Response:
+    app_state, req, job = await speech_request(request, "mp3", stream_format="sse")
+    audio = await primed(app_state.speaker.render(job, chunks_of(app_state, req.input), streaming=True))
+    return StreamingResponse(sse_stream(app_state, job, audio), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def speech_pcm(request: Request) -> Response:
+    app_state, req, job = await speech_request(request, "pcm", stream_format="audio", response_format="pcm",
+                                               output_format=None)
+    audio = await primed(app_state.speaker.render(job, chunks_of(app_state, req.input), streaming=True))
+    headers = {"X-Sample-Rate": str(job.output.rate), "X-Bit-Depth": "16", "X-Channels": "1",
+               "X-Encoding": "s16le"}
+    return StreamingResponse(audio, media_type="audio/pcm", headers=headers)
+
+
+# --- WebSocket: many utterances over one connection --------------------------
+
+
+def split_complete(text: str) -> tuple[str, str]:
+    """(complete sentences, unfinished rest) of text that is still arriving.
+
+    A sentence end counts only once text follows it: "Mr." or "3." at the very end
+    may yet turn out to continue.
+    """
+    cut = 0
+    for match in _ENDER.finditer(text):
+        if text[match.end() :].strip() and _is_sentence_end(text, match):
+            cut = match.end()
+    paragraph = text.rfind("\n\n")
+    if paragraph >= 0 and text[paragraph:].strip():
+        cut = max(cut, paragraph + 2)
+    return text[:cut], text[cut:]
+
+
+class SpeakMessage(SynthesisFields):
+    id: str = Field(min_length=1, max_length=128)
+    text: str = ""
+    final: bool = True
+    encoding: Literal["binary", "base64"] = "binary"
+
+
+@dataclass
+class Utterance:
+    id: str
+    job: SpeechJob
+    encoding: str
+    feed: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    buffer: str = ""
+    ended: bool = False
+    cancelled: bool = False
+    task: asyncio.Task[None] | None = None
+
+    async def texts(self) -> AsyncIterator[str]:
+        while (text := await self.feed.get()) is not None:
+            yield text
+
+
+WS_MAX_MESSAGE_BYTES = 256 * 1024
+
+
+class SpeechSession:
+    """One WebSocket connection: utterances are spoken one after another, in the order started."""
+
+    def __init__(self, websocket: WebSocket, app_state: AppState):
+        self.ws = websocket
+        self.app_state = app_state
+        self.active: dict[str, Utterance] = {}
+        self.queue: asyncio.Queue[Utterance] = asyncio.Queue()
+
+    async def run(self) -> None:
+        speaking = asyncio.ensure_future(self.speak_in_order())
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await self.receive(message.get("text"), message.get("bytes"))
+        finally:
+            speaking.cancel()
+            for utterance in self.active.values():
+                if utterance.task is not None:
+                    utterance.task.cancel()
+            await asyncio.gather(speaking, return_exceptions=True)
+
+    async def receive(self, text: str | None, data: bytes | None) -> None:
+        message_id = None
+        try:
+            if text is None:
+                raise ApiError(400, "Send JSON text frames; binary frames are not accepted.", code="invalid_message")
+            if len(text) > WS_MAX_MESSAGE_BYTES:
+                raise ApiError(413, f"Messages are limited to {WS_MAX_MESSAGE_BYTES} bytes.", code="message_too_large")
+            message = parse_json(text)
+            message_id = message.get("id") if isinstance(message.get("id"), str) else None
+            kind = message.get("type")
+            if kind == "speak":
+                await self.speak(parse_model(SpeakMessage, message))
+                return
+            if kind not in ("append", "flush", "end", "cancel"):
+                raise ApiError(400, f"Unknown message type {kind!r}; use speak, append, flush, end or cancel.",
+                               param="type", code="invalid_message")
+            utterance = self.active.get(message_id or "")
+            if utterance is None:
+                raise ApiError(404, f"No active utterance with id {message_id!r}.", param="id", code="unknown_id")
+            if kind == "append":
+                addition = message.get("text")
+                if not isinstance(addition, str):
+                    raise ApiError(400, "'text' must be a string.", param="text", code="invalid_value")
+                self.add_text(utterance, addition)
+            elif kind == "flush":
+                self.flush(utterance)
+            elif kind == "end":
+                self.end(utterance)
+            else:
+                await self.cancel(utterance)
+        except ApiError as exc:
+            await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
+                                  "message": exc.message, "param": exc.param})
+
+    async def speak(self, message: SpeakMessage) -> None:
+        if message.id in self.active:
+            raise ApiError(409, f"Utterance {message.id!r} is still active; use a new id.", param="id",
+                           code="duplicate_id")
+        if message.final:
+            check_text(message.text, self.app_state.settings, param="text")
+        require_ready(self.app_state)
+        job = speech_job(message, self.app_state, Priority.REALTIME, "pcm")
+        utterance = Utterance(message.id, job, message.encoding)
+        self.active[message.id] = utterance
+        self.add_text(utterance, message.text)
+        if message.final:
+            self.end(utterance)
+        self.queue.put_nowait(utterance)
+
+    def add_text(self, utterance: Utterance, text: str) -> None:
+        if utterance.ended:
+            raise ApiError(409, f"Utterance {utterance.id!r} has ended; start a new one.", param="id",
+                           code="utterance_ended")
+        limit = self.app_state.settings.max_input_chars
+        if len(utterance.buffer) + len(text) > limit:
+            raise ApiError(413, f"More than {limit} characters are waiting to be spoken in {utterance.id!r}.",
+                           param="text", code="input_too_long")
+        complete, utterance.buffer = split_complete(utterance.buffer + text)
+        self._queue_text(utterance, complete)
+
+    def flush(self, utterance: Utterance) -> None:
+        text, utterance.buffer = utterance.buffer, ""
+        self._queue_text(utterance, text)
+
+    def end(self, utterance: Utterance) -> None:
+        if not utterance.ended:
+            self.flush(utterance)
+            utterance.ended = True
+            utterance.feed.put_nowait(None)
+
+    def _queue_text(self, utterance: Utterance, text: str) -> None:
+        for chunk in text_chunks(text, self.app_state.settings.chunk_max_chars):
+            utterance.feed.put_nowait(chunk)
+
+    async def cancel(self, utterance: Utterance) -> None:
+        utterance.cancelled = True
+        if utterance.task is not None:
+            utterance.task.cancel()
+        else:  # not started yet: it is skipped when its turn comes
+            self.active.pop(utterance.id, None)
+            await self.send_json({"type": "done", "id": utterance.id, "cancelled": True,
+                                  "timings": utterance.job.timeline.report()})
+
+    async def speak_in_order(self) -> None:
+        while True:
+            utterance = await self.queue.get()
+            if utterance.cancelled:
+                continue
+            utterance.task = asyncio.ensure_future(self.stream(utterance))
+            try:
+                await utterance.task
+                done: dict[str, Any] = {"type": "done", "id": utterance.id}
+            except asyncio.CancelledError:
+                if not utterance.cancelled:
+                    raise  # the connection is closing
+                done = {"type": "done", "id": utterance.id, "cancelled": True}
+            except Exception as exc:
+                logger.opt(exception=exc).error("utterance {} failed", utterance.id)
+                done = {"type": "error", "id": utterance.id, "code": "synthesis_failed",
+                        "message": "Synthesis failed; the server log has details."}
+            self.active.pop(utterance.id, None)
+            await self.send_json({**done, "timings": utterance.job.timeline.report()})
+
+    async def stream(self, utterance: Utterance) -> None:
+        output = utterance.job.output
+        await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
+                              "sample_rate": output.rate})
+        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
+            if utterance.encoding == "binary":
+                await self.ws.send_bytes(data)
+            else:
+                await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
+
+    async def send_json(self, message: dict[str, Any]) -> None:
+        await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+
+
+async def speech_websocket(websocket: WebSocket) -> None:
+    await websocket.accept()
+    try:
+        await SpeechSession(websocket, state(websocket)).run()
+    except WebSocketDisconnect:
+        pass
 
 
 async def list_voices(request: Request) -> Response:
@@ -1209,7 +2076,7 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    engine = engine or ChatterboxEngine(settings.tts_model, settings.model_dir, settings.device)
+    engine = engine or ChatterboxEngine(settings.tts_model, settings.model_dir, settings.device, settings.stream_plan)
     speaker = Speaker(settings, engine)
 
     @asynccontextmanager
@@ -1223,6 +2090,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app = Starlette(
         routes=[
             Route("/v1/audio/speech", speech, methods=["POST"]),
+            Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
+            Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),
+            WebSocketRoute("/v1/audio/speech/ws", speech_websocket),
             Route("/v1/audio/voices", list_voices, methods=["GET"]),
             Route("/v1/audio/voices", upload_voice, methods=["POST"]),
             Route("/v1/audio/voices/{name}", delete_voice, methods=["DELETE"]),

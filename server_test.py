@@ -7,6 +7,7 @@ Run with `make test` (offline: HF_HUB_OFFLINE=1).
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import io
 import json
@@ -151,14 +152,131 @@ def test_decode_audio_reads_wav_and_rejects_garbage() -> None:
         server.decode_audio(b"definitely not audio" * 100)
 
 
-def test_change_speed_changes_duration_not_pitch() -> None:
+def test_tempo_stretcher_streams_duration_change_without_pitch_change() -> None:
     rate = 24000
-    tone = np.sin(2 * np.pi * 300 * np.arange(rate) / rate).astype(np.float32)
-    fast = server.change_speed(tone, 2.0)
-    assert abs(len(fast) - rate / 2) < rate * 0.02
+    tone = np.sin(2 * np.pi * 300 * np.arange(2 * rate) / rate).astype(np.float32)
+    stretcher = server.TempoStretcher(rate, 2.0)
+    fast = np.concatenate([stretcher.push(tone[i : i + 2400]) for i in range(0, len(tone), 2400)]
+                          + [stretcher.finish()])
+    assert abs(len(fast) - rate) < rate * 0.02
     spectrum = np.abs(np.fft.rfft(fast[2000:-2000] * np.hanning(len(fast) - 4000)))
     peak_hz = np.argmax(spectrum) * rate / (len(fast) - 4000)
     assert abs(peak_hz - 300) < 10
+    assert server._atempo_factors(4.0) == [2.0, 2.0] and server._atempo_factors(0.25) == [0.5, 0.5]
+
+
+def db(signal: np.ndarray, reference: np.ndarray) -> float:
+    """Energy of `signal` relative to `reference`, in dB."""
+    return 10 * np.log10((np.sum(signal.astype(np.float64) ** 2) + 1e-20) / np.sum(reference.astype(np.float64) ** 2))
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
+def test_stream_resampler_matches_whole_signal(rate: int) -> None:
+    rng = np.random.default_rng(0)
+    t = np.arange(3 * 24000) / 24000
+    audio = (0.4 * np.sin(2 * np.pi * 220 * t * (1 + t)) + 0.05 * rng.standard_normal(len(t))).astype(np.float32)
+    import soxr
+
+    whole = soxr.resample(audio, 24000, rate, quality="HQ")
+    stream = server.StreamResampler(24000, rate)
+    sizes = rng.integers(100, 5000, size=100)
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(stream.push(audio[start : start + size]))
+        start += size
+    pieces.append(stream.push(audio[start:]))
+    pieces.append(stream.finish())
+    streamed = np.concatenate(pieces)
+    assert len(streamed) == len(whole)
+    assert db(streamed - whole, whole) < -60
+
+
+def test_8khz_output_rejects_aliasing() -> None:
+    t = np.arange(24000) / 24000
+    tone = (0.5 * np.sin(2 * np.pi * 6000 * t)).astype(np.float32)  # above 8 kHz's 4 kHz Nyquist
+    stream = server.StreamResampler(24000, 8000)
+    out = np.concatenate([stream.push(tone), stream.finish()])
+    assert db(out[400:-400], tone) < -60  # the edges hold the tone's abrupt on/off transients
+
+
+def test_g711_is_bit_exact_with_audioop() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+    every = np.arange(-32768, 32768, dtype=np.int16)
+    assert server.pcm16_to_ulaw(every) == audioop.lin2ulaw(every.tobytes(), 2)
+    assert server.pcm16_to_alaw(every) == audioop.lin2alaw(every.tobytes(), 2)
+
+
+def decode_bytes(data: bytes) -> tuple[np.ndarray, int]:
+    return server.decode_audio(data)
+
+
+@pytest.mark.parametrize("name", ["mp3", "opus", "webm", "aac", "flac", "wav"])
+def test_encoders_stream_incrementally_and_decode(name: str) -> None:
+    fmt = server.AUDIO_FORMATS[name]
+    rate = fmt.default_rate
+    t = np.arange(2 * rate) / rate
+    audio = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    encoder = server.Encoder(fmt, rate, streaming=True)
+    step = rate // 10
+    emitted = [encoder.encode(audio[i : i + step]) for i in range(0, len(audio), step)]
+    data = b"".join(emitted) + encoder.finish()
+    assert sum(1 for e in emitted[:10] if e) >= 3  # bytes leave while audio is still arriving
+    decoded, decoded_rate = decode_bytes(data)
+    assert decoded_rate == rate
+    assert abs(len(decoded) - len(audio)) < 0.1 * rate
+    spectrum = np.abs(np.fft.rfft(decoded[: rate]))
+    assert abs(np.argmax(spectrum) * decoded_rate / rate - 330) < 5
+
+
+def test_ulaw_and_alaw_encoders_roundtrip() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+    audio = (0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)).astype(np.float32)
+    for name, decode in [("ulaw", audioop.ulaw2lin), ("alaw", audioop.alaw2lin)]:
+        data = server.Encoder(server.AUDIO_FORMATS[name], 8000, streaming=True).encode(audio)
+        assert len(data) == 8000
+        back = np.frombuffer(decode(data, 2), "<i2") / 32768.0
+        assert db(back - audio, audio) < -30
+
+
+def test_utterance_edges_trim_only_silent_edges() -> None:
+    rate = 24000
+    silence = np.zeros(rate // 2, np.float32)
+    speech = (0.3 * np.sin(2 * np.pi * 200 * np.arange(rate) / rate + 0.5)).astype(np.float32)
+    speech[rate // 3 : rate // 3 + rate // 5] = 0  # a pause inside speech must survive
+    audio = np.concatenate([silence, speech, silence])
+    edges = server.UtteranceEdges(rate, trim_silence=True)
+    out = np.concatenate([edges.push(audio[i : i + 1000]) for i in range(0, len(audio), 1000)] + [edges.finish()])
+    pad = int(server.TRIM_PAD_SECONDS * rate)
+    assert len(out) == len(speech) + 2 * pad
+    np.testing.assert_allclose(out[pad + 200 : pad + len(speech) - 200], speech[200:-200])
+    kept = server.UtteranceEdges(rate, trim_silence=False)
+    out = np.concatenate([kept.push(audio), kept.finish()])
+    assert len(out) == len(audio)
+    assert out[0] == 0 and abs(out[-1]) < 1e-6  # faded in and out
+
+
+def test_stream_window_spans_are_contiguous() -> None:
+    window = server.StreamWindow(first_chunk=20, chunk=40, context=80)
+    spans = [span for n in range(1, 300) if (span := window.next_span(n)) is not None]
+    assert spans[0][0] == 0 and spans[0][1] - spans[0][0] >= 20
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert all(end - start >= 40 for start, end in spans[1:])
+    assert window.emitted <= 300 - server.FLOW_LOOKAHEAD_TOKENS
+
+
+def test_split_complete_keeps_unfinished_text() -> None:
+    assert server.split_complete("Hello there. How are") == ("Hello there.", " How are")
+    assert server.split_complete("Hello there.") == ("", "Hello there.")  # may continue: "Hello there.com"
+    assert server.split_complete("Ask Mr. ") == ("", "Ask Mr. ")
+    assert server.split_complete("One. Two! Three") == ("One. Two!", " Three")
 
 
 # ---------------------------------------------------------------------------
@@ -307,6 +425,12 @@ BAD_SPEECH_REQUESTS = [
     ({"input": "Hi.", "seed": -1}, 422, "seed"),
     ({"input": "Hi.", "speed": "fast"}, 422, "speed"),
     ({"input": "Hi.", "language": "fr"}, 400, "language"),
+    ({"input": "Hi.", "sample_rate": 12345}, 422, "sample_rate"),
+    ({"input": "Hi.", "response_format": "opus", "sample_rate": 22050}, 400, "sample_rate"),
+    ({"input": "Hi.", "response_format": "ulaw", "sample_rate": 16000}, 400, "sample_rate"),
+    ({"input": "Hi.", "output_format": "pcm_12000"}, 422, "sample_rate"),
+    ({"input": "Hi.", "output_format": "wav_lossless"}, 400, "output_format"),
+    ({"input": "Hi.", "stream_format": "video"}, 400, "stream_format"),
 ]
 
 
@@ -478,7 +602,7 @@ def test_tiny_server_is_ready_quickly(servers: dict[str, ServerProcess]) -> None
 
 
 def test_speech_wav_is_real_audio(live: ServerProcess) -> None:
-    response = speak(live, input="Hello world. This is a test.", seed=1)
+    response = speak(live, input="Hello world. This is a test.", seed=1, response_format="wav")
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "audio/wav"
     rate, samples = read_wav(response.content)
@@ -502,7 +626,7 @@ def test_speech_pcm_equals_wav_payload_and_fixed_seed_is_byte_identical(live: Se
 def test_speech_token_cap_bounds_runaway_generation(live: ServerProcess) -> None:
     # A random T3 never samples end-of-speech: only the per-call cap stops it.
     text = "Short."
-    _, samples = read_wav(speak(live, input=text, seed=2).content)
+    _, samples = read_wav(speak(live, input=text, seed=2, response_format="wav").content)
     max_seconds = server.speech_token_budget("Short.") / 25 + 1.0
     assert len(samples) / 24000 <= max_seconds
 
@@ -634,7 +758,7 @@ def test_standard_cfg_weight_zero_works(servers: dict[str, ServerProcess]) -> No
     # Upstream generate() crashes on cfg_weight=0 for the standard model.
     response = speak(servers["standard"], input="No guidance.", cfg_weight=0.0, seed=1)
     assert response.status_code == 200, response.text
-    assert len(read_wav(response.content)[1]) > 0
+    assert len(response.content) > 0
 
 
 def test_multilingual_languages(servers: dict[str, ServerProcess]) -> None:
@@ -667,3 +791,318 @@ def test_readme_documents_every_setting_and_route() -> None:
     app = server.create_app(server.Settings(), ToneEngine())
     for route in app.routes:
         assert f"`{route.path}`" in readme, route.path
+
+
+# ---------------------------------------------------------------------------
+# Streaming, end to end and on the real engine in-process
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def turbo_engine(checkpoints: dict[str, Path]) -> server.ChatterboxEngine:
+    engine = server.ChatterboxEngine("turbo", str(checkpoints["turbo"]), "cpu")
+    engine.load()
+    return engine
+
+
+STREAM_TEXT = "Hello there, this is a streaming test of a longer sentence that keeps going for a while."
+
+
+def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
+        turbo_engine: server.ChatterboxEngine) -> None:
+    engine = turbo_engine
+    voice = engine.prepare_voice(None, 24000, 0.5)
+    params = server.SynthesisParams()
+    torch.manual_seed(5)
+    pieces = list(engine.synthesize(STREAM_TEXT, voice, params))
+    streamed = np.concatenate(pieces)
+    assert len(pieces) >= 3  # audio left in several chunks, before the sentence was done
+    assert len(pieces[0]) < len(streamed) / 4
+    # Decode the very same tokens in one go (same seed, same draw order as synthesize).
+    torch.manual_seed(5)
+    budget = server.speech_token_budget(STREAM_TEXT)
+    with torch.inference_mode():
+        noise = torch.randn(1, 80, 2 * (budget + 8))
+        text_tokens = engine._text_tokens(STREAM_TEXT, "en")
+        tokens = [t for t in engine._speech_tokens(text_tokens, voice.t3, params, budget) if t < 6561]
+        from chatterbox.models.s3gen.const import S3GEN_SIL
+
+        tokens += [S3GEN_SIL] * 3
+        whole = engine._decode(tokens, 0, len(tokens), voice, noise, final=True)
+    assert len(streamed) == len(whole)
+    assert db(streamed - whole, whole) < -10  # same speech, up to the vocoder's own randomness
+    joins = np.cumsum([len(p) for p in pieces])[:-1]
+    own_variation = np.percentile(np.abs(np.diff(streamed)), 99)
+    for j in joins:
+        assert abs(streamed[j] - streamed[j - 1]) <= own_variation
+
+
+def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Path]) -> None:
+    for kind in MODELS:
+        engine = server.ChatterboxEngine(kind, str(checkpoints[kind]), "cpu")
+        engine.load()
+        voice = engine.prepare_voice(None, 24000, 0.5)
+        t3 = engine.parts.t3
+        text_tokens = engine._text_tokens("Hello there, how are you?", "en")
+        params = server.SynthesisParams(language="en")
+        with torch.inference_mode():
+            torch.manual_seed(3)
+            ours = list(engine._speech_tokens(text_tokens, voice.t3, params, 40))
+            torch.manual_seed(3)
+            if kind == "turbo":
+                stock = t3.inference_turbo(t3_cond=voice.t3, text_tokens=text_tokens, temperature=0.8,
+                                           max_gen_len=39)[0].tolist()
+            else:
+                stock = t3.inference(t3_cond=voice.t3, text_tokens=text_tokens, max_new_tokens=40, temperature=0.8,
+                                     cfg_weight=0.5, repetition_penalty=2.0 if kind == "multilingual" else 1.2,
+                                     min_p=0.05, top_p=1.0)[0].tolist()
+        assert ours == stock, kind
+
+
+def sse_events(srv: ServerProcess, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    from httpx_sse import connect_sse
+
+    with httpx.Client(timeout=120) as client, connect_sse(client, "POST", f"{srv.url}{path}", json=body) as source:
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        events = []
+        for sse in source.iter_sse():
+            event = json.loads(sse.data)
+            assert sse.event == event["type"]
+            events.append(event)
+    return events
+
+
+def test_sse_deltas_equal_the_whole_file(live: ServerProcess) -> None:
+    body = {"input": "Streaming over server-sent events. Two sentences.", "seed": 21, "response_format": "pcm"}
+    whole = speak(live, **body).content
+    for path, extra in [("/v1/audio/speech", {"stream_format": "sse"}), ("/v1/audio/speech/stream", {})]:
+        events = sse_events(live, path, body | extra)
+        assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
+        done = events[-1]
+        assert done["type"] == "speech.audio.done"
+        assert set(done["usage"]) == {"input_tokens", "output_tokens", "total_tokens"}
+        assert done["usage"]["total_tokens"] == done["usage"]["input_tokens"] + done["usage"]["output_tokens"] > 0
+        audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
+        assert audio == whole
+
+
+def test_first_audio_leaves_before_the_first_sentence_is_generated(servers: dict[str, ServerProcess]) -> None:
+    # Three sentences, each too long to share a chunk, so chunk 0 is exactly the first sentence.
+    sentences = [f"This is sentence number {n}, and it is long enough that it will never be packed together with "
+                 f"any of the others into a single model call." for n in ("one", "two", "three")]
+    assert len(server.text_chunks(" ".join(sentences), server.Settings().chunk_max_chars)) == 3
+    events = sse_events(servers["turbo"], "/v1/audio/speech/stream",
+                        {"input": " ".join(sentences), "seed": 1, "response_format": "pcm"})
+    timings = events[-1]["timings"]
+    assert len(timings["chunks_generated_ms"]) == 3
+    # Server-side timestamps: the first bytes left while sentence one was still generating.
+    assert timings["first_audio_ms"] < timings["chunks_generated_ms"][0]
+    print("timings", timings)
+
+
+def test_audio_stream_is_chunked_and_equals_the_whole_file(servers: dict[str, ServerProcess]) -> None:
+    srv = servers["turbo"]
+    body = {"input": STREAM_TEXT, "seed": 4, "response_format": "pcm"}
+    whole = speak(srv, **body).content
+    with httpx.stream("POST", f"{srv.url}/v1/audio/speech", json=body | {"stream_format": "audio"},
+                      timeout=120) as response:
+        assert response.headers.get("transfer-encoding") == "chunked"
+        pieces = list(response.iter_raw())
+    assert b"".join(pieces) == whole
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 44100])
+def test_pcm_stream_resampled_matches_whole_resampling(servers: dict[str, ServerProcess], rate: int) -> None:
+    import soxr
+
+    srv = servers["turbo"]
+    body = {"input": STREAM_TEXT, "seed": 6}
+    native = httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=body, timeout=120)
+    assert native.headers["x-sample-rate"] == "24000"
+    response = httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=body | {"sample_rate": rate}, timeout=120)
+    assert response.status_code == 200
+    assert (response.headers["x-sample-rate"], response.headers["x-bit-depth"], response.headers["x-channels"]) == \
+        (str(rate), "16", "1")
+    streamed = np.frombuffer(response.content, "<i2") / 32768.0
+    reference = soxr.resample(np.frombuffer(native.content, "<i2") / 32768.0, 24000, rate, quality="HQ")
+    n = min(len(streamed), len(reference))
+    assert abs(len(streamed) - len(reference)) <= 2
+    assert db(streamed[:n] - reference[:n], reference[:n]) < -60
+
+
+def test_g711_over_http_is_bit_exact(servers: dict[str, ServerProcess]) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+    srv = servers["turbo"]
+    body = {"input": "Telephone audio.", "seed": 8}
+    pcm = speak(srv, **body, output_format="pcm_8000").content
+    assert speak(srv, **body, output_format="ulaw_8000").content == audioop.lin2ulaw(pcm, 2)
+    assert speak(srv, **body, response_format="alaw").content == audioop.lin2alaw(pcm, 2)
+
+
+@pytest.mark.parametrize("fmt", ["mp3", "opus", "webm", "aac", "flac", "wav"])
+def test_every_format_decodes_with_the_right_duration(servers: dict[str, ServerProcess], fmt: str) -> None:
+    srv = servers["turbo"]
+    body = {"input": "Format check.", "seed": 2}
+    seconds = len(speak(srv, **body, response_format="pcm").content) / 2 / 24000
+    for stream_format in (None, "audio"):
+        response = speak(srv, **body, response_format=fmt, **({"stream_format": stream_format} if stream_format
+                                                                 else {}))
+        assert response.status_code == 200
+        assert response.headers["content-type"] == server.AUDIO_FORMATS[fmt].media_type
+        audio, rate = server.decode_audio(response.content)
+        assert rate == server.AUDIO_FORMATS[fmt].default_rate
+        assert abs(len(audio) / rate - seconds) < 0.1
+
+
+def test_openai_client_streams_audio(servers: dict[str, ServerProcess]) -> None:
+    import openai
+
+    srv = servers["turbo"]
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="any-key")
+    whole = speak(srv, input="The official client.", seed=3, response_format="pcm").content
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input="The official client.", response_format="pcm",
+            extra_body={"stream_format": "audio", "seed": 3}) as response:
+        streamed = b"".join(response.iter_bytes())
+    assert streamed == whole
+    mp3 = client.audio.speech.create(model="tts-1", voice="alloy", input="Plain request.")
+    assert server.decode_audio(mp3.content)[1] == 24000
+    with pytest.raises(openai.NotFoundError):
+        client.audio.speech.create(model="tts-1", voice="nobody", input="Hi.")
+
+
+# --- WebSocket ------------------------------------------------------------------
+
+
+class WsClient:
+    def __init__(self, srv: ServerProcess):
+        from websockets.sync.client import connect
+
+        self.ws = connect(f"ws://127.0.0.1:{srv.port}/v1/audio/speech/ws", max_size=None)
+
+    def send(self, **message: Any) -> None:
+        self.ws.send(json.dumps(message))
+
+    def recv(self, timeout: float = 60) -> dict[str, Any] | bytes:
+        data = self.ws.recv(timeout=timeout)
+        return data if isinstance(data, bytes) else json.loads(data)
+
+    def until_done(self, utterance: str, timeout: float = 120) -> tuple[bytes, list[dict[str, Any]]]:
+        audio, messages = b"", []
+        deadline = time.monotonic() + timeout
+        while True:
+            message = self.recv(deadline - time.monotonic())
+            if isinstance(message, bytes):
+                audio += message
+                continue
+            messages.append(message)
+            if message["type"] == "audio":
+                audio += base64.b64decode(message["audio"])
+            if message["type"] == "done" and message.get("id") == utterance:
+                return audio, messages
+
+    def close(self) -> None:
+        self.ws.close()
+
+
+@pytest.fixture()
+def ws(servers: dict[str, ServerProcess]) -> Iterator[WsClient]:
+    client = WsClient(servers["turbo"])
+    yield client
+    client.close()
+
+
+def test_ws_speak_matches_http(ws: WsClient, servers: dict[str, ServerProcess]) -> None:
+    ws.send(type="speak", id="u1", text="Hello over the socket.", seed=11)
+    audio, messages = ws.until_done("u1")
+    assert messages[0] == {"type": "start", "id": "u1", "format": "pcm", "sample_rate": 24000}
+    assert messages[-1]["type"] == "done" and messages[-1]["timings"]["first_audio_ms"] > 0
+    assert audio == speak(servers["turbo"], input="Hello over the socket.", seed=11, response_format="pcm").content
+
+
+def test_ws_base64_and_resampled(ws: WsClient) -> None:
+    ws.send(type="speak", id="b", text="Base sixty four.", encoding="base64", sample_rate=16000, format="pcm")
+    audio, messages = ws.until_done("b")
+    assert messages[0]["sample_rate"] == 16000
+    assert any(m["type"] == "audio" for m in messages) and len(audio) > 0
+
+
+def test_ws_incremental_text_is_spoken_as_sentences_complete(ws: WsClient) -> None:
+    ws.send(type="speak", id="llm", text="The first sentence is complete. The sec", final=False, seed=1)
+    assert ws.recv()["type"] == "start"
+    assert isinstance(ws.recv(), bytes)  # audio for sentence one flows before the text has ended
+    ws.send(type="append", id="llm", text="ond sentence arrives later")
+    ws.send(type="append", id="llm", text=" in pieces.")
+    ws.send(type="end", id="llm")
+    audio, messages = ws.until_done("llm")
+    assert messages[-1]["type"] == "done"
+    assert len(messages[-1]["timings"]["chunks_generated_ms"]) == 2
+    assert len(audio) > 0
+
+
+def test_ws_flush_speaks_a_partial_sentence(ws: WsClient) -> None:
+    ws.send(type="speak", id="f", text="no sentence end yet", final=False)
+    ws.send(type="speak", id="probe", text="Probe.")  # queued behind "f"
+    assert ws.recv() == {"type": "start", "id": "f", "format": "pcm", "sample_rate": 24000}
+    with pytest.raises(TimeoutError):
+        ws.recv(timeout=1.5)  # nothing to say until a flush
+    ws.send(type="flush", id="f")
+    assert isinstance(ws.recv(), bytes)
+    ws.send(type="end", id="f")
+    _, messages = ws.until_done("f")
+    assert len(messages[-1]["timings"]["chunks_generated_ms"]) == 1
+    _, messages = ws.until_done("probe")
+    assert messages[0] == {"type": "start", "id": "probe", "format": "pcm", "sample_rate": 24000}
+
+
+def test_ws_cancel_stops_within_a_chunk_and_the_connection_goes_on(ws: WsClient) -> None:
+    long_text = " ".join(["This utterance is long and will be cancelled early."] * 12)
+    ws.send(type="speak", id="long", text=long_text)
+    assert ws.recv()["type"] == "start"
+    assert isinstance(ws.recv(), bytes)
+    ws.send(type="cancel", id="long")
+    audio, messages = ws.until_done("long")
+    assert messages[-1]["type"] == "done" and messages[-1]["cancelled"] is True
+    assert len(audio) <= 2 * 2 * 40 * 960  # at most a chunk or two already on the way
+    ws.send(type="speak", id="after", text="Still here.")
+    _, messages = ws.until_done("after")
+    assert messages[-1]["type"] == "done"
+
+
+def test_ws_bad_messages_get_errors_and_the_connection_stays_usable(ws: WsClient) -> None:
+    bad = ["{not json", json.dumps([1]), json.dumps({"type": "dance", "id": "x"}),
+           json.dumps({"type": "append", "id": "ghost", "text": "hi"}),
+           json.dumps({"type": "speak", "id": "e1", "text": ""}),
+           json.dumps({"type": "speak", "id": "e2", "text": "Hi.", "voice": "nobody"}),
+           json.dumps({"type": "speak", "id": "e3", "text": "Hi.", "speed": 99}),
+           json.dumps({"type": "speak", "text": "No id."})]
+    for frame in bad:
+        ws.ws.send(frame)
+        message = ws.recv()
+        assert message["type"] == "error" and message["code"] and message["message"], frame
+    ws.ws.send(b"\x00binary")
+    assert ws.recv()["type"] == "error"
+    ws.send(type="speak", id="dup", text="First.", final=False)
+    ws.send(type="speak", id="dup", text="Again.")
+    ws.send(type="end", id="dup")
+    _, messages = ws.until_done("dup")
+    assert [m["code"] for m in messages if m["type"] == "error"] == ["duplicate_id"]
+    ws.send(type="speak", id="ok", text="Working.")
+    _, messages = ws.until_done("ok")
+    assert messages[-1]["type"] == "done"
+
+
+def test_ws_utterances_are_spoken_in_the_order_started(ws: WsClient) -> None:
+    for name in ("one", "two", "three"):
+        ws.send(type="speak", id=name, text=f"Utterance {name}.")
+    order = []
+    while len(order) < 6:
+        message = ws.recv()
+        if isinstance(message, dict) and message["type"] in ("start", "done"):
+            order.append((message["type"], message["id"]))
+    assert order == [("start", "one"), ("done", "one"), ("start", "two"), ("done", "two"),
+                     ("start", "three"), ("done", "three")]
