@@ -78,6 +78,8 @@ class Settings:
                                       default=80)
     audio_trim_silence: bool = _env("AUDIO_TRIM_SILENCE", "Trim silence at each utterance's start and end.",
                                     default=False)
+    audio_normalize: bool = _env("AUDIO_NORMALIZE", "Level each utterance's loudness to about -20 dBFS RMS.",
+                                 default=False)
     log_level: str = _env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", default="INFO")
 
     @classmethod
@@ -486,6 +488,34 @@ class UtteranceEdges:
             audio[:n] *= fade_curves(self.fade)[1][self._faded_in : self._faded_in + n]
             self._faded_in += n
         return audio
+
+
+class LoudnessLeveler:
+    """Optional streaming loudness normalization: rides a gain toward a target RMS level.
+
+    The gain follows the running RMS of the utterance so far (speech only, silence is
+    ignored), within limits, and glides linearly across each piece, so it never clicks.
+    """
+
+    TARGET_DBFS = -20.0
+    MAX_BOOST_DB, MAX_CUT_DB = 20.0, 12.0
+
+    def __init__(self) -> None:
+        self.energy = 0.0
+        self.count = 0
+        self.gain = 1.0
+
+    def push(self, audio: np.ndarray) -> np.ndarray:
+        voiced = audio[np.abs(audio) > SILENCE_THRESHOLD]
+        self.energy += float(np.sum(voiced.astype(np.float64) ** 2))
+        self.count += len(voiced)
+        target = self.gain
+        if self.count:
+            rms_db = 10 * np.log10(self.energy / self.count + 1e-12)
+            target = 10 ** (np.clip(self.TARGET_DBFS - rms_db, -self.MAX_CUT_DB, self.MAX_BOOST_DB) / 20)
+        ramp = np.linspace(self.gain, target, num=len(audio), dtype=np.float32) if len(audio) else audio
+        self.gain = target
+        return np.clip(audio * ramp, -1.0, 1.0).astype(np.float32)
 
 
 # --- G.711 (bit-exact with the reference implementation audioop used) -----
@@ -1511,6 +1541,7 @@ class Speaker:
         rate = self.engine.sample_rate
         stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
         edges = UtteranceEdges(rate, self.settings.audio_trim_silence)
+        leveler = LoudnessLeveler() if self.settings.audio_normalize else None
         resampler = StreamResampler(rate, job.output.rate)
         encoder = Encoder(job.output.fmt, job.output.rate, streaming, job.output.bitrate)
 
@@ -1522,11 +1553,15 @@ class Speaker:
         async for audio in self.audio(job, texts):
             if stretch is not None:
                 audio = stretch.push(audio)
+            if leveler is not None:
+                audio = leveler.push(audio)
             audio = resampler.push(edges.push(audio))
             job.timeline.audio_seconds += len(audio) / job.output.rate
             if data := emit(encoder.encode(audio)):
                 yield data
         tail = stretch.finish() if stretch is not None else np.zeros(0, dtype=np.float32)
+        if leveler is not None:
+            tail = leveler.push(tail)
         tail = np.concatenate([edges.push(tail), edges.finish()])
         tail = np.concatenate([resampler.push(tail), resampler.finish()])
         job.timeline.audio_seconds += len(tail) / job.output.rate

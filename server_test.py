@@ -263,6 +263,16 @@ def test_utterance_edges_trim_only_silent_edges() -> None:
     assert out[0] == 0 and abs(out[-1]) < 1e-6  # faded in and out
 
 
+def test_loudness_leveler_reaches_target_smoothly() -> None:
+    rate = 24000
+    quiet = (0.02 * np.sin(2 * np.pi * 200 * np.arange(3 * rate) / rate)).astype(np.float32)
+    leveler = server.LoudnessLeveler()
+    out = np.concatenate([leveler.push(quiet[i : i + 4800]) for i in range(0, len(quiet), 4800)])
+    rms_db = 10 * np.log10(np.mean(out[-rate:] ** 2))
+    assert abs(rms_db - server.LoudnessLeveler.TARGET_DBFS) < 1.0
+    assert np.max(np.abs(np.diff(out))) < 2 * np.max(np.abs(np.diff(out[-rate:]))) + 1e-6  # no gain jumps
+
+
 def test_stream_window_spans_are_contiguous() -> None:
     window = server.StreamWindow(first_chunk=20, chunk=40, context=80)
     spans = [span for n in range(1, 300) if (span := window.next_span(n)) is not None]
