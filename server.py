@@ -988,32 +988,32 @@ class ChatterboxEngine(Engine):
         parts = self._parts()
         plan = self.stream
         budget = max_tokens or speech_token_budget(text)
-        with torch.inference_mode():
-            text_tokens = self._text_tokens(text, params.language)
-            tokens: list[int] = []
-            window = StreamWindow(plan.first_chunk_tokens, plan.chunk_tokens, plan.context_tokens)
-            joiner = ChunkJoiner(STREAM_CROSSFADE_SAMPLES)
-            # Turbo's flow takes its noise as input: one draw per sentence, sliced by token
-            # position, so every window sees the same noise where they overlap.
-            noise = (torch.randn(1, 80, 2 * (budget + 8), device=self.device, dtype=parts.s3gen.dtype)
-                     if self.kind == "turbo" else None)
-            for token in self._speech_tokens(text_tokens, voice.t3, params, budget):
-                if token < SPEECH_CODEBOOK:
-                    tokens.append(token)
-                if (span := window.next_span(len(tokens))) is not None:
-                    start, end = span
-                    audio = self._decode(tokens, start, end, voice, noise, final=False)
-                    yield joiner.push(audio, starts_segment=start > 0)
-            if self.kind == "turbo":
-                from chatterbox.models.s3gen.const import S3GEN_SIL
+        # No grad-mode context may span a yield: the worker runs every unit in inference mode.
+        text_tokens = self._text_tokens(text, params.language)
+        tokens: list[int] = []
+        window = StreamWindow(plan.first_chunk_tokens, plan.chunk_tokens, plan.context_tokens)
+        joiner = ChunkJoiner(STREAM_CROSSFADE_SAMPLES)
+        # Turbo's flow takes its noise as input: one draw per sentence, sliced by token
+        # position, so every window sees the same noise where they overlap.
+        noise = (torch.randn(1, 80, 2 * (budget + 8), device=self.device, dtype=parts.s3gen.dtype)
+                 if self.kind == "turbo" else None)
+        for token in self._speech_tokens(text_tokens, voice.t3, params, budget):
+            if token < SPEECH_CODEBOOK:
+                tokens.append(token)
+            if (span := window.next_span(len(tokens))) is not None:
+                start, end = span
+                audio = self._decode(tokens, start, end, voice, noise, final=False)
+                yield joiner.push(audio, starts_segment=start > 0)
+        if self.kind == "turbo":
+            from chatterbox.models.s3gen.const import S3GEN_SIL
 
-                tokens += [S3GEN_SIL] * 3  # upstream pads Turbo's tokens with silence before decoding
-            start = window.emitted
-            if len(tokens) > start:
-                audio = self._decode(tokens, start, len(tokens), voice, noise, final=True)
-                yield np.concatenate([joiner.push(audio, starts_segment=start > 0), joiner.finish()])
-            else:
-                yield joiner.finish()
+            tokens += [S3GEN_SIL] * 3  # upstream pads Turbo's tokens with silence before decoding
+        start = window.emitted
+        if len(tokens) > start:
+            audio = self._decode(tokens, start, len(tokens), voice, noise, final=True)
+            yield np.concatenate([joiner.push(audio, starts_segment=start > 0), joiner.finish()])
+        else:
+            yield joiner.finish()
 
     def _decode(self, tokens: list[int], start: int, end: int, voice: Any, noise: torch.Tensor | None,
                 final: bool) -> np.ndarray:
@@ -1342,7 +1342,8 @@ class InferenceWorker:
             if item.future.cancelled():
                 continue
             try:
-                result, error = item.fn(), None
+                with torch.inference_mode():
+                    result, error = item.fn(), None
             except BaseException as exc:  # delivered to the awaiting request
                 result, error = None, exc
             item.loop.call_soon_threadsafe(_settle, item.future, result, error)
