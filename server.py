@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import heapq
+import hmac
 import io
 import itertools
 import json
@@ -26,9 +26,10 @@ import struct
 import sys
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -42,6 +43,8 @@ from loguru import logger
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
@@ -80,6 +83,18 @@ class Settings:
                                     default=False)
     audio_normalize: bool = _env("AUDIO_NORMALIZE", "Level each utterance's loudness to about -20 dBFS RMS.",
                                  default=False)
+    max_queue: int = _env("MAX_QUEUE", "Requests in progress at once; beyond it new ones get 429.", default=32)
+    request_timeout: float = _env("REQUEST_TIMEOUT", "Seconds a request may wait and run before it ends with 504.",
+                                  default=300.0)
+    preload_model: bool = _env("PRELOAD_MODEL", "Load and warm up the model at start (else on first use).",
+                               default=True)
+    idle_unload_s: float = _env("IDLE_UNLOAD_S", "Free the model after this many idle seconds (0 = never).",
+                                default=0.0)
+    gpu_memory_cleanup: bool = _env("GPU_MEMORY_CLEANUP", "Release cached GPU memory after each request.",
+                                    default=False)
+    api_key: str = _env("API_KEY", "If set, every endpoint but /health and /ready needs 'Bearer <key>'.", default="")
+    cors_origins: str = _env("CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).", default="")
+    log_text: bool = _env("LOG_TEXT", "Log the text people ask to speak (otherwise only lengths).", default=False)
     log_level: str = _env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", default="INFO")
 
     @classmethod
@@ -102,6 +117,8 @@ class Settings:
             raise SystemExit(f"DEVICE={settings.device!r}: choose auto, cuda, mps or cpu")
         if not 1 <= settings.stream_first_chunk_tokens <= settings.stream_chunk_tokens:
             raise SystemExit("STREAM_FIRST_CHUNK_TOKENS must be between 1 and STREAM_CHUNK_TOKENS")
+        if settings.max_queue < 1 or settings.request_timeout <= 0 or settings.idle_unload_s < 0:
+            raise SystemExit("MAX_QUEUE must be at least 1, REQUEST_TIMEOUT positive, IDLE_UNLOAD_S not negative")
         if settings.stream_context_tokens < max(50, 2 * settings.stream_chunk_tokens):
             raise SystemExit("STREAM_CONTEXT_TOKENS must be at least 50 and at least twice STREAM_CHUNK_TOKENS")
         return settings
@@ -294,28 +311,60 @@ class ChunkJoiner:
     Audio arrives in pieces; a piece that starts a new segment is crossfaded into
     the held-back end of the previous one, other pieces simply continue it. The
     last `overlap` samples are always held back; `finish()` releases them.
+    Works on numpy arrays, or on torch tensors (so joins can stay on the GPU).
     """
 
     def __init__(self, overlap: int):
         self.overlap = overlap
-        self._tail = np.zeros(0, dtype=np.float32)
+        self._tail: Any = None
 
-    def push(self, piece: np.ndarray, starts_segment: bool) -> np.ndarray:
-        piece = np.asarray(piece, dtype=np.float32)
-        n = min(len(self._tail), len(piece)) if starts_segment else 0
-        if n:
-            fade_out, fade_in = fade_curves(n)
-            blend = self._tail[len(self._tail) - n :] * fade_out + piece[:n] * fade_in
-            audio = np.concatenate([self._tail[: len(self._tail) - n], blend, piece[n:]])
+    def push(self, piece: Any, starts_segment: bool) -> Any:
+        if isinstance(piece, torch.Tensor):
+            cat = torch.cat
+            fade = lambda n: [torch.as_tensor(c, device=piece.device, dtype=piece.dtype) for c in fade_curves(n)]  # noqa: E731
         else:
-            audio = np.concatenate([self._tail, piece])
+            piece = np.asarray(piece, dtype=np.float32)
+            cat, fade = np.concatenate, fade_curves
+        tail = piece[:0] if self._tail is None else self._tail
+        n = min(len(tail), len(piece)) if starts_segment else 0
+        if n:
+            fade_out, fade_in = fade(n)
+            blend = tail[len(tail) - n :] * fade_out + piece[:n] * fade_in
+            audio = cat([tail[: len(tail) - n], blend, piece[n:]])
+        else:
+            audio = cat([tail, piece])
         keep = min(self.overlap, len(audio))
         ready, self._tail = audio[: len(audio) - keep], audio[len(audio) - keep :]
         return ready
 
-    def finish(self) -> np.ndarray:
-        tail, self._tail = self._tail, np.zeros(0, dtype=np.float32)
-        return tail
+    def finish(self) -> Any:
+        tail, self._tail = self._tail, None
+        return np.zeros(0, dtype=np.float32) if tail is None else tail
+
+
+class HostAudio:
+    """Audio on its way from the GPU into pinned host memory. The copy was queued on the
+    inference stream; whoever reads it waits for that copy only, so the inference thread
+    goes straight on to the next step."""
+
+    def __init__(self, audio: torch.Tensor):
+        self._host = torch.empty(audio.shape, dtype=torch.float32, pin_memory=True)
+        self._host.copy_(audio, non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def numpy(self) -> np.ndarray:
+        self._copied.synchronize()
+        return self._host.numpy()
+
+
+def to_host(audio: torch.Tensor) -> np.ndarray | HostAudio:
+    audio = audio.float()
+    return HostAudio(audio) if audio.is_cuda else audio.numpy()
+
+
+def as_array(audio: Any) -> np.ndarray:
+    return audio.numpy() if isinstance(audio, HostAudio) else np.asarray(audio, dtype=np.float32)
 
 
 def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
@@ -683,12 +732,22 @@ class Engine(ABC):
     def warm_up(self) -> None: ...
 
     @abstractmethod
+    def unload(self) -> None:
+        """Free the model's memory; load() brings it back."""
+
+    def release_memory(self) -> None:
+        """Return cached accelerator memory to the device."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @abstractmethod
     def prepare_voice(self, clip: np.ndarray | None, sample_rate: int, exaggeration: float) -> Any:
         """Conditionals for one voice; clip=None is the built-in voice."""
 
     @abstractmethod
     def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
-        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced."""
+        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced
+        (numpy arrays, or HostAudio still being copied from the GPU)."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]: ...
@@ -909,6 +968,9 @@ class ChatterboxEngine(Engine):
     DEC_COND_SECONDS = 10
 
     def load(self) -> None:
+        if self.device == "cuda":
+            # Load runs on the inference thread: make a dedicated stream that thread's current stream.
+            torch.cuda.set_stream(torch.cuda.Stream())
         ckpt_dir = Path(self.model_dir) if self.model_dir else self._download()
         self.checkpoint = str(ckpt_dir)
         self.parts = load_chatterbox(self.kind, ckpt_dir, self.device)
@@ -919,6 +981,13 @@ class ChatterboxEngine(Engine):
         logger.info("downloading {} from the Hugging Face hub (cached after the first time)", HUB_REPOS[self.kind])
         return Path(snapshot_download(repo_id=HUB_REPOS[self.kind], allow_patterns=HUB_PATTERNS[self.kind],
                                       token=os.getenv("HF_TOKEN") or None))
+
+    def unload(self) -> None:
+        import gc
+
+        self.parts = None
+        gc.collect()
+        self.release_memory()
 
     def warm_up(self) -> None:
         voice = self.prepare_voice(None, self.sample_rate, 0.5)
@@ -1003,7 +1072,7 @@ class ChatterboxEngine(Engine):
             if (span := window.next_span(len(tokens))) is not None:
                 start, end = span
                 audio = self._decode(tokens, start, end, voice, noise, final=False)
-                yield joiner.push(audio, starts_segment=start > 0)
+                yield to_host(joiner.push(audio, starts_segment=start > 0))
         if self.kind == "turbo":
             from chatterbox.models.s3gen.const import S3GEN_SIL
 
@@ -1011,12 +1080,12 @@ class ChatterboxEngine(Engine):
         start = window.emitted
         if len(tokens) > start:
             audio = self._decode(tokens, start, len(tokens), voice, noise, final=True)
-            yield np.concatenate([joiner.push(audio, starts_segment=start > 0), joiner.finish()])
-        else:
-            yield joiner.finish()
+            yield to_host(torch.cat([joiner.push(audio, starts_segment=start > 0), joiner.finish()]))
+        elif isinstance(tail := joiner.finish(), torch.Tensor):
+            yield to_host(tail)
 
     def _decode(self, tokens: list[int], start: int, end: int, voice: Any, noise: torch.Tensor | None,
-                final: bool) -> np.ndarray:
+                final: bool) -> torch.Tensor:
         """Audio for tokens[start:end] (plus a crossfade's worth before `start`), decoded with context."""
         from chatterbox.models.s3gen.s3gen import S3Token2Mel
 
@@ -1038,7 +1107,7 @@ class ChatterboxEngine(Engine):
         lead = STREAM_CROSSFADE_SAMPLES if start > 0 else 0
         lo = (start - first) * SAMPLES_PER_TOKEN - lead
         hi = (end - first) * SAMPLES_PER_TOKEN if not final else wav.shape[-1]
-        return wav[lo:hi].float().cpu().numpy()
+        return wav[lo:hi]
 
     def _speech_tokens(self, text_tokens: torch.Tensor, cond: Any, params: SynthesisParams,
                        budget: int) -> Iterator[int]:
@@ -1260,6 +1329,12 @@ class VoiceCache:
         self._items: OrderedDict[tuple[str, float], Any] = OrderedDict()
         self.hits = self.misses = 0
 
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, key: tuple[str, float], make: Callable[[], Any]) -> Any:
         if key in self._items:
             self.hits += 1
@@ -1280,36 +1355,50 @@ class VoiceCache:
 
 
 class Priority:
-    REALTIME = 0
-    FILE = 1
-    BACKGROUND = 2
+    REALTIME = 0  # streams: WebSocket, SSE, PCM, stream_format=audio
+    FILE = 1  # whole-file /v1/audio/speech
+    BACKGROUND = 2  # whole-file requests of long text (more than LONG_TEXT_CHUNKS model calls)
 
 
-@dataclass(order=True)
+LONG_TEXT_CHUNKS = 4
+
+
+@dataclass
 class _WorkItem:
     priority: int
     seq: int
-    fn: Callable[[], Any] = field(compare=False)
-    future: asyncio.Future[Any] = field(compare=False)
-    loop: asyncio.AbstractEventLoop = field(compare=False)
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+    submitted: float = field(default_factory=time.monotonic)
+
+    def rank(self, now: float) -> tuple[float, int]:
+        # Aging: every AGING_SECONDS of waiting lifts an item one priority class, so a
+        # steady stream of real-time work can delay background work but never starve it.
+        return self.priority - (now - self.submitted) / AGING_SECONDS, self.seq
+
+
+AGING_SECONDS = 10.0
 
 
 class InferenceWorker:
-    """The one thread that touches the model. Async callers submit short units of work."""
+    """The one thread that touches the model. Async callers submit short units of work
+    (a token chunk, a voice preparation); the most urgent waiting unit runs next."""
 
     def __init__(self) -> None:
-        self._heap: list[_WorkItem] = []
+        self._waiting: list[_WorkItem] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._stopping = False
+        self.busy = False
         self._thread.start()
 
     def _submit(self, fn: Callable[[], Any], priority: int) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
-            heapq.heappush(self._heap, _WorkItem(priority, next(self._seq), fn, future, loop))
+            self._waiting.append(_WorkItem(priority, next(self._seq), fn, future, loop))
             self._cond.notify()
         return future
 
@@ -1329,23 +1418,33 @@ class InferenceWorker:
 
     @property
     def depth(self) -> int:
-        return len(self._heap)
+        """Units waiting (cancelled ones are dropped when reached)."""
+        return sum(not item.future.cancelled() for item in self._waiting)
+
+    def _next(self) -> _WorkItem:
+        now = time.monotonic()
+        best = min(range(len(self._waiting)), key=lambda i: self._waiting[i].rank(now))
+        return self._waiting.pop(best)
 
     def _run(self) -> None:
+        torch.set_grad_enabled(False)
         while True:
             with self._cond:
-                while not self._heap and not self._stopping:
+                while not self._waiting and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
-                item = heapq.heappop(self._heap)
+                item = self._next()
             if item.future.cancelled():
                 continue
+            self.busy = True
             try:
                 with torch.inference_mode():
                     result, error = item.fn(), None
             except BaseException as exc:  # delivered to the awaiting request
                 result, error = None, exc
+            finally:
+                self.busy = False
             item.loop.call_soon_threadsafe(_settle, item.future, result, error)
 
 
@@ -1413,6 +1512,8 @@ class SpeechJob:
     seed: int | None = None
     priority: int = Priority.FILE
     timeline: Timeline = field(default_factory=lambda: Timeline())
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    text_log: str = ""  # the text, kept only for the log when LOG_TEXT is on
 
 
 @dataclass
@@ -1424,13 +1525,17 @@ class Timeline:
     chunks_generated: list[float] = field(default_factory=list)  # each text chunk's generation finished
     characters: int = 0
     audio_seconds: float = 0.0
+    queue_wait: float = 0.0  # summed over the job's units of model work
 
     def now(self) -> float:
         return time.perf_counter() - self.started
 
+    def remaining(self, timeout: float) -> float:
+        return timeout - self.now()
+
     def report(self) -> dict[str, Any]:
         ms = lambda t: None if t is None else round(1000 * t, 1)  # noqa: E731
-        return {"first_audio_ms": ms(self.first_audio), "total_ms": ms(self.now()),
+        return {"queue_ms": ms(self.queue_wait), "first_audio_ms": ms(self.first_audio), "total_ms": ms(self.now()),
                 "chunks_generated_ms": [ms(t) for t in self.chunks_generated],
                 "audio_ms": round(1000 * self.audio_seconds, 1)}
 
@@ -1458,17 +1563,91 @@ class Speaker:
         self.voices = VoiceLibrary(Path(settings.voices_dir))
         self.voice_cache = VoiceCache(settings.voice_cache_size)
         self.worker = InferenceWorker()
-        self.ready = False
+        self.loaded = False
+        self.ever_loaded = False
+        self.load_seconds: dict[str, float] = {}
+        self.active = 0  # admitted utterances not yet finished
+        self.last_used = time.monotonic()
+        self._loading: asyncio.Future[Any] | None = None
 
-    def start(self) -> None:
+    @property
+    def ready(self) -> bool:
+        """Ready for traffic: the model is loaded, or was and is only idle-unloaded, or loads on demand."""
+        return self.ever_loaded or not self.settings.preload_model
+
+    def _load(self) -> None:
         t0 = time.perf_counter()
         self.engine.load()
         t1 = time.perf_counter()
         self.engine.warm_up()
         t2 = time.perf_counter()
-        self.ready = True
+        self.loaded = self.ever_loaded = True
+        self.last_used = time.monotonic()
+        self.load_seconds = {"load": round(t1 - t0, 2), "warm_up": round(t2 - t1, 2)}
         logger.info("model {} ready on {}: load {:.1f}s, warm-up {:.1f}s", self.engine.name,
                     self.engine.describe().get("device"), t1 - t0, t2 - t1)
+
+    def start_loading(self) -> asyncio.Future[Any]:
+        if self._loading is None or (self._loading.done() and not self.loaded):
+            self._loading = asyncio.ensure_future(self.worker.run(self._load, Priority.REALTIME))
+        return self._loading
+
+    async def ensure_loaded(self, timeout: float) -> None:
+        """Load on demand (first use, or after an idle unload); 503 if it takes longer than timeout."""
+        if self.loaded:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self.start_loading()), timeout=max(0.0, timeout))
+        except TimeoutError:
+            raise ApiError(503, "The model is loading; retry shortly.", type="server_error", code="model_loading",
+                           headers={"Retry-After": "5"}) from None
+
+    def _unload(self) -> None:
+        if self.active or not self.loaded:
+            return
+        self.loaded = False
+        self.voice_cache.clear()
+        self.engine.unload()
+        logger.info("model unloaded after {:.0f}s idle", time.monotonic() - self.last_used)
+
+    async def unload_when_idle(self) -> None:
+        idle = self.settings.idle_unload_s
+        while True:
+            await asyncio.sleep(min(1.0, idle / 4))
+            if self.loaded and not self.active and time.monotonic() - self.last_used > idle:
+                await self.worker.run(self._unload, Priority.BACKGROUND)
+
+    @asynccontextmanager
+    async def admitted(self, job: SpeechJob) -> AsyncIterator[None]:
+        """Count the utterance as waiting work; beyond MAX_QUEUE new work is refused with 429."""
+        if self.active >= self.settings.max_queue:
+            raise ApiError(429, f"The server is at capacity ({self.settings.max_queue} requests in progress); "
+                           "retry shortly.", type="rate_limit_error", code="server_busy",
+                           headers={"Retry-After": "1"})
+        self.active += 1
+        try:
+            await self.ensure_loaded(job.timeline.remaining(self.settings.request_timeout))
+            yield
+        finally:
+            self.active -= 1
+            self.last_used = time.monotonic()
+            if self.settings.gpu_memory_cleanup:
+                self.worker.post(self.engine.release_memory, Priority.BACKGROUND)
+
+    async def unit(self, job: SpeechJob, fn: Callable[[], Any]) -> Any:
+        """One unit of the job's model work: queued by priority, timed, bounded by the deadline."""
+        submitted = time.monotonic()
+
+        def timed() -> Any:
+            job.timeline.queue_wait += time.monotonic() - submitted
+            return fn()
+
+        remaining = job.timeline.remaining(self.settings.request_timeout)
+        try:
+            return await asyncio.wait_for(self.worker.run(timed, job.priority), timeout=max(0.0, remaining))
+        except TimeoutError:
+            raise ApiError(504, f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
+                           type="server_error", code="timeout") from None
 
     def _conditionals(self, voice: VoiceRef, exaggeration: float) -> Any:
         def make() -> Any:
@@ -1486,7 +1665,7 @@ class Speaker:
         current one is still being consumed, but never runs more than one chunk ahead.
         """
         worker, engine = self.worker, self.engine
-        conds = await worker.run(lambda: self._conditionals(job.voice, job.params.exaggeration), job.priority)
+        conds = await self.unit(job, lambda: self._conditionals(job.voice, job.params.exaggeration))
         seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
         rng = RngStream(seed)
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -1504,7 +1683,7 @@ class Speaker:
                     job.timeline.characters += len(chunk)
                     pieces = engine.synthesize(chunk, conds, job.params)
                     first = True
-                    while (piece := await worker.run(lambda: step(pieces), job.priority)) is not None:
+                    while (piece := await self.unit(job, lambda: step(pieces))) is not None:
                         await queue.put((piece, first))
                         first = False
                     pieces = None
@@ -1521,13 +1700,14 @@ class Speaker:
         producer = asyncio.ensure_future(produce())
         joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
         try:
-            while (item := await queue.get()) is not _DONE:
+            while (item := await self._next_piece(job, queue)) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 if item is _CHUNK_END:
                     ahead.release()
                     continue
-                ready = joiner.push(*item)
+                piece, starts_segment = item
+                ready = joiner.push(as_array(piece), starts_segment)
                 if len(ready):
                     yield ready
             tail = joiner.finish()
@@ -1537,8 +1717,40 @@ class Speaker:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
 
+    async def _next_piece(self, job: SpeechJob, queue: asyncio.Queue[Any]) -> Any:
+        remaining = job.timeline.remaining(self.settings.request_timeout)
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=max(0.0, remaining))
+        except TimeoutError:
+            raise ApiError(504, f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
+                           type="server_error", code="timeout") from None
+
     async def render(self, job: SpeechJob, texts: AsyncIterator[str], streaming: bool) -> AsyncIterator[bytes]:
         """Encoded bytes of the job in its output format: speed, clean edges, resampling, encoding."""
+        outcome = "cancelled"
+        try:
+            async with self.admitted(job):
+                async for data in self._render(job, texts, streaming):
+                    yield data
+            outcome = "ok"
+        except ApiError as exc:
+            outcome = f"{exc.status} {exc.code}"
+            raise
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self._log(job, outcome)
+
+    def _log(self, job: SpeechJob, outcome: str) -> None:
+        t = job.timeline
+        extra = f" text={job.text_log!r}" if self.settings.log_text else ""
+        logger.info("utterance {} {}: {} chars, {:.2f}s audio {} {} Hz, queue {:.0f} ms, first audio {} ms, "
+                    "total {:.0f} ms{}", job.id, outcome, t.characters, t.audio_seconds, job.output.fmt.name,
+                    job.output.rate, 1000 * t.queue_wait,
+                    "-" if t.first_audio is None else f"{1000 * t.first_audio:.0f}", 1000 * t.now(), extra)
+
+    async def _render(self, job: SpeechJob, texts: AsyncIterator[str], streaming: bool) -> AsyncIterator[bytes]:
         rate = self.engine.sample_rate
         stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
         edges = UtteranceEdges(rate, self.settings.audio_trim_silence)
@@ -1730,12 +1942,6 @@ def state(request: Request | WebSocket) -> AppState:
     return request.app.state.tts
 
 
-def require_ready(app_state: AppState) -> None:
-    if not app_state.speaker.ready:
-        raise ApiError(503, "The model is still loading; retry shortly.", type="server_error",
-                       code="model_loading", headers={"Retry-After": "5"})
-
-
 MAX_JSON_BYTES = 1024 * 1024
 
 
@@ -1745,9 +1951,15 @@ async def speech_request(request: Request, default_format: str, **overrides: Any
     data = await read_json(request, MAX_JSON_BYTES)
     req: SpeechRequest = parse_model(SpeechRequest, {**data, **overrides})
     text = check_text(req.input, app_state.settings)
-    priority = Priority.FILE if req.stream_format is None else Priority.REALTIME
+    if req.stream_format is not None:
+        priority = Priority.REALTIME
+    elif len(text_chunks(text, app_state.settings.chunk_max_chars)) > LONG_TEXT_CHUNKS:
+        priority = Priority.BACKGROUND
+    else:
+        priority = Priority.FILE
     job = speech_job(req, app_state, priority, default_format)
-    require_ready(app_state)
+    if app_state.settings.log_text:
+        job.text_log = text
     req.input = text
     return app_state, req, job
 
@@ -1776,48 +1988,85 @@ def sse_event(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
 
 
-async def sse_stream(app_state: AppState, job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def sse_stream(job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     try:
         async for data in audio:
             yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         yield sse_event({"type": "speech.audio.done", "usage": job.timeline.usage(),
                          "timings": job.timeline.report()})
     except Exception as exc:
-        logger.opt(exception=exc).error("stream failed")
-        yield sse_event({"type": "error", "error": {"message": "Synthesis failed; the server log has details.",
-                                                   "type": "server_error", "param": None, "code": "synthesis_failed"}})
+        yield sse_event({"type": "error", "error": error_body(exc)})
+
+
+def error_body(exc: Exception) -> dict[str, Any]:
+    """What a client may see of an error that happened mid-stream."""
+    if isinstance(exc, ApiError):
+        return {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+    logger.opt(exception=exc).error("synthesis failed")
+    return {"message": "Synthesis failed; the server log has details.", "type": "server_error", "param": None,
+            "code": "synthesis_failed"}
+
+
+async def respond(request: Request, default_format: str, **overrides: Any) -> Response:
+    """Every HTTP speech endpoint: a whole file, a chunked audio stream, or SSE."""
+    app_state, req, job = await speech_request(request, default_format, **overrides)
+    texts = chunks_of(app_state, req.input)
+    render = app_state.speaker.render
+    headers = {"X-Request-Id": job.id}
+    if job.output.fmt.name == "pcm":
+        headers.update({"X-Sample-Rate": str(job.output.rate), "X-Bit-Depth": "16", "X-Channels": "1",
+                        "X-Encoding": "s16le"})
+    if req.stream_format is None:
+        body = await until_disconnected(request, collect(render(job, texts, streaming=False)))
+        if job.output.fmt.name == "wav":
+            body = wav_header(job.output.rate, len(body) // 2) + body
+        return Response(body, media_type=job.output.fmt.media_type, headers=headers)
+    audio = await primed(render(job, texts, streaming=True))
+    if req.stream_format == "sse":
+        return StreamingResponse(sse_stream(job, audio), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+    return StreamingResponse(audio, media_type=job.output.fmt.media_type, headers=headers)
+
+
+async def collect(stream: AsyncIterator[bytes]) -> bytes:
+    return b"".join([data async for data in stream])
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its response was ready."""
+
+
+async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await work, but drop it (and its queued model work) if the client disconnects first.
+    Streaming responses get this from Starlette; whole-file responses need it here."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientGone()
+    return task.result()
 
 
 async def speech(request: Request) -> Response:
-    app_state, req, job = await speech_request(request, "mp3")
-    speaker = app_state.speaker
-    if req.stream_format == "sse":
-        audio = await primed(speaker.render(job, chunks_of(app_state, req.input), streaming=True))
-        return StreamingResponse(sse_stream(app_state, job, audio), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
-    if req.stream_format == "audio":
-        audio = await primed(speaker.render(job, chunks_of(app_state, req.input), streaming=True))
-        return StreamingResponse(audio, media_type=job.output.fmt.media_type)
-    body = b"".join([data async for data in speaker.render(job, chunks_of(app_state, req.input), streaming=False)])
-    if job.output.fmt.name == "wav":
-        body = wav_header(job.output.rate, len(body) // 2) + body
-    return Response(body, media_type=job.output.fmt.media_type)
+    return await respond(request, "mp3")
 
 
 async def speech_sse(request: Request) -> Response:
-    app_state, req, job = await speech_request(request, "mp3", stream_format="sse")
-    audio = await primed(app_state.speaker.render(job, chunks_of(app_state, req.input), streaming=True))
-    return StreamingResponse(sse_stream(app_state, job, audio), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return await respond(request, "mp3", stream_format="sse")
 
 
 async def speech_pcm(request: Request) -> Response:
-    app_state, req, job = await speech_request(request, "pcm", stream_format="audio", response_format="pcm",
-                                               output_format=None)
-    audio = await primed(app_state.speaker.render(job, chunks_of(app_state, req.input), streaming=True))
-    headers = {"X-Sample-Rate": str(job.output.rate), "X-Bit-Depth": "16", "X-Channels": "1",
-               "X-Encoding": "s16le"}
-    return StreamingResponse(audio, media_type="audio/pcm", headers=headers)
+    return await respond(request, "pcm", stream_format="audio", response_format="pcm", output_format=None)
 
 
 # --- WebSocket: many utterances over one connection --------------------------
@@ -1929,7 +2178,6 @@ class SpeechSession:
                            code="duplicate_id")
         if message.final:
             check_text(message.text, self.app_state.settings, param="text")
-        require_ready(self.app_state)
         job = speech_job(message, self.app_state, Priority.REALTIME, "pcm")
         utterance = Utterance(message.id, job, message.encoding)
         self.active[message.id] = utterance
@@ -1986,9 +2234,8 @@ class SpeechSession:
                     raise  # the connection is closing
                 done = {"type": "done", "id": utterance.id, "cancelled": True}
             except Exception as exc:
-                logger.opt(exception=exc).error("utterance {} failed", utterance.id)
-                done = {"type": "error", "id": utterance.id, "code": "synthesis_failed",
-                        "message": "Synthesis failed; the server log has details."}
+                error = error_body(exc)
+                done = {"type": "error", "id": utterance.id, "code": error["code"], "message": error["message"]}
             self.active.pop(utterance.id, None)
             await self.send_json({**done, "timings": utterance.job.timeline.report()})
 
@@ -2078,6 +2325,24 @@ async def list_models(request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [model]})
 
 
+async def status(request: Request) -> Response:
+    app_state = state(request)
+    speaker = app_state.speaker
+    return JSONResponse({
+        "version": __version__,
+        "engine": app_state.engine.describe(),
+        "loaded": speaker.loaded,
+        "ready": speaker.ready,
+        "load_seconds": speaker.load_seconds,
+        "uptime_s": round(time.time() - app_state.started, 1),
+        "queue": {"active": speaker.active, "waiting_units": speaker.worker.depth, "running": speaker.worker.busy,
+                  "max": app_state.settings.max_queue},
+        "voice_cache": {"size": len(speaker.voice_cache), "hits": speaker.voice_cache.hits,
+                        "misses": speaker.voice_cache.misses},
+        "tasks": len(asyncio.all_tasks()),
+    })
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
@@ -2099,10 +2364,49 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, str(exc.detail), code=code, headers=getattr(exc, "headers", None))
 
 
+async def client_gone_handler(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody is listening; the status is for the access log
+
+
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     logger.opt(exception=exc).error("unhandled error on {} {}", request.method, request.url.path)
     return error_response(500, "Internal server error; the server log has details.", type="server_error",
                           code="internal_error")
+
+
+class ApiKeyAuth:
+    """ASGI middleware: with API_KEY set, every request but /health and /ready must carry
+    'Authorization: Bearer <key>' (WebSockets may pass ?token=<key> instead)."""
+
+    OPEN_PATHS = frozenset({"/health", "/ready"})
+
+    def __init__(self, app: Any, key: str):
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS or self._allowed(scope):
+            await self.app(scope, receive, send)
+            return
+        denial = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        if scope["type"] == "http":
+            await denial(scope, receive, send)
+            return
+        websocket = WebSocket(scope, receive, send)
+        try:
+            await websocket.send_denial_response(denial)
+        except RuntimeError:  # the server lacks the denial-response extension: refuse the handshake
+            await websocket.close(code=1008)
+
+    def _allowed(self, scope: dict[str, Any]) -> bool:
+        from starlette.datastructures import Headers, QueryParams
+
+        header = Headers(scope=scope).get("authorization", "")
+        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not token and scope["type"] == "websocket":
+            token = QueryParams(scope.get("query_string", b"").decode()).get("token", "")
+        return hmac.compare_digest(token.encode(), self.key)
 
 
 # ---------------------------------------------------------------------------
@@ -2117,10 +2421,16 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        loading = asyncio.ensure_future(speaker.worker.run(speaker.start, Priority.REALTIME))
-        loading.add_done_callback(_report_load_failure)
+        background = []
+        if settings.preload_model:
+            loading = speaker.start_loading()
+            loading.add_done_callback(_report_load_failure)
+            background.append(loading)
+        if settings.idle_unload_s > 0:
+            background.append(asyncio.ensure_future(speaker.unload_when_idle()))
         yield
-        loading.cancel()
+        for task in background:
+            task.cancel()
         speaker.worker.stop()
 
     app = Starlette(
@@ -2133,15 +2443,28 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             Route("/v1/audio/voices", upload_voice, methods=["POST"]),
             Route("/v1/audio/voices/{name}", delete_voice, methods=["DELETE"]),
             Route("/v1/models", list_models, methods=["GET"]),
+            Route("/v1/status", status, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
             Route("/ready", ready, methods=["GET"]),
         ],
-        exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler,
+        exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler, ClientGone: client_gone_handler,
                             Exception: unexpected_error_handler},
         lifespan=lifespan,
+        middleware=middleware(settings),
     )
     app.state.tts = AppState(settings=settings, engine=engine, speaker=speaker)
     return app
+
+
+def middleware(settings: Settings) -> list[Middleware]:
+    stack = []
+    if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
+        stack.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
+                                expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Bit-Depth", "X-Channels",
+                                                "X-Encoding"]))
+    if settings.api_key:
+        stack.append(Middleware(ApiKeyAuth, key=settings.api_key))
+    return stack
 
 
 def _report_load_failure(task: asyncio.Future[Any]) -> None:

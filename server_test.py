@@ -376,9 +376,13 @@ class ToneEngine(server.Engine):
     name = "tone"
     sample_rate = 24000
 
-    def load(self) -> None: ...
+    def load(self) -> None:
+        self.loads = getattr(self, "loads", 0) + 1
 
     def warm_up(self) -> None: ...
+
+    def unload(self) -> None:
+        self.unloads = getattr(self, "unloads", 0) + 1
 
     def prepare_voice(self, clip: np.ndarray | None, sample_rate: int, exaggeration: float) -> Any:
         return 200.0 if clip is None else 300.0
@@ -487,7 +491,7 @@ def test_ready_is_503_until_loaded(tmp_path: Path) -> None:
         def load(self) -> None:
             time.sleep(0.5)
 
-    settings = server.Settings(voices_dir=str(tmp_path))
+    settings = server.Settings(voices_dir=str(tmp_path), request_timeout=0.2)
     with TestClient(server.create_app(settings, SlowEngine())) as client:
         response = client.get("/ready")
         assert response.status_code == 503 and response.headers["retry-after"]
@@ -496,6 +500,161 @@ def test_ready_is_503_until_loaded(tmp_path: Path) -> None:
         assert client.get("/health").status_code == 200
         time.sleep(1)
         assert client.get("/ready").status_code == 200
+
+
+class SlowToneEngine(ToneEngine):
+    """Many short pieces with a pause each: long enough to queue behind, cancel or time out."""
+
+    pause = 0.05
+
+    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+        for piece in super().synthesize(text * 4, voice, params):
+            for part in np.array_split(piece, 8):
+                time.sleep(self.pause)
+                yield part
+
+
+def fake_app(tmp_path: Path, engine: server.Engine | None = None, **settings: Any) -> TestClient:
+    config = server.Settings(voices_dir=str(tmp_path / "voices"), **settings)
+    return TestClient(server.create_app(config, engine or SlowToneEngine()))
+
+
+def wait_until(predicate: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_inference_worker_ages_waiting_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "AGING_SECONDS", 0.05)
+    worker = server.InferenceWorker()
+    order: list[str] = []
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        blocker = asyncio.ensure_future(worker.run(lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop)
+                                                   .result(), server.Priority.REALTIME))
+        await asyncio.sleep(0.02)
+        old = asyncio.ensure_future(worker.run(lambda: order.append("background"), server.Priority.BACKGROUND))
+        await asyncio.sleep(0.3)  # waited six aging periods: now ahead of fresh real-time work
+        fresh = [asyncio.ensure_future(worker.run(lambda: order.append("realtime"), server.Priority.REALTIME))
+                 for _ in range(3)]
+        await asyncio.sleep(0.02)
+        gate.set()
+        await asyncio.gather(blocker, old, *fresh)
+
+    asyncio.run(scenario())
+    worker.stop()
+    assert order[0] == "background"
+
+
+def test_full_queue_gets_429_with_retry_after(tmp_path: Path) -> None:
+    with fake_app(tmp_path, max_queue=1) as client:
+        body = {"input": "A slow request that holds the only slot.", "response_format": "pcm"}
+        with ThreadPoolExecutor(1) as pool:
+            first = pool.submit(client.post, "/v1/audio/speech", json=body)
+            wait_until(lambda: client.get("/v1/status").json()["queue"]["active"] == 1)
+            refused = client.post("/v1/audio/speech", json=body)
+            error = assert_openai_error(refused, 429)
+            assert error["type"] == "rate_limit_error" and int(refused.headers["retry-after"]) >= 1
+            assert first.result().status_code == 200
+        assert client.post("/v1/audio/speech", json=body).status_code == 200  # the slot is free again
+
+
+def test_request_timeout_gives_504(tmp_path: Path) -> None:
+    with fake_app(tmp_path, request_timeout=0.3) as client:
+        response = client.post("/v1/audio/speech", json={"input": "Too slow for the timeout, by far.",
+                                                         "response_format": "pcm"})
+        assert assert_openai_error(response, 504)["code"] == "timeout"
+        wait_until(lambda: client.get("/v1/status").json()["queue"]["active"] == 0)
+        events = [json.loads(line[5:]) for line in client.post(
+            "/v1/audio/speech/stream", json={"input": "Too slow for the timeout, by far.", "response_format": "pcm"}
+        ).text.splitlines() if line.startswith("data:")]
+        assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "timeout"
+
+
+def test_api_key_guards_everything_but_health_and_ready(tmp_path: Path) -> None:
+    with fake_app(tmp_path, engine=ToneEngine(), api_key="s3cret") as client:
+        assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
+        assert assert_openai_error(client.get("/v1/models"), 401)["code"] == "invalid_api_key"
+        assert_openai_error(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert_openai_error(client.post("/v1/audio/speech", json={"input": "Hi."}), 401)
+        good = {"Authorization": "Bearer s3cret"}
+        assert client.get("/v1/models", headers=good).status_code == 200
+        assert client.post("/v1/audio/speech", json={"input": "Hi.", "response_format": "pcm"},
+                           headers=good).status_code == 200
+        from starlette.websockets import WebSocketDisconnect
+
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("/v1/audio/speech/ws") as ws:
+                ws.receive_text()
+        for url, kwargs in (("/v1/audio/speech/ws", {"headers": good}), ("/v1/audio/speech/ws?token=s3cret", {})):
+            with client.websocket_connect(url, **kwargs) as ws:
+                ws.send_text(json.dumps({"type": "speak", "id": "a", "text": "Hi."}))
+                assert json.loads(ws.receive_text())["type"] == "start"
+    with fake_app(tmp_path, engine=ToneEngine()) as client:  # no key configured: any bearer key works
+        assert client.get("/v1/models", headers={"Authorization": "Bearer whatever"}).status_code == 200
+
+
+def test_cors_only_for_configured_origins(tmp_path: Path) -> None:
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    with fake_app(tmp_path, engine=ToneEngine()) as client:
+        assert "access-control-allow-origin" not in client.options("/v1/audio/speech", headers=preflight).headers
+    with fake_app(tmp_path, engine=ToneEngine(), cors_origins="https://app.example") as client:
+        response = client.options("/v1/audio/speech", headers=preflight)
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+        other = client.options("/v1/audio/speech", headers={**preflight, "Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+
+
+def test_idle_unload_and_reload_on_next_request(tmp_path: Path) -> None:
+    engine = ToneEngine()
+    with fake_app(tmp_path, engine=engine, idle_unload_s=0.3) as client:
+        wait_until(lambda: client.get("/v1/status").json()["loaded"])
+        wait_until(lambda: not client.get("/v1/status").json()["loaded"])
+        assert engine.unloads == 1 and client.get("/ready").status_code == 200
+        response = client.post("/v1/audio/speech", json={"input": "Back again.", "response_format": "pcm"})
+        assert response.status_code == 200 and engine.loads == 2
+
+
+def test_without_preload_the_first_request_loads(tmp_path: Path) -> None:
+    engine = ToneEngine()
+    with fake_app(tmp_path, engine=engine, preload_model=False) as client:
+        assert client.get("/ready").status_code == 200
+        assert not client.get("/v1/status").json()["loaded"] and getattr(engine, "loads", 0) == 0
+        assert client.post("/v1/audio/speech", json={"input": "Load me.", "response_format": "pcm"}).status_code == 200
+        assert engine.loads == 1
+
+
+def test_logs_hold_lengths_not_text_unless_asked(tmp_path: Path) -> None:
+    secret = "My bank PIN is 4321."
+    for log_text in (False, True):
+        lines: list[str] = []
+        sink = server.logger.add(lines.append, level="INFO")
+        try:
+            with fake_app(tmp_path, engine=ToneEngine(), log_text=log_text) as client:
+                assert client.post("/v1/audio/speech", json={"input": secret, "response_format": "pcm"}).status_code == 200
+        finally:
+            server.logger.remove(sink)
+        log = "".join(lines)
+        assert f"{len(secret)} chars" in log
+        assert (secret in log) is log_text
+
+
+def test_websocket_limits(tmp_path: Path) -> None:
+    with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=100) as client:
+        with client.websocket_connect("/v1/audio/speech/ws") as ws:
+            ws.send_text(json.dumps({"type": "speak", "id": "big", "text": "x" * 300_000}))
+            assert json.loads(ws.receive_text())["code"] == "message_too_large"
+            ws.send_text(json.dumps({"type": "speak", "id": "buf", "text": "Start", "final": False}))
+            assert json.loads(ws.receive_text())["type"] == "start"
+            ws.send_text(json.dumps({"type": "append", "id": "buf", "text": "y" * 120}))
+            error = json.loads(ws.receive_text())
+            assert (error["type"], error["code"]) == ("error", "input_too_long")
+            ws.send_text(json.dumps({"type": "cancel", "id": "buf"}))
+            assert json.loads(ws.receive_text())["type"] == "done"
 
 
 # ---------------------------------------------------------------------------
@@ -838,7 +997,7 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
         from chatterbox.models.s3gen.const import S3GEN_SIL
 
         tokens += [S3GEN_SIL] * 3
-        whole = engine._decode(tokens, 0, len(tokens), voice, noise, final=True)
+        whole = engine._decode(tokens, 0, len(tokens), voice, noise, final=True).numpy()
     assert len(streamed) == len(whole)
     assert db(streamed - whole, whole) < -10  # same speech, up to the vocoder's own randomness
     joins = np.cumsum([len(p) for p in pieces])[:-1]
@@ -1116,3 +1275,97 @@ def test_ws_utterances_are_spoken_in_the_order_started(ws: WsClient) -> None:
             order.append((message["type"], message["id"]))
     assert order == [("start", "one"), ("done", "one"), ("start", "two"), ("done", "two"),
                      ("start", "three"), ("done", "three")]
+
+
+# --- Scheduling and hardening, end to end --------------------------------------
+
+
+def status_of(srv: ServerProcess) -> dict[str, Any]:
+    return httpx.get(f"{srv.url}/v1/status", timeout=10).json()
+
+
+def wait_idle(srv: ServerProcess, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = status_of(srv)
+        if status["queue"]["active"] == 0 and status["queue"]["waiting_units"] == 0 and not status["queue"]["running"]:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.1)
+
+
+LONG_TEXT = " ".join(["Whole file requests wait behind real time streams, which must overtake them."] * 3)
+
+
+def test_realtime_stream_overtakes_queued_whole_file_requests(servers: dict[str, ServerProcess]) -> None:
+    srv = servers["turbo"]
+    wait_idle(srv)
+    finished: list[str] = []
+
+    def whole(n: int) -> None:
+        assert speak(srv, input=LONG_TEXT, seed=n, response_format="pcm").status_code == 200
+        finished.append(f"file{n}")
+
+    def stream() -> None:
+        events = sse_events(srv, "/v1/audio/speech/stream", {"input": "Urgent.", "response_format": "pcm"})
+        assert events[-1]["type"] == "speech.audio.done"
+        finished.append("stream")
+
+    with ThreadPoolExecutor(4) as pool:
+        files = [pool.submit(whole, n) for n in range(3)]
+        deadline = time.monotonic() + 30
+        while status_of(srv)["queue"]["active"] < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pool.submit(stream).result()
+        for f in files:
+            f.result()
+    assert finished[0] == "stream", finished
+
+
+@pytest.mark.parametrize("mode", ["whole", "sse", "ws"])
+def test_client_disconnect_frees_the_worker(servers: dict[str, ServerProcess], mode: str) -> None:
+    srv = servers["turbo"]
+    wait_idle(srv)
+    text = " ".join(["This request is abandoned by its client long before it could finish."] * 12)
+    if mode == "ws":
+        client = WsClient(srv)
+        client.send(type="speak", id="gone", text=text)
+        assert client.recv()["type"] == "start"
+        client.close()
+    else:
+        body = json.dumps({"input": text, "response_format": "pcm"} |
+                          ({"stream_format": "sse"} if mode == "sse" else {})).encode()
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            if mode == "sse":
+                assert sock.recv(1000).startswith(b"HTTP/1.1 200")  # the stream is flowing
+            else:
+                deadline = time.monotonic() + 30
+                while status_of(srv)["queue"]["active"] < 1:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+        # the socket is closed mid-request
+    wait_idle(srv, timeout=30)
+    last = [line for line in srv.logs().splitlines() if " utterance " in line][-1]
+    assert " cancelled: " in last, last
+
+
+def test_burst_leaves_no_queue_and_no_tasks(servers: dict[str, ServerProcess]) -> None:
+    srv = servers["turbo"]
+    baseline = wait_idle(srv)["tasks"]
+
+    def request(n: int) -> int:
+        body = {"input": f"Burst request number {n}.", "seed": n, "response_format": "pcm"}
+        if n % 3 == 0:
+            return speak(srv, **body).status_code
+        if n % 3 == 1:
+            return len(sse_events(srv, "/v1/audio/speech/stream", body)) and 200
+        return httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=body, timeout=120).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(request, range(12)))
+    assert codes == [200] * 12
+    after = wait_idle(srv)
+    assert after["tasks"] <= baseline
