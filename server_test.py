@@ -983,7 +983,8 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
     voice = engine.prepare_voice(None, 24000, 0.5)
     params = server.SynthesisParams()
     torch.manual_seed(5)
-    pieces = list(engine.synthesize(STREAM_TEXT, voice, params))
+    with torch.inference_mode():  # as on the server's inference thread
+        pieces = list(engine.synthesize(STREAM_TEXT, voice, params))
     streamed = np.concatenate(pieces)
     assert len(pieces) >= 3  # audio left in several chunks, before the sentence was done
     assert len(pieces[0]) < len(streamed) / 4
