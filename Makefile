@@ -25,7 +25,7 @@ run: $(STAMP)
 	$(PY) server.py
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q server_test.py $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 server_test.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
