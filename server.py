@@ -280,10 +280,14 @@ def speech_token_budget(text: str) -> int:
 # ---------------------------------------------------------------------------
 
 
-def float_to_pcm16(audio: np.ndarray) -> bytes:
-    """float32 in [-1, 1] to signed 16-bit little-endian PCM bytes."""
+def pcm16(audio: np.ndarray) -> np.ndarray:
+    """float32 in [-1, 1] to signed 16-bit little-endian samples."""
     clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    return np.round(clipped * 32767.0).astype("<i2").tobytes()
+    return np.round(clipped * 32767.0).astype("<i2")
+
+
+def float_to_pcm16(audio: np.ndarray) -> bytes:
+    return pcm16(audio).tobytes()
 
 
 def wav_header(sample_rate: int, num_samples: int | None, channels: int = 1, bits: int = 16) -> bytes:
@@ -664,7 +668,7 @@ class Encoder:
     def encode(self, audio: np.ndarray) -> bytes:
         self.samples += len(audio)
         if self._av is None:
-            pcm = np.round(np.clip(audio, -1.0, 1.0) * 32767.0).astype("<i2")
+            pcm = pcm16(audio)
             if self.fmt.name == "ulaw":
                 return pcm16_to_ulaw(pcm)
             if self.fmt.name == "alaw":
@@ -723,6 +727,7 @@ class VoiceRef:
 
 
 BUILTIN_VOICE = VoiceRef("default", None, "builtin")
+VOICE_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg")  # reference clips for cloning
 
 
 class Engine(ABC):
@@ -963,7 +968,7 @@ MULTILINGUAL_LANGUAGES = (
 class ChatterboxEngine(Engine):
     """Chatterbox Turbo, standard or Multilingual; voice conditionals travel with each request."""
 
-    voice_files = (".wav", ".mp3", ".flac", ".ogg")
+    voice_files = VOICE_EXTENSIONS
     clones_voices = True
 
     def __init__(self, kind: str, model_dir: str, device: str, stream: StreamPlan | None = None):
@@ -1386,7 +1391,6 @@ def make_engine(settings: Settings) -> Engine:
 # --- Voices -----------------------------------------------------------------
 
 OPENAI_VOICES = frozenset("alloy ash ballad coral echo fable onyx nova sage shimmer verse marin cedar".split())
-VOICE_EXTENSIONS = (".wav", ".mp3", ".flac", ".ogg")
 VOICE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 VOICE_MAX_BYTES = 10 * 1024 * 1024
 VOICE_MIN_SECONDS, VOICE_MAX_SECONDS = 5.0, 30.0
