@@ -1778,10 +1778,13 @@ class Speaker:
         # whole files go first come, first served by request (each finishes as early as it can).
         if job.priority != Priority.REALTIME and job.ticket is None:
             job.ticket = self.worker.ticket()
+        return await self._within_deadline(job, self.worker.run(timed, job.priority, job.ticket))
+
+    async def _within_deadline(self, job: SpeechJob, work: Awaitable[Any]) -> Any:
+        """Await work, or end the job with 504 once it has used up REQUEST_TIMEOUT."""
         remaining = job.timeline.remaining(self.settings.request_timeout)
         try:
-            return await asyncio.wait_for(self.worker.run(timed, job.priority, job.ticket),
-                                          timeout=max(0.0, remaining))
+            return await asyncio.wait_for(work, timeout=max(0.0, remaining))
         except TimeoutError:
             raise ApiError(504, f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
                            type="server_error", code="timeout") from None
@@ -1831,7 +1834,7 @@ class Speaker:
         producer = asyncio.ensure_future(produce())
         joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
         try:
-            while (item := await self._next_piece(job, queue)) is not _DONE:
+            while (item := await self._within_deadline(job, queue.get())) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 if item is _CHUNK_END:
@@ -1847,14 +1850,6 @@ class Speaker:
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
-
-    async def _next_piece(self, job: SpeechJob, queue: asyncio.Queue[Any]) -> Any:
-        remaining = job.timeline.remaining(self.settings.request_timeout)
-        try:
-            return await asyncio.wait_for(queue.get(), timeout=max(0.0, remaining))
-        except TimeoutError:
-            raise ApiError(504, f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
-                           type="server_error", code="timeout") from None
 
     async def render(self, job: SpeechJob, texts: AsyncIterator[str], streaming: bool) -> AsyncIterator[bytes]:
         """Encoded bytes of the job in its output format: speed, clean edges, resampling, encoding."""
@@ -2083,27 +2078,24 @@ def state(request: Request | WebSocket) -> AppState:
 MAX_JSON_BYTES = 1024 * 1024
 
 
-async def speech_request(request: Request, default_format: str, **overrides: Any) -> tuple[AppState, SpeechRequest,
-                                                                                           SpeechJob]:
+async def speech_request(request: Request, default_format: str,
+                         **overrides: Any) -> tuple[AppState, SpeechRequest, SpeechJob, list[str]]:
+    """Parse and validate an HTTP speech request: its job and its text, cut into model calls."""
     app_state = state(request)
     data = await read_json(request, MAX_JSON_BYTES)
     req: SpeechRequest = parse_model(SpeechRequest, {**data, **overrides})
     text = check_text(req.input, app_state.settings)
+    chunks = text_chunks(text, app_state.settings.chunk_max_chars)
     if req.stream_format is not None:
         priority = Priority.REALTIME
-    elif len(text_chunks(text, app_state.settings.chunk_max_chars)) > LONG_TEXT_CHUNKS:
+    elif len(chunks) > LONG_TEXT_CHUNKS:
         priority = Priority.BACKGROUND
     else:
         priority = Priority.FILE
     job = speech_job(req, app_state, priority, default_format)
     if app_state.settings.log_text:
         job.text_log = text
-    req.input = text
-    return app_state, req, job
-
-
-def chunks_of(app_state: AppState, text: str) -> AsyncIterator[str]:
-    return iterate(text_chunks(text, app_state.settings.chunk_max_chars))
+    return app_state, req, job, chunks
 
 
 async def primed(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -2147,8 +2139,8 @@ def error_body(exc: Exception) -> dict[str, Any]:
 
 async def respond(request: Request, default_format: str, **overrides: Any) -> Response:
     """Every HTTP speech endpoint: a whole file, a chunked audio stream, or SSE."""
-    app_state, req, job = await speech_request(request, default_format, **overrides)
-    texts = chunks_of(app_state, req.input)
+    app_state, req, job, chunks = await speech_request(request, default_format, **overrides)
+    texts = iterate(chunks)
     render = app_state.speaker.render
     headers = {"X-Request-Id": job.id}
     if job.output.fmt.name == "pcm":
