@@ -12,6 +12,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import time
 import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import httpx
@@ -966,18 +968,115 @@ def test_speed_changes_duration(servers: dict[str, ServerProcess]) -> None:
 
 
 # ---------------------------------------------------------------------------
-# Documentation agrees with the code
+# Documentation and deployment files agree with the code
 # ---------------------------------------------------------------------------
+
+
+def settings_env_defaults() -> dict[str, Any]:
+    """Every environment variable the server reads, with the default it uses when the variable is unset."""
+    return {f.metadata["env"]: f.default for f in dataclasses.fields(server.Settings)}
+
+
+def env_text(default: Any) -> str:
+    return ("true" if default else "false") if isinstance(default, bool) else str(default)
 
 
 def test_readme_documents_every_setting_and_route() -> None:
     readme = (ROOT / "README.md").read_text()
-    for f in dataclasses.fields(server.Settings):
-        name, default = f.metadata["env"], f.default
+    for name, default in settings_env_defaults().items():
         assert f"| `{name}` | `{default}` |" in readme or (default == "" and f"| `{name}` | (empty) |" in readme), name
     app = server.create_app(server.Settings(), ToneEngine())
     for route in app.routes:
         assert f"`{route.path}`" in readme, route.path
+
+
+@dataclasses.dataclass
+class Dockerfile:
+    instructions: list[tuple[str, str]]  # (INSTRUCTION, arguments), continuation lines joined
+
+    @classmethod
+    def read(cls, path: Path) -> Dockerfile:
+        text = path.read_text().replace("\\\n", " ")
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        return cls([(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines])
+
+    def args(self, instruction: str) -> list[str]:
+        return [args for name, args in self.instructions if name == instruction]
+
+    def variables(self, instruction: str) -> dict[str, str]:
+        pairs = [item.split("=", 1) for args in self.args(instruction) for item in shlex.split(args)]
+        return {name: value for name, value in pairs}
+
+    @property
+    def image(self) -> str:
+        [image] = self.args("FROM")
+        return re.sub(r"\$\{(\w+)\}", lambda m: self.variables("ARG")[m.group(1)], image)
+
+    @property
+    def healthcheck(self) -> list[str]:
+        [args] = self.args("HEALTHCHECK")
+        return json.loads(args[args.index("CMD ") + 4:])
+
+
+def read_compose() -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the one service, the whole file) of compose.yaml."""
+    import yaml
+
+    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
+    [service] = compose["services"].values()
+    return service, compose
+
+
+def test_compose_sets_every_setting_to_the_servers_default() -> None:
+    environment = read_compose()[0]["environment"]
+    defaults = settings_env_defaults()
+    assert sorted(environment) == sorted(defaults)  # a new setting must be added to compose.yaml, nothing unknown
+    for name, default in defaults.items():
+        assert environment[name] == env_text(default), name
+    assert server.Settings.from_env(environment) == server.Settings()
+
+
+def test_dockerfile_and_compose_agree_with_the_server() -> None:
+    dockerfile, (service, compose), defaults = Dockerfile.read(ROOT / "Dockerfile"), read_compose(), server.Settings()
+    assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn\d*-)?runtime-ubuntu[\d.]+", dockerfile.image)
+    assert dockerfile.args("USER")[-1].split(":")[0] not in ("root", "0")
+    assert dockerfile.args("EXPOSE") == [str(defaults.port)]
+    assert dockerfile.args("CMD") == ['["python", "server.py"]']
+
+    volumes = {path for args in dockerfile.args("VOLUME") for path in json.loads(args)}
+    env = dockerfile.variables("ENV")
+    [workdir] = dockerfile.args("WORKDIR")
+    assert {env["HF_HOME"], str(PurePosixPath(workdir, env["VOICES_DIR"]))} == volumes
+    assert {mount.split(":")[1] for mount in service["volumes"]} == volumes
+    assert str(PurePosixPath(workdir, service["environment"]["VOICES_DIR"])) in volumes
+    assert {mount.split(":")[0] for mount in service["volumes"]} == set(compose["volumes"])  # named volumes
+
+    assert [port.split(":")[-1] for port in service["ports"]] == [str(defaults.port)]
+    assert service["restart"] == "unless-stopped"
+    [gpu] = service["deploy"]["resources"]["reservations"]["devices"]
+    assert (gpu["driver"], gpu["count"], gpu["capabilities"]) == ("nvidia", 1, ["gpu"])
+    assert service["healthcheck"]["test"] == ["CMD", *dockerfile.healthcheck]
+    assert "/ready" in " ".join(dockerfile.healthcheck)
+
+
+def test_compose_environment_serves_and_passes_the_healthcheck(tmp_path: Path) -> None:
+    """The compose settings start a real server, and the image's healthcheck command tells ready from down."""
+    environment = {name: value for name, value in read_compose()[0]["environment"].items()
+                   if name not in ("HOST", "PORT", "VOICES_DIR")}  # this machine's: loopback, a free port, tmp
+    srv = ServerProcess("piper", None, tmp_path / "voices", **{**environment, "TTS_MODEL": "piper"})
+    healthcheck = Dockerfile.read(ROOT / "Dockerfile").healthcheck
+    assert healthcheck[0] == "python"
+
+    def check(port: int) -> int:
+        return subprocess.run([sys.executable, *healthcheck[1:]], env={**os.environ, "PORT": str(port)},
+                              capture_output=True, timeout=30).returncode
+
+    try:
+        srv.wait_ready()
+        assert check(srv.port) == 0
+        assert check(free_port()) != 0
+    finally:
+        srv.stop()
 
 
 # ---------------------------------------------------------------------------

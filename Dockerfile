@@ -1,0 +1,43 @@
+# Chatterbox TTS server on an NVIDIA GPU (the image also runs without one: TTS_MODEL=auto then picks Piper).
+#   docker build -t chatterbox-tts-server .
+#   docker run --gpus all -p 8000:8000 -v hf-cache:/cache/huggingface -v voices:/app/voices chatterbox-tts-server
+# torch 2.11.0 from PyPI is built for CUDA 13.0 and brings its own CUDA libraries; the base image's CUDA
+# version only has to match it so that the NVIDIA container runtime checks the host driver for it.
+ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu22.04
+FROM ${CUDA_IMAGE}
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN python3.11 -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /app
+COPY requirements.txt requirements-nodeps.txt ./
+# As the Makefile installs them: the nodeps packages declare pins that are wrong for us.
+RUN pip install --upgrade "pip>=24" \
+    && pip install -r requirements.txt \
+    && pip install --no-deps -r requirements-nodeps.txt
+# .dockerignore lets through only the server's own files (server.py, tools/, and web/ once it exists).
+COPY . .
+
+RUN useradd --create-home --uid 10001 tts \
+    && mkdir -p /cache/huggingface /app/voices \
+    && chown tts:tts /cache/huggingface /app/voices
+# Named volumes copy these directories' owner when first mounted, so the tts user can write to them.
+ENV HF_HOME=/cache/huggingface \
+    VOICES_DIR=/app/voices \
+    NUMBA_CACHE_DIR=/tmp/numba
+VOLUME ["/cache/huggingface", "/app/voices"]
+USER tts
+
+EXPOSE 8000
+# /ready is 503 while the model downloads, loads and warms up (first start: minutes), then 200.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), timeout=4)"]
+CMD ["python", "server.py"]
