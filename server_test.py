@@ -1063,6 +1063,7 @@ def test_compose_environment_serves_and_passes_the_healthcheck(tmp_path: Path) -
     """The compose settings start a real server, and the image's healthcheck command tells ready from down."""
     environment = {name: value for name, value in read_compose()[0]["environment"].items()
                    if name not in ("HOST", "PORT", "VOICES_DIR")}  # this machine's: loopback, a free port, tmp
+    # piper: what TTS_MODEL=auto picks must not depend on this machine's GPU or Hugging Face cache
     srv = ServerProcess("piper", None, tmp_path / "voices", **{**environment, "TTS_MODEL": "piper"})
     healthcheck = Dockerfile.read(ROOT / "Dockerfile").healthcheck
     assert healthcheck[0] == "python"
