@@ -39,6 +39,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "numba"))
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from loguru import logger
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -81,6 +82,16 @@ class Settings:
     stream_chunk_tokens: int = _env("STREAM_CHUNK_TOKENS", "Speech tokens per later streamed chunk.", default=40)
     stream_context_tokens: int = _env("STREAM_CONTEXT_TOKENS", "Already-spoken tokens re-decoded before each chunk.",
                                       default=80)
+    dtype: str = _env("DTYPE", "Chatterbox weights: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or "
+                      "float16.", default="auto")
+    quantize: str = _env("QUANTIZE", "none or int8 (T3's linear layers: bitsandbytes on CUDA, PyTorch dynamic "
+                         "int8 on CPU).", default="none")
+    torch_compile: bool = _env("TORCH_COMPILE", "Compile T3's decode step (and S3Gen's flow) with torch.compile.",
+                               default=False)
+    torch_compile_mode: str = _env("TORCH_COMPILE_MODE", "default, reduce-overhead or max-autotune.",
+                                   default="default")
+    cuda_graphs: bool = _env("CUDA_GRAPHS", "Replay T3's decode step from CUDA graphs (CUDA only).", default=True)
+    attention: str = _env("ATTENTION", "T3 attention kernel: sdpa or eager.", default="sdpa")
     audio_trim_silence: bool = _env("AUDIO_TRIM_SILENCE", "Trim silence at each utterance's start and end.",
                                     default=False)
     audio_normalize: bool = _env("AUDIO_NORMALIZE", "Level each utterance's loudness to about -20 dBFS RMS.",
@@ -121,6 +132,12 @@ class Settings:
             raise SystemExit("STREAM_FIRST_CHUNK_TOKENS must be between 1 and STREAM_CHUNK_TOKENS")
         if settings.max_queue < 1 or settings.request_timeout <= 0 or settings.idle_unload_s < 0:
             raise SystemExit("MAX_QUEUE must be at least 1, REQUEST_TIMEOUT positive, IDLE_UNLOAD_S not negative")
+        choices = {"DTYPE": (settings.dtype, ("auto", *DTYPES)), "QUANTIZE": (settings.quantize, ("none", "int8")),
+                   "TORCH_COMPILE_MODE": (settings.torch_compile_mode, COMPILE_MODES),
+                   "ATTENTION": (settings.attention, ("sdpa", "eager"))}
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise SystemExit(f"{name}={value!r}: choose one of {', '.join(allowed)}")
         if settings.stream_context_tokens < max(50, 2 * settings.stream_chunk_tokens):
             raise SystemExit("STREAM_CONTEXT_TOKENS must be at least 50 and at least twice STREAM_CHUNK_TOKENS")
         return settings
@@ -128,6 +145,11 @@ class Settings:
     @property
     def stream_plan(self) -> StreamPlan:
         return StreamPlan(self.stream_first_chunk_tokens, self.stream_chunk_tokens, self.stream_context_tokens)
+
+    @property
+    def model_options(self) -> ModelOptions:
+        return ModelOptions(self.dtype, self.quantize, self.torch_compile, self.torch_compile_mode, self.cuda_graphs,
+                            self.attention)
 
 
 def _parse_bool(raw: str) -> bool:
@@ -139,6 +161,8 @@ def _parse_bool(raw: str) -> bool:
 
 
 MODEL_KINDS = ("auto", "turbo", "standard", "multilingual", "piper")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 NATIVE_SAMPLE_RATE = 24000
 
 # ---------------------------------------------------------------------------
@@ -971,15 +995,19 @@ class ChatterboxEngine(Engine):
     voice_files = VOICE_EXTENSIONS
     clones_voices = True
 
-    def __init__(self, kind: str, model_dir: str, device: str, stream: StreamPlan | None = None):
+    def __init__(self, kind: str, model_dir: str, device: str, stream: StreamPlan | None = None,
+                 options: ModelOptions | None = None):
         self.kind = kind
         self.stream = stream or StreamPlan()
+        self.requested = options or ModelOptions()
         self.name = f"chatterbox-{kind}"
         self.sample_rate = NATIVE_SAMPLE_RATE
         self.model_dir = model_dir
         self.device = pick_device(device)
         self.parts: ChatterboxParts | None = None
         self.checkpoint = ""
+        self.options, self.option_warnings = self.requested.resolve(self.device)
+        self.decoding: tuple[T3Decoder, DecodeStep] | None = None
 
     # Reference clip lengths upstream feeds to each part (seconds).
     ENC_COND_SECONDS = {"turbo": 15, "standard": 6, "multilingual": 6}
@@ -992,6 +1020,25 @@ class ChatterboxEngine(Engine):
         ckpt_dir = Path(self.model_dir) if self.model_dir else self._download()
         self.checkpoint = str(ckpt_dir)
         self.parts = load_chatterbox(self.kind, ckpt_dir, self.device)
+        for warning in self.option_warnings:
+            logger.warning(warning)
+        self.parts.t3.to(dtype=self.options.dtype)
+        self.decoding = self._build_decoder()
+
+    def _build_decoder(self) -> tuple[T3Decoder, DecodeStep]:
+        from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
+
+        t3 = self._parts().t3
+        probes = tuple(LLAMA_ALIGNED_HEADS) if self.kind == "multilingual" else ()
+        decoder = T3Decoder(t3.tfmr, 1 if self.kind == "turbo" else 2, self.options, probes=probes)
+        if self.options.quantize == "int8":
+            quantize_linears(decoder.layers, self.device)
+        return decoder, DecodeStep(decoder)
+
+    def _decoder(self) -> tuple[T3Decoder, DecodeStep]:
+        if self.decoding is None:
+            raise RuntimeError("model not loaded")
+        return self.decoding
 
     def _download(self) -> Path:
         from huggingface_hub import snapshot_download
@@ -1004,6 +1051,7 @@ class ChatterboxEngine(Engine):
         import gc
 
         self.parts = None
+        self.decoding = None
         gc.collect()
         self.release_memory()
 
@@ -1011,6 +1059,7 @@ class ChatterboxEngine(Engine):
         voice = self.prepare_voice(BUILTIN_VOICE, 0.5)
         for _ in self.synthesize("Warm up.", voice, SynthesisParams(), max_tokens=10):
             pass
+        self._decoder()[1].warm_up()
 
     def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
         from chatterbox.models.t3.modules.cond_enc import T3Cond
@@ -1057,7 +1106,6 @@ class ChatterboxEngine(Engine):
         return self.parts
 
     def _text_tokens(self, text: str, language: str | None) -> torch.Tensor:
-        import torch.nn.functional as F
         from chatterbox.tts import punc_norm
 
         parts = self._parts()
@@ -1138,18 +1186,84 @@ class ChatterboxEngine(Engine):
 
     def _speech_tokens(self, text_tokens: torch.Tensor, cond: Any, params: SynthesisParams,
                        budget: int) -> Iterator[int]:
-        """T3's speech tokens one by one, sampled exactly as upstream's generate() does."""
+        """T3's speech tokens one by one, sampled exactly as upstream's inference loops do.
+
+        Tokens are read back to the host every `eos_check_every` steps (one sync per block);
+        tokens sampled after the stop token are discarded.
+        """
         t3 = self._parts().t3
-        if self.kind == "turbo":
-            yield from turbo_tokens(t3, text_tokens, cond, params.temperature, budget)
+        turbo = self.kind == "turbo"
+        decoder, step = self._decoder()
+        bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=self.device)
+        if turbo:
+            recipe = SamplingRecipe(params.temperature, 1.2, top_k=1000, top_p=0.95, turbo_order=True)
+            embeds, len_cond = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens, speech_tokens=bos,
+                                                       cfg_weight=0.0)
         else:
-            yield from llama_tokens(t3, text_tokens, cond, params, budget,
-                                    repetition_penalty=2.0 if self.kind == "multilingual" else 1.2,
-                                    align=self.kind == "multilingual")
+            recipe = SamplingRecipe(params.temperature, 2.0 if self.kind == "multilingual" else 1.2, min_p=0.05)
+            embeds, len_cond = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens,
+                                                       speech_tokens=bos.expand(2, 1), cfg_weight=params.cfg_weight)
+            # Upstream feeds the start-of-speech token a second time, with its position embedding.
+            bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
+            embeds = torch.cat([embeds, bos_embed.expand(2, -1, -1)], dim=1)
+        monitor = self._alignment_monitor(len_cond, text_tokens.size(-1)) if decoder.probes else None
+        check_every = 1 if monitor is not None else decoder.options.eos_check_every
+        stop = t3.hp.stop_speech_token
+        seen = torch.zeros(1, t3.hp.speech_tokens_dict_size, dtype=torch.bool, device=self.device)
+        seen[0, t3.hp.start_speech_token] = True
+        decoder.reserve(embeds.shape[1] + budget + 1)
+        hidden = decoder.prefill(embeds)
+        position, last, pending = embeds.shape[1], t3.hp.start_speech_token, []
+        for index in range(budget):
+            logits = t3.speech_head(hidden).float()
+            if not turbo:  # classifier-free guidance: conditional row 0, unconditional row 1
+                logits = logits[0:1] + params.cfg_weight * (logits[0:1] - logits[1:2])
+            if monitor is not None:
+                for slot, probe in enumerate(decoder.probes):
+                    monitor.last_aligned_attns[slot] = decoder.probed[probe]
+                logits = monitor.step(logits, next_token=last)
+            token = sample(recipe(logits, seen))
+            if turbo and index == 0:
+                seen.zero_()  # upstream's Turbo history holds the start token for the first draw only
+            seen.scatter_(1, token, True)
+            pending.append(token)
+            if len(pending) == check_every or index == budget - 1:
+                for last in torch.cat(pending, dim=1)[0].tolist():
+                    if last == stop:
+                        return
+                    yield last
+                pending = []
+            if index == budget - 1:
+                return
+            embed = t3.speech_emb(token)
+            if not turbo:
+                embed = (embed + t3.speech_pos_emb.get_fixed_embedding(index + 1)).expand(2, -1, -1)
+            hidden = step(embed, position)
+            position += 1
+
+    def _alignment_monitor(self, len_cond: int, len_text: int) -> Any:
+        """Upstream's Multilingual alignment analyzer (forces EOS on runaway or repeating speech).
+
+        It normally hooks HF attention layers; here it gets a stand-in model to hook and
+        our decoder hands it the same attention rows (row 0, the probed heads) each step.
+        """
+        from types import SimpleNamespace
+
+        from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
+
+        stand_in = SimpleNamespace(layers=[SimpleNamespace(self_attn=torch.nn.Module())
+                                           for _ in range(self._parts().t3.cfg.num_hidden_layers)])
+        return AlignmentStreamAnalyzer(stand_in, None, text_tokens_slice=(len_cond, len_cond + len_text),
+                                       alignment_layer_idx=9, eos_idx=self._parts().t3.hp.stop_speech_token)
 
     def describe(self) -> dict[str, Any]:
+        options = self.options
         return {"engine": "chatterbox", "model": self.kind, "device": self.device, "checkpoint": self.checkpoint,
-                "sample_rate": self.sample_rate,
+                "sample_rate": self.sample_rate, "dtype": str(options.dtype).removeprefix("torch."),
+                "quantize": options.quantize, "torch_compile": bool(options.compile_mode),
+                "compile_mode": options.compile_mode or None, "cuda_graphs": options.cuda_graphs,
+                "attention": options.attention, "eos_check_every": options.eos_check_every,
+                "option_warnings": self.option_warnings,
                 "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"]}
 
 
@@ -1185,104 +1299,371 @@ class StreamWindow:
         return span
 
 
-def turbo_tokens(t3: Any, text_tokens: torch.Tensor, cond: Any, temperature: float, budget: int,
-                 top_k: int = 1000, top_p: float = 0.95, repetition_penalty: float = 1.2) -> Iterator[int]:
-    """Turbo's (GPT-2) sampling loop, as upstream's inference_turbo, one token at a time."""
-    from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper,
-                                                        TopPLogitsWarper)
+# --- Fast T3 decoding ---------------------------------------------------------
+# Our own decode loop over the checkpoint's weights: prefill once, a preallocated KV
+# cache, SDPA, sampling on the device, EOS read back every few steps, and on CUDA one
+# decode step replayed from a captured graph per cache-length bucket (as gpt-fast does
+# with a static cache and one compiled step).
 
-    processors = LogitsProcessorList()
-    if temperature > 0 and temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(temperature))
-    processors.append(TopKLogitsWarper(top_k))
-    processors.append(TopPLogitsWarper(top_p))
-    processors.append(RepetitionPenaltyLogitsProcessor(repetition_penalty))
-    stop = t3.hp.stop_speech_token
-    start = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=t3.device)
-    embeds, _ = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens, speech_tokens=start, cfg_weight=0.0)
-    out = t3.tfmr(inputs_embeds=embeds, use_cache=True)
-    history = start
-    generated: list[torch.Tensor] = []
-    for _ in range(budget):
-        logits = t3.speech_head(out.last_hidden_state[:, -1:])[:, -1, :]
-        logits = processors(history, logits)
-        if torch.all(logits == -float("inf")):
-            return
-        token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
-        value = int(token)
-        if value == stop:
-            return
-        yield value
-        generated.append(token)
-        history = torch.cat(generated, dim=1)
-        out = t3.tfmr(inputs_embeds=t3.speech_emb(token), past_key_values=out.past_key_values, use_cache=True)
+CACHE_BUCKET = 256  # graphed/compiled steps attend over the cache in buckets of this many positions
 
 
-def llama_tokens(t3: Any, text_tokens: torch.Tensor, cond: Any, params: SynthesisParams, budget: int,
-                 repetition_penalty: float, align: bool, min_p: float = 0.05, top_p: float = 1.0) -> Iterator[int]:
-    """Standard/Multilingual (Llama, CFG as batch 2) sampling loop, as upstream's T3.inference."""
-    from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
-                                                        TopPLogitsWarper)
+@dataclass(frozen=True)
+class ModelOptions:
+    """Load-time options as asked for (DTYPE, QUANTIZE, TORCH_COMPILE...), before the device has its say."""
 
-    cfg_weight = params.cfg_weight
-    stop = t3.hp.stop_speech_token
-    bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=t3.device)
-    embeds, len_cond = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens,
-                                               speech_tokens=bos.expand(2, 1), cfg_weight=cfg_weight)
-    # Upstream feeds the start-of-speech token a second time, with its position embedding.
-    bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
-    inputs = torch.cat([embeds, bos_embed.expand(2, -1, -1)], dim=1)
-    repetition = RepetitionPenaltyLogitsProcessor(penalty=float(repetition_penalty))
-    min_p_warper, top_p_warper = MinPLogitsWarper(min_p=min_p), TopPLogitsWarper(top_p=top_p)
-    with alignment_monitor(t3, len_cond, text_tokens.size(-1)) if align else _no_monitor() as monitor:
-        out = t3.tfmr(inputs_embeds=inputs, use_cache=True, output_attentions=align)
-        history = bos
-        for step in range(budget):
-            both = t3.speech_head(out.last_hidden_state[:, -1, :])
-            logits = both[0:1] + cfg_weight * (both[0:1] - both[1:2])
-            if monitor is not None:
-                logits = monitor.step(logits, next_token=int(history[0, -1]))
-            logits = repetition(history, logits)
-            if params.temperature != 1.0:
-                logits = logits / params.temperature
-            logits = top_p_warper(history, min_p_warper(history, logits))
-            token = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
-            value = int(token)
-            if value == stop:
-                return
-            yield value
-            history = torch.cat([history, token], dim=1)
-            embed = t3.speech_emb(token) + t3.speech_pos_emb.get_fixed_embedding(step + 1)
-            out = t3.tfmr(inputs_embeds=embed.expand(2, -1, -1), past_key_values=out.past_key_values,
-                          use_cache=True, output_attentions=align)
+    dtype: str = "auto"
+    quantize: str = "none"
+    torch_compile: bool = False
+    compile_mode: str = "default"
+    cuda_graphs: bool = True
+    attention: str = "sdpa"
 
+    def resolve(self, device: str) -> tuple[DecodeOptions, list[str]]:
+        """What this device will run, and one warning for each option it cannot do."""
+        import importlib.util
+        import shutil
 
-@contextmanager
-def _no_monitor() -> Iterator[None]:
-    yield None
+        cuda = device == "cuda"
+        warnings = []
+        dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if cuda else "float32")
+        if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+            warnings.append("DTYPE=bfloat16: this GPU has no bfloat16, using float16")
+            dtype = "float16"
+        quantize = self.quantize
+        if quantize == "int8" and cuda and importlib.util.find_spec("bitsandbytes") is None:
+            warnings.append("QUANTIZE=int8 needs bitsandbytes on CUDA (not installed): running unquantized")
+            quantize = "none"
+        elif quantize == "int8" and device not in ("cuda", "cpu"):
+            warnings.append(f"QUANTIZE=int8 is not available on {device}: running unquantized")
+            quantize = "none"
+        elif quantize == "int8" and device == "cpu" and dtype != "float32":
+            warnings.append(f"QUANTIZE=int8 on CPU computes in float32: DTYPE={dtype} ignored")
+            dtype = "float32"
+        compile_mode = self.compile_mode if self.torch_compile else ""
+        if compile_mode and not cuda and shutil.which(os.environ.get("CXX", "g++")) is None:
+            warnings.append("TORCH_COMPILE needs a C++ compiler on CPU (none found): running eager")
+            compile_mode = ""
+        # torch.compile's reduce-overhead/max-autotune capture CUDA graphs of their own.
+        graphs = self.cuda_graphs and cuda and compile_mode in ("", "default")
+        return DecodeOptions(DTYPES[dtype], quantize, self.attention, compile_mode, graphs,
+                             eos_check_every=16 if cuda else 1), warnings
 
 
-@contextmanager
-def alignment_monitor(t3: Any, len_cond: int, len_text: int) -> Iterator[Any]:
-    """Upstream's multilingual alignment analyzer (forces EOS on runaway or repeating speech).
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How T3 runs: the load-time options of issue-level settings, resolved for the device."""
 
-    It hooks three attention layers and never unhooks them; remove its hooks after the
-    sentence so they cannot pile up across requests.
+    dtype: torch.dtype = torch.float32
+    quantize: str = "none"  # "int8"
+    attention: str = "sdpa"  # or "eager"
+    compile_mode: str = ""  # "" = no torch.compile, else its mode
+    cuda_graphs: bool = False
+    eos_check_every: int = 1  # tokens decoded between host reads; >1 saves a sync per step on CUDA
+
+    @property
+    def bucketed(self) -> bool:
+        """Static attention shapes (needed by graphs and compiled steps)."""
+        return self.cuda_graphs or bool(self.compile_mode)
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated: [batch, heads, capacity, head_dim] each."""
+
+    def __init__(self, layers: int, batch: int, heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch, heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.capacity = capacity
+
+    def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys[layer].index_copy_(2, positions, keys)
+        self.values[layer].index_copy_(2, positions, values)
+
+
+def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           causal: bool, attention: str) -> torch.Tensor:
+    """Scaled dot-product attention, [B, H, T, D]; `mask` marks the cache positions a query may see."""
+    if attention == "sdpa":
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal and mask is None)
+    return attention_probs(query, keys, mask, causal) @ values
+
+
+def attention_probs(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    scores = (query @ keys.transpose(-1, -2)) * query.shape[-1] ** -0.5
+    if causal:
+        t, s = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t).logical_not(),
+                                    float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+    return torch.softmax(scores.float(), dim=-1).to(query.dtype)
+
+
+class T3Decoder(torch.nn.Module):
+    """T3's transformer with a static KV cache; GPT-2 (Turbo) or Llama (standard, Multilingual).
+
+    `prefill` runs the prompt and fills the cache; `step` appends one position per batch row.
+    Both return the final hidden state of the last position, [batch, dim]. Layers share
+    their weights with the loaded checkpoint (nothing is copied unless quantized).
     """
-    from chatterbox.models.t3.inference.alignment_stream_analyzer import (LLAMA_ALIGNED_HEADS,
-                                                                          AlignmentStreamAnalyzer)
 
-    layers = [t3.tfmr.layers[index].self_attn for index, _ in LLAMA_ALIGNED_HEADS]
-    before = [set(layer._forward_hooks) for layer in layers]
-    analyzer = AlignmentStreamAnalyzer(t3.tfmr, None, text_tokens_slice=(len_cond, len_cond + len_text),
-                                       alignment_layer_idx=9, eos_idx=t3.hp.stop_speech_token)
-    try:
-        yield analyzer
-    finally:
-        for layer, keys in zip(layers, before):
-            for key in set(layer._forward_hooks) - keys:
-                del layer._forward_hooks[key]
+    def __init__(self, tfmr: Any, batch: int, options: DecodeOptions, capacity: int = 1536,
+                 probes: tuple[tuple[int, int], ...] = ()):
+        super().__init__()
+        config = tfmr.config
+        self.gpt2 = config.model_type == "gpt2"
+        self.options, self.batch = options, batch
+        self.heads = config.num_attention_heads
+        self.dim = config.hidden_size
+        self.head_dim = getattr(config, "head_dim", None) or self.dim // self.heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.layer_count = config.num_hidden_layers
+        self.layers = torch.nn.ModuleList(self._gpt2_layer(b) if self.gpt2 else self._llama_layer(b)
+                                          for b in (tfmr.h if self.gpt2 else tfmr.layers))
+        self.final_norm = tfmr.ln_f if self.gpt2 else tfmr.norm
+        self.positions = tfmr.wpe if self.gpt2 else None
+        self.rotary = None if self.gpt2 else tfmr.rotary_emb
+        self.probes = probes  # (layer, head) pairs whose attention row 0 is kept for the alignment monitor
+        self.probed: dict[tuple[int, int], torch.Tensor] = {}
+        self.cache: KVCache | None = None
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reserve(capacity)
+
+    @staticmethod
+    def _gpt2_layer(block: Any) -> torch.nn.Module:
+        def linear(conv: Any) -> torch.nn.Linear:  # HF's Conv1D holds the transposed weight of a Linear
+            layer = torch.nn.Linear(1, 1, device="meta")
+            layer.in_features, layer.out_features = conv.weight.shape
+            layer.weight = torch.nn.Parameter(conv.weight.t(), requires_grad=False)
+            layer.bias = conv.bias
+            return layer
+
+        return torch.nn.ModuleDict(dict(norm1=block.ln_1, qkv=linear(block.attn.c_attn), out=linear(block.attn.c_proj),
+                                        norm2=block.ln_2, up=linear(block.mlp.c_fc), act=block.mlp.act,
+                                        down=linear(block.mlp.c_proj)))
+
+    @staticmethod
+    def _llama_layer(layer: Any) -> torch.nn.Module:
+        attn, mlp = layer.self_attn, layer.mlp
+        return torch.nn.ModuleDict(dict(norm1=layer.input_layernorm, q=attn.q_proj, k=attn.k_proj, v=attn.v_proj,
+                                        out=attn.o_proj, norm2=layer.post_attention_layernorm, gate=mlp.gate_proj,
+                                        up=mlp.up_proj, act=mlp.act_fn, down=mlp.down_proj))
+
+    def reserve(self, capacity: int) -> None:
+        """Make room for `capacity` positions (rounded up to a bucket); reallocates only to grow."""
+        capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
+        if self.cache is not None and self.cache.capacity >= capacity:
+            return
+        weight = next(p for p in self.final_norm.parameters())
+        self.cache = KVCache(self.layer_count, self.batch, self.kv_heads, self.head_dim, capacity,
+                             self.options.dtype, weight.device)
+        if self.rotary is not None:
+            position_ids = torch.arange(capacity, device=weight.device)[None]
+            cos, sin = self.rotary(torch.zeros(1, dtype=self.options.dtype, device=weight.device), position_ids)
+            self._rope = (cos[0], sin[0])
+
+    def _attention(self, index: int, layer: Any, x: torch.Tensor, positions: torch.Tensor, length: int,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        if self.gpt2:
+            q, k, v = layer["qkv"](x).split(self.dim, dim=2)
+        else:
+            q, k, v = layer["q"](x), layer["k"](x), layer["v"](x)
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = (y.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2) for y in (k, v))
+        if self._rope is not None:
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+            q, k = apply_rotary_pos_emb(q, k, self._rope[0][positions][None], self._rope[1][positions][None])
+        cache = self.cache
+        cache.write(index, positions, k, v)
+        keys, values = cache.keys[index][:, :, :length], cache.values[index][:, :, :length]
+        if self.kv_heads != self.heads:  # grouped-query attention
+            keys, values = (y.repeat_interleave(self.heads // self.kv_heads, dim=1) for y in (keys, values))
+        causal = t > 1
+        out = attend(q, keys, values, mask, causal, self.options.attention)
+        for probe in self.probes:
+            if probe[0] == index:
+                head = probe[1]
+                self.probed[probe] = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1], mask, causal)[0, 0]
+        return layer["out"](out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, length: int,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden state of the last position after writing `positions` (T of them) into the cache."""
+        x = embeds.to(self.options.dtype)
+        if self.positions is not None:
+            x = x + self.positions(positions)
+        for index, layer in enumerate(self.layers):
+            x = x + self._attention(index, layer, layer["norm1"](x), positions, length, mask)
+            h = layer["norm2"](x)
+            if self.gpt2:
+                x = x + layer["down"](layer["act"](layer["up"](h)))
+            else:
+                x = x + layer["down"](layer["act"](layer["gate"](h)) * layer["up"](h))
+        return self.final_norm(x[:, -1])
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        length = embeds.shape[1]
+        self.reserve(length + 1)
+        return self(embeds, torch.arange(length, device=embeds.device), length)
+
+
+class DecodeStep:
+    """One cached decode step at a time, eager, compiled or replayed from CUDA graphs.
+
+    With static shapes (graphs, compile) a step attends over the cache up to the next
+    bucket boundary with a mask, so a handful of shapes serve every position.
+    """
+
+    def __init__(self, decoder: T3Decoder):
+        self.decoder = decoder
+        self.options = decoder.options
+        self.forward: Callable[..., torch.Tensor] = decoder
+        if self.options.compile_mode:
+            self.forward = torch.compile(decoder, mode=self.options.compile_mode, fullgraph=False, dynamic=False)
+        self.graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._graphed_cache: KVCache | None = None
+
+    def __call__(self, embed: torch.Tensor, position: int) -> torch.Tensor:
+        decoder = self.decoder
+        decoder.reserve(position + 1)
+        if not self.options.bucketed:
+            positions = torch.tensor([position], device=embed.device)
+            return self.forward(embed, positions, position + 1)
+        length = min(-(-(position + 1) // CACHE_BUCKET) * CACHE_BUCKET, decoder.cache.capacity)
+        if self.options.cuda_graphs and not decoder.probes:
+            return self._replay(embed, position, length)
+        positions = torch.tensor([position], device=embed.device)
+        return self.forward(embed, positions, length, torch.arange(length, device=embed.device) <= position)
+
+    def warm_up(self) -> None:
+        """Compile or capture every bucket now, so the first request runs as fast as the hundredth."""
+        if not self.options.bucketed:
+            return
+        embed = torch.zeros(self.decoder.batch, 1, self.decoder.dim, dtype=self.options.dtype,
+                            device=self.decoder.final_norm.weight.device)
+        for length in range(CACHE_BUCKET, self.decoder.cache.capacity + 1, CACHE_BUCKET):
+            self(embed, length - 1)  # writes junk at that position: no request is running yet
+
+    def _replay(self, embed: torch.Tensor, position: int, length: int) -> torch.Tensor:
+        if self.graphs and self._graphed_cache is not self.decoder.cache:
+            self.graphs.clear()  # the cache grew: graphs point at the old buffers
+        self._graphed_cache = self.decoder.cache
+        if length not in self.graphs:
+            self.graphs[length] = self._capture(embed, position, length)
+        graph, static_embed, static_position, output = self.graphs[length]
+        static_embed.copy_(embed)
+        static_position.fill_(position)
+        graph.replay()
+        return output
+
+    def _capture(self, embed: torch.Tensor, position: int,
+                 length: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # Warm-up runs compute this very step (same input, same position), so they write nothing stale.
+        static_embed = embed.clone()
+        static_position = torch.full((1,), position, dtype=torch.long, device=embed.device)
+
+        def run() -> torch.Tensor:
+            mask = torch.arange(length, device=embed.device) <= static_position
+            return self.forward(static_embed, static_position, length, mask)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm kernels (and autotuning) outside the capture
+                run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = run()
+        return graph, static_embed, static_position, output
+
+
+def quantize_linears(module: torch.nn.Module, device: str) -> None:
+    """Swap every Linear under `module` for an int8 one, in place (the checkpoint's own modules stay)."""
+    import warnings
+
+    if device != "cuda":
+        with warnings.catch_warnings():  # torch.ao's eager quantization warns that it moves to torchao
+            warnings.simplefilter("ignore")
+            torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        return
+    import bitsandbytes as bnb
+
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                int8 = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                           has_fp16_weights=False, threshold=6.0)
+                int8.weight = bnb.nn.Int8Params(child.weight.data.contiguous().cpu(), requires_grad=False,
+                                                has_fp16_weights=False)
+                if child.bias is not None:
+                    int8.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(parent, name, int8.to(child.weight.device))
+
+
+# --- Sampling, on the device, as upstream's HF logits processors do it -------------
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """RepetitionPenaltyLogitsProcessor: shrink the logits of tokens already in the history."""
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    kth = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches `p` (at least one)."""
+    ascending, order = torch.sort(logits, dim=-1)
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
+    drop[..., -1] = False
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one (never the most likely)."""
+    probs = logits.softmax(dim=-1)
+    drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
+    drop = drop.scatter(-1, logits.argmax(dim=-1, keepdim=True), False)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@dataclass(frozen=True)
+class SamplingRecipe:
+    """Upstream's processors for one model, applied in upstream's order."""
+
+    temperature: float
+    repetition_penalty: float
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    turbo_order: bool = False  # Turbo: temperature, top-k, top-p, then the repetition penalty
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if not self.turbo_order:
+            logits = penalize_repeats(logits, seen, self.repetition_penalty)
+        if self.temperature > 0 and self.temperature != 1.0:
+            logits = logits / self.temperature
+        if self.top_k > 0:
+            logits = keep_top_k(logits, self.top_k)
+        if self.min_p > 0:
+            logits = keep_min_p(logits, self.min_p)
+        if self.top_p < 1.0:
+            logits = keep_top_p(logits, self.top_p)
+        if self.turbo_order:
+            logits = penalize_repeats(logits, seen, self.repetition_penalty)
+        return logits
+
+
+def sample(logits: torch.Tensor) -> torch.Tensor:
+    """One token per row, drawn as upstream draws it (same generator calls, so same seed, same tokens)."""
+    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
 
 
 def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
@@ -1383,7 +1764,8 @@ def make_engine(settings: Settings) -> Engine:
     if kind == "piper":
         engine = PiperEngine(settings.piper_voice)
     else:
-        engine = ChatterboxEngine(kind, settings.model_dir, settings.device, settings.stream_plan)
+        engine = ChatterboxEngine(kind, settings.model_dir, settings.device, settings.stream_plan,
+                                  settings.model_options)
     engine.choice = reason
     return engine
 
