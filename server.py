@@ -1022,7 +1022,7 @@ class ChatterboxEngine(Engine):
         self.parts = load_chatterbox(self.kind, ckpt_dir, self.device)
         for warning in self.option_warnings:
             logger.warning(warning)
-        self.parts.t3.to(dtype=self.options.dtype)
+        self.parts.t3.tfmr.to(dtype=self.options.dtype)  # embeddings, conditioning and heads stay float32
         self.decoding = self._build_decoder()
 
     def _build_decoder(self) -> tuple[T3Decoder, DecodeStep]:
@@ -1382,6 +1382,11 @@ class KVCache:
         self.values[layer].index_copy_(2, positions, values)
 
 
+def visible(length: int, position: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Attention mask over `length` cache positions: those up to `position` (int or 1-element tensor)."""
+    return (torch.arange(length, device=device) <= position).view(1, 1, 1, length)
+
+
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
            causal: bool, attention: str) -> torch.Tensor:
     """Scaled dot-product attention, [B, H, T, D]; `mask` marks the cache positions a query may see."""
@@ -1405,7 +1410,7 @@ class T3Decoder(torch.nn.Module):
     """T3's transformer with a static KV cache; GPT-2 (Turbo) or Llama (standard, Multilingual).
 
     `prefill` runs the prompt and fills the cache; `step` appends one position per batch row.
-    Both return the final hidden state of the last position, [batch, dim]. Layers share
+    Both return the final hidden state of the last position, [batch, dim], in float32. Layers share
     their weights with the loaded checkpoint (nothing is copied unless quantized).
     """
 
@@ -1503,7 +1508,7 @@ class T3Decoder(torch.nn.Module):
                 x = x + layer["down"](layer["act"](layer["up"](h)))
             else:
                 x = x + layer["down"](layer["act"](layer["gate"](h)) * layer["up"](h))
-        return self.final_norm(x[:, -1])
+        return self.final_norm(x[:, -1]).float()
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         length = embeds.shape[1]
@@ -1537,7 +1542,7 @@ class DecodeStep:
         if self.options.cuda_graphs and not decoder.probes:
             return self._replay(embed, position, length)
         positions = torch.tensor([position], device=embed.device)
-        return self.forward(embed, positions, length, torch.arange(length, device=embed.device) <= position)
+        return self.forward(embed, positions, length, visible(length, position, embed.device))
 
     def warm_up(self) -> None:
         """Compile or capture every bucket now, so the first request runs as fast as the hundredth."""
@@ -1567,7 +1572,7 @@ class DecodeStep:
         static_position = torch.full((1,), position, dtype=torch.long, device=embed.device)
 
         def run() -> torch.Tensor:
-            mask = torch.arange(length, device=embed.device) <= static_position
+            mask = visible(length, static_position, embed.device)
             return self.forward(static_embed, static_position, length, mask)
 
         stream = torch.cuda.Stream()

@@ -1147,6 +1147,235 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
         assert ours == stock, kind
 
 
+# --- Fast engine: our decoder against stock -------------------------------------
+
+def tiny_engine(checkpoints: dict[str, Path], kind: str, **options: Any) -> server.ChatterboxEngine:
+    engine = server.ChatterboxEngine(kind, str(checkpoints[kind]), "cpu", options=server.ModelOptions(**options))
+    engine.load()
+    return engine
+
+
+def prompt_embeds(engine: server.ChatterboxEngine, text: str = "Hello there, how are you?") -> torch.Tensor:
+    """The prompt our loop prefills: conditioning, text and the start-of-speech token (twice for Llama)."""
+    t3 = engine.parts.t3
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    text_tokens = engine._text_tokens(text, "en")
+    bos = torch.full((1, 1), t3.hp.start_speech_token)
+    if engine.kind == "turbo":
+        return t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos, cfg_weight=0.0)[0]
+    embeds, _ = t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos.expand(2, 1),
+                                        cfg_weight=0.5)
+    bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
+    return torch.cat([embeds, bos_embed.expand(2, -1, -1)], dim=1)
+
+
+def speech_embed(engine: server.ChatterboxEngine, token: int, index: int) -> torch.Tensor:
+    """The input embedding of the index-th generated speech token (batch rows as the decoder has them)."""
+    t3 = engine.parts.t3
+    embed = t3.speech_emb(torch.tensor([[token]]))
+    if engine.kind == "turbo":
+        return embed
+    return (embed + t3.speech_pos_emb.get_fixed_embedding(index + 1)).expand(2, -1, -1)
+
+
+def teacher_forced_logits(engine: server.ChatterboxEngine, tokens: list[int],
+                          bucketed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speech logits after the prompt and after each of `tokens`: (ours step by step, stock in one pass)."""
+    t3 = engine.parts.t3
+    decoder, step = engine.decoding
+    with torch.inference_mode():
+        prompt = prompt_embeds(engine)
+        inputs = [speech_embed(engine, token, i) for i, token in enumerate(tokens)]
+        ours = [t3.speech_head(decoder.prefill(prompt))]
+        for i, embed in enumerate(inputs):
+            position = prompt.shape[1] + i
+            if bucketed:  # the static-shape path CUDA graphs and torch.compile replay
+                length = -(-(position + 1) // server.CACHE_BUCKET) * server.CACHE_BUCKET
+                hidden = decoder(embed, torch.tensor([position]), length, server.visible(length, position, "cpu"))
+            else:
+                hidden = step(embed, position)
+            ours.append(t3.speech_head(hidden))
+        full = torch.cat([prompt, *inputs], dim=1)
+        hidden = t3.tfmr(inputs_embeds=full.to(t3.tfmr.dtype)).last_hidden_state[:, prompt.shape[1] - 1:]
+        stock = t3.speech_head(hidden.float())
+    return torch.stack(ours, dim=1), stock
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_teacher_forced_logits_equal_stock_for_120_steps(checkpoints: dict[str, Path], kind: str) -> None:
+    engine = tiny_engine(checkpoints, kind)
+    tokens = torch.randint(0, 6561, (120,), generator=torch.Generator().manual_seed(7)).tolist()
+    ours, stock = teacher_forced_logits(engine, tokens)
+    assert ours.shape == stock.shape == (1 if kind == "turbo" else 2, 121, engine.parts.t3.hp.speech_tokens_dict_size)
+    scale = stock.abs().max()
+    assert (ours - stock).abs().max() < 1e-4 * scale
+    bucketed, _ = teacher_forced_logits(engine, tokens, bucketed=True)
+    assert (bucketed - stock).abs().max() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("kind", ("turbo", "standard"))
+def test_greedy_decoding_gives_stocks_tokens(checkpoints: dict[str, Path], kind: str) -> None:
+    """Argmax through our decoder and argmax through HF's model with its growing cache, 100 tokens."""
+    engine = tiny_engine(checkpoints, kind)
+    t3 = engine.parts.t3
+    decoder, step = engine.decoding
+
+    def pick(logits: torch.Tensor) -> int:
+        if kind != "turbo":
+            logits = logits[0:1] + 0.5 * (logits[0:1] - logits[1:2])
+        return int(logits.argmax(dim=-1)[0])
+
+    with torch.inference_mode():
+        prompt = prompt_embeds(engine)
+        ours = [pick(t3.speech_head(decoder.prefill(prompt)))]
+        for i in range(99):
+            ours.append(pick(t3.speech_head(step(speech_embed(engine, ours[-1], i), prompt.shape[1] + i))))
+        out = t3.tfmr(inputs_embeds=prompt, use_cache=True)
+        stock = [pick(t3.speech_head(out.last_hidden_state[:, -1]))]
+        for i in range(99):
+            out = t3.tfmr(inputs_embeds=speech_embed(engine, stock[-1], i), past_key_values=out.past_key_values,
+                          use_cache=True)
+            stock.append(pick(t3.speech_head(out.last_hidden_state[:, -1])))
+    assert ours == stock
+    assert len(set(ours)) > 10  # a real sequence, not one token repeated
+
+
+def test_sampling_processors_filter_exactly_as_upstreams() -> None:
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(1, 8194, generator=generator) * 4
+    history = torch.randint(0, 8194, (1, 30), generator=generator)
+    seen = torch.zeros(1, 8194, dtype=torch.bool).scatter(1, history, True)
+
+    def same(a: torch.Tensor, b: torch.Tensor) -> None:
+        assert torch.equal(torch.isinf(a), torch.isinf(b))
+        finite = ~torch.isinf(b)
+        assert torch.allclose(a[finite], b[finite], rtol=1e-6, atol=1e-6)
+
+    for k in (1, 50, 1000, 10000):
+        same(server.keep_top_k(logits, k), TopKLogitsWarper(k)(history, logits.clone()))
+    for p in (0.1, 0.5, 0.95, 0.999):
+        same(server.keep_top_p(logits, p), TopPLogitsWarper(p)(history, logits.clone()))
+    for min_p in (0.01, 0.05, 0.5, 1.0):
+        same(server.keep_min_p(logits, min_p), MinPLogitsWarper(min_p)(history, logits.clone()))
+    for penalty in (1.2, 2.0):
+        same(server.penalize_repeats(logits, seen, penalty),
+             RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone()))
+    for temperature in (0.5, 0.8, 1.0, 1.5):
+        turbo = LogitsProcessorList([TopKLogitsWarper(1000), TopPLogitsWarper(0.95),
+                                     RepetitionPenaltyLogitsProcessor(1.2)])
+        if temperature != 1.0:
+            turbo.insert(0, TemperatureLogitsWarper(temperature))
+        recipe = server.SamplingRecipe(temperature, 1.2, top_k=1000, top_p=0.95, turbo_order=True)
+        same(recipe(logits, seen), turbo(history, logits.clone()))
+        # Standard/Multilingual (T3.inference): penalty, temperature, min-p, top-p.
+        stock = RepetitionPenaltyLogitsProcessor(2.0)(history, logits.clone()) / temperature
+        stock = TopPLogitsWarper(0.9)(history, MinPLogitsWarper(0.05)(history, stock))
+        same(server.SamplingRecipe(temperature, 2.0, min_p=0.05, top_p=0.9)(logits, seen), stock)
+    with pytest.raises(AssertionError):  # the comparison itself can tell filters apart
+        same(server.keep_top_p(logits, 0.5), TopPLogitsWarper(0.6)(history, logits.clone()))
+
+
+def test_eos_is_read_every_few_steps_and_later_tokens_are_dropped(checkpoints: dict[str, Path]) -> None:
+    engine = tiny_engine(checkpoints, "turbo")
+    t3 = engine.parts.t3
+    decoder, _ = engine.decoding
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    text_tokens = engine._text_tokens("Hello there, how are you?", "en")
+    params = server.SynthesisParams()
+
+    class ForcedStop(torch.nn.Module):
+        """The speech head, with the stop token made certain after `stop_at` calls."""
+
+        def __init__(self, head: torch.nn.Module, stop_at: int | None):
+            super().__init__()
+            self.head, self.stop_at, self.calls = head, stop_at, 0
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            logits = self.head(hidden)
+            if self.stop_at is not None and self.calls > self.stop_at:
+                logits[..., t3.hp.stop_speech_token] = 1e4
+            return logits
+
+    def tokens(check_every: int, stop_at: int | None = None) -> tuple[list[int], int]:
+        decoder.options = dataclasses.replace(decoder.options, eos_check_every=check_every)
+        head = t3.speech_head
+        t3.speech_head = forced = ForcedStop(head, stop_at)
+        try:
+            torch.manual_seed(4)
+            with torch.inference_mode():
+                return list(engine._speech_tokens(text_tokens, voice.t3, params, 40)), forced.calls
+        finally:
+            t3.speech_head = head
+
+    every_step, _ = tokens(1)
+    assert len(every_step) == 40
+    assert tokens(8)[0] == every_step
+    stopped, steps = tokens(1, stop_at=6)
+    assert stopped == every_step[:6] and steps == 7
+    stopped, steps = tokens(5, stop_at=6)
+    assert stopped == every_step[:6] and steps == 10  # three tokens past the stop were sampled, none handed out
+
+
+def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    options, warnings = server.ModelOptions().resolve("cpu")
+    assert (options.dtype, options.quantize, options.cuda_graphs, options.compile_mode) == \
+        (torch.float32, "none", False, "")
+    assert warnings == []
+    options, warnings = server.ModelOptions(dtype="bfloat16", quantize="int8").resolve("cpu")
+    assert options.dtype == torch.float32 and options.quantize == "int8" and len(warnings) == 1
+    assert "DTYPE=bfloat16 ignored" in warnings[0]
+    options, warnings = server.ModelOptions(quantize="int8").resolve("mps")
+    assert options.quantize == "none" and len(warnings) == 1
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    options, warnings = server.ModelOptions(torch_compile=True, compile_mode="max-autotune").resolve("cpu")
+    assert options.compile_mode == "" and "TORCH_COMPILE" in warnings[0]
+    for name, value in (("DTYPE", "fp8"), ("QUANTIZE", "int4"), ("ATTENTION", "flash"),
+                        ("TORCH_COMPILE_MODE", "fast")):
+        with pytest.raises(SystemExit, match=name):
+            server.Settings.from_env({name: value})
+    assert server.Settings.from_env({"DTYPE": "bfloat16", "QUANTIZE": "int8"}).model_options == \
+        server.ModelOptions(dtype="bfloat16", quantize="int8")
+
+
+def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, Path]) -> None:
+    tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(9)).tolist()
+    reference, _ = teacher_forced_logits(tiny_engine(checkpoints, "standard"), tokens)
+    int8 = tiny_engine(checkpoints, "standard", quantize="int8")
+    quantized = [m for m in int8.decoding[0].modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(quantized) == 7 * int8.parts.t3.cfg.num_hidden_layers
+    assert isinstance(int8.parts.t3.tfmr.layers[0].mlp.up_proj, torch.nn.Linear)  # the checkpoint's own stay
+    assert int8.describe()["quantize"] == "int8"
+    bf16 = tiny_engine(checkpoints, "standard", dtype="bfloat16")
+    assert bf16.describe()["dtype"] == "bfloat16"
+    for engine, tolerance in ((int8, 0.05), (bf16, 0.05)):
+        logits, _ = teacher_forced_logits(engine, tokens)
+        error = (logits.float() - reference).norm() / reference.norm()
+        assert 0 < error < tolerance
+    voice = bf16.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    with torch.inference_mode():
+        audio = np.concatenate([server.as_array(c) for c in bf16.synthesize("Hello there.", voice,
+                                                                            server.SynthesisParams(), max_tokens=30)])
+    assert len(audio) > 0 and np.isfinite(audio).all()
+
+
+def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[str, Path]) -> None:
+    result = subprocess.run([sys.executable, "bench.py", "--model", "turbo", "--tokens", "12", "--runs", "1"],
+                            env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    rows = {line.split()[0]: dict(item.split("=") for item in line.split()[1:])
+            for line in lines if line.startswith(("stock ", "ours "))}
+    for row in rows.values():
+        assert float(row["tokens"]) == 12 and float(row["t3_tokens_per_s"]) > 0 and float(row["e2e_rtf"]) > 0
+    assert re.fullmatch(r"speedup_e2e=\d+\.\d{3}", lines[-1])
+
+
 def sse_events(srv: ServerProcess, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     from httpx_sse import connect_sse
 
