@@ -1,17 +1,21 @@
 # make run      set up .venv (once) and serve on 0.0.0.0:8000
 # make test     set up .venv (once) and run the whole test suite offline
-# make install  set up .venv only
+# make install  set up .venv (and Debian's chromium for the browser tests) only
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQUIREMENTS := requirements.txt requirements-nodeps.txt requirements-test.txt
+# The browser tests drive Debian's chromium; Playwright must never download its own.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
 .PHONY: install run test clean
 
-install: $(STAMP)
+install: $(STAMP) $(CHROMIUM)
 
 $(STAMP): $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,10 +25,16 @@ $(STAMP): $(REQUIREMENTS)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-test.txt
 	touch $(STAMP)
 
+$(CHROMIUM):
+	if command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; \
+	else echo "No apt-get here: the browser tests need Chromium at $(CHROMIUM)." >&2; fi
+
 run: $(STAMP)
 	$(PY) server.py
 
-test: $(STAMP)
+test: $(STAMP) $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 server_test.py $(PYTEST_ARGS)
 
 clean:

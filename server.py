@@ -47,7 +47,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -105,7 +105,8 @@ class Settings:
                                 default=0.0)
     gpu_memory_cleanup: bool = _env("GPU_MEMORY_CLEANUP", "Release cached GPU memory after each request.",
                                     default=False)
-    api_key: str = _env("API_KEY", "If set, every endpoint but /health and /ready needs 'Bearer <key>'.", default="")
+    api_key: str = _env("API_KEY", "If set, every endpoint but /, /health and /ready needs 'Bearer <key>'.",
+                        default="")
     cors_origins: str = _env("CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).", default="")
     log_text: bool = _env("LOG_TEXT", "Log the text people ask to speak (otherwise only lengths).", default=False)
     log_level: str = _env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", default="INFO")
@@ -2853,7 +2854,8 @@ async def status(request: Request) -> Response:
     speaker = app_state.speaker
     return JSONResponse({
         "version": __version__,
-        "engine": {**app_state.engine.describe(), "chosen_because": app_state.engine.choice},
+        "engine": {**app_state.engine.describe(), "chosen_because": app_state.engine.choice,
+                   "clones_voices": app_state.engine.clones_voices},
         "loaded": speaker.loaded,
         "ready": speaker.ready,
         "load_seconds": speaker.load_seconds,
@@ -2864,6 +2866,18 @@ async def status(request: Request) -> Response:
                         "misses": speaker.voice_cache.misses},
         "tasks": len(asyncio.all_tasks()),
     })
+
+
+WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
+# The page is self-contained: the browser itself refuses anything but this server (no CDN, works offline).
+# Its scripts are inline, and the audio worklet is loaded from a blob: URL.
+WEB_PAGE_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline' blob:; style-src 'unsafe-inline'; "
+                   "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
+async def web_page(request: Request) -> Response:
+    return FileResponse(WEB_PAGE, media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": WEB_PAGE_POLICY, "Cache-Control": "no-cache"})
 
 
 async def health(request: Request) -> Response:
@@ -2898,10 +2912,11 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
 
 
 class ApiKeyAuth:
-    """ASGI middleware: with API_KEY set, every request but /health and /ready must carry
-    'Authorization: Bearer <key>' (WebSockets may pass ?token=<key> instead)."""
+    """ASGI middleware: with API_KEY set, every request but the page, /health and /ready must carry
+    'Authorization: Bearer <key>' (WebSockets may pass ?token=<key> instead). The page holds no
+    secret: it asks for the key and sends it with each call."""
 
-    OPEN_PATHS = frozenset({"/health", "/ready"})
+    OPEN_PATHS = frozenset({"/", "/health", "/ready"})
 
     def __init__(self, app: Any, key: str):
         self.app = app
@@ -2958,6 +2973,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = Starlette(
         routes=[
+            Route("/", web_page, methods=["GET"]),
             Route("/v1/audio/speech", speech, methods=["POST"]),
             Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
             Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),

@@ -479,6 +479,17 @@ def test_unknown_route_and_method_use_error_shape(fake_client: TestClient) -> No
     assert_openai_error(fake_client.get("/v1/audio/speech"), 405)
 
 
+def test_web_page_is_served_self_contained(fake_client: TestClient) -> None:
+    response = fake_client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"] == "text/html; charset=utf-8"
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'self'" in policy and "connect-src 'self'" in policy  # the browser loads nothing else
+    page = response.text
+    assert "registerProcessor(\"pcm-player\"" in page and "/v1/audio/speech/ws" in page
+    assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN: the page works offline
+    assert_openai_error(fake_client.post("/"), 405)
+
+
 def test_speech_ignores_unknown_fields_and_accepts_voice_object(fake_client: TestClient) -> None:
     body = {"model": "gpt-4o-mini-tts", "input": "Hello there.", "voice": {"id": "alloy"}, "instructions": "calm",
             "stream_format": "audio", "something_new": [1, 2], "response_format": "pcm", "seed": 3}
@@ -584,6 +595,7 @@ def test_request_timeout_gives_504(tmp_path: Path) -> None:
 def test_api_key_guards_everything_but_health_and_ready(tmp_path: Path) -> None:
     with fake_app(tmp_path, engine=ToneEngine(), api_key="s3cret") as client:
         assert client.get("/health").status_code == 200 and client.get("/ready").status_code == 200
+        assert client.get("/").status_code == 200  # the page holds no secret; it asks for the key
         assert assert_openai_error(client.get("/v1/models"), 401)["code"] == "invalid_api_key"
         assert_openai_error(client.get("/v1/models", headers={"Authorization": "Bearer wrong"}), 401)
         assert_openai_error(client.post("/v1/audio/speech", json={"input": "Hi."}), 401)
@@ -1856,3 +1868,155 @@ def test_auto_model_choice(checkpoints: dict[str, Path], tmp_path: Path, env: di
     out = subprocess.run([sys.executable, "-c", "import server; print(server.choose_model("
                           "server.Settings.from_env())[0])"], env=full_env, cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.strip().splitlines()[-1] == expected, out.stderr
+
+
+# ---------------------------------------------------------------------------
+# The browser page, in real headless Chromium (Debian's package, driven by Playwright)
+# ---------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--autoplay-policy=no-user-gesture-required"]
+ARTIFACTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture()
+def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's chromium package "
+                    "(`make install` runs `apt-get install -y --no-install-recommends chromium`).", pytrace=False)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+class WebPage:
+    """The page open in a tab: the script errors it raised, any request that left its server, and the
+    messages it sent over the WebSocket."""
+
+    def __init__(self, browser: Any, srv: ServerProcess, screenshot: str):
+        self.page = browser.new_page(accept_downloads=True)
+        self.screenshot = ARTIFACTS / screenshot
+        self.errors: list[str] = []
+        self.foreign: list[str] = []
+        self.sent: list[dict[str, Any]] = []
+        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
+        self.page.on("websocket", lambda ws: ws.on("framesent", lambda frame: self.sent.append(json.loads(frame))))
+        self.page.on("request", lambda r: r.url.startswith((f"{srv.url}/", "blob:", "data:"))
+                     or self.foreign.append(r.url))
+        self.page.goto(f"{srv.url}/")
+
+    def __enter__(self) -> WebPage:
+        return self
+
+    def __exit__(self, failure: type[BaseException] | None, *exc: Any) -> None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        self.page.screenshot(path=str(self.screenshot), full_page=True)  # kept on failure too
+        self.page.close()
+        if failure is None:
+            assert not self.errors, self.errors
+            assert not self.foreign, self.foreign
+
+    def wait_for_voice(self, name: str) -> None:
+        self.page.wait_for_selector(f"#voice option[value={name}]", state="attached", timeout=30_000)
+
+    def voices(self) -> list[str]:
+        return self.page.eval_on_selector_all("#voice option", "options => options.map(o => o.value)")
+
+    def stats(self) -> dict[str, Any]:
+        return self.page.evaluate("() => ({...window.ttsStats})")
+
+    def speak(self, text: str, rate: int, voice: str = "default", timeout: float = 30) -> dict[str, Any]:
+        self.page.fill("#text", text)
+        self.page.select_option("#voice", voice)
+        self.page.select_option("#rate", str(rate))
+        self.page.click("#speak")
+        self.page.wait_for_function("() => window.ttsStats.done", timeout=timeout * 1000)
+        return self.stats()
+
+    def status(self) -> str:
+        return self.page.text_content("#status") or ""
+
+
+def test_browser_page_plays_streamed_speech_gapless(servers: dict[str, ServerProcess], browser: Any) -> None:
+    srv = servers["piper"]
+    # Piper sends each sentence whole: the first is long, so the second arrives while it plays even when the
+    # machine is busy (a late sentence would be a real underrun).
+    text = "This first sentence is a long one, so it is still playing when the shorter one after it arrives. " \
+           "Then this one."
+    with WebPage(browser, srv, "web-piper.png") as web:
+        web.wait_for_voice("alloy")
+        assert web.voices()[:2] == ["default", "alloy"]
+        assert web.page.is_disabled("#upload")  # Piper cannot clone a voice from a clip
+
+        stats = web.speak(text, rate=16000, voice="alloy")
+        assert stats["error"] is None and stats["id"] == "web-1"
+        assert web.sent == [{"type": "speak", "id": "web-1", "text": text, "voice": "alloy", "format": "pcm",
+                             "sample_rate": 16000, "encoding": "binary"}]
+        assert stats["bytes"] > 0 and stats["bytes"] % 2 == 0 and stats["chunks"] >= 2
+        assert stats["played"] == stats["bytes"] // 2  # the worklet played every sample it received, once
+        assert 0 < stats["receivedAtStart"] < stats["played"]  # it began before the rest had arrived
+        assert stats["underruns"] == 0
+        assert stats["firstAudioMs"] > 0
+        assert re.fullmatch(r"\d+ ms \(server \d+ ms\)", web.page.text_content("#first-audio") or "")
+        # 16 kHz, as asked (the page sends no seed, so Piper's noise makes the lengths differ a little).
+        http_samples = len(piper_pcm(srv, text, sample_rate=16000))
+        assert abs(stats["played"] - http_samples) < 0.25 * http_samples
+        # The worklet renders on the audio clock, playing or not.
+        assert stats["processed"] >= stats["played"]
+        web.page.wait_for_function(f"() => window.ttsStats.processed > {stats['processed']}")
+
+        web.page.select_option("#format", "wav")
+        with web.page.expect_download() as download:
+            web.page.click("#download")
+        rate, samples = read_wav(Path(download.value.path()).read_bytes())
+        assert rate == 16000 and len(samples) > 16000 and download.value.suggested_filename == "speech.wav"
+        web.page.select_option("#format", "ulaw")  # 8 kHz only: the page falls back to the format's own rate
+        with web.page.expect_download() as download:
+            web.page.click("#download")
+        assert len(Path(download.value.path()).read_bytes()) > 8000
+        assert "own rate" in web.status()
+
+
+def test_browser_page_uploads_a_voice(servers: dict[str, ServerProcess], browser: Any, tmp_path: Path) -> None:
+    srv = servers["turbo"]
+    clip = tmp_path / "browser_guest.wav"
+    clip.write_bytes(wav_bytes(reference_clip(seed=11)))
+    try:
+        with WebPage(browser, srv, "web-upload.png") as web:
+            web.wait_for_voice("default")
+            web.page.fill("#voice-name", "bad name!")
+            web.page.set_input_files("#voice-file", str(clip))
+            web.page.click("#upload")
+            web.page.wait_for_selector("#status.error")
+            assert "'name' must be" in web.status()  # the server's error, shown as it is
+
+            web.page.fill("#voice-name", "browser_guest")
+            web.page.click("#upload")
+            web.wait_for_voice("browser_guest")
+            assert web.page.input_value("#voice") == "browser_guest" and "uploaded (6.0 s)" in web.status()
+            assert (srv.voices_dir / "browser_guest.wav").read_bytes() == clip.read_bytes()
+    finally:
+        httpx.delete(f"{srv.url}/v1/audio/voices/browser_guest")
+
+
+def test_browser_page_asks_for_the_api_key(browser: Any, tmp_path: Path) -> None:
+    srv = ServerProcess("piper", None, tmp_path / "voices", API_KEY="browser-key")
+    try:
+        srv.wait_ready()
+        with WebPage(browser, srv, "web-api-key.png") as web:
+            web.page.wait_for_selector("#auth", state="visible")
+            assert "API key" in web.status()
+            web.page.fill("#api-key", "browser-key")
+            web.page.click("#use-key")
+            web.wait_for_voice("default")
+            stats = web.speak("The key works.", rate=24000)  # the WebSocket passes it as ?token=
+            assert stats["error"] is None and stats["bytes"] > 0 and stats["underruns"] == 0
+    finally:
+        srv.stop()
