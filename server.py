@@ -1172,9 +1172,12 @@ class ChatterboxEngine(Engine):
         noised = None if noise is None else noise[:, :, 2 * first : 2 * last]
         # Always "finalize": upstream's non-final flow path is broken (mask and features disagree in
         # length); the audio near an open window end is not emitted anyway.
-        mels = S3Token2Mel.forward(s3gen, window, ref_wav=None, ref_sr=None, ref_dict=dict(voice.gen),
-                                   n_cfm_timesteps=2 if self.kind == "turbo" else 10, finalize=True,
-                                   noised_mels=noised)
+        # The flow (encoder and CFM steps) runs in DTYPE under autocast; the vocoder stays float32.
+        half = self.options.dtype != torch.float32
+        with torch.autocast(device_type=self.device, dtype=self.options.dtype, enabled=half):
+            mels = S3Token2Mel.forward(s3gen, window, ref_wav=None, ref_sr=None, ref_dict=dict(voice.gen),
+                                       n_cfm_timesteps=2 if self.kind == "turbo" else 10, finalize=True,
+                                       noised_mels=noised)
         wav, _ = s3gen.hift_inference(mels.to(dtype=s3gen.dtype), None)
         wav = wav.squeeze(0)
         if first == 0:  # upstream silences the first 20 ms and fades in, against reference spill-over

@@ -1375,6 +1375,19 @@ def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, 
     assert len(audio) > 0 and np.isfinite(audio).all()
 
 
+def test_s3gen_flow_in_bfloat16_stays_within_tolerance_of_float32(checkpoints: dict[str, Path]) -> None:
+    tokens = torch.randint(0, 6561, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    noise = torch.randn(1, 80, 200, generator=torch.Generator().manual_seed(2))
+    audio = {}
+    for dtype in ("float32", "bfloat16"):
+        engine = tiny_engine(checkpoints, "turbo", dtype=dtype)
+        voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+        torch.manual_seed(0)  # the vocoder's source noise
+        with torch.inference_mode():
+            audio[dtype] = engine._decode(tokens, 0, len(tokens), voice, noise, final=True).numpy()
+    assert len(audio["float32"]) == len(audio["bfloat16"]) == 60 * server.SAMPLES_PER_TOKEN
+    assert -60 < db(audio["bfloat16"] - audio["float32"], audio["float32"]) < -30  # changed, but only slightly
+
 def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[str, Path]) -> None:
     result = subprocess.run([sys.executable, "bench.py", "--model", "turbo", "--tokens", "12", "--runs", "1"],
                             env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
