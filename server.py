@@ -31,7 +31,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +49,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 __version__ = "0.1.0"
 
@@ -2038,6 +2038,10 @@ class SpeechJob:
     ticket: int | None = None  # place in line among whole-file requests
     text_log: str = ""  # the text, kept only for the log when LOG_TEXT is on
 
+    def copy(self) -> SpeechJob:
+        """A new job with the same voice and settings: its own id, timeline and place in line."""
+        return replace(self, timeline=Timeline(), id=uuid.uuid4().hex[:12], ticket=None)
+
 
 @dataclass
 class Timeline:
@@ -2620,7 +2624,7 @@ class SpeakMessage(SynthesisFields):
 class Utterance:
     id: str
     job: SpeechJob
-    encoding: str
+    encoding: str = "binary"
     feed: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     buffer: str = ""
     ended: bool = False
@@ -2635,19 +2639,31 @@ class Utterance:
 WS_MAX_MESSAGE_BYTES = 256 * 1024
 
 
+def ws_message(text: str | None) -> dict[str, Any]:
+    """A client's WebSocket frame as a JSON object."""
+    if text is None:
+        raise ApiError(400, "Send JSON text frames; binary frames are not accepted.", code="invalid_message")
+    if len(text) > WS_MAX_MESSAGE_BYTES:
+        raise ApiError(413, f"Messages are limited to {WS_MAX_MESSAGE_BYTES} bytes.", code="message_too_large")
+    return parse_json(text)
+
+
 class SpeechSession:
-    """One WebSocket connection: utterances are spoken one after another, in the order started."""
+    """One WebSocket connection: utterances are spoken one after another, in the order started.
+    Subclasses speak other protocols over the same machinery (see TwilioSession)."""
 
     def __init__(self, websocket: WebSocket, app_state: AppState):
         self.ws = websocket
         self.app_state = app_state
         self.active: dict[str, Utterance] = {}
         self.queue: asyncio.Queue[Utterance] = asyncio.Queue()
+        self.closing = False  # a message ended the session; the socket is closed with close_code
+        self.close_code = 1000
 
     async def run(self) -> None:
         speaking = asyncio.ensure_future(self.speak_in_order())
         try:
-            while True:
+            while not self.closing:
                 message = await self.ws.receive()
                 if message["type"] == "websocket.disconnect":
                     return
@@ -2662,11 +2678,7 @@ class SpeechSession:
     async def receive(self, text: str | None, data: bytes | None) -> None:
         message_id = None
         try:
-            if text is None:
-                raise ApiError(400, "Send JSON text frames; binary frames are not accepted.", code="invalid_message")
-            if len(text) > WS_MAX_MESSAGE_BYTES:
-                raise ApiError(413, f"Messages are limited to {WS_MAX_MESSAGE_BYTES} bytes.", code="message_too_large")
-            message = parse_json(text)
+            message = ws_message(text)
             message_id = message.get("id") if isinstance(message.get("id"), str) else None
             kind = message.get("type")
             if kind == "speak":
@@ -2740,8 +2752,7 @@ class SpeechSession:
             utterance.task.cancel()
         else:  # not started yet: it is skipped when its turn comes
             self.active.pop(utterance.id, None)
-            await self.send_json({"type": "done", "id": utterance.id, "cancelled": True,
-                                  "timings": utterance.job.timeline.report()})
+            await self.finished(utterance, None)
 
     async def speak_in_order(self) -> None:
         while True:
@@ -2749,18 +2760,28 @@ class SpeechSession:
             if utterance.cancelled:
                 continue
             utterance.task = asyncio.ensure_future(self.stream(utterance))
+            error: Exception | None = None
             try:
                 await utterance.task
-                done: dict[str, Any] = {"type": "done", "id": utterance.id}
             except asyncio.CancelledError:
                 if not utterance.cancelled:
                     raise  # the connection is closing
-                done = {"type": "done", "id": utterance.id, "cancelled": True}
             except Exception as exc:
-                error = error_body(exc)
-                done = {"type": "error", "id": utterance.id, "code": error["code"], "message": error["message"]}
+                error = exc
             self.active.pop(utterance.id, None)
-            await self.send_json({**done, "timings": utterance.job.timeline.report()})
+            await self.finished(utterance, error)
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        """Tell the client how an utterance ended: done, cancelled (never started or stopped) or failed."""
+        if error is not None:
+            body = error_body(error)
+            done: dict[str, Any] = {"type": "error", "id": utterance.id, "code": body["code"],
+                                    "message": body["message"]}
+        elif utterance.task is None or utterance.task.cancelled():
+            done = {"type": "done", "id": utterance.id, "cancelled": True}
+        else:
+            done = {"type": "done", "id": utterance.id}
+        await self.send_json({**done, "timings": utterance.job.timeline.report()})
 
     async def stream(self, utterance: Utterance) -> None:
         output = utterance.job.output
@@ -2776,12 +2797,156 @@ class SpeechSession:
         await self.ws.send_text(json.dumps(message, separators=(",", ":")))
 
 
-async def speech_websocket(websocket: WebSocket) -> None:
+async def serve_session(websocket: WebSocket, session_type: type[SpeechSession]) -> None:
     await websocket.accept()
+    session = session_type(websocket, state(websocket))
     try:
-        await SpeechSession(websocket, state(websocket)).run()
+        await session.run()
+        if websocket.client_state == WebSocketState.CONNECTED:
+            await websocket.close(session.close_code)
     except WebSocketDisconnect:
         pass
+
+
+async def speech_websocket(websocket: WebSocket) -> None:
+    await serve_session(websocket, SpeechSession)
+
+
+# --- Twilio Media Streams: the same sessions, spoken as a phone call ----------
+
+TWILIO_FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law, the frame Twilio itself sends
+ULAW_SILENCE = b"\xff"
+
+
+class TwilioSpeech(SynthesisFields):
+    """Something to say on a call, from the query string, the start message's customParameters
+    or a speak event. `id` names its marks (`<id>.<sentence>`)."""
+
+    id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^.]+$")
+    text: str = ""
+
+
+class TwilioSession(SpeechSession):
+    """A bidirectional Twilio Media Stream: each sentence is one utterance, sent as 20 ms mu-law
+    media frames and followed by a mark; `clear` from the peer stops everything at once (barge-in)."""
+
+    TWILIO_EVENTS = frozenset({"connected", "media", "mark", "dtmf"})  # what Twilio tells us; nothing to do
+    EVENTS = TWILIO_EVENTS | {"start", "stop", "speak", "clear"}
+
+    def __init__(self, websocket: WebSocket, app_state: AppState):
+        super().__init__(websocket, app_state)
+        self.stream_sid: str | None = None
+        self.defaults: dict[str, Any] = {}  # synthesis fields of the query string and customParameters
+        self.numbers = itertools.count(1)
+
+    async def receive(self, text: str | None, data: bytes | None) -> None:
+        try:
+            message = ws_message(text)
+            event = message.get("event")
+            if event not in self.EVENTS:
+                raise ApiError(400, f"Unknown event {event!r}; send start, speak, clear or stop (Twilio's connected, "
+                               "media, mark and dtmf are accepted and ignored).", param="event", code="invalid_message")
+            if event == "start":
+                self.start(message)
+            elif event == "stop":
+                self.closing = True
+            elif event in self.TWILIO_EVENTS:
+                return
+            elif self.stream_sid is None:
+                raise ApiError(409, f"'{event}' before 'start': the stream has no streamSid yet.", param="event",
+                               code="not_started")
+            elif event == "speak":
+                self.say(parse_model(TwilioSpeech, {**self.defaults, **message}))
+            else:
+                await self.clear()
+        except ApiError as exc:
+            await self.send_json({"event": "error", "streamSid": self.stream_sid, "error": error_body(exc)})
+
+    def start(self, message: dict[str, Any]) -> None:
+        if self.stream_sid is not None:
+            raise ApiError(409, "The stream has already started.", param="event", code="already_started")
+        start = message.get("start")
+        start = start if isinstance(start, dict) else {}
+        custom = start.get("customParameters") or {}
+        sid = message.get("streamSid") or start.get("streamSid")
+        if not start or not isinstance(custom, dict) or not isinstance(sid, str) or not sid:
+            raise ApiError(400, "'start' needs a streamSid and a start object (customParameters, if any, an object).",
+                           param="start", code="invalid_message")
+        self.stream_sid = sid
+        fields = {**self.ws.query_params, **custom}
+        try:  # settings that cannot speak end the stream, so that the call goes on to the next TwiML verb
+            self.authorize(str(custom.get("token") or presented_key(self.ws.scope)))
+            speech = parse_model(TwilioSpeech, fields)
+            self.job(speech)
+            if speech.text:
+                self.say(speech)
+        except ApiError:
+            self.closing, self.close_code = True, 1008
+            raise
+        self.defaults = {name: value for name, value in fields.items() if name not in ("text", "id", "token")}
+
+    def authorize(self, token: str) -> None:
+        # Twilio sends no headers and drops the URL's query string: the key may come as <Parameter name="token">.
+        key = self.app_state.settings.api_key
+        if key and not key_matches(token, key):
+            raise ApiError(401, "Missing or invalid API key: add <Parameter name=\"token\" value=\"<key>\"/> to "
+                           "the <Stream>.", param="token", code="invalid_api_key")
+
+    def job(self, speech: TwilioSpeech) -> SpeechJob:
+        job = speech_job(speech, self.app_state, Priority.REALTIME, "ulaw")
+        if (job.output.fmt.name, job.output.rate) != ("ulaw", 8000):
+            raise ApiError(400, "Twilio Media Streams carry 8 kHz mu-law: leave response_format, output_format and "
+                           "sample_rate out.", param="response_format", code="unsupported_format")
+        return job
+
+    def say(self, speech: TwilioSpeech) -> None:
+        text = check_text(speech.text, self.app_state.settings, param="text")
+        job = self.job(speech)
+        name = speech.id or str(next(self.numbers))
+        if any(mark.split(".")[0] == name for mark in self.active):
+            raise ApiError(409, f"Speech {name!r} is still being spoken; use a new id.", param="id",
+                           code="duplicate_id")
+        for n, sentence in enumerate(split_sentences(text), 1):
+            utterance = Utterance(f"{name}.{n}", job.copy())
+            utterance.buffer = sentence
+            self.end(utterance)  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
+            self.active[utterance.id] = utterance
+            self.queue.put_nowait(utterance)
+
+    async def clear(self) -> None:
+        """Barge-in: drop the queued sentences, stop the one being spoken, then have Twilio drop its buffer."""
+        running = [u.task for u in self.active.values() if u.task is not None]
+        for utterance in list(self.active.values()):
+            await self.cancel(utterance)
+        await asyncio.gather(*running, return_exceptions=True)  # no media of theirs can follow the clear
+        await self.send_event("clear")
+
+    async def stream(self, utterance: Utterance) -> None:
+        pending = b""
+        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
+            pending += data
+            whole = len(pending) - len(pending) % TWILIO_FRAME_BYTES
+            for i in range(0, whole, TWILIO_FRAME_BYTES):
+                await self.send_media(pending[i : i + TWILIO_FRAME_BYTES])
+            pending = pending[whole:]
+        if pending:  # padded with silence, so every frame is 20 ms and the mark falls after the sentence
+            await self.send_media(pending.ljust(TWILIO_FRAME_BYTES, ULAW_SILENCE))
+        await self.send_event("mark", mark={"name": utterance.id})
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        if error is not None:  # a sentence that completes or is cleared already said so with its mark or the clear
+            await self.send_json({"event": "error", "streamSid": self.stream_sid, "mark": utterance.id,
+                                  "error": error_body(error)})
+
+    async def send_media(self, frame: bytes) -> None:
+        await self.send_event("media", media={"payload": base64.b64encode(frame).decode()})
+
+    async def send_event(self, event: str, **fields: Any) -> None:
+        await self.send_json({"event": event, "streamSid": self.stream_sid, **fields})
+
+
+async def twilio_websocket(websocket: WebSocket) -> None:
+    await serve_session(websocket, TwilioSession)
 
 
 async def list_voices(request: Request) -> Response:
@@ -2914,19 +3079,37 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
                           code="internal_error")
 
 
+def presented_key(scope: dict[str, Any]) -> str:
+    """The API key a request carries: 'Authorization: Bearer <key>', or a WebSocket's ?token=<key>."""
+    from starlette.datastructures import Headers, QueryParams
+
+    header = Headers(scope=scope).get("authorization", "")
+    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    if not token and scope["type"] == "websocket":
+        token = QueryParams(scope.get("query_string", b"").decode()).get("token", "")
+    return token
+
+
+def key_matches(token: str, key: str) -> bool:
+    return hmac.compare_digest(token.encode(), key.encode())
+
+
 class ApiKeyAuth:
     """ASGI middleware: with API_KEY set, every request but the page, /health and /ready must carry
     'Authorization: Bearer <key>' (WebSockets may pass ?token=<key> instead). The page holds no
-    secret: it asks for the key and sends it with each call."""
+    secret: it asks for the key and sends it with each call. The Twilio stream checks its key
+    itself, at `start`."""
 
     OPEN_PATHS = frozenset({"/", "/health", "/ready"})
+    KEY_AT_START = frozenset({"/v1/telephony/twilio"})  # Twilio can send a key only inside its start message
 
     def __init__(self, app: Any, key: str):
         self.app = app
-        self.key = key.encode()
+        self.key = key
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS or self._allowed(scope):
+        unchecked = scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS | self.KEY_AT_START
+        if unchecked or self._allowed(scope):
             await self.app(scope, receive, send)
             return
         denial = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
@@ -2941,13 +3124,7 @@ class ApiKeyAuth:
             await websocket.close(code=1008)
 
     def _allowed(self, scope: dict[str, Any]) -> bool:
-        from starlette.datastructures import Headers, QueryParams
-
-        header = Headers(scope=scope).get("authorization", "")
-        token = header[7:].strip() if header[:7].lower() == "bearer " else ""
-        if not token and scope["type"] == "websocket":
-            token = QueryParams(scope.get("query_string", b"").decode()).get("token", "")
-        return hmac.compare_digest(token.encode(), self.key)
+        return key_matches(presented_key(scope), self.key)
 
 
 # ---------------------------------------------------------------------------
@@ -2981,6 +3158,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
             Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),
             WebSocketRoute("/v1/audio/speech/ws", speech_websocket),
+            WebSocketRoute("/v1/telephony/twilio", twilio_websocket),
             Route("/v1/audio/voices", list_voices, methods=["GET"]),
             Route("/v1/audio/voices", upload_voice, methods=["POST"]),
             Route("/v1/audio/voices/{name}", delete_voice, methods=["DELETE"]),

@@ -17,12 +17,15 @@ import shlex
 import socket
 import subprocess
 import sys
+import threading
 import time
 import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 import numpy as np
@@ -614,6 +617,35 @@ def test_api_key_guards_everything_but_health_and_ready(tmp_path: Path) -> None:
                 assert json.loads(ws.receive_text())["type"] == "start"
     with fake_app(tmp_path, engine=ToneEngine()) as client:  # no key configured: any bearer key works
         assert client.get("/v1/models", headers={"Authorization": "Bearer whatever"}).status_code == 200
+
+
+TWILIO_SID = "MZ00000000000000000000000000000001"
+
+
+def twilio_start(**custom: str) -> str:
+    """Twilio's start message, as it sends it; `custom` are the <Parameter>s of the <Stream>."""
+    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": TWILIO_SID, "start": {
+        "streamSid": TWILIO_SID, "accountSid": "AC0", "callSid": "CA0", "tracks": ["inbound"],
+        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}, "customParameters": custom}})
+
+
+def test_twilio_stream_takes_the_api_key_from_its_start_message(tmp_path: Path) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    with fake_app(tmp_path, engine=ToneEngine(), api_key="s3cret") as client:
+        for custom in ({}, {"token": "wrong"}):
+            with client.websocket_connect("/v1/telephony/twilio") as ws:
+                ws.send_text(twilio_start(text="Hi.", **custom))
+                error = json.loads(ws.receive_text())
+                assert (error["event"], error["error"]["code"]) == ("error", "invalid_api_key")
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    ws.receive_text()
+                assert closed.value.code == 1008
+        # Twilio drops the URL's query string, so the key comes as <Parameter name="token">; ?token= works too.
+        for url, custom in (("/v1/telephony/twilio", {"token": "s3cret"}), ("/v1/telephony/twilio?token=s3cret", {})):
+            with client.websocket_connect(url) as ws:
+                ws.send_text(twilio_start(text="Hi.", **custom))
+                assert json.loads(ws.receive_text())["event"] == "media"
 
 
 def test_cors_only_for_configured_origins(tmp_path: Path) -> None:
@@ -1522,6 +1554,115 @@ def test_openai_client_streams_audio(servers: dict[str, ServerProcess]) -> None:
         client.audio.speech.create(model="tts-1", voice="nobody", input="Hi.")
 
 
+def test_openai_client_gets_every_format_it_knows(servers: dict[str, ServerProcess]) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{servers['piper'].url}/v1", api_key="any-key")
+
+    def create(fmt: str) -> bytes:
+        return client.audio.speech.create(model="tts-1", voice="alloy", input="Every format the client knows.",
+                                          response_format=fmt, extra_body={"seed": 5}).content
+
+    pcm = create("pcm")
+    rate, wav = read_wav(create("wav"))
+    assert rate == 24000 and wav.tobytes() == pcm
+    for fmt in ("mp3", "opus", "aac", "flac"):
+        audio, rate = server.decode_audio(create(fmt))
+        assert rate == server.AUDIO_FORMATS[fmt].default_rate, fmt
+        assert abs(len(audio) / rate - len(pcm) / 2 / 24000) < 0.1, fmt
+
+
+def test_openai_client_extra_body_reaches_chatterbox(servers: dict[str, ServerProcess]) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=f"{servers['turbo'].url}/v1", api_key="any-key")
+
+    def create(**extra: Any) -> bytes:
+        return client.audio.speech.create(model="tts-1", voice="alloy", input="Extra.", response_format="pcm",
+                                          extra_body={"exaggeration": 1.5, "cfg_weight": 0.3, **extra}).content
+
+    reference = create(seed=9)
+    assert create(seed=9) == reference
+    assert create(seed=10) != reference
+    faster = create(seed=9, speed=2.0)  # the same speech, at twice the tempo
+    assert abs(len(faster) - len(reference) / 2) / 2 / 24000 < 0.05
+    # Turbo has no use for exaggeration and cfg_weight (and a random model's near-uniform logits would hide
+    # them in the audio): the server's range checks show that they arrive.
+    for field, value in (("exaggeration", 9), ("cfg_weight", 2)):
+        with pytest.raises(openai.UnprocessableEntityError) as refused:
+            create(**{field: value})
+        assert refused.value.param == field
+
+
+class GatedToneEngine(ToneEngine):
+    """Speaks once its gate opens: holds a request's slot for as long as a test needs."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+        self.gate.wait(60)
+        yield from super().synthesize(text, voice, params)
+
+
+@contextmanager
+def serve_in_thread(app: Any) -> Iterator[str]:
+    """The app behind a real uvicorn, on a thread of this process."""
+    import uvicorn
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: uv.started)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+
+
+def test_openai_client_retries_429_as_retry_after_says(tmp_path: Path) -> None:
+    import openai
+
+    engine = GatedToneEngine()
+    settings = server.Settings(voices_dir=str(tmp_path / "voices"), max_queue=1)
+    with serve_in_thread(server.create_app(settings, engine)) as url:
+        active = lambda: httpx.get(f"{url}/v1/status").json()["queue"]["active"]  # noqa: E731
+        statuses: list[int] = []
+        free_the_slot_on_429 = False
+
+        def on_response(response: Any) -> None:
+            statuses.append(response.status_code)
+            if response.status_code == 429 and free_the_slot_on_429:
+                engine.gate.set()
+                wait_until(lambda: active() == 0)  # before the client sleeps its Retry-After and tries again
+
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="any-key", max_retries=2,
+                               http_client=openai.DefaultHttpxClient(event_hooks={"response": [on_response]}))
+
+        def create() -> bytes:
+            return client.audio.speech.create(model="tts-1", voice="alloy", input="Let me in.",
+                                              response_format="pcm").content
+
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                holder = pool.submit(httpx.post, f"{url}/v1/audio/speech", timeout=60,
+                                     json={"input": "I hold the only slot.", "response_format": "pcm"})
+                wait_until(lambda: active() == 1)
+                with pytest.raises(openai.RateLimitError) as refused:
+                    create()
+                assert statuses == [429, 429, 429]  # the first try and both retries
+                assert refused.value.code == "server_busy"
+                statuses.clear()
+                free_the_slot_on_429 = True
+                assert len(create()) > 0
+                assert statuses == [429, 200]
+                assert holder.result().status_code == 200
+        finally:
+            engine.gate.set()
+
+
 # --- WebSocket ------------------------------------------------------------------
 
 
@@ -1659,6 +1800,147 @@ def test_ws_utterances_are_spoken_in_the_order_started(ws: WsClient) -> None:
             order.append((message["type"], message["id"]))
     assert order == [("start", "one"), ("done", "one"), ("start", "two"), ("done", "two"),
                      ("start", "three"), ("done", "three")]
+
+
+# --- Twilio Media Streams --------------------------------------------------------
+
+
+class TwilioCall:
+    """Twilio's side of a bidirectional Media Stream: connected, start, the caller's audio, each mark
+    echoed once "played", stop."""
+
+    def __init__(self, srv: ServerProcess, query: str = "", **custom: str):
+        from websockets.sync.client import connect
+
+        self.ws = connect(f"ws://127.0.0.1:{srv.port}/v1/telephony/twilio{query}", max_size=None)
+        self.send(event="connected", protocol="Call", version="1.0.0")
+        self.ws.send(twilio_start(**custom))
+        self.send(event="media", sequenceNumber="2", streamSid=TWILIO_SID, media={
+            "track": "inbound", "chunk": "1", "timestamp": "5", "payload": base64.b64encode(b"\xff" * 160).decode()})
+
+    def send(self, **event: Any) -> None:
+        self.ws.send(json.dumps(event))
+
+    def recv(self, timeout: float = 60) -> dict[str, Any]:
+        message = json.loads(self.ws.recv(timeout=timeout))
+        assert message["streamSid"] == TWILIO_SID, message
+        return message
+
+    def until_marks(self, count: int, timeout: float = 120) -> dict[str, bytes]:
+        """Each mark's name and the mu-law audio sent before it, every frame exactly 20 ms."""
+        spoken: dict[str, bytes] = {}
+        audio = b""
+        deadline = time.monotonic() + timeout
+        while len(spoken) < count:
+            message = self.recv(deadline - time.monotonic())
+            if message["event"] == "media":
+                frame = base64.b64decode(message["media"]["payload"])
+                assert len(frame) == server.TWILIO_FRAME_BYTES
+                audio += frame
+            else:
+                assert message["event"] == "mark", message
+                spoken[message["mark"]["name"]] = audio
+                audio = b""
+                self.send(event="mark", streamSid=TWILIO_SID, mark=message["mark"])
+        return spoken
+
+    def close_code(self, timeout: float = 30) -> int | None:
+        """How the server closed the stream (media still on its way is skipped)."""
+        from websockets.exceptions import ConnectionClosed
+
+        deadline = time.monotonic() + timeout
+        with pytest.raises(ConnectionClosed):
+            while True:
+                assert json.loads(self.ws.recv(timeout=deadline - time.monotonic()))["event"] == "media"
+        return self.ws.close_code
+
+
+def padded(ulaw: bytes) -> bytes:
+    return ulaw + b"\xff" * (-len(ulaw) % server.TWILIO_FRAME_BYTES)
+
+
+def test_twilio_speaks_query_text_in_20ms_frames_with_a_mark_per_sentence(servers: dict[str, ServerProcess]) -> None:
+    srv = servers["piper"]
+    sentences = ["Thank you for calling the test line.", "How can I help you today?"]
+    call = TwilioCall(srv, "?" + urlencode({"text": " ".join(sentences), "seed": 4}))
+    spoken = call.until_marks(2)
+    assert list(spoken) == ["1.1", "1.2"]
+    for sentence, audio in zip(sentences, spoken.values()):
+        alone = speak(srv, input=sentence, seed=4, output_format="ulaw_8000").content
+        assert 1.0 < len(alone) / 8000 < 4.0
+        assert audio == padded(alone)  # the pipeline's own 8 kHz mu-law, its last frame padded with silence
+    call.send(event="stop")
+    assert call.close_code() == 1000
+
+
+def test_twilio_custom_parameters_and_later_speak_events(servers: dict[str, ServerProcess]) -> None:
+    srv = servers["piper"]
+    call = TwilioCall(srv, text="Hello from the stream parameters.", seed="4")
+    assert list(call.until_marks(1)) == ["1.1"]
+    call.send(event="speak", streamSid=TWILIO_SID, text="A later answer. In two sentences.", id="answer")
+    assert list(call.until_marks(2)) == ["answer.1", "answer.2"]
+    call.send(event="speak", streamSid=TWILIO_SID, text="Numbered again.")
+    spoken = call.until_marks(1)
+    assert list(spoken) == ["2.1"]
+    # Later speeches keep the stream's parameters (here its seed, which makes Piper deterministic).
+    assert spoken["2.1"] == padded(speak(srv, input="Numbered again.", seed=4, output_format="ulaw_8000").content)
+    call.send(event="stop")
+    assert call.close_code() == 1000
+
+
+def test_twilio_clear_stops_speech_at_once_and_the_call_goes_on(servers: dict[str, ServerProcess]) -> None:
+    srv = servers["turbo"]
+    wait_idle(srv)
+    long_text = " ".join(["This answer is long, and the caller interrupts it early."] * 8)
+    call = TwilioCall(srv, text=long_text)
+    assert call.recv()["event"] == "media"
+    call.send(event="clear", streamSid=TWILIO_SID)
+    frames = 0
+    while (message := call.recv())["event"] != "clear":
+        assert message["event"] in ("media", "mark"), message
+        frames += message["event"] == "media"
+    assert frames * 0.02 <= 2 * 40 / 25  # what was on its way: a model chunk or two
+    with pytest.raises(TimeoutError):
+        call.recv(timeout=1.5)  # nothing more of that speech
+    wait_idle(srv)
+    last = [line for line in srv.logs().splitlines() if " utterance " in line][-1]
+    assert " cancelled: " in last, last
+    call.send(event="speak", streamSid=TWILIO_SID, text="Still here.")
+    assert list(call.until_marks(1)) == ["2.1"]
+    call.send(event="speak", streamSid=TWILIO_SID, text=long_text)
+    assert call.recv()["event"] == "media"
+    call.send(event="stop", streamSid=TWILIO_SID)  # the caller hung up mid-speech
+    assert call.close_code() == 1000
+    wait_idle(srv, timeout=30)
+
+
+def test_twilio_bad_input_gets_clear_errors_and_never_hangs(servers: dict[str, ServerProcess]) -> None:
+    from websockets.sync.client import connect
+
+    srv = servers["piper"]
+    with connect(f"ws://127.0.0.1:{srv.port}/v1/telephony/twilio") as ws:
+        ws.send(json.dumps({"event": "speak", "text": "Too early."}))
+        assert json.loads(ws.recv(timeout=30))["error"]["code"] == "not_started"
+    call = TwilioCall(srv)
+    bad = [("{not json", "invalid_json"), (json.dumps([1]), "invalid_json"), (b"\x00binary", "invalid_message"),
+           (json.dumps({"event": "dance"}), "invalid_message"), (twilio_start(), "already_started"),
+           (json.dumps({"event": "speak"}), "empty_input"),
+           (json.dumps({"event": "speak", "text": "Hi.", "voice": "nobody"}), "voice_not_found"),
+           (json.dumps({"event": "speak", "text": "Hi.", "speed": 99}), "invalid_value"),
+           (json.dumps({"event": "speak", "text": "Hi.", "response_format": "mp3"}), "unsupported_format")]
+    for frame, code in bad:
+        call.ws.send(frame)
+        message = call.recv(timeout=30)
+        assert message["event"] == "error" and message["error"]["code"] == code and message["error"]["message"], frame
+    call.send(event="speak", text="Still working.")
+    assert list(call.until_marks(1)) == ["1.1"]
+    call.ws.close()
+    # Settings that cannot speak end the stream at once: an error, then a policy-violation close.
+    for query in ("?voice=nobody", "?sample_rate=16000", "?speed=0"):
+        call = TwilioCall(srv, query)
+        assert call.recv(timeout=30)["event"] == "error"
+        assert call.close_code() == 1008, query
+    wait_idle(srv)
 
 
 # --- Scheduling and hardening, end to end --------------------------------------
