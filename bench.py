@@ -91,7 +91,10 @@ class Timers:
 
 @contextmanager
 def peak_memory(device: str) -> Iterator[list[float]]:
-    """Peak memory above the starting point while the block runs (MB): CUDA allocator or process RSS."""
+    """Peak memory above the starting point while the block runs (MB): CUDA allocator or process RSS.
+
+    On CPU the kernel's high-water mark is reset first (no sampling thread to compete for the GIL).
+    """
     result = [0.0]
     if device == "cuda":
         torch.cuda.synchronize()
@@ -101,26 +104,17 @@ def peak_memory(device: str) -> Iterator[list[float]]:
         torch.cuda.synchronize()
         result[0] = (torch.cuda.max_memory_allocated() - base) / 2**20
         return
-    base, peak, done = rss_mb(), [0.0], threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], rss_mb())
-            time.sleep(0.005)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    try:
-        yield result
-    finally:
-        done.set()
-        sampler.join()
-        result[0] = max(0.0, max(peak[0], rss_mb()) - base)
+    base = proc_status_mb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    yield result
+    result[0] = max(0.0, proc_status_mb("VmHWM") - base)
 
 
-def rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+def proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
 
 
 def checkpoint(model: str) -> Path:
