@@ -2611,7 +2611,6 @@ class SpeechSession:
             check_text(message.text, self.app_state.settings, param="text")
         job = speech_job(message, self.app_state, Priority.REALTIME, "pcm")
         utterance = Utterance(message.id, job, message.encoding, RequestRecord(self.ws.scope["path"], job.id, job=job))
-        self.active[message.id] = utterance
         if message.final:  # all the text at once: chunked exactly as an HTTP request's would be
             utterance.chunks = self._chunks(utterance, message.text)
             utterance.ended = True
@@ -2619,6 +2618,7 @@ class SpeechSession:
                 job.text_log = message.text
         else:
             self.add_text(utterance, message.text)
+        self.active[message.id] = utterance  # only once its text was accepted
         self.queue.put_nowait(utterance)
 
     def add_text(self, utterance: Utterance, text: str) -> None:
