@@ -20,6 +20,7 @@ import hmac
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import struct
@@ -31,7 +32,7 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,14 +42,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from loguru import logger
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 __version__ = "0.1.0"
@@ -110,6 +115,9 @@ class Settings:
     cors_origins: str = _env("CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).", default="")
     log_text: bool = _env("LOG_TEXT", "Log the text people ask to speak (otherwise only lengths).", default=False)
     log_level: str = _env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", default="INFO")
+    log_json: bool = _env("LOG_JSON", "Write each log line as one JSON object.", default=False)
+    result_cache_mb: float = _env("RESULT_CACHE_MB", "Memory for complete results of seeded requests (LRU; 0 = off).",
+                                  default=64.0)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -139,6 +147,8 @@ class Settings:
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise SystemExit(f"{name}={value!r}: choose one of {', '.join(allowed)}")
+        if settings.result_cache_mb < 0:
+            raise SystemExit("RESULT_CACHE_MB must not be negative")
         if settings.stream_context_tokens < max(50, 2 * settings.stream_chunk_tokens):
             raise SystemExit("STREAM_CONTEXT_TOKENS must be at least 50 and at least twice STREAM_CHUNK_TOKENS")
         return settings
@@ -763,6 +773,7 @@ class Engine(ABC):
     voice_files: tuple[str, ...] = ()  # file extensions of voices in VOICES_DIR
     clones_voices = False  # can it take an uploaded reference clip?
     unsupported_fields: frozenset[str] = frozenset()  # request fields it has no equivalent for
+    reproducible = True  # a fixed seed gives the same audio (so seeded results may be cached)
     choice = "given"  # why this engine was chosen (TTS_MODEL=auto explains itself)
 
     @abstractmethod
@@ -983,6 +994,14 @@ def pick_device(requested: str) -> str:
     if torch.backends.mps.is_available():
         return "mps"
     return "cpu"
+
+
+def gpu_memory(device: str) -> dict[str, int] | None:
+    """The CUDA caching allocator's figures in bytes; None off CUDA."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
+            "max_allocated": torch.cuda.max_memory_allocated()}
 
 
 MULTILINGUAL_LANGUAGES = (
@@ -2014,6 +2033,7 @@ class RngStream:
 # ---------------------------------------------------------------------------
 
 JOIN_CROSSFADE_SECONDS = 0.02
+SPEECH_TOKEN_RATE = NATIVE_SAMPLE_RATE // SAMPLES_PER_TOKEN  # Chatterbox's speech tokens per second of audio
 
 
 @dataclass(frozen=True)
@@ -2037,6 +2057,12 @@ class SpeechJob:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     ticket: int | None = None  # place in line among whole-file requests
     text_log: str = ""  # the text, kept only for the log when LOG_TEXT is on
+    outcome: str = "cancelled"  # set when its rendering ends: ok, cancelled, failed or an error code
+    result_cache: str = ""  # "hit" or "miss" when the result cache was asked
+
+
+def milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(1000 * seconds, 1)
 
     def copy(self) -> SpeechJob:
         """A new job with the same voice and settings: its own id, timeline and place in line."""
@@ -2045,14 +2071,19 @@ class SpeechJob:
 
 @dataclass
 class Timeline:
-    """Server-side timestamps of one utterance, in seconds since it was accepted."""
+    """Server-side timestamps of one utterance, in seconds since it was accepted, and where its time went."""
 
     started: float = field(default_factory=time.perf_counter)
     first_audio: float | None = None  # first encoded bytes handed to the transport
+    finished: float | None = None  # rendering ended (done, failed or cancelled)
     chunks_generated: list[float] = field(default_factory=list)  # each text chunk's generation finished
     characters: int = 0
     audio_seconds: float = 0.0
+    engine_audio_seconds: float = 0.0  # as the engine made it: before speed change and resampling
     queue_wait: float = 0.0  # summed over the job's units of model work
+    text_seconds: float = 0.0  # validating, splitting and packing the text
+    model_seconds: float = 0.0  # the job's units of work on the inference thread
+    encode_seconds: float = 0.0  # speed, edges, loudness, resampling and encoding
 
     def now(self) -> float:
         return time.perf_counter() - self.started
@@ -2060,16 +2091,166 @@ class Timeline:
     def remaining(self, timeout: float) -> float:
         return timeout - self.now()
 
+    def stages(self) -> dict[str, float]:
+        """Seconds spent in each stage, named as in the Server-Timing header."""
+        return {"queue": self.queue_wait, "text": self.text_seconds, "model": self.model_seconds,
+                "encode": self.encode_seconds}
+
+    @property
+    def speech_tokens(self) -> int:
+        """Speech tokens the engine produced, counted from its audio: Chatterbox decodes each S3 token
+        into SAMPLES_PER_TOKEN samples (Turbo adds three silent ones per chunk); Piper has no tokens,
+        and the same rate makes its figures comparable."""
+        return round(self.engine_audio_seconds * SPEECH_TOKEN_RATE)
+
+    @property
+    def real_time_factor(self) -> float | None:
+        """Time from accepted to finished (or now) over the audio's duration."""
+        elapsed = self.now() if self.finished is None else self.finished
+        return elapsed / self.audio_seconds if self.audio_seconds > 0 else None
+
     def report(self) -> dict[str, Any]:
-        ms = lambda t: None if t is None else round(1000 * t, 1)  # noqa: E731
-        return {"queue_ms": ms(self.queue_wait), "first_audio_ms": ms(self.first_audio), "total_ms": ms(self.now()),
-                "chunks_generated_ms": [ms(t) for t in self.chunks_generated],
+        return {**{f"{stage}_ms": milliseconds(seconds) for stage, seconds in self.stages().items()},
+                "first_audio_ms": milliseconds(self.first_audio), "total_ms": milliseconds(self.now()),
+                "chunks_generated_ms": [milliseconds(t) for t in self.chunks_generated],
                 "audio_ms": round(1000 * self.audio_seconds, 1)}
 
     def usage(self) -> dict[str, int]:
-        # input: characters spoken; output: speech tokens' worth of audio (25 per second).
-        output = round(self.audio_seconds * 25)
+        # input: characters spoken; output: speech tokens' worth of audio.
+        output = round(self.audio_seconds * SPEECH_TOKEN_RATE)
         return {"input_tokens": self.characters, "output_tokens": output, "total_tokens": self.characters + output}
+
+
+@dataclass(frozen=True)
+class CachedResult:
+    data: bytes  # the complete encoded result, exactly as it was sent
+    audio_seconds: float
+
+
+class ResultCache:
+    """Complete results of seeded requests, bounded in bytes; the least recently used go first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, CachedResult] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> CachedResult | None:
+        result = self._items.get(key)
+        if result is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return result
+
+    def put(self, key: str, result: CachedResult) -> None:
+        if len(result.data) > self.max_bytes:
+            return
+        if (old := self._items.pop(key, None)) is not None:
+            self.bytes -= len(old.data)
+        self._items[key] = result
+        self.bytes += len(result.data)
+        while self.bytes > self.max_bytes:
+            _, evicted = self._items.popitem(last=False)
+            self.bytes -= len(evicted.data)
+            self.evictions += 1
+
+
+REPLAY_PIECE_BYTES = 32 * 1024  # a cached result leaves in pieces, as a stream would send it
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Prometheus metrics of one app, in its own registry, so apps in one process never collide.
+    The histograms describe synthesized utterances; result-cache hits are counted, not timed."""
+
+    def __init__(self, speaker: Speaker):
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter("tts_requests", "HTTP requests and WebSocket utterances, by endpoint and status.",
+                                ["endpoint", "status"], registry=registry)
+        self.first_audio = Histogram("tts_time_to_first_audio_seconds",
+                                     "From accepting an utterance to its first encoded audio.", ["mode"],
+                                     buckets=LATENCY_BUCKETS, registry=registry)
+        self.real_time_factor = Histogram("tts_real_time_factor",
+                                          "An utterance's time from accepted to finished over its audio's duration.",
+                                          ["mode"], buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
+                                                             10.0), registry=registry)
+        self.queue_wait = Histogram("tts_queue_wait_seconds",
+                                    "Time an utterance's units of model work waited for the inference thread, summed.",
+                                    buckets=LATENCY_BUCKETS, registry=registry)
+        self.tokens_per_second = Histogram("tts_speech_tokens_per_second",
+                                           "An utterance's speech tokens per second of its inference-thread time.",
+                                           buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600, 3200), registry=registry)
+        self.speech_tokens = Counter("tts_speech_tokens",
+                                     f"Speech tokens produced: {SPEECH_TOKEN_RATE} per second of engine audio.",
+                                     registry=registry)
+        self.model_seconds = Counter("tts_model_seconds", "Inference-thread time spent on utterances.",
+                                     registry=registry)
+        registry.register(SpeakerCollector(speaker))
+
+    def observe(self, job: SpeechJob, streaming: bool) -> None:
+        """A synthesized utterance has ended."""
+        timeline, mode = job.timeline, "stream" if streaming else "file"
+        self.queue_wait.observe(timeline.queue_wait)
+        self.speech_tokens.inc(timeline.speech_tokens)
+        self.model_seconds.inc(timeline.model_seconds)
+        if job.outcome != "ok":
+            return
+        if timeline.first_audio is not None:
+            self.first_audio.labels(mode).observe(timeline.first_audio)
+        if (rtf := timeline.real_time_factor) is not None:
+            self.real_time_factor.labels(mode).observe(rtf)
+        if timeline.model_seconds > 0 and timeline.speech_tokens:
+            self.tokens_per_second.observe(timeline.speech_tokens / timeline.model_seconds)
+
+
+class SpeakerCollector(Collector):
+    """Metrics read from the speaker's state when scraped: queue, caches, model load."""
+
+    def __init__(self, speaker: Speaker):
+        self.speaker = speaker
+
+    def collect(self) -> Iterator[Metric]:
+        speaker, results, voices = self.speaker, self.speaker.results, self.speaker.voice_cache
+        described = speaker.engine.describe()
+        info = GaugeMetricFamily("tts_info", "The server's version and engine.", labels=["version", "engine", "model"])
+        info.add_metric([__version__, speaker.engine.name, str(described.get("model", ""))], 1)
+        yield info
+        yield GaugeMetricFamily("tts_queue_depth", "Units of model work waiting for the inference thread.",
+                                value=speaker.worker.depth)
+        yield GaugeMetricFamily("tts_active_requests", "Utterances admitted and not yet finished (MAX_QUEUE bounds "
+                                "them).", value=speaker.active)
+        yield GaugeMetricFamily("tts_active_streams", "Streamed utterances in progress (HTTP streams, SSE, "
+                                "WebSocket).", value=speaker.active_streams)
+        yield GaugeMetricFamily("tts_model_loaded", "1 while the model is loaded.", value=int(speaker.loaded))
+        if speaker.load_seconds:
+            yield GaugeMetricFamily("tts_model_load_seconds", "Time the last model load took.",
+                                    value=speaker.load_seconds["load"])
+            yield GaugeMetricFamily("tts_model_warmup_seconds", "Time the last warm-up took.",
+                                    value=speaker.load_seconds["warm_up"])
+        yield CounterMetricFamily("tts_voice_cache_hits", "Prepared voices found in the voice cache.",
+                                  value=voices.hits)
+        yield CounterMetricFamily("tts_voice_cache_misses", "Voices prepared afresh.", value=voices.misses)
+        yield GaugeMetricFamily("tts_voice_cache_entries", "Prepared voices in the cache.", value=len(voices))
+        yield CounterMetricFamily("tts_result_cache_hits", "Seeded requests served from the result cache.",
+                                  value=results.hits)
+        yield CounterMetricFamily("tts_result_cache_misses", "Seeded requests the result cache did not hold.",
+                                  value=results.misses)
+        yield CounterMetricFamily("tts_result_cache_evictions", "Results evicted to stay within RESULT_CACHE_MB.",
+                                  value=results.evictions)
+        yield GaugeMetricFamily("tts_result_cache_entries", "Results in the cache.", value=len(results))
+        yield GaugeMetricFamily("tts_result_cache_bytes", "Bytes of results in the cache.", value=results.bytes)
+        if (memory := gpu_memory(str(described.get("device", "")))) is not None:
+            gpu = GaugeMetricFamily("tts_gpu_memory_bytes", "CUDA memory of this process.", labels=["kind"])
+            for kind, value in memory.items():
+                gpu.add_metric([kind], value)
+            yield gpu
 
 
 async def iterate(items: list[str]) -> AsyncIterator[str]:
@@ -2089,11 +2270,14 @@ class Speaker:
         self.engine = engine
         self.voices = VoiceLibrary(Path(settings.voices_dir), engine.voice_files)
         self.voice_cache = VoiceCache(settings.voice_cache_size)
+        self.results = ResultCache(int(settings.result_cache_mb * 1024 * 1024))
         self.worker = InferenceWorker()
         self.loaded = False
         self.ever_loaded = False
         self.load_seconds: dict[str, float] = {}
         self.active = 0  # admitted utterances not yet finished
+        self.active_streams = 0  # of which streamed
+        self.metrics = Metrics(self)
         self.last_used = time.monotonic()
         self._loading: asyncio.Future[Any] | None = None
 
@@ -2145,18 +2329,20 @@ class Speaker:
                 await self.worker.run(self._unload, Priority.BACKGROUND)
 
     @asynccontextmanager
-    async def admitted(self, job: SpeechJob) -> AsyncIterator[None]:
+    async def admitted(self, job: SpeechJob, streaming: bool) -> AsyncIterator[None]:
         """Count the utterance as waiting work; beyond MAX_QUEUE new work is refused with 429."""
         if self.active >= self.settings.max_queue:
             raise ApiError(429, f"The server is at capacity ({self.settings.max_queue} requests in progress); "
                            "retry shortly.", type="rate_limit_error", code="server_busy",
                            headers={"Retry-After": "1"})
         self.active += 1
+        self.active_streams += streaming
         try:
             await self.ensure_loaded(job.timeline.remaining(self.settings.request_timeout))
             yield
         finally:
             self.active -= 1
+            self.active_streams -= streaming
             self.last_used = time.monotonic()
             if self.settings.gpu_memory_cleanup:
                 self.worker.post(self.engine.release_memory, Priority.BACKGROUND)
@@ -2166,8 +2352,12 @@ class Speaker:
         submitted = time.monotonic()
 
         def timed() -> Any:
-            job.timeline.queue_wait += time.monotonic() - submitted
-            return fn()
+            started = time.monotonic()
+            job.timeline.queue_wait += started - submitted
+            try:
+                return fn()
+            finally:
+                job.timeline.model_seconds += time.monotonic() - started
 
         # Streams share the model round-robin (each unit queues anew: first audio comes soon for all);
         # whole files go first come, first served by request (each finishes as early as it can).
@@ -2236,7 +2426,9 @@ class Speaker:
                     ahead.release()
                     continue
                 piece, starts_segment = item
-                ready = joiner.push(as_array(piece), starts_segment)
+                piece = as_array(piece)
+                job.timeline.engine_audio_seconds += len(piece) / engine.sample_rate
+                ready = joiner.push(piece, starts_segment)
                 if len(ready):
                     yield ready
             tail = joiner.finish()
@@ -2246,60 +2438,106 @@ class Speaker:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
 
-    async def render(self, job: SpeechJob, texts: AsyncIterator[str], streaming: bool) -> AsyncIterator[bytes]:
-        """Encoded bytes of the job in its output format: speed, clean edges, resampling, encoding."""
+    async def render(self, job: SpeechJob, texts: list[str] | AsyncIterator[str],
+                     streaming: bool) -> AsyncIterator[bytes]:
+        """Encoded bytes of the job in its output format: speed, clean edges, resampling, encoding.
+
+        When the whole text is known up front (a list), a seeded job's complete result is kept in
+        the result cache, and a job that finds its result there is answered from it: no queue, no model.
+        """
+        key = self._result_key(job, texts, streaming) if isinstance(texts, list) else None
+        cached = None
+        if key is not None:
+            cached = self.results.get(key)
+            job.result_cache = "miss" if cached is None else "hit"
         outcome = "cancelled"
         try:
-            async with self.admitted(job):
-                async for data in self._render(job, texts, streaming):
+            if cached is not None:
+                for data in self._replay(job, texts, cached):
                     yield data
+            else:
+                kept: list[bytes] | None = [] if key is not None else None
+                kept_bytes = 0
+                async with self.admitted(job, streaming):
+                    async for data in self._render(job, iterate(texts) if isinstance(texts, list) else texts,
+                                                   streaming):
+                        if kept is not None:
+                            kept.append(data)
+                            kept_bytes += len(data)
+                            if kept_bytes > self.results.max_bytes:
+                                kept = None  # too big to cache: hold no copy
+                        yield data
+                if key is not None and kept is not None:
+                    self.results.put(key, CachedResult(b"".join(kept), job.timeline.audio_seconds))
             outcome = "ok"
         except ApiError as exc:
-            outcome = f"{exc.status} {exc.code}"
+            outcome = exc.code or "error"
             raise
         except Exception:
             outcome = "failed"
             raise
         finally:
-            self._log(job, outcome)
+            job.outcome = outcome
+            job.timeline.finished = job.timeline.now()
+            if cached is None:
+                self.metrics.observe(job, streaming)
 
-    def _log(self, job: SpeechJob, outcome: str) -> None:
-        t = job.timeline
-        extra = f" text={job.text_log!r}" if self.settings.log_text else ""
-        logger.info("utterance {} {}: {} chars, {:.2f}s audio {} {} Hz, queue {:.0f} ms, first audio {} ms, "
-                    "total {:.0f} ms{}", job.id, outcome, t.characters, t.audio_seconds, job.output.fmt.name,
-                    job.output.rate, 1000 * t.queue_wait,
-                    "-" if t.first_audio is None else f"{1000 * t.first_audio:.0f}", 1000 * t.now(), extra)
+    def _result_key(self, job: SpeechJob, texts: list[str], streaming: bool) -> str | None:
+        """A hash of everything that shapes a seeded job's bytes; None when its result is not cached."""
+        if job.seed is None or self.results.max_bytes <= 0 or not self.engine.reproducible:
+            return None
+        out, settings = job.output, self.settings
+        identity = {
+            "engine": self.engine.describe(), "texts": texts, "voice": job.voice.digest,
+            "params": asdict(job.params), "seed": job.seed, "speed": job.speed,
+            "format": out.fmt.name, "rate": out.rate, "bitrate": out.bitrate,
+            # A streamed WAV starts with an open-ended header; no other format's bytes depend on streaming.
+            "open_wav": streaming and out.fmt.name == "wav",
+            "trim_silence": settings.audio_trim_silence, "normalize": settings.audio_normalize,
+            "stream_plan": asdict(settings.stream_plan),
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _replay(self, job: SpeechJob, texts: list[str], cached: CachedResult) -> Iterator[bytes]:
+        timeline = job.timeline
+        timeline.characters = sum(len(text) for text in texts)
+        timeline.audio_seconds = cached.audio_seconds
+        timeline.first_audio = timeline.now()
+        for start in range(0, len(cached.data), REPLAY_PIECE_BYTES):
+            yield cached.data[start : start + REPLAY_PIECE_BYTES]
 
     async def _render(self, job: SpeechJob, texts: AsyncIterator[str], streaming: bool) -> AsyncIterator[bytes]:
-        rate = self.engine.sample_rate
+        rate, timeline = self.engine.sample_rate, job.timeline
         stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
         edges = UtteranceEdges(rate, self.settings.audio_trim_silence)
         leveler = LoudnessLeveler() if self.settings.audio_normalize else None
         resampler = StreamResampler(rate, job.output.rate)
         encoder = Encoder(job.output.fmt, job.output.rate, streaming, job.output.bitrate)
 
-        def emit(data: bytes) -> bytes:
-            if data and job.timeline.first_audio is None:
-                job.timeline.first_audio = job.timeline.now()
+        def emit(data: bytes, started: float) -> bytes:
+            timeline.encode_seconds += time.perf_counter() - started
+            if data and timeline.first_audio is None:
+                timeline.first_audio = timeline.now()
             return data
 
         async for audio in self.audio(job, texts):
+            started = time.perf_counter()
             if stretch is not None:
                 audio = stretch.push(audio)
             if leveler is not None:
                 audio = leveler.push(audio)
             audio = resampler.push(edges.push(audio))
-            job.timeline.audio_seconds += len(audio) / job.output.rate
-            if data := emit(encoder.encode(audio)):
+            timeline.audio_seconds += len(audio) / job.output.rate
+            if data := emit(encoder.encode(audio), started):
                 yield data
+        started = time.perf_counter()
         tail = stretch.finish() if stretch is not None else np.zeros(0, dtype=np.float32)
         if leveler is not None:
             tail = leveler.push(tail)
         tail = np.concatenate([edges.push(tail), edges.finish()])
         tail = np.concatenate([resampler.push(tail), resampler.finish()])
-        job.timeline.audio_seconds += len(tail) / job.output.rate
-        if data := emit(encoder.encode(tail) + encoder.finish()):
+        timeline.audio_seconds += len(tail) / job.output.rate
+        if data := emit(encoder.encode(tail) + encoder.finish(), started):
             yield data
 
 
@@ -2470,6 +2708,54 @@ def state(request: Request | WebSocket) -> AppState:
     return request.app.state.tts
 
 
+@dataclass
+class RequestRecord:
+    """One HTTP request or WebSocket utterance, from its arrival to its one log line."""
+
+    route: str  # the route's path template (the raw path when no route matches)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    matched: bool = True
+    started: float = field(default_factory=time.perf_counter)
+    status: int = 0
+    bytes: int = 0  # response body bytes sent (WebSocket: audio bytes)
+    job: SpeechJob | None = None
+    stream: AsyncIterator[bytes] | None = None  # a streamed response's audio, closed when the response ends
+
+    def server_timing(self) -> str:
+        """The Server-Timing header (milliseconds): the speech stages known so far, then the total."""
+        entries = []
+        if self.job is not None:
+            entries += [f"{stage};dur={1000 * seconds:.1f}" for stage, seconds in self.job.timeline.stages().items()]
+            if self.job.result_cache:
+                entries.append(f"cache;desc={self.job.result_cache}")
+        entries.append(f"app;dur={1000 * (time.perf_counter() - self.started):.1f}")
+        return ", ".join(entries)
+
+    def fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"id": self.id, "route": self.route, "status": self.status, "bytes": self.bytes}
+        if self.job is not None:
+            timeline, rtf = self.job.timeline, self.job.timeline.real_time_factor
+            fields |= {"outcome": self.job.outcome, "cache": self.job.result_cache or None,
+                       "chars": timeline.characters, "audio_s": round(timeline.audio_seconds, 3),
+                       **{f"{stage}_ms": milliseconds(seconds) for stage, seconds in timeline.stages().items()},
+                       "ttfa_ms": milliseconds(timeline.first_audio), "rtf": None if rtf is None else round(rtf, 3)}
+        return fields | {"total_ms": milliseconds(time.perf_counter() - self.started)}
+
+    def finish(self, metrics: Metrics, log_text: bool) -> None:
+        """Count the request and write its one log line (fields as `extra` in JSON logs)."""
+        metrics.requests.labels(self.route if self.matched else "unmatched", str(self.status)).inc()
+        fields = self.fields()
+        if log_text and self.job is not None and self.job.text_log:
+            fields["text"] = self.job.text_log
+        line = " ".join(f"{name}={'-' if value is None else repr(value) if name == 'text' else value}"
+                        for name, value in fields.items())
+        logger.bind(**fields).info("request {}", line)
+
+
+def request_record(request: Request) -> RequestRecord:
+    return request.state.record  # put there by RequestLog
+
+
 MAX_JSON_BYTES = 1024 * 1024
 
 
@@ -2479,8 +2765,10 @@ async def speech_request(request: Request, default_format: str,
     app_state = state(request)
     data = await read_json(request, MAX_JSON_BYTES)
     req: SpeechRequest = parse_model(SpeechRequest, {**data, **overrides})
+    text_started = time.perf_counter()
     text = check_text(req.input, app_state.settings)
     chunks = text_chunks(text, app_state.settings.chunk_max_chars)
+    text_seconds = time.perf_counter() - text_started
     if req.stream_format is not None:
         priority = Priority.REALTIME
     elif len(chunks) > LONG_TEXT_CHUNKS:
@@ -2488,6 +2776,10 @@ async def speech_request(request: Request, default_format: str,
     else:
         priority = Priority.FILE
     job = speech_job(req, app_state, priority, default_format)
+    record = request_record(request)
+    job.id = record.id  # the request's id names its utterance too
+    job.timeline.text_seconds = text_seconds
+    record.job = job
     if app_state.settings.log_text:
         job.text_log = text
     return app_state, req, job, chunks
@@ -2535,18 +2827,18 @@ def error_body(exc: Exception) -> dict[str, Any]:
 async def respond(request: Request, default_format: str, **overrides: Any) -> Response:
     """Every HTTP speech endpoint: a whole file, a chunked audio stream, or SSE."""
     app_state, req, job, chunks = await speech_request(request, default_format, **overrides)
-    texts = iterate(chunks)
     render = app_state.speaker.render
     headers = {"X-Request-Id": job.id}
     if job.output.fmt.name == "pcm":
         headers.update({"X-Sample-Rate": str(job.output.rate), "X-Bit-Depth": "16", "X-Channels": "1",
                         "X-Encoding": "s16le"})
     if req.stream_format is None:
-        body = await until_disconnected(request, collect(render(job, texts, streaming=False)))
+        body = await until_disconnected(request, collect(render(job, chunks, streaming=False)))
         if job.output.fmt.name == "wav":
             body = wav_header(job.output.rate, len(body) // 2) + body
         return Response(body, media_type=job.output.fmt.media_type, headers=headers)
-    audio = await primed(render(job, texts, streaming=True))
+    audio = await primed(render(job, chunks, streaming=True))
+    request_record(request).stream = audio
     if req.stream_format == "sse":
         return StreamingResponse(sse_stream(job, audio), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
@@ -2624,14 +2916,19 @@ class SpeakMessage(SynthesisFields):
 class Utterance:
     id: str
     job: SpeechJob
+    record: RequestRecord  # its request log line and metrics
     encoding: str = "binary"
     feed: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     buffer: str = ""
+    chunks: list[str] | None = None  # the whole text, when it came in one final `speak`
     ended: bool = False
     cancelled: bool = False
     task: asyncio.Task[None] | None = None
 
-    async def texts(self) -> AsyncIterator[str]:
+    def texts(self) -> list[str] | AsyncIterator[str]:
+        return self.chunks if self.chunks is not None else self._fed()
+
+    async def _fed(self) -> AsyncIterator[str]:
         while (text := await self.feed.get()) is not None:
             yield text
 
@@ -2674,9 +2971,11 @@ class SpeechSession:
                 if utterance.task is not None:
                     utterance.task.cancel()
             await asyncio.gather(speaking, return_exceptions=True)
+            for utterance in list(self.active.values()):  # never started: the connection closed first
+                self.retire(utterance, 499)
 
     async def receive(self, text: str | None, data: bytes | None) -> None:
-        message_id = None
+        message_id = kind = None
         try:
             message = ws_message(text)
             message_id = message.get("id") if isinstance(message.get("id"), str) else None
@@ -2702,6 +3001,8 @@ class SpeechSession:
             else:
                 await self.cancel(utterance)
         except ApiError as exc:
+            if kind == "speak":  # a refused utterance is a request too: counted and logged
+                self._finish_record(RequestRecord(self.ws.scope["path"], status=exc.status))
             await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
                                   "message": exc.message, "param": exc.param})
 
@@ -2712,13 +3013,15 @@ class SpeechSession:
         if message.final:
             check_text(message.text, self.app_state.settings, param="text")
         job = speech_job(message, self.app_state, Priority.REALTIME, "pcm")
-        utterance = Utterance(message.id, job, message.encoding)
-        self.active[message.id] = utterance
+        utterance = Utterance(message.id, job, RequestRecord(self.ws.scope["path"], job.id, job=job), message.encoding)
         if message.final:  # all the text at once: chunked exactly as an HTTP request's would be
-            utterance.buffer = message.text
-            self.end(utterance)
+            utterance.chunks = self._chunks(utterance, message.text)
+            utterance.ended = True
+            if self.app_state.settings.log_text:
+                job.text_log = message.text
         else:
             self.add_text(utterance, message.text)
+        self.active[message.id] = utterance  # only once its text was accepted
         self.queue.put_nowait(utterance)
 
     def add_text(self, utterance: Utterance, text: str) -> None:
@@ -2743,15 +3046,21 @@ class SpeechSession:
             utterance.feed.put_nowait(None)
 
     def _queue_text(self, utterance: Utterance, text: str) -> None:
-        for chunk in text_chunks(text, self.app_state.settings.chunk_max_chars):
+        for chunk in self._chunks(utterance, text):
             utterance.feed.put_nowait(chunk)
+
+    def _chunks(self, utterance: Utterance, text: str) -> list[str]:
+        started = time.perf_counter()
+        chunks = text_chunks(text, self.app_state.settings.chunk_max_chars)
+        utterance.job.timeline.text_seconds += time.perf_counter() - started
+        return chunks
 
     async def cancel(self, utterance: Utterance) -> None:
         utterance.cancelled = True
         if utterance.task is not None:
             utterance.task.cancel()
         else:  # not started yet: it is skipped when its turn comes
-            self.active.pop(utterance.id, None)
+            self.retire(utterance, 499)
             await self.finished(utterance, None)
 
     async def speak_in_order(self) -> None:
@@ -2761,14 +3070,18 @@ class SpeechSession:
                 continue
             utterance.task = asyncio.ensure_future(self.stream(utterance))
             error: Exception | None = None
+            status = 499  # cancelled, or the connection is closing
             try:
                 await utterance.task
+                status = 200
             except asyncio.CancelledError:
                 if not utterance.cancelled:
                     raise  # the connection is closing
             except Exception as exc:
                 error = exc
-            self.active.pop(utterance.id, None)
+                status = exc.status if isinstance(exc, ApiError) else 500
+            finally:
+                self.retire(utterance, status)
             await self.finished(utterance, error)
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
@@ -2783,11 +3096,22 @@ class SpeechSession:
             done = {"type": "done", "id": utterance.id}
         await self.send_json({**done, "timings": utterance.job.timeline.report()})
 
+    def retire(self, utterance: Utterance, status: int) -> None:
+        """The utterance is over: it leaves the session and gets its log line."""
+        if self.active.get(utterance.id) is utterance:
+            del self.active[utterance.id]
+        utterance.record.status = status
+        self._finish_record(utterance.record)
+
+    def _finish_record(self, record: RequestRecord) -> None:
+        record.finish(self.app_state.speaker.metrics, self.app_state.settings.log_text)
+
     async def stream(self, utterance: Utterance) -> None:
         output = utterance.job.output
         await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
                               "sample_rate": output.rate})
         async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
+            utterance.record.bytes += len(data)
             if utterance.encoding == "binary":
                 await self.ws.send_bytes(data)
             else:
@@ -2907,7 +3231,9 @@ class TwilioSession(SpeechSession):
             raise ApiError(409, f"Speech {name!r} is still being spoken; use a new id.", param="id",
                            code="duplicate_id")
         for n, sentence in enumerate(split_sentences(text), 1):
-            utterance = Utterance(f"{name}.{n}", job.copy())
+            sentence_job = job.copy()
+            utterance = Utterance(f"{name}.{n}", sentence_job,
+                                  RequestRecord(self.ws.scope["path"], sentence_job.id, job=sentence_job))
             utterance.buffer = sentence
             self.end(utterance)  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
             self.active[utterance.id] = utterance
@@ -2924,6 +3250,7 @@ class TwilioSession(SpeechSession):
     async def stream(self, utterance: Utterance) -> None:
         pending = b""
         async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
+            utterance.record.bytes += len(data)
             pending += data
             whole = len(pending) - len(pending) % TWILIO_FRAME_BYTES
             for i in range(0, whole, TWILIO_FRAME_BYTES):
@@ -3019,19 +3346,23 @@ async def list_models(request: Request) -> Response:
 
 async def status(request: Request) -> Response:
     app_state = state(request)
-    speaker = app_state.speaker
+    speaker, results = app_state.speaker, app_state.speaker.results
+    described = app_state.engine.describe()
     return JSONResponse({
         "version": __version__,
-        "engine": {**app_state.engine.describe(), "chosen_because": app_state.engine.choice,
+        "engine": {**described, "chosen_because": app_state.engine.choice,
                    "clones_voices": app_state.engine.clones_voices},
         "loaded": speaker.loaded,
         "ready": speaker.ready,
         "load_seconds": speaker.load_seconds,
         "uptime_s": round(time.time() - app_state.started, 1),
-        "queue": {"active": speaker.active, "waiting_units": speaker.worker.depth, "running": speaker.worker.busy,
-                  "max": app_state.settings.max_queue},
-        "voice_cache": {"size": len(speaker.voice_cache), "hits": speaker.voice_cache.hits,
-                        "misses": speaker.voice_cache.misses},
+        "gpu_memory": gpu_memory(str(described.get("device", ""))),
+        "queue": {"active": speaker.active, "streams": speaker.active_streams, "waiting_units": speaker.worker.depth,
+                  "running": speaker.worker.busy, "max": app_state.settings.max_queue},
+        "voice_cache": {"size": len(speaker.voice_cache), "capacity": app_state.settings.voice_cache_size,
+                        "hits": speaker.voice_cache.hits, "misses": speaker.voice_cache.misses},
+        "result_cache": {"entries": len(results), "bytes": results.bytes, "max_bytes": results.max_bytes,
+                         "hits": results.hits, "misses": results.misses, "evictions": results.evictions},
         "tasks": len(asyncio.all_tasks()),
     })
 
@@ -3046,6 +3377,10 @@ WEB_PAGE_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline' blob:;
 async def web_page(request: Request) -> Response:
     return FileResponse(WEB_PAGE, media_type="text/html; charset=utf-8",
                         headers={"Content-Security-Policy": WEB_PAGE_POLICY, "Cache-Control": "no-cache"})
+
+
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(generate_latest(state(request).speaker.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def health(request: Request) -> Response:
@@ -3075,8 +3410,49 @@ async def client_gone_handler(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     logger.opt(exception=exc).error("unhandled error on {} {}", request.method, request.url.path)
+    record = request_record(request)  # outside RequestLog's reach: this response is sent around it
     return error_response(500, "Internal server error; the server log has details.", type="server_error",
-                          code="internal_error")
+                          code="internal_error",
+                          headers={"Server-Timing": record.server_timing(), "X-Request-Id": record.id})
+
+
+class RequestLog:
+    """ASGI middleware around every HTTP request: an id, a Server-Timing header (a speech request's
+    stages as far as they are known when its response starts, and every response's total), a count
+    in the metrics and one log line once the response has ended."""
+
+    def __init__(self, app: Any, routes: list[BaseRoute], metrics: Metrics, log_text: bool):
+        self.app, self.routes, self.metrics, self.log_text = app, routes, metrics, log_text
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = next((r.path for r in self.routes if isinstance(r, Route) and r.matches(scope)[0] != Match.NONE),
+                     None)
+        record = RequestRecord(route or scope["path"], matched=route is not None)
+        scope.setdefault("state", {})["record"] = record
+
+        async def send_timed(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                record.status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers.append("Server-Timing", record.server_timing())
+                if "x-request-id" not in headers:
+                    headers.append("X-Request-Id", record.id)
+            elif message["type"] == "http.response.body":
+                record.bytes += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_timed)
+        finally:
+            record.status = record.status or 500  # unhandled: the error middleware outside answers 500
+            try:
+                if record.stream is not None:
+                    await record.stream.aclose()  # a stream cut short ends its utterance before the line is written
+            finally:
+                record.finish(self.metrics, self.log_text)
 
 
 def presented_key(scope: dict[str, Any]) -> str:
@@ -3151,37 +3527,39 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             task.cancel()
         speaker.worker.stop()
 
+    routes: list[BaseRoute] = [
+        Route("/", web_page, methods=["GET"]),
+        Route("/v1/audio/speech", speech, methods=["POST"]),
+        Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
+        Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),
+        WebSocketRoute("/v1/audio/speech/ws", speech_websocket),
+        WebSocketRoute("/v1/telephony/twilio", twilio_websocket),
+        Route("/v1/audio/voices", list_voices, methods=["GET"]),
+        Route("/v1/audio/voices", upload_voice, methods=["POST"]),
+        Route("/v1/audio/voices/{name}", delete_voice, methods=["DELETE"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/status", status, methods=["GET"]),
+        Route("/metrics", prometheus_metrics, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+    ]
     app = Starlette(
-        routes=[
-            Route("/", web_page, methods=["GET"]),
-            Route("/v1/audio/speech", speech, methods=["POST"]),
-            Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
-            Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),
-            WebSocketRoute("/v1/audio/speech/ws", speech_websocket),
-            WebSocketRoute("/v1/telephony/twilio", twilio_websocket),
-            Route("/v1/audio/voices", list_voices, methods=["GET"]),
-            Route("/v1/audio/voices", upload_voice, methods=["POST"]),
-            Route("/v1/audio/voices/{name}", delete_voice, methods=["DELETE"]),
-            Route("/v1/models", list_models, methods=["GET"]),
-            Route("/v1/status", status, methods=["GET"]),
-            Route("/health", health, methods=["GET"]),
-            Route("/ready", ready, methods=["GET"]),
-        ],
+        routes=routes,
         exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler, ClientGone: client_gone_handler,
                             Exception: unexpected_error_handler},
         lifespan=lifespan,
-        middleware=middleware(settings),
+        middleware=middleware(settings, routes, speaker.metrics),
     )
     app.state.tts = AppState(settings=settings, engine=engine, speaker=speaker)
     return app
 
 
-def middleware(settings: Settings) -> list[Middleware]:
-    stack = []
+def middleware(settings: Settings, routes: list[BaseRoute], metrics: Metrics) -> list[Middleware]:
+    stack = [Middleware(RequestLog, routes=routes, metrics=metrics, log_text=settings.log_text)]
     if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
         stack.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
                                 expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Bit-Depth", "X-Channels",
-                                                "X-Encoding"]))
+                                                "X-Encoding", "Server-Timing"]))
     if settings.api_key:
         stack.append(Middleware(ApiKeyAuth, key=settings.api_key))
     return stack
@@ -3194,18 +3572,28 @@ def _report_load_failure(task: asyncio.Future[Any]) -> None:
     os._exit(3)  # a server that can never become ready must not linger half-alive
 
 
-def configure_logging(level: str) -> None:
+class _ToLoguru(logging.Handler):
+    """Standard-library records (uvicorn's, libraries') go out through loguru, in the same format."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname if record.levelname in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") \
+            else record.levelno
+        logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
+
+
+def configure_logging(level: str, json_lines: bool = False) -> None:
     logger.remove()
-    logger.add(sys.stderr, level=level.upper(), diagnose=False,
+    logger.add(sys.stderr, level=level.upper(), diagnose=False, serialize=json_lines,
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}")
+    logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
 
 
 def main() -> None:
     import uvicorn
 
     settings = Settings.from_env()
-    configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
+    configure_logging(settings.log_level, settings.log_json)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", log_config=None,
                 ws_max_size=1024 * 1024)
 
 

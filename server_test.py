@@ -689,7 +689,7 @@ def test_logs_hold_lengths_not_text_unless_asked(tmp_path: Path) -> None:
         finally:
             server.logger.remove(sink)
         log = "".join(lines)
-        assert f"{len(secret)} chars" in log
+        assert f" chars={len(secret)} " in log
         assert (secret in log) is log_text
 
 
@@ -705,6 +705,313 @@ def test_websocket_limits(tmp_path: Path) -> None:
             assert (error["type"], error["code"]) == ("error", "input_too_long")
             ws.send_text(json.dumps({"type": "cancel", "id": "buf"}))
             assert json.loads(ws.receive_text())["type"] == "done"
+
+
+# --- Metrics, status, Server-Timing, request logs, result cache (fake engine) ----
+
+
+def scrape(client: TestClient | httpx.Client | str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics, parsed by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{client}/metrics", timeout=10) if isinstance(client, str) else client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
+def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def server_timing(response: httpx.Response) -> dict[str, dict[str, str]]:
+    """The Server-Timing header as {name: {param: value}}; every entry has a name, `dur` is a number."""
+    entries = {}
+    for entry in response.headers["server-timing"].split(","):
+        name, *params = [part.strip() for part in entry.split(";")]
+        entries[name] = dict(param.split("=", 1) for param in params)
+        if "dur" in entries[name]:
+            assert float(entries[name]["dur"]) >= 0
+    return entries
+
+
+STAGES = {"queue", "text", "model", "encode", "app"}
+
+
+def sse_audio(response: httpx.Response) -> bytes:
+    events = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
+    assert events[-1]["type"] == "speech.audio.done", events[-1]
+    return b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
+
+
+def ws_speak(client: TestClient, **message: Any) -> bytes:
+    """One final `speak` over a fresh WebSocket: its binary audio, once `done` arrives."""
+    with client.websocket_connect("/v1/audio/speech/ws") as ws:
+        ws.send_text(json.dumps({"type": "speak", "id": "u", **message}))
+        audio = b""
+        while True:
+            received = ws.receive()
+            if received.get("bytes") is not None:
+                audio += received["bytes"]
+            elif (reply := json.loads(received["text"]))["type"] != "start":
+                assert reply["type"] == "done", reply
+                return audio
+
+
+def test_metrics_count_requests_and_observe_utterances(fake_client: TestClient) -> None:
+    before = scrape(fake_client)
+    text = "Hello there."
+    assert fake_client.post("/v1/audio/speech", json={"input": text, "response_format": "pcm"}).status_code == 200
+    assert fake_client.post("/v1/audio/speech", json={"input": "Hi.", "speed": 10}).status_code == 422
+    assert fake_client.post("/v1/audio/speech", json={"input": ""}).status_code == 400
+    assert fake_client.get("/v1/nothing").status_code == 404
+    after = scrape(fake_client)
+
+    def delta(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    for status in ("200", "422", "400"):
+        assert delta("tts_requests_total", endpoint="/v1/audio/speech", status=status) == 1, status
+    assert delta("tts_requests_total", endpoint="unmatched", status="404") == 1
+    assert delta("tts_requests_total", endpoint="/metrics", status="200") == 1  # the first scrape
+    # Only the 200 was synthesized: one sample in each histogram.
+    assert delta("tts_time_to_first_audio_seconds_count", mode="file") == 1
+    assert delta("tts_real_time_factor_count", mode="file") == 1
+    assert delta("tts_real_time_factor_sum", mode="file") > 0
+    assert delta("tts_queue_wait_seconds_count") == 1
+    assert delta("tts_speech_tokens_per_second_count") == 1
+    # The tone engine makes 240 samples (10 ms) per character: 25 speech tokens per second of it.
+    assert delta("tts_speech_tokens_total") == round(len(text) * 240 / 24000 * server.SPEECH_TOKEN_RATE)
+    assert delta("tts_model_seconds_total") > 0
+    assert delta("tts_voice_cache_misses_total") == 1
+    assert metric(after, "tts_active_requests") == 0 and metric(after, "tts_queue_depth") == 0
+    assert ("tts_model_load_seconds", ()) in after and ("tts_model_warmup_seconds", ()) in after
+    assert metric(after, "tts_model_loaded") == 1
+    assert metric(after, "tts_info", version=server.__version__, engine="tone", model="") == 1
+
+
+def test_each_app_has_its_own_metrics_registry(tmp_path: Path) -> None:
+    with fake_app(tmp_path, engine=ToneEngine()) as one, fake_app(tmp_path, engine=ToneEngine()) as two:
+        assert one.post("/v1/audio/speech", json={"input": "Only here.", "response_format": "pcm"}).status_code == 200
+        assert metric(scrape(one), "tts_requests_total", endpoint="/v1/audio/speech", status="200") == 1
+        assert metric(scrape(two), "tts_requests_total", endpoint="/v1/audio/speech", status="200") == 0
+
+
+def test_metrics_gauges_follow_a_stream_in_progress(tmp_path: Path) -> None:
+    with fake_app(tmp_path) as client, ThreadPoolExecutor(1) as pool:
+        running = pool.submit(client.post, "/v1/audio/speech/stream/pcm", json={"input": "Streaming slowly."})
+        wait_until(lambda: metric(scrape(client), "tts_active_streams") == 1)
+        queue = client.get("/v1/status").json()["queue"]
+        assert (queue["active"], queue["streams"]) == (1, 1)
+        assert running.result().status_code == 200
+        after = scrape(client)
+        assert metric(after, "tts_active_streams") == 0 and metric(after, "tts_active_requests") == 0
+        assert metric(after, "tts_time_to_first_audio_seconds_count", mode="stream") == 1
+
+
+def test_status_reports_engine_timings_caches_and_version(fake_client: TestClient) -> None:
+    status = fake_client.get("/v1/status").json()
+    assert status["version"] == server.__version__
+    assert status["engine"] == {"engine": "tone", "languages": ["en"], "chosen_because": "given"}
+    assert set(status["load_seconds"]) == {"load", "warm_up"} and status["uptime_s"] >= 0
+    assert status["gpu_memory"] is None  # CPU
+    assert status["queue"] == {"active": 0, "streams": 0, "waiting_units": 0, "running": False, "max": 32}
+    assert status["voice_cache"] == {"size": 0, "capacity": 32, "hits": 0, "misses": 0}
+    assert status["result_cache"] == {"entries": 0, "bytes": 0, "max_bytes": 64 * 1024 * 1024, "hits": 0,
+                                      "misses": 0, "evictions": 0}
+
+
+def test_server_timing_on_every_response(fake_client: TestClient) -> None:
+    body = {"input": "Timed speech.", "response_format": "pcm"}
+    whole = fake_client.post("/v1/audio/speech", json=body)
+    streamed = fake_client.post("/v1/audio/speech", json={**body, "stream_format": "audio"})
+    sse = fake_client.post("/v1/audio/speech/stream", json=body)
+    for response in (whole, streamed, sse):
+        assert response.status_code == 200
+        timing = server_timing(response)
+        assert set(timing) == STAGES, timing
+        assert float(timing["model"]["dur"]) > 0  # at least the voice was prepared before the first audio
+        assert len(response.headers["x-request-id"]) == 12
+    others = [fake_client.post("/v1/audio/speech", json={"input": ""}), fake_client.get("/health"),
+              fake_client.get("/v1/nothing"), fake_client.get("/metrics"), fake_client.get("/v1/status"),
+              fake_client.options("/v1/audio/speech")]
+    for response in others:
+        assert set(server_timing(response)) == {"app"}, response.request.url
+        assert response.headers["x-request-id"]
+
+
+def test_unexpected_error_is_a_500_with_timing_and_one_log_line(tmp_path: Path) -> None:
+    class BrokenEngine(ToneEngine):
+        def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+            raise RuntimeError("the engine broke")
+
+    records: list[Any] = []
+    sink = server.logger.add(lambda message: records.append(message.record), level="INFO")
+    try:
+        app = server.create_app(server.Settings(voices_dir=str(tmp_path)), BrokenEngine())
+        with TestClient(app, raise_server_exceptions=False) as client:
+            response = client.post("/v1/audio/speech", json={"input": "Break.", "response_format": "pcm"})
+    finally:
+        server.logger.remove(sink)
+    assert assert_openai_error(response, 500)["code"] == "internal_error"
+    assert set(server_timing(response)) == STAGES
+    lines = [r["extra"] for r in records if r["message"].startswith("request ")]
+    assert len(lines) == 1 and lines[0]["id"] == response.headers["x-request-id"]
+    assert (lines[0]["status"], lines[0]["outcome"]) == (500, "failed")
+
+
+def test_each_request_is_logged_once_with_its_stages(tmp_path: Path) -> None:
+    records: list[Any] = []
+    sink = server.logger.add(lambda message: records.append(message.record), level="INFO")
+    try:
+        with fake_app(tmp_path, engine=ToneEngine()) as client:
+            whole = client.post("/v1/audio/speech", json={"input": "Log me once.", "response_format": "pcm"})
+            streamed = client.post("/v1/audio/speech/stream/pcm", json={"input": "Streamed and logged."})
+            bad = client.post("/v1/audio/speech", json={"input": ""})
+            health = client.get("/health")
+            ws_audio = ws_speak(client, text="Over the socket.")
+    finally:
+        server.logger.remove(sink)
+    lines = [r for r in records if r["message"].startswith("request ")]
+    assert len(lines) == 5, [r["message"] for r in lines]  # the WebSocket utterance, not its connection
+    by_id = {r["extra"]["id"]: r for r in lines}
+    speech_fields = {"outcome", "cache", "chars", "audio_s", "queue_ms", "text_ms", "model_ms", "encode_ms",
+                     "ttfa_ms", "rtf"}
+    for response, text in ((whole, "Log me once."), (streamed, "Streamed and logged.")):
+        record = by_id[response.headers["x-request-id"]]
+        fields = record["extra"]
+        assert set(fields) == {"id", "route", "status", "bytes", "total_ms"} | speech_fields
+        assert (fields["status"], fields["outcome"], fields["chars"]) == (200, "ok", len(text))
+        assert fields["bytes"] == len(response.content)
+        assert fields["audio_s"] == pytest.approx(len(response.content) / 2 / 24000, abs=1e-3)
+        assert fields["model_ms"] > 0 and fields["ttfa_ms"] > 0 and fields["rtf"] > 0
+        assert all(fields[f"{stage}_ms"] >= 0 for stage in ("queue", "text", "encode"))
+        assert f" status=200 bytes={len(response.content)} outcome=ok " in record["message"]
+        assert "\n" not in record["message"]
+    assert by_id[whole.headers["x-request-id"]]["extra"]["route"] == "/v1/audio/speech"
+    assert by_id[streamed.headers["x-request-id"]]["extra"]["route"] == "/v1/audio/speech/stream/pcm"
+    refused = by_id[bad.headers["x-request-id"]]["extra"]
+    assert (refused["route"], refused["status"]) == ("/v1/audio/speech", 400) and "chars" not in refused
+    assert by_id[health.headers["x-request-id"]]["extra"]["status"] == 200
+    socket_line = next(r["extra"] for r in lines if r["extra"]["route"] == "/v1/audio/speech/ws")
+    assert (socket_line["status"], socket_line["outcome"], socket_line["bytes"]) == (200, "ok", len(ws_audio))
+    assert socket_line["chars"] == len("Over the socket.") and socket_line["model_ms"] > 0
+
+
+class CountingToneEngine(ToneEngine):
+    """Counts its model calls; takes voices from VOICES_DIR (any .wav file: a different tone)."""
+
+    voice_files = (".wav",)
+    clones_voices = True
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+        self.calls += 1
+        yield from super().synthesize(text, voice, params)
+
+
+def test_result_cache_serves_identical_seeded_requests_without_the_model(tmp_path: Path) -> None:
+    engine = CountingToneEngine()
+    (tmp_path / "voices").mkdir()
+    (tmp_path / "voices" / "other.wav").write_bytes(b"another voice")
+    with fake_app(tmp_path, engine=engine) as client:
+        body = {"input": "Cache me if you can.", "response_format": "pcm", "seed": 5}
+        first = client.post("/v1/audio/speech", json=body)
+        assert first.status_code == 200 and server_timing(first)["cache"] == {"desc": "miss"}
+        calls = engine.calls
+        second = client.post("/v1/audio/speech", json=body)
+        assert second.content == first.content and engine.calls == calls
+        timing = server_timing(second)
+        assert timing["cache"] == {"desc": "hit"}
+        assert float(timing["model"]["dur"]) == float(timing["queue"]["dur"]) == 0  # no queue, no model
+        # The same request streamed, and over every transport: the same bytes, no model work.
+        assert client.post("/v1/audio/speech", json={**body, "stream_format": "audio"}).content == first.content
+        assert sse_audio(client.post("/v1/audio/speech/stream", json=body)) == first.content
+        assert client.post("/v1/audio/speech/stream/pcm", json=body).content == first.content
+        assert ws_speak(client, text=body["input"], seed=5) == first.content
+        # "alloy" names the built-in voice: the same voice content, so the same result.
+        assert client.post("/v1/audio/speech", json={**body, "voice": "alloy"}).content == first.content
+        assert engine.calls == calls
+        cache = client.get("/v1/status").json()["result_cache"]
+        assert (cache["hits"], cache["misses"], cache["entries"], cache["bytes"]) == (6, 1, 1, len(first.content))
+        assert metric(scrape(client), "tts_result_cache_hits_total") == 6
+        # Whatever changes the audio is another result.
+        changes = [{"seed": 6}, {"voice": "other"}, {"response_format": "wav"},
+                   {"response_format": "wav", "stream_format": "audio"}, {"speed": 1.5}, {"sample_rate": 16000},
+                   {"input": "Cache me if you can!"}]
+        for change in changes:
+            before = engine.calls
+            response = client.post("/v1/audio/speech", json={**body, **change})
+            assert response.status_code == 200 and engine.calls > before, change
+            assert server_timing(response)["cache"] == {"desc": "miss"}, change
+        (tmp_path / "voices" / "other.wav").write_bytes(b"the voice, replaced")  # same name, new content
+        before = engine.calls
+        client.post("/v1/audio/speech", json={**body, "voice": "other"})
+        assert engine.calls > before
+        cache = client.get("/v1/status").json()["result_cache"]
+        assert (cache["hits"], cache["misses"], cache["entries"]) == (6, 2 + len(changes), 2 + len(changes))
+
+
+def test_result_cache_never_holds_unseeded_failed_or_disabled_results(tmp_path: Path) -> None:
+    engine = CountingToneEngine()
+    with fake_app(tmp_path, engine=engine) as client:
+        for _ in range(2):
+            response = client.post("/v1/audio/speech", json={"input": "No seed, no cache.", "response_format": "pcm"})
+            assert "cache" not in server_timing(response)
+        assert engine.calls == 2
+        assert client.get("/v1/status").json()["result_cache"]["misses"] == 0  # not even asked
+    engine = CountingToneEngine()
+    with fake_app(tmp_path, engine=engine, result_cache_mb=0) as client:
+        body = {"input": "Seeded, but the cache is off.", "response_format": "pcm", "seed": 1}
+        assert client.post("/v1/audio/speech", json=body).content == client.post("/v1/audio/speech", json=body).content
+        assert engine.calls == 2
+        assert client.get("/v1/status").json()["result_cache"] == {"entries": 0, "bytes": 0, "max_bytes": 0,
+                                                                   "hits": 0, "misses": 0, "evictions": 0}
+    with fake_app(tmp_path, request_timeout=0.3) as client:  # slow engine: the request times out
+        body = {"input": "Too slow to finish, so never stored.", "response_format": "pcm", "seed": 1}
+        assert client.post("/v1/audio/speech", json=body).status_code == 504
+        cache = client.get("/v1/status").json()["result_cache"]
+        assert (cache["misses"], cache["entries"]) == (1, 0)
+
+
+def test_result_cache_is_bounded_and_evicts_the_least_recently_used(tmp_path: Path) -> None:
+    engine = CountingToneEngine()
+    text = "A sentence long enough to take up space."  # 41 characters: 19,680 bytes of pcm
+    with fake_app(tmp_path, engine=engine, result_cache_mb=0.05) as client:  # 52,428 bytes: two fit
+
+        def say(seed: int) -> bytes:
+            response = client.post("/v1/audio/speech", json={"input": text, "response_format": "pcm", "seed": seed})
+            assert len(response.content) == 2 * 240 * len(text)
+            return response.content
+
+        first = say(1)
+        say(2)
+        assert say(1) == first  # a hit: 1 is now the most recently used
+        say(3)  # evicts 2
+        cache = client.get("/v1/status").json()["result_cache"]
+        assert (cache["entries"], cache["evictions"]) == (2, 1) and cache["bytes"] <= cache["max_bytes"]
+        calls = engine.calls
+        say(1), say(3)
+        assert engine.calls == calls
+        say(2)
+        assert engine.calls == calls + 1
+        assert metric(scrape(client), "tts_result_cache_evictions_total") == 2
+
+
+def test_result_cache_accounts_bytes_and_skips_what_cannot_fit() -> None:
+    cache = server.ResultCache(10)
+    cache.put("a", server.CachedResult(b"aaaa", 1.0))
+    cache.put("b", server.CachedResult(b"bbbb", 1.0))
+    assert cache.get("a") is not None  # b is now the least recently used
+    cache.put("c", server.CachedResult(b"cccc", 1.0))
+    assert cache.get("b") is None and (len(cache), cache.bytes, cache.evictions) == (2, 8, 1)
+    cache.put("huge", server.CachedResult(b"x" * 11, 1.0))
+    assert cache.get("huge") is None and cache.bytes == 8
+    cache.put("a", server.CachedResult(b"aa", 1.0))  # replaced, not counted twice
+    assert (len(cache), cache.bytes) == (2, 6)
+    assert (cache.hits, cache.misses) == (1, 2)
 
 
 # ---------------------------------------------------------------------------
@@ -741,7 +1048,9 @@ class ServerProcess:
         self.log = open(voices_dir.parent / f"server-{kind}-{self.port}.log", "w+")
         full_env = {**os.environ, "TTS_MODEL": kind, "MODEL_DIR": str(model_dir or ""), "PORT": str(self.port),
                     "HOST": "127.0.0.1", "VOICES_DIR": str(voices_dir), "HF_HUB_OFFLINE": "1",
-                    "CHUNK_MAX_CHARS": str(TEST_CHUNK_MAX_CHARS), **env}
+                    "CHUNK_MAX_CHARS": str(TEST_CHUNK_MAX_CHARS),
+                    # Seeded requests repeat across tests, which must exercise the pipeline, not the result cache.
+                    "RESULT_CACHE_MB": "0", **env}
         self.started = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "server.py")], env=full_env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
@@ -2014,8 +2323,8 @@ def test_client_disconnect_frees_the_worker(servers: dict[str, ServerProcess], m
                     time.sleep(0.05)
         # the socket is closed mid-request
     wait_idle(srv, timeout=30)
-    last = [line for line in srv.logs().splitlines() if " utterance " in line][-1]
-    assert " cancelled: " in last, last
+    last = [line for line in srv.logs().splitlines() if " outcome=" in line][-1]
+    assert " outcome=cancelled " in last and " status=" + ("200" if mode == "sse" else "499") in last, last
 
 
 def test_burst_leaves_no_queue_and_no_tasks(servers: dict[str, ServerProcess]) -> None:
@@ -2315,3 +2624,94 @@ def test_browser_page_asks_for_the_api_key(browser: Any, tmp_path: Path) -> None
             assert stats["error"] is None and stats["bytes"] > 0 and stats["underruns"] == 0
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------
+# Metrics, Server-Timing, JSON logs and the result cache on a real server
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def piper_json(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess("piper", None, tmp_path_factory.mktemp("voices-piper-json"), LOG_JSON="true",
+                        RESULT_CACHE_MB="1")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def json_log_lines(srv: ServerProcess) -> list[dict[str, Any]]:
+    """The server's loguru records (LOG_JSON: one JSON object per line; onnxruntime may print others)."""
+    records = []
+    for line in srv.logs().splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line)["record"])
+    return records
+
+
+def request_lines(srv: ServerProcess, request_id: str) -> list[dict[str, Any]]:
+    return [r["extra"] for r in json_log_lines(srv) if r["extra"].get("id") == request_id]
+
+
+def test_metrics_timing_and_json_logs_end_to_end(piper_json: ServerProcess) -> None:
+    srv = piper_json
+    before = scrape(srv.url)
+    ok = speak(srv, input="Metrics from a real server.", response_format="wav")
+    bad = speak(srv, input="Hi.", response_format="midi")
+    assert ok.status_code == 200 and bad.status_code == 400
+
+    def delta(samples: dict[Any, float], name: str, **labels: str) -> float:
+        return metric(samples, name, **labels) - metric(before, name, **labels)
+
+    # A request is counted once its response has ended, just after the client has it.
+    wait_until(lambda: delta(scrape(srv.url), "tts_requests_total", endpoint="/v1/audio/speech", status="400") == 1)
+    after = scrape(srv.url)
+    assert delta(after, "tts_requests_total", endpoint="/v1/audio/speech", status="200") == 1
+    assert delta(after, "tts_time_to_first_audio_seconds_count", mode="file") == 1
+    assert delta(after, "tts_real_time_factor_count", mode="file") == 1
+    assert delta(after, "tts_speech_tokens_per_second_count") == 1
+    audio_seconds = (len(ok.content) - 44) / 2 / 24000
+    assert delta(after, "tts_speech_tokens_total") == pytest.approx(audio_seconds * 25, rel=0.05)
+    assert metric(after, "tts_model_load_seconds") > 0 and ("tts_model_warmup_seconds", ()) in after
+    assert metric(after, "tts_info", version=server.__version__, engine="piper", model="piper") == 1
+
+    assert set(server_timing(ok)) == STAGES and float(server_timing(ok)["model"]["dur"]) > 0
+    health = httpx.get(f"{srv.url}/health")
+    for response in (bad, health):
+        assert set(server_timing(response)) == {"app"}
+
+    wait_until(lambda: request_lines(srv, health.headers["x-request-id"]))
+    [line] = request_lines(srv, ok.headers["x-request-id"])
+    assert (line["route"], line["status"], line["outcome"], line["cache"]) == ("/v1/audio/speech", 200, "ok", None)
+    assert line["chars"] == len("Metrics from a real server.") and line["bytes"] == len(ok.content)
+    assert line["audio_s"] == pytest.approx(audio_seconds, abs=1e-3)
+    assert line["model_ms"] > 0 and line["ttfa_ms"] > 0 and line["rtf"] > 0
+    assert all(line[f"{stage}_ms"] >= 0 for stage in ("queue", "text", "encode"))
+    [refused] = request_lines(srv, bad.headers["x-request-id"])
+    assert (refused["status"], refused["route"]) == (400, "/v1/audio/speech")
+    assert len(request_lines(srv, health.headers["x-request-id"])) == 1
+
+
+def test_result_cache_end_to_end(piper_json: ServerProcess) -> None:
+    srv = piper_json
+    body = {"input": "Served twice, synthesized once.", "seed": 3, "response_format": "wav"}
+    hits = status_of(srv)["result_cache"]["hits"]
+    first, second = speak(srv, **body), speak(srv, **body)
+    assert first.status_code == second.status_code == 200 and second.content == first.content
+    assert server_timing(first)["cache"] == {"desc": "miss"} and server_timing(second)["cache"] == {"desc": "hit"}
+    assert float(server_timing(second)["model"]["dur"]) == 0
+    assert status_of(srv)["result_cache"]["hits"] == hits + 1
+    assert metric(scrape(srv.url), "tts_result_cache_hits_total") == hits + 1
+    wait_until(lambda: request_lines(srv, second.headers["x-request-id"]))
+    assert request_lines(srv, first.headers["x-request-id"])[0]["cache"] == "miss"
+    [line] = request_lines(srv, second.headers["x-request-id"])
+    assert (line["cache"], line["model_ms"], line["bytes"]) == ("hit", 0.0, len(first.content))
+    # Streamed: a hit too once stored, byte for byte the stream a synthesis sends.
+    stream_body = {**body, "response_format": "pcm"}
+    streamed = httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=stream_body, timeout=120)
+    again = httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=stream_body, timeout=120)
+    assert again.content == streamed.content and server_timing(again)["cache"] == {"desc": "hit"}
+    unseeded = speak(srv, input=body["input"], response_format="wav")
+    assert unseeded.status_code == 200 and "cache" not in server_timing(unseeded)
