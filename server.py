@@ -2060,13 +2060,14 @@ class SpeechJob:
     outcome: str = "cancelled"  # set when its rendering ends: ok, cancelled, failed or an error code
     result_cache: str = ""  # "hit" or "miss" when the result cache was asked
 
+    def copy(self) -> SpeechJob:
+        """A new job with the same voice and settings: its own id, timeline and place in line."""
+        return replace(self, timeline=Timeline(), id=uuid.uuid4().hex[:12], ticket=None, outcome="cancelled",
+                       result_cache="")
+
 
 def milliseconds(seconds: float | None) -> float | None:
     return None if seconds is None else round(1000 * seconds, 1)
-
-    def copy(self) -> SpeechJob:
-        """A new job with the same voice and settings: its own id, timeline and place in line."""
-        return replace(self, timeline=Timeline(), id=uuid.uuid4().hex[:12], ticket=None)
 
 
 @dataclass

@@ -812,7 +812,8 @@ def test_metrics_gauges_follow_a_stream_in_progress(tmp_path: Path) -> None:
 def test_status_reports_engine_timings_caches_and_version(fake_client: TestClient) -> None:
     status = fake_client.get("/v1/status").json()
     assert status["version"] == server.__version__
-    assert status["engine"] == {"engine": "tone", "languages": ["en"], "chosen_because": "given"}
+    assert status["engine"] == {"engine": "tone", "languages": ["en"], "chosen_because": "given",
+                                "clones_voices": False}
     assert set(status["load_seconds"]) == {"load", "warm_up"} and status["uptime_s"] >= 0
     assert status["gpu_memory"] is None  # CPU
     assert status["queue"] == {"active": 0, "streams": 0, "waiting_units": 0, "running": False, "max": 32}
