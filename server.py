@@ -54,7 +54,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
 __version__ = "0.1.0"
 
@@ -3078,6 +3078,8 @@ class SpeechSession:
             except asyncio.CancelledError:
                 if not utterance.cancelled:
                     raise  # the connection is closing
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                return  # the client left mid-utterance (499); the receive loop ends the session
             except Exception as exc:
                 error = exc
                 status = exc.status if isinstance(exc, ApiError) else 500
