@@ -1453,6 +1453,10 @@ class T3Decoder(torch.nn.Module):
         self.final_norm = tfmr.ln_f if self.gpt2 else tfmr.norm
         self.positions = tfmr.wpe if self.gpt2 else None
         self.rotary = None if self.gpt2 else tfmr.rotary_emb
+        if not self.gpt2:  # looked up once here, not on every layer of every step
+            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+            self._apply_rope = apply_rotary_pos_emb
         self.probes = probes  # (layer, head) pairs whose attention row 0 is kept for the alignment monitor
         self.probed: dict[tuple[int, int], torch.Tensor] = {}
         self.cache: KVCache | None = None
@@ -1502,9 +1506,7 @@ class T3Decoder(torch.nn.Module):
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k, v = (y.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2) for y in (k, v))
         if self._rope is not None:
-            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-            q, k = apply_rotary_pos_emb(q, k, self._rope[0][positions][None], self._rope[1][positions][None])
+            q, k = self._apply_rope(q, k, self._rope[0][positions][None], self._rope[1][positions][None])
         cache = self.cache
         cache.write(index, positions, k, v)
         keys, values = cache.keys[index][:, :, :length], cache.values[index][:, :, :length]
