@@ -35,7 +35,7 @@ run: $(STAMP)
 	$(PY) server.py
 
 test: $(STAMP) $(CHROMIUM)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 server_test.py $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 server_test.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

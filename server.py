@@ -108,7 +108,7 @@ class Settings:
                                default=True)
     idle_unload_s: float = _env("IDLE_UNLOAD_S", "Free the model after this many idle seconds (0 = never).",
                                 default=0.0)
-    gpu_memory_cleanup: bool = _env("GPU_MEMORY_CLEANUP", "Release cached GPU memory after each request.",
+    gpu_memory_cleanup: bool = _env("GPU_MEMORY_CLEANUP", "Release cached GPU memory and spare KV caches after each request.",
                                     default=False)
     api_key: str = _env("API_KEY", "If set, every endpoint but /, /health and /ready needs 'Bearer <key>'.",
                         default="")
@@ -750,6 +750,7 @@ class SynthesisParams:
     temperature: float = 0.8
     language: str | None = None
     seeded: bool = False  # the request fixed its seed and expects reproducible audio
+    streamed: bool = True  # played as it comes; False (whole files): a chunk's audio may come in one piece
 
 
 @dataclass(frozen=True)
@@ -798,7 +799,8 @@ class Engine(ABC):
     @abstractmethod
     def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
         """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced
-        (numpy arrays, or HostAudio still being copied from the GPU)."""
+        (numpy arrays, or HostAudio still being copied from the GPU). An empty array is no
+        audio yet: the engine hands the inference thread back so other requests get a turn."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]: ...
@@ -1075,6 +1077,11 @@ class ChatterboxEngine(Engine):
         gc.collect()
         self.release_memory()
 
+    def release_memory(self) -> None:
+        if self.decoding is not None:
+            self.decoding[0].trim(1)  # KV caches kept from a busier moment
+        super().release_memory()
+
     def warm_up(self) -> None:
         voice = self.prepare_voice(BUILTIN_VOICE, 0.5)
         for _ in self.synthesize("Warm up.", voice, SynthesisParams(), max_tokens=10):
@@ -1143,11 +1150,13 @@ class ChatterboxEngine(Engine):
 
     def synthesize(self, text: str, voice: Any, params: SynthesisParams,
                    max_tokens: int | None = None) -> Iterator[np.ndarray]:
-        """Speech tokens are decoded to audio in windows while T3 is still generating.
+        """Streamed, speech tokens are decoded to audio in windows while T3 is still generating.
 
         Each window re-decodes `context` already-spoken tokens before its new ones and
         keeps only the new audio, minus a short margin at the window's open end (the
-        vocoder's edge); consecutive windows overlap by a short crossfade.
+        vocoder's edge); consecutive windows overlap by a short crossfade. Not streamed,
+        the chunk is decoded once at the end (half the S3Gen work, no window seams), with an
+        empty piece every `chunk_tokens` tokens so the scheduler can run other work.
         """
         parts = self._parts()
         plan = self.stream
@@ -1161,10 +1170,13 @@ class ChatterboxEngine(Engine):
         # position, so every window sees the same noise where they overlap.
         noise = (torch.randn(1, 80, 2 * (budget + 8), device=self.device, dtype=parts.s3gen.dtype)
                  if self.kind == "turbo" else None)
-        for token in self._speech_tokens(text_tokens, voice.t3, params, budget):
+        for count, token in enumerate(self._speech_tokens(text_tokens, voice.t3, params, budget), 1):
             if token < SPEECH_CODEBOOK:
                 tokens.append(token)
-            if (span := window.next_span(len(tokens))) is not None:
+            if not params.streamed:
+                if count % plan.chunk_tokens == 0:
+                    yield np.zeros(0, dtype=np.float32)
+            elif (span := window.next_span(len(tokens))) is not None:
                 start, end = span
                 audio = self._decode(tokens, start, end, voice, noise, final=False)
                 yield to_host(joiner.push(audio, starts_segment=start > 0))
@@ -1234,35 +1246,35 @@ class ChatterboxEngine(Engine):
         stop = t3.hp.stop_speech_token
         seen = torch.zeros(1, t3.hp.speech_tokens_dict_size, dtype=torch.bool, device=self.device)
         seen[0, t3.hp.start_speech_token] = True
-        decoder.reserve(embeds.shape[1] + budget + 1)
-        hidden = decoder.prefill(embeds)
-        position, last, pending = embeds.shape[1], t3.hp.start_speech_token, []
-        for index in range(budget):
-            logits = t3.speech_head(hidden).float()
-            if not turbo:  # classifier-free guidance: conditional row 0, unconditional row 1
-                logits = logits[0:1] + params.cfg_weight * (logits[0:1] - logits[1:2])
-            if monitor is not None:
-                for slot, probe in enumerate(decoder.probes):
-                    monitor.last_aligned_attns[slot] = decoder.probed[probe]
-                logits = monitor.step(logits, next_token=last)
-            token = sample(recipe(logits, seen))
-            if turbo and index == 0:
-                seen.zero_()  # upstream's Turbo history holds the start token for the first draw only
-            seen.scatter_(1, token, True)
-            pending.append(token)
-            if len(pending) == check_every or index == budget - 1:
-                for last in torch.cat(pending, dim=1)[0].tolist():
-                    if last == stop:
-                        return
-                    yield last
-                pending = []
-            if index == budget - 1:
-                return
-            embed = t3.speech_emb(token)
-            if not turbo:
-                embed = (embed + t3.speech_pos_emb.get_fixed_embedding(index + 1)).expand(2, -1, -1)
-            hidden = step(embed, position)
-            position += 1
+        with decoder.borrow(embeds.shape[1] + budget + 1) as cache:
+            hidden = decoder.prefill(embeds, cache)
+            position, last, pending = embeds.shape[1], t3.hp.start_speech_token, []
+            for index in range(budget):
+                logits = t3.speech_head(hidden).float()
+                if not turbo:  # classifier-free guidance: conditional row 0, unconditional row 1
+                    logits = logits[0:1] + params.cfg_weight * (logits[0:1] - logits[1:2])
+                if monitor is not None:
+                    for slot, probe in enumerate(decoder.probes):
+                        monitor.last_aligned_attns[slot] = decoder.probed[probe]
+                    logits = monitor.step(logits, next_token=last)
+                token = sample(recipe(logits, seen))
+                if turbo and index == 0:
+                    seen.zero_()  # upstream's Turbo history holds the start token for the first draw only
+                seen.scatter_(1, token, True)
+                pending.append(token)
+                if len(pending) == check_every or index == budget - 1:
+                    for last in torch.cat(pending, dim=1)[0].tolist():
+                        if last == stop:
+                            return
+                        yield last
+                    pending = []
+                if index == budget - 1:
+                    return
+                embed = t3.speech_emb(token)
+                if not turbo:
+                    embed = (embed + t3.speech_pos_emb.get_fixed_embedding(index + 1)).expand(2, -1, -1)
+                hidden = step(embed, position, cache)
+                position += 1
 
     def _alignment_monitor(self, len_cond: int, len_text: int) -> Any:
         """Upstream's Multilingual alignment analyzer (forces EOS on runaway or repeating speech).
@@ -1391,7 +1403,10 @@ class DecodeOptions:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: [batch, heads, capacity, head_dim] each."""
+    """Keys and values of every layer, preallocated: [batch, heads, capacity, head_dim] each.
+
+    One generation owns a cache while it runs; the CUDA graphs captured over it live with it.
+    """
 
     def __init__(self, layers: int, batch: int, heads: int, head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device | str):
@@ -1399,6 +1414,11 @@ class KVCache:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.capacity = capacity
+        self.graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # by attended length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (*self.keys, *self.values))
 
     def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys[layer].index_copy_(2, positions, keys)
@@ -1432,9 +1452,13 @@ def attention_probs(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor 
 class T3Decoder(torch.nn.Module):
     """T3's transformer with a static KV cache; GPT-2 (Turbo) or Llama (standard, Multilingual).
 
-    `prefill` runs the prompt and fills the cache; `step` appends one position per batch row.
+    `prefill` runs the prompt and fills a cache; a `DecodeStep` appends one position per batch row.
     Both return the final hidden state of the last position, [batch, dim], in float32. Layers share
     their weights with the loaded checkpoint (nothing is copied unless quantized).
+
+    Each generation borrows a cache of its own (`borrow`): the worker interleaves the steps of
+    concurrent streams, so a suspended generation must find its keys and values as it left them.
+    Returned caches are kept for the next generation (with their CUDA graphs) until `trim`.
     """
 
     def __init__(self, tfmr: Any, batch: int, options: DecodeOptions, capacity: int = 1536,
@@ -1459,7 +1483,9 @@ class T3Decoder(torch.nn.Module):
             self._apply_rope = apply_rotary_pos_emb
         self.probes = probes  # (layer, head) pairs whose attention row 0 is kept for the alignment monitor
         self.probed: dict[tuple[int, int], torch.Tensor] = {}
-        self.cache: KVCache | None = None
+        self.capacity = 0
+        self.spare: list[KVCache] = []
+        self.lent = 0
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reserve(capacity)
 
@@ -1484,20 +1510,44 @@ class T3Decoder(torch.nn.Module):
                                         up=mlp.up_proj, act=mlp.act_fn, down=mlp.down_proj))
 
     def reserve(self, capacity: int) -> None:
-        """Make room for `capacity` positions (rounded up to a bucket); reallocates only to grow."""
+        """Make caches hold `capacity` positions (rounded up to a bucket) from now on; only grows.
+
+        Every cache has the same capacity, so compiled code and graphs see one set of shapes."""
         capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
-        if self.cache is not None and self.cache.capacity >= capacity:
+        if capacity <= self.capacity:
             return
+        self.capacity = capacity
+        self.spare.clear()  # smaller caches still lent out are dropped when they come back
         weight = next(p for p in self.final_norm.parameters())
-        self.cache = KVCache(self.layer_count, self.batch, self.kv_heads, self.head_dim, capacity,
-                             self.options.dtype, weight.device)
         if self.rotary is not None:
             position_ids = torch.arange(capacity, device=weight.device)[None]
             cos, sin = self.rotary(torch.zeros(1, dtype=self.options.dtype, device=weight.device), position_ids)
             self._rope = (cos[0], sin[0])
 
-    def _attention(self, index: int, layer: Any, x: torch.Tensor, positions: torch.Tensor, length: int,
-                   mask: torch.Tensor | None) -> torch.Tensor:
+    @contextmanager
+    def borrow(self, positions: int) -> Iterator[KVCache]:
+        """A cache for one generation of up to `positions` positions, given back when the block ends."""
+        self.reserve(positions)
+        if self.spare:
+            cache = self.spare.pop()
+        else:
+            weight = self.final_norm.weight
+            cache = KVCache(self.layer_count, self.batch, self.kv_heads, self.head_dim, self.capacity,
+                            self.options.dtype, weight.device)
+        self.lent += 1
+        try:
+            yield cache
+        finally:
+            self.lent -= 1
+            if cache.capacity == self.capacity:
+                self.spare.append(cache)
+
+    def trim(self, keep: int) -> None:
+        """Free spare caches beyond `keep` (their memory and graphs)."""
+        del self.spare[keep:]
+
+    def _attention(self, index: int, layer: Any, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                   length: int, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         if self.gpt2:
             q, k, v = layer["qkv"](x).split(self.dim, dim=2)
@@ -1507,7 +1557,6 @@ class T3Decoder(torch.nn.Module):
         k, v = (y.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2) for y in (k, v))
         if self._rope is not None:
             q, k = self._apply_rope(q, k, self._rope[0][positions][None], self._rope[1][positions][None])
-        cache = self.cache
         cache.write(index, positions, k, v)
         keys, values = cache.keys[index][:, :, :length], cache.values[index][:, :, :length]
         if self.kv_heads != self.heads:  # grouped-query attention
@@ -1520,14 +1569,15 @@ class T3Decoder(torch.nn.Module):
                 self.probed[probe] = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1], mask, causal)[0, 0]
         return layer["out"](out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
 
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, length: int,
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden state of the last position after writing `positions` (T of them) into the cache."""
+        """Hidden state of the last position after writing `positions` (T of them) into `cache`;
+        attention sees the cache's first `length` positions (those `mask` allows)."""
         x = embeds.to(self.options.dtype)
         if self.positions is not None:
             x = x + self.positions(positions)
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(index, layer, layer["norm1"](x), positions, length, mask)
+            x = x + self._attention(index, layer, layer["norm1"](x), positions, cache, length, mask)
             h = layer["norm2"](x)
             if self.gpt2:
                 x = x + layer["down"](layer["act"](layer["up"](h)))
@@ -1535,10 +1585,9 @@ class T3Decoder(torch.nn.Module):
                 x = x + layer["down"](layer["act"](layer["gate"](h)) * layer["up"](h))
         return self.final_norm(x[:, -1]).float()
 
-    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+    def prefill(self, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
         length = embeds.shape[1]
-        self.reserve(length + 1)
-        return self(embeds, torch.arange(length, device=embeds.device), length)
+        return self(embeds, torch.arange(length, device=embeds.device), cache, length)
 
 
 class DecodeStep:
@@ -1554,43 +1603,41 @@ class DecodeStep:
         self.forward: Callable[..., torch.Tensor] = decoder
         if self.options.compile_mode:
             self.forward = torch.compile(decoder, mode=self.options.compile_mode, fullgraph=False, dynamic=False)
-        self.graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._graphed_cache: KVCache | None = None
 
-    def __call__(self, embed: torch.Tensor, position: int) -> torch.Tensor:
-        decoder = self.decoder
-        decoder.reserve(position + 1)
+    def __call__(self, embed: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
+        if position >= cache.capacity:
+            raise ValueError(f"position {position} is beyond the cache's {cache.capacity}")
         if not self.options.bucketed:
             positions = torch.tensor([position], device=embed.device)
-            return self.forward(embed, positions, position + 1)
-        length = min(-(-(position + 1) // CACHE_BUCKET) * CACHE_BUCKET, decoder.cache.capacity)
-        if self.options.cuda_graphs and not decoder.probes:
-            return self._replay(embed, position, length)
+            return self.forward(embed, positions, cache, position + 1)
+        length = min(-(-(position + 1) // CACHE_BUCKET) * CACHE_BUCKET, cache.capacity)
+        if self.options.cuda_graphs and not self.decoder.probes:
+            return self._replay(embed, position, cache, length)
         positions = torch.tensor([position], device=embed.device)
-        return self.forward(embed, positions, length, visible(length, position, embed.device))
+        return self.forward(embed, positions, cache, length, visible(length, position, embed.device))
 
     def warm_up(self) -> None:
-        """Compile or capture every bucket now, so the first request runs as fast as the hundredth."""
+        """Compile or capture every bucket now, so the first request runs as fast as the hundredth
+        (graphs are captured over one cache; a cache first used by a concurrent stream captures its own)."""
         if not self.options.bucketed:
             return
-        embed = torch.zeros(self.decoder.batch, 1, self.decoder.dim, dtype=self.options.dtype,
-                            device=self.decoder.final_norm.weight.device)
-        for length in range(CACHE_BUCKET, self.decoder.cache.capacity + 1, CACHE_BUCKET):
-            self(embed, length - 1)  # writes junk at that position: no request is running yet
+        decoder = self.decoder
+        embed = torch.zeros(decoder.batch, 1, decoder.dim, dtype=self.options.dtype,
+                            device=decoder.final_norm.weight.device)
+        with decoder.borrow(decoder.capacity) as cache:
+            for length in range(CACHE_BUCKET, cache.capacity + 1, CACHE_BUCKET):
+                self(embed, length - 1, cache)  # junk at that position; a generation overwrites before reading
 
-    def _replay(self, embed: torch.Tensor, position: int, length: int) -> torch.Tensor:
-        if self.graphs and self._graphed_cache is not self.decoder.cache:
-            self.graphs.clear()  # the cache grew: graphs point at the old buffers
-        self._graphed_cache = self.decoder.cache
-        if length not in self.graphs:
-            self.graphs[length] = self._capture(embed, position, length)
-        graph, static_embed, static_position, output = self.graphs[length]
+    def _replay(self, embed: torch.Tensor, position: int, cache: KVCache, length: int) -> torch.Tensor:
+        if length not in cache.graphs:
+            cache.graphs[length] = self._capture(embed, position, cache, length)
+        graph, static_embed, static_position, output = cache.graphs[length]
         static_embed.copy_(embed)
         static_position.fill_(position)
         graph.replay()
         return output
 
-    def _capture(self, embed: torch.Tensor, position: int,
+    def _capture(self, embed: torch.Tensor, position: int, cache: KVCache,
                  length: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
         # Warm-up runs compute this very step (same input, same position), so they write nothing stale.
         static_embed = embed.clone()
@@ -1598,7 +1645,7 @@ class DecodeStep:
 
         def run() -> torch.Tensor:
             mask = visible(length, static_position, embed.device)
-            return self.forward(static_embed, static_position, length, mask)
+            return self.forward(static_embed, static_position, cache, length, mask)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -2406,6 +2453,8 @@ class Speaker:
                     pieces = engine.synthesize(chunk, conds, job.params)
                     first = True
                     while (piece := await self.unit(job, lambda: step(pieces))) is not None:
+                        if isinstance(piece, np.ndarray) and not piece.size:
+                            continue  # the engine gave the inference thread a turn for other work
                         await queue.put((piece, first))
                         first = False
                     pieces = None
@@ -2448,6 +2497,7 @@ class Speaker:
         When the whole text is known up front (a list), a seeded job's complete result is kept in
         the result cache, and a job that finds its result there is answered from it: no queue, no model.
         """
+        job.params = replace(job.params, streamed=streaming)
         key = self._result_key(job, texts, streaming) if isinstance(texts, list) else None
         cached = None
         if key is not None:

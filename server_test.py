@@ -1491,6 +1491,66 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
         assert ours == stock, kind
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_interleaved_generations_keep_their_own_kv_cache(checkpoints: dict[str, Path], kind: str,
+                                                         tmp_path: Path) -> None:
+    """The worker runs concurrent streams' steps in turn: each generation must see only its own cache.
+
+    Compared bit for bit on the hidden states reaching the speech head (sampled tokens from tiny
+    random models hardly depend on context, so they would hide a shared cache)."""
+    engine = tiny_engine(checkpoints, kind)
+    t3 = engine.parts.t3
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(reference_clip(seed=11)))
+    voices = [engine.prepare_voice(server.BUILTIN_VOICE, 0.5),
+              engine.prepare_voice(server.VoiceRef("clip", clip, "clip"), 0.5)]
+    params = server.SynthesisParams(language="en")
+    prompts = [engine._text_tokens(text, "en") for text in ("Hello there, how are you?", "A different sentence.")]
+    seen_by_head: list[list[torch.Tensor]] = [[], []]
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, head: torch.nn.Module):
+            super().__init__()
+            self.head, self.into = head, seen_by_head[0]
+
+        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+            self.into.append(hidden.clone())
+            return self.head(hidden)
+
+    head = t3.speech_head
+    t3.speech_head = recorder = Recorder(head)
+
+    def generation(index: int) -> tuple[int, Iterator[int], server.RngStream]:
+        return index, engine._speech_tokens(prompts[index], voices[index].t3, params, 60), server.RngStream(index)
+
+    def step(index: int, gen: Iterator[int], rng: server.RngStream) -> int | None:
+        recorder.into = seen_by_head[index]  # on CPU each token is one speech-head call
+        with rng.active():
+            return next(gen, None)
+
+    try:
+        with torch.inference_mode():
+            for index in (0, 1):
+                pair = generation(index)
+                tokens_alone = list(iter(lambda: step(*pair), None))
+                assert len(tokens_alone) > 10
+            alone = [torch.cat(hidden) for hidden in seen_by_head]
+            seen_by_head[:] = [[], []]
+            running: list[Any] = [generation(0), generation(1)]
+            while any(running):
+                for index, pair in enumerate(running):
+                    if pair is not None and step(*pair) is None:
+                        running[index] = None
+            together = [torch.cat(hidden) for hidden in seen_by_head]
+    finally:
+        t3.speech_head = head
+    assert all(torch.equal(a, b) for a, b in zip(alone, together))
+    decoder = engine.decoding[0]
+    assert decoder.lent == 0 and len(decoder.spare) == 2  # both caches came back, for the next generations
+    engine.release_memory()
+    assert len(decoder.spare) == 1
+
+
 # --- Fast engine: our decoder against stock -------------------------------------
 
 def tiny_engine(checkpoints: dict[str, Path], kind: str, **options: Any) -> server.ChatterboxEngine:
@@ -1530,15 +1590,17 @@ def teacher_forced_logits(engine: server.ChatterboxEngine, tokens: list[int],
     with torch.inference_mode():
         prompt = prompt_embeds(engine)
         inputs = [speech_embed(engine, token, i) for i, token in enumerate(tokens)]
-        ours = [t3.speech_head(decoder.prefill(prompt))]
-        for i, embed in enumerate(inputs):
-            position = prompt.shape[1] + i
-            if bucketed:  # the static-shape path CUDA graphs and torch.compile replay
-                length = -(-(position + 1) // server.CACHE_BUCKET) * server.CACHE_BUCKET
-                hidden = decoder(embed, torch.tensor([position]), length, server.visible(length, position, "cpu"))
-            else:
-                hidden = step(embed, position)
-            ours.append(t3.speech_head(hidden))
+        with decoder.borrow(prompt.shape[1] + len(tokens)) as cache:
+            ours = [t3.speech_head(decoder.prefill(prompt, cache))]
+            for i, embed in enumerate(inputs):
+                position = prompt.shape[1] + i
+                if bucketed:  # the static-shape path CUDA graphs and torch.compile replay
+                    length = -(-(position + 1) // server.CACHE_BUCKET) * server.CACHE_BUCKET
+                    mask = server.visible(length, position, "cpu")
+                    hidden = decoder(embed, torch.tensor([position]), cache, length, mask)
+                else:
+                    hidden = step(embed, position, cache)
+                ours.append(t3.speech_head(hidden))
         full = torch.cat([prompt, *inputs], dim=1)
         hidden = t3.tfmr(inputs_embeds=full.to(t3.tfmr.dtype)).last_hidden_state[:, prompt.shape[1] - 1:]
         stock = t3.speech_head(hidden.float())
@@ -1571,9 +1633,10 @@ def test_greedy_decoding_gives_stocks_tokens(checkpoints: dict[str, Path], kind:
 
     with torch.inference_mode():
         prompt = prompt_embeds(engine)
-        ours = [pick(t3.speech_head(decoder.prefill(prompt)))]
-        for i in range(99):
-            ours.append(pick(t3.speech_head(step(speech_embed(engine, ours[-1], i), prompt.shape[1] + i))))
+        with decoder.borrow(prompt.shape[1] + 100) as cache:
+            ours = [pick(t3.speech_head(decoder.prefill(prompt, cache)))]
+            for i in range(99):
+                ours.append(pick(t3.speech_head(step(speech_embed(engine, ours[-1], i), prompt.shape[1] + i, cache))))
         out = t3.tfmr(inputs_embeds=prompt, use_cache=True)
         stock = [pick(t3.speech_head(out.last_hidden_state[:, -1]))]
         for i in range(99):
