@@ -927,17 +927,21 @@ def test_result_cache_serves_identical_seeded_requests_without_the_model(tmp_pat
         timing = server_timing(second)
         assert timing["cache"] == {"desc": "hit"}
         assert float(timing["model"]["dur"]) == float(timing["queue"]["dur"]) == 0  # no queue, no model
-        # The same request streamed, and over every transport: the same bytes, no model work.
-        assert client.post("/v1/audio/speech", json={**body, "stream_format": "audio"}).content == first.content
-        assert sse_audio(client.post("/v1/audio/speech/stream", json=body)) == first.content
-        assert client.post("/v1/audio/speech/stream/pcm", json=body).content == first.content
-        assert ws_speak(client, text=body["input"], seed=5) == first.content
+        # Streamed, it is another result (Chatterbox decodes streams in windows, whole files in one
+        # pass), then the same bytes over every streaming transport, with no model work.
+        streamed = client.post("/v1/audio/speech/stream/pcm", json=body)
+        assert server_timing(streamed)["cache"] == {"desc": "miss"} and engine.calls > calls
+        calls = engine.calls
+        assert client.post("/v1/audio/speech", json={**body, "stream_format": "audio"}).content == streamed.content
+        assert sse_audio(client.post("/v1/audio/speech/stream", json=body)) == streamed.content
+        assert ws_speak(client, text=body["input"], seed=5) == streamed.content
         # "alloy" names the built-in voice: the same voice content, so the same result.
         assert client.post("/v1/audio/speech", json={**body, "voice": "alloy"}).content == first.content
         assert engine.calls == calls
         cache = client.get("/v1/status").json()["result_cache"]
-        assert (cache["hits"], cache["misses"], cache["entries"], cache["bytes"]) == (6, 1, 1, len(first.content))
-        assert metric(scrape(client), "tts_result_cache_hits_total") == 6
+        assert (cache["hits"], cache["misses"], cache["entries"]) == (5, 2, 2)
+        assert cache["bytes"] == len(first.content) + len(streamed.content)
+        assert metric(scrape(client), "tts_result_cache_hits_total") == 5
         # Whatever changes the audio is another result.
         changes = [{"seed": 6}, {"voice": "other"}, {"response_format": "wav"},
                    {"response_format": "wav", "stream_format": "audio"}, {"speed": 1.5}, {"sample_rate": 16000},
@@ -952,7 +956,7 @@ def test_result_cache_serves_identical_seeded_requests_without_the_model(tmp_pat
         client.post("/v1/audio/speech", json={**body, "voice": "other"})
         assert engine.calls > before
         cache = client.get("/v1/status").json()["result_cache"]
-        assert (cache["hits"], cache["misses"], cache["entries"]) == (6, 2 + len(changes), 2 + len(changes))
+        assert (cache["hits"], cache["misses"], cache["entries"]) == (5, 3 + len(changes), 3 + len(changes))
 
 
 def test_result_cache_never_holds_unseeded_failed_or_disabled_results(tmp_path: Path) -> None:
@@ -1112,6 +1116,14 @@ def chatterbox(request: pytest.FixtureRequest, servers: dict[str, ServerProcess]
 
 def speak(srv: ServerProcess, timeout: float = 120, **body: Any) -> httpx.Response:
     return httpx.post(f"{srv.url}/v1/audio/speech", json=body, timeout=timeout)
+
+
+def stream_pcm(srv: ServerProcess, **body: Any) -> bytes:
+    """The raw PCM stream of a request: what every streaming transport sends (whole files are
+    decoded in one pass per sentence, streams in windows, so the two differ slightly)."""
+    response = httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.content
 
 
 def read_wav(data: bytes) -> tuple[int, np.ndarray]:
@@ -1456,10 +1468,10 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
     with torch.inference_mode():
         noise = torch.randn(1, 80, 2 * (budget + 8))
         text_tokens = engine._text_tokens(STREAM_TEXT, "en")
-        tokens = [t for t in engine._speech_tokens(text_tokens, voice.t3, params, budget) if t < 6561]
+        generated = list(engine._speech_tokens(text_tokens, voice.t3, params, budget))
         from chatterbox.models.s3gen.const import S3GEN_SIL
 
-        tokens += [S3GEN_SIL] * 3
+        tokens = [t for t in generated if t < 6561] + [S3GEN_SIL] * 3
         whole = engine._decode(tokens, 0, len(tokens), voice, noise, final=True).numpy()
     assert len(streamed) == len(whole)
     assert db(streamed - whole, whole) < -10  # same speech, up to the vocoder's own randomness
@@ -1467,6 +1479,13 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
     own_variation = np.percentile(np.abs(np.diff(streamed)), 99)
     for j in joins:
         assert abs(streamed[j] - streamed[j - 1]) <= own_variation
+    # Not streamed (whole files): exactly that one-pass decode, after an empty piece every
+    # chunk_tokens tokens (the inference thread's turns for other requests).
+    torch.manual_seed(5)
+    with torch.inference_mode():
+        at_once = list(engine.synthesize(STREAM_TEXT, voice, dataclasses.replace(params, streamed=False)))
+    assert [len(p) for p in at_once[:-1]] == [0] * (len(generated) // engine.stream.chunk_tokens)
+    assert np.array_equal(at_once[-1], whole)
 
 
 def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Path]) -> None:
@@ -1809,9 +1828,9 @@ def sse_events(srv: ServerProcess, path: str, body: dict[str, Any]) -> list[dict
     return events
 
 
-def test_sse_deltas_equal_the_whole_file(live: ServerProcess) -> None:
+def test_sse_deltas_equal_the_raw_pcm_stream(live: ServerProcess) -> None:
     body = {"input": "Streaming over server-sent events. Two sentences.", "seed": 21, "response_format": "pcm"}
-    whole = speak(live, **body).content
+    reference = stream_pcm(live, input=body["input"], seed=21)
     for path, extra in [("/v1/audio/speech", {"stream_format": "sse"}), ("/v1/audio/speech/stream", {})]:
         events = sse_events(live, path, body | extra)
         assert [e["type"] for e in events[:-1]] == ["speech.audio.delta"] * (len(events) - 1)
@@ -1820,7 +1839,7 @@ def test_sse_deltas_equal_the_whole_file(live: ServerProcess) -> None:
         assert set(done["usage"]) == {"input_tokens", "output_tokens", "total_tokens"}
         assert done["usage"]["total_tokens"] == done["usage"]["input_tokens"] + done["usage"]["output_tokens"] > 0
         audio = b"".join(base64.b64decode(e["audio"]) for e in events[:-1])
-        assert audio == whole
+        assert audio == reference
 
 
 def test_first_audio_leaves_before_the_first_sentence_is_generated(servers: dict[str, ServerProcess]) -> None:
@@ -1837,15 +1856,16 @@ def test_first_audio_leaves_before_the_first_sentence_is_generated(servers: dict
 
 
 @pytest.mark.parametrize("engine", ["turbo", "piper"])
-def test_audio_stream_is_chunked_and_equals_the_whole_file(servers: dict[str, ServerProcess], engine: str) -> None:
+def test_audio_stream_is_chunked_and_equals_the_raw_pcm_stream(servers: dict[str, ServerProcess],
+                                                               engine: str) -> None:
     srv = servers[engine]
     body = {"input": STREAM_TEXT, "seed": 4, "response_format": "pcm"}
-    whole = speak(srv, **body).content
+    reference = stream_pcm(srv, input=STREAM_TEXT, seed=4)
     with httpx.stream("POST", f"{srv.url}/v1/audio/speech", json=body | {"stream_format": "audio"},
                       timeout=120) as response:
         assert response.headers.get("transfer-encoding") == "chunked"
         pieces = list(response.iter_raw())
-    assert b"".join(pieces) == whole
+    assert len(pieces) > 1 and b"".join(pieces) == reference
 
 
 @pytest.mark.parametrize("engine,rate", [("turbo", 8000), ("turbo", 16000), ("turbo", 44100), ("piper", 8000),
@@ -1905,12 +1925,12 @@ def test_openai_client_streams_audio(servers: dict[str, ServerProcess]) -> None:
 
     srv = servers["turbo"]
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="any-key")
-    whole = speak(srv, input="The official client.", seed=3, response_format="pcm").content
+    reference = stream_pcm(srv, input="The official client.", seed=3)
     with client.audio.speech.with_streaming_response.create(
             model="tts-1", voice="alloy", input="The official client.", response_format="pcm",
             extra_body={"stream_format": "audio", "seed": 3}) as response:
         streamed = b"".join(response.iter_bytes())
-    assert streamed == whole
+    assert streamed == reference
     mp3 = client.audio.speech.create(model="tts-1", voice="alloy", input="Plain request.")
     assert server.decode_audio(mp3.content)[1] == 24000
     with pytest.raises(openai.NotFoundError):
@@ -2068,7 +2088,7 @@ def ws(servers: dict[str, ServerProcess]) -> Iterator[WsClient]:
 
 
 @pytest.mark.parametrize("engine", ["turbo", "piper"])
-def test_ws_speak_matches_http(servers: dict[str, ServerProcess], engine: str) -> None:
+def test_ws_speak_matches_the_raw_pcm_stream(servers: dict[str, ServerProcess], engine: str) -> None:
     ws = WsClient(servers[engine])
     try:
         ws.send(type="speak", id="u1", text="Hello over the socket. Two sentences.", seed=11)
@@ -2077,8 +2097,7 @@ def test_ws_speak_matches_http(servers: dict[str, ServerProcess], engine: str) -
         ws.close()
     assert messages[0] == {"type": "start", "id": "u1", "format": "pcm", "sample_rate": 24000}
     assert messages[-1]["type"] == "done" and messages[-1]["timings"]["first_audio_ms"] > 0
-    assert audio == speak(servers[engine], input="Hello over the socket. Two sentences.", seed=11,
-                          response_format="pcm").content
+    assert audio == stream_pcm(servers[engine], input="Hello over the socket. Two sentences.", seed=11)
 
 
 def test_ws_base64_and_resampled(ws: WsClient) -> None:
