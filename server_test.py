@@ -1748,13 +1748,17 @@ def test_eos_is_read_every_few_steps_and_later_tokens_are_dropped(checkpoints: d
 
 
 def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
-    options, warnings = server.ModelOptions().resolve("cpu")
-    assert (options.dtype, options.quantize, options.cuda_graphs, options.compile_mode) == \
-        (torch.float32, "none", False, "")
-    assert warnings == []
+    for native_bf16, s3gen_dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(server, "cpu_has_native_bfloat16", lambda: native_bf16)
+        options, warnings = server.ModelOptions().resolve("cpu")
+        assert (options.dtype, options.s3gen_dtype, options.quantize, options.cuda_graphs, options.compile_mode) == \
+            (torch.float32, s3gen_dtype, "none", False, "")
+        assert warnings == []
+    options, warnings = server.ModelOptions(dtype="float32").resolve("cpu")
+    assert options.s3gen_dtype == torch.float32  # asked for: both parts
     options, warnings = server.ModelOptions(dtype="bfloat16", quantize="int8").resolve("cpu")
-    assert options.dtype == torch.float32 and options.quantize == "int8" and len(warnings) == 1
-    assert "DTYPE=bfloat16 ignored" in warnings[0]
+    assert (options.dtype, options.s3gen_dtype, options.quantize) == (torch.float32, torch.bfloat16, "int8")
+    assert len(warnings) == 1 and "DTYPE=bfloat16 is for S3Gen only" in warnings[0]
     options, warnings = server.ModelOptions(quantize="int8").resolve("mps")
     assert options.quantize == "none" and len(warnings) == 1
     monkeypatch.setenv("CXX", "no-such-compiler")
@@ -1799,6 +1803,7 @@ def test_s3gen_flow_in_bfloat16_stays_within_tolerance_of_float32(checkpoints: d
         torch.manual_seed(0)  # the vocoder's source noise
         with torch.inference_mode():
             audio[dtype] = engine._decode(tokens, 0, len(tokens), voice, noise, final=True).numpy()
+        assert engine.describe()["s3gen_dtype"] == dtype
     assert len(audio["float32"]) == len(audio["bfloat16"]) == 60 * server.SAMPLES_PER_TOKEN
     assert -60 < db(audio["bfloat16"] - audio["float32"], audio["float32"]) < -30  # changed, but only slightly
 
