@@ -87,11 +87,11 @@ class Settings:
     stream_chunk_tokens: int = _env("STREAM_CHUNK_TOKENS", "Speech tokens per later streamed chunk.", default=40)
     stream_context_tokens: int = _env("STREAM_CONTEXT_TOKENS", "Already-spoken tokens re-decoded before each chunk.",
                                       default=80)
-    dtype: str = _env("DTYPE", "Chatterbox weights: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or "
-                      "float16.", default="auto")
+    dtype: str = _env("DTYPE", "Chatterbox compute: auto (bfloat16 on CUDA; on CPU float32 for T3 and bfloat16 for "
+                      "S3Gen's flow if the CPU has it natively), float32, bfloat16 or float16.", default="auto")
     quantize: str = _env("QUANTIZE", "none or int8 (T3's linear layers: bitsandbytes on CUDA, PyTorch dynamic "
                          "int8 on CPU).", default="none")
-    torch_compile: bool = _env("TORCH_COMPILE", "Compile T3's decode step (and S3Gen's flow) with torch.compile.",
+    torch_compile: bool = _env("TORCH_COMPILE", "Compile T3's decode step with torch.compile.",
                                default=False)
     torch_compile_mode: str = _env("TORCH_COMPILE_MODE", "default, reduce-overhead or max-autotune.",
                                    default="default")
