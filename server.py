@@ -108,8 +108,8 @@ class Settings:
                                default=True)
     idle_unload_s: float = _env("IDLE_UNLOAD_S", "Free the model after this many idle seconds (0 = never).",
                                 default=0.0)
-    gpu_memory_cleanup: bool = _env("GPU_MEMORY_CLEANUP", "Release cached GPU memory and spare KV caches after each request.",
-                                    default=False)
+    gpu_memory_cleanup: bool = _env("GPU_MEMORY_CLEANUP",
+                                    "Release cached GPU memory and spare KV caches after each request.", default=False)
     api_key: str = _env("API_KEY", "If set, every endpoint but /, /health and /ready needs 'Bearer <key>'.",
                         default="")
     cors_origins: str = _env("CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).", default="")
@@ -1430,10 +1430,6 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.capacity = capacity
         self.graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # by attended length
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in (*self.keys, *self.values))
 
     def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         self.keys[layer].index_copy_(2, positions, keys)
