@@ -1496,7 +1496,6 @@ class T3Decoder(torch.nn.Module):
         self.probed: dict[tuple[int, int], torch.Tensor] = {}
         self.capacity = 0
         self.spare: list[KVCache] = []
-        self.lent = 0
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self.reserve(capacity)
 
@@ -1542,14 +1541,11 @@ class T3Decoder(torch.nn.Module):
         if self.spare:
             cache = self.spare.pop()
         else:
-            weight = self.final_norm.weight
             cache = KVCache(self.layer_count, self.batch, self.kv_heads, self.head_dim, self.capacity,
-                            self.options.dtype, weight.device)
-        self.lent += 1
+                            self.options.dtype, self.final_norm.weight.device)
         try:
             yield cache
         finally:
-            self.lent -= 1
             if cache.capacity == self.capacity:
                 self.spare.append(cache)
 

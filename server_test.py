@@ -1565,7 +1565,7 @@ def test_interleaved_generations_keep_their_own_kv_cache(checkpoints: dict[str, 
         t3.speech_head = head
     assert all(torch.equal(a, b) for a, b in zip(alone, together))
     decoder = engine.decoding[0]
-    assert decoder.lent == 0 and len(decoder.spare) == 2  # both caches came back, for the next generations
+    assert len(decoder.spare) == 2  # both caches (two were lent at once) came back, for the next generations
     engine.release_memory()
     assert len(decoder.spare) == 1
 
