@@ -1778,6 +1778,7 @@ def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, 
     int8 = tiny_engine(checkpoints, "standard", quantize="int8")
     quantized = [m for m in int8.decoding[0].modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert len(quantized) == 7 * int8.parts.t3.cfg.num_hidden_layers
+    assert {m.weight().qscheme() for m in quantized} == {torch.per_channel_affine}
     assert isinstance(int8.parts.t3.tfmr.layers[0].mlp.up_proj, torch.nn.Linear)  # the checkpoint's own stay
     assert int8.describe()["quantize"] == "int8"
     bf16 = tiny_engine(checkpoints, "standard", dtype="bfloat16")
