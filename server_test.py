@@ -1638,6 +1638,36 @@ def test_teacher_forced_logits_equal_stock_for_120_steps(checkpoints: dict[str, 
     assert (bucketed - stock).abs().max() < 1e-4 * scale
 
 
+def test_alignment_monitor_gets_the_attention_rows_stock_gives_it(checkpoints: dict[str, Path]) -> None:
+    """Multilingual's safeguard watches three heads: our decoder hands it, for the prompt and then for each
+    step, the same rows of those heads as HF's eager attention over the whole sequence."""
+    from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
+
+    engine = tiny_engine(checkpoints, "multilingual")
+    t3 = engine.parts.t3
+    decoder, step = engine.decoding
+    assert decoder.probes == tuple(LLAMA_ALIGNED_HEADS)
+    tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(5)).tolist()
+    with torch.inference_mode():
+        prompt = prompt_embeds(engine)
+        inputs = [speech_embed(engine, token, i) for i, token in enumerate(tokens)]
+        with decoder.borrow(prompt.shape[1] + len(tokens)) as cache:
+            decoder.prefill(prompt, cache)
+            seen = [dict(decoder.probed)]
+            for i, embed in enumerate(inputs):
+                step(embed, prompt.shape[1] + i, cache)
+                seen.append(dict(decoder.probed))
+        t3.tfmr.config._attn_implementation = "eager"  # as upstream's analyzer switches it
+        attentions = t3.tfmr(inputs_embeds=torch.cat([prompt, *inputs], dim=1), output_attentions=True).attentions
+    start = prompt.shape[1]
+    for layer, head in decoder.probes:
+        stock = attentions[layer][0, head]
+        torch.testing.assert_close(seen[0][layer, head], stock[:start, :start], atol=1e-5, rtol=1e-4)
+        for i, probed in enumerate(seen[1:]):
+            torch.testing.assert_close(probed[layer, head], stock[start + i : start + i + 1, : start + i + 1],
+                                       atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ("turbo", "standard"))
 def test_greedy_decoding_gives_stocks_tokens(checkpoints: dict[str, Path], kind: str) -> None:
     """Argmax through our decoder and argmax through HF's model with its growing cache, 100 tokens."""
@@ -2197,14 +2227,15 @@ class TwilioCall:
     """Twilio's side of a bidirectional Media Stream: connected, start, the caller's audio, each mark
     echoed once "played", stop."""
 
-    def __init__(self, srv: ServerProcess, query: str = "", **custom: str):
+    def __init__(self, srv: ServerProcess, query: str = "", caller_audio: bool = True, **custom: str):
         from websockets.sync.client import connect
 
         self.ws = connect(f"ws://127.0.0.1:{srv.port}/v1/telephony/twilio{query}", max_size=None)
         self.send(event="connected", protocol="Call", version="1.0.0")
         self.ws.send(twilio_start(**custom))
-        self.send(event="media", sequenceNumber="2", streamSid=TWILIO_SID, media={
-            "track": "inbound", "chunk": "1", "timestamp": "5", "payload": base64.b64encode(b"\xff" * 160).decode()})
+        if caller_audio:  # not where the server may already have closed the stream after `start`
+            self.send(event="media", sequenceNumber="2", streamSid=TWILIO_SID, media={
+                "track": "inbound", "chunk": "1", "timestamp": "5", "payload": base64.b64encode(b"\xff" * 160).decode()})
 
     def send(self, **event: Any) -> None:
         self.ws.send(json.dumps(event))
@@ -2325,7 +2356,7 @@ def test_twilio_bad_input_gets_clear_errors_and_never_hangs(servers: dict[str, S
     call.ws.close()
     # Settings that cannot speak end the stream at once: an error, then a policy-violation close.
     for query in ("?voice=nobody", "?sample_rate=16000", "?speed=0"):
-        call = TwilioCall(srv, query)
+        call = TwilioCall(srv, query, caller_audio=False)
         assert call.recv(timeout=30)["event"] == "error"
         assert call.close_code() == 1008, query
     wait_idle(srv)
