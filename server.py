@@ -2508,7 +2508,7 @@ class Speaker:
         the result cache, and a job that finds its result there is answered from it: no queue, no model.
         """
         job.params = replace(job.params, streamed=streaming)
-        key = self._result_key(job, texts, streaming) if isinstance(texts, list) else None
+        key = self._result_key(job, texts) if isinstance(texts, list) else None
         cached = None
         if key is not None:
             cached = self.results.get(key)
@@ -2545,17 +2545,17 @@ class Speaker:
             if cached is None:
                 self.metrics.observe(job, streaming)
 
-    def _result_key(self, job: SpeechJob, texts: list[str], streaming: bool) -> str | None:
+    def _result_key(self, job: SpeechJob, texts: list[str]) -> str | None:
         """A hash of everything that shapes a seeded job's bytes; None when its result is not cached."""
         if job.seed is None or self.results.max_bytes <= 0 or not self.engine.reproducible:
             return None
         out, settings = job.output, self.settings
         identity = {
             "engine": self.engine.describe(), "texts": texts, "voice": job.voice.digest,
+            # params.streamed parts streams from whole files: streams are decoded in windows, and a
+            # streamed WAV starts with an open-ended header.
             "params": asdict(job.params), "seed": job.seed, "speed": job.speed,
             "format": out.fmt.name, "rate": out.rate, "bitrate": out.bitrate,
-            # A streamed WAV starts with an open-ended header; no other format's bytes depend on streaming.
-            "open_wav": streaming and out.fmt.name == "wav",
             "trim_silence": settings.audio_trim_silence, "normalize": settings.audio_normalize,
             "stream_plan": asdict(settings.stream_plan),
         }
