@@ -1601,25 +1601,30 @@ def speech_embed(engine: server.ChatterboxEngine, token: int, index: int) -> tor
     return (embed + t3.speech_pos_emb.get_fixed_embedding(index + 1)).expand(2, -1, -1)
 
 
+def teacher_forced_hidden(engine: server.ChatterboxEngine, prompt: torch.Tensor, inputs: list[torch.Tensor],
+                          bucketed: bool = False) -> Iterator[torch.Tensor]:
+    """Our decoder's final hidden state after the prompt, then after each of `inputs` (one step each)."""
+    decoder, step = engine.decoding
+    with decoder.borrow(prompt.shape[1] + len(inputs)) as cache:
+        yield decoder.prefill(prompt, cache)
+        for i, embed in enumerate(inputs):
+            position = prompt.shape[1] + i
+            if bucketed:  # the static-shape path CUDA graphs and torch.compile replay
+                length = -(-(position + 1) // server.CACHE_BUCKET) * server.CACHE_BUCKET
+                mask = server.visible(length, position, "cpu")
+                yield decoder(embed, torch.tensor([position]), cache, length, mask)
+            else:
+                yield step(embed, position, cache)
+
+
 def teacher_forced_logits(engine: server.ChatterboxEngine, tokens: list[int],
                           bucketed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Speech logits after the prompt and after each of `tokens`: (ours step by step, stock in one pass)."""
     t3 = engine.parts.t3
-    decoder, step = engine.decoding
     with torch.inference_mode():
         prompt = prompt_embeds(engine)
         inputs = [speech_embed(engine, token, i) for i, token in enumerate(tokens)]
-        with decoder.borrow(prompt.shape[1] + len(tokens)) as cache:
-            ours = [t3.speech_head(decoder.prefill(prompt, cache))]
-            for i, embed in enumerate(inputs):
-                position = prompt.shape[1] + i
-                if bucketed:  # the static-shape path CUDA graphs and torch.compile replay
-                    length = -(-(position + 1) // server.CACHE_BUCKET) * server.CACHE_BUCKET
-                    mask = server.visible(length, position, "cpu")
-                    hidden = decoder(embed, torch.tensor([position]), cache, length, mask)
-                else:
-                    hidden = step(embed, position, cache)
-                ours.append(t3.speech_head(hidden))
+        ours = [t3.speech_head(hidden) for hidden in teacher_forced_hidden(engine, prompt, inputs, bucketed)]
         full = torch.cat([prompt, *inputs], dim=1)
         hidden = t3.tfmr(inputs_embeds=full.to(t3.tfmr.dtype)).last_hidden_state[:, prompt.shape[1] - 1:]
         stock = t3.speech_head(hidden.float())
@@ -1645,18 +1650,13 @@ def test_alignment_monitor_gets_the_attention_rows_stock_gives_it(checkpoints: d
 
     engine = tiny_engine(checkpoints, "multilingual")
     t3 = engine.parts.t3
-    decoder, step = engine.decoding
+    decoder = engine.decoding[0]
     assert decoder.probes == tuple(LLAMA_ALIGNED_HEADS)
     tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(5)).tolist()
     with torch.inference_mode():
         prompt = prompt_embeds(engine)
         inputs = [speech_embed(engine, token, i) for i, token in enumerate(tokens)]
-        with decoder.borrow(prompt.shape[1] + len(tokens)) as cache:
-            decoder.prefill(prompt, cache)
-            seen = [dict(decoder.probed)]
-            for i, embed in enumerate(inputs):
-                step(embed, prompt.shape[1] + i, cache)
-                seen.append(dict(decoder.probed))
+        seen = [dict(decoder.probed) for _ in teacher_forced_hidden(engine, prompt, inputs)]
         t3.tfmr.config._attn_implementation = "eager"  # as upstream's analyzer switches it
         attentions = t3.tfmr(inputs_embeds=torch.cat([prompt, *inputs], dim=1), output_attentions=True).attentions
     start = prompt.shape[1]
