@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -37,6 +37,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "numba"))
+# OpenMP threads that spin while they wait for work steal the cores the event loop and the other
+# threads need (one T3 step took 4-40x longer on 2 shared cores); libgomp reads this once, at start.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 import torch
@@ -384,15 +387,18 @@ class ChunkJoiner:
 
 
 class HostAudio:
-    """Audio on its way from the GPU into pinned host memory. The copy was queued on the
-    inference stream; whoever reads it waits for that copy only, so the inference thread
-    goes straight on to the next step."""
+    """Audio on its way from the GPU into pinned host memory. The copy was queued on the inference
+    stream, which goes straight on to the next step; the inference thread hands the audio out once
+    `ready` (no CUDA call ever runs on the event loop)."""
 
     def __init__(self, audio: torch.Tensor):
         self._host = torch.empty(audio.shape, dtype=torch.float32, pin_memory=True)
         self._host.copy_(audio, non_blocking=True)
         self._copied = torch.cuda.Event()
         self._copied.record()
+
+    def ready(self) -> bool:
+        return self._copied.query()
 
     def numpy(self) -> np.ndarray:
         self._copied.synchronize()
@@ -798,9 +804,12 @@ class Engine(ABC):
 
     @abstractmethod
     def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
-        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced
-        (numpy arrays, or HostAudio still being copied from the GPU). An empty array is no
-        audio yet: the engine hands the inference thread back so other requests get a turn."""
+        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced. An empty
+        array is no audio yet: the engine hands the inference thread back so other requests get a turn."""
+
+    def make_runner(self, tickets: Callable[[], int]) -> SequentialRunner | BatchRunner:
+        """How the inference worker runs this engine's generations: by default one piece of one at a time."""
+        return SequentialRunner(self, tickets)
 
     @abstractmethod
     def describe(self) -> dict[str, Any]: ...
@@ -1018,7 +1027,7 @@ class ChatterboxEngine(Engine):
     clones_voices = True
 
     def __init__(self, kind: str, model_dir: str, device: str, stream: StreamPlan | None = None,
-                 options: ModelOptions | None = None):
+                 options: ModelOptions | None = None, chunk_max_chars: int = 250):
         self.kind = kind
         self.stream = stream or StreamPlan()
         self.requested = options or ModelOptions()
@@ -1026,10 +1035,14 @@ class ChatterboxEngine(Engine):
         self.sample_rate = NATIVE_SAMPLE_RATE
         self.model_dir = model_dir
         self.device = pick_device(device)
+        self.chunk_max_chars = chunk_max_chars
         self.parts: ChatterboxParts | None = None
         self.checkpoint = ""
         self.options, self.option_warnings = self.requested.resolve(self.device)
-        self.decoding: tuple[T3Decoder, DecodeStep] | None = None
+        if kind == "multilingual":  # its alignment monitor reads every token as it is drawn
+            self.options = replace(self.options, eos_check_every=1)
+        self.batch: T3Batch | None = None
+        self.runner = BatchRunner(self)
 
     # Reference clip lengths upstream feeds to each part (seconds).
     ENC_COND_SECONDS = {"turbo": 15, "standard": 6, "multilingual": 6}
@@ -1045,22 +1058,37 @@ class ChatterboxEngine(Engine):
         for warning in self.option_warnings:
             logger.warning(warning)
         self.parts.t3.tfmr.to(dtype=self.options.dtype)  # embeddings, conditioning and heads stay float32
-        self.decoding = self._build_decoder()
+        self.batch = self._build_batch()
 
-    def _build_decoder(self) -> tuple[T3Decoder, DecodeStep]:
+    def _build_batch(self) -> T3Batch:
         from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
 
         t3 = self._parts().t3
         probes = tuple(LLAMA_ALIGNED_HEADS) if self.kind == "multilingual" else ()
-        decoder = T3Decoder(t3.tfmr, 1 if self.kind == "turbo" else 2, self.options, probes=probes)
+        cfg = self.kind != "turbo"
+        decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, self.options, self.capacity(), probes=probes)
         if self.options.quantize == "int8":
             quantize_linears(decoder.layers, self.device)
-        return decoder, DecodeStep(decoder)
+        return T3Batch(t3, decoder, cfg=cfg, turbo_order=not cfg, monitored=bool(probes))
 
-    def _decoder(self) -> tuple[T3Decoder, DecodeStep]:
-        if self.decoding is None:
+    def capacity(self) -> int:
+        """Cache positions for the longest generation the text limits allow: the voice conditioning,
+        a chunk of CHUNK_MAX_CHARS characters, the start tokens and the longest token budget. Sized
+        once: a cache that grew would invalidate every captured graph."""
+        from chatterbox.models.t3.modules.cond_enc import T3Cond
+
+        t3 = self._parts().t3
+        dummy = T3Cond(speaker_emb=torch.zeros(1, t3.hp.speaker_embed_size, device=self.device),
+                       cond_prompt_speech_tokens=torch.zeros(1, t3.hp.speech_cond_prompt_len, dtype=torch.long,
+                                                             device=self.device),
+                       emotion_adv=0.5 * torch.ones(1, 1, 1, device=self.device))
+        conditioning = t3.prepare_conditioning(dummy).shape[1]
+        return conditioning + self.chunk_max_chars + 2 + 2 + speech_token_budget("\u4e00" * self.chunk_max_chars)
+
+    def _batch(self) -> T3Batch:
+        if self.batch is None:
             raise RuntimeError("model not loaded")
-        return self.decoding
+        return self.batch
 
     def _download(self) -> Path:
         from huggingface_hub import snapshot_download
@@ -1073,20 +1101,20 @@ class ChatterboxEngine(Engine):
         import gc
 
         self.parts = None
-        self.decoding = None
+        self.batch = None
         gc.collect()
         self.release_memory()
 
-    def release_memory(self) -> None:
-        if self.decoding is not None:
-            self.decoding[0].trim(1)  # KV caches kept from a busier moment
-        super().release_memory()
-
     def warm_up(self) -> None:
+        """Capture every graph now, never while serving; then one short generation through the batch."""
+        if self.options.cuda_graphs:
+            self._batch().capture()
         voice = self.prepare_voice(BUILTIN_VOICE, 0.5)
         for _ in self.synthesize("Warm up.", voice, SynthesisParams(), max_tokens=10):
             pass
-        self._decoder()[1].warm_up()
+
+    def make_runner(self, tickets: Callable[[], int]) -> BatchRunner:
+        return self.runner  # one batch, shared by the server's worker and `synthesize`
 
     def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
         from chatterbox.models.t3.modules.cond_enc import T3Cond
@@ -1149,47 +1177,44 @@ class ChatterboxEngine(Engine):
         return F.pad(tokens, (0, 1), value=parts.t3.hp.stop_text_token)
 
     def synthesize(self, text: str, voice: Any, params: SynthesisParams,
-                   max_tokens: int | None = None) -> Iterator[np.ndarray]:
-        """Streamed, speech tokens are decoded to audio in windows while T3 is still generating.
+                   max_tokens: int | None = None, seed: int = 0) -> Iterator[np.ndarray]:
+        """One generation alone through the batch (warm-up, benchmarks, tests; the server's requests
+        go through the inference worker's runner, many at a time). Inference thread only."""
+        events: list[Any] = []
+        generation = Generation(text, voice, params, seed, Priority.REALTIME, 0, events.append, max_tokens=max_tokens)
+        self.runner.add(generation)
+        while True:
+            self.runner.turn()
+            for event in events:
+                if event is GENERATION_DONE:
+                    return
+                if isinstance(event, BaseException):
+                    raise event
+                if isinstance(event, np.ndarray):
+                    yield event
+            events.clear()
 
-        Each window re-decodes `context` already-spoken tokens before its new ones and
-        keeps only the new audio, minus a short margin at the window's open end (the
-        vocoder's edge); consecutive windows overlap by a short crossfade. Not streamed,
-        the chunk is decoded once at the end (half the S3Gen work, no window seams), with an
-        empty piece every `chunk_tokens` tokens so the scheduler can run other work.
-        """
-        parts = self._parts()
-        plan = self.stream
-        budget = max_tokens or speech_token_budget(text)
-        # No grad-mode context may span a yield: the worker runs every unit in inference mode.
+    def prompt(self, text: str, voice: Any, params: SynthesisParams) -> tuple[torch.Tensor, int, int]:
+        """T3's prompt for a chunk of text: (embeds [rows, T, dim], conditioning length, text length)."""
+        t3 = self._parts().t3
         text_tokens = self._text_tokens(text, params.language)
-        tokens: list[int] = []
-        window = StreamWindow(plan.first_chunk_tokens, plan.chunk_tokens, plan.context_tokens)
-        joiner = ChunkJoiner(STREAM_CROSSFADE_SAMPLES)
-        # Turbo's flow takes its noise as input: one draw per sentence, sliced by token
-        # position, so every window sees the same noise where they overlap.
-        noise = (torch.randn(1, 80, 2 * (budget + 8), device=self.device, dtype=parts.s3gen.dtype)
-                 if self.kind == "turbo" else None)
-        for count, token in enumerate(self._speech_tokens(text_tokens, voice.t3, params, budget), 1):
-            if token < SPEECH_CODEBOOK:
-                tokens.append(token)
-            if not params.streamed:
-                if count % plan.chunk_tokens == 0:
-                    yield np.zeros(0, dtype=np.float32)
-            elif (span := window.next_span(len(tokens))) is not None:
-                start, end = span
-                audio = self._decode(tokens, start, end, voice, noise, final=False)
-                yield to_host(joiner.push(audio, starts_segment=start > 0))
+        bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=self.device)
         if self.kind == "turbo":
-            from chatterbox.models.s3gen.const import S3GEN_SIL
+            embeds, len_cond = t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos,
+                                                       cfg_weight=0.0)
+        else:
+            embeds, len_cond = t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens,
+                                                       speech_tokens=bos.expand(2, 1), cfg_weight=params.cfg_weight)
+            # Upstream feeds the start-of-speech token a second time, with its position embedding.
+            bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
+            embeds = torch.cat([embeds, bos_embed.expand(2, -1, -1)], dim=1)
+        return embeds, len_cond, text_tokens.size(-1)
 
-            tokens += [S3GEN_SIL] * 3  # upstream pads Turbo's tokens with silence before decoding
-        start = window.emitted
-        if len(tokens) > start:
-            audio = self._decode(tokens, start, len(tokens), voice, noise, final=True)
-            yield to_host(torch.cat([joiner.push(audio, starts_segment=start > 0), joiner.finish()]))
-        elif isinstance(tail := joiner.finish(), torch.Tensor):
-            yield to_host(tail)
+    def recipe(self, params: SynthesisParams) -> SamplingRecipe:
+        """Upstream's sampling for this model, at the request's temperature."""
+        if self.kind == "turbo":
+            return SamplingRecipe(params.temperature, 1.2, top_k=1000, top_p=0.95, turbo_order=True)
+        return SamplingRecipe(params.temperature, 2.0 if self.kind == "multilingual" else 1.2, min_p=0.05)
 
     def _decode(self, tokens: list[int], start: int, end: int, voice: Any, noise: torch.Tensor | None,
                 final: bool) -> torch.Tensor:
@@ -1219,63 +1244,6 @@ class ChatterboxEngine(Engine):
         hi = (end - first) * SAMPLES_PER_TOKEN if not final else wav.shape[-1]
         return wav[lo:hi]
 
-    def _speech_tokens(self, text_tokens: torch.Tensor, cond: Any, params: SynthesisParams,
-                       budget: int) -> Iterator[int]:
-        """T3's speech tokens one by one, sampled exactly as upstream's inference loops do.
-
-        Tokens are read back to the host every `eos_check_every` steps (one sync per block);
-        tokens sampled after the stop token are discarded.
-        """
-        t3 = self._parts().t3
-        turbo = self.kind == "turbo"
-        decoder, step = self._decoder()
-        bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=self.device)
-        if turbo:
-            recipe = SamplingRecipe(params.temperature, 1.2, top_k=1000, top_p=0.95, turbo_order=True)
-            embeds, len_cond = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens, speech_tokens=bos,
-                                                       cfg_weight=0.0)
-        else:
-            recipe = SamplingRecipe(params.temperature, 2.0 if self.kind == "multilingual" else 1.2, min_p=0.05)
-            embeds, len_cond = t3.prepare_input_embeds(t3_cond=cond, text_tokens=text_tokens,
-                                                       speech_tokens=bos.expand(2, 1), cfg_weight=params.cfg_weight)
-            # Upstream feeds the start-of-speech token a second time, with its position embedding.
-            bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
-            embeds = torch.cat([embeds, bos_embed.expand(2, -1, -1)], dim=1)
-        monitor = self._alignment_monitor(len_cond, text_tokens.size(-1)) if decoder.probes else None
-        check_every = 1 if monitor is not None else decoder.options.eos_check_every
-        stop = t3.hp.stop_speech_token
-        seen = torch.zeros(1, t3.hp.speech_tokens_dict_size, dtype=torch.bool, device=self.device)
-        seen[0, t3.hp.start_speech_token] = True
-        with decoder.borrow(embeds.shape[1] + budget + 1) as cache:
-            hidden = decoder.prefill(embeds, cache)
-            position, last, pending = embeds.shape[1], t3.hp.start_speech_token, []
-            for index in range(budget):
-                logits = t3.speech_head(hidden).float()
-                if not turbo:  # classifier-free guidance: conditional row 0, unconditional row 1
-                    logits = logits[0:1] + params.cfg_weight * (logits[0:1] - logits[1:2])
-                if monitor is not None:
-                    for slot, probe in enumerate(decoder.probes):
-                        monitor.last_aligned_attns[slot] = decoder.probed[probe]
-                    logits = monitor.step(logits, next_token=last)
-                token = sample(recipe(logits, seen))
-                if turbo and index == 0:
-                    seen.zero_()  # upstream's Turbo history holds the start token for the first draw only
-                seen.scatter_(1, token, True)
-                pending.append(token)
-                if len(pending) == check_every or index == budget - 1:
-                    for last in torch.cat(pending, dim=1)[0].tolist():
-                        if last == stop:
-                            return
-                        yield last
-                    pending = []
-                if index == budget - 1:
-                    return
-                embed = t3.speech_emb(token)
-                if not turbo:
-                    embed = (embed + t3.speech_pos_emb.get_fixed_embedding(index + 1)).expand(2, -1, -1)
-                hidden = step(embed, position, cache)
-                position += 1
-
     def _alignment_monitor(self, len_cond: int, len_text: int) -> Any:
         """Upstream's Multilingual alignment analyzer (forces EOS on runaway or repeating speech).
 
@@ -1299,6 +1267,7 @@ class ChatterboxEngine(Engine):
                 "quantize": options.quantize, "torch_compile": bool(options.compile_mode),
                 "compile_mode": options.compile_mode or None, "cuda_graphs": options.cuda_graphs,
                 "attention": options.attention, "eos_check_every": options.eos_check_every,
+                "max_batch": options.max_batch,
                 "option_warnings": self.option_warnings,
                 "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"]}
 
@@ -1330,16 +1299,66 @@ class StreamWindow:
         end = available - FLOW_LOOKAHEAD_TOKENS - STREAM_MARGIN_TOKENS
         if end - self.emitted < size:
             return None
-        span = (self.emitted, end)
-        self.emitted = end
-        return span
+        return self.emitted, end
+
+
+class SpeechStream:
+    """S3Gen's side of one generation: its speech tokens as T3 draws them, which span to vocode next,
+    and the joins between spans. Streamed, spans follow `StreamWindow`; whole files are vocoded once,
+    after the last token. Its random draws (Turbo's flow noise, the vocoder's) come from its own stream."""
+
+    def __init__(self, engine: ChatterboxEngine, voice: Any, params: SynthesisParams, budget: int, seed: int):
+        self.engine, self.voice, self.params = engine, voice, params
+        plan = engine.stream
+        self.window = StreamWindow(plan.first_chunk_tokens, plan.chunk_tokens, plan.context_tokens)
+        self.joiner = ChunkJoiner(STREAM_CROSSFADE_SAMPLES)
+        self.tokens: list[int] = []
+        self.ended = False  # T3 has drawn its last token
+        self.rng = RngStream(seed)
+        s3gen = engine._parts().s3gen
+        # Turbo's flow takes its noise as input: one draw per chunk, sliced by token position, so every
+        # window sees the same noise where they overlap.
+        with self.rng.active():
+            self.noise = (torch.randn(1, 80, 2 * (budget + 8), device=engine.device, dtype=s3gen.dtype)
+                          if engine.kind == "turbo" else None)
+
+    def add(self, tokens: list[int]) -> None:
+        self.tokens += [token for token in tokens if token < SPEECH_CODEBOOK]
+
+    def end(self) -> None:
+        if self.engine.kind == "turbo":
+            from chatterbox.models.s3gen.const import S3GEN_SIL
+
+            self.tokens += [S3GEN_SIL] * 3  # upstream pads Turbo's tokens with silence before decoding
+        self.ended = True
+
+    def next_span(self) -> tuple[int, int, bool] | None:
+        """(start, end, final) of the next span to vocode, or None while it waits for tokens."""
+        if self.ended:
+            return self.window.emitted, len(self.tokens), True
+        if not self.params.streamed:
+            return None
+        span = self.window.next_span(len(self.tokens))
+        return None if span is None else (*span, False)
+
+    def vocode(self, span: tuple[int, int, bool]) -> np.ndarray | HostAudio:
+        start, end, final = span
+        self.window.emitted = end
+        with self.rng.active():
+            audio = (self.engine._decode(self.tokens, start, end, self.voice, self.noise, final=final)
+                     if end > start else torch.zeros(0, device=self.engine.device))
+        audio = self.joiner.push(audio, starts_segment=start > 0)
+        if final:
+            audio = torch.cat([audio, torch.as_tensor(self.joiner.finish(), device=audio.device)])
+        return to_host(audio)
 
 
 # --- Fast T3 decoding ---------------------------------------------------------
-# Our own decode loop over the checkpoint's weights: prefill once, a preallocated KV
-# cache, SDPA, sampling on the device, EOS read back every few steps, and on CUDA one
-# decode step replayed from a captured graph per cache-length bucket (as gpt-fast does
-# with a static cache and one compiled step).
+# Our own decode loop over the checkpoint's weights, shaped like gpt-fast's: one static KV cache, one
+# decode step. Every generation owns a slot of a fixed batch (`T3Batch`); each step advances every slot
+# by one token (sampling included) and runs all slots whether busy or not, so a row's arithmetic never
+# depends on its neighbours. On CUDA the whole step is captured once per cache-length bucket at warm-up
+# and replayed; on CPU it runs eagerly, each slot attending over exactly its own length.
 
 CACHE_BUCKET = 256  # graphed/compiled steps attend over the cache in buckets of this many positions
 
@@ -1354,6 +1373,7 @@ class ModelOptions:
     compile_mode: str = "default"
     cuda_graphs: bool = True
     attention: str = "sdpa"
+    max_batch: int = 0  # 0: the device's default
 
     def resolve(self, device: str) -> tuple[DecodeOptions, list[str]]:
         """What this device will run, and one warning for each option it cannot do."""
@@ -1366,7 +1386,7 @@ class ModelOptions:
             dtype = s3gen_dtype = self.dtype
         elif cuda:
             dtype = s3gen_dtype = "bfloat16"
-        else:  # T3's batch-1 steps read weights (bf16 is no faster there); S3Gen's flow computes
+        else:  # T3's steps read weights (bf16 is no faster there); S3Gen's flow computes
             dtype, s3gen_dtype = "float32", "bfloat16" if cpu_has_native_bfloat16() else "float32"
         if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
             warnings.append("DTYPE=bfloat16: this GPU has no bfloat16, using float16")
@@ -1385,10 +1405,19 @@ class ModelOptions:
         if compile_mode and not cuda and shutil.which(os.environ.get("CXX", "g++")) is None:
             warnings.append("TORCH_COMPILE needs a C++ compiler on CPU (none found): running eager")
             compile_mode = ""
-        # torch.compile's reduce-overhead/max-autotune capture CUDA graphs of their own.
-        graphs = self.cuda_graphs and cuda and compile_mode in ("", "default")
+        graphs = self.cuda_graphs and cuda
         return DecodeOptions(DTYPES[dtype], quantize, self.attention, compile_mode, graphs,
-                             eos_check_every=16 if cuda else 1, s3gen_dtype=DTYPES[s3gen_dtype]), warnings
+                             eos_check_every=16 if cuda else 1, s3gen_dtype=DTYPES[s3gen_dtype],
+                             max_batch=self.max_batch or DEFAULT_MAX_BATCH["cuda" if cuda else "cpu"],
+                             prefill_chunk=PREFILL_CHUNK["cuda" if cuda else "cpu"]), warnings
+
+
+# Slots per device (MAX_BATCH=0). A CPU step is bound by reading the weights, so 8 rows cost about twice
+# one (BENCHMARKS.md); a GPU step at batch 32 costs little more than at batch 1.
+DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
+# Prompt positions prefilled per scheduler turn while other generations are decoding: about one step's
+# time, so a newcomer's prefill never stalls running streams for long.
+PREFILL_CHUNK = {"cpu": 32, "cuda": 512}
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -1401,15 +1430,17 @@ def cpu_has_native_bfloat16() -> bool:
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """How T3 runs: the load-time options of issue-level settings, resolved for the device."""
+    """How T3 runs: the load-time settings, resolved for the device."""
 
     dtype: torch.dtype = torch.float32
     quantize: str = "none"  # "int8"
     attention: str = "sdpa"  # or "eager"
     compile_mode: str = ""  # "" = no torch.compile, else its mode
     cuda_graphs: bool = False
-    eos_check_every: int = 1  # tokens decoded between host reads; >1 saves a sync per step on CUDA
+    eos_check_every: int = 1  # steps between reading tokens back; >1 saves a sync per step on CUDA
     s3gen_dtype: torch.dtype = torch.float32  # S3Gen's flow, under autocast (its vocoder stays float32)
+    max_batch: int = 8  # generation slots decoded together
+    prefill_chunk: int = 32  # prompt positions per prefill turn while others decode
 
     @property
     def bucketed(self) -> bool:
@@ -1418,32 +1449,23 @@ class DecodeOptions:
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: [batch, heads, capacity, head_dim] each.
+    """Keys and values of every row of the batch, allocated once at load for the longest generation:
+    [2 (keys, values), rows, heads, capacity, head_dim] per layer. Never reallocated: graphs read it by address."""
 
-    One generation owns a cache while it runs; the CUDA graphs captured over it live with it.
-    """
-
-    def __init__(self, layers: int, batch: int, heads: int, head_dim: int, capacity: int,
-                 dtype: torch.dtype, device: torch.device | str):
-        shape = (batch, heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+    def __init__(self, layers: int, rows: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        self.layers = [torch.zeros(2, rows, heads, capacity, head_dim, dtype=dtype, device=device)
+                       for _ in range(layers)]
         self.capacity = capacity
-        self.graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # by attended length
 
-    def write(self, layer: int, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        self.keys[layer].index_copy_(2, positions, keys)
-        self.values[layer].index_copy_(2, positions, values)
-
-
-def visible(length: int, position: int | torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Attention mask over `length` cache positions: those up to `position` (int or 1-element tensor)."""
-    return (torch.arange(length, device=device) <= position).view(1, 1, 1, length)
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor) -> None:
+        """One write of keys and values: kv [r, T, 2, heads, head_dim] at rows [r, 1] x positions [r or 1, T]."""
+        self.layers[layer][:, rows, :, positions] = kv
 
 
 def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
            causal: bool, attention: str) -> torch.Tensor:
-    """Scaled dot-product attention, [B, H, T, D]; `mask` marks the cache positions a query may see."""
+    """Scaled dot-product attention, [B, H, T, D]; `mask` is additive or boolean over the keys."""
     if attention == "sdpa":
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal and mask is None)
     return attention_probs(query, keys, mask, causal) @ values
@@ -1451,33 +1473,46 @@ def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
 
 def attention_probs(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
     scores = (query @ keys.transpose(-1, -2)) * query.shape[-1] ** -0.5
-    if causal:
+    if causal and mask is None:
         t, s = scores.shape[-2:]
-        scores = scores.masked_fill(torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t).logical_not(),
-                                    float("-inf"))
+        mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
     if mask is not None:
-        scores = scores.masked_fill(mask.logical_not(), float("-inf"))
+        scores = scores.masked_fill(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else scores + mask
     return torch.softmax(scores.float(), dim=-1).to(query.dtype)
 
 
+def prompt_mask(start: int, count: int, device: torch.device | str) -> torch.Tensor | None:
+    """Causal mask of `count` prompt positions written after `start` earlier ones (None: plain causal)."""
+    if start == 0:
+        return None
+    return torch.ones(count, start + count, dtype=torch.bool, device=device).tril(start)
+
+
+def step_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [rows, 1, 1, length] of a decode step: each row sees the cache up to its own position.
+    Built once per step, shared by every layer."""
+    hidden = torch.arange(length, device=positions.device) > positions[:, None]
+    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill(hidden, float("-inf"))[:, None,
+                                                                                                              None]
+
+
 class T3Decoder(torch.nn.Module):
-    """T3's transformer with a static KV cache; GPT-2 (Turbo) or Llama (standard, Multilingual).
+    """T3's transformer over a static KV cache of `max_batch` slots; GPT-2 (Turbo) or Llama (standard,
+    Multilingual, whose slots hold a conditional and an unconditional row for CFG).
 
-    `prefill` runs the prompt and fills a cache; a `DecodeStep` appends one position per batch row.
-    Both return the final hidden state of the last position, [batch, dim], in float32. Layers share
-    their weights with the loaded checkpoint (nothing is copied unless quantized).
-
-    Each generation borrows a cache of its own (`borrow`): the worker interleaves the steps of
-    concurrent streams, so a suspended generation must find its keys and values as it left them.
-    Returned caches are kept for the next generation (with their CUDA graphs) until `trim`.
+    `prefill` writes one slot's prompt; `step` advances every row by one position. Both return the final
+    hidden state of each row's last position in float32. Layers use the checkpoint's own weights: Llama's
+    q/k/v and gate/up projections are fused into one matrix each, and the checkpoint's modules are left
+    holding views of it (nothing is copied unless quantized). The rotary tables and the cache are sized
+    once, at construction, for the longest generation.
     """
 
-    def __init__(self, tfmr: Any, batch: int, options: DecodeOptions, capacity: int = 1536,
+    def __init__(self, tfmr: Any, rows_per_slot: int, options: DecodeOptions, capacity: int,
                  probes: tuple[tuple[int, int], ...] = ()):
         super().__init__()
         config = tfmr.config
         self.gpt2 = config.model_type == "gpt2"
-        self.options, self.batch = options, batch
+        self.options, self.rows_per_slot = options, rows_per_slot
         self.heads = config.num_attention_heads
         self.dim = config.hidden_size
         self.head_dim = getattr(config, "head_dim", None) or self.dim // self.heads
@@ -1487,17 +1522,21 @@ class T3Decoder(torch.nn.Module):
                                           for b in (tfmr.h if self.gpt2 else tfmr.layers))
         self.final_norm = tfmr.ln_f if self.gpt2 else tfmr.norm
         self.positions = tfmr.wpe if self.gpt2 else None
-        self.rotary = None if self.gpt2 else tfmr.rotary_emb
-        if not self.gpt2:  # looked up once here, not on every layer of every step
-            from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-            self._apply_rope = apply_rotary_pos_emb
-        self.probes = probes  # (layer, head) pairs whose attention row 0 is kept for the alignment monitor
-        self.probed: dict[tuple[int, int], torch.Tensor] = {}
-        self.capacity = 0
-        self.spare: list[KVCache] = []
-        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.reserve(capacity)
+        device = self.final_norm.weight.device
+        self.capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        if not self.gpt2:
+            cos, sin = tfmr.rotary_emb(torch.zeros(1, dtype=options.dtype, device=device),
+                                       torch.arange(self.capacity, device=device)[None])
+            self.rope = (cos[0], sin[0])
+        self.rows = options.max_batch * rows_per_slot
+        self.cache = KVCache(self.layer_count, self.rows, self.kv_heads, self.head_dim, self.capacity, options.dtype,
+                             device)
+        self.all_rows = torch.arange(self.rows, device=device)[:, None]
+        # (layer, head) pairs whose attention the alignment monitor reads: each slot's conditional row.
+        self.probes = probes
+        self.probe_rows = torch.zeros(len(probes), options.max_batch, self.capacity, device=device)
+        self.prefill_probes: dict[tuple[int, int], torch.Tensor] = {}  # the last prefill's rows, [T, length]
 
     @staticmethod
     def _gpt2_layer(block: Any) -> torch.nn.Module:
@@ -1509,202 +1548,219 @@ class T3Decoder(torch.nn.Module):
             return layer
 
         return torch.nn.ModuleDict(dict(norm1=block.ln_1, qkv=linear(block.attn.c_attn), out=linear(block.attn.c_proj),
-                                        norm2=block.ln_2, up=linear(block.mlp.c_fc), act=block.mlp.act,
-                                        down=linear(block.mlp.c_proj)))
+                                        norm2=block.ln_2, up=linear(block.mlp.c_fc), down=linear(block.mlp.c_proj)))
 
     @staticmethod
     def _llama_layer(layer: Any) -> torch.nn.Module:
         attn, mlp = layer.self_attn, layer.mlp
-        return torch.nn.ModuleDict(dict(norm1=layer.input_layernorm, q=attn.q_proj, k=attn.k_proj, v=attn.v_proj,
-                                        out=attn.o_proj, norm2=layer.post_attention_layernorm, gate=mlp.gate_proj,
-                                        up=mlp.up_proj, act=mlp.act_fn, down=mlp.down_proj))
+        return torch.nn.ModuleDict(dict(norm1=layer.input_layernorm, qkv=fuse_linears(attn.q_proj, attn.k_proj,
+                                                                                       attn.v_proj),
+                                        out=attn.o_proj, norm2=layer.post_attention_layernorm,
+                                        gate_up=fuse_linears(mlp.gate_proj, mlp.up_proj), down=mlp.down_proj))
 
-    def reserve(self, capacity: int) -> None:
-        """Make caches hold `capacity` positions (rounded up to a bucket) from now on; only grows.
-
-        Every cache has the same capacity, so compiled code and graphs see one set of shapes."""
-        capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
-        if capacity <= self.capacity:
-            return
-        self.capacity = capacity
-        self.spare.clear()  # smaller caches still lent out are dropped when they come back
-        weight = next(p for p in self.final_norm.parameters())
-        if self.rotary is not None:
-            position_ids = torch.arange(capacity, device=weight.device)[None]
-            cos, sin = self.rotary(torch.zeros(1, dtype=self.options.dtype, device=weight.device), position_ids)
-            self._rope = (cos[0], sin[0])
-
-    @contextmanager
-    def borrow(self, positions: int) -> Iterator[KVCache]:
-        """A cache for one generation of up to `positions` positions, given back when the block ends."""
-        self.reserve(positions)
-        if self.spare:
-            cache = self.spare.pop()
-        else:
-            cache = KVCache(self.layer_count, self.batch, self.kv_heads, self.head_dim, self.capacity,
-                            self.options.dtype, self.final_norm.weight.device)
-        try:
-            yield cache
-        finally:
-            if cache.capacity == self.capacity:
-                self.spare.append(cache)
-
-    def trim(self, keep: int) -> None:
-        """Free spare caches beyond `keep` (their memory and graphs)."""
-        del self.spare[keep:]
-
-    def _attention(self, index: int, layer: Any, x: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                   length: int, mask: torch.Tensor | None) -> torch.Tensor:
-        b, t, _ = x.shape
-        if self.gpt2:
-            q, k, v = layer["qkv"](x).split(self.dim, dim=2)
-        else:
-            q, k, v = layer["q"](x), layer["k"](x), layer["v"](x)
-        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k, v = (y.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2) for y in (k, v))
-        if self._rope is not None:
-            q, k = self._apply_rope(q, k, self._rope[0][positions][None], self._rope[1][positions][None])
-        cache.write(index, positions, k, v)
-        keys, values = cache.keys[index][:, :, :length], cache.values[index][:, :, :length]
-        if self.kv_heads != self.heads:  # grouped-query attention
-            keys, values = (y.repeat_interleave(self.heads // self.kv_heads, dim=1) for y in (keys, values))
-        causal = t > 1
-        out = attend(q, keys, values, mask, causal, self.options.attention)
-        for probe in self.probes:
-            if probe[0] == index:
-                head = probe[1]
-                self.probed[probe] = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1], mask, causal)[0, 0]
-        return layer["out"](out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, cache: KVCache, length: int,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden state of the last position after writing `positions` (T of them) into `cache`;
-        attention sees the cache's first `length` positions (those `mask` allows)."""
+    def forward(self, embeds: torch.Tensor, rows: slice, positions: torch.Tensor,
+                attend_rows: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Write `positions` ([r or 1, T]) of cache `rows` from embeds [r, T, dim] and return each row's last
+        hidden state; `attend_rows(layer, q, keys, values)` attends q over those rows' whole cache."""
         x = embeds.to(self.options.dtype)
+        b, t, _ = x.shape
+        row_index = self.all_rows[rows]
         if self.positions is not None:
             x = x + self.positions(positions)
+        rope = None if self.rope is None else (self.rope[0][positions], self.rope[1][positions])
         for index, layer in enumerate(self.layers):
-            x = x + self._attention(index, layer, layer["norm1"](x), positions, cache, length, mask)
+            qkv = layer["qkv"](layer["norm1"](x))
+            q = qkv[..., : self.heads * self.head_dim].view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            kv = qkv[..., self.heads * self.head_dim :].view(b, t, 2, self.kv_heads, self.head_dim)
+            if rope is not None:
+                q = rotate(q, *rope)
+                kv = torch.stack((rotate(kv[:, :, 0].transpose(1, 2), *rope).transpose(1, 2), kv[:, :, 1]), dim=2)
+            self.cache.write(index, row_index, positions, kv)
+            keys, values = self.cache.layers[index][:, rows]
+            out = attend_rows(index, q, keys, values)
+            x = x + layer["out"](out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
             h = layer["norm2"](x)
             if self.gpt2:
-                x = x + layer["down"](layer["act"](layer["up"](h)))
+                x = x + layer["down"](F.gelu(layer["up"](h), approximate="tanh"))
             else:
-                x = x + layer["down"](layer["act"](layer["gate"](h)) * layer["up"](h))
+                gate, up = layer["gate_up"](h).chunk(2, dim=-1)
+                x = x + layer["down"](F.silu(gate) * up)
         return self.final_norm(x[:, -1]).float()
 
-    def prefill(self, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        length = embeds.shape[1]
-        return self(embeds, torch.arange(length, device=embeds.device), cache, length)
+    def _grouped(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_heads == self.heads:
+            return keys, values
+        groups = self.heads // self.kv_heads  # grouped-query attention
+        return keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+
+    def prefill(self, embeds: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
+        """Write prompt positions [start, start + T) of one slot (embeds [rows_per_slot, T, dim])."""
+        count = embeds.shape[1]
+        end = start + count
+        mask = prompt_mask(start, count, embeds.device)
+
+        def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            keys, values = self._grouped(keys[:, :, :end], values[:, :, :end])
+            for probe in self.probes:
+                if probe[0] == index:
+                    head = probe[1]
+                    self.prefill_probes[probe] = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1],
+                                                                 mask, True)[0, 0]
+            return attend(q, keys, values, mask, True, self.options.attention)
+
+        rows = slice(slot * self.rows_per_slot, (slot + 1) * self.rows_per_slot)
+        positions = torch.arange(start, end, device=embeds.device)[None]
+        return self(embeds, rows, positions, attend_rows)
+
+    def step(self, embeds: torch.Tensor, positions: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """Every row's next position (embeds [rows, 1, dim], positions [rows]), eagerly: each slot attends
+        over exactly its own `lengths[slot]` positions (0: idle, skipped), as it would alone."""
+        per_slot = self.rows_per_slot
+        slots = [(slice(s * per_slot, (s + 1) * per_slot), n, s) for s, n in enumerate(lengths) if n]
+
+        def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros_like(q)
+            for rows, length, slot in slots:
+                slot_keys, slot_values = self._grouped(keys[rows, :, :length], values[rows, :, :length])
+                out[rows] = attend(q[rows], slot_keys, slot_values, None, False, self.options.attention)
+                for n, probe in enumerate(self.probes):
+                    if probe[0] == index:
+                        head = probe[1]
+                        self.probe_rows[n, slot, :length] = attention_probs(
+                            q[rows.start:rows.start + 1, head:head + 1], slot_keys[:1, head:head + 1], None,
+                            False)[0, 0, 0]
+            return out
+
+        return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
+
+    def masked_step(self, embeds: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """The static-shape step: every row attends over the first `length` cache positions (a bucket
+        boundary) through one mask, so graphs and compiled code see a handful of shapes."""
+        mask = step_mask(positions, length, self.options.dtype)
+        conditional = slice(0, self.rows, self.rows_per_slot)
+
+        def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+            keys, values = self._grouped(keys[:, :, :length], values[:, :, :length])
+            for n, probe in enumerate(self.probes):
+                if probe[0] == index:
+                    head = probe[1]
+                    self.probe_rows[n, :, :length] = attention_probs(
+                        q[conditional, head:head + 1], keys[conditional, head:head + 1], mask[conditional],
+                        False)[:, 0, 0]
+            return attend(q, keys, values, mask, False, self.options.attention)
+
+        return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of x [B, H, T, D] (cos, sin: [B or 1, T, D]), as HF's Llama applies it."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-class DecodeStep:
-    """One cached decode step at a time, eager, compiled or replayed from CUDA graphs.
+def fuse_linears(*linears: torch.nn.Linear) -> torch.nn.Linear:
+    """One Linear computing several (same input) at once; the originals are left holding views of its weight."""
+    first = linears[0]
+    weight = torch.cat([m.weight.detach() for m in linears])
+    fused = torch.nn.Linear(first.in_features, weight.shape[0], bias=False, device="meta")
+    fused.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if any(m.bias is not None for m in linears):
+        raise ValueError("fuse_linears: biased projections are not expected in T3's Llama")
+    start = 0
+    for m in linears:
+        m.weight = torch.nn.Parameter(weight[start : start + m.out_features], requires_grad=False)
+        start += m.out_features
+    return fused
 
-    With static shapes (graphs, compile) a step attends over the cache up to the next
-    bucket boundary with a mask, so a handful of shapes serve every position.
-    """
 
-    def __init__(self, decoder: T3Decoder):
-        self.decoder = decoder
-        self.options = decoder.options
-        self.forward: Callable[..., torch.Tensor] = decoder
-        if self.options.compile_mode:
-            self.forward = torch.compile(decoder, mode=self.options.compile_mode, fullgraph=False, dynamic=False)
+def bucket_length(position: int, capacity: int) -> int:
+    """The static attention length that covers `position`."""
+    return min(-(-(position + 1) // CACHE_BUCKET) * CACHE_BUCKET, capacity)
 
-    def __call__(self, embed: torch.Tensor, position: int, cache: KVCache) -> torch.Tensor:
-        if position >= cache.capacity:
-            raise ValueError(f"position {position} is beyond the cache's {cache.capacity}")
-        if not self.options.bucketed:
-            positions = torch.tensor([position], device=embed.device)
-            return self.forward(embed, positions, cache, position + 1)
-        length = min(-(-(position + 1) // CACHE_BUCKET) * CACHE_BUCKET, cache.capacity)
-        if self.options.cuda_graphs and not self.decoder.probes:
-            return self._replay(embed, position, cache, length)
-        positions = torch.tensor([position], device=embed.device)
-        return self.forward(embed, positions, cache, length, visible(length, position, embed.device))
 
-    def warm_up(self) -> None:
-        """Compile or capture every bucket now, so the first request runs as fast as the hundredth
-        (graphs are captured over one cache; a cache first used by a concurrent stream captures its own)."""
-        if not self.options.bucketed:
-            return
-        decoder = self.decoder
-        embed = torch.zeros(decoder.batch, 1, decoder.dim, dtype=self.options.dtype,
-                            device=decoder.final_norm.weight.device)
-        with decoder.borrow(decoder.capacity) as cache:
-            for length in range(CACHE_BUCKET, cache.capacity + 1, CACHE_BUCKET):
-                self(embed, length - 1, cache)  # junk at that position; a generation overwrites before reading
+class RowScaledInt8Linear(torch.nn.Module):
+    """A Linear in int8 (one weight scale per output row) whose activations get one scale per input row.
 
-    def _replay(self, embed: torch.Tensor, position: int, cache: KVCache, length: int) -> torch.Tensor:
-        if length not in cache.graphs:
-            cache.graphs[length] = self._capture(embed, position, cache, length)
-        graph, static_embed, static_position, output = cache.graphs[length]
-        static_embed.copy_(embed)
-        static_position.fill_(position)
-        graph.replay()
-        return output
+    PyTorch's dynamic int8 quantizes a whole batch with one activation scale, so a row's result would
+    depend on the rows beside it. Here each row is scaled to [-1, 1] first, and a sentinel row pins the
+    batch's range to exactly that, so every row is quantized alike; fbgemm's integer products are exact,
+    and the row's own scale is applied after."""
 
-    def _capture(self, embed: torch.Tensor, position: int, cache: KVCache,
-                 length: int) -> tuple[Any, torch.Tensor, torch.Tensor, torch.Tensor]:
-        # Warm-up runs compute this very step (same input, same position), so they write nothing stale.
-        static_embed = embed.clone()
-        static_position = torch.full((1,), position, dtype=torch.long, device=embed.device)
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        from torch.ao.quantization.observer import PerChannelMinMaxObserver
 
-        def run() -> torch.Tensor:
-            mask = visible(length, static_position, embed.device)
-            return self.forward(static_embed, static_position, cache, length, mask)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float()
+        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+        observer(weight)
+        scales, zero_points = observer.calculate_qparams()
+        quantized = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
+        self._packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.register_buffer("_sentinel", torch.tensor([1.0, -1.0]).repeat((self.in_features + 1) // 2)
+                             [None, : self.in_features], persistent=False)
 
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm kernels (and autotuning) outside the capture
-                run()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = run()
-        return graph, static_embed, static_position, output
+    def weight_scheme(self) -> torch.qscheme:
+        weight, _ = torch.ops.quantized.linear_unpack(self._packed)
+        return weight.qscheme()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features).float()
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
+        scaled = torch.cat([x / scale, self._sentinel])
+        y = torch.ops.quantized.linear_dynamic(scaled, self._packed, True)[:-1] * scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
 
 
 def quantize_linears(module: torch.nn.Module, device: str) -> None:
     """Swap every Linear under `module` for an int8 one, in place (the checkpoint's own modules stay)."""
-    import warnings
-
     if device != "cuda":
-        with warnings.catch_warnings():  # torch.ao's eager quantization warns that it moves to torchao
-            warnings.simplefilter("ignore")
-            # One scale per output row: as fast here as one per matrix, and an outlier row no longer
-            # coarsens every other row's steps.
-            per_row = torch.ao.quantization.per_channel_dynamic_qconfig
-            torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear: per_row}, inplace=True)
+        replace_linears(module, RowScaledInt8Linear)
         return
     import bitsandbytes as bnb
 
+    def int8(child: torch.nn.Linear) -> torch.nn.Module:
+        layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                    has_fp16_weights=False, threshold=6.0)
+        layer.weight = bnb.nn.Int8Params(child.weight.data.contiguous().cpu(), requires_grad=False,
+                                         has_fp16_weights=False)
+        if child.bias is not None:
+            layer.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+        return layer.to(child.weight.device)
+
+    replace_linears(module, int8)
+
+
+def replace_linears(module: torch.nn.Module, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear):
-                int8 = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                           has_fp16_weights=False, threshold=6.0)
-                int8.weight = bnb.nn.Int8Params(child.weight.data.contiguous().cpu(), requires_grad=False,
-                                                has_fp16_weights=False)
-                if child.bias is not None:
-                    int8.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-                setattr(parent, name, int8.to(child.weight.device))
+                setattr(parent, name, make(child))
 
 
 # --- Sampling, on the device, as upstream's HF logits processors do it -------------
+# Every filter takes per-row parameters ([rows, 1] tensors) and is an exact no-op at its neutral value
+# (temperature 1, penalty 1, top_k = vocabulary, top_p 1, min_p 0), so one fixed sequence of kernels
+# serves every request's recipe, inside a graph or not.
 
-def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
     """RepetitionPenaltyLogitsProcessor: shrink the logits of tokens already in the history."""
     return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
 
 
-def keep_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
-    kth = torch.topk(logits, min(k, logits.shape[-1])).values[..., -1:]
+def keep_top_k(logits: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
+    if isinstance(k, int):
+        k = torch.full((logits.shape[0], 1), k, device=logits.device)
+    descending = torch.sort(logits, dim=-1, descending=True).values
+    kth = descending.gather(-1, k.clamp(1, logits.shape[-1]) - 1)
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
-def keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+def keep_top_p(logits: torch.Tensor, p: torch.Tensor | float) -> torch.Tensor:
     """Keep the smallest set of most likely tokens whose probability reaches `p` (at least one)."""
     ascending, order = torch.sort(logits, dim=-1)
     drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - p
@@ -1712,7 +1768,7 @@ def keep_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
 
 
-def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+def keep_min_p(logits: torch.Tensor, min_p: torch.Tensor | float) -> torch.Tensor:
     """Drop tokens less likely than min_p times the most likely one (never the most likely)."""
     probs = logits.softmax(dim=-1)
     drop = probs < min_p * probs.amax(dim=-1, keepdim=True)
@@ -1722,35 +1778,324 @@ def keep_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class SamplingRecipe:
-    """Upstream's processors for one model, applied in upstream's order."""
+    """Upstream's processors for one model and request, in upstream's order."""
 
     temperature: float
     repetition_penalty: float
-    top_k: int = 0
+    top_k: int = 0  # 0: off
     top_p: float = 1.0
     min_p: float = 0.0
     turbo_order: bool = False  # Turbo: temperature, top-k, top-p, then the repetition penalty
 
+    def rows(self, vocabulary: int) -> dict[str, float]:
+        """This recipe as per-row sampling parameters (neutral values where a filter is off)."""
+        return {"temperature": self.temperature if self.temperature > 0 else 1.0,
+                "penalty": self.repetition_penalty, "top_k": float(self.top_k or vocabulary), "top_p": self.top_p,
+                "min_p": self.min_p}
+
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        logits = logits.float()
-        if not self.turbo_order:
-            logits = penalize_repeats(logits, seen, self.repetition_penalty)
-        if self.temperature > 0 and self.temperature != 1.0:
-            logits = logits / self.temperature
-        if self.top_k > 0:
-            logits = keep_top_k(logits, self.top_k)
-        if self.min_p > 0:
-            logits = keep_min_p(logits, self.min_p)
-        if self.top_p < 1.0:
-            logits = keep_top_p(logits, self.top_p)
+        rows = {name: torch.full((logits.shape[0], 1), value, device=logits.device)
+                for name, value in self.rows(logits.shape[-1]).items()}
+        return filter_logits(logits, seen, SamplingRows(**rows), self.turbo_order)
+
+
+@dataclass
+class SamplingRows:
+    """Per-row sampling parameters, [rows, 1] each."""
+
+    temperature: torch.Tensor
+    penalty: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+
+    @classmethod
+    def empty(cls, rows: int, device: torch.device | str) -> SamplingRows:
+        return cls(*(torch.ones(rows, 1, device=device) for _ in fields(cls)))
+
+    def set_row(self, row: int, values: dict[str, float]) -> None:
+        for name, value in values.items():
+            getattr(self, name)[row].fill_(value)
+
+    def select(self, rows: slice) -> SamplingRows:
+        return SamplingRows(*(getattr(self, f.name)[rows] for f in fields(self)))
+
+
+def filter_logits(logits: torch.Tensor, seen: torch.Tensor, rows: SamplingRows, turbo_order: bool) -> torch.Tensor:
+    logits = logits.float()
+    if not turbo_order:
+        logits = penalize_repeats(logits, seen, rows.penalty)
+    logits = logits / rows.temperature
+    if turbo_order:
+        logits = keep_top_p(keep_top_k(logits, rows.top_k.long()), rows.top_p)
+        return penalize_repeats(logits, seen, rows.penalty)
+    return keep_top_p(keep_min_p(logits, rows.min_p), rows.top_p)
+
+
+def draw(logits: torch.Tensor, noise: torch.Tensor, fallback: int) -> torch.Tensor:
+    """One token per row: argmax(p / q) with q ~ Exp(1) is exactly the draw torch.multinomial makes for one
+    sample (same generator calls), without its checks, which on CUDA turn a NaN into a sticky device-side
+    assert. A row with no finite probability (NaN or infinite logits) draws `fallback` (the stop token)."""
+    probs = torch.softmax(logits, dim=-1).nan_to_num(nan=0.0)
+    broken = probs.sum(dim=-1, keepdim=True) == 0
+    token = (probs / noise).argmax(dim=-1, keepdim=True)
+    return torch.where(broken, torch.full_like(token, fallback), token)
+
+
+@dataclass(eq=False)
+class Slot:
+    """One generation's place in the batch, and what its rows have produced so far."""
+
+    index: int
+    position: int  # the cache position its rows write at the next step
+    budget: int  # most tokens it may sample (the stop token included)
+    tokens: list[int] = field(default_factory=list)  # sampled, the stop token excluded
+    monitor: Any = None  # Multilingual's alignment analyzer
+    done: bool = False  # stopped, or out of budget
+
+    def take(self, token: int, stop: int) -> None:
+        if self.done:
+            return  # drawn after the stop, in the same block: dropped
+        if token == stop:
+            self.done = True
+            return
+        self.tokens.append(token)
+        self.done = len(self.tokens) >= self.budget
+
+
+class StopVerdict:
+    """The alignment monitor's ruling on a slot's next draw: upstream forbids or forces the stop token."""
+
+    FREE, NOT_YET, NOW = 0, 1, 2
+
+
+def monitor_verdict(monitor: Any, last_token: int, stop: int) -> int:
+    """Run upstream's analyzer for one step. It only ever overwrites logits, never reads them, so it is
+    handed a dummy row and what it wrote there is its verdict."""
+    ruled = monitor.step(torch.zeros(1, stop + 1), next_token=last_token)[0, stop]
+    return StopVerdict.NOW if ruled == 2**15 else StopVerdict.NOT_YET if ruled == -(2**15) else StopVerdict.FREE
+
+
+def with_verdict(logits: torch.Tensor, verdict: torch.Tensor, stop: int) -> torch.Tensor:
+    """Apply each row's StopVerdict ([rows, 1]) to its logits, as upstream's analyzer edits them."""
+    now = verdict == StopVerdict.NOW
+    logits = logits.masked_fill(now, -(2.0**15))
+    stop_logit = torch.where(now, 2.0**15, logits[:, stop : stop + 1].masked_fill(verdict == StopVerdict.NOT_YET,
+                                                                                   -(2.0**15)))
+    return torch.cat([logits[:, :stop], stop_logit, logits[:, stop + 1 :]], dim=1)
+
+
+class T3Batch:
+    """The decode state of every slot: the decoder's KV cache, each row's position and next input, each
+    slot's sampling parameters, token history, random generator and stop verdict; `step` advances every
+    slot by one token (sampling included) with the same shapes whether a slot is busy or idle.
+
+    Tokens collect on the device and are read back every `eos_check_every` steps (`read_tokens`); slots
+    are seated only between blocks. On CUDA `capture` records the step once per cache-length bucket at
+    warm-up and `step` is one replay (two for Multilingual, whose alignment monitor runs on the host
+    between the model and the draw)."""
+
+    def __init__(self, t3: Any, decoder: T3Decoder, cfg: bool, turbo_order: bool, monitored: bool):
+        options, device = decoder.options, decoder.final_norm.weight.device
+        self.t3, self.decoder, self.options, self.device = t3, decoder, options, device
+        self.cfg, self.turbo_order, self.monitored = cfg, turbo_order, monitored
+        count, self.vocabulary = options.max_batch, t3.hp.speech_tokens_dict_size
+        self.stop, self.start = t3.hp.stop_speech_token, t3.hp.start_speech_token
+        self.slots: list[Slot | None] = [None] * count
+        self.inputs = torch.zeros(decoder.rows, 1, decoder.dim, device=device)
+        self.positions = torch.zeros(decoder.rows, dtype=torch.long, device=device)
+        self.speech_index = torch.zeros(count, dtype=torch.long, device=device)  # Llama: next speech position id
+        self.seen = torch.zeros(count, self.vocabulary, dtype=torch.bool, device=device)
+        self.sampling = SamplingRows.empty(count, device)
+        self.cfg_weight = torch.zeros(count, 1, device=device)
+        self.verdict = torch.zeros(count, 1, dtype=torch.long, device=device)
+        self.logits = torch.zeros(count, self.vocabulary, device=device)
+        self.noise = torch.ones(count, self.vocabulary, device=device)
+        self.generators = [torch.Generator(device=device) for _ in range(count)]
+        self.block = torch.zeros(count, options.eos_check_every, dtype=torch.long, device=device)
+        self.filled = torch.zeros(1, dtype=torch.long, device=device)  # columns of `block` written
+        self.steps_in_block = 0
+        self.graphs: dict[int, list[Any]] = {}  # by attended length: the step's graphs
+        self._model_forward: Callable[..., torch.Tensor] = decoder.masked_step
+        if options.compile_mode:
+            # Our graphs wrap the compiled step, so inductor's own CUDA graphs stay off (the modes that
+            # capture them skip a step that writes into the KV cache).
+            mode = {"default": "default", "reduce-overhead": "default",
+                    "max-autotune": "max-autotune-no-cudagraphs"}[options.compile_mode]
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       decoder.capacity // CACHE_BUCKET + 2)
+            self._model_forward = torch.compile(decoder.masked_step, mode=mode, fullgraph=False, dynamic=False)
+
+    @property
+    def free(self) -> list[int]:
+        return [index for index, slot in enumerate(self.slots) if slot is None]
+
+    @property
+    def busy(self) -> list[Slot]:
+        return [slot for slot in self.slots if slot is not None]
+
+    def rows(self, index: int) -> slice:
+        per_slot = self.decoder.rows_per_slot
+        return slice(index * per_slot, (index + 1) * per_slot)
+
+    def logits_of(self, hidden: torch.Tensor, cfg_weight: torch.Tensor) -> torch.Tensor:
+        """Speech logits per slot from its rows' hidden states (CFG: conditional + w * (conditional - unconditional))."""
+        logits = self.t3.speech_head(hidden).float()
+        if not self.cfg:
+            return logits
+        pairs = logits.view(-1, 2, logits.shape[-1])
+        return pairs[:, 0] + cfg_weight * (pairs[:, 0] - pairs[:, 1])
+
+    # --- seating a generation ----------------------------------------------------
+
+    def seat(self, slot: Slot, hidden: torch.Tensor, recipe: SamplingRecipe, cfg_weight: float, seed: int) -> None:
+        """A generation whose prompt is prefilled into its rows takes its slot: its first token is drawn
+        from the prefill's last hidden state, as upstream draws it, and becomes its rows' next input."""
+        index = slot.index
+        generator = self.generators[index]
+        generator.manual_seed(seed)
+        self.sampling.set_row(index, recipe.rows(self.vocabulary))
+        self.cfg_weight[index].fill_(cfg_weight)
+        self.verdict[index].fill_(StopVerdict.FREE)
+        seen = self.seen[index : index + 1]
+        seen.zero_()
+        seen[0, self.start] = True
+        logits = self.logits_of(hidden, self.cfg_weight[index : index + 1])
+        if slot.monitor is not None:
+            for n, probe in enumerate(self.decoder.probes):
+                slot.monitor.last_aligned_attns[n] = self.decoder.prefill_probes[probe]
+            verdict = monitor_verdict(slot.monitor, self.start, self.stop)
+            logits = with_verdict(logits, torch.full((1, 1), verdict, device=self.device), self.stop)
+        noise = torch.empty_like(logits).exponential_(generator=generator)
+        token = draw(filter_logits(logits, seen, self.sampling.select(slice(index, index + 1)), self.turbo_order),
+                     noise, self.stop)
         if self.turbo_order:
-            logits = penalize_repeats(logits, seen, self.repetition_penalty)
-        return logits
+            seen.zero_()  # upstream's Turbo history holds the start token for the first draw only
+        seen.scatter_(1, token, True)
+        embed = self.t3.speech_emb(token.view(1))
+        if self.cfg:  # Llama: learned speech positions; both CFG rows get the same input
+            embed = embed + self.t3.speech_pos_emb.emb.weight[1]
+        self.inputs[self.rows(index)] = embed.view(1, 1, -1)
+        self.positions[self.rows(index)] = slot.position
+        self.speech_index[index] = 2
+        self.slots[index] = slot
+        slot.take(int(token), self.stop)
 
+    def leave(self, slot: Slot) -> None:
+        self.slots[slot.index] = None
 
-def sample(logits: torch.Tensor) -> torch.Tensor:
-    """One token per row, drawn as upstream draws it (same generator calls, so same seed, same tokens)."""
-    return torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+    # --- the step -----------------------------------------------------------------
+
+    def step(self) -> None:
+        """Advance every slot by one token."""
+        busy = self.busy
+        if self.options.cuda_graphs:
+            graphs = self.graphs[bucket_length(max(s.position for s in busy), self.decoder.capacity)]
+            graphs[0].replay()
+            if self.monitored:
+                self._monitor()
+                graphs[-1].replay()
+        else:
+            length = bucket_length(max(s.position for s in busy), self.decoder.capacity)
+            self._model(length if self.options.bucketed else 0)
+            if self.monitored:
+                self._monitor()
+            self._draw(every_slot=False)
+        for slot in busy:
+            slot.position += 1
+        self.steps_in_block += 1
+
+    def _model(self, length: int) -> None:
+        """The transformer, the speech head and CFG for every slot, into `self.logits`. length > 0: the
+        static-shape step over that many positions; 0: each busy slot over exactly its own (eager)."""
+        if length:
+            hidden = self._model_forward(self.inputs, self.positions, length)
+        else:
+            lengths = [0] * len(self.slots)
+            for slot in self.busy:
+                lengths[slot.index] = slot.position + 1
+            hidden = self.decoder.step(self.inputs, self.positions, lengths)
+        self.logits.copy_(self.logits_of(hidden, self.cfg_weight))
+
+    def _monitor(self) -> None:
+        """Multilingual: each busy slot's alignment monitor reads its rows of the probed heads and rules."""
+        probes = self.decoder.probe_rows.cpu()
+        verdicts = torch.zeros(len(self.slots), 1, dtype=torch.long)
+        for slot in self.busy:
+            for n in range(len(self.decoder.probes)):
+                slot.monitor.last_aligned_attns[n] = probes[n, slot.index, : slot.position + 1].view(1, -1)
+            last = slot.tokens[-1] if slot.tokens else self.start
+            verdicts[slot.index] = monitor_verdict(slot.monitor, last, self.stop)
+        self.verdict.copy_(verdicts)
+
+    def _draw(self, every_slot: bool) -> None:
+        """Filter and draw each slot's token; it joins the slot's history and the block, its embedding
+        becomes the slot's rows' next input, and their position moves on."""
+        logits = with_verdict(self.logits, self.verdict, self.stop) if self.monitored else self.logits
+        logits = filter_logits(logits, self.seen, self.sampling, self.turbo_order)
+        for index, generator in enumerate(self.generators):
+            if every_slot or self.slots[index] is not None:  # a graph draws for every slot, busy or not
+                self.noise[index].exponential_(generator=generator)
+        token = draw(logits, self.noise, self.stop)
+        self.seen.scatter_(1, token, True)
+        self.block.index_copy_(1, self.filled, token)
+        self.filled.add_(1)
+        embed = self.t3.speech_emb(token[:, 0])
+        if self.cfg:
+            table = self.t3.speech_pos_emb.emb.weight
+            embed = embed + table[self.speech_index.clamp(max=table.shape[0] - 1)]
+            self.speech_index.add_(1)
+        self.inputs.copy_(embed.repeat_interleave(self.decoder.rows_per_slot, dim=0)[:, None])
+        self.positions.add_(1).clamp_(max=self.decoder.capacity - 1)  # idle rows keep writing in their own rows
+
+    def read_tokens(self) -> None:
+        """Hand the block's tokens to their slots (one read from the device) and start a new block."""
+        if not self.steps_in_block:
+            return
+        block = self.block[:, : self.steps_in_block].tolist()
+        self.filled.zero_()
+        self.steps_in_block = 0
+        for slot in self.busy:
+            for token in block[slot.index]:
+                slot.take(token, self.stop)
+
+    @property
+    def block_full(self) -> bool:
+        return self.steps_in_block >= self.options.eos_check_every
+
+    # --- CUDA graphs ----------------------------------------------------------------
+
+    def capture(self) -> None:
+        """Record the step for every cache-length bucket, at warm-up only, on one side stream with one
+        memory pool; a CUDA call from another thread cannot break a capture in thread-local mode."""
+        stream, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+        stream.wait_stream(torch.cuda.current_stream())
+        for length in range(CACHE_BUCKET, self.decoder.capacity + 1, CACHE_BUCKET):
+            if self.monitored:
+                parts = [lambda n=length: self._model(n), lambda: self._draw(every_slot=True)]
+            else:
+                parts = [lambda n=length: (self._model(n), self._draw(every_slot=True))]
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm the kernels (and compile or autotune) outside the capture
+                    for part in parts:
+                        part()
+            graphs = []
+            for part in parts:
+                graph = torch.cuda.CUDAGraph()
+                for generator in self.generators:
+                    graph.register_generator_state(generator)
+                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                    part()
+                graphs.append(graph)
+            self.graphs[length] = graphs
+        torch.cuda.current_stream().wait_stream(stream)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what warm-up steps wrote (no slot is busy then)."""
+        for tensor in (self.positions, self.filled, self.seen, self.inputs, self.speech_index, self.verdict):
+            tensor.zero_()
+        self.steps_in_block = 0
 
 
 def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
@@ -1969,22 +2314,334 @@ class _WorkItem:
     submitted: float = field(default_factory=time.monotonic)
 
     def rank(self, now: float) -> tuple[float, int]:
-        # Aging: every AGING_SECONDS of waiting lifts an item one priority class, so a
-        # steady stream of real-time work can delay background work but never starve it.
-        return self.priority - (now - self.submitted) / AGING_SECONDS, self.seq
+        return rank(self.priority, self.submitted, self.seq, now)
 
 
 AGING_SECONDS = 10.0
 
 
-class InferenceWorker:
-    """The one thread that touches the model. Async callers submit short units of work
-    (a token chunk, a voice preparation); the most urgent waiting unit runs next."""
+def rank(priority: int, submitted: float, ticket: int, now: float) -> tuple[float, int]:
+    """Who goes first: the priority class, lifted one class for every AGING_SECONDS of waiting (so a
+    steady stream of real-time work can delay background work but never starve it), then the ticket."""
+    return priority - (now - submitted) / AGING_SECONDS, ticket
+
+
+class _Event:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+TOKENS_DONE = _Event("TOKENS_DONE")  # T3 has drawn a generation's last token; its next chunk may start
+GENERATION_DONE = _Event("GENERATION_DONE")  # its last audio has been delivered
+
+
+@dataclass(eq=False)
+class Generation:
+    """One model call: a chunk of one request's text, from submission to its last audio. Made on the
+    event loop, run on the inference thread; what it produces (float32 audio at the engine's rate,
+    TOKENS_DONE, GENERATION_DONE, or the exception that ended it) goes back through `deliver`."""
+
+    text: str
+    voice: Any
+    params: SynthesisParams
+    seed: int
+    priority: int
+    ticket: int
+    deliver: Callable[[Any], None]
+    max_tokens: int | None = None  # None: speech_token_budget(text)
+    vocode: bool = True  # False: T3's speech tokens only (benchmarks, tests)
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # its request is gone: the runner drops it at its next turn
+    queue_wait: float = 0.0  # submitted until its model work began
+    model_seconds: float = 0.0  # its share of the inference thread's time
+    tokens: list[int] = field(default_factory=list)  # T3's speech tokens, once drawn
+
+    def rank(self, now: float) -> tuple[float, int]:
+        return rank(self.priority, self.submitted, self.ticket, now)
+
+
+class SequentialRunner:
+    """How an engine without batching runs generations: each turn, one piece of the most urgent one.
+    Streams take turns (a stream goes to the back of its class after each piece, so first audio comes
+    soon for all); whole files keep their request's place in line (each finishes as early as it can)."""
+
+    def __init__(self, engine: Engine, tickets: Callable[[], int]):
+        self.engine, self.tickets = engine, tickets
+        self.generations: list[Generation] = []
+        self._pieces: dict[Generation, tuple[Iterator[np.ndarray], RngStream]] = {}
+
+    def add(self, generation: Generation) -> None:
+        self.generations.append(generation)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.generations)
+
+    @property
+    def waiting(self) -> int:
+        return sum(g not in self._pieces for g in self.generations)
+
+    def turn(self) -> None:
+        for generation in [g for g in self.generations if g.cancelled]:
+            self._retire(generation)
+        if not self.generations:
+            return
+        now = time.monotonic()
+        generation = min(self.generations, key=lambda g: g.rank(now))
+        started = time.monotonic()
+        try:
+            if generation not in self._pieces:
+                generation.queue_wait = started - generation.submitted
+                rng = RngStream(generation.seed)
+                with rng.active():
+                    pieces = iter(self.engine.synthesize(generation.text, generation.voice, generation.params))
+                self._pieces[generation] = pieces, rng
+            pieces, rng = self._pieces[generation]
+            with rng.active():
+                piece = next(pieces, None)
+        except Exception as exc:
+            self._retire(generation)
+            generation.deliver(exc)
+            return
+        finally:
+            generation.model_seconds += time.monotonic() - started
+        if piece is None:
+            self._retire(generation)
+            generation.deliver(GENERATION_DONE)
+            return
+        if len(piece):
+            generation.deliver(as_array(piece))
+        if generation.priority == Priority.REALTIME:
+            generation.ticket, generation.submitted = self.tickets(), time.monotonic()
+
+    def _retire(self, generation: Generation) -> None:
+        self.generations.remove(generation)
+        pieces, _ = self._pieces.pop(generation, (None, None))
+        if hasattr(pieces, "close"):
+            pieces.close()  # on the thread that runs it
+
+
+@dataclass(eq=False)
+class Prefill:
+    """A generation on its way into the batch: its prompt, written into its slot's rows a chunk per turn."""
+
+    generation: Generation
+    slot: Slot
+    embeds: torch.Tensor
+    written: int = 0
+
+
+class BatchRunner:
+    """Chatterbox's scheduler, one turn at a time on the inference thread (vLLM's loop in one place):
+    drop what was cancelled, admit the most urgent waiting generation into a free slot, prefill a chunk
+    of its prompt, run one block of batched T3 steps, hand finished token spans to S3Gen (one span a
+    turn, the most urgent), and deliver the audio in order."""
+
+    def __init__(self, engine: ChatterboxEngine):
+        self.engine = engine
+        self.queue: list[Generation] = []  # waiting for a slot
+        self.prefill: Prefill | None = None
+        self.seated: dict[int, tuple[Generation, Slot]] = {}  # by slot index
+        self.speech: dict[Generation, SpeechStream] = {}  # S3Gen's side, until the last span
+        self.outbox: deque[tuple[Generation, Any]] = deque()  # in order; GPU audio waits for its copy
+        self.stats = BatchStats()
+
+    def add(self, generation: Generation) -> None:
+        self.queue.append(generation)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.prefill or self.seated or self.speech or self.outbox)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.queue)
+
+    def turn(self) -> None:
+        self._drop_cancelled()
+        if self.prefill is None:
+            self._admit()
+        if self.prefill is not None:
+            self._fail_on_error([self.prefill.generation], self._prefill)
+        if self.seated:
+            self._fail_on_error([g for g, _ in self.seated.values()], self._decode_block)
+        self._vocode_one()
+        self._deliver(wait=not (self.queue or self.prefill or self.seated or self.speech))
+
+    def _fail_on_error(self, generations: list[Generation], work: Callable[[], None]) -> None:
+        try:
+            work()
+        except Exception as exc:
+            for generation in generations:
+                self._drop(generation)
+                self.outbox.append((generation, exc))
+
+    def _drop(self, generation: Generation) -> None:
+        if generation in self.queue:
+            self.queue.remove(generation)
+        if self.prefill is not None and self.prefill.generation is generation:
+            self.prefill = None
+        for index, (seated, slot) in list(self.seated.items()):
+            if seated is generation:
+                del self.seated[index]
+                self.engine._batch().leave(slot)
+        self.speech.pop(generation, None)
+
+    def _drop_cancelled(self) -> None:
+        for generation in {*self.queue, *self.speech, *(g for g, _ in self.seated.values()),
+                           *([self.prefill.generation] if self.prefill else [])}:
+            if generation.cancelled:
+                self._drop(generation)
+        self.outbox = deque((g, event) for g, event in self.outbox if not g.cancelled)
+
+    def _admit(self) -> None:
+        batch = self.engine._batch()
+        if not self.queue or not batch.free:
+            return
+        now = time.monotonic()
+        generation = min(self.queue, key=lambda g: g.rank(now))
+        self.queue.remove(generation)
+        started = time.monotonic()
+        generation.queue_wait = started - generation.submitted
+        try:
+            embeds, len_cond, len_text = self.engine.prompt(generation.text, generation.voice, generation.params)
+            room = batch.decoder.capacity - embeds.shape[1] - 1
+            if room < 1:
+                raise ApiError(400, "This text is too long for one model call; shorten its sentences.",
+                               param="input", code="input_too_long")
+            budget = min(generation.max_tokens or speech_token_budget(generation.text), room)
+            monitor = self.engine._alignment_monitor(len_cond, len_text) if batch.monitored else None
+            slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor)
+            self.prefill = Prefill(generation, slot, embeds)
+        except Exception as exc:
+            self.outbox.append((generation, exc))
+        generation.model_seconds += time.monotonic() - started
+
+    def _prefill(self) -> None:
+        prefill, batch = self.prefill, self.engine._batch()
+        assert prefill is not None
+        started = time.monotonic()
+        total = prefill.embeds.shape[1]
+        chunk = batch.options.prefill_chunk if self.seated else total  # alone, in one go
+        end = total if total - prefill.written < chunk + 2 else prefill.written + chunk  # the last chunk holds the start tokens
+        hidden = batch.decoder.prefill(prefill.embeds[:, prefill.written : end], prefill.slot.index, prefill.written)
+        prefill.written = end
+        generation = prefill.generation
+        if end == total:
+            self.prefill = None
+            params = generation.params
+            batch.seat(prefill.slot, hidden, self.engine.recipe(params), params.cfg_weight, generation.seed)
+            self.seated[prefill.slot.index] = (generation, prefill.slot)
+            if generation.vocode:
+                self.speech[generation] = SpeechStream(self.engine, generation.voice, params, prefill.slot.budget,
+                                                       generation.seed ^ S3GEN_SEED_SALT)
+            self._collect(generation, prefill.slot)
+        generation.model_seconds += time.monotonic() - started
+
+    def _decode_block(self) -> None:
+        batch = self.engine._batch()
+        started = time.monotonic()
+        steps = 0
+        while True:
+            batch.step()
+            steps += 1
+            if batch.block_full:
+                break
+        batch.read_tokens()
+        elapsed = time.monotonic() - started
+        self.stats.steps(steps, len(self.seated), elapsed)
+        for generation, slot in list(self.seated.values()):
+            generation.model_seconds += elapsed / len(self.seated)
+            self._collect(generation, slot)
+
+    def _collect(self, generation: Generation, slot: Slot) -> None:
+        """Pass a seated generation's new tokens on to S3Gen; at its end, free its slot."""
+        fresh = slot.tokens[len(generation.tokens):]
+        generation.tokens += fresh
+        if (speech := self.speech.get(generation)) is not None:
+            speech.add(fresh)
+        if not slot.done:
+            return
+        del self.seated[slot.index]
+        self.engine._batch().leave(slot)
+        self.outbox.append((generation, TOKENS_DONE))
+        if speech is not None:
+            speech.end()
+        else:
+            self.outbox.append((generation, GENERATION_DONE))
+
+    def _vocode_one(self) -> None:
+        ready = [(g, span) for g, speech in self.speech.items() if (span := speech.next_span()) is not None]
+        if not ready:
+            return
+        now = time.monotonic()
+        generation, span = min(ready, key=lambda item: item[0].rank(now))
+        speech = self.speech[generation]
+        started = time.monotonic()
+        try:
+            audio = speech.vocode(span)
+        except Exception as exc:
+            self._drop(generation)
+            self.outbox.append((generation, exc))
+            return
+        finally:
+            generation.model_seconds += time.monotonic() - started
+        self.stats.windows(1, time.monotonic() - started)
+        self.outbox.append((generation, audio))
+        if span[2]:
+            del self.speech[generation]
+            self.outbox.append((generation, GENERATION_DONE))
+
+    def _deliver(self, wait: bool) -> None:
+        """Hand out events in order; audio still on its way from the GPU holds back what follows it
+        (the inference thread waits for it only when it has nothing else to do)."""
+        while self.outbox:
+            generation, event = self.outbox[0]
+            if isinstance(event, HostAudio):
+                if not (wait or event.ready()):
+                    return
+                event = event.numpy()
+            self.outbox.popleft()
+            generation.deliver(event)
+
+
+S3GEN_SEED_SALT = 0x53336E  # a generation's S3Gen draws come from a stream of their own, apart from T3's
+
+
+class BatchStats:
+    """What the batch has done since start: read by /v1/status and /metrics."""
 
     def __init__(self) -> None:
+        self.step_count = 0
+        self.step_seconds = 0.0
+        self.window_count = 0
+        self.window_seconds = 0.0
+        self.rows_per_step: dict[int, int] = {}  # busy slots: steps taken with that many
+
+    def steps(self, count: int, busy: int, seconds: float) -> None:
+        self.step_count += count
+        self.step_seconds += seconds
+        self.rows_per_step[busy] = self.rows_per_step.get(busy, 0) + count
+
+    def windows(self, count: int, seconds: float) -> None:
+        self.window_count += count
+        self.window_seconds += seconds
+
+
+class InferenceWorker:
+    """The one thread that touches the model. Its loop, each time round: run the most urgent waiting
+    unit of one-off work (load, a voice's conditionals...), then one turn of the runner, which advances
+    the generations that make audio (see `BatchRunner`, `SequentialRunner`)."""
+
+    def __init__(self, engine: Engine | None = None) -> None:
         self._waiting: list[_WorkItem] = []
+        self._incoming: list[Generation] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
+        self.runner = engine.make_runner(self.ticket) if engine is not None else None
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._stopping = False
         self.busy = False
@@ -2010,6 +2667,17 @@ class InferenceWorker:
         future = self._submit(fn, priority)
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume any error
 
+    def start(self, generation: Generation) -> None:
+        """Hand a generation to the runner (from any thread)."""
+        with self._cond:
+            self._incoming.append(generation)
+            self._cond.notify()
+
+    def cancel(self, generation: Generation) -> None:
+        generation.cancelled = True
+        with self._cond:
+            self._cond.notify()
+
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
@@ -2018,8 +2686,9 @@ class InferenceWorker:
 
     @property
     def depth(self) -> int:
-        """Units waiting (cancelled ones are dropped when reached)."""
-        return sum(not item.future.cancelled() for item in self._waiting)
+        """Units and generations waiting (cancelled units are dropped when reached)."""
+        waiting = self.runner.waiting if self.runner is not None else 0
+        return sum(not item.future.cancelled() for item in self._waiting) + len(self._incoming) + waiting
 
     def _next(self) -> _WorkItem:
         now = time.monotonic()
@@ -2028,24 +2697,38 @@ class InferenceWorker:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        runner = self.runner
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while not (self._waiting or self._incoming or (runner is not None and runner.busy)):
+                    if self._stopping:
+                        return
                     self._cond.wait()
                 if self._stopping:
                     return
-                item = self._next()
-            if item.future.cancelled():
-                continue
-            self.busy = True
-            try:
-                with torch.inference_mode():
-                    result, error = item.fn(), None
-            except BaseException as exc:  # delivered to the awaiting request
-                result, error = None, exc
-            finally:
-                self.busy = False
-            item.loop.call_soon_threadsafe(_settle, item.future, result, error)
+                item = self._next() if self._waiting else None
+                incoming, self._incoming = self._incoming, []
+            for generation in incoming:
+                runner.add(generation)  # type: ignore[union-attr]
+            if item is not None and not item.future.cancelled():
+                self.busy = True
+                try:
+                    with torch.inference_mode():
+                        result, error = item.fn(), None
+                except BaseException as exc:  # delivered to the awaiting request
+                    result, error = None, exc
+                finally:
+                    self.busy = False
+                item.loop.call_soon_threadsafe(_settle, item.future, result, error)
+            if runner is not None and runner.busy:
+                self.busy = True
+                try:
+                    with torch.inference_mode():
+                        runner.turn()
+                except Exception:  # the runner delivers each generation's own errors; this is a bug
+                    logger.exception("the scheduler's turn failed")
+                finally:
+                    self.busy = False
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
@@ -2055,6 +2738,11 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The seed of a request's index-th chunk of text: its own, so chunks need not run in order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "little")
 
 
 class RngStream:
@@ -2331,7 +3019,7 @@ class Speaker:
         self.voices = VoiceLibrary(Path(settings.voices_dir), engine.voice_files)
         self.voice_cache = VoiceCache(settings.voice_cache_size)
         self.results = ResultCache(int(settings.result_cache_mb * 1024 * 1024))
-        self.worker = InferenceWorker()
+        self.worker = InferenceWorker(engine)
         self.loaded = False
         self.ever_loaded = False
         self.load_seconds: dict[str, float] = {}
@@ -2440,65 +3128,71 @@ class Speaker:
     async def audio(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[np.ndarray]:
         """The job's audio at the engine's rate, text chunk by chunk, joined without clicks.
 
-        A producer task keeps the model busy: it starts the next text chunk while the
-        current one is still being consumed, but never runs more than one chunk ahead.
+        Each chunk is one `Generation` on the inference thread. The next chunk is handed over as soon
+        as T3 has finished the current one (so its prompt is read while the current one's last audio
+        is made), but never more than one chunk ahead of what is being consumed. Each chunk's random
+        draws come from its own seed, derived from the request's, so a seed reproduces a whole text
+        however requests interleave.
         """
-        worker, engine = self.worker, self.engine
+        worker, engine, loop = self.worker, self.engine, asyncio.get_running_loop()
         conds = await self.unit(job, lambda: self._conditionals(job.voice, job.params.exaggeration))
         seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
-        rng = RngStream(seed)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        chunks: asyncio.Queue[tuple[Generation, asyncio.Queue[Any]] | None] = asyncio.Queue()
         ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
-
-        def step(pieces: Iterator[np.ndarray]) -> np.ndarray | None:
-            with rng.active():
-                return next(pieces, None)
+        started: list[Generation] = []
 
         async def produce() -> None:
-            pieces: Iterator[np.ndarray] | None = None
-            try:
-                async for chunk in texts:
-                    await ahead.acquire()
-                    job.timeline.characters += len(chunk)
-                    pieces = engine.synthesize(chunk, conds, job.params)
-                    first = True
-                    while (piece := await self.unit(job, lambda: step(pieces))) is not None:
-                        if isinstance(piece, np.ndarray) and not piece.size:
-                            continue  # the engine gave the inference thread a turn for other work
-                        await queue.put((piece, first))
-                        first = False
-                    pieces = None
-                    job.timeline.chunks_generated.append(job.timeline.now())
-                    await queue.put(_CHUNK_END)
-                await queue.put(_DONE)
-            except BaseException as exc:
-                await queue.put(exc)
-                raise
-            finally:
-                if pieces is not None and hasattr(pieces, "close"):
-                    worker.post(pieces.close, job.priority)  # release it on the thread that runs it
+            t3_done: asyncio.Event | None = None
+            index = 0
+            async for text in texts:
+                await ahead.acquire()
+                if t3_done is not None:
+                    await t3_done.wait()
+                job.timeline.characters += len(text)
+                events: asyncio.Queue[Any] = asyncio.Queue()
+                t3_done = asyncio.Event()
+
+                def on_event(event: Any, events: asyncio.Queue[Any] = events, done: asyncio.Event = t3_done) -> None:
+                    if event is TOKENS_DONE or event is GENERATION_DONE or isinstance(event, BaseException):
+                        done.set()
+                    if event is not TOKENS_DONE:
+                        events.put_nowait(event)
+
+                ticket = job.ticket if job.ticket is not None else worker.ticket()
+                generation = Generation(text, conds, job.params, chunk_seed(seed, index), job.priority, ticket,
+                                        lambda event, handle=on_event: loop.call_soon_threadsafe(handle, event))
+                started.append(generation)
+                worker.start(generation)
+                await chunks.put((generation, events))
+                index += 1
+            await chunks.put(None)
 
         producer = asyncio.ensure_future(produce())
         joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
         try:
-            while (item := await self._within_deadline(job, queue.get())) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                if item is _CHUNK_END:
-                    ahead.release()
-                    continue
-                piece, starts_segment = item
-                piece = as_array(piece)
-                job.timeline.engine_audio_seconds += len(piece) / engine.sample_rate
-                ready = joiner.push(piece, starts_segment)
-                if len(ready):
-                    yield ready
+            while (item := await self._within_deadline(job, chunks.get())) is not None:
+                generation, events = item
+                first = True
+                while (event := await self._within_deadline(job, events.get())) is not GENERATION_DONE:
+                    if isinstance(event, BaseException):
+                        raise event
+                    job.timeline.engine_audio_seconds += len(event) / engine.sample_rate
+                    ready = joiner.push(event, starts_segment=first)
+                    first = False
+                    if len(ready):
+                        yield ready
+                job.timeline.chunks_generated.append(job.timeline.now())
+                ahead.release()
             tail = joiner.finish()
             if len(tail):
                 yield tail
         finally:
             producer.cancel()
             await asyncio.gather(producer, return_exceptions=True)
+            for generation in started:
+                worker.cancel(generation)  # a no-op for those already done; frees a slot otherwise
+                job.timeline.queue_wait += generation.queue_wait
+                job.timeline.model_seconds += generation.model_seconds
 
     async def render(self, job: SpeechJob, texts: list[str] | AsyncIterator[str],
                      streaming: bool) -> AsyncIterator[bytes]:
