@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
@@ -100,6 +100,10 @@ class Settings:
                                    default="default")
     cuda_graphs: bool = _env("CUDA_GRAPHS", "Replay T3's decode step from CUDA graphs (CUDA only).", default=True)
     attention: str = _env("ATTENTION", "T3 attention kernel: sdpa or eager.", default="sdpa")
+    torch_threads: int = _env("TORCH_THREADS", "Threads the model computes with (0 = one per CPU core, less one for "
+                              "the event loop where there are more than two).", default=0)
+    max_batch: int = _env("MAX_BATCH", "Generations T3 decodes together (slots); 0 = the device's default (CPU 8, "
+                          "CUDA 32).", default=0)
     audio_trim_silence: bool = _env("AUDIO_TRIM_SILENCE", "Trim silence at each utterance's start and end.",
                                     default=False)
     audio_normalize: bool = _env("AUDIO_NORMALIZE", "Level each utterance's loudness to about -20 dBFS RMS.",
@@ -150,6 +154,8 @@ class Settings:
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise SystemExit(f"{name}={value!r}: choose one of {', '.join(allowed)}")
+        if settings.max_batch < 0 or settings.torch_threads < 0:
+            raise SystemExit("MAX_BATCH and TORCH_THREADS must not be negative (0 = the default)")
         if settings.result_cache_mb < 0:
             raise SystemExit("RESULT_CACHE_MB must not be negative")
         if settings.stream_context_tokens < max(50, 2 * settings.stream_chunk_tokens):
@@ -163,7 +169,7 @@ class Settings:
     @property
     def model_options(self) -> ModelOptions:
         return ModelOptions(self.dtype, self.quantize, self.torch_compile, self.torch_compile_mode, self.cuda_graphs,
-                            self.attention)
+                            self.attention, self.max_batch)
 
 
 def _parse_bool(raw: str) -> bool:
@@ -1520,7 +1526,7 @@ class T3Decoder(torch.nn.Module):
         self.layer_count = config.num_hidden_layers
         self.layers = torch.nn.ModuleList(self._gpt2_layer(b) if self.gpt2 else self._llama_layer(b)
                                           for b in (tfmr.h if self.gpt2 else tfmr.layers))
-        self.final_norm = tfmr.ln_f if self.gpt2 else tfmr.norm
+        self.final_norm = tfmr.ln_f if self.gpt2 else RMSNorm(tfmr.norm)
         self.positions = tfmr.wpe if self.gpt2 else None
         device = self.final_norm.weight.device
         self.capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
@@ -1536,7 +1542,7 @@ class T3Decoder(torch.nn.Module):
         # (layer, head) pairs whose attention the alignment monitor reads: each slot's conditional row.
         self.probes = probes
         self.probe_rows = torch.zeros(len(probes), options.max_batch, self.capacity, device=device)
-        self.prefill_probes: dict[tuple[int, int], torch.Tensor] = {}  # the last prefill's rows, [T, length]
+        self.prefill_probes: dict[tuple[int, int], torch.Tensor] = {}  # the last prefill chunk's rows
 
     @staticmethod
     def _gpt2_layer(block: Any) -> torch.nn.Module:
@@ -1553,9 +1559,9 @@ class T3Decoder(torch.nn.Module):
     @staticmethod
     def _llama_layer(layer: Any) -> torch.nn.Module:
         attn, mlp = layer.self_attn, layer.mlp
-        return torch.nn.ModuleDict(dict(norm1=layer.input_layernorm, qkv=fuse_linears(attn.q_proj, attn.k_proj,
-                                                                                       attn.v_proj),
-                                        out=attn.o_proj, norm2=layer.post_attention_layernorm,
+        return torch.nn.ModuleDict(dict(norm1=RMSNorm(layer.input_layernorm),
+                                        qkv=fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj), out=attn.o_proj,
+                                        norm2=RMSNorm(layer.post_attention_layernorm),
                                         gate_up=fuse_linears(mlp.gate_proj, mlp.up_proj), down=mlp.down_proj))
 
     def forward(self, embeds: torch.Tensor, rows: slice, positions: torch.Tensor,
@@ -1570,11 +1576,16 @@ class T3Decoder(torch.nn.Module):
         rope = None if self.rope is None else (self.rope[0][positions], self.rope[1][positions])
         for index, layer in enumerate(self.layers):
             qkv = layer["qkv"](layer["norm1"](x))
-            q = qkv[..., : self.heads * self.head_dim].view(b, t, self.heads, self.head_dim).transpose(1, 2)
+            q = qkv[..., : self.heads * self.head_dim].view(b, t, self.heads, self.head_dim)
             kv = qkv[..., self.heads * self.head_dim :].view(b, t, 2, self.kv_heads, self.head_dim)
             if rope is not None:
-                q = rotate(q, *rope)
-                kv = torch.stack((rotate(kv[:, :, 0].transpose(1, 2), *rope).transpose(1, 2), kv[:, :, 1]), dim=2)
+                if self.kv_heads == self.heads:  # queries and keys side by side: rotated together
+                    qk = rotate(qkv[..., : 2 * self.heads * self.head_dim].view(b, t, 2, self.heads, self.head_dim), *rope)
+                    q, keys = qk[:, :, 0], qk[:, :, 1]
+                else:
+                    q, keys = rotate(q, *rope), rotate(kv[:, :, 0], *rope)
+                kv = torch.stack((keys, kv[:, :, 1]), dim=2)
+            q = q.transpose(1, 2)
             self.cache.write(index, row_index, positions, kv)
             keys, values = self.cache.layers[index][:, rows]
             out = attend_rows(index, q, keys, values)
@@ -1604,8 +1615,9 @@ class T3Decoder(torch.nn.Module):
             for probe in self.probes:
                 if probe[0] == index:
                     head = probe[1]
-                    self.prefill_probes[probe] = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1],
-                                                                 mask, True)[0, 0]
+                    rows = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1], mask, True)[0, 0]
+                    # Indexed by position, as the monitor reads it: rows of earlier chunks stay zero.
+                    self.prefill_probes[probe] = F.pad(rows, (0, 0, start, 0)) if start else rows
             return attend(q, keys, values, mask, True, self.options.attention)
 
         rows = slice(slot * self.rows_per_slot, (slot + 1) * self.rows_per_slot)
@@ -1651,9 +1663,21 @@ class T3Decoder(torch.nn.Module):
 
         return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
 
+class RMSNorm(torch.nn.Module):
+    """Llama's RMS norm as one fused kernel (HF's module runs six), over the checkpoint's own weight."""
+
+    def __init__(self, norm: Any):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.variance_epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of x [B, H, T, D] (cos, sin: [B or 1, T, D]), as HF's Llama applies it."""
-    cos, sin = cos[:, None], sin[:, None]
+    """Rotary position embedding of x [B, T, ..., D] (cos, sin: [B or 1, T, D]), as HF's Llama applies it."""
+    shape = (*cos.shape[:2], *[1] * (x.dim() - 3), cos.shape[-1])
+    cos, sin = cos.view(shape), sin.view(shape)
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -2521,16 +2545,21 @@ class BatchRunner:
         generation.model_seconds += time.monotonic() - started
 
     def _prefill(self) -> None:
+        """Write the next chunk of the admitted prompt (all of it when no other generation is decoding).
+        The chunks are the same either way, so a prompt's arithmetic does not depend on its neighbours."""
         prefill, batch = self.prefill, self.engine._batch()
         assert prefill is not None
         started = time.monotonic()
-        total = prefill.embeds.shape[1]
-        chunk = batch.options.prefill_chunk if self.seated else total  # alone, in one go
-        end = total if total - prefill.written < chunk + 2 else prefill.written + chunk  # the last chunk holds the start tokens
-        hidden = batch.decoder.prefill(prefill.embeds[:, prefill.written : end], prefill.slot.index, prefill.written)
-        prefill.written = end
+        total, chunk = prefill.embeds.shape[1], batch.options.prefill_chunk
+        hidden = None
+        while prefill.written < total and (hidden is None or not self.seated):
+            # The last chunk holds at least the start tokens (the alignment monitor reads their rows).
+            end = total if total - prefill.written < chunk + 2 else prefill.written + chunk
+            hidden = batch.decoder.prefill(prefill.embeds[:, prefill.written : end], prefill.slot.index,
+                                           prefill.written)
+            prefill.written = end
         generation = prefill.generation
-        if end == total:
+        if prefill.written == total:
             self.prefill = None
             params = generation.params
             batch.seat(prefill.slot, hidden, self.engine.recipe(params), params.cfg_weight, generation.seed)
@@ -2994,11 +3023,34 @@ class SpeakerCollector(Collector):
                                   value=results.evictions)
         yield GaugeMetricFamily("tts_result_cache_entries", "Results in the cache.", value=len(results))
         yield GaugeMetricFamily("tts_result_cache_bytes", "Bytes of results in the cache.", value=results.bytes)
+        if isinstance(runner := speaker.worker.runner, BatchRunner) and runner.engine.batch is not None:
+            yield from batch_metrics(runner)
         if (memory := gpu_memory(str(described.get("device", "")))) is not None:
             gpu = GaugeMetricFamily("tts_gpu_memory_bytes", "CUDA memory of this process.", labels=["kind"])
             for kind, value in memory.items():
                 gpu.add_metric([kind], value)
             yield gpu
+
+
+ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def batch_metrics(runner: BatchRunner) -> Iterator[Metric]:
+    batch, stats = runner.engine._batch(), runner.stats
+    yield GaugeMetricFamily("tts_batch_slots", "Generation slots T3 decodes together (MAX_BATCH).",
+                            value=len(batch.slots))
+    yield GaugeMetricFamily("tts_batch_slots_busy", "Slots held by a generation now.", value=len(batch.busy))
+    yield CounterMetricFamily("tts_t3_steps", "Batched T3 steps taken.", value=stats.step_count)
+    yield CounterMetricFamily("tts_t3_step_seconds", "Inference-thread time spent in T3 steps.",
+                              value=stats.step_seconds)
+    yield CounterMetricFamily("tts_s3gen_windows", "Token spans S3Gen turned into audio.", value=stats.window_count)
+    yield CounterMetricFamily("tts_s3gen_window_seconds", "Inference-thread time spent in S3Gen.",
+                              value=stats.window_seconds)
+    rows = HistogramMetricFamily("tts_batch_rows_per_step", "Busy slots in each T3 step.")
+    buckets = [(str(bound), sum(n for busy, n in stats.rows_per_step.items() if busy <= bound))
+               for bound in ROWS_BUCKETS] + [("+Inf", stats.step_count)]
+    rows.add_metric([], buckets, sum_value=sum(busy * n for busy, n in stats.rows_per_step.items()))
+    yield rows
 
 
 async def iterate(items: list[str]) -> AsyncIterator[str]:
@@ -4118,12 +4170,26 @@ async def status(request: Request) -> Response:
         "gpu_memory": gpu_memory(str(described.get("device", ""))),
         "queue": {"active": speaker.active, "streams": speaker.active_streams, "waiting_units": speaker.worker.depth,
                   "running": speaker.worker.busy, "max": app_state.settings.max_queue},
+        "batch": batch_status(speaker.worker.runner),
         "voice_cache": {"size": len(speaker.voice_cache), "capacity": app_state.settings.voice_cache_size,
                         "hits": speaker.voice_cache.hits, "misses": speaker.voice_cache.misses},
         "result_cache": {"entries": len(results), "bytes": results.bytes, "max_bytes": results.max_bytes,
                          "hits": results.hits, "misses": results.misses, "evictions": results.evictions},
         "tasks": len(asyncio.all_tasks()),
     })
+
+
+def batch_status(runner: Any) -> dict[str, Any] | None:
+    """The T3 batch's slots and rates: steps and S3Gen windows per second of inference-thread time."""
+    if not isinstance(runner, BatchRunner) or runner.engine.batch is None:
+        return None
+    batch, stats = runner.engine.batch, runner.stats
+    return {"slots": len(batch.slots), "busy": len(batch.busy), "waiting": len(runner.queue),
+            "steps": stats.step_count,
+            "steps_per_second": round(stats.step_count / stats.step_seconds, 2) if stats.step_seconds else None,
+            "windows": stats.window_count,
+            "windows_per_second": round(stats.window_count / stats.window_seconds, 3) if stats.window_seconds else None,
+            "rows_per_step": {str(busy): n for busy, n in sorted(stats.rows_per_step.items())}}
 
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -4324,6 +4390,20 @@ def middleware(settings: Settings, routes: list[BaseRoute], metrics: Metrics) ->
     return stack
 
 
+def set_torch_threads(requested: int) -> int:
+    """Threads for the model's CPU work, set before torch starts its pools. By default one per core,
+    but on more than two cores one is left to the event loop (encoding, resampling, the network):
+    BENCHMARKS.md has the measurements behind it."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = requested or (cores - 1 if cores > 2 else cores)
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)  # one inference thread: no inter-op parallelism to feed
+    except RuntimeError:  # already started (a second app in one process)
+        pass
+    return threads
+
+
 def _report_load_failure(task: asyncio.Future[Any]) -> None:
     if task.cancelled() or task.exception() is None:
         return
@@ -4352,6 +4432,7 @@ def main() -> None:
 
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_json)
+    set_torch_threads(settings.torch_threads)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", log_config=None,
                 ws_max_size=1024 * 1024)
 

@@ -1451,41 +1451,127 @@ def turbo_engine(checkpoints: dict[str, Path]) -> server.ChatterboxEngine:
 STREAM_TEXT = "Hello there, this is a streaming test of a longer sentence that keeps going for a while."
 
 
+@dataclasses.dataclass
+class Run:
+    """What one generation produced when run through an engine's batch."""
+
+    tokens: list[int]
+    audio: np.ndarray
+    pieces: list[np.ndarray]
+
+
+def run_generations(engine: server.ChatterboxEngine, requests: list[dict[str, Any]], *, vocode: bool = True,
+                    start_turns: list[int] | None = None) -> list[Run]:
+    """Run generations through the engine's batch one scheduler turn at a time, as the inference worker
+    does: request i joins at turn start_turns[i]. Each request: text, voice, seed, and optionally params
+    and max_tokens."""
+    runner = engine.runner
+    start_turns = start_turns or [0] * len(requests)
+    events: list[list[Any]] = [[] for _ in requests]
+    generations = [server.Generation(r["text"], r["voice"], r.get("params", server.SynthesisParams(language="en")),
+                                     r["seed"], r.get("priority", server.Priority.REALTIME), i, events[i].append,
+                                     max_tokens=r.get("max_tokens"), vocode=vocode)
+                   for i, r in enumerate(requests)]
+    turn = 0
+    with torch.inference_mode():  # as on the inference thread
+        while not all(any(x is server.GENERATION_DONE for x in e) for e in events):
+            for generation, start in zip(generations, start_turns):
+                if start == turn:
+                    runner.add(generation)
+            runner.turn()
+            turn += 1
+            for e in events:
+                errors = [x for x in e if isinstance(x, BaseException)]
+                if errors:
+                    raise errors[0]
+    runs = []
+    for generation, e in zip(generations, events):
+        pieces = [x for x in e if isinstance(x, np.ndarray)]
+        runs.append(Run(generation.tokens, np.concatenate(pieces) if pieces else np.zeros(0, np.float32), pieces))
+    return runs
+
+
 def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
         turbo_engine: server.ChatterboxEngine) -> None:
     engine = turbo_engine
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-    params = server.SynthesisParams()
-    torch.manual_seed(5)
-    with torch.inference_mode():  # as on the server's inference thread
-        pieces = list(engine.synthesize(STREAM_TEXT, voice, params))
-    streamed = np.concatenate(pieces)
+    streamed_run, = run_generations(engine, [dict(text=STREAM_TEXT, voice=voice, seed=5)])
+    pieces, streamed = streamed_run.pieces, streamed_run.audio
     assert len(pieces) >= 3  # audio left in several chunks, before the sentence was done
     assert len(pieces[0]) < len(streamed) / 4
-    # Decode the very same tokens in one go (same seed, same draw order as synthesize).
-    torch.manual_seed(5)
+    # Decode the very same tokens in one go, with the same S3Gen random stream.
+    from chatterbox.models.s3gen.const import S3GEN_SIL
+
+    tokens = [t for t in streamed_run.tokens if t < 6561] + [S3GEN_SIL] * 3
     budget = server.speech_token_budget(STREAM_TEXT)
     with torch.inference_mode():
-        noise = torch.randn(1, 80, 2 * (budget + 8))
-        text_tokens = engine._text_tokens(STREAM_TEXT, "en")
-        generated = list(engine._speech_tokens(text_tokens, voice.t3, params, budget))
-        from chatterbox.models.s3gen.const import S3GEN_SIL
-
-        tokens = [t for t in generated if t < 6561] + [S3GEN_SIL] * 3
-        whole = engine._decode(tokens, 0, len(tokens), voice, noise, final=True).numpy()
+        speech = server.SpeechStream(engine, voice, server.SynthesisParams(), budget, 5 ^ server.S3GEN_SEED_SALT)
+        speech.add(tokens[:-3])
+        speech.end()
+        whole = server.as_array(speech.vocode(speech.next_span()))
     assert len(streamed) == len(whole)
     assert db(streamed - whole, whole) < -10  # same speech, up to the vocoder's own randomness
     joins = np.cumsum([len(p) for p in pieces])[:-1]
     own_variation = np.percentile(np.abs(np.diff(streamed)), 99)
     for j in joins:
         assert abs(streamed[j] - streamed[j - 1]) <= own_variation
-    # Not streamed (whole files): exactly that one-pass decode, after an empty piece every
-    # chunk_tokens tokens (the inference thread's turns for other requests).
-    torch.manual_seed(5)
-    with torch.inference_mode():
-        at_once = list(engine.synthesize(STREAM_TEXT, voice, dataclasses.replace(params, streamed=False)))
-    assert [len(p) for p in at_once[:-1]] == [0] * (len(generated) // engine.stream.chunk_tokens)
-    assert np.array_equal(at_once[-1], whole)
+    # Not streamed (whole files): exactly that one-pass decode, in one piece.
+    at_once, = run_generations(engine, [dict(text=STREAM_TEXT, voice=voice, seed=5,
+                                             params=server.SynthesisParams(streamed=False))])
+    assert at_once.tokens == streamed_run.tokens
+    assert len(at_once.pieces) == 1 and np.array_equal(at_once.audio, whole)
+
+
+def crowd_requests(engine: server.ChatterboxEngine, clip: Path) -> list[dict[str, Any]]:
+    voices = [engine.prepare_voice(server.BUILTIN_VOICE, 0.5), engine.prepare_voice(server.VoiceRef("clip", clip, "c"),
+                                                                                   0.5)]
+    texts = ["Hello there, how are you?", "A different sentence, spoken by someone else.", "Short one.",
+             "And a fourth, longer sentence joins the batch a little later than the rest of them."]
+    return [dict(text=text, voice=voices[i % 2], seed=10 + i, max_tokens=24 + 6 * i,
+                 params=server.SynthesisParams(language="en", temperature=0.6 + 0.2 * i, cfg_weight=0.3 + 0.1 * i))
+            for i, text in enumerate(texts)]
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: dict[str, Path], kind: str,
+                                                              tmp_path: Path) -> None:
+    """Same tokens and the same audio bytes alone or beside three other generations (other voices, texts,
+    seeds, temperatures, CFG weights, lengths), whichever joins first: each row samples from its own
+    generator and its arithmetic never depends on the rows beside it."""
+    engine = tiny_engine(checkpoints, kind, max_batch=4)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(reference_clip(seed=11)))
+    requests = crowd_requests(engine, clip)
+    alone = [run_generations(engine, [request])[0] for request in requests]
+    assert all(len(run.tokens) > 10 and len(run.audio) for run in alone)
+    def shared_steps() -> int:
+        return sum(n for busy, n in engine.runner.stats.rows_per_step.items() if busy > 1)
+
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
+        before = shared_steps()
+        crowd = run_generations(engine, [requests[i] for i in order], start_turns=[0, 2, 3, 9])
+        assert shared_steps() > before  # they did share steps
+        for run, i in zip(crowd, order):
+            assert run.tokens == alone[i].tokens, (kind, order, i)
+            assert run.audio.tobytes() == alone[i].audio.tobytes(), (kind, order, i)
+
+
+def test_int8_rows_are_quantized_alone(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """QUANTIZE=int8 keeps a row's activations to a scale of their own (PyTorch's dynamic int8 would give
+    the whole batch one), so a seeded generation's tokens do not depend on its neighbours either."""
+    engine = tiny_engine(checkpoints, "turbo", quantize="int8", max_batch=4)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(reference_clip(seed=11)))
+    requests = crowd_requests(engine, clip)
+    alone = [run_generations(engine, [request], vocode=False)[0].tokens for request in requests]
+    crowd = [run.tokens for run in run_generations(engine, requests, vocode=False, start_turns=[0, 1, 2, 5])]
+    assert crowd == alone
+    layer = server.RowScaledInt8Linear(torch.nn.Linear(64, 32))
+    x = torch.randn(4, 64)
+    loud = torch.cat([x[:1], 100 * x[1:]])
+    assert torch.equal(layer(x)[0], layer(loud)[0])
+    assert not torch.equal(*(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(64, 32)),
+                                                                    {torch.nn.Linear})(v)[0] for v in (x, loud)))
 
 
 def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Path]) -> None:
@@ -1494,11 +1580,10 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
         engine.load()
         voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
         t3 = engine.parts.t3
-        text_tokens = engine._text_tokens("Hello there, how are you?", "en")
-        params = server.SynthesisParams(language="en")
+        text = "Hello there, how are you?"
+        ours, = run_generations(engine, [dict(text=text, voice=voice, seed=3, max_tokens=40)], vocode=False)
+        text_tokens = engine._text_tokens(text, "en")
         with torch.inference_mode():
-            torch.manual_seed(3)
-            ours = list(engine._speech_tokens(text_tokens, voice.t3, params, 40))
             torch.manual_seed(3)
             if kind == "turbo":
                 stock = t3.inference_turbo(t3_cond=voice.t3, text_tokens=text_tokens, temperature=0.8,
@@ -1507,67 +1592,75 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
                 stock = t3.inference(t3_cond=voice.t3, text_tokens=text_tokens, max_new_tokens=40, temperature=0.8,
                                      cfg_weight=0.5, repetition_penalty=2.0 if kind == "multilingual" else 1.2,
                                      min_p=0.05, top_p=1.0)[0].tolist()
-        assert ours == stock, kind
+        assert ours.tokens == stock, kind
 
 
-@pytest.mark.parametrize("kind", MODELS)
-def test_interleaved_generations_keep_their_own_kv_cache(checkpoints: dict[str, Path], kind: str,
-                                                         tmp_path: Path) -> None:
-    """The worker runs concurrent streams' steps in turn: each generation must see only its own cache.
+def test_slots_are_freed_at_once_and_streams_go_first(checkpoints: dict[str, Path]) -> None:
+    """One slot: a cancelled generation frees it at the next turn; a stream that arrives after a whole
+    file takes the free slot first; a whole file that has waited long enough still goes ahead (aging)."""
+    engine = tiny_engine(checkpoints, "turbo", max_batch=1)
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    runner, order = engine.runner, []
 
-    Compared bit for bit on the hidden states reaching the speech head (sampled tokens from tiny
-    random models hardly depend on context, so they would hide a shared cache)."""
-    engine = tiny_engine(checkpoints, kind)
-    t3 = engine.parts.t3
-    clip = tmp_path / "clip.wav"
-    clip.write_bytes(wav_bytes(reference_clip(seed=11)))
-    voices = [engine.prepare_voice(server.BUILTIN_VOICE, 0.5),
-              engine.prepare_voice(server.VoiceRef("clip", clip, "clip"), 0.5)]
-    params = server.SynthesisParams(language="en")
-    prompts = [engine._text_tokens(text, "en") for text in ("Hello there, how are you?", "A different sentence.")]
-    seen_by_head: list[list[torch.Tensor]] = [[], []]
+    def generation(name: str, priority: int, submitted: float | None = None) -> server.Generation:
+        made = server.Generation("Hello there.", voice, server.SynthesisParams(), 1, priority, len(order),
+                                 lambda event, name=name: order.append((name, event)), max_tokens=30, vocode=False)
+        if submitted is not None:
+            made.submitted = submitted
+        return made
 
-    class Recorder(torch.nn.Module):
-        def __init__(self, head: torch.nn.Module):
-            super().__init__()
-            self.head, self.into = head, seen_by_head[0]
+    with torch.inference_mode():
+        first = generation("first", server.Priority.REALTIME)
+        runner.add(first)
+        runner.turn()
+        assert runner.seated  # prefilled and seated in one turn
+        first.cancelled = True
+        file, stream = generation("file", server.Priority.FILE), generation("stream", server.Priority.REALTIME)
+        runner.add(file)
+        runner.add(stream)
+        runner.turn()
+        assert [g for g, _ in runner.seated.values()] == [stream] and runner.queue == [file]
+        while runner.busy:
+            runner.turn()
+        assert [name for name, event in order if event is server.GENERATION_DONE] == ["stream", "file"]
+        assert not any(name == "first" for name, _ in order)  # nothing more for a cancelled generation
+        order.clear()
+        old_file = generation("old file", server.Priority.FILE, submitted=time.monotonic() - 2 * server.AGING_SECONDS)
+        runner.add(old_file)
+        runner.add(generation("new stream", server.Priority.REALTIME))
+        while runner.busy:
+            runner.turn()
+        assert [name for name, event in order if event is server.GENERATION_DONE] == ["old file", "new stream"]
 
-        def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-            self.into.append(hidden.clone())
-            return self.head(hidden)
 
-    head = t3.speech_head
-    t3.speech_head = recorder = Recorder(head)
-
-    def generation(index: int) -> tuple[int, Iterator[int], server.RngStream]:
-        return index, engine._speech_tokens(prompts[index], voices[index].t3, params, 60), server.RngStream(index)
-
-    def step(index: int, gen: Iterator[int], rng: server.RngStream) -> int | None:
-        recorder.into = seen_by_head[index]  # on CPU each token is one speech-head call
-        with rng.active():
-            return next(gen, None)
-
-    try:
-        with torch.inference_mode():
-            for index in (0, 1):
-                pair = generation(index)
-                tokens_alone = list(iter(lambda: step(*pair), None))
-                assert len(tokens_alone) > 10
-            alone = [torch.cat(hidden) for hidden in seen_by_head]
-            seen_by_head[:] = [[], []]
-            running: list[Any] = [generation(0), generation(1)]
-            while any(running):
-                for index, pair in enumerate(running):
-                    if pair is not None and step(*pair) is None:
-                        running[index] = None
-            together = [torch.cat(hidden) for hidden in seen_by_head]
-    finally:
-        t3.speech_head = head
-    assert all(torch.equal(a, b) for a, b in zip(alone, together))
-    decoder = engine.decoding[0]
-    assert len(decoder.spare) == 2  # both caches (two were lent at once) came back, for the next generations
-    engine.release_memory()
-    assert len(decoder.spare) == 1
+def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[str, Path]) -> None:
+    """While a generation decodes, a newcomer's prompt is written a chunk per turn and the running one
+    still gets its token every turn; alone, a prompt is written in one go."""
+    engine = tiny_engine(checkpoints, "standard", max_batch=2)
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    runner = engine.runner
+    long_text = "This sentence is long enough that its prompt takes several prefill chunks to write. " * 2
+    running = server.Generation("Hello there.", voice, server.SynthesisParams(), 1, 0, 0, lambda e: None,
+                                max_tokens=200, vocode=False)
+    newcomer = server.Generation(long_text, voice, server.SynthesisParams(), 2, 0, 1, lambda e: None,
+                                 max_tokens=20, vocode=False)
+    with torch.inference_mode():
+        runner.add(running)
+        runner.turn()
+        runner.add(newcomer)
+        prefill_turns = 0
+        while newcomer.tokens == [] and runner.busy:
+            before = len(running.tokens)
+            runner.turn()
+            prefill_turns += runner.prefill is not None
+            assert len(running.tokens) == before + 1
+        prompt_length = engine.prompt(long_text, voice, server.SynthesisParams())[0].shape[1]
+        assert prefill_turns >= prompt_length // engine.options.prefill_chunk - 1 >= 2
+        while runner.busy:
+            runner.turn()
+    # The chunked prompt leads to the same tokens as the prompt written in one go.
+    alone, = run_generations(engine, [dict(text=long_text, voice=voice, seed=2, max_tokens=20)], vocode=False)
+    assert alone.tokens == newcomer.tokens
 
 
 # --- Fast engine: our decoder against stock -------------------------------------
@@ -1580,16 +1673,8 @@ def tiny_engine(checkpoints: dict[str, Path], kind: str, **options: Any) -> serv
 
 def prompt_embeds(engine: server.ChatterboxEngine, text: str = "Hello there, how are you?") -> torch.Tensor:
     """The prompt our loop prefills: conditioning, text and the start-of-speech token (twice for Llama)."""
-    t3 = engine.parts.t3
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-    text_tokens = engine._text_tokens(text, "en")
-    bos = torch.full((1, 1), t3.hp.start_speech_token)
-    if engine.kind == "turbo":
-        return t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos, cfg_weight=0.0)[0]
-    embeds, _ = t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos.expand(2, 1),
-                                        cfg_weight=0.5)
-    bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
-    return torch.cat([embeds, bos_embed.expand(2, -1, -1)], dim=1)
+    return engine.prompt(text, voice, server.SynthesisParams(language="en"))[0]
 
 
 def speech_embed(engine: server.ChatterboxEngine, token: int, index: int) -> torch.Tensor:
@@ -1601,20 +1686,35 @@ def speech_embed(engine: server.ChatterboxEngine, token: int, index: int) -> tor
     return (embed + t3.speech_pos_emb.get_fixed_embedding(index + 1)).expand(2, -1, -1)
 
 
-def teacher_forced_hidden(engine: server.ChatterboxEngine, prompt: torch.Tensor, inputs: list[torch.Tensor],
-                          bucketed: bool = False) -> Iterator[torch.Tensor]:
-    """Our decoder's final hidden state after the prompt, then after each of `inputs` (one step each)."""
-    decoder, step = engine.decoding
-    with decoder.borrow(prompt.shape[1] + len(inputs)) as cache:
-        yield decoder.prefill(prompt, cache)
-        for i, embed in enumerate(inputs):
-            position = prompt.shape[1] + i
-            if bucketed:  # the static-shape path CUDA graphs and torch.compile replay
-                length = -(-(position + 1) // server.CACHE_BUCKET) * server.CACHE_BUCKET
-                mask = server.visible(length, position, "cpu")
-                yield decoder(embed, torch.tensor([position]), cache, length, mask)
+def teacher_forced_hidden(engine: server.ChatterboxEngine, prompts: list[torch.Tensor],
+                          inputs: list[list[torch.Tensor]], bucketed: bool = False) -> list[list[torch.Tensor]]:
+    """Our decoder's final hidden states for several slots decoded together: slot i prefills prompts[i],
+    then takes inputs[i] one step each (all slots step together; a slot past its inputs idles).
+    bucketed: the static-shape step CUDA graphs and torch.compile replay."""
+    batch = engine.batch
+    decoder = batch.decoder
+    out: list[list[torch.Tensor]] = []
+    embeds = torch.zeros(decoder.rows, 1, decoder.dim)
+    positions = torch.zeros(decoder.rows, dtype=torch.long)
+    with torch.inference_mode():
+        for slot, prompt in enumerate(prompts):
+            out.append([decoder.prefill(prompt, slot)])
+            positions[batch.rows(slot)] = prompt.shape[1]
+        for step in range(max(len(i) for i in inputs)):
+            lengths = [0] * len(batch.slots)
+            for slot, slot_inputs in enumerate(inputs):
+                if step < len(slot_inputs):
+                    embeds[batch.rows(slot)] = slot_inputs[step]
+                    lengths[slot] = int(positions[batch.rows(slot)][0]) + 1
+            if bucketed:
+                hidden = decoder.masked_step(embeds, positions, server.bucket_length(max(lengths) - 1, decoder.capacity))
             else:
-                yield step(embed, position, cache)
+                hidden = decoder.step(embeds, positions, lengths)
+            for slot, slot_inputs in enumerate(inputs):
+                if step < len(slot_inputs):
+                    out[slot].append(hidden[batch.rows(slot)].clone())
+            positions += 1
+    return out
 
 
 def teacher_forced_logits(engine: server.ChatterboxEngine, tokens: list[int],
@@ -1624,7 +1724,7 @@ def teacher_forced_logits(engine: server.ChatterboxEngine, tokens: list[int],
     with torch.inference_mode():
         prompt = prompt_embeds(engine)
         inputs = [speech_embed(engine, token, i) for i, token in enumerate(tokens)]
-        ours = [t3.speech_head(hidden) for hidden in teacher_forced_hidden(engine, prompt, inputs, bucketed)]
+        ours = [t3.speech_head(hidden) for hidden in teacher_forced_hidden(engine, [prompt], [inputs], bucketed)[0]]
         full = torch.cat([prompt, *inputs], dim=1)
         hidden = t3.tfmr(inputs_embeds=full.to(t3.tfmr.dtype)).last_hidden_state[:, prompt.shape[1] - 1:]
         stock = t3.speech_head(hidden.float())
@@ -1643,29 +1743,127 @@ def test_teacher_forced_logits_equal_stock_for_120_steps(checkpoints: dict[str, 
     assert (bucketed - stock).abs().max() < 1e-4 * scale
 
 
+@pytest.mark.parametrize("kind", MODELS)
+def test_a_batched_row_sees_only_its_own_cache(checkpoints: dict[str, Path], kind: str) -> None:
+    """A slot decoded beside three others (other prompts, other lengths) gets bit for bit the hidden
+    states it gets alone in the batch; the static-shape step agrees with it to float precision."""
+    engine = tiny_engine(checkpoints, kind, max_batch=4)
+    generator = torch.Generator().manual_seed(3)
+    texts = ["Hello there, how are you?", "Another voice.", "A third, somewhat longer sentence to say.", "Four."]
+    prompts = [prompt_embeds(engine, text) for text in texts]
+    inputs = [[speech_embed(engine, int(t), i) for i, t in enumerate(torch.randint(0, 6561, (n,), generator=generator))]
+              for n in (40, 25, 50, 10)]
+    together = teacher_forced_hidden(engine, prompts, inputs)
+    for slot in range(4):
+        alone = teacher_forced_hidden(engine, [torch.zeros_like(prompts[0])] * slot + [prompts[slot]],
+                                      [[]] * slot + [inputs[slot]])[slot]
+        assert all(torch.equal(a, b) for a, b in zip(alone, together[slot])), slot
+    static = teacher_forced_hidden(engine, prompts, inputs, bucketed=True)
+    for slot in range(4):
+        torch.testing.assert_close(torch.stack(static[slot]), torch.stack(together[slot]), atol=1e-5, rtol=1e-4)
+
+
+VIEW_OPS = frozenset("view _unsafe_view slice select unsqueeze squeeze transpose t permute expand alias unbind "
+                     "reshape split chunk as_strided detach lift_fresh".split())
+
+
+def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int]:
+    """Aten calls that compute (views excluded) in one static-shape step: per layer, for the rest of the
+    model (input, mask, final norm), and in the draw. On a GPU a batch-1 step is bound by how many kernels it launches, so this counts them on CPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            self.calls += func.overloadpacket.__name__ not in VIEW_OPS
+            return func(*args, **(kwargs or {}))
+
+    batch, decoder = engine.batch, engine.batch.decoder
+    layers = decoder.layers
+    counts = []
+    with torch.inference_mode():
+        try:
+            for kept in (len(layers), 1):  # the difference is the layers' own
+                decoder.layers = layers[:kept]
+                with Count() as model:
+                    decoder.masked_step(batch.inputs, batch.positions, server.CACHE_BUCKET)
+                counts.append(model.calls)
+            with Count() as drawing:
+                batch._draw(every_slot=True)
+        finally:
+            decoder.layers = layers
+            batch.reset()
+    return (counts[0] - counts[1]) / (len(layers) - 1), counts[1] - (counts[0] - counts[1]) / (len(layers) - 1), \
+        drawing.calls
+
+
+@pytest.mark.parametrize("kind, per_layer", [("turbo", 11), ("standard", 18)])
+def test_a_decode_step_launches_few_kernels(checkpoints: dict[str, Path], kind: str, per_layer: int) -> None:
+    """GPT-2 and Llama layers as few kernels as torch allows without a compiler: a fused q/k/v (and Llama's
+    gate/up) projection, tanh GELU, fused norms, queries and keys rotated together, one mask per step and
+    one write of keys and values (HF's own layers: about 21 and 45)."""
+    engine = tiny_engine(checkpoints, kind, max_batch=2)
+    layer, rest, draw = kernels_per_step(engine)
+    assert layer <= per_layer and rest <= 10 and draw <= 45
+
+
+def test_the_cache_and_rotary_tables_are_sized_once_for_the_longest_call(checkpoints: dict[str, Path]) -> None:
+    """Graphs read the KV cache and the rotary tables by address: they are allocated at load for the
+    longest chunk the text limits allow (the widest characters, the largest budget) and never move."""
+    engine = tiny_engine(checkpoints, "standard", max_batch=2)
+    decoder = engine.batch.decoder
+    addresses = [decoder.rope[0].data_ptr(), decoder.rope[1].data_ptr(), decoder.cache.layers[0].data_ptr()]
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    longest = "Ab" * (engine.chunk_max_chars // 2)
+    prompt = engine.prompt(longest, voice, server.SynthesisParams())[0].shape[1]
+    assert decoder.capacity >= prompt + server.speech_token_budget("一" * engine.chunk_max_chars)
+    run, = run_generations(engine, [dict(text=longest, voice=voice, seed=1)], vocode=False)
+    assert len(run.tokens) == server.speech_token_budget(longest)  # a random model runs to its budget
+    assert addresses == [decoder.rope[0].data_ptr(), decoder.rope[1].data_ptr(), decoder.cache.layers[0].data_ptr()]
+
+
 def test_alignment_monitor_gets_the_attention_rows_stock_gives_it(checkpoints: dict[str, Path]) -> None:
     """Multilingual's safeguard watches three heads: our decoder hands it, for the prompt and then for each
-    step, the same rows of those heads as HF's eager attention over the whole sequence."""
+    step, the same rows of those heads as HF's eager attention over the whole sequence; the static-shape
+    step (what a CUDA graph captures) computes them inside the step as well."""
     from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
 
-    engine = tiny_engine(checkpoints, "multilingual")
+    engine = tiny_engine(checkpoints, "multilingual", max_batch=2)
     t3 = engine.parts.t3
-    decoder = engine.decoding[0]
+    decoder = engine.batch.decoder
     assert decoder.probes == tuple(LLAMA_ALIGNED_HEADS)
     tokens = torch.randint(0, 6561, (20,), generator=torch.Generator().manual_seed(5)).tolist()
     with torch.inference_mode():
         prompt = prompt_embeds(engine)
         inputs = [speech_embed(engine, token, i) for i, token in enumerate(tokens)]
-        seen = [dict(decoder.probed) for _ in teacher_forced_hidden(engine, prompt, inputs)]
         t3.tfmr.config._attn_implementation = "eager"  # as upstream's analyzer switches it
         attentions = t3.tfmr(inputs_embeds=torch.cat([prompt, *inputs], dim=1), output_attentions=True).attentions
     start = prompt.shape[1]
-    for layer, head in decoder.probes:
-        stock = attentions[layer][0, head]
-        torch.testing.assert_close(seen[0][layer, head], stock[:start, :start], atol=1e-5, rtol=1e-4)
-        for i, probed in enumerate(seen[1:]):
-            torch.testing.assert_close(probed[layer, head], stock[start + i : start + i + 1, : start + i + 1],
-                                       atol=1e-5, rtol=1e-4)
+    for bucketed in (False, True):
+        seen: list[torch.Tensor] = []
+        original = decoder.step if not bucketed else decoder.masked_step
+
+        def recording(*args: Any, original: Any = original) -> torch.Tensor:
+            hidden = original(*args)
+            seen.append(decoder.probe_rows[:, 1].clone())  # slot 1: the other slot stays idle
+            return hidden
+
+        setattr(decoder, "masked_step" if bucketed else "step", recording)
+        try:
+            teacher_forced_hidden(engine, [torch.zeros_like(prompt), prompt], [[], inputs], bucketed=bucketed)
+        finally:
+            delattr(decoder, "masked_step" if bucketed else "step")
+        for n, (layer, head) in enumerate(decoder.probes):
+            stock = attentions[layer][0, head]
+            if not bucketed:
+                torch.testing.assert_close(decoder.prefill_probes[layer, head], stock[:start, :start], atol=1e-5,
+                                           rtol=1e-4)
+            for i, probed in enumerate(seen):
+                torch.testing.assert_close(probed[n, : start + i + 1], stock[start + i, : start + i + 1],
+                                           atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ("turbo", "standard"))
@@ -1673,7 +1871,8 @@ def test_greedy_decoding_gives_stocks_tokens(checkpoints: dict[str, Path], kind:
     """Argmax through our decoder and argmax through HF's model with its growing cache, 100 tokens."""
     engine = tiny_engine(checkpoints, kind)
     t3 = engine.parts.t3
-    decoder, step = engine.decoding
+    batch = engine.batch
+    decoder = batch.decoder
 
     def pick(logits: torch.Tensor) -> int:
         if kind != "turbo":
@@ -1682,10 +1881,15 @@ def test_greedy_decoding_gives_stocks_tokens(checkpoints: dict[str, Path], kind:
 
     with torch.inference_mode():
         prompt = prompt_embeds(engine)
-        with decoder.borrow(prompt.shape[1] + 100) as cache:
-            ours = [pick(t3.speech_head(decoder.prefill(prompt, cache)))]
-            for i in range(99):
-                ours.append(pick(t3.speech_head(step(speech_embed(engine, ours[-1], i), prompt.shape[1] + i, cache))))
+        rows = batch.rows(0)
+        embeds = torch.zeros(decoder.rows, 1, decoder.dim)
+        positions = torch.zeros(decoder.rows, dtype=torch.long)
+        ours = [pick(t3.speech_head(decoder.prefill(prompt, 0)))]
+        for i in range(99):
+            embeds[rows] = speech_embed(engine, ours[-1], i)
+            positions[rows] = prompt.shape[1] + i
+            lengths = [prompt.shape[1] + i + 1] + [0] * (len(batch.slots) - 1)
+            ours.append(pick(t3.speech_head(decoder.step(embeds, positions, lengths)[rows])))
         out = t3.tfmr(inputs_embeds=prompt, use_cache=True)
         stock = [pick(t3.speech_head(out.last_hidden_state[:, -1]))]
         for i in range(99):
@@ -1731,20 +1935,45 @@ def test_sampling_processors_filter_exactly_as_upstreams() -> None:
         stock = RepetitionPenaltyLogitsProcessor(2.0)(history, logits.clone()) / temperature
         stock = TopPLogitsWarper(0.9)(history, MinPLogitsWarper(0.05)(history, stock))
         same(server.SamplingRecipe(temperature, 2.0, min_p=0.05, top_p=0.9)(logits, seen), stock)
+    # Rows with different recipes, filtered together, each as if alone.
+    recipes = [server.SamplingRecipe(0.7, 1.2, top_k=50, top_p=0.9, turbo_order=True),
+               server.SamplingRecipe(1.3, 1.5, top_k=2000, top_p=0.5, turbo_order=True)]
+    rows = server.SamplingRows.empty(2, "cpu")
+    for row, recipe in enumerate(recipes):
+        rows.set_row(row, recipe.rows(8194))
+    pair = torch.cat([logits, logits.flip(-1)])
+    together = server.filter_logits(pair, seen.expand(2, -1), rows, turbo_order=True)
+    for row, recipe in enumerate(recipes):
+        same(together[row : row + 1], recipe(pair[row : row + 1], seen))
     with pytest.raises(AssertionError):  # the comparison itself can tell filters apart
         same(server.keep_top_p(logits, 0.5), TopPLogitsWarper(0.6)(history, logits.clone()))
+
+
+def test_draws_are_multinomials_and_survive_nan_logits() -> None:
+    """argmax(p / Exp(1)) is torch.multinomial's own one-sample draw (same generator calls, same tokens);
+    rows without a finite probability draw the stop token instead of failing (on CUDA multinomial would
+    leave a sticky device-side assert)."""
+    logits = torch.randn(3, 6563, generator=torch.Generator().manual_seed(1)) * 3
+    for seed in range(20):
+        noise = torch.empty_like(logits).exponential_(generator=torch.Generator().manual_seed(seed))
+        expected = torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(server.draw(logits, noise, 6562), expected)
+    broken = logits.clone()
+    broken[0, 5] = float("nan")
+    broken[1] = float("-inf")
+    broken[2, 7] = float("inf")
+    with pytest.raises(RuntimeError):
+        torch.multinomial(broken.softmax(-1), 1)
+    assert server.draw(broken, torch.ones_like(broken), 6562).view(-1).tolist() == [6562, 6562, 6562]
 
 
 def test_eos_is_read_every_few_steps_and_later_tokens_are_dropped(checkpoints: dict[str, Path]) -> None:
     engine = tiny_engine(checkpoints, "turbo")
     t3 = engine.parts.t3
-    decoder, _ = engine.decoding
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-    text_tokens = engine._text_tokens("Hello there, how are you?", "en")
-    params = server.SynthesisParams()
 
     class ForcedStop(torch.nn.Module):
-        """The speech head, with the stop token made certain after `stop_at` calls."""
+        """The speech head, with the stop token made certain from call `stop_at` on (all rows)."""
 
         def __init__(self, head: torch.nn.Module, stop_at: int | None):
             super().__init__()
@@ -1758,23 +1987,25 @@ def test_eos_is_read_every_few_steps_and_later_tokens_are_dropped(checkpoints: d
             return logits
 
     def tokens(check_every: int, stop_at: int | None = None) -> tuple[list[int], int]:
-        decoder.options = dataclasses.replace(decoder.options, eos_check_every=check_every)
+        engine.options = dataclasses.replace(engine.options, eos_check_every=check_every)
+        engine.batch = engine._build_batch()
+        engine.runner = server.BatchRunner(engine)
         head = t3.speech_head
         t3.speech_head = forced = ForcedStop(head, stop_at)
         try:
-            torch.manual_seed(4)
-            with torch.inference_mode():
-                return list(engine._speech_tokens(text_tokens, voice.t3, params, 40)), forced.calls
+            run, = run_generations(engine, [dict(text="Hello there, how are you?", voice=voice, seed=4,
+                                                 max_tokens=40)], vocode=False)
+            return run.tokens, forced.calls
         finally:
             t3.speech_head = head
 
     every_step, _ = tokens(1)
     assert len(every_step) == 40
     assert tokens(8)[0] == every_step
-    stopped, steps = tokens(1, stop_at=6)
-    assert stopped == every_step[:6] and steps == 7
-    stopped, steps = tokens(5, stop_at=6)
-    assert stopped == every_step[:6] and steps == 10  # three tokens past the stop were sampled, none handed out
+    stopped, calls = tokens(1, stop_at=6)  # the first draw (after the prefill), then one step per call
+    assert stopped == every_step[:6] and calls == 7
+    stopped, calls = tokens(5, stop_at=6)
+    assert stopped == every_step[:6] and calls == 11  # two blocks of five steps: four past the stop, none handed out
 
 
 def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1783,7 +2014,9 @@ def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatc
         options, warnings = server.ModelOptions().resolve("cpu")
         assert (options.dtype, options.s3gen_dtype, options.quantize, options.cuda_graphs, options.compile_mode) == \
             (torch.float32, s3gen_dtype, "none", False, "")
+        assert options.max_batch == server.DEFAULT_MAX_BATCH["cpu"]
         assert warnings == []
+    assert server.ModelOptions(max_batch=3).resolve("cpu")[0].max_batch == 3
     options, warnings = server.ModelOptions(dtype="float32").resolve("cpu")
     assert options.s3gen_dtype == torch.float32  # asked for: both parts
     options, warnings = server.ModelOptions(dtype="bfloat16", quantize="int8").resolve("cpu")
@@ -1795,20 +2028,20 @@ def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatc
     options, warnings = server.ModelOptions(torch_compile=True, compile_mode="max-autotune").resolve("cpu")
     assert options.compile_mode == "" and "TORCH_COMPILE" in warnings[0]
     for name, value in (("DTYPE", "fp8"), ("QUANTIZE", "int4"), ("ATTENTION", "flash"),
-                        ("TORCH_COMPILE_MODE", "fast")):
+                        ("TORCH_COMPILE_MODE", "fast"), ("MAX_BATCH", "-1")):
         with pytest.raises(SystemExit, match=name):
             server.Settings.from_env({name: value})
-    assert server.Settings.from_env({"DTYPE": "bfloat16", "QUANTIZE": "int8"}).model_options == \
-        server.ModelOptions(dtype="bfloat16", quantize="int8")
+    assert server.Settings.from_env({"DTYPE": "bfloat16", "QUANTIZE": "int8", "MAX_BATCH": "4"}).model_options == \
+        server.ModelOptions(dtype="bfloat16", quantize="int8", max_batch=4)
 
 
 def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, Path]) -> None:
     tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(9)).tolist()
     reference, _ = teacher_forced_logits(tiny_engine(checkpoints, "standard"), tokens)
     int8 = tiny_engine(checkpoints, "standard", quantize="int8")
-    quantized = [m for m in int8.decoding[0].modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
-    assert len(quantized) == 7 * int8.parts.t3.cfg.num_hidden_layers
-    assert {m.weight().qscheme() for m in quantized} == {torch.per_channel_affine}
+    quantized = [m for m in int8.batch.decoder.modules() if isinstance(m, server.RowScaledInt8Linear)]
+    assert len(quantized) == 4 * int8.parts.t3.cfg.num_hidden_layers  # q/k/v, out, gate/up, down
+    assert {m.weight_scheme() for m in quantized} == {torch.per_channel_affine}  # one scale per output row
     assert isinstance(int8.parts.t3.tfmr.layers[0].mlp.up_proj, torch.nn.Linear)  # the checkpoint's own stay
     assert int8.describe()["quantize"] == "int8"
     bf16 = tiny_engine(checkpoints, "standard", dtype="bfloat16")
@@ -1819,8 +2052,7 @@ def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, 
         assert 0 < error < tolerance
     voice = bf16.prepare_voice(server.BUILTIN_VOICE, 0.5)
     with torch.inference_mode():
-        audio = np.concatenate([server.as_array(c) for c in bf16.synthesize("Hello there.", voice,
-                                                                            server.SynthesisParams(), max_tokens=30)])
+        audio = np.concatenate(list(bf16.synthesize("Hello there.", voice, server.SynthesisParams(), max_tokens=30)))
     assert len(audio) > 0 and np.isfinite(audio).all()
 
 
