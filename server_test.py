@@ -1189,11 +1189,15 @@ def test_concurrent_requests_keep_their_own_voice_and_seed(chatterbox: ServerPro
     clip_path.write_bytes(wav_bytes(reference_clip(seed=11)))
     upload_voice(chatterbox, "concurrent", clip_path).raise_for_status()
     requests = [{"input": "First voice speaking now.", "voice": "default", "seed": 5, "response_format": "pcm"},
-                {"input": "Second voice speaking now.", "voice": "concurrent", "seed": 6, "response_format": "pcm"}]
+                {"input": "Second voice speaking now.", "voice": "concurrent", "seed": 6, "response_format": "pcm"},
+                {"input": "A third one, a little longer than the others.", "voice": "concurrent", "seed": 7,
+                 "temperature": 1.1, "response_format": "pcm"},
+                {"input": "Fourth.", "voice": "default", "seed": 8, "cfg_weight": 0.8, "response_format": "pcm"}]
     alone = [speak(chatterbox, **r).content for r in requests]
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(4) as pool:  # decoded side by side in the batch
         together = list(pool.map(lambda r: speak(chatterbox, **r).content, requests))
     assert together == alone
+    assert status_of(chatterbox)["batch"]["rows_per_step"].keys() - {"1"}
 
 
 def reference_clip(seed: int, seconds: float = 6.0, rate: int = 24000) -> np.ndarray:
