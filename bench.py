@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import server  # noqa: E402
@@ -176,7 +177,7 @@ class Ours:
         self.worker.call(self.engine.warm_up)
         self.voice = self.worker.call(lambda: self.engine.prepare_voice(server.BUILTIN_VOICE, 0.5))
         self.engine._speech_tokens = timers.wrap_iterator("t3", self.engine._speech_tokens)
-        self.engine._decode = timers.wrap("s3gen", self.engine._decode)
+        self.engine.decode_windows = timers.wrap("s3gen", self.engine.decode_windows)
         self.device, self.tokens, self.timers = device, tokens, timers
 
     def run(self, text: str) -> Run:
@@ -217,6 +218,164 @@ class ThreadRunner:
         return self.result
 
 
+# --- S3Gen's cost per streamed token ---------------------------------------------
+
+
+@dataclass
+class Decoded:
+    audio: np.ndarray
+    mel: torch.Tensor  # the mel frames behind the audio, each from the window that voiced it
+    seconds: float  # in S3Gen
+
+
+def decode_as_streamed(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
+                       plan: server.StreamPlan | None, vocoder_seed: int | None = None) -> Decoded:
+    """`tokens` through an S3GenStream as T3 would hand them over (plan None: a whole file)."""
+    stream = server.S3GenStream(engine, voice.gen, plan, len(tokens), engine.kind == "turbo")
+    if vocoder_seed is not None:
+        stream.rng = server.RngStream(vocoder_seed)
+    pieces, mels, seconds = [], [], 0.0
+
+    def decode(window: server.S3GenWindow) -> None:
+        nonlocal seconds
+        start = time.perf_counter()
+        mel = engine._flow([window])  # what decode_windows does, keeping the mel
+        pieces.append(server.as_array(server.to_host(engine._vocode([window], mel)[0])))
+        seconds += time.perf_counter() - start
+        mels.append(mel[0][:, server.HIFT_OVERLAP_FRAMES if window.start else 0 :])
+
+    for token in tokens:
+        stream.push(token)
+        if (window := stream.ready()) is not None:
+            decode(window)
+    decode(stream.final_window())
+    return Decoded(np.concatenate(pieces), torch.cat(mels, dim=1), seconds)
+
+
+def decode_as_before(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
+                     noise: torch.Tensor | None) -> Decoded:
+    """S3Gen as streams used it before the lean decode, for comparison: windows of 20, then 40 new
+    tokens, each flowing 80 tokens of context again and vocoding its whole window, joined with
+    20 ms crossfades."""
+    from chatterbox.models.s3gen.const import S3GEN_SIL
+    from chatterbox.models.s3gen.s3gen import S3Token2Mel
+
+    s3gen, options = engine.parts.s3gen, engine.options
+    seq: list[int] = []
+    joiner = server.ChunkJoiner(480)
+    pieces, kept, seconds = [], [], 0.0
+
+    def decode(start: int, end: int, final: bool) -> None:
+        nonlocal seconds
+        began = time.perf_counter()
+        first = max(0, start - 80)
+        last = end if final else min(len(seq), end + 5)
+        half = options.s3gen_dtype != torch.float32
+        with torch.autocast(device_type=engine.device, dtype=options.s3gen_dtype, enabled=half):
+            mels = S3Token2Mel.forward(s3gen, torch.tensor(seq[first:last], device=engine.device), ref_wav=None,
+                                       ref_sr=None, ref_dict=dict(voice.gen),
+                                       n_cfm_timesteps=2 if engine.kind == "turbo" else 10, finalize=True,
+                                       noised_mels=None if noise is None else noise[None, :, 2 * first : 2 * last])
+        wav = s3gen.hift_inference(mels.to(s3gen.dtype), None)[0][0]
+        if first == 0:
+            wav[: len(s3gen.trim_fade)] *= s3gen.trim_fade[: len(wav)]
+        lo = (start - first) * 960 - (480 if start else 0)
+        audio = joiner.push(wav[lo : (end - first) * 960 if not final else len(wav)], start > 0)
+        if final:
+            audio = torch.cat([audio, joiner.finish()])
+        pieces.append(server.as_array(server.to_host(audio)))
+        seconds += time.perf_counter() - began
+        kept.append(mels[0, :, 2 * (start - first) : 2 * (end - first)])
+
+    emitted = 0
+    for token in tokens:
+        seq.append(token)
+        end = len(seq) - 5
+        if end - emitted >= (40 if emitted else 20):
+            decode(emitted, end, False)
+            emitted = end
+    if engine.kind == "turbo":
+        seq += [S3GEN_SIL] * 3
+    decode(emitted, len(seq), True)
+    return Decoded(np.concatenate(pieces), torch.cat(kept, dim=1), seconds)
+
+
+@dataclass
+class S3GenCost:
+    """S3Gen's milliseconds per speech token, and how far the streamed result is from the one-pass decode
+    (energy of the difference relative to the one pass, in dB)."""
+
+    ms_per_token: float
+    error_db: float  # audio; "whole": a second one-pass decode with other vocoder noise, the floor
+    mel_error_db: float  # the flow's mel frames (no vocoder noise)
+
+
+def db(signal: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor) -> float:
+    signal, reference = np.asarray(signal, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    return float(10 * np.log10((np.sum(signal**2) + 1e-20) / np.sum(reference**2)))
+
+
+def s3gen_costs(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
+                plans: dict[str, server.StreamPlan | None], runs: int) -> dict[str, S3GenCost]:
+    """S3Gen per token for each way of decoding `tokens` (name -> plan; "whole": one pass; "before":
+    decode_as_before), alternating the ways within each run; medians over runs. Every way gets the
+    same flow noise within a run; "whole"'s error is a second one pass with other vocoder noise."""
+    decode_as_streamed(engine, voice, tokens[:30], None)  # warm-up
+    times: dict[str, list[float]] = {}
+    errors: dict[str, list[tuple[float, float]]] = {}
+    for run in range(runs):
+        torch.manual_seed(run)
+        whole = decode_as_streamed(engine, voice, tokens, None)
+        results = {"whole": whole}
+        for name, plan in plans.items():
+            torch.manual_seed(run)  # the same noise for every way within a run
+            if name == "before":
+                stream = server.S3GenStream(engine, voice.gen, None, len(tokens), engine.kind == "turbo")
+                noise = stream.noise[:, stream.prompt_frames :] if engine.kind == "turbo" else None
+                results[name] = decode_as_before(engine, voice, tokens, noise)
+            else:
+                results[name] = decode_as_streamed(engine, voice, tokens, plan)
+        if not run:  # the floor: the vocoder's own noise
+            torch.manual_seed(run)
+            floor = decode_as_streamed(engine, voice, tokens, None, vocoder_seed=run + 1000)
+            errors["whole"] = [(db(floor.audio - whole.audio, whole.audio), db(floor.mel - whole.mel, whole.mel))]
+        for name, result in results.items():
+            times.setdefault(name, []).append(result.seconds)
+            if name != "whole":
+                errors.setdefault(name, []).append((db(result.audio - whole.audio, whole.audio),
+                                                    db(result.mel - whole.mel, whole.mel)))
+    return {name: S3GenCost(1000 * statistics.median(times[name]) / len(tokens),
+                            statistics.median(e[0] for e in errors[name]),
+                            statistics.median(e[1] for e in errors[name])) for name in times}
+
+
+def parse_plan(text: str) -> server.StreamPlan:
+    schedule, _, context = text.partition(":")
+    return server.StreamPlan(tuple(int(size) for size in schedule.split(",")),
+                             int(context or server.StreamPlan().context_tokens))
+
+
+def s3gen_main(args: argparse.Namespace, options: server.ModelOptions) -> None:
+    ckpt = checkpoint(args.model)
+    engine = server.ChatterboxEngine(args.model, str(ckpt), args.device, options=options)
+    runner = ThreadRunner()
+    runner.call(engine.load)
+    voice = runner.call(lambda: engine.prepare_voice(server.BUILTIN_VOICE, 0.5))
+    tokens = torch.randint(0, server.SPEECH_CODEBOOK, (args.tokens,), generator=torch.Generator().manual_seed(0))
+    plans: dict[str, server.StreamPlan | None] = {"before": None}
+    plans.update({text: parse_plan(text) for text in args.plan or [
+        ",".join(map(str, engine.stream.schedule)) + f":{engine.stream.context_tokens}"]})
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, model {args.model}, "
+          f"weights {ckpt}, tokens {args.tokens}, runs {args.runs}", flush=True)
+    costs = runner.call(lambda: s3gen_costs(engine, voice, tokens.tolist(), plans, args.runs))
+    whole = costs["whole"].ms_per_token
+    for name, cost in costs.items():
+        print(f"s3gen {name:24s} ms_per_token={cost.ms_per_token:.1f}  vs_whole={cost.ms_per_token / whole:.2f}"
+              f"  error_db={cost.error_db:.1f}  mel_error_db={cost.mel_error_db:.1f}", flush=True)
+    lean = next(name for name in costs if name not in ("whole", "before"))
+    print(f"s3gen_streamed_vs_whole={costs[lean].ms_per_token / whole:.3f}")
+
+
 def median(runs: list[Run], key: Callable[[Run], float]) -> float:
     return statistics.median(key(run) for run in runs)
 
@@ -247,12 +406,19 @@ def main() -> None:
     parser.add_argument("--compile-mode", choices=server.COMPILE_MODES, default="default")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--text", default=TEXT)
+    parser.add_argument("--s3gen", action="store_true",
+                        help="only S3Gen's cost per streamed token against a whole file's, on --tokens random tokens")
+    parser.add_argument("--plan", action="append", metavar="SCHEDULE[:CONTEXT]",
+                        help="with --s3gen: a window plan to measure, e.g. 20,40,80,160:24 (repeatable)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    ckpt = checkpoint(args.model)
     options = server.ModelOptions(args.dtype, args.quantize, args.compile, args.compile_mode,
                                   not args.no_cuda_graphs)
+    if args.s3gen:
+        s3gen_main(args, options)
+        return
+    ckpt = checkpoint(args.model)
     timers = Timers()
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"model {args.model}, weights {ckpt}, tokens {args.tokens}, runs {args.runs}", flush=True)
