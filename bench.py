@@ -306,6 +306,7 @@ class S3GenCost:
     (energy of the difference relative to the one pass, in dB)."""
 
     ms_per_token: float
+    vs_whole: float  # median over runs of this way's time over the whole file's in the same run
     error_db: float  # audio; "whole": a second one-pass decode with other vocoder noise, the floor
     mel_error_db: float  # the flow's mel frames (no vocoder noise)
 
@@ -318,7 +319,8 @@ def db(signal: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor) 
 def s3gen_costs(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
                 plans: dict[str, server.StreamPlan | None], runs: int) -> dict[str, S3GenCost]:
     """S3Gen per token for each way of decoding `tokens` (name -> plan; "whole": one pass; "before":
-    decode_as_before), alternating the ways within each run; medians over runs. Every way gets the
+    decode_as_before), alternating the ways within each run; medians over runs (and of the ratio to the
+    whole file within each run, which this shared machine's drifting load spoils less). Every way gets the
     same flow noise within a run; "whole"'s error is a second one pass with other vocoder noise."""
     decode_as_streamed(engine, voice, tokens[:30], None)  # warm-up
     times: dict[str, list[float]] = {}
@@ -344,7 +346,10 @@ def s3gen_costs(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
             if name != "whole":
                 errors.setdefault(name, []).append((db(result.audio - whole.audio, whole.audio),
                                                     db(result.mel - whole.mel, whole.mel)))
+        print(f"run {run}: " + "  ".join(f"{name}={1000 * result.seconds / len(tokens):.1f}ms"
+                                          for name, result in results.items()), flush=True)
     return {name: S3GenCost(1000 * statistics.median(times[name]) / len(tokens),
+                            statistics.median(t / w for t, w in zip(times[name], times["whole"])),
                             statistics.median(e[0] for e in errors[name]),
                             statistics.median(e[1] for e in errors[name])) for name in times}
 
@@ -368,12 +373,11 @@ def s3gen_main(args: argparse.Namespace, options: server.ModelOptions) -> None:
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, model {args.model}, "
           f"weights {ckpt}, tokens {args.tokens}, runs {args.runs}", flush=True)
     costs = runner.call(lambda: s3gen_costs(engine, voice, tokens.tolist(), plans, args.runs))
-    whole = costs["whole"].ms_per_token
     for name, cost in costs.items():
-        print(f"s3gen {name:24s} ms_per_token={cost.ms_per_token:.1f}  vs_whole={cost.ms_per_token / whole:.2f}"
+        print(f"s3gen {name:24s} ms_per_token={cost.ms_per_token:.1f}  vs_whole={cost.vs_whole:.2f}"
               f"  error_db={cost.error_db:.1f}  mel_error_db={cost.mel_error_db:.1f}", flush=True)
     lean = next(name for name in costs if name not in ("whole", "before"))
-    print(f"s3gen_streamed_vs_whole={costs[lean].ms_per_token / whole:.3f}")
+    print(f"s3gen_streamed_vs_whole={costs[lean].vs_whole:.3f}")
 
 
 def median(runs: list[Run], key: Callable[[Run], float]) -> float:

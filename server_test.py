@@ -1958,6 +1958,21 @@ def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[s
     assert re.fullmatch(r"speedup_e2e=\d+\.\d{3}", lines[-1])
 
 
+def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(checkpoints: dict[str, Path]) -> None:
+    result = subprocess.run([sys.executable, "bench.py", "--s3gen", "--tokens", "40", "--runs", "1",
+                             "--plan", "10,20:8"],
+                            env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    rows = {line.split()[1]: dict(item.split("=") for item in line.split()[2:])
+            for line in lines if line.startswith("s3gen ")}
+    assert set(rows) == {"whole", "before", "10,20:8"}
+    assert all(float(row["ms_per_token"]) > 0 for row in rows.values())
+    assert float(rows["whole"]["vs_whole"]) == 1 and float(rows["10,20:8"]["mel_error_db"]) < 0
+    assert re.fullmatch(r"s3gen_streamed_vs_whole=\d+\.\d{3}", lines[-1])
+
+
 def sse_events(srv: ServerProcess, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
     from httpx_sse import connect_sse
 
