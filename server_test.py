@@ -280,15 +280,6 @@ def test_loudness_leveler_reaches_target_smoothly() -> None:
     assert np.max(np.abs(np.diff(out))) < 2 * np.max(np.abs(np.diff(out[-rate:]))) + 1e-6  # no gain jumps
 
 
-def test_stream_window_spans_are_contiguous() -> None:
-    window = server.StreamWindow(first_chunk=20, chunk=40, context=80)
-    spans = [span for n in range(1, 300) if (span := window.next_span(n)) is not None]
-    assert spans[0][0] == 0 and spans[0][1] - spans[0][0] >= 20
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    assert all(end - start >= 40 for start, end in spans[1:])
-    assert window.emitted <= 300 - server.FLOW_LOOKAHEAD_TOKENS
-
-
 def test_split_complete_keeps_unfinished_text() -> None:
     assert server.split_complete("Hello there. How are") == ("Hello there.", " How are")
     assert server.split_complete("Hello there.") == ("", "Hello there.")  # may continue: "Hello there.com"
@@ -310,6 +301,17 @@ def test_settings_from_env() -> None:
         server.Settings.from_env({"TTS_MODEL": "nope"})
     with pytest.raises(SystemExit, match="DEVICE"):
         server.Settings.from_env({"DEVICE": "tpu"})
+
+
+def test_stream_schedule_setting_becomes_the_plan() -> None:
+    assert server.Settings().stream_plan == server.StreamPlan()  # the setting's default is the plan's
+    plan = server.Settings.from_env({"STREAM_CHUNK_SCHEDULE": "10, 30", "STREAM_CONTEXT_TOKENS": "8"}).stream_plan
+    assert plan == server.StreamPlan((10, 30), 8)
+    assert [plan.window_tokens(i) for i in range(4)] == [10, 30, 30, 30]
+    for env in ({"STREAM_CHUNK_SCHEDULE": "0,20"}, {"STREAM_CHUNK_SCHEDULE": "20;40"},
+                {"STREAM_CHUNK_SCHEDULE": ","}, {"STREAM_CONTEXT_TOKENS": "3"}, {"S3GEN_BATCH": "-1"}):
+        with pytest.raises(SystemExit, match=next(iter(env))):
+            server.Settings.from_env(env)
 
 
 def test_voice_cache_is_lru_keyed_by_hash_and_exaggeration() -> None:
@@ -1495,6 +1497,14 @@ def run_generations(engine: server.ChatterboxEngine, requests: list[dict[str, An
     return runs
 
 
+def decode_whole(engine: server.ChatterboxEngine, voice: Any, tokens: list[int]) -> np.ndarray:
+    """The one-pass (whole-file) decode of `tokens`, drawing its noise from the current RNG."""
+    stream = engine.s3gen_stream(voice, False, len(tokens))
+    for token in tokens:
+        stream.push(token)
+    return stream.decode(stream.final_window()).numpy()
+
+
 def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
         turbo_engine: server.ChatterboxEngine) -> None:
     engine = turbo_engine
@@ -1504,15 +1514,12 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
     assert len(pieces) >= 3  # audio left in several chunks, before the sentence was done
     assert len(pieces[0]) < len(streamed) / 4
     # Decode the very same tokens in one go, with the same S3Gen random stream.
-    from chatterbox.models.s3gen.const import S3GEN_SIL
-
-    tokens = [t for t in streamed_run.tokens if t < 6561] + [S3GEN_SIL] * 3
     budget = server.speech_token_budget(STREAM_TEXT)
-    with torch.inference_mode():
-        speech = server.SpeechStream(engine, voice, server.SynthesisParams(), budget, 5 ^ server.S3GEN_SEED_SALT)
-        speech.add(tokens[:-3])
-        speech.end()
-        whole = server.as_array(speech.vocode(speech.next_span()))
+    with torch.inference_mode(), server.RngStream(5 ^ server.S3GEN_SEED_SALT).active():  # as the runner makes it
+        stream = engine.s3gen_stream(voice, False, budget)
+        for token in streamed_run.tokens:
+            stream.push(token)
+        whole = stream.decode(stream.final_window()).numpy()
     assert len(streamed) == len(whole)
     assert db(streamed - whole, whole) < -10  # same speech, up to the vocoder's own randomness
     joins = np.cumsum([len(p) for p in pieces])[:-1]
@@ -1574,8 +1581,107 @@ def test_int8_rows_are_quantized_alone(checkpoints: dict[str, Path], tmp_path: P
     x = torch.randn(4, 64)
     loud = torch.cat([x[:1], 100 * x[1:]])
     assert torch.equal(layer(x)[0], layer(loud)[0])
-    assert not torch.equal(*(torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(64, 32)),
-                                                                    {torch.nn.Linear})(v)[0] for v in (x, loud)))
+    per_batch = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(64, 32)), {torch.nn.Linear})
+    assert not torch.equal(per_batch(x)[0], per_batch(loud)[0])
+
+
+def test_s3gen_stream_windows_follow_the_schedule_and_vocode_only_new_frames(
+        turbo_engine: server.ChatterboxEngine) -> None:
+    engine, plan = turbo_engine, server.StreamPlan(schedule=(6, 8, 16), context_tokens=6)
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    tokens = torch.randint(0, 6561, (70,), generator=torch.Generator().manual_seed(4)).tolist()
+    overlap = server.HIFT_OVERLAP_FRAMES
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        stream = server.S3GenStream(engine, voice.gen, plan, len(tokens), pad_silence=True)
+        windows, audio = [], []
+        for count, token in enumerate(tokens + [6562], 1):  # a stop token is not speech
+            stream.push(token)
+            if (window := stream.ready()) is not None:
+                assert stream.ready() == window  # it stays the next window until decoded
+                windows.append(window)
+                audio.append(stream.decode(window).numpy())
+                assert window.last == count  # decoded as soon as ready
+        windows.append(stream.final_window())
+        audio.append(stream.decode(windows[-1]).numpy())
+        with pytest.raises(RuntimeError, match="in order"):
+            stream.decode(windows[-1])
+    sizes = [w.end - w.start for w in windows[:-1]]
+    assert sizes[:3] == [6, 8, 16] and set(sizes[3:]) == {16}  # the schedule, then its last size
+    assert all(a.end == b.start for a, b in zip(windows, windows[1:])) and windows[0].start == 0
+    assert all(w.first == max(0, w.start - 6) and w.last - w.end == 5 for w in windows[:-1])
+    assert windows[-1].final and windows[-1].end == windows[-1].last == len(tokens) + 3  # Turbo's silence
+    # The vocoder renders each window's new frames plus the overlap, not the context.
+    vocoded = [w.mel_to - w.mel_from for w in windows[:-1]]
+    assert vocoded == [2 * sizes[0]] + [2 * size + overlap for size in sizes[1:]]
+    # The first audio holds back the overlap; each later piece is its window's length; nothing is lost.
+    held = overlap * server.SAMPLES_PER_FRAME
+    assert len(audio[0]) == 6 * server.SAMPLES_PER_TOKEN - held
+    assert [len(a) for a in audio[1:-1]] == [size * server.SAMPLES_PER_TOKEN for size in sizes[1:]]
+    assert sum(map(len, audio)) == (len(tokens) + 3) * server.SAMPLES_PER_TOKEN
+
+
+def test_batched_s3gen_windows_equal_solo_ones_and_draw_nothing_from_the_request_rng(
+        turbo_engine: server.ChatterboxEngine, tmp_path: Path) -> None:
+    engine = turbo_engine
+    builtin = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    clip = tmp_path / "short.wav"
+    clip.write_bytes(wav_bytes(reference_clip(seed=5, seconds=3.0)))
+    cloned = engine.prepare_voice(server.VoiceRef("short", clip, "short"), 0.5)
+    assert cloned.gen["prompt_token"].shape[1] < builtin.gen["prompt_token"].shape[1]  # rows of unequal lengths
+    plan = server.StreamPlan(schedule=(12, 20), context_tokens=8)
+    # (voice, tokens): all three flow as one padded batch; the vocoder batches rows 0 and 2 (equal lengths).
+    rows = [(builtin, 30), (cloned, 41), (builtin, 30)]
+
+    def decode(batch: int) -> list[list[np.ndarray]]:
+        streams = []
+        for seed, (voice, count) in enumerate(rows):
+            torch.manual_seed(seed)  # each stream's noise comes from its own request's RNG
+            stream = server.S3GenStream(engine, voice.gen, plan, count, pad_silence=True)
+            for token in torch.randint(0, 6561, (count,), generator=torch.Generator().manual_seed(seed)).tolist():
+                stream.push(token)
+            streams.append(stream)
+        out: list[list[np.ndarray]] = [[] for _ in streams]
+        engine.s3gen_batch = batch
+        try:
+            ambient = torch.get_rng_state()
+            while windows := [w for s in streams if (w := s.ready()) is not None]:
+                for s, audio in zip([w.stream for w in windows], engine.decode_windows(windows)):
+                    out[streams.index(s)].append(audio.numpy())
+            finals = [s.final_window() for s in streams]
+            for s, audio in zip(streams, engine.decode_windows(finals)):
+                out[streams.index(s)].append(audio.numpy())
+            assert torch.equal(torch.get_rng_state(), ambient)  # S3Gen left the request's RNG alone
+        finally:
+            engine.s3gen_batch = 1
+        return out
+
+    with torch.inference_mode():
+        solo, batched = decode(1), decode(3)
+    assert [len(pieces) for pieces in solo] == [2, 2, 2]
+    for solo_pieces, batched_pieces in zip(solo, batched):
+        for a, b in zip(solo_pieces, batched_pieces, strict=True):
+            assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
+
+
+def test_s3gen_flow_and_vocoder_equal_upstreams_on_one_row(turbo_engine: server.ChatterboxEngine) -> None:
+    from chatterbox.models.s3gen.s3gen import S3Token2Mel
+
+    s3gen, voice = turbo_engine.parts.s3gen, turbo_engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    tokens = torch.randint(0, 6561, (24,), generator=torch.Generator().manual_seed(8)).tolist()
+    noise = torch.randn(80, voice.gen["prompt_feat"].shape[1] + 48, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        ours = server.flow_mels(s3gen, [server.FlowRow(voice.gen, tokens, noise)], n_timesteps=2)[0]
+        stock = S3Token2Mel.forward(s3gen, torch.tensor(tokens), ref_wav=None, ref_sr=None, ref_dict=dict(voice.gen),
+                                    n_cfm_timesteps=2, finalize=True, noised_mels=noise[None])[0]
+        assert torch.equal(ours, stock)
+        cache = torch.randn(1, 960, generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(4)
+        wav, source = s3gen.hift_inference(stock[None], cache[None])
+        torch.manual_seed(4)
+        our_source = server.hift_source(s3gen.mel2wav, ours, cache)
+        assert torch.equal(our_source, source[0])
+        assert torch.equal(s3gen.mel2wav.decode(x=ours[None], s=our_source[None]), wav)
 
 
 def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Path]) -> None:
@@ -2062,17 +2168,16 @@ def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, 
 
 def test_s3gen_flow_in_bfloat16_stays_within_tolerance_of_float32(checkpoints: dict[str, Path]) -> None:
     tokens = torch.randint(0, 6561, (60,), generator=torch.Generator().manual_seed(1)).tolist()
-    noise = torch.randn(1, 80, 200, generator=torch.Generator().manual_seed(2))
     audio = {}
     for dtype in ("float32", "bfloat16"):
         engine = tiny_engine(checkpoints, "turbo", dtype=dtype)
         voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-        torch.manual_seed(0)  # the vocoder's source noise
+        torch.manual_seed(0)  # the flow's and the vocoder's noise
         with torch.inference_mode():
-            audio[dtype] = engine._decode(tokens, 0, len(tokens), voice, noise, final=True).numpy()
+            audio[dtype] = decode_whole(engine, voice, tokens)
         assert engine.describe()["s3gen_dtype"] == dtype
-    assert len(audio["float32"]) == len(audio["bfloat16"]) == 60 * server.SAMPLES_PER_TOKEN
-    assert -60 < db(audio["bfloat16"] - audio["float32"], audio["float32"]) < -30  # changed, but only slightly
+    assert len(audio["float32"]) == len(audio["bfloat16"]) == (60 + 3) * server.SAMPLES_PER_TOKEN
+    assert -90 < db(audio["bfloat16"] - audio["float32"], audio["float32"]) < -30  # changed, but only slightly
 
 def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[str, Path]) -> None:
     result = subprocess.run([sys.executable, "bench.py", "--model", "turbo", "--tokens", "12", "--runs", "1"],
@@ -2085,6 +2190,21 @@ def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[s
     for row in rows.values():
         assert float(row["tokens"]) == 12 and float(row["t3_tokens_per_s"]) > 0 and float(row["e2e_rtf"]) > 0
     assert re.fullmatch(r"speedup_e2e=\d+\.\d{3}", lines[-1])
+
+
+def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(checkpoints: dict[str, Path]) -> None:
+    result = subprocess.run([sys.executable, "bench.py", "--s3gen", "--tokens", "40", "--runs", "1",
+                             "--plan", "10,20:8"],
+                            env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    rows = {line.split()[1]: dict(item.split("=") for item in line.split()[2:])
+            for line in lines if line.startswith("s3gen ")}
+    assert set(rows) == {"whole", "before", "10,20:8"}
+    assert all(float(row["ms_per_token"]) > 0 for row in rows.values())
+    assert float(rows["whole"]["vs_whole"]) == 1 and float(rows["10,20:8"]["mel_error_db"]) < 0
+    assert re.fullmatch(r"s3gen_streamed_vs_whole=\d+\.\d{3}", lines[-1])
 
 
 def sse_events(srv: ServerProcess, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
