@@ -1039,6 +1039,11 @@ class ChatterboxEngine(Engine):
         if self.device == "cuda":
             # Load runs on the inference thread: make a dedicated stream that thread's current stream.
             torch.cuda.set_stream(torch.cuda.Stream())
+            # float32 matmuls (the speech head, a float32 DTYPE) in TF32 on tensor cores, as cuDNN's
+            # convolutions (S3Gen's vocoder) already are. CUDA's flag only (set_float32_matmul_precision
+            # would change CPU matmuls too), and the legacy one: inductor reads it, and reading it raises
+            # once the new `fp32_precision` API has been used.
+            torch.backends.cuda.matmul.allow_tf32 = True
         ckpt_dir = Path(self.model_dir) if self.model_dir else self._download()
         self.checkpoint = str(ckpt_dir)
         self.parts = load_chatterbox(self.kind, ckpt_dir, self.device)
@@ -1357,9 +1362,6 @@ class ModelOptions:
 
     def resolve(self, device: str) -> tuple[DecodeOptions, list[str]]:
         """What this device will run, and one warning for each option it cannot do."""
-        import importlib.util
-        import shutil
-
         cuda = device == "cuda"
         warnings = []
         if self.dtype != "auto":
@@ -1368,12 +1370,13 @@ class ModelOptions:
             dtype = s3gen_dtype = "bfloat16"
         else:  # T3's batch-1 steps read weights (bf16 is no faster there); S3Gen's flow computes
             dtype, s3gen_dtype = "float32", "bfloat16" if cpu_has_native_bfloat16() else "float32"
-        if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-            warnings.append("DTYPE=bfloat16: this GPU has no bfloat16, using float16")
+        # Before Ampere, bfloat16 is emulated in float32: slower than float16 and no less memory traffic.
+        if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+            warnings.append("DTYPE=bfloat16: this GPU has no native bfloat16, using float16")
             dtype = s3gen_dtype = "float16"
         quantize = self.quantize
-        if quantize == "int8" and cuda and importlib.util.find_spec("bitsandbytes") is None:
-            warnings.append("QUANTIZE=int8 needs bitsandbytes on CUDA (not installed): running unquantized")
+        if quantize == "int8" and cuda and (problem := int8_cuda_problem()):
+            warnings.append(f"QUANTIZE=int8 on CUDA {problem}: running unquantized")
             quantize = "none"
         elif quantize == "int8" and device not in ("cuda", "cpu"):
             warnings.append(f"QUANTIZE=int8 is not available on {device}: running unquantized")
@@ -1382,13 +1385,54 @@ class ModelOptions:
             warnings.append(f"QUANTIZE=int8 on CPU computes T3 in float32: DTYPE={dtype} is for S3Gen only")
             dtype = "float32"
         compile_mode = self.compile_mode if self.torch_compile else ""
-        if compile_mode and not cuda and shutil.which(os.environ.get("CXX", "g++")) is None:
-            warnings.append("TORCH_COMPILE needs a C++ compiler on CPU (none found): running eager")
+        if compile_mode and (missing := compile_toolchain_problem(device)):
+            warnings.append(f"TORCH_COMPILE needs {missing}: running eager")
             compile_mode = ""
         # torch.compile's reduce-overhead/max-autotune capture CUDA graphs of their own.
         graphs = self.cuda_graphs and cuda and compile_mode in ("", "default")
         return DecodeOptions(DTYPES[dtype], quantize, self.attention, compile_mode, graphs,
                              eos_check_every=16 if cuda else 1, s3gen_dtype=DTYPES[s3gen_dtype]), warnings
+
+
+def int8_cuda_problem() -> str | None:
+    """Why bitsandbytes' int8 kernels cannot run on this GPU (None: they can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "needs bitsandbytes (not installed)"
+    try:
+        from bitsandbytes.cextension import lib
+    except Exception as exc:  # a broken install must not stop the server: it runs unquantized
+        return f"could not load bitsandbytes ({exc})"
+    if not getattr(lib, "compiled_with_cuda", False):
+        return f"needs bitsandbytes' library for CUDA {torch.version.cuda} (none loaded)"
+    if torch.cuda.get_device_capability() < (7, 5):
+        return "needs int8 tensor cores (compute capability 7.5 or newer)"
+    return None
+
+
+def compile_toolchain_problem(device: str) -> str | None:
+    """What torch.compile lacks here to build its kernels (None: nothing). Inductor compiles C++ on
+    CPU; on CUDA it writes Triton kernels (compute capability 7.0 or newer), and Triton builds each
+    kernel's launcher with a C compiler at run time. Both include Python.h."""
+    import shutil
+    import sysconfig
+
+    if device == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton and a GPU of compute capability 7.0 or newer"
+        cc = os.environ.get("CC")  # Triton's own search: $CC, else gcc, else clang
+        if not (shutil.which(cc) if cc else shutil.which("gcc") or shutil.which("clang")):
+            return "a C compiler for Triton (gcc, clang or $CC; none found)"
+    elif shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "a C++ compiler on CPU (none found)"
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    if not (Path(include) / "Python.h").exists():
+        return f"Python's C headers ({include}/Python.h; the python3-dev package)"
+    return None
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -1667,29 +1711,57 @@ class DecodeStep:
 
 
 def quantize_linears(module: torch.nn.Module, device: str) -> None:
-    """Swap every Linear under `module` for an int8 one, in place (the checkpoint's own modules stay)."""
+    """Swap every Linear under `module` for an int8 one, in place: PyTorch dynamic int8 on CPU (the
+    checkpoint's own float modules stay), bitsandbytes on CUDA (their float weights are freed)."""
     import warnings
 
-    if device != "cuda":
-        with warnings.catch_warnings():  # torch.ao's eager quantization warns that it moves to torchao
-            warnings.simplefilter("ignore")
-            # One scale per output row: as fast here as one per matrix, and an outlier row no longer
-            # coarsens every other row's steps.
-            per_row = torch.ao.quantization.per_channel_dynamic_qconfig
-            torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear: per_row}, inplace=True)
+    if device == "cuda":
+        quantize_bitsandbytes(module)
         return
+    with warnings.catch_warnings():  # torch.ao's eager quantization warns that it moves to torchao
+        warnings.simplefilter("ignore")
+        # One scale per output row: as fast here as one per matrix, and an outlier row no longer
+        # coarsens every other row's steps.
+        per_row = torch.ao.quantization.per_channel_dynamic_qconfig
+        torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear: per_row}, inplace=True)
+
+
+class Float16Around(torch.nn.Module):
+    """Runs a float16 module on inputs of any float dtype: bitsandbytes' int8 kernels take and give
+    float16 (and fuse the bias only in float16), so casting here saves a kernel and a log line per call."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.float16)).to(x.dtype)
+
+
+def quantize_bitsandbytes(module: torch.nn.Module) -> None:
+    """Every Linear under `module` becomes bitsandbytes' LLM.int8 layer, quantized on its own device
+    (one scale per weight row and per activation row), and its float weight's storage is freed, also
+    under the checkpoint's modules that shared it: memory goes down, not up.
+
+    threshold=0 drops LLM.int8's outlier columns, whose search syncs the host (`outliers.any()`,
+    `argwhere`) and so cannot run inside a CUDA graph capture; eval mode keeps bitsandbytes on its
+    inference path; the weights are quantized once, here."""
     import bitsandbytes as bnb
 
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                int8 = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                           has_fp16_weights=False, threshold=6.0)
-                int8.weight = bnb.nn.Int8Params(child.weight.data.contiguous().cpu(), requires_grad=False,
-                                                has_fp16_weights=False)
-                if child.bias is not None:
-                    int8.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-                setattr(parent, name, int8.to(child.weight.device))
+            if not isinstance(child, torch.nn.Linear):
+                continue
+            weight = child.weight.detach()
+            codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
+            int8 = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                       has_fp16_weights=False, threshold=0.0, device="meta")
+            int8.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
+            if child.bias is not None:
+                int8.bias = torch.nn.Parameter(child.bias.detach().to(torch.float16), requires_grad=False)
+            int8.init_8bit_state()
+            setattr(parent, name, Float16Around(int8.eval()))
+            weight.untyped_storage().resize_(0)  # a view (GPT-2's transposed Conv1D) frees its base too
 
 
 # --- Sampling, on the device, as upstream's HF logits processors do it -------------
@@ -1981,7 +2053,8 @@ class InferenceWorker:
     """The one thread that touches the model. Async callers submit short units of work
     (a token chunk, a voice preparation); the most urgent waiting unit runs next."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_error: Callable[[BaseException], BaseException] = lambda error: error) -> None:
+        self.on_error = on_error  # sees every unit's error first: DeviceHealth.checked
         self._waiting: list[_WorkItem] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
@@ -2042,7 +2115,8 @@ class InferenceWorker:
                 with torch.inference_mode():
                     result, error = item.fn(), None
             except BaseException as exc:  # delivered to the awaiting request
-                result, error = None, exc
+                # Keep this one call wherever a unit's error is caught: a fatal device error must be seen.
+                result, error = None, self.on_error(exc)
             finally:
                 self.busy = False
             item.loop.call_soon_threadsafe(_settle, item.future, result, error)
@@ -2055,6 +2129,74 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
+
+
+# Substrings of the errors after which a CUDA context is not to be trusted again.
+FATAL_DEVICE_MESSAGES = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access")
+DEVICE_FAULT_GRACE_S = 5.0  # in-flight requests get their 503 within this, then the process exits
+EXIT_DEVICE_FAULT = 4  # the exit status after a fatal device error (3: the model failed to load)
+
+
+def fatal_device_error(error: BaseException) -> str | None:
+    """The cause, if `error` (or an error it was raised from) leaves the CUDA context unusable: a
+    device-side assert, an illegal address, a failed graph capture... Those are sticky: every later
+    call fails too. None for anything the next request survives, an out-of-memory error included."""
+    seen: BaseException | None = error
+    while seen is not None:
+        message = str(seen).strip()
+        if isinstance(seen, torch.AcceleratorError) or (
+                isinstance(seen, RuntimeError) and not isinstance(seen, torch.OutOfMemoryError)
+                and any(marker in message for marker in FATAL_DEVICE_MESSAGES)):
+            return f"{type(seen).__name__}: {(message.splitlines() or [''])[0]}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class DeviceHealth:
+    """Whether the accelerator can still be trusted. After a fatal device error the server is not
+    ready (`/ready` 503, `/health` 500 with the cause), refuses new work, gives the work in flight a
+    503 and, once that has been answered (or after DEVICE_FAULT_GRACE_S), exits with
+    EXIT_DEVICE_FAULT so that its orchestrator starts a fresh process."""
+
+    def __init__(self, in_flight: Callable[[], int]):
+        self.in_flight = in_flight
+        self.fault: str | None = None
+        self.shutdown: Callable[[], None] = terminate_process
+        self._lock = threading.Lock()
+
+    def checked(self, error: BaseException) -> BaseException:
+        """The error to deliver for a unit of work that raised `error` (on the inference thread)."""
+        cause = fatal_device_error(error)
+        if cause is None:
+            return error
+        with self._lock:
+            first, self.fault = self.fault is None, self.fault or cause
+        if first:
+            logger.opt(exception=error).critical("unrecoverable device error, restarting: {}", cause)
+            threading.Thread(target=self._exit_when_answered, name="device-fault", daemon=True).start()
+        failed = self.error()
+        failed.__cause__ = error
+        return failed
+
+    def error(self) -> ApiError:
+        return ApiError(503, "The GPU failed; this server is restarting. Retry shortly.", type="server_error",
+                        code="device_error", headers={"Retry-After": "10"})
+
+    def _exit_when_answered(self) -> None:
+        deadline = time.monotonic() + DEVICE_FAULT_GRACE_S
+        while self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.shutdown()
+
+
+def terminate_process() -> None:
+    """Stop as on SIGTERM (uvicorn finishes the responses under way and closes WebSockets with 1012,
+    `main` then exits with EXIT_DEVICE_FAULT); if that hangs on the broken device, exit regardless."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(2 * DEVICE_FAULT_GRACE_S)
+    os._exit(EXIT_DEVICE_FAULT)
 
 
 class RngStream:
@@ -2331,7 +2473,8 @@ class Speaker:
         self.voices = VoiceLibrary(Path(settings.voices_dir), engine.voice_files)
         self.voice_cache = VoiceCache(settings.voice_cache_size)
         self.results = ResultCache(int(settings.result_cache_mb * 1024 * 1024))
-        self.worker = InferenceWorker()
+        self.health = DeviceHealth(lambda: self.active)
+        self.worker = InferenceWorker(on_error=self.health.checked)
         self.loaded = False
         self.ever_loaded = False
         self.load_seconds: dict[str, float] = {}
@@ -2343,8 +2486,9 @@ class Speaker:
 
     @property
     def ready(self) -> bool:
-        """Ready for traffic: the model is loaded, or was and is only idle-unloaded, or loads on demand."""
-        return self.ever_loaded or not self.settings.preload_model
+        """Ready for traffic: the model is loaded, or was and is only idle-unloaded, or loads on demand;
+        and the device has not failed."""
+        return (self.ever_loaded or not self.settings.preload_model) and self.health.fault is None
 
     def _load(self) -> None:
         t0 = time.perf_counter()
@@ -2391,6 +2535,8 @@ class Speaker:
     @asynccontextmanager
     async def admitted(self, job: SpeechJob, streaming: bool) -> AsyncIterator[None]:
         """Count the utterance as waiting work; beyond MAX_QUEUE new work is refused with 429."""
+        if self.health.fault is not None:
+            raise self.health.error()
         if self.active >= self.settings.max_queue:
             raise ApiError(429, f"The server is at capacity ({self.settings.max_queue} requests in progress); "
                            "retry shortly.", type="rate_limit_error", code="server_busy",
@@ -3449,10 +3595,14 @@ async def prometheus_metrics(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    if (fault := state(request).speaker.health.fault) is not None:
+        return JSONResponse({"status": "device_error", "error": fault}, status_code=500)
     return JSONResponse({"status": "ok"})
 
 
 async def ready(request: Request) -> Response:
+    if (fault := state(request).speaker.health.fault) is not None:
+        return JSONResponse({"status": "device_error", "error": fault}, status_code=503)
     if not state(request).speaker.ready:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ready", "model": state(request).engine.name})
@@ -3658,8 +3808,11 @@ def main() -> None:
 
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_json)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", log_config=None,
+    app = create_app(settings)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,
                 ws_max_size=1024 * 1024)
+    if app.state.tts.speaker.health.fault is not None:
+        raise SystemExit(EXIT_DEVICE_FAULT)
 
 
 if __name__ == "__main__":
