@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import signal
 import struct
 import sys
 import threading
@@ -2161,7 +2162,8 @@ class DeviceHealth:
     def __init__(self, in_flight: Callable[[], int]):
         self.in_flight = in_flight
         self.fault: str | None = None
-        self.shutdown: Callable[[], None] = terminate_process
+        # main() stops its uvicorn instead; an app served otherwise gets a SIGTERM.
+        self.shutdown: Callable[[], None] = lambda: stop_for_restart(lambda: os.kill(os.getpid(), signal.SIGTERM))
         self._lock = threading.Lock()
 
     def checked(self, error: BaseException) -> BaseException:
@@ -2189,12 +2191,10 @@ class DeviceHealth:
         self.shutdown()
 
 
-def terminate_process() -> None:
-    """Stop as on SIGTERM (uvicorn finishes the responses under way and closes WebSockets with 1012,
-    `main` then exits with EXIT_DEVICE_FAULT); if that hangs on the broken device, exit regardless."""
-    import signal
-
-    os.kill(os.getpid(), signal.SIGTERM)
+def stop_for_restart(stop: Callable[[], None]) -> None:
+    """Stop the server gracefully (uvicorn finishes the responses under way and closes WebSockets with
+    1012, service restart); if that hangs on the broken device, exit regardless."""
+    stop()
     time.sleep(2 * DEVICE_FAULT_GRACE_S)
     os._exit(EXIT_DEVICE_FAULT)
 
@@ -3809,9 +3809,12 @@ def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_json)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,
-                ws_max_size=1024 * 1024)
-    if app.state.tts.speaker.health.fault is not None:
+    uv = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                       log_config=None, ws_max_size=1024 * 1024))
+    health = app.state.tts.speaker.health
+    health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
+    uv.run()
+    if health.fault is not None:
         raise SystemExit(EXIT_DEVICE_FAULT)
 
 
