@@ -1961,6 +1961,35 @@ def test_a_fatal_device_error_exits_a_real_server_for_its_restart(tmp_path: Path
         srv.stop()
 
 
+def load_tool(name: str) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """make gpu-check's script, on the CPU with tiny checkpoints, so that a GPU is not its first run."""
+    out = tmp_path / "report.md"
+    result = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--checkpoints",
+                             str(checkpoints["turbo"].parent), "--models", "turbo", "--options", "defaults",
+                             "--skip", "bench", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("### `make gpu-check`") and any(line.startswith("- Commit: ") for line in lines)
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line.split("|")[4].strip()
+            for line in lines if line.startswith("| ") and not line.startswith(("| check |", "| --- |"))}
+    assert rows[("checkpoint", "turbo", "")] == "ok"
+    assert rows[("tests: pytest -m cuda", "", "")] == "skipped"  # collected, and skipped without a GPU
+    assert rows[("warm-up", "turbo", "defaults")] == "ok"
+    assert rows[("sync: decode steps", "turbo", "defaults")] == "ok"
+    assert rows[("sync: token loop", "turbo", "defaults")] == "info"
+    assert re.fullmatch(r"\d+ per step", rows[("kernels", "turbo", "defaults")])
+    assert float(rows[("speed: T3 steps/s", "turbo", "defaults")]) > 0
+
+
 @pytest.mark.cuda
 def test_cuda_int8_steps_replay_from_graphs_without_host_syncs(checkpoints: dict[str, Path]) -> None:
     engine = server.ChatterboxEngine("turbo", str(checkpoints["turbo"]), "cuda")
@@ -2064,6 +2093,8 @@ def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[s
     for row in rows.values():
         assert float(row["tokens"]) == 12 and float(row["t3_tokens_per_s"]) > 0 and float(row["e2e_rtf"]) > 0
     assert re.fullmatch(r"speedup_e2e=\d+\.\d{3}", lines[-1])
+    row = load_tool("gpu_check").bench_row(result.stdout, "defaults", "cpu")  # make gpu-check's reading of it
+    assert row.result == lines[-1].replace("=", " ") and "T3 tokens/s" in row.details
 
 
 def sse_events(srv: ServerProcess, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
