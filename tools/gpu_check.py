@@ -405,7 +405,7 @@ def bench_row(output: str, option: str, device: str) -> Row:
         ("T3 tokens/s", "t3_tokens_per_s"), ("S3Gen RTF", "s3gen_rtf"), ("first audio s", "first_audio_s"),
         ("e2e RTF", "e2e_rtf"), ("peak MB", "peak_mb")))
     speedup = lines[-1].split("=")[1]
-    return Row("bench.py", "turbo", option, f"speedup_e2e {speedup}", f"{ours['tokens']} tokens", figures)
+    return Row("bench.py", "turbo", option, f"speedup_e2e {speedup}", f"{float(ours['tokens']):.0f} tokens", figures)
 
 
 def machine(device: str) -> str:
