@@ -1812,7 +1812,9 @@ def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatc
 
 def test_cuda_options_fall_back_with_one_warning_each(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """What this CPU-only machine can show of resolve("cuda"): every check runs, each gap is one warning."""
-    emulated_only = lambda including_emulation=True: including_emulation  # noqa: E731 (a GPU before Ampere)
+    def emulated_only(including_emulation: bool = True) -> bool:  # a GPU before Ampere
+        return including_emulation
+
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
     options, warnings = server.ModelOptions().resolve("cuda")
     assert (options.dtype, options.s3gen_dtype, options.cuda_graphs) == (torch.float16, torch.float16, True)

@@ -132,8 +132,9 @@ def eos_check_every(engine: Any) -> int:
 
 def warm_up_task(kind: str, checkpoint: Path, device: str, option: str) -> list[Row]:
     import numpy as np
-    import server
     import torch
+
+    import server
 
     started = time.perf_counter()
     with torch.inference_mode():
@@ -409,9 +410,9 @@ def bench_row(output: str, option: str, device: str) -> Row:
 
 
 def machine(device: str) -> str:
-    import torch
-
     from importlib.metadata import PackageNotFoundError, version
+
+    import torch
 
     versions = [f"torch {torch.__version__}"]
     for package in ("bitsandbytes", "triton"):
