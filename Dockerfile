@@ -1,6 +1,7 @@
 # Chatterbox TTS server on an NVIDIA GPU (the image also runs without one: TTS_MODEL=auto then picks Piper).
 #   docker build -t chatterbox-tts-server .
-#   docker run --gpus all -p 8000:8000 -v hf-cache:/cache/huggingface -v voices:/app/voices chatterbox-tts-server
+#   docker run --gpus all -p 8000:8000 -v hf-cache:/cache/huggingface -v torch-cache:/cache/torch \
+#     -v voices:/app/voices chatterbox-tts-server
 # torch 2.11.0 from PyPI is built for CUDA 13.0 and brings its own CUDA libraries; the base image's CUDA
 # version only has to match it so that the NVIDIA container runtime checks the host driver for it.
 ARG CUDA_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu22.04
@@ -11,8 +12,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
+# gcc, libc6-dev and python3.11-dev: TORCH_COMPILE's Triton builds each kernel's launcher (C, including
+# Python.h) at run time, which the CUDA runtime image has no compiler or headers for.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc libc6-dev \
+       ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 
 RUN python3.11 -m venv /opt/venv
@@ -27,13 +31,16 @@ RUN pip install --upgrade "pip>=24" \
 COPY . .
 
 RUN useradd --create-home --uid 10001 tts \
-    && mkdir -p /cache/huggingface /app/voices \
-    && chown tts:tts /cache/huggingface /app/voices
+    && mkdir -p /cache/huggingface /cache/torch /app/voices \
+    && chown tts:tts /cache/huggingface /cache/torch /app/voices
 # Named volumes copy these directories' owner when first mounted, so the tts user can write to them.
+# /cache/torch keeps TORCH_COMPILE's kernels (inductor's and Triton's caches): a restart does not recompile.
 ENV HF_HOME=/cache/huggingface \
     VOICES_DIR=/app/voices \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torch/inductor \
+    TRITON_CACHE_DIR=/cache/torch/triton \
     NUMBA_CACHE_DIR=/tmp/numba
-VOLUME ["/cache/huggingface", "/app/voices"]
+VOLUME ["/cache/huggingface", "/cache/torch", "/app/voices"]
 USER tts
 
 EXPOSE 8000

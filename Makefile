@@ -1,6 +1,7 @@
 # make run      set up .venv (once) and serve on 0.0.0.0:8000
 # make test     set up .venv (once) and run the whole test suite offline
 # make install  set up .venv (and Debian's chromium for the browser tests) only
+# make gpu-check  on a CUDA machine: tests, every option's warm-up, syncs, kernels, speed, bench -> one table
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: install run test clean
+.PHONY: install run test gpu-check clean
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -36,6 +37,9 @@ run: $(STAMP)
 
 test: $(STAMP) $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 server_test.py $(PYTEST_ARGS)
+
+gpu-check: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

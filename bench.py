@@ -12,7 +12,8 @@ tokens, since a random T3 never stops), ours runs generations through the engine
 the options given (the server's defaults otherwise): once as a whole file (as POST /v1/audio/speech
 does; the end-to-end, T3 and S3Gen figures) and once streamed up to its first audio (the time
 to first audio; stock's is its whole file). Runs alternate, stock first; each side is warmed
-up once, and medians are reported. The last line is
+up once, and medians are reported. On CUDA the T3 and S3Gen times are CUDA events on the
+stream (the totals are host time after a synchronize). The last line is
 `speedup_e2e=<stock end-to-end real-time factor / ours>`.
 
 --concurrency: for each N, N streams of the same text (seeds 0..N-1, N tokens each) submitted
@@ -61,18 +62,33 @@ class Run:
 
 @dataclass
 class Timers:
-    """Seconds spent inside wrapped callables, by name."""
+    """Seconds spent inside wrapped callables, by name. On CUDA each span is timed on the stream with
+    events: the host returns as soon as work is queued, and its clock would bill that GPU time to
+    whichever part next waits for the device."""
 
-    seconds: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    spans: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)  # (start, end) marks
     tokens: int = 0  # speech tokens T3 produced
+
+    def _mark(self) -> Any:
+        if self.device == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()  # on the calling thread's current stream, where the wrapped work is queued
+            return event
+        return time.perf_counter()
+
+    @contextmanager
+    def span(self, name: str) -> Iterator[None]:
+        start = self._mark()
+        try:
+            yield
+        finally:
+            self.spans.setdefault(name, []).append((start, self._mark()))
 
     def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
-            try:
+            with self.span(name):
                 result = fn(*args, **kwargs)
-            finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
             if isinstance(result, torch.Tensor):  # stock's T3 returns its tokens
                 self.tokens += result.shape[-1]
             return result
@@ -80,7 +96,13 @@ class Timers:
         return timed
 
     def take(self) -> tuple[dict[str, float], int]:
-        seconds, tokens, self.seconds, self.tokens = self.seconds, self.tokens, {}, 0
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            seconds = {name: sum(start.elapsed_time(end) for start, end in marks) / 1000
+                       for name, marks in self.spans.items()}
+        else:
+            seconds = {name: sum(end - start for start, end in marks) for name, marks in self.spans.items()}
+        tokens, self.spans, self.tokens = self.tokens, {}, 0
         return seconds, tokens
 
 
@@ -480,7 +502,7 @@ def concurrency_main(args: argparse.Namespace, options: server.ModelOptions) -> 
     worker.call(engine.load)
     worker.call(engine.warm_up)
     voice = worker.call(lambda: engine.prepare_voice(server.BUILTIN_VOICE, 0.5))
-    timers = Timers()
+    timers = Timers(args.device)
     batched = engine.batch, server.BatchRunner(engine)
     engine.options = replace(engine.options, max_batch=1)
     single = worker.call(engine._build_batch), server.BatchRunner(engine)
@@ -578,7 +600,7 @@ def main() -> None:
         concurrency_main(args, options)
         return
     ckpt = checkpoint(args.model)
-    timers = Timers()
+    timers = Timers(args.device)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"model {args.model}, weights {ckpt}, tokens {args.tokens}, runs {args.runs}", flush=True)
     stock = Stock(args.model, ckpt, args.device, args.tokens, timers)

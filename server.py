@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+import signal
 import struct
 import sys
 import threading
@@ -1078,6 +1079,11 @@ class ChatterboxEngine(Engine):
         if self.device == "cuda":
             # Load runs on the inference thread: make a dedicated stream that thread's current stream.
             torch.cuda.set_stream(torch.cuda.Stream())
+            # float32 matmuls (the speech head, a float32 DTYPE) in TF32 on tensor cores, as cuDNN's
+            # convolutions (S3Gen's vocoder) already are. CUDA's flag only (set_float32_matmul_precision
+            # would change CPU matmuls too), and the legacy one: inductor reads it, and reading it raises
+            # once the new `fp32_precision` API has been used.
+            torch.backends.cuda.matmul.allow_tf32 = True
         ckpt_dir = Path(self.model_dir) if self.model_dir else self._download()
         self.checkpoint = str(ckpt_dir)
         self.parts = load_chatterbox(self.kind, ckpt_dir, self.device)
@@ -1555,9 +1561,6 @@ class ModelOptions:
 
     def resolve(self, device: str) -> tuple[DecodeOptions, list[str]]:
         """What this device will run, and one warning for each option it cannot do."""
-        import importlib.util
-        import shutil
-
         cuda = device == "cuda"
         warnings = []
         if self.dtype != "auto":
@@ -1566,12 +1569,13 @@ class ModelOptions:
             dtype = s3gen_dtype = "bfloat16"
         else:  # T3's steps read weights (bf16 is no faster there); S3Gen's flow computes
             dtype, s3gen_dtype = "float32", "bfloat16" if cpu_has_native_bfloat16() else "float32"
-        if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
-            warnings.append("DTYPE=bfloat16: this GPU has no bfloat16, using float16")
+        # Before Ampere, bfloat16 is emulated in float32: slower than float16 and no less memory traffic.
+        if dtype == "bfloat16" and cuda and not torch.cuda.is_bf16_supported(including_emulation=False):
+            warnings.append("DTYPE=bfloat16: this GPU has no native bfloat16, using float16")
             dtype = s3gen_dtype = "float16"
         quantize = self.quantize
-        if quantize == "int8" and cuda and importlib.util.find_spec("bitsandbytes") is None:
-            warnings.append("QUANTIZE=int8 needs bitsandbytes on CUDA (not installed): running unquantized")
+        if quantize == "int8" and cuda and (problem := int8_cuda_problem()):
+            warnings.append(f"QUANTIZE=int8 on CUDA {problem}: running unquantized")
             quantize = "none"
         elif quantize == "int8" and device not in ("cuda", "cpu"):
             warnings.append(f"QUANTIZE=int8 is not available on {device}: running unquantized")
@@ -1580,8 +1584,8 @@ class ModelOptions:
             warnings.append(f"QUANTIZE=int8 on CPU computes T3 in float32: DTYPE={dtype} is for S3Gen only")
             dtype = "float32"
         compile_mode = self.compile_mode if self.torch_compile else ""
-        if compile_mode and not cuda and shutil.which(os.environ.get("CXX", "g++")) is None:
-            warnings.append("TORCH_COMPILE needs a C++ compiler on CPU (none found): running eager")
+        if compile_mode and (missing := compile_toolchain_problem(device)):
+            warnings.append(f"TORCH_COMPILE needs {missing}: running eager")
             compile_mode = ""
         graphs = self.cuda_graphs and cuda
         return DecodeOptions(DTYPES[dtype], quantize, self.attention, compile_mode, graphs,
@@ -1596,6 +1600,47 @@ DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 # Prompt positions prefilled per scheduler turn while other generations are decoding: about one step's
 # time, so a newcomer's prefill never stalls running streams for long.
 PREFILL_CHUNK = {"cpu": 32, "cuda": 512}
+
+
+def int8_cuda_problem() -> str | None:
+    """Why bitsandbytes' int8 kernels cannot run on this GPU (None: they can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "needs bitsandbytes (not installed)"
+    try:
+        from bitsandbytes.cextension import lib
+    except Exception as exc:  # a broken install must not stop the server: it runs unquantized
+        return f"could not load bitsandbytes ({exc})"
+    if not getattr(lib, "compiled_with_cuda", False):
+        return f"needs bitsandbytes' library for CUDA {torch.version.cuda} (none loaded)"
+    if torch.cuda.get_device_capability() < (7, 5):
+        return "needs int8 tensor cores (compute capability 7.5 or newer)"
+    return None
+
+
+def compile_toolchain_problem(device: str) -> str | None:
+    """What torch.compile lacks here to build its kernels (None: nothing). Inductor compiles C++ on
+    CPU; on CUDA it writes Triton kernels (compute capability 7.0 or newer), and Triton builds each
+    kernel's launcher with a C compiler at run time. Both include Python.h."""
+    import shutil
+    import sysconfig
+
+    if device == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "Triton and a GPU of compute capability 7.0 or newer"
+        cc = os.environ.get("CC")  # Triton's own search: $CC, else gcc, else clang
+        if not (shutil.which(cc) if cc else shutil.which("gcc") or shutil.which("clang")):
+            return "a C compiler for Triton (gcc, clang or $CC; none found)"
+    elif shutil.which(os.environ.get("CXX", "g++")) is None:
+        return "a C++ compiler on CPU (none found)"
+    scheme = sysconfig.get_default_scheme()
+    include = sysconfig.get_paths(scheme="posix_prefix" if scheme == "posix_local" else scheme)["include"]
+    if not (Path(include) / "Python.h").exists():
+        return f"Python's C headers ({include}/Python.h; the python3-dev package)"
+    return None
 
 
 def cpu_has_native_bfloat16() -> bool:
@@ -1897,9 +1942,9 @@ class RowScaledInt8Linear(torch.nn.Module):
         self.register_buffer("_sentinel", torch.tensor([1.0, -1.0]).repeat((self.in_features + 1) // 2)
                              [None, : self.in_features], persistent=False)
 
-    def weight_scheme(self) -> torch.qscheme:
-        weight, _ = torch.ops.quantized.linear_unpack(self._packed)
-        return weight.qscheme()
+    def weight(self) -> torch.Tensor:
+        """The quantized weight (qint8, one scale per output row)."""
+        return torch.ops.quantized.linear_unpack(self._packed)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -1913,20 +1958,48 @@ class RowScaledInt8Linear(torch.nn.Module):
 
 
 def quantize_linears(module: torch.nn.Module, device: str) -> None:
-    """Swap every Linear under `module` for an int8 one, in place (the checkpoint's own modules stay)."""
-    if device != "cuda":
+    """Swap every Linear under `module` for an int8 one, in place: row-scaled int8 on CPU (the
+    checkpoint's own float modules stay), bitsandbytes on CUDA (their float weights are freed)."""
+    if device == "cuda":
+        quantize_bitsandbytes(module)
+    else:
         replace_linears(module, RowScaledInt8Linear)
-        return
+
+
+class Float16Around(torch.nn.Module):
+    """Runs a float16 module on inputs of any float dtype: bitsandbytes' int8 kernels take and give
+    float16 (and fuse the bias only in float16), so casting here saves a kernel and a log line per call.
+    T3's linear layers see normalized states and attention or MLP outputs, well within float16's range."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(torch.float16)).to(x.dtype)
+
+
+def quantize_bitsandbytes(module: torch.nn.Module) -> None:
+    """Every Linear under `module` becomes bitsandbytes' LLM.int8 layer, quantized on its own device
+    (one scale per weight row and per activation row, so batched rows stay independent), and its float
+    weight's storage is freed, also under the checkpoint's modules that shared it: memory goes down, not up.
+
+    threshold=0 drops LLM.int8's outlier columns, whose search syncs the host (`outliers.any()`,
+    `argwhere`) and so cannot run inside a CUDA graph capture; eval mode keeps bitsandbytes on its
+    inference path; the weights are quantized once, here."""
     import bitsandbytes as bnb
 
     def int8(child: torch.nn.Linear) -> torch.nn.Module:
+        weight = child.weight.detach()
+        codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
         layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0)
-        layer.weight = bnb.nn.Int8Params(child.weight.data.contiguous().cpu(), requires_grad=False,
-                                         has_fp16_weights=False)
+                                    has_fp16_weights=False, threshold=0.0, device="meta")
+        layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
         if child.bias is not None:
-            layer.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-        return layer.to(child.weight.device)
+            layer.bias = torch.nn.Parameter(child.bias.detach().to(torch.float16), requires_grad=False)
+        layer.init_8bit_state()
+        weight.untyped_storage().resize_(0)  # a view (GPT-2's transposed Conv1D, Llama's fused q/k/v) frees its base
+        return Float16Around(layer.eval())
 
     replace_linears(module, int8)
 
@@ -2849,7 +2922,9 @@ class InferenceWorker:
     unit of one-off work (load, a voice's conditionals...), then one turn of the runner, which advances
     the generations that make audio (see `BatchRunner`, `SequentialRunner`)."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None = None,
+                 on_error: Callable[[BaseException], BaseException] = lambda error: error) -> None:
+        self.on_error = on_error  # sees every error of model work first: DeviceHealth.checked
         self._waiting: list[_WorkItem] = []
         self._incoming: list[Generation] = []
         self._cond = threading.Condition()
@@ -2881,7 +2956,9 @@ class InferenceWorker:
         future.add_done_callback(lambda f: f.cancelled() or f.exception())  # consume any error
 
     def start(self, generation: Generation) -> None:
-        """Hand a generation to the runner (from any thread)."""
+        """Hand a generation to the runner (from any thread). Its errors pass `on_error` on their way out."""
+        deliver = generation.deliver
+        generation.deliver = lambda event: deliver(self.on_error(event) if isinstance(event, BaseException) else event)
         with self._cond:
             self._incoming.append(generation)
             self._cond.notify()
@@ -2929,7 +3006,8 @@ class InferenceWorker:
                     with torch.inference_mode():
                         result, error = item.fn(), None
                 except BaseException as exc:  # delivered to the awaiting request
-                    result, error = None, exc
+                    # Keep this one call wherever model work's error is caught: a fatal device error must be seen.
+                    result, error = None, self.on_error(exc)
                 finally:
                     self.busy = False
                 item.loop.call_soon_threadsafe(_settle, item.future, result, error)
@@ -2938,7 +3016,8 @@ class InferenceWorker:
                 try:
                     with torch.inference_mode():
                         runner.turn()
-                except Exception:  # the runner delivers each generation's own errors; this is a bug
+                except Exception as exc:  # the runner delivers each generation's own errors; this is a bug
+                    self.on_error(exc)
                     logger.exception("the scheduler's turn failed")
                 finally:
                     self.busy = False
@@ -2956,6 +3035,73 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
 def chunk_seed(seed: int, index: int) -> int:
     """The seed of a request's index-th chunk of text: its own, so chunks need not run in order."""
     return int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:4], "little")
+
+
+# Substrings of the errors after which a CUDA context is not to be trusted again.
+FATAL_DEVICE_MESSAGES = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access")
+DEVICE_FAULT_GRACE_S = 5.0  # in-flight requests get their 503 within this, then the process exits
+EXIT_DEVICE_FAULT = 4  # the exit status after a fatal device error (3: the model failed to load)
+
+
+def fatal_device_error(error: BaseException) -> str | None:
+    """The cause, if `error` (or an error it was raised from) leaves the CUDA context unusable: a
+    device-side assert, an illegal address, a failed graph capture... Those are sticky: every later
+    call fails too. None for anything the next request survives, an out-of-memory error included."""
+    seen: BaseException | None = error
+    while seen is not None:
+        message = str(seen).strip()
+        if isinstance(seen, torch.AcceleratorError) or (
+                isinstance(seen, RuntimeError) and not isinstance(seen, torch.OutOfMemoryError)
+                and any(marker in message for marker in FATAL_DEVICE_MESSAGES)):
+            return f"{type(seen).__name__}: {(message.splitlines() or [''])[0]}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+class DeviceHealth:
+    """Whether the accelerator can still be trusted. After a fatal device error the server is not
+    ready (`/ready` 503, `/health` 500 with the cause), refuses new work, gives the work in flight a
+    503 and, once that has been answered (or after DEVICE_FAULT_GRACE_S), exits with
+    EXIT_DEVICE_FAULT so that its orchestrator starts a fresh process."""
+
+    def __init__(self, in_flight: Callable[[], int]):
+        self.in_flight = in_flight
+        self.fault: str | None = None
+        # main() stops its uvicorn instead; an app served otherwise gets a SIGTERM.
+        self.shutdown: Callable[[], None] = lambda: stop_for_restart(lambda: os.kill(os.getpid(), signal.SIGTERM))
+        self._lock = threading.Lock()
+
+    def checked(self, error: BaseException) -> BaseException:
+        """The error to deliver for a unit of work that raised `error` (on the inference thread)."""
+        cause = fatal_device_error(error)
+        if cause is None:
+            return error
+        with self._lock:
+            first, self.fault = self.fault is None, self.fault or cause
+        if first:
+            logger.opt(exception=error).critical("unrecoverable device error, restarting: {}", cause)
+            threading.Thread(target=self._exit_when_answered, name="device-fault", daemon=True).start()
+        failed = self.error()
+        failed.__cause__ = error
+        return failed
+
+    def error(self) -> ApiError:
+        return ApiError(503, "The GPU failed; this server is restarting. Retry shortly.", type="server_error",
+                        code="device_error", headers={"Retry-After": "10"})
+
+    def _exit_when_answered(self) -> None:
+        deadline = time.monotonic() + DEVICE_FAULT_GRACE_S
+        while self.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.shutdown()
+
+
+def stop_for_restart(stop: Callable[[], None]) -> None:
+    """Stop the server gracefully (uvicorn finishes the responses under way and closes WebSockets with
+    1012, service restart); if that hangs on the broken device, exit regardless."""
+    stop()
+    time.sleep(2 * DEVICE_FAULT_GRACE_S)
+    os._exit(EXIT_DEVICE_FAULT)
 
 
 class RngStream:
@@ -3255,7 +3401,8 @@ class Speaker:
         self.voices = VoiceLibrary(Path(settings.voices_dir), engine.voice_files)
         self.voice_cache = VoiceCache(settings.voice_cache_size)
         self.results = ResultCache(int(settings.result_cache_mb * 1024 * 1024))
-        self.worker = InferenceWorker(engine)
+        self.health = DeviceHealth(lambda: self.active)
+        self.worker = InferenceWorker(engine, on_error=self.health.checked)
         self.loaded = False
         self.ever_loaded = False
         self.load_seconds: dict[str, float] = {}
@@ -3267,8 +3414,9 @@ class Speaker:
 
     @property
     def ready(self) -> bool:
-        """Ready for traffic: the model is loaded, or was and is only idle-unloaded, or loads on demand."""
-        return self.ever_loaded or not self.settings.preload_model
+        """Ready for traffic: the model is loaded, or was and is only idle-unloaded, or loads on demand;
+        and the device has not failed."""
+        return (self.ever_loaded or not self.settings.preload_model) and self.health.fault is None
 
     def _load(self) -> None:
         t0 = time.perf_counter()
@@ -3315,6 +3463,8 @@ class Speaker:
     @asynccontextmanager
     async def admitted(self, job: SpeechJob, streaming: bool) -> AsyncIterator[None]:
         """Count the utterance as waiting work; beyond MAX_QUEUE new work is refused with 429."""
+        if self.health.fault is not None:
+            raise self.health.error()
         if self.active >= self.settings.max_queue:
             raise ApiError(429, f"The server is at capacity ({self.settings.max_queue} requests in progress); "
                            "retry shortly.", type="rate_limit_error", code="server_busy",
@@ -4393,10 +4543,14 @@ async def prometheus_metrics(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    if (fault := state(request).speaker.health.fault) is not None:
+        return JSONResponse({"status": "device_error", "error": fault}, status_code=500)
     return JSONResponse({"status": "ok"})
 
 
 async def ready(request: Request) -> Response:
+    if (fault := state(request).speaker.health.fault) is not None:
+        return JSONResponse({"status": "device_error", "error": fault}, status_code=503)
     if not state(request).speaker.ready:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ready", "model": state(request).engine.name})
@@ -4617,8 +4771,14 @@ def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_json)
     set_torch_threads(settings.torch_threads)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning", log_config=None,
-                ws_max_size=1024 * 1024)
+    app = create_app(settings)
+    uv = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                       log_config=None, ws_max_size=1024 * 1024))
+    health = app.state.tts.speaker.health
+    health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
+    uv.run()
+    if health.fault is not None:
+        raise SystemExit(EXIT_DEVICE_FAULT)
 
 
 if __name__ == "__main__":

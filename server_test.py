@@ -1047,7 +1047,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 class ServerProcess:
-    def __init__(self, kind: str, model_dir: Path | None, voices_dir: Path, **env: str):
+    def __init__(self, kind: str, model_dir: Path | None, voices_dir: Path, command: list[str] | None = None,
+                 **env: str):
         self.kind = kind
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -1058,8 +1059,8 @@ class ServerProcess:
                     "CHUNK_MAX_CHARS": str(TEST_CHUNK_MAX_CHARS),
                     # Seeded requests repeat across tests, which must exercise the pipeline, not the result cache.
                     "RESULT_CACHE_MB": "0", **env}
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "server.py")], env=full_env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(command or [sys.executable, str(ROOT / "server.py")], env=full_env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -1405,10 +1406,17 @@ def test_dockerfile_and_compose_agree_with_the_server() -> None:
     assert dockerfile.args("EXPOSE") == [str(defaults.port)]
     assert dockerfile.args("CMD") == ['["python", "server.py"]']
 
+    # TORCH_COMPILE on CUDA: Triton builds its launchers (C, including Python.h) when the server runs.
+    [python] = [args.split()[0] for args in dockerfile.args("RUN") if " -m venv " in args]
+    [apt] = [set(args.split()) for args in dockerfile.args("RUN") if "apt-get install" in args]
+    assert {python, f"{python}-dev", "gcc", "libc6-dev"} <= apt
+
     volumes = {path for args in dockerfile.args("VOLUME") for path in json.loads(args)}
     env = dockerfile.variables("ENV")
     [workdir] = dockerfile.args("WORKDIR")
-    assert {env["HF_HOME"], str(PurePosixPath(workdir, env["VOICES_DIR"]))} == volumes
+    # inductor's and Triton's kernel caches on one volume: a restarted container does not recompile
+    [compile_cache] = {str(PurePosixPath(env[name]).parent) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    assert {env["HF_HOME"], compile_cache, str(PurePosixPath(workdir, env["VOICES_DIR"]))} == volumes
     assert {mount.split(":")[1] for mount in service["volumes"]} == volumes
     assert str(PurePosixPath(workdir, service["environment"]["VOICES_DIR"])) in volumes
     assert {mount.split(":")[0] for mount in service["volumes"]} == set(compose["volumes"])  # named volumes
@@ -2145,13 +2153,250 @@ def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatc
         server.ModelOptions(dtype="bfloat16", quantize="int8", max_batch=4)
 
 
+def test_cuda_options_fall_back_with_one_warning_each(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """What this CPU-only machine can show of resolve("cuda"): every check runs, each gap is one warning."""
+    def emulated_only(including_emulation: bool = True) -> bool:  # a GPU before Ampere
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", emulated_only)
+    options, warnings = server.ModelOptions().resolve("cuda")
+    assert (options.dtype, options.s3gen_dtype, options.cuda_graphs) == (torch.float16, torch.float16, True)
+    assert len(warnings) == 1 and "no native bfloat16" in warnings[0]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    options, warnings = server.ModelOptions().resolve("cuda")
+    assert (options.dtype, options.eos_check_every, warnings) == (torch.bfloat16, 16, [])
+    # bitsandbytes is installed here, but with no GPU it loads its CPU library only
+    options, warnings = server.ModelOptions(quantize="int8").resolve("cuda")
+    assert options.quantize == "none" and len(warnings) == 1
+    assert "QUANTIZE=int8" in warnings[0] and "library for CUDA" in warnings[0]
+    # torch.compile: Triton, then the C compiler for its launchers, then Python.h
+    compiled = server.ModelOptions(torch_compile=True)
+    options, warnings = compiled.resolve("cuda")
+    assert options.compile_mode == "" and len(warnings) == 1 and "Triton" in warnings[0]
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    assert compiled.resolve("cuda") == (server.DecodeOptions(torch.bfloat16, compile_mode="default", cuda_graphs=True,
+                                                             eos_check_every=16, s3gen_dtype=torch.bfloat16), [])
+    monkeypatch.setenv("CC", "no-such-compiler")
+    options, warnings = compiled.resolve("cuda")
+    assert options.compile_mode == "" and len(warnings) == 1 and "C compiler" in warnings[0]
+    monkeypatch.delenv("CC")
+    import sysconfig
+
+    monkeypatch.setattr(sysconfig, "get_paths", lambda scheme=None: {"include": str(tmp_path)})  # no Python.h
+    for device in ("cuda", "cpu"):
+        options, warnings = compiled.resolve(device)
+        assert options.compile_mode == "" and len(warnings) == 1 and "Python.h" in warnings[0]
+
+
+def step_host_reads(decoder: server.T3Decoder, step: server.DecodeStep, steps: int = 4) -> tuple[torch.Tensor, list[str]]:
+    """Hidden states of a seeded prompt and `steps` decode steps, and the ops within the steps that read
+    device memory back to the host (on CUDA each is a sync, which a graph capture cannot hold)."""
+    generator = torch.Generator().manual_seed(0)
+    prompt = torch.randn(decoder.batch, 24, decoder.dim, generator=generator)
+    embeds = [torch.randn(decoder.batch, 1, decoder.dim, generator=generator) for _ in range(steps)]
+    reads = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero")
+    with torch.inference_mode(), decoder.borrow(24 + steps) as cache:
+        hidden = [decoder.prefill(prompt, cache)]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            hidden += [step(embed, 24 + i, cache) for i, embed in enumerate(embeds)]
+    return torch.stack(hidden), [event.name for event in profile.events() if event.name in reads]
+
+
+def test_cuda_int8_layers_are_capturable_eval_mode_and_free_the_float_weights(checkpoints: dict[str, Path]) -> None:
+    """The CUDA int8 swap, run on CPU with bitsandbytes' own classes (their CPU kernels)."""
+    import bitsandbytes as bnb
+
+    for kind in ("turbo", "standard"):  # GPT-2 (transposed Conv1D views, biases) and Llama (shared Linears)
+        engine = tiny_engine(checkpoints, kind)
+        decoder, step = engine.decoding
+        reference, reads = step_host_reads(decoder, step)
+        assert reads == []
+        checkpoint_weights = [p for p in engine.parts.t3.tfmr.parameters() if p.dim() == 2 and p.shape[0] > 1]
+        with torch.inference_mode():
+            server.quantize_bitsandbytes(decoder.layers)
+        int8 = [m for m in decoder.layers.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+        assert len(int8) == (4 if kind == "turbo" else 7) * engine.parts.t3.cfg.num_hidden_layers
+        assert not any(isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear8bitLt)
+                       for m in decoder.layers.modules())
+        for layer in int8:
+            assert not layer.training and layer.state.threshold == 0.0 and not layer.state.has_fp16_weights
+            assert layer.state.CB.dtype == torch.int8 and layer.state.SCB.dtype == torch.float32
+        # the float weights are gone, under the checkpoint's own modules too (embeddings and heads stay)
+        layer_weights = [p for p in checkpoint_weights if p.untyped_storage().nbytes() == 0]
+        assert len(layer_weights) == len(int8)
+        quantized, reads = step_host_reads(decoder, step)
+        assert reads == []  # no outlier search: nothing a CUDA graph capture cannot hold
+        error = (quantized - reference).norm() / reference.norm()
+        assert 0 < error < 0.02, kind
+
+
+def test_fatal_device_errors_are_told_from_recoverable_ones() -> None:
+    fatal = [torch.AcceleratorError("CUDA error: device-side assert triggered\nCUDA kernel errors might be ..."),
+             RuntimeError("CUDA error: an illegal memory access was encountered"),
+             RuntimeError("CUDA error: operation not permitted when stream is capturing"),
+             RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, ...)`")]
+    for error in fatal:
+        assert server.fatal_device_error(error) == f"{type(error).__name__}: {str(error).splitlines()[0]}"
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert server.fatal_device_error(oom) is None  # the allocator frees its cache: the next request runs
+    try:  # ... unless it broke a graph capture, whose end then fails
+        try:
+            raise oom
+        except torch.OutOfMemoryError:
+            raise torch.AcceleratorError("CUDA error: operation failed due to a previous error during capture")
+    except torch.AcceleratorError as capture_failed:
+        assert "during capture" in server.fatal_device_error(capture_failed)
+    wrapped = server.ApiError(500, "failed")
+    wrapped.__cause__ = fatal[1]
+    assert "illegal memory access" in server.fatal_device_error(wrapped)
+    for benign in (ValueError("bad"), RuntimeError("model not loaded"), server.ApiError(400, "bad input")):
+        assert server.fatal_device_error(benign) is None
+
+
+class FailingDeviceEngine(SlowToneEngine):
+    """A stand-in whose device breaks as a GPU's does: a text with "fault" in it raises a sticky CUDA
+    error, and from then on every unit of work raises too."""
+
+    broken = False
+
+    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+        for piece in super().synthesize(text, voice, params):
+            if self.broken or "fault" in text:
+                self.broken = True
+                raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+            yield piece
+
+
+def test_a_fatal_device_error_answers_the_work_in_flight_then_exits(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "DEVICE_FAULT_GRACE_S", 60.0)  # exit once every request is answered, no sooner
+    with fake_app(tmp_path, FailingDeviceEngine()) as client, ThreadPoolExecutor(1) as pool:
+        speaker = client.app.state.tts.speaker
+        exits: list[int] = []
+        speaker.health.shutdown = lambda: exits.append(speaker.active)
+        wait_until(lambda: client.get("/ready").status_code == 200)
+        in_flight = pool.submit(client.post, "/v1/audio/speech/stream",
+                                json={"input": "A long stream that is under way.", "response_format": "pcm"})
+        wait_until(lambda: client.get("/v1/status").json()["queue"]["streams"] == 1)
+        failed = client.post("/v1/audio/speech/stream/pcm", json={"input": "This one meets the fault."})
+        assert assert_openai_error(failed, 503)["code"] == "device_error" and failed.headers["retry-after"]
+        events = [json.loads(line[5:]) for line in in_flight.result().text.splitlines() if line.startswith("data:")]
+        assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "device_error"
+        wait_until(lambda: exits)
+        assert exits == [0]  # once, after the stream in flight had its answer
+        health = client.get("/health")
+        assert health.status_code == 500 and "illegal memory access" in health.json()["error"]
+        assert client.get("/ready").status_code == 503
+        refused = client.post("/v1/audio/speech", json={"input": "Anything."})
+        assert assert_openai_error(refused, 503)["code"] == "device_error"
+
+
+def test_a_fatal_device_error_exits_a_real_server_for_its_restart(tmp_path: Path) -> None:
+    """The real process: main() and uvicorn with a stand-in engine; it answers, then exits with its status."""
+    serve = ("import sys; sys.path.insert(0, sys.argv[1]); import server, server_test; "
+             "server.make_engine = lambda settings: server_test.FailingDeviceEngine(); server.main()")
+    srv = ServerProcess("piper", None, tmp_path / "voices", command=[sys.executable, "-c", serve, str(ROOT)])
+    try:
+        srv.wait_ready()
+        failed = httpx.post(f"{srv.url}/v1/audio/speech", json={"input": "A fault."}, timeout=60)
+        assert assert_openai_error(failed, 503)["code"] == "device_error"
+        assert srv.proc.wait(60) == server.EXIT_DEVICE_FAULT
+        assert "unrecoverable device error, restarting: AcceleratorError: CUDA error" in srv.logs()
+    finally:
+        srv.stop()
+
+
+def load_tool(name: str) -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """make gpu-check's script, on the CPU with tiny checkpoints, so that a GPU is not its first run."""
+    out = tmp_path / "report.md"
+    result = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--checkpoints",
+                             str(checkpoints["turbo"].parent), "--models", "turbo", "--options", "defaults",
+                             "--skip", "tests,bench", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("### `make gpu-check`") and any(line.startswith("- Commit: ") for line in lines)
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line.split("|")[4].strip()
+            for line in lines if line.startswith("| ") and not line.startswith(("| check |", "| --- |"))}
+    assert rows[("checkpoint", "turbo", "")] == "ok"
+    assert rows[("warm-up", "turbo", "defaults")] == "ok"
+    assert rows[("sync: decode steps", "turbo", "defaults")] == "ok"
+    assert rows[("sync: token loop", "turbo", "defaults")] == "info"
+    assert re.fullmatch(r"\d+ per step", rows[("kernels", "turbo", "defaults")])
+    assert float(rows[("speed: T3 steps/s", "turbo", "defaults")]) > 0
+
+
+@pytest.mark.cuda
+def test_cuda_int8_steps_replay_from_graphs_without_host_syncs(checkpoints: dict[str, Path]) -> None:
+    engine = server.ChatterboxEngine("turbo", str(checkpoints["turbo"]), "cuda")
+    engine.load()
+    decoder, step = engine.decoding
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    prompt = torch.randn(1, 24, decoder.dim, device="cuda", generator=generator)
+    embeds = [torch.randn(1, 1, decoder.dim, device="cuda", generator=generator) for _ in range(8)]
+
+    def hidden() -> torch.Tensor:
+        with torch.inference_mode(), decoder.borrow(decoder.capacity) as cache:  # the cache warm_up captured
+            out = [decoder.prefill(prompt, cache)]
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out += [step(embed, 24 + i, cache).clone() for i, embed in enumerate(embeds)]
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            return torch.stack(out).float()
+
+    step.warm_up()
+    reference = hidden()
+    decoder.trim(0)  # drop the graphs captured over the float weights
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    with torch.inference_mode():
+        server.quantize_bitsandbytes(decoder.layers)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() < before  # the float weights were freed
+    step.warm_up()  # captures the int8 layers
+    error = (hidden() - reference).norm() / reference.norm()
+    assert 0 < error < 0.05
+
+
+@pytest.mark.cuda
+def test_cuda_load_turns_on_tf32_and_uses_native_bfloat16(checkpoints: dict[str, Path]) -> None:
+    engine = server.ChatterboxEngine("turbo", str(checkpoints["turbo"]), "cuda")
+    engine.load()
+    assert torch.backends.cuda.matmul.allow_tf32
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    assert engine.options.dtype == (torch.bfloat16 if native else torch.float16)
+    assert (engine.option_warnings == []) == native
+
+
+@pytest.mark.cuda
+def test_cuda_device_side_assert_is_told_fatal() -> None:
+    """A real sticky error, in a process of its own (it poisons that process's CUDA context)."""
+    code = ("import torch, server\n"
+            "try:\n"
+            "    torch.zeros(4, device='cuda')[torch.tensor([10], device='cuda')]\n"
+            "    torch.cuda.synchronize()\n"
+            "except Exception as error:\n"
+            "    print(server.fatal_device_error(error))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "CUDA error: device-side assert triggered" in result.stdout, result.stderr[-2000:]
+
+
 def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, Path]) -> None:
     tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(9)).tolist()
     reference, _ = teacher_forced_logits(tiny_engine(checkpoints, "standard"), tokens)
     int8 = tiny_engine(checkpoints, "standard", quantize="int8")
     quantized = [m for m in int8.batch.decoder.modules() if isinstance(m, server.RowScaledInt8Linear)]
     assert len(quantized) == 4 * int8.parts.t3.cfg.num_hidden_layers  # q/k/v, out, gate/up, down
-    assert {m.weight_scheme() for m in quantized} == {torch.per_channel_affine}  # one scale per output row
+    assert {m.weight().qscheme() for m in quantized} == {torch.per_channel_affine}  # one scale per output row
     assert isinstance(int8.parts.t3.tfmr.layers[0].mlp.up_proj, torch.nn.Linear)  # the checkpoint's own stay
     assert int8.describe()["quantize"] == "int8"
     bf16 = tiny_engine(checkpoints, "standard", dtype="bfloat16")
@@ -2190,6 +2435,8 @@ def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[s
     for row in rows.values():
         assert float(row["tokens"]) == 12 and float(row["t3_tokens_per_s"]) > 0 and float(row["e2e_rtf"]) > 0
     assert re.fullmatch(r"speedup_e2e=\d+\.\d{3}", lines[-1])
+    row = load_tool("gpu_check").bench_row(result.stdout, "defaults", "cpu")  # make gpu-check's reading of it
+    assert row.result == lines[-1].replace("=", " ") and "T3 tokens/s" in row.details
 
 
 def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(checkpoints: dict[str, Path]) -> None:
