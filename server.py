@@ -3825,6 +3825,18 @@ def presented_key(scope: dict[str, Any]) -> str:
     return token
 
 
+async def refuse(scope: dict[str, Any], receive: Any, send: Any, denial: Response) -> None:
+    """Answer an HTTP request, or a WebSocket handshake, with an error response (ASGI middleware)."""
+    if scope["type"] == "http":
+        await denial(scope, receive, send)
+        return
+    websocket = WebSocket(scope, receive, send)
+    try:
+        await websocket.send_denial_response(denial)
+    except RuntimeError:  # the server lacks the denial-response extension: refuse the handshake
+        await websocket.close(code=1008)
+
+
 def key_matches(token: str, key: str) -> bool:
     # surrogatepass: a JSON token may hold a lone surrogate, which is simply not the key
     return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), key.encode())
@@ -3848,16 +3860,9 @@ class ApiKeyAuth:
         if unchecked or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        denial = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if scope["type"] == "http":
-            await denial(scope, receive, send)
-            return
-        websocket = WebSocket(scope, receive, send)
-        try:
-            await websocket.send_denial_response(denial)
-        except RuntimeError:  # the server lacks the denial-response extension: refuse the handshake
-            await websocket.close(code=1008)
+        await refuse(scope, receive, send, error_response(
+            401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"}))
 
     def _allowed(self, scope: dict[str, Any]) -> bool:
         return key_matches(presented_key(scope), self.key)
@@ -3900,16 +3905,9 @@ class OriginCheck:
         if not checked or self.allows(Headers(scope=scope)):
             await self.app(scope, receive, send)
             return
-        denial = error_response(403, "Cross-origin request refused: this server's own pages, and the origins in "
-                                "CORS_ORIGINS, may use it from a browser.", code="origin_not_allowed")
-        if scope["type"] == "http":
-            await denial(scope, receive, send)
-            return
-        websocket = WebSocket(scope, receive, send)
-        try:
-            await websocket.send_denial_response(denial)
-        except RuntimeError:  # the server lacks the denial-response extension: refuse the handshake
-            await websocket.close(code=1008)
+        await refuse(scope, receive, send, error_response(
+            403, "Cross-origin request refused: this server's own pages, and the origins in CORS_ORIGINS, may use "
+            "it from a browser.", code="origin_not_allowed"))
 
     def allows(self, headers: Headers) -> bool:
         origin, site = headers.get("origin"), headers.get("sec-fetch-site")
@@ -4032,10 +4030,14 @@ def main() -> None:
             for server in self.servers:
                 server.close()
             await speaker.drain(settings.shutdown_grace_s)
-            for connection in list(self.server_state.connections):
-                transport = getattr(connection, "transport", None)
-                if transport is not None and transport.get_write_buffer_size():
-                    transport.abort()
+            deadline = time.monotonic() + SHUTDOWN_FLUSH_SECONDS
+            while (unsent := [c.transport for c in self.server_state.connections
+                              if getattr(c, "transport", None) and c.transport.get_write_buffer_size()]):
+                if time.monotonic() > deadline:
+                    for transport in unsent:
+                        transport.abort()
+                    break
+                await asyncio.sleep(0.05)
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import io
 import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +33,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given
+from hypothesis import settings as fuzzing
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 import server
@@ -1041,6 +1046,133 @@ def test_streams_whose_client_reads_nothing_give_their_slot_back(tmp_path: Path)
     assert len(stalled("/v1/audio/speech/stream/pcm")) == 1 and len(stalled("/v1/audio/speech/ws")) == 1
 
 
+# --- Fuzzing the request models and WebSocket messages (hypothesis, seeded, bounded) ---
+
+FUZZ: dict[str, Any] = {"deadline": None, "derandomize": True, "database": None,
+                        "suppress_health_check": list(HealthCheck)}
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=60)  # lone surrogates and controls too
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-10**30, 10**30), st.floats(), ANY_TEXT,
+                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+SPEECH_TEXT = st.one_of(ANY_TEXT, st.sampled_from(["Hello there.", "One. Two! Three?", "Dr. Who paid $3.50 at 9 a.m.",
+                                                   "字。字！", "   ", "?!...", "x" * 300]), JUNK)
+SYNTHESIS_FIELDS = {
+    "voice": st.one_of(st.sampled_from(["default", "alloy", "nobody", "../x", ""]),
+                       st.fixed_dictionaries({"id": st.sampled_from(["alloy", "nobody"])}), JUNK),
+    "response_format": st.one_of(st.sampled_from([*server.AUDIO_FORMATS, "", "midi"]), JUNK),
+    "format": st.one_of(st.sampled_from(["pcm", "wav", "ulaw"]), JUNK),
+    "output_format": st.one_of(st.from_regex(r"(pcm|ulaw|alaw|mp3|opus|wav)_\d{1,6}(_\d{1,6})?", fullmatch=True),
+                               st.sampled_from(["pcm_16000", "ulaw_8000", "mp3_44100_128", "opus_48000_64"]), JUNK),
+    "sample_rate": st.one_of(st.sampled_from([*server.SAMPLE_RATES, 0, -1, 12345]), JUNK),
+    "speed": st.one_of(st.floats(0.1, 5.0), JUNK),
+    "exaggeration": st.one_of(st.floats(0.0, 3.0), JUNK),
+    "cfg_weight": st.one_of(st.floats(-1.0, 2.0), JUNK),
+    "temperature": st.one_of(st.floats(0.0, 6.0), JUNK),
+    "seed": st.one_of(st.integers(-5, 2**33), JUNK),
+    "language": st.one_of(st.sampled_from(["en", "EN", "", "fr"]), JUNK),
+}
+SPEECH_BODIES = st.fixed_dictionaries({}, optional={
+    "input": SPEECH_TEXT, "model": JUNK, "stream_format": st.one_of(st.sampled_from(["audio", "sse", "video"]), JUNK),
+    **SYNTHESIS_FIELDS})
+WS_IDS = st.one_of(st.sampled_from(["a", "b"]), JUNK)
+WS_MESSAGES = st.one_of(
+    st.fixed_dictionaries({"type": st.just("speak"), "id": WS_IDS}, optional={
+        "text": SPEECH_TEXT, "final": st.one_of(st.booleans(), JUNK),
+        "encoding": st.one_of(st.sampled_from(["binary", "base64"]), JUNK), **SYNTHESIS_FIELDS}),
+    st.fixed_dictionaries({"type": st.sampled_from(["append", "flush", "end", "cancel"]), "id": WS_IDS},
+                          optional={"text": SPEECH_TEXT}),
+    st.fixed_dictionaries({"type": JUNK}, optional={"id": WS_IDS}), JUNK)
+FRAMES = st.one_of(WS_MESSAGES.map(lambda message: json.dumps(message)), ANY_TEXT, st.binary(max_size=20))
+
+
+def assert_no_server_failure(error: dict[str, Any]) -> None:
+    assert isinstance(error["message"], str) and error["message"], error
+    assert error["code"] not in ("synthesis_failed", "internal_error"), error
+
+
+def test_fuzzed_speech_requests_get_audio_or_a_4xx_in_openai_shape(tmp_path: Path) -> None:
+    with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+        @fuzzing(max_examples=120, **FUZZ)
+        @given(body=SPEECH_BODIES, path=st.sampled_from(["/v1/audio/speech", "/v1/audio/speech/stream",
+                                                         "/v1/audio/speech/stream/pcm"]))
+        def check(body: dict[str, Any], path: str) -> None:
+            response = client.post(path, content=json.dumps(body), headers=JSON_BODY)
+            if response.status_code >= 400:
+                assert_no_server_failure(assert_openai_error(response, response.status_code))
+                assert response.status_code < 500 or response.status_code == 503, response.text
+            else:
+                assert response.status_code == 200 and response.content
+                for line in response.text.splitlines() if "event-stream" in response.headers["content-type"] else []:
+                    if line.startswith("data:") and (event := json.loads(line[5:]))["type"] == "error":
+                        assert_no_server_failure(event["error"])
+
+        check()
+
+
+def test_fuzzed_websocket_messages_get_answers_and_keep_the_connection(tmp_path: Path) -> None:
+    with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+        @fuzzing(max_examples=40, **FUZZ)
+        @given(frames=st.lists(FRAMES, max_size=6))
+        def check(frames: list[str | bytes]) -> None:
+            with client.websocket_connect("/v1/audio/speech/ws") as ws:
+                ids = {"a", "b"}
+                for frame in frames:
+                    if isinstance(frame, bytes):
+                        ws.send_bytes(frame)
+                        continue
+                    ws.send_text(frame)
+                    with contextlib.suppress(ValueError, AttributeError):
+                        if isinstance(message_id := json.loads(frame).get("id"), str):
+                            ids.add(message_id)
+                for message_id in sorted(ids):  # nothing may wait for more text forever
+                    ws.send_text(json.dumps({"type": "cancel", "id": message_id}))
+                ws.send_text(json.dumps({"type": "speak", "id": "the end", "text": "Done."}))
+                while True:
+                    received = ws.receive()
+                    assert received["type"] == "websocket.send", received  # never closed on us
+                    if received.get("text") is None:
+                        continue
+                    reply = json.loads(received["text"])
+                    assert reply["type"] in ("start", "audio", "done", "error"), reply
+                    if reply["type"] == "error":
+                        assert_no_server_failure(reply)
+                    if reply["type"] == "done" and reply["id"] == "the end":
+                        break
+
+        check()
+
+
+TWILIO_EVENTS = st.one_of(
+    st.fixed_dictionaries({"event": st.just("speak")}, optional={"text": SPEECH_TEXT, "id": WS_IDS,
+                                                                 **SYNTHESIS_FIELDS}),
+    st.fixed_dictionaries({"event": st.sampled_from(["clear", "media", "mark", "dtmf", "connected"])}),
+    st.fixed_dictionaries({"event": JUNK}), JUNK).map(lambda event: json.dumps(event))
+
+
+def test_fuzzed_twilio_events_get_answers_and_a_clean_close(tmp_path: Path) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+        @fuzzing(max_examples=30, **FUZZ)
+        @given(custom=st.fixed_dictionaries({}, optional={"text": SPEECH_TEXT, **SYNTHESIS_FIELDS}),
+               frames=st.lists(st.one_of(TWILIO_EVENTS, ANY_TEXT), max_size=5))
+        def check(custom: dict[str, Any], frames: list[str]) -> None:
+            with client.websocket_connect("/v1/telephony/twilio") as ws:
+                ws.send_text(json.dumps({"event": "start", "streamSid": TWILIO_SID,
+                                         "start": {"streamSid": TWILIO_SID, "customParameters": custom}}))
+                for frame in frames:
+                    ws.send_text(frame)
+                ws.send_text(json.dumps({"event": "stop"}))
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    while True:
+                        message = json.loads(ws.receive_text())
+                        assert message["event"] in ("media", "mark", "clear", "error"), message
+                        if message["event"] == "error":
+                            assert_no_server_failure(message["error"])
+                assert closed.value.code in (1000, 1008)
+
+        check()
+
+
 # --- Metrics, status, Server-Timing, request logs, result cache (fake engine) ----
 
 
@@ -1856,7 +1988,7 @@ def test_interleaved_generations_keep_their_own_kv_cache(checkpoints: dict[str, 
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(reference_clip(seed=11)))
     voices = [engine.prepare_voice(server.BUILTIN_VOICE, 0.5),
-              engine.prepare_voice(server.VoiceRef("clip", clip, "clip"), 0.5)]
+              engine.prepare_voice(server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS).resolve("clip"), 0.5)]
     params = server.SynthesisParams(language="en")
     prompts = [engine._text_tokens(text, "en") for text in ("Hello there, how are you?", "A different sentence.")]
     seen_by_head: list[list[torch.Tensor]] = [[], []]
@@ -3159,3 +3291,119 @@ def test_result_cache_end_to_end(piper_json: ServerProcess) -> None:
     assert again.content == streamed.content and server_timing(again)["cache"] == {"desc": "hit"}
     unseeded = speak(srv, input=body["input"], response_format="wav")
     assert unseeded.status_code == 200 and "cache" not in server_timing(unseeded)
+
+
+# ---------------------------------------------------------------------------
+# Hostile input, slow clients and shutdown on real servers and engines
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["piper", "turbo"])
+def test_text_real_engines_cannot_take_is_a_400(servers: dict[str, ServerProcess], engine: str) -> None:
+    srv = servers[engine]
+    for char in ("\\ud800", "\\u0000"):
+        raw = f'{{"input": "Hi {char} there.", "response_format": "pcm"}}'.encode()
+        response = httpx.post(f"{srv.url}/v1/audio/speech", content=raw, headers=JSON_BODY, timeout=120)
+        assert assert_openai_error(response, 400, "input")["code"] == "invalid_text"
+    with connect_ws(srv) as ws:
+        ws.send('{"type": "speak", "id": "a", "text": "Hi \\ud800 there."}')
+        assert json.loads(ws.recv(timeout=60))["code"] == "invalid_text"
+
+
+def connect_ws(srv: ServerProcess, path: str = "/v1/audio/speech/ws", **options: Any) -> Any:
+    from websockets.sync.client import connect
+
+    return connect(f"ws://127.0.0.1:{srv.port}{path}", max_size=None, **options)
+
+
+def test_websocket_origin_is_checked_on_a_real_server(servers: dict[str, ServerProcess]) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    srv = servers["piper"]
+    with pytest.raises(InvalidStatus) as refused:
+        connect_ws(srv, origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+    for options in ({}, {"origin": f"http://127.0.0.1:{srv.port}"}):
+        with connect_ws(srv, **options) as ws:
+            ws.send(json.dumps({"type": "speak", "id": "a", "text": "Hi."}))
+            assert json.loads(ws.recv(timeout=60))["type"] == "start"
+
+
+def test_piper_runs_are_capped_and_memory_comes_back() -> None:
+    engine = server.PiperEngine()
+    engine.load()
+    assert not engine.default.session.get_session_options().enable_cpu_mem_arena
+    lengths: list[int] = []
+    run = engine.default.session.run
+
+    def recorded(outputs: Any, feeds: dict[str, Any], *args: Any) -> Any:
+        lengths.append(feeds["input"].shape[1])
+        return run(outputs, feeds, *args)
+
+    engine.default.session.run = recorded
+    text = "".join(chr(0x4E00 + 7919 * n % 20000) for n in range(20))  # espeak spells out each: 300 phonemes
+    audio = np.concatenate(list(engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True))))
+    assert len(lengths) >= 2 and max(lengths) <= 2 * server.PIPER_MAX_PHONEMES + 1, lengths  # a pad after each
+    assert len(audio) / engine.sample_rate > 10
+
+
+def test_phoneme_runs_cut_after_words() -> None:
+    phonemes = list("ab cd efg hi") * 30
+    runs = server.phoneme_runs(phonemes, 50)
+    assert [p for run in runs for p in run] == phonemes and all(len(run) <= 50 for run in runs)
+    assert all(run[-1] == " " for run in runs[:-1])
+    assert server.phoneme_runs(list("x" * 120), 50) == [list("x" * 50), list("x" * 50), list("x" * 20)]
+
+
+def test_a_voice_replaced_or_deleted_after_resolving_still_speaks_the_clip_resolved(
+        turbo_engine: server.ChatterboxEngine, tmp_path: Path) -> None:
+    library = server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS)
+    library.save("v", wav_bytes(reference_clip(seed=1)), ".wav")
+    first = library.resolve("v")
+    library.save("v", wav_bytes(reference_clip(seed=2)), ".wav")  # replaced after the request resolved it
+    second = library.resolve("v")
+    assert first.digest != second.digest
+    library.delete("v")
+    library.save("w", wav_bytes(reference_clip(seed=1)), ".wav")
+    with torch.inference_mode():
+        kept, same, other = (turbo_engine.prepare_voice(voice, 0.5) for voice in (first, library.resolve("w"), second))
+    assert torch.equal(kept.t3.speaker_emb, same.t3.speaker_emb)
+    assert not torch.equal(kept.t3.speaker_emb, other.t3.speaker_emb)
+
+
+def test_upload_of_a_decompression_bomb_is_refused(servers: dict[str, ServerProcess], tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.flac"
+    bomb.write_bytes(long_silence_flac(3600))  # an hour of silence in a few hundred KB
+    error = assert_openai_error(upload_voice(servers["turbo"], "bomb", bomb), 400, "file")
+    assert error["code"] == "invalid_duration"
+
+
+def test_sigterm_ends_streams_cleanly_and_exits_despite_a_client_that_reads_nothing(tmp_path: Path) -> None:
+    srv = ServerProcess("piper", None, tmp_path / "voices", SHUTDOWN_GRACE_S="1", STREAM_SEND_TIMEOUT="120",
+                        MAX_INPUT_CHARS="8000")
+    try:
+        srv.wait_ready()
+        text = "A long answer that is still being spoken when the server is told to stop. " * 100
+        reading: list[Any] = []
+
+        def read_it_all() -> None:
+            with httpx.stream("POST", f"{srv.url}/v1/audio/speech/stream/pcm", json={"input": text},
+                              timeout=120) as response:
+                reading.append(response.status_code)
+                reading.append(sum(len(piece) for piece in response.iter_raw()))  # raises if cut short
+
+        with ThreadPoolExecutor(1) as pool, unread_stream(srv.port, "/v1/audio/speech/stream/pcm", {"input": text}):
+            reader = pool.submit(read_it_all)
+            wait_until(lambda: status_of(srv)["queue"]["active"] == 2 and reading)
+            srv.proc.terminate()
+            # uvicorn ends by raising the signal it caught again. Before, the unread stream kept it alive for ever.
+            assert srv.proc.wait(60) == -signal.SIGTERM
+            reader.result()
+        assert reading[0] == 200 and 0 < reading[1] < len(text) * 22050 * 2 / 10
+        logs = srv.logs()
+        assert "Traceback" not in logs and "| ERROR" not in logs, logs
+        lines = [line for line in logs.splitlines() if " route=/v1/audio/speech/stream/pcm " in line]
+        assert len(lines) == 2 and all(" outcome=shutting_down " in line or " outcome=stalled " in line
+                                       for line in lines), lines
+    finally:
+        srv.stop()
