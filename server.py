@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import hashlib
 import hmac
@@ -34,7 +35,6 @@ import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-import contextlib
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -2033,6 +2033,7 @@ class VoiceLibrary:
             try:
                 with os.fdopen(handle, "wb") as file:
                     file.write(data)
+                os.chmod(temp, 0o644)  # mkstemp's file is private; voices are shared with other replicas
                 os.replace(temp, target)
             except BaseException:
                 Path(temp).unlink(missing_ok=True)

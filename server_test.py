@@ -1060,8 +1060,10 @@ SYNTHESIS_FIELDS = {
                        st.fixed_dictionaries({"id": st.sampled_from(["alloy", "nobody"])}), JUNK),
     "response_format": st.one_of(st.sampled_from([*server.AUDIO_FORMATS, "", "midi"]), JUNK),
     "format": st.one_of(st.sampled_from(["pcm", "wav", "ulaw"]), JUNK),
-    "output_format": st.one_of(st.from_regex(r"(pcm|ulaw|alaw|mp3|opus|wav)_\d{1,6}(_\d{1,6})?", fullmatch=True),
-                               st.sampled_from(["pcm_16000", "ulaw_8000", "mp3_44100_128", "opus_48000_64"]), JUNK),
+    "output_format": st.one_of(st.tuples(st.sampled_from(["pcm", "ulaw", "alaw", "mp3", "opus", "wav"]),
+                                         st.sampled_from(["0", "8000", "16000", "24000", "44100", "48000", "9" * 5000]),
+                                         st.sampled_from(["", "_0", "_64", "_320", "_100000", "_" + "9" * 5000])
+                                         ).map("{0[0]}_{0[1]}{0[2]}".format), st.text(max_size=12), JUNK),
     "sample_rate": st.one_of(st.sampled_from([*server.SAMPLE_RATES, 0, -1, 12345]), JUNK),
     "speed": st.one_of(st.floats(0.1, 5.0), JUNK),
     "exaggeration": st.one_of(st.floats(0.0, 3.0), JUNK),
@@ -1073,6 +1075,14 @@ SYNTHESIS_FIELDS = {
 SPEECH_BODIES = st.fixed_dictionaries({}, optional={
     "input": SPEECH_TEXT, "model": JUNK, "stream_format": st.one_of(st.sampled_from(["audio", "sse", "video"]), JUNK),
     **SYNTHESIS_FIELDS})
+# What json.dumps cannot write but a client can send: deep nesting, integers past Python's digit limit.
+HOSTILE_JSON = st.sampled_from(["", '"extra": ' + "[" * 50_000 + "]" * 50_000, '"seed": ' + "9" * 5000,
+                                '"sample_rate": ' + "9" * 5000, '"speed": 1e999'])
+
+
+def with_hostile_json(body: dict[str, Any], fragment: str) -> str:
+    raw = json.dumps(body)
+    return raw if not fragment else raw[:-1] + (", " if body else "") + fragment + "}"
 WS_IDS = st.one_of(st.sampled_from(["a", "b"]), JUNK)
 WS_MESSAGES = st.one_of(
     st.fixed_dictionaries({"type": st.just("speak"), "id": WS_IDS}, optional={
@@ -1081,7 +1091,8 @@ WS_MESSAGES = st.one_of(
     st.fixed_dictionaries({"type": st.sampled_from(["append", "flush", "end", "cancel"]), "id": WS_IDS},
                           optional={"text": SPEECH_TEXT}),
     st.fixed_dictionaries({"type": JUNK}, optional={"id": WS_IDS}), JUNK)
-FRAMES = st.one_of(WS_MESSAGES.map(lambda message: json.dumps(message)), ANY_TEXT, st.binary(max_size=20))
+FRAMES = st.one_of(st.builds(with_hostile_json, WS_MESSAGES.filter(lambda m: isinstance(m, dict)), HOSTILE_JSON),
+                   WS_MESSAGES.map(json.dumps), ANY_TEXT, st.binary(max_size=20))
 
 
 def assert_no_server_failure(error: dict[str, Any]) -> None:
@@ -1092,10 +1103,10 @@ def assert_no_server_failure(error: dict[str, Any]) -> None:
 def test_fuzzed_speech_requests_get_audio_or_a_4xx_in_openai_shape(tmp_path: Path) -> None:
     with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
         @fuzzing(max_examples=120, **FUZZ)
-        @given(body=SPEECH_BODIES, path=st.sampled_from(["/v1/audio/speech", "/v1/audio/speech/stream",
-                                                         "/v1/audio/speech/stream/pcm"]))
-        def check(body: dict[str, Any], path: str) -> None:
-            response = client.post(path, content=json.dumps(body), headers=JSON_BODY)
+        @given(body=SPEECH_BODIES, fragment=HOSTILE_JSON, path=st.sampled_from([
+            "/v1/audio/speech", "/v1/audio/speech/stream", "/v1/audio/speech/stream/pcm"]))
+        def check(body: dict[str, Any], fragment: str, path: str) -> None:
+            response = client.post(path, content=with_hostile_json(body, fragment), headers=JSON_BODY)
             if response.status_code >= 400:
                 assert_no_server_failure(assert_openai_error(response, response.status_code))
                 assert response.status_code < 500 or response.status_code == 503, response.text
@@ -1120,7 +1131,7 @@ def test_fuzzed_websocket_messages_get_answers_and_keep_the_connection(tmp_path:
                         ws.send_bytes(frame)
                         continue
                     ws.send_text(frame)
-                    with contextlib.suppress(ValueError, AttributeError):
+                    with contextlib.suppress(ValueError, AttributeError, RecursionError):
                         if isinstance(message_id := json.loads(frame).get("id"), str):
                             ids.add(message_id)
                 for message_id in sorted(ids):  # nothing may wait for more text forever
@@ -1145,7 +1156,7 @@ TWILIO_EVENTS = st.one_of(
     st.fixed_dictionaries({"event": st.just("speak")}, optional={"text": SPEECH_TEXT, "id": WS_IDS,
                                                                  **SYNTHESIS_FIELDS}),
     st.fixed_dictionaries({"event": st.sampled_from(["clear", "media", "mark", "dtmf", "connected"])}),
-    st.fixed_dictionaries({"event": JUNK}), JUNK).map(lambda event: json.dumps(event))
+    st.fixed_dictionaries({"event": JUNK}), JUNK).map(json.dumps)
 
 
 def test_fuzzed_twilio_events_get_answers_and_a_clean_close(tmp_path: Path) -> None:

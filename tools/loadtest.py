@@ -147,7 +147,7 @@ class Soak:
             if kind == "bad":
                 await ws.send(self.rng.choice(['{"type": "dance"}', "{oops", '{"type": "append", "id": "x", "text": "x"}',
                                                '{"type": "speak", "id": "u", "text": "Hi \\ud800."}']))
-                reply = json.loads(await asyncio.wait_for(ws.recv(), 120))
+                reply = json.loads(await asyncio.wait_for(ws.recv(), 600))
                 self.count("ws-bad", f"{reply['type']}:{reply.get('code')}")
                 return
             if kind == "incremental":
@@ -232,7 +232,8 @@ async def soak(url: str, concurrency: int, seconds: float, seed: int, pid: int |
                 samples.append((round(time.monotonic() - started, 1), state.requests, rss))
             await asyncio.sleep(every)
 
-    async with httpx.AsyncClient(timeout=httpx.Timeout(120.0)) as client:
+    # Longer than any REQUEST_TIMEOUT of a sane server: the server ends a request (504) before this client gives up.
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
         async def worker() -> None:
             while time.monotonic() < deadline:
                 try:
