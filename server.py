@@ -2475,6 +2475,7 @@ class Speaker:
         self.last_used = time.monotonic()
         self._loading: asyncio.Future[Any] | None = None
         self.stop_at: float | None = None  # shutting down: what is still in progress ends then (time.monotonic)
+        self._sends: set[asyncio.Timeout] = set()  # sends to clients in progress, each bounded
 
     @property
     def ready(self) -> bool:
@@ -2576,20 +2577,21 @@ class Speaker:
             raise ApiError(504, f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
                            type="server_error", code="timeout") from None
 
-    def send_window(self) -> float:
-        """Seconds one send to a client may wait: STREAM_SEND_TIMEOUT, less once shutdown ends streams."""
-        window = self.settings.stream_send_timeout
-        if self.stop_at is not None:
-            window = min(window, max(0.0, self.stop_at + SHUTDOWN_FLUSH_SECONDS - time.monotonic()))
-        return window
-
     async def bounded_send(self, sending: Awaitable[None]) -> None:
-        """Await one send to a client, for at most send_window(). The server's send waits while the
-        connection's buffer is full (back-pressure), so a client that reads nothing suspends its stream
-        here; ClientStalled then ends it, freeing its slot and model work."""
+        """Await one send to a client, for at most STREAM_SEND_TIMEOUT (at shutdown, until
+        SHUTDOWN_FLUSH_SECONDS after the stop). The server's send waits while the connection's buffer
+        is full (back-pressure), so a client that reads nothing suspends its stream here; ClientStalled
+        then ends it, freeing its slot and model work."""
+        seconds = self.settings.stream_send_timeout
+        if self.stop_at is not None:
+            seconds = min(seconds, self.stop_at + SHUTDOWN_FLUSH_SECONDS - time.monotonic())
         try:
-            async with asyncio.timeout(self.send_window()):
-                await sending
+            async with asyncio.timeout(max(0.0, seconds)) as bound:
+                self._sends.add(bound)
+                try:
+                    await sending
+                finally:
+                    self._sends.discard(bound)
         except TimeoutError:
             raise ClientStalled() from None
 
@@ -2597,6 +2599,10 @@ class Speaker:
         """Shutdown: new utterances get 503; those in progress have `grace` seconds to finish, then end
         (503 shutting_down, sent cleanly: a stream's end, an error event) within SHUTDOWN_FLUSH_SECONDS."""
         self.stop_at = time.monotonic() + grace
+        flushed = asyncio.get_running_loop().time() + grace + SHUTDOWN_FLUSH_SECONDS
+        for bound in self._sends:  # sends begun before the shutdown (a client reading nothing) end then too
+            if (when := bound.when()) is None or when > flushed:
+                bound.reschedule(flushed)
         logger.info("shutting down: {} utterance(s) in progress get {:g} s", self.active, grace)
         while self.active and time.monotonic() < self.stop_at + SHUTDOWN_FLUSH_SECONDS:
             await asyncio.sleep(0.05)
