@@ -1156,7 +1156,8 @@ TWILIO_EVENTS = st.one_of(
     st.fixed_dictionaries({"event": st.just("speak")}, optional={"text": SPEECH_TEXT, "id": WS_IDS,
                                                                  **SYNTHESIS_FIELDS}),
     st.fixed_dictionaries({"event": st.sampled_from(["clear", "media", "mark", "dtmf", "connected"])}),
-    st.fixed_dictionaries({"event": JUNK}), JUNK).map(json.dumps)
+    st.fixed_dictionaries({"event": JUNK}))
+TWILIO_FRAMES = st.one_of(st.builds(with_hostile_json, TWILIO_EVENTS, HOSTILE_JSON), JUNK.map(json.dumps), ANY_TEXT)
 
 
 def test_fuzzed_twilio_events_get_answers_and_a_clean_close(tmp_path: Path) -> None:
@@ -1165,7 +1166,7 @@ def test_fuzzed_twilio_events_get_answers_and_a_clean_close(tmp_path: Path) -> N
     with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
         @fuzzing(max_examples=30, **FUZZ)
         @given(custom=st.fixed_dictionaries({}, optional={"text": SPEECH_TEXT, **SYNTHESIS_FIELDS}),
-               frames=st.lists(st.one_of(TWILIO_EVENTS, ANY_TEXT), max_size=5))
+               frames=st.lists(TWILIO_FRAMES, max_size=5))
         def check(custom: dict[str, Any], frames: list[str]) -> None:
             with client.websocket_connect("/v1/telephony/twilio") as ws:
                 ws.send_text(json.dumps({"event": "start", "streamSid": TWILIO_SID,
