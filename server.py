@@ -1163,10 +1163,27 @@ class ChatterboxEngine(Engine):
         t3 = self._parts().t3
         probes = tuple(LLAMA_ALIGNED_HEADS) if self.kind == "multilingual" else ()
         cfg = self.kind != "turbo"
-        decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, self.options, self.capacity(), probes=probes)
+        capacity = self.capacity()
+        if self.device == "cuda" and not self.requested.max_batch:
+            self.options = replace(self.options, max_batch=self._slots_that_fit(t3, 2 if cfg else 1, capacity))
+        decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, self.options, capacity, probes=probes)
         if self.options.quantize == "int8":
             quantize_linears(decoder.layers, self.device)
         return T3Batch(t3, decoder, cfg=cfg, turbo_order=not cfg, monitored=bool(probes))
+
+    def _slots_that_fit(self, t3: Any, rows_per_slot: int, capacity: int) -> int:
+        """MAX_BATCH=0 on CUDA: the device's default, fewer if their KV cache would take more than
+        KV_CACHE_MEMORY_SHARE of the GPU's free memory (one standard slot's cache is about 0.4 GB)."""
+        config = t3.tfmr.config
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        per_slot = (2 * rows_per_slot * config.num_hidden_layers * heads * capacity
+                    * (config.hidden_size // config.num_attention_heads) * self.options.dtype.itemsize)
+        free, _ = torch.cuda.mem_get_info()
+        fit = max(1, int(KV_CACHE_MEMORY_SHARE * free // per_slot))
+        if fit < self.options.max_batch:
+            logger.warning("MAX_BATCH: {} slots' KV cache would not fit in {:.1f} GB free; using {}",
+                           self.options.max_batch, free / 2**30, fit)
+        return min(self.options.max_batch, fit)
 
     def capacity(self) -> int:
         """Cache positions for the longest generation the text limits allow: the voice conditioning,
@@ -1669,6 +1686,7 @@ DEFAULT_MAX_BATCH = {"cpu": 8, "cuda": 32}
 # Prompt positions prefilled per scheduler turn while other generations are decoding: about one step's
 # time, so a newcomer's prefill never stalls running streams for long.
 PREFILL_CHUNK = {"cpu": 32, "cuda": 512}
+KV_CACHE_MEMORY_SHARE = 0.4  # of the GPU's free memory at load, at most, for the default slots' KV cache
 
 
 def int8_cuda_problem() -> str | None:
