@@ -45,7 +45,7 @@ from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.exceptions import HTTPException
@@ -118,6 +118,10 @@ class Settings:
     log_json: bool = _env("LOG_JSON", "Write each log line as one JSON object.", default=False)
     result_cache_mb: float = _env("RESULT_CACHE_MB", "Memory for complete results of seeded requests (LRU; 0 = off).",
                                   default=64.0)
+    wyoming_port: int = _env("WYOMING_PORT", "TCP port of the Wyoming server for Home Assistant (0 = off; its "
+                             "convention is 10200).", default=0)
+    audiosocket_port: int = _env("AUDIOSOCKET_PORT", "TCP port of the Asterisk AudioSocket server (0 = off).",
+                                 default=0)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -149,6 +153,9 @@ class Settings:
                 raise SystemExit(f"{name}={value!r}: choose one of {', '.join(allowed)}")
         if settings.result_cache_mb < 0:
             raise SystemExit("RESULT_CACHE_MB must not be negative")
+        for name, port in (("WYOMING_PORT", settings.wyoming_port), ("AUDIOSOCKET_PORT", settings.audiosocket_port)):
+            if not 0 <= port <= 65535:
+                raise SystemExit(f"{name}={port}: choose a TCP port (0 = off)")
         if settings.stream_context_tokens < max(50, 2 * settings.stream_chunk_tokens):
             raise SystemExit("STREAM_CONTEXT_TOKENS must be at least 50 and at least twice STREAM_CHUNK_TOKENS")
         return settings
@@ -686,8 +693,8 @@ class Encoder:
 
     FRAME_SECONDS = 0.1  # bytes leave for every 100 ms of audio
 
-    def __init__(self, fmt: AudioFormat, rate: int, streaming: bool, bitrate: int | None = None):
-        self.fmt, self.rate, self.streaming = fmt, rate, streaming
+    def __init__(self, fmt: AudioFormat, rate: int, bitrate: int | None = None):
+        self.fmt, self.rate = fmt, rate
         self.samples = 0
         self._header_sent = False
         self._av: Any = None
@@ -709,7 +716,7 @@ class Encoder:
             if self.fmt.name == "alaw":
                 return pcm16_to_alaw(pcm)
             data = pcm.tobytes()
-            if self.fmt.name == "wav" and self.streaming and not self._header_sent:
+            if self.fmt.name == "wav" and not self._header_sent:  # every WAV is sent as it is made
                 self._header_sent = True
                 data = wav_header(self.rate, None) + data
             return data
@@ -728,7 +735,7 @@ class Encoder:
 
     def finish(self) -> bytes:
         if self._av is None:
-            if self.fmt.name == "wav" and self.streaming and not self._header_sent:
+            if self.fmt.name == "wav" and not self._header_sent:
                 self._header_sent = True
                 return wav_header(self.rate, None)
             return b""
@@ -1879,6 +1886,8 @@ class VoiceLibrary:
         return [p for ext in extensions or self.extensions if (p := self.directory / f"{name}{ext}").is_file()]
 
     def resolve(self, name: str) -> VoiceRef | None:
+        if name.lower() in OPENAI_VOICES and not self._files(name):
+            name = name.lower()  # OpenAI's names match in any case, as on its API
         files = self._files(name)
         if files:
             return VoiceRef(name, files[0], hashlib.sha256(files[0].read_bytes()).hexdigest())
@@ -2522,8 +2531,7 @@ class Speaker:
                 kept: list[bytes] | None = [] if key is not None else None
                 kept_bytes = 0
                 async with self.admitted(job, streaming):
-                    async for data in self._render(job, iterate(texts) if isinstance(texts, list) else texts,
-                                                   streaming):
+                    async for data in self._render(job, iterate(texts) if isinstance(texts, list) else texts):
                         if kept is not None:
                             kept.append(data)
                             kept_bytes += len(data)
@@ -2552,8 +2560,7 @@ class Speaker:
         out, settings = job.output, self.settings
         identity = {
             "engine": self.engine.describe(), "texts": texts, "voice": job.voice.digest,
-            # params.streamed parts streams from whole files: streams are decoded in windows, and a
-            # streamed WAV starts with an open-ended header.
+            # params.streamed parts streams from whole files: streams are decoded in windows.
             "params": asdict(job.params), "seed": job.seed, "speed": job.speed,
             "format": out.fmt.name, "rate": out.rate, "bitrate": out.bitrate,
             "trim_silence": settings.audio_trim_silence, "normalize": settings.audio_normalize,
@@ -2569,13 +2576,13 @@ class Speaker:
         for start in range(0, len(cached.data), REPLAY_PIECE_BYTES):
             yield cached.data[start : start + REPLAY_PIECE_BYTES]
 
-    async def _render(self, job: SpeechJob, texts: AsyncIterator[str], streaming: bool) -> AsyncIterator[bytes]:
+    async def _render(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[bytes]:
         rate, timeline = self.engine.sample_rate, job.timeline
         stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
         edges = UtteranceEdges(rate, self.settings.audio_trim_silence)
         leveler = LoudnessLeveler() if self.settings.audio_normalize else None
         resampler = StreamResampler(rate, job.output.rate)
-        encoder = Encoder(job.output.fmt, job.output.rate, streaming, job.output.bitrate)
+        encoder = Encoder(job.output.fmt, job.output.rate, job.output.bitrate)
 
         def emit(data: bytes, started: float) -> bytes:
             timeline.encode_seconds += time.perf_counter() - started
@@ -2633,11 +2640,20 @@ class VoiceObject(BaseModel):
     id: str
 
 
-class SynthesisFields(BaseModel):
-    """What to say it with: shared by HTTP requests and WebSocket `speak` messages.
-    Unknown fields are ignored, as OpenAI clients send extras."""
+class NullIsDefault(BaseModel):
+    """A request shape whose fields take their default when sent as null (SDKs send null for an
+    option left unset, and OpenAI's API reads it so). Unknown fields are ignored: clients send extras."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+
+class SynthesisFields(NullIsDefault):
+    """What to say it with: shared by HTTP requests and WebSocket `speak` messages."""
 
     voice: str | VoiceObject = "default"
     response_format: str | None = Field(None, validation_alias=AliasChoices("response_format", "format"))
@@ -2680,7 +2696,7 @@ def output_spec(fields: SynthesisFields, default_format: str) -> OutputSpec:
                        param="response_format", code="unsupported_format")
     rate = rate or fmt.default_rate
     if rate not in SAMPLE_RATES:
-        raise ApiError(422, f"Unsupported sample_rate {rate}; choose one of {', '.join(map(str, SAMPLE_RATES))}.",
+        raise ApiError(400, f"Unsupported sample_rate {rate}; choose one of {', '.join(map(str, SAMPLE_RATES))}.",
                        param="sample_rate", code="invalid_value")
     if rate not in fmt.rates:
         raise ApiError(400, f"{name} cannot be encoded at {rate} Hz; it supports "
@@ -2715,20 +2731,19 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def parse_model(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    """Validate; a missing or wrongly shaped field is a 400, a value out of range a 422."""
+    """Validate; a missing, wrongly shaped or out-of-range field is a 400, as OpenAI answers it."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or None
-        status = 400 if err["type"] in ("missing", "string_type", "model_type", "literal_error") else 422
-        raise ApiError(status, f"Invalid value for '{param}': {err['msg']}", param=param,
+        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
                        code="missing_field" if err["type"] == "missing" else "invalid_value") from None
 
 
 def check_text(text: str, settings: Settings, param: str = "input") -> str:
     if len(text) > settings.max_input_chars:
-        raise ApiError(413, f"'{param}' is {len(text)} characters; the limit is {settings.max_input_chars}.",
+        raise ApiError(400, f"'{param}' is {len(text)} characters; the limit is {settings.max_input_chars}.",
                        param=param, code="input_too_long")
     if not split_sentences(text):
         raise ApiError(400, f"'{param}' is empty: give some text to speak.", param=param, code="empty_input")
@@ -2751,7 +2766,7 @@ def speech_job(fields: SynthesisFields, app_state: AppState, priority: int, defa
         raise ApiError(400, f"Voice {fields.voice_name!r} is a reference clip; the {engine.name} engine cannot clone "
                        "voices.", param="voice", code="cloning_not_supported")
     if voice is None:
-        raise ApiError(404, f"Voice {fields.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
+        raise ApiError(400, f"Voice {fields.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
                        param="voice", code="voice_not_found")
     params = SynthesisParams(exaggeration=fields.exaggeration, cfg_weight=fields.cfg_weight,
                              temperature=fields.temperature, language=language, seeded=fields.seed is not None)
@@ -2765,6 +2780,7 @@ class AppState:
     engine: Engine
     speaker: Speaker
     started: float = field(default_factory=time.time)
+    calls: Any = None  # adapters.CallScripts: what telephony calls are to say, by call id
 
 
 def state(request: Request | WebSocket) -> AppState:
@@ -2822,30 +2838,37 @@ def request_record(request: Request) -> RequestRecord:
 MAX_JSON_BYTES = 1024 * 1024
 
 
-async def speech_request(request: Request, default_format: str,
-                         **overrides: Any) -> tuple[AppState, SpeechRequest, SpeechJob, list[str]]:
-    """Parse and validate an HTTP speech request: its job and its text, cut into model calls."""
+def request_job(request: Request, fields: SynthesisFields, text: str, default_format: str, streaming: bool,
+                param: str = "input") -> tuple[SpeechJob, list[str]]:
+    """Validate an HTTP speech request: its job (the request's record tells of it) and its text,
+    cut into model calls. Streams are real-time work; whole-chunk requests queue as files."""
     app_state = state(request)
-    data = await read_json(request, MAX_JSON_BYTES)
-    req: SpeechRequest = parse_model(SpeechRequest, {**data, **overrides})
     text_started = time.perf_counter()
-    text = check_text(req.input, app_state.settings)
+    text = check_text(text, app_state.settings, param)
     chunks = text_chunks(text, app_state.settings.chunk_max_chars)
     text_seconds = time.perf_counter() - text_started
-    if req.stream_format is not None:
+    if streaming:
         priority = Priority.REALTIME
     elif len(chunks) > LONG_TEXT_CHUNKS:
         priority = Priority.BACKGROUND
     else:
         priority = Priority.FILE
-    job = speech_job(req, app_state, priority, default_format)
+    job = speech_job(fields, app_state, priority, default_format)
     record = request_record(request)
     job.id = record.id  # the request's id names its utterance too
     job.timeline.text_seconds = text_seconds
     record.job = job
     if app_state.settings.log_text:
         job.text_log = text
-    return app_state, req, job, chunks
+    return job, chunks
+
+
+async def speech_stream(request: Request, job: SpeechJob, chunks: list[str], streaming: bool) -> AsyncIterator[bytes]:
+    """The request's audio, once its first bytes are ready (so that early failures still get a status);
+    its utterance ends when the response does, or when the client leaves first."""
+    audio = await until_disconnected(request, primed(state(request).speaker.render(job, chunks, streaming)))
+    request_record(request).stream = audio
+    return audio
 
 
 async def primed(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -2887,29 +2910,45 @@ def error_body(exc: Exception) -> dict[str, Any]:
             "code": "synthesis_failed"}
 
 
-async def respond(request: Request, default_format: str, **overrides: Any) -> Response:
-    """Every HTTP speech endpoint: a whole file, a chunked audio stream, or SSE."""
-    app_state, req, job, chunks = await speech_request(request, default_format, **overrides)
-    render = app_state.speaker.render
+class AudioResponse(StreamingResponse):
+    """Streamed audio whose synthesis may fail after the first bytes left: the response is then cut
+    off without its final chunk (clients see an incomplete body, not a complete-looking file), and
+    the failure is one log line (the request's), not an ASGI traceback."""
+
+    async def stream_response(self, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        try:
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        except Exception as exc:
+            if not isinstance(exc, ApiError):
+                error_body(exc)  # logs what went wrong
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def audio_headers(job: SpeechJob) -> dict[str, str]:
     headers = {"X-Request-Id": job.id}
     if job.output.fmt.name == "pcm":
         headers.update({"X-Sample-Rate": str(job.output.rate), "X-Bit-Depth": "16", "X-Channels": "1",
                         "X-Encoding": "s16le"})
-    if req.stream_format is None:
-        body = await until_disconnected(request, collect(render(job, chunks, streaming=False)))
-        if job.output.fmt.name == "wav":
-            body = wav_header(job.output.rate, len(body) // 2) + body
-        return Response(body, media_type=job.output.fmt.media_type, headers=headers)
-    audio = await primed(render(job, chunks, streaming=True))
-    request_record(request).stream = audio
+    return headers
+
+
+async def respond(request: Request, default_format: str, **overrides: Any) -> Response:
+    """Every HTTP speech endpoint: a chunked audio stream, or SSE.
+
+    Without `stream_format` (OpenAI's default) each text chunk is decoded whole, as for a file,
+    and its bytes leave as soon as they are encoded; `stream_format` streams in token windows."""
+    req: SpeechRequest = parse_model(SpeechRequest, {**await read_json(request, MAX_JSON_BYTES), **overrides})
+    streaming = req.stream_format is not None
+    job, chunks = request_job(request, req, req.input, default_format, streaming)
+    audio = await speech_stream(request, job, chunks, streaming)
+    headers = audio_headers(job)
     if req.stream_format == "sse":
         return StreamingResponse(sse_stream(job, audio), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
-    return StreamingResponse(audio, media_type=job.output.fmt.media_type, headers=headers)
-
-
-async def collect(stream: AsyncIterator[bytes]) -> bytes:
-    return b"".join([data async for data in stream])
+    return AudioResponse(audio, media_type=job.output.fmt.media_type, headers=headers)
 
 
 class ClientGone(Exception):
@@ -2984,6 +3023,7 @@ class Utterance:
     feed: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     buffer: str = ""
     chunks: list[str] | None = None  # the whole text, when it came in one final `speak`
+    queued: int = 0  # text chunks fed to the pipeline so far
     ended: bool = False
     cancelled: bool = False
     task: asyncio.Task[None] | None = None
@@ -2997,6 +3037,7 @@ class Utterance:
 
 
 WS_MAX_MESSAGE_BYTES = 256 * 1024
+CLIENT_GONE = (WebSocketDisconnect, WebSocketDisconnected, ConnectionError)  # ConnectionError: a TCP peer left
 
 
 def ws_message(text: str | None) -> dict[str, Any]:
@@ -3008,34 +3049,50 @@ def ws_message(text: str | None) -> dict[str, Any]:
     return parse_json(text)
 
 
-class SpeechSession:
-    """One WebSocket connection: utterances are spoken one after another, in the order started.
-    Subclasses speak other protocols over the same machinery (see TwilioSession)."""
+def route_template(scope: dict[str, Any]) -> str:
+    """The path template of the route a request or WebSocket matched (its raw path when none did)."""
+    routes = getattr(scope.get("app"), "routes", [])
+    return next((r.path for r in routes if isinstance(r, (Route, WebSocketRoute)) and r.matches(scope)[0] == Match.FULL),
+                scope["path"])
 
-    def __init__(self, websocket: WebSocket, app_state: AppState):
+
+class SpeechSession:
+    """One connection: utterances are spoken one after another, in the order started.
+    Subclasses speak other protocols over the same machinery (TwilioSession; adapters.py's
+    vendor WebSockets and TCP protocols, which override read_messages and the sending side)."""
+
+    subprotocol: str | None = None  # the WebSocket subprotocol accepted when the client offers it
+
+    def __init__(self, websocket: WebSocket | None, app_state: AppState, route: str | None = None):
         self.ws = websocket
         self.app_state = app_state
+        self.route = route or route_template(websocket.scope)  # names its utterances' records
         self.active: dict[str, Utterance] = {}
         self.queue: asyncio.Queue[Utterance] = asyncio.Queue()
         self.closing = False  # a message ended the session; the socket is closed with close_code
         self.close_code = 1000
+        self.speaking: set[asyncio.Task[None]] = set()  # utterances started out of order (speak_now)
 
     async def run(self) -> None:
-        speaking = asyncio.ensure_future(self.speak_in_order())
+        in_order = asyncio.ensure_future(self.speak_in_order())
         try:
-            while not self.closing:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                await self.receive(message.get("text"), message.get("bytes"))
+            await self.read_messages()
         finally:
-            speaking.cancel()
+            in_order.cancel()
             for utterance in self.active.values():
                 if utterance.task is not None:
                     utterance.task.cancel()
-            await asyncio.gather(speaking, return_exceptions=True)
+            await asyncio.gather(in_order, *self.speaking, return_exceptions=True)
             for utterance in list(self.active.values()):  # never started: the connection closed first
                 self.retire(utterance, 499)
+
+    async def read_messages(self) -> None:
+        """Hand each client message to receive() until the client leaves or a message ends the session."""
+        while not self.closing:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await self.receive(message.get("text"), message.get("bytes"))
 
     async def receive(self, text: str | None, data: bytes | None) -> None:
         message_id = kind = None
@@ -3065,7 +3122,7 @@ class SpeechSession:
                 await self.cancel(utterance)
         except ApiError as exc:
             if kind == "speak":  # a refused utterance is a request too: counted and logged
-                self._finish_record(RequestRecord(self.ws.scope["path"], status=exc.status))
+                self.refused(exc)
             await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
                                   "message": exc.message, "param": exc.param})
 
@@ -3076,16 +3133,39 @@ class SpeechSession:
         if message.final:
             check_text(message.text, self.app_state.settings, param="text")
         job = speech_job(message, self.app_state, Priority.REALTIME, "pcm")
-        utterance = Utterance(message.id, job, RequestRecord(self.ws.scope["path"], job.id, job=job), message.encoding)
-        if message.final:  # all the text at once: chunked exactly as an HTTP request's would be
-            utterance.chunks = self._chunks(utterance, message.text)
-            utterance.ended = True
-            if self.app_state.settings.log_text:
-                job.text_log = message.text
+        utterance = self.utterance(message.id, job, message.encoding)
+        if message.final:
+            self.say_all(utterance, message.text)
         else:
             self.add_text(utterance, message.text)
-        self.active[message.id] = utterance  # only once its text was accepted
+        self.admit(utterance)  # only once its text was accepted
+
+    def utterance(self, utterance_id: str, job: SpeechJob, encoding: str = "binary") -> Utterance:
+        return Utterance(utterance_id, job, RequestRecord(self.route, job.id, job=job), encoding)
+
+    def refused(self, exc: ApiError) -> None:
+        """An utterance refused before it started is a request too: counted and logged."""
+        self._finish_record(RequestRecord(self.route, status=exc.status))
+
+    def say_all(self, utterance: Utterance, text: str) -> None:
+        """All of the utterance's text at once: chunked exactly as an HTTP request's would be."""
+        utterance.chunks = self._chunks(utterance, text)
+        utterance.ended = True
+        if self.app_state.settings.log_text:
+            utterance.job.text_log = text
+
+    def admit(self, utterance: Utterance) -> None:
+        """The utterance joins the session, to be spoken after those started before it."""
+        self.active[utterance.id] = utterance
         self.queue.put_nowait(utterance)
+
+    def speak_now(self, utterance: Utterance) -> None:
+        """The utterance joins the session and is spoken at once, beside any others (independent
+        contexts of the vendor protocols)."""
+        self.active[utterance.id] = utterance
+        task = asyncio.ensure_future(self.speak_one(utterance))
+        self.speaking.add(task)
+        task.add_done_callback(self.speaking.discard)
 
     def add_text(self, utterance: Utterance, text: str) -> None:
         if utterance.ended:
@@ -3111,6 +3191,7 @@ class SpeechSession:
     def _queue_text(self, utterance: Utterance, text: str) -> None:
         for chunk in self._chunks(utterance, text):
             utterance.feed.put_nowait(chunk)
+            utterance.queued += 1
 
     def _chunks(self, utterance: Utterance, text: str) -> list[str]:
         started = time.perf_counter()
@@ -3129,25 +3210,29 @@ class SpeechSession:
     async def speak_in_order(self) -> None:
         while True:
             utterance = await self.queue.get()
-            if utterance.cancelled:
-                continue
-            utterance.task = asyncio.ensure_future(self.stream(utterance))
-            error: Exception | None = None
-            status = 499  # cancelled, or the connection is closing
-            try:
-                await utterance.task
-                status = 200
-            except asyncio.CancelledError:
-                if not utterance.cancelled:
-                    raise  # the connection is closing
-            except (WebSocketDisconnect, WebSocketDisconnected):
-                return  # the client left mid-utterance (499); the receive loop ends the session
-            except Exception as exc:
-                error = exc
-                status = exc.status if isinstance(exc, ApiError) else 500
-            finally:
-                self.retire(utterance, status)
-            await self.finished(utterance, error)
+            if not utterance.cancelled and not await self.speak_one(utterance):
+                return
+
+    async def speak_one(self, utterance: Utterance) -> bool:
+        """Speak the utterance, retire it and say how it ended; False once the client has left."""
+        utterance.task = asyncio.ensure_future(self.stream(utterance))
+        error: Exception | None = None
+        status = 499  # cancelled, or the connection is closing
+        try:
+            await utterance.task
+            status = 200
+        except asyncio.CancelledError:
+            if not utterance.cancelled:
+                raise  # the connection is closing
+        except CLIENT_GONE:
+            return False  # the client left mid-utterance (499); the receive loop ends the session
+        except Exception as exc:
+            error = exc
+            status = exc.status if isinstance(exc, ApiError) else 500
+        finally:
+            self.retire(utterance, status)
+        await self.finished(utterance, error)
+        return True
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
         """Tell the client how an utterance ended: done, cancelled (never started or stopped) or failed."""
@@ -3187,11 +3272,12 @@ class SpeechSession:
 
 
 async def serve_session(websocket: WebSocket, session_type: type[SpeechSession]) -> None:
-    await websocket.accept()
+    offered = websocket.scope.get("subprotocols") or []
+    await websocket.accept(subprotocol=session_type.subprotocol if session_type.subprotocol in offered else None)
     session = session_type(websocket, state(websocket))
     try:
         await session.run()
-        if websocket.client_state == WebSocketState.CONNECTED:
+        if WebSocketState.CONNECTED == websocket.client_state == websocket.application_state:
             await websocket.close(session.close_code)
     except WebSocketDisconnect:
         pass
@@ -3297,12 +3383,10 @@ class TwilioSession(SpeechSession):
                            code="duplicate_id")
         for n, sentence in enumerate(split_sentences(text), 1):
             sentence_job = job.copy()
-            utterance = Utterance(f"{name}.{n}", sentence_job,
-                                  RequestRecord(self.ws.scope["path"], sentence_job.id, job=sentence_job))
+            utterance = self.utterance(f"{name}.{n}", sentence_job)
             utterance.buffer = sentence
             self.end(utterance)  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
-            self.active[utterance.id] = utterance
-            self.queue.put_nowait(utterance)
+            self.admit(utterance)
 
     async def clear(self) -> None:
         """Barge-in: drop the queued sentences, stop the one being spoken, then have Twilio drop its buffer."""
@@ -3342,7 +3426,10 @@ async def twilio_websocket(websocket: WebSocket) -> None:
 
 
 async def list_voices(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": state(request).speaker.voices.list()})
+    voices = state(request).speaker.voices.list()
+    # `voices` is what Open WebUI reads (and other OpenAI-compatible TTS servers answer).
+    return JSONResponse({"object": "list", "data": voices,
+                         "voices": [{"id": voice["id"], "name": voice["id"]} for voice in voices]})
 
 
 async def upload_voice(request: Request) -> Response:
@@ -3401,12 +3488,24 @@ async def delete_voice(request: Request) -> Response:
     return JSONResponse({"id": name, "object": "voice", "deleted": True})
 
 
+def model_object(app_state: AppState) -> dict[str, Any]:
+    engine = app_state.engine
+    return {"id": engine.name, "object": "model", "created": int(app_state.started),
+            "owned_by": "rhasspy" if engine.name == "piper" else "resemble-ai", "chosen_because": engine.choice}
+
+
 async def list_models(request: Request) -> Response:
-    app_state = state(request)
-    model = {"id": app_state.engine.name, "object": "model", "created": int(app_state.started),
-             "owned_by": "rhasspy" if app_state.engine.name == "piper" else "resemble-ai",
-             "chosen_because": app_state.engine.choice}
-    return JSONResponse({"object": "list", "data": [model]})
+    return JSONResponse({"object": "list", "data": [model_object(state(request))]})
+
+
+OPENAI_TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted as `model`; the loaded engine speaks
+
+
+async def list_speech_models(request: Request) -> Response:
+    """The speech models as Open WebUI reads them (`models`), beside OpenAI's list shape."""
+    loaded = model_object(state(request))
+    names = (loaded["id"], *OPENAI_TTS_MODELS)
+    return JSONResponse({"object": "list", "data": [loaded], "models": [{"id": n, "name": n} for n in names]})
 
 
 async def status(request: Request) -> Response:
@@ -3537,19 +3636,20 @@ def key_matches(token: str, key: str) -> bool:
 
 class ApiKeyAuth:
     """ASGI middleware: with API_KEY set, every request but the page, /health and /ready must carry
-    'Authorization: Bearer <key>' (WebSockets may pass ?token=<key> instead). The page holds no
-    secret: it asks for the key and sends it with each call. The Twilio stream checks its key
-    itself, at `start`."""
+    the key (see presented_key). The page holds no secret: it asks for the key and sends it with
+    each call. Routes whose protocols carry the key their own way (Twilio's `start` message, the
+    vendor adapters' headers and messages) check it themselves: `self_checked`."""
 
     OPEN_PATHS = frozenset({"/", "/health", "/ready"})
-    KEY_AT_START = frozenset({"/v1/telephony/twilio"})  # Twilio can send a key only inside its start message
 
-    def __init__(self, app: Any, key: str):
+    def __init__(self, app: Any, key: str, self_checked: list[BaseRoute]):
         self.app = app
         self.key = key
+        self.self_checked = self_checked
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        unchecked = scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS | self.KEY_AT_START
+        unchecked = scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS or any(
+            route.matches(scope)[0] == Match.FULL for route in self.self_checked)
         if unchecked or self._allowed(scope):
             await self.app(scope, receive, send)
             return
@@ -3574,6 +3674,8 @@ class ApiKeyAuth:
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
+    import adapters  # the other vendors' protocols, mapped onto this module's sessions
+
     settings = settings or Settings.from_env()
     engine = engine or make_engine(settings)
     speaker = Speaker(settings, engine)
@@ -3587,10 +3689,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             background.append(loading)
         if settings.idle_unload_s > 0:
             background.append(asyncio.ensure_future(speaker.unload_when_idle()))
-        yield
-        for task in background:
-            task.cancel()
-        speaker.worker.stop()
+        tcp = adapters.TcpServers(app.state.tts)
+        await tcp.start()
+        try:
+            yield
+        finally:
+            await tcp.stop()
+            for task in background:
+                task.cancel()
+            speaker.worker.stop()
+
+    twilio = WebSocketRoute("/v1/telephony/twilio", twilio_websocket)  # Twilio sends its key in `start`
 
     routes: list[BaseRoute] = [
         Route("/", web_page, methods=["GET"]),
@@ -3598,35 +3707,38 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
         Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),
         WebSocketRoute("/v1/audio/speech/ws", speech_websocket),
-        WebSocketRoute("/v1/telephony/twilio", twilio_websocket),
+        twilio,
         Route("/v1/audio/voices", list_voices, methods=["GET"]),
         Route("/v1/audio/voices", upload_voice, methods=["POST"]),
         Route("/v1/audio/voices/{name}", delete_voice, methods=["DELETE"]),
+        Route("/v1/audio/models", list_speech_models, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/status", status, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        *adapters.routes(),
     ]
     app = Starlette(
         routes=routes,
         exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler, ClientGone: client_gone_handler,
                             Exception: unexpected_error_handler},
         lifespan=lifespan,
-        middleware=middleware(settings, routes, speaker.metrics),
+        middleware=middleware(settings, routes, speaker.metrics, [twilio, *adapters.KEY_IN_SESSION]),
     )
     app.state.tts = AppState(settings=settings, engine=engine, speaker=speaker)
     return app
 
 
-def middleware(settings: Settings, routes: list[BaseRoute], metrics: Metrics) -> list[Middleware]:
+def middleware(settings: Settings, routes: list[BaseRoute], metrics: Metrics,
+               self_checked: list[BaseRoute]) -> list[Middleware]:
     stack = [Middleware(RequestLog, routes=routes, metrics=metrics, log_text=settings.log_text)]
     if origins := [o.strip() for o in settings.cors_origins.split(",") if o.strip()]:
         stack.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
                                 expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Bit-Depth", "X-Channels",
                                                 "X-Encoding", "Server-Timing"]))
     if settings.api_key:
-        stack.append(Middleware(ApiKeyAuth, key=settings.api_key))
+        stack.append(Middleware(ApiKeyAuth, key=settings.api_key, self_checked=self_checked))
     return stack
 
 
@@ -3663,4 +3775,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.modules["server"] = sys.modules["__main__"]  # adapters.py imports this module by name: one copy
     main()
