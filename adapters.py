@@ -131,8 +131,7 @@ class VendorSession(SpeechSession):
     async def stream(self, utterance: Utterance) -> None:
         assert isinstance(utterance, Context)
         timeline = utterance.job.timeline
-        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
-            utterance.record.bytes += len(data)
+        async for data in self.audio(utterance):
             seconds, utterance.heard = timeline.audio_seconds - utterance.heard, timeline.audio_seconds
             start = utterance.timings.clock
             await self.send_audio(utterance, data, utterance.timings.place(seconds), start)
@@ -608,7 +607,11 @@ class CartesiaSession(VendorSession):
                                   "word_timestamps": {"words": [w for w, _, _ in words],
                                                       "start": [round(s, 3) for _, s, _ in words],
                                                       "end": [round(e, 3) for _, _, e in words]}})
-        while context.flushes and len(context.job.timeline.chunks_generated) >= context.flushes[0]:
+        await self.send_flushes(context, len(context.job.timeline.chunks_generated))
+
+    async def send_flushes(self, context: Context, chunks_done: int) -> None:
+        """flush_done for each flush whose text has been generated (its last chunk's generation ended)."""
+        while context.flushes and chunks_done >= context.flushes[0]:
             context.flushes.pop(0)
             context.flushed += 1
             await self.send_json({"type": "flush_done", "done": False, "flush_done": True,
@@ -623,6 +626,7 @@ class CartesiaSession(VendorSession):
             await self.send_json(self.error_message(ApiError(status, body["message"], code=body["code"]),
                                                     utterance.id))
         elif not utterance.cancelled:
+            await self.send_flushes(utterance, utterance.queued)
             await self.send_json({"type": "done", "done": True, "status_code": 200, "context_id": utterance.id})
 
     @staticmethod
@@ -708,8 +712,7 @@ class WyomingSession(SpeechSession):
 
     async def stream(self, utterance: Utterance) -> None:
         await self.write(AudioStart(rate=self.rate, width=2, channels=1).event())
-        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
-            utterance.record.bytes += len(data)
+        async for data in self.audio(utterance):
             await self.write(AudioChunk(rate=self.rate, width=2, channels=1, audio=data).event())
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
@@ -928,20 +931,9 @@ class AudioSocketSession(CallSession):
             # audio (the caller's voice) and DTMF: nothing to do
 
     async def stream(self, utterance: Utterance) -> None:
-        pending = b""
-        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
-            utterance.record.bytes += len(data)
-            pending += data
-            whole = len(pending) - len(pending) % AUDIOSOCKET_FRAME
-            for i in range(0, whole, AUDIOSOCKET_FRAME):
-                await self.send_audio(pending[i : i + AUDIOSOCKET_FRAME])
-            pending = pending[whole:]
-        if pending:  # padded with silence: every frame is 20 ms
-            await self.send_audio(pending.ljust(AUDIOSOCKET_FRAME, b"\x00"))
-
-    async def send_audio(self, frame: bytes) -> None:
-        await self.pacer.wait()
-        await self.send(audiosocket_frame(AUDIOSOCKET_AUDIO, frame))
+        async for frame in server.fixed_frames(self.audio(utterance), AUDIOSOCKET_FRAME, b"\x00"):
+            await self.pacer.wait()
+            await self.send(audiosocket_frame(AUDIOSOCKET_AUDIO, frame))
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
         if error is not None:
@@ -1043,12 +1035,13 @@ class AsteriskSession(CallSession):
         # DTMF_END, STATUS, QUEUE_DRAINED and the rest: nothing to do
 
     def start(self, event: dict[str, Any]) -> None:
+        self.json = bool(event.get("json"))  # answer in the control format Asterisk uses
         codec = str(event.get("format", ""))
         if codec not in ASTERISK_CODECS:
             raise ApiError(400, f"Codec {codec!r} is not spoken here; use one of {', '.join(ASTERISK_CODECS)}.",
                            param="format", code="unsupported_format")
         self.fmt, self.rate = ASTERISK_CODECS[codec]
-        self.json, self.started = bool(event.get("json")), True
+        self.started = True
         query = dict(self.ws.query_params)
         script = call_scripts(self.app_state).take(call_id(query["call"])) if query.get("call") else None
         first = server.parse_model(CallSpeech, query) if query.get("text") else None
@@ -1059,8 +1052,7 @@ class AsteriskSession(CallSession):
 
     async def stream(self, utterance: Utterance) -> None:
         await self.command("START_MEDIA_BUFFERING")
-        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
-            utterance.record.bytes += len(data)
+        async for data in self.audio(utterance):
             for i in range(0, len(data), ASTERISK_MAX_MESSAGE):
                 await self.flowing.wait()
                 await self.ws.send_bytes(data[i : i + ASTERISK_MAX_MESSAGE])

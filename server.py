@@ -3256,12 +3256,17 @@ class SpeechSession:
     def _finish_record(self, record: RequestRecord) -> None:
         record.finish(self.app_state.speaker.metrics, self.app_state.settings.log_text)
 
+    async def audio(self, utterance: Utterance) -> AsyncIterator[bytes]:
+        """The utterance's encoded audio as it is made, counted in its record."""
+        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
+            utterance.record.bytes += len(data)
+            yield data
+
     async def stream(self, utterance: Utterance) -> None:
         output = utterance.job.output
         await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
                               "sample_rate": output.rate})
-        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
-            utterance.record.bytes += len(data)
+        async for data in self.audio(utterance):
             if utterance.encoding == "binary":
                 await self.ws.send_bytes(data)
             else:
@@ -3269,6 +3274,19 @@ class SpeechSession:
 
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.ws.send_text(json.dumps(message, separators=(",", ":")))
+
+
+async def fixed_frames(audio: AsyncIterator[bytes], size: int, silence: bytes) -> AsyncIterator[bytes]:
+    """A stream cut into frames of `size` bytes, the last one padded with `silence` (telephony)."""
+    pending = b""
+    async for data in audio:
+        pending += data
+        whole = len(pending) - len(pending) % size
+        for i in range(0, whole, size):
+            yield pending[i : i + size]
+        pending = pending[whole:]
+    if pending:
+        yield pending.ljust(size, silence)
 
 
 async def serve_session(websocket: WebSocket, session_type: type[SpeechSession]) -> None:
@@ -3397,16 +3415,9 @@ class TwilioSession(SpeechSession):
         await self.send_event("clear")
 
     async def stream(self, utterance: Utterance) -> None:
-        pending = b""
-        async for data in self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True):
-            utterance.record.bytes += len(data)
-            pending += data
-            whole = len(pending) - len(pending) % TWILIO_FRAME_BYTES
-            for i in range(0, whole, TWILIO_FRAME_BYTES):
-                await self.send_media(pending[i : i + TWILIO_FRAME_BYTES])
-            pending = pending[whole:]
-        if pending:  # padded with silence, so every frame is 20 ms and the mark falls after the sentence
-            await self.send_media(pending.ljust(TWILIO_FRAME_BYTES, ULAW_SILENCE))
+        # Every frame is 20 ms (the last padded with silence), so the mark falls after the sentence.
+        async for frame in fixed_frames(self.audio(utterance), TWILIO_FRAME_BYTES, ULAW_SILENCE):
+            await self.send_media(frame)
         await self.send_event("mark", mark={"name": utterance.id})
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
