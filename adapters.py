@@ -183,10 +183,10 @@ def vendor_route(path: str, endpoint: Callable[[Request], Awaitable[Response]],
     return Route(path, answer, methods=["POST"])
 
 
-async def speak_http(request: Request, fields: SynthesisFields, text: str, streaming: bool,
+async def speak_http(request: Request, fields: SynthesisFields, text: str, streaming: bool, param: str,
                      convert: Callable[[bytes], bytes] | None = None) -> Response:
     """A vendor HTTP request's audio: the same job and stream as POST /v1/audio/speech."""
-    job, chunks = server.request_job(request, fields, text, "mp3", streaming, param="text")
+    job, chunks = server.request_job(request, fields, text, "mp3", streaming, param=param)
     audio = await server.speech_stream(request, job, chunks, streaming)
     if convert is not None:
         audio = converted(audio, convert)
@@ -286,7 +286,7 @@ async def elevenlabs_request(request: Request) -> tuple[ElevenLabsSpeech, Synthe
 async def elevenlabs_speech(request: Request) -> Response:
     """POST /v1/text-to-speech/{voice_id}: whole-chunk decoding; /stream: token windows."""
     body, fields = await elevenlabs_request(request)
-    return await speak_http(request, fields, body.text, streaming=request.url.path.endswith("/stream"))
+    return await speak_http(request, fields, body.text, streaming=request.url.path.endswith("/stream"), param="text")
 
 
 async def elevenlabs_timestamps(request: Request) -> Response:
@@ -527,7 +527,7 @@ async def cartesia_bytes(request: Request) -> Response:
     check_key(server.state(request), request.headers.get("x-api-key"), bearer(request.headers))
     body: CartesiaRequest = server.parse_model(CartesiaRequest, await server.read_json(request, server.MAX_JSON_BYTES))
     fields, float32 = cartesia_fields(body, websocket=False)
-    response = await speak_http(request, fields, body.transcript, streaming=False,
+    response = await speak_http(request, fields, body.transcript, streaming=False, param="transcript",
                                 convert=s16_to_f32 if float32 else None)
     if float32:
         response.headers["X-Encoding"] = "f32le"
@@ -821,6 +821,7 @@ class CallSession(SpeechSession):
     after one that says `hangup`, with nothing more queued, the call is hung up."""
 
     fmt, rate = "pcm", 8000
+    call: str | None = None  # the call id whose registered speech it says
     script: CallScript | None = None
     pump: asyncio.Future[None] | None = None
 
@@ -859,6 +860,8 @@ class CallSession(SpeechSession):
         finally:
             if self.pump is not None:
                 self.pump.cancel()
+            if self.call is not None:
+                call_scripts(self.app_state).end(self.call)
 
 
 # --- Asterisk AudioSocket ----------------------------------------------------------------------
@@ -897,7 +900,6 @@ class AudioSocketSession(CallSession):
         super().__init__(None, app_state, route="audiosocket")
         self.reader, self.writer = reader, writer
         self.pacer = Pacer()
-        self.call: str | None = None
 
     async def read_frame(self) -> tuple[int, bytes] | None:
         try:
@@ -951,8 +953,6 @@ class AudioSocketSession(CallSession):
         try:
             await super().run()
         finally:
-            if self.call is not None:
-                call_scripts(self.app_state).end(self.call)
             self.writer.close()
 
 
@@ -1043,7 +1043,8 @@ class AsteriskSession(CallSession):
         self.fmt, self.rate = ASTERISK_CODECS[codec]
         self.started = True
         query = dict(self.ws.query_params)
-        script = call_scripts(self.app_state).take(call_id(query["call"])) if query.get("call") else None
+        self.call = call_id(query["call"]) if query.get("call") else None
+        script = call_scripts(self.app_state).take(self.call) if self.call else None
         first = server.parse_model(CallSpeech, query) if query.get("text") else None
         if script is None and first is None:
             raise ApiError(400, "Nothing to say: give ?text= or ?call=<uuid> registered through POST "
@@ -1069,13 +1070,6 @@ class AsteriskSession(CallSession):
             await self.send_json({"command": name, **fields})
         else:
             await self.ws.send_text(" ".join([name, *fields.values()]))
-
-    async def run(self) -> None:
-        try:
-            await super().run()
-        finally:
-            if call := self.ws.query_params.get("call"):
-                call_scripts(self.app_state).end(call)
 
 
 # --- Routes and TCP servers --------------------------------------------------------------------
