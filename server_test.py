@@ -1064,7 +1064,7 @@ class ServerProcess:
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "server.py")], env=full_env, stdout=self.log,
                                      stderr=subprocess.STDOUT)
 
-    def wait_ready(self, timeout: float = 180) -> None:
+    def wait_ready(self, timeout: float = 600) -> None:  # a loaded shared 2-core machine loads Turbo in ~150 s
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
