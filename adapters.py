@@ -276,7 +276,8 @@ def elevenlabs_error(exc: ApiError) -> JSONResponse:
 async def elevenlabs_request(request: Request) -> tuple[ElevenLabsSpeech, SynthesisFields]:
     app_state = server.state(request)
     check_key(app_state, request.headers.get("xi-api-key"), bearer(request.headers))
-    body: ElevenLabsSpeech = server.parse_model(ElevenLabsSpeech, await server.read_json(request, server.MAX_JSON_BYTES))
+    data = await server.read_json(request, server.MAX_JSON_BYTES)
+    body: ElevenLabsSpeech = server.parse_model(ElevenLabsSpeech, data)
     output_format = request.query_params.get("output_format") or ELEVENLABS_FORMAT
     fields = elevenlabs_fields(request.path_params["voice_id"], output_format, body.voice_settings,
                                body.language_code, body.seed)
@@ -844,7 +845,8 @@ class CallSession(SpeechSession):
         fields = speech.model_copy(update={"response_format": self.fmt, "sample_rate": self.rate,
                                            "output_format": None})
         job = server.speech_job(fields, self.app_state, Priority.REALTIME, self.fmt)
-        utterance = Context(uuid.uuid4().hex[:12], job, RequestRecord(self.route, job.id, job=job), hangup=speech.hangup)
+        utterance = Context(uuid.uuid4().hex[:12], job, RequestRecord(self.route, job.id, job=job),
+                            hangup=speech.hangup)
         self.say_all(utterance, server.check_text(speech.text, self.app_state.settings, param="text"))
         self.admit(utterance)
 
@@ -866,7 +868,8 @@ class CallSession(SpeechSession):
 
 # --- Asterisk AudioSocket ----------------------------------------------------------------------
 
-AUDIOSOCKET_HANGUP, AUDIOSOCKET_UUID, AUDIOSOCKET_DTMF, AUDIOSOCKET_AUDIO, AUDIOSOCKET_ERROR = 0x00, 0x01, 0x03, 0x10, 0xFF
+# AudioSocket frame types (DTMF, 0x03, is read and ignored)
+AUDIOSOCKET_HANGUP, AUDIOSOCKET_UUID, AUDIOSOCKET_AUDIO, AUDIOSOCKET_ERROR = 0x00, 0x01, 0x10, 0xFF
 AUDIOSOCKET_FRAME = 320  # 20 ms of 8 kHz signed 16-bit linear
 FRAME_SECONDS = 0.02
 AUDIOSOCKET_UUID_WAIT = 10.0

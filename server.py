@@ -3052,8 +3052,8 @@ def ws_message(text: str | None) -> dict[str, Any]:
 def route_template(scope: dict[str, Any]) -> str:
     """The path template of the route a request or WebSocket matched (its raw path when none did)."""
     routes = getattr(scope.get("app"), "routes", [])
-    return next((r.path for r in routes if isinstance(r, (Route, WebSocketRoute)) and r.matches(scope)[0] == Match.FULL),
-                scope["path"])
+    matched = (r.path for r in routes if isinstance(r, (Route, WebSocketRoute)) and r.matches(scope)[0] == Match.FULL)
+    return next(matched, scope["path"])
 
 
 class SpeechSession:

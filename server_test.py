@@ -2861,7 +2861,8 @@ def test_openai_nulls_mean_defaults_and_voice_names_match_in_any_case(fake_clien
 def test_voice_and_model_lists_have_the_shape_open_webui_reads(fake_client: TestClient) -> None:
     voices = fake_client.get("/v1/audio/voices").json()
     assert voices["object"] == "list" and [v["id"] for v in voices["data"]] == [v["id"] for v in voices["voices"]]
-    assert {"id": "alloy", "name": "alloy"} in voices["voices"] and all(set(v) == {"id", "name"} for v in voices["voices"])
+    assert {"id": "alloy", "name": "alloy"} in voices["voices"]
+    assert all(set(v) == {"id", "name"} for v in voices["voices"])
     models = fake_client.get("/v1/audio/models").json()
     assert {"tts-1", "tts-1-hd", "tone"} <= {m["id"] for m in models["models"]}
     assert models["data"][0]["id"] == "tone"

@@ -50,7 +50,8 @@ async def main() -> int:
     elif args.service == "elevenlabs":
         from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 
-        tts = ElevenLabsTTSService(api_key="unused", url=ws_url, settings=ElevenLabsTTSService.Settings(voice=args.voice))
+        tts = ElevenLabsTTSService(api_key="unused", url=ws_url,
+                                   settings=ElevenLabsTTSService.Settings(voice=args.voice))
     else:
         from pipecat.services.cartesia.tts import CartesiaTTSService
 
