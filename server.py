@@ -54,7 +54,7 @@ from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -139,6 +139,10 @@ class Settings:
     log_json: bool = _env("LOG_JSON", "Write each log line as one JSON object.", default=False)
     result_cache_mb: float = _env("RESULT_CACHE_MB", "Memory for complete results of seeded requests (LRU; 0 = off).",
                                   default=64.0)
+    wyoming_port: int = _env("WYOMING_PORT", "TCP port of the Wyoming server for Home Assistant (0 = off; its "
+                             "convention is 10200).", default=0)
+    audiosocket_port: int = _env("AUDIOSOCKET_PORT", "TCP port of the Asterisk AudioSocket server (0 = off).",
+                                 default=0)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -180,6 +184,9 @@ class Settings:
         if settings.stream_send_timeout <= 0 or settings.shutdown_grace_s < 0 or settings.ws_max_utterances < 1:
             raise SystemExit("STREAM_SEND_TIMEOUT must be positive, SHUTDOWN_GRACE_S not negative, "
                              "WS_MAX_UTTERANCES at least 1")
+        for name, port in (("WYOMING_PORT", settings.wyoming_port), ("AUDIOSOCKET_PORT", settings.audiosocket_port)):
+            if not 0 <= port <= 65535:
+                raise SystemExit(f"{name}={port}: choose a TCP port (0 = off)")
         return settings
 
     @property
@@ -762,8 +769,8 @@ class Encoder:
 
     FRAME_SECONDS = 0.1  # bytes leave for every 100 ms of audio
 
-    def __init__(self, fmt: AudioFormat, rate: int, streaming: bool, bitrate: int | None = None):
-        self.fmt, self.rate, self.streaming = fmt, rate, streaming
+    def __init__(self, fmt: AudioFormat, rate: int, bitrate: int | None = None):
+        self.fmt, self.rate = fmt, rate
         self.samples = 0
         self._header_sent = False
         self._av: Any = None
@@ -785,7 +792,7 @@ class Encoder:
             if self.fmt.name == "alaw":
                 return pcm16_to_alaw(pcm)
             data = pcm.tobytes()
-            if self.fmt.name == "wav" and self.streaming and not self._header_sent:
+            if self.fmt.name == "wav" and not self._header_sent:  # every WAV is sent as it is made
                 self._header_sent = True
                 data = wav_header(self.rate, None) + data
             return data
@@ -804,7 +811,7 @@ class Encoder:
 
     def finish(self) -> bytes:
         if self._av is None:
-            if self.fmt.name == "wav" and self.streaming and not self._header_sent:
+            if self.fmt.name == "wav" and not self._header_sent:
                 self._header_sent = True
                 return wav_header(self.rate, None)
             return b""
@@ -2618,6 +2625,8 @@ class VoiceLibrary:
         return [p for ext in extensions or self.extensions if (p := self.directory / f"{name}{ext}").is_file()]
 
     def resolve(self, name: str) -> VoiceRef | None:
+        if name.lower() in OPENAI_VOICES and not self._files(name):
+            name = name.lower()  # OpenAI's names match in any case, as on its API
         """The voice a request names, with its file's content read once (file I/O and hashing: call it
         off the event loop)."""
         for path in self._files(name):
@@ -3793,8 +3802,7 @@ class Speaker:
                 kept: list[bytes] | None = [] if key is not None else None
                 kept_bytes = 0
                 async with self.admitted(job, streaming):
-                    async for data in self._render(job, iterate(texts) if isinstance(texts, list) else texts,
-                                                   streaming):
+                    async for data in self._render(job, iterate(texts) if isinstance(texts, list) else texts):
                         if kept is not None:
                             kept.append(data)
                             kept_bytes += len(data)
@@ -3823,8 +3831,7 @@ class Speaker:
         out, settings = job.output, self.settings
         identity = {
             "engine": self.engine.describe(), "texts": texts, "voice": job.voice.digest,
-            # params.streamed parts streams from whole files: streams are decoded in windows, and a
-            # streamed WAV starts with an open-ended header.
+            # params.streamed parts streams from whole files: streams are decoded in windows.
             "params": asdict(job.params), "seed": job.seed, "speed": job.speed,
             "format": out.fmt.name, "rate": out.rate, "bitrate": out.bitrate,
             "trim_silence": settings.audio_trim_silence, "normalize": settings.audio_normalize,
@@ -3840,13 +3847,13 @@ class Speaker:
         for start in range(0, len(cached.data), REPLAY_PIECE_BYTES):
             yield cached.data[start : start + REPLAY_PIECE_BYTES]
 
-    async def _render(self, job: SpeechJob, texts: AsyncIterator[str], streaming: bool) -> AsyncIterator[bytes]:
+    async def _render(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[bytes]:
         rate, timeline = self.engine.sample_rate, job.timeline
         stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
         edges = UtteranceEdges(rate, self.settings.audio_trim_silence)
         leveler = LoudnessLeveler() if self.settings.audio_normalize else None
         resampler = StreamResampler(rate, job.output.rate)
-        encoder = Encoder(job.output.fmt, job.output.rate, streaming, job.output.bitrate)
+        encoder = Encoder(job.output.fmt, job.output.rate, job.output.bitrate)
 
         def emit(data: bytes, started: float) -> bytes:
             timeline.encode_seconds += time.perf_counter() - started
@@ -3904,11 +3911,20 @@ class VoiceObject(BaseModel):
     id: str
 
 
-class SynthesisFields(BaseModel):
-    """What to say it with: shared by HTTP requests and WebSocket `speak` messages.
-    Unknown fields are ignored, as OpenAI clients send extras."""
+class NullIsDefault(BaseModel):
+    """A request shape whose fields take their default when sent as null (SDKs send null for an
+    option left unset, and OpenAI's API reads it so). Unknown fields are ignored: clients send extras."""
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+
+class SynthesisFields(NullIsDefault):
+    """What to say it with: shared by HTTP requests and WebSocket `speak` messages."""
 
     voice: str | VoiceObject = "default"
     response_format: str | None = Field(None, validation_alias=AliasChoices("response_format", "format"))
@@ -3954,7 +3970,7 @@ def output_spec(fields: SynthesisFields, default_format: str) -> OutputSpec:
                        param="response_format", code="unsupported_format")
     rate = fmt.default_rate if rate is None else rate
     if rate not in SAMPLE_RATES:
-        raise ApiError(422, f"Unsupported sample_rate {rate}; choose one of {', '.join(map(str, SAMPLE_RATES))}.",
+        raise ApiError(400, f"Unsupported sample_rate {rate}; choose one of {', '.join(map(str, SAMPLE_RATES))}.",
                        param=rate_param, code="invalid_value")
     if rate not in fmt.rates:
         raise ApiError(400, f"{name} cannot be encoded at {rate} Hz; it supports "
@@ -4012,14 +4028,13 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 
 
 def parse_model(model: type[BaseModel], data: dict[str, Any]) -> Any:
-    """Validate; a missing or wrongly shaped field is a 400, a value out of range a 422."""
+    """Validate; a missing, wrongly shaped or out-of-range field is a 400, as OpenAI answers it."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or None
-        status = 400 if err["type"] in ("missing", "string_type", "model_type", "literal_error") else 422
-        raise ApiError(status, f"Invalid value for '{param}': {err['msg']}", param=param,
+        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
                        code="missing_field" if err["type"] == "missing" else "invalid_value") from None
 
 
@@ -4033,7 +4048,7 @@ def speech_sentences(text: str, settings: Settings, param: str = "input") -> lis
     """The sentences of a text to speak, validated. Linear in the text, but CPU work all the same:
     transports run it (and every other text step) off the event loop, with asyncio.to_thread."""
     if len(text) > settings.max_input_chars:
-        raise ApiError(413, f"'{param}' is {len(text)} characters; the limit is {settings.max_input_chars}.",
+        raise ApiError(400, f"'{param}' is {len(text)} characters; the limit is {settings.max_input_chars}.",
                        param=param, code="input_too_long")
     check_speakable(text, param)
     if not (sentences := split_sentences(text)):
@@ -4062,7 +4077,7 @@ async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int
         raise ApiError(400, f"Voice {fields.voice_name!r} is a reference clip; the {engine.name} engine cannot clone "
                        "voices.", param="voice", code="cloning_not_supported")
     if voice is None:
-        raise ApiError(404, f"Voice {fields.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
+        raise ApiError(400, f"Voice {fields.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
                        param="voice", code="voice_not_found")
     params = SynthesisParams(exaggeration=fields.exaggeration, cfg_weight=fields.cfg_weight,
                              temperature=fields.temperature, language=language, seeded=fields.seed is not None)
@@ -4076,6 +4091,7 @@ class AppState:
     engine: Engine
     speaker: Speaker
     started: float = field(default_factory=time.time)
+    calls: Any = None  # adapters.CallScripts: what telephony calls are to say, by call id
 
 
 def state(request: Request | WebSocket) -> AppState:
@@ -4133,29 +4149,36 @@ def request_record(request: Request) -> RequestRecord:
 MAX_JSON_BYTES = 1024 * 1024
 
 
-async def speech_request(request: Request, default_format: str,
-                         **overrides: Any) -> tuple[AppState, SpeechRequest, SpeechJob, list[str]]:
-    """Parse and validate an HTTP speech request: its job and its text, cut into model calls."""
+async def request_job(request: Request, fields: SynthesisFields, text: str, default_format: str, streaming: bool,
+                      param: str = "input") -> tuple[SpeechJob, list[str]]:
+    """Validate an HTTP speech request: its job (the request's record tells of it) and its text,
+    cut into model calls. Streams are real-time work; whole-chunk requests queue as files."""
     app_state = state(request)
-    data = await read_json(request, MAX_JSON_BYTES)
-    req: SpeechRequest = parse_model(SpeechRequest, {**data, **overrides})
     text_started = time.perf_counter()
-    chunks = await asyncio.to_thread(speech_chunks, req.input, app_state.settings)
+    chunks = await asyncio.to_thread(speech_chunks, text, app_state.settings, param)
     text_seconds = time.perf_counter() - text_started
-    if req.stream_format is not None:
+    if streaming:
         priority = Priority.REALTIME
     elif len(chunks) > LONG_TEXT_CHUNKS:
         priority = Priority.BACKGROUND
     else:
         priority = Priority.FILE
-    job = await speech_job(req, app_state, priority, default_format)
+    job = await speech_job(fields, app_state, priority, default_format)
     record = request_record(request)
     job.id = record.id  # the request's id names its utterance too
     job.timeline.text_seconds = text_seconds
     record.job = job
     if app_state.settings.log_text:
-        job.text_log = req.input.strip()
-    return app_state, req, job, chunks
+        job.text_log = text.strip()
+    return job, chunks
+
+
+async def speech_stream(request: Request, job: SpeechJob, chunks: list[str], streaming: bool) -> AsyncIterator[bytes]:
+    """The request's audio, once its first bytes are ready (so that early failures still get a status);
+    its utterance ends when the response does, or when the client leaves first."""
+    audio = await until_disconnected(request, primed(state(request).speaker.render(job, chunks, streaming)))
+    request_record(request).stream = audio
+    return audio
 
 
 async def primed(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -4207,29 +4230,28 @@ def error_body(exc: Exception) -> dict[str, Any]:
             "code": "synthesis_failed"}
 
 
-async def respond(request: Request, default_format: str, **overrides: Any) -> Response:
-    """Every HTTP speech endpoint: a whole file, a chunked audio stream, or SSE."""
-    app_state, req, job, chunks = await speech_request(request, default_format, **overrides)
-    render = app_state.speaker.render
+def audio_headers(job: SpeechJob) -> dict[str, str]:
     headers = {"X-Request-Id": job.id}
     if job.output.fmt.name == "pcm":
         headers.update({"X-Sample-Rate": str(job.output.rate), "X-Bit-Depth": "16", "X-Channels": "1",
                         "X-Encoding": "s16le"})
-    if req.stream_format is None:
-        body = await until_disconnected(request, collect(render(job, chunks, streaming=False)))
-        if job.output.fmt.name == "wav":
-            body = wav_header(job.output.rate, len(body) // 2) + body
-        return Response(body, media_type=job.output.fmt.media_type, headers=headers)
-    audio = await primed(render(job, chunks, streaming=True))
-    request_record(request).stream = audio
+    return headers
+
+
+async def respond(request: Request, default_format: str, **overrides: Any) -> Response:
+    """Every HTTP speech endpoint: a chunked audio stream, or SSE.
+
+    Without `stream_format` (OpenAI's default) each text chunk is decoded whole, as for a file,
+    and its bytes leave as soon as they are encoded; `stream_format` streams in token windows."""
+    req: SpeechRequest = parse_model(SpeechRequest, {**await read_json(request, MAX_JSON_BYTES), **overrides})
+    streaming = req.stream_format is not None
+    job, chunks = await request_job(request, req, req.input, default_format, streaming)
+    audio = await speech_stream(request, job, chunks, streaming)
+    headers = audio_headers(job)
     if req.stream_format == "sse":
         return StreamingResponse(sse_stream(job, audio), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
     return StreamingResponse(ended_cleanly(audio), media_type=job.output.fmt.media_type, headers=headers)
-
-
-async def collect(stream: AsyncIterator[bytes]) -> bytes:
-    return b"".join([data async for data in stream])
 
 
 class ClientGone(Exception):
@@ -4313,6 +4335,7 @@ class Utterance:
     buffer: str = ""
     chunks: list[str] | None = None  # the whole text, when it came in one final `speak`
     queued_chars: int = 0  # of text in `feed`, not yet taken by the model
+    queued: int = 0  # text chunks fed to the pipeline so far
     ended: bool = False
     cancelled: bool = False
     task: asyncio.Task[None] | None = None
@@ -4327,6 +4350,7 @@ class Utterance:
     def queue_chunks(self, chunks: list[str]) -> None:
         for chunk in chunks:
             self.queued_chars += len(chunk)
+            self.queued += 1
             self.feed.put_nowait(chunk)
 
     async def _fed(self) -> AsyncIterator[str]:
@@ -4336,6 +4360,7 @@ class Utterance:
 
 
 WS_MAX_MESSAGE_BYTES = 256 * 1024
+CLIENT_GONE = (WebSocketDisconnect, WebSocketDisconnected, ConnectionError)  # ConnectionError: a TCP peer left
 
 
 def ws_message(text: str | None) -> dict[str, Any]:
@@ -4347,34 +4372,50 @@ def ws_message(text: str | None) -> dict[str, Any]:
     return parse_json(text)
 
 
-class SpeechSession:
-    """One WebSocket connection: utterances are spoken one after another, in the order started.
-    Subclasses speak other protocols over the same machinery (see TwilioSession)."""
+def route_template(scope: dict[str, Any]) -> str:
+    """The path template of the route a request or WebSocket matched (its raw path when none did)."""
+    routes = getattr(scope.get("app"), "routes", [])
+    matched = (r.path for r in routes if isinstance(r, (Route, WebSocketRoute)) and r.matches(scope)[0] == Match.FULL)
+    return next(matched, scope["path"])
 
-    def __init__(self, websocket: WebSocket, app_state: AppState):
+
+class SpeechSession:
+    """One connection: utterances are spoken one after another, in the order started.
+    Subclasses speak other protocols over the same machinery (TwilioSession; adapters.py's
+    vendor WebSockets and TCP protocols, which override read_messages and the sending side)."""
+
+    subprotocol: str | None = None  # the WebSocket subprotocol accepted when the client offers it
+
+    def __init__(self, websocket: WebSocket | None, app_state: AppState, route: str | None = None):
         self.ws = websocket
         self.app_state = app_state
+        self.route = route or route_template(websocket.scope)  # names its utterances' records
         self.active: dict[str, Utterance] = {}
         self.queue: asyncio.Queue[Utterance] = asyncio.Queue()
         self.closing = False  # a message ended the session; the socket is closed with close_code
         self.close_code = 1000
+        self.speaking: set[asyncio.Task[None]] = set()  # utterances started out of order (speak_now)
 
     async def run(self) -> None:
-        speaking = asyncio.ensure_future(self.speak_in_order())
+        in_order = asyncio.ensure_future(self.speak_in_order())
         try:
-            while not self.closing:
-                message = await self.ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                await self.receive(message.get("text"), message.get("bytes"))
+            await self.read_messages()
         finally:
-            speaking.cancel()
+            in_order.cancel()
             for utterance in self.active.values():
                 if utterance.task is not None:
                     utterance.task.cancel()
-            await asyncio.gather(speaking, return_exceptions=True)
+            await asyncio.gather(in_order, *self.speaking, return_exceptions=True)
             for utterance in list(self.active.values()):  # never started: the connection closed first
                 self.retire(utterance, 499)
+
+    async def read_messages(self) -> None:
+        """Hand each client message to receive() until the client leaves or a message ends the session."""
+        while not self.closing:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            await self.receive(message.get("text"), message.get("bytes"))
 
     async def receive(self, text: str | None, data: bytes | None) -> None:
         message_id = kind = None
@@ -4404,7 +4445,7 @@ class SpeechSession:
                 await self.cancel(utterance)
         except ApiError as exc:
             if kind == "speak":  # a refused utterance is a request too: counted and logged
-                self._finish_record(RequestRecord(self.ws.scope["path"], status=exc.status))
+                self.refused(exc)
             await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
                                   "message": exc.message, "param": exc.param})
 
@@ -4423,21 +4464,50 @@ class SpeechSession:
             raise ApiError(409, f"Utterance {message.id!r} is still active; use a new id.", param="id",
                            code="duplicate_id")
         self.check_room()
-        settings = self.app_state.settings
         started = time.perf_counter()
-        chunks = await asyncio.to_thread(speech_chunks, message.text, settings, "text") if message.final else None
+        chunks = await asyncio.to_thread(speech_chunks, message.text, self.app_state.settings, "text") \
+            if message.final else None
         job = await speech_job(message, self.app_state, Priority.REALTIME, "pcm")
         job.timeline.text_seconds += time.perf_counter() - started
-        utterance = Utterance(message.id, job, RequestRecord(self.ws.scope["path"], job.id, job=job), message.encoding)
-        if chunks is not None:  # all the text at once: chunked exactly as an HTTP request's would be
-            utterance.chunks = chunks
-            utterance.ended = True
-            if settings.log_text:
-                job.text_log = message.text
+        utterance = self.utterance(message.id, job, message.encoding)
+        if chunks is not None:
+            self.say_chunks(utterance, chunks, message.text)
         else:
             await self.add_text(utterance, message.text)
-        self.active[message.id] = utterance  # only once its text was accepted
+        self.admit(utterance)  # only once its text was accepted
+
+    def utterance(self, utterance_id: str, job: SpeechJob, encoding: str = "binary") -> Utterance:
+        return Utterance(utterance_id, job, RequestRecord(self.route, job.id, job=job), encoding)
+
+    def refused(self, exc: ApiError) -> None:
+        """An utterance refused before it started is a request too: counted and logged."""
+        self._finish_record(RequestRecord(self.route, status=exc.status))
+
+    async def say_all(self, utterance: Utterance, text: str, param: str = "text") -> None:
+        """All of the utterance's text at once, validated and chunked exactly as an HTTP request's would be."""
+        started = time.perf_counter()
+        chunks = await asyncio.to_thread(speech_chunks, text, self.app_state.settings, param)
+        utterance.job.timeline.text_seconds += time.perf_counter() - started
+        self.say_chunks(utterance, chunks, text)
+
+    def say_chunks(self, utterance: Utterance, chunks: list[str], text: str) -> None:
+        utterance.chunks = chunks
+        utterance.ended = True
+        if self.app_state.settings.log_text:
+            utterance.job.text_log = text
+
+    def admit(self, utterance: Utterance) -> None:
+        """The utterance joins the session, to be spoken after those started before it."""
+        self.active[utterance.id] = utterance
         self.queue.put_nowait(utterance)
+
+    def speak_now(self, utterance: Utterance) -> None:
+        """The utterance joins the session and is spoken at once, beside any others (independent
+        contexts of the vendor protocols)."""
+        self.active[utterance.id] = utterance
+        task = asyncio.ensure_future(self.speak_one(utterance))
+        self.speaking.add(task)
+        task.add_done_callback(self.speaking.discard)
 
     async def add_text(self, utterance: Utterance, text: str) -> None:
         if utterance.ended:
@@ -4480,29 +4550,34 @@ class SpeechSession:
     async def speak_in_order(self) -> None:
         while True:
             utterance = await self.queue.get()
-            if utterance.cancelled:
-                continue
-            utterance.task = asyncio.ensure_future(self.stream(utterance))
-            error: Exception | None = None
-            status = 499  # cancelled, or the connection is closing
-            try:
-                await utterance.task
-                status = 200
-            except asyncio.CancelledError:
-                if not utterance.cancelled:
-                    raise  # the connection is closing
-            except (WebSocketDisconnect, WebSocketDisconnected):
-                return  # the client left mid-utterance (499); the receive loop ends the session
-            except ClientStalled:
-                utterance.job.outcome = "stalled"
-                await self.abandon()
+            if not utterance.cancelled and not await self.speak_one(utterance):
                 return
-            except Exception as exc:
-                error = exc
-                status = exc.status if isinstance(exc, ApiError) else 500
-            finally:
-                self.retire(utterance, status)
-            await self.finished(utterance, error)
+
+    async def speak_one(self, utterance: Utterance) -> bool:
+        """Speak the utterance, retire it and say how it ended; False once the client has left (or
+        stalled: then every utterance ends and the connection closes)."""
+        utterance.task = asyncio.ensure_future(self.stream(utterance))
+        error: Exception | None = None
+        status = 499  # cancelled, or the connection is closing
+        try:
+            await utterance.task
+            status = 200
+        except asyncio.CancelledError:
+            if not utterance.cancelled:
+                raise  # the connection is closing
+        except CLIENT_GONE:
+            return False  # the client left mid-utterance (499); the receive loop ends the session
+        except ClientStalled:
+            utterance.job.outcome = "stalled"
+            await self.abandon()
+            return False
+        except Exception as exc:
+            error = exc
+            status = exc.status if isinstance(exc, ApiError) else 500
+        finally:
+            self.retire(utterance, status)
+        await self.finished(utterance, error)
+        return True
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
         """Tell the client how an utterance ended: done, cancelled (never started or stopped) or failed."""
@@ -4526,18 +4601,23 @@ class SpeechSession:
     def _finish_record(self, record: RequestRecord) -> None:
         record.finish(self.app_state.speaker.metrics, self.app_state.settings.log_text)
 
+    async def audio(self, utterance: Utterance) -> AsyncIterator[bytes]:
+        """The utterance's encoded audio as it is made, counted in its record; its rendering (and its
+        model work) ends as soon as this does."""
+        async with aclosing(self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)) as audio:
+            async for data in audio:
+                utterance.record.bytes += len(data)
+                yield data
+
     async def stream(self, utterance: Utterance) -> None:
         output = utterance.job.output
         await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
                               "sample_rate": output.rate})
-        async with aclosing(self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)) as audio:
-            async for data in audio:
-                utterance.record.bytes += len(data)
-                if utterance.encoding == "binary":
-                    await self.send(self.ws.send_bytes(data))
-                else:
-                    await self.send_json({"type": "audio", "id": utterance.id,
-                                          "audio": base64.b64encode(data).decode()})
+        async for data in self.audio(utterance):
+            if utterance.encoding == "binary":
+                await self.send(self.ws.send_bytes(data))
+            else:
+                await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
 
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.send(self.ws.send_text(json.dumps(message, separators=(",", ":"))))
@@ -4557,12 +4637,26 @@ class SpeechSession:
                 await self.ws.close(self.close_code)
 
 
+async def fixed_frames(audio: AsyncIterator[bytes], size: int, silence: bytes) -> AsyncIterator[bytes]:
+    """A stream cut into frames of `size` bytes, the last one padded with `silence` (telephony)."""
+    pending = b""
+    async for data in audio:
+        pending += data
+        whole = len(pending) - len(pending) % size
+        for i in range(0, whole, size):
+            yield pending[i : i + size]
+        pending = pending[whole:]
+    if pending:
+        yield pending.ljust(size, silence)
+
+
 async def serve_session(websocket: WebSocket, session_type: type[SpeechSession]) -> None:
-    await websocket.accept()
+    offered = websocket.scope.get("subprotocols") or []
+    await websocket.accept(subprotocol=session_type.subprotocol if session_type.subprotocol in offered else None)
     session = session_type(websocket, state(websocket))
     try:
         await session.run()
-        if websocket.client_state == WebSocketState.CONNECTED:
+        if WebSocketState.CONNECTED == websocket.client_state == websocket.application_state:
             await websocket.close(session.close_code)
     except WebSocketDisconnect:
         pass
@@ -4678,13 +4772,11 @@ class TwilioSession(SpeechSession):
         for n, chunks in enumerate(sentences, 1):
             sentence_job = job.copy()
             sentence_job.timeline.text_seconds = text_seconds / len(sentences)
-            utterance = Utterance(f"{name}.{n}", sentence_job,
-                                  RequestRecord(self.ws.scope["path"], sentence_job.id, job=sentence_job))
+            utterance = self.utterance(f"{name}.{n}", sentence_job)
             utterance.queue_chunks(chunks)
             utterance.ended = True
             utterance.feed.put_nowait(None)
-            self.active[utterance.id] = utterance
-            self.queue.put_nowait(utterance)
+            self.admit(utterance)
 
     async def clear(self) -> None:
         """Barge-in: drop the queued sentences, stop the one being spoken, then have Twilio drop its buffer."""
@@ -4695,17 +4787,9 @@ class TwilioSession(SpeechSession):
         await self.send_event("clear")
 
     async def stream(self, utterance: Utterance) -> None:
-        pending = b""
-        async with aclosing(self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)) as audio:
-            async for data in audio:
-                utterance.record.bytes += len(data)
-                pending += data
-                whole = len(pending) - len(pending) % TWILIO_FRAME_BYTES
-                for i in range(0, whole, TWILIO_FRAME_BYTES):
-                    await self.send_media(pending[i : i + TWILIO_FRAME_BYTES])
-                pending = pending[whole:]
-        if pending:  # padded with silence, so every frame is 20 ms and the mark falls after the sentence
-            await self.send_media(pending.ljust(TWILIO_FRAME_BYTES, ULAW_SILENCE))
+        # Every frame is 20 ms (the last padded with silence), so the mark falls after the sentence.
+        async for frame in fixed_frames(self.audio(utterance), TWILIO_FRAME_BYTES, ULAW_SILENCE):
+            await self.send_media(frame)
         await self.send_event("mark", mark={"name": utterance.id})
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
@@ -4725,7 +4809,10 @@ async def twilio_websocket(websocket: WebSocket) -> None:
 
 
 async def list_voices(request: Request) -> Response:
-    return JSONResponse({"object": "list", "data": state(request).speaker.voices.list()})
+    voices = state(request).speaker.voices.list()
+    # `voices` is what Open WebUI reads (and other OpenAI-compatible TTS servers answer).
+    return JSONResponse({"object": "list", "data": voices,
+                         "voices": [{"id": voice["id"], "name": voice["id"]} for voice in voices]})
 
 
 async def upload_voice(request: Request) -> Response:
@@ -4788,12 +4875,24 @@ async def delete_voice(request: Request) -> Response:
     return JSONResponse({"id": name, "object": "voice", "deleted": True})
 
 
+def model_object(app_state: AppState) -> dict[str, Any]:
+    engine = app_state.engine
+    return {"id": engine.name, "object": "model", "created": int(app_state.started),
+            "owned_by": "rhasspy" if engine.name == "piper" else "resemble-ai", "chosen_because": engine.choice}
+
+
 async def list_models(request: Request) -> Response:
-    app_state = state(request)
-    model = {"id": app_state.engine.name, "object": "model", "created": int(app_state.started),
-             "owned_by": "rhasspy" if app_state.engine.name == "piper" else "resemble-ai",
-             "chosen_because": app_state.engine.choice}
-    return JSONResponse({"object": "list", "data": [model]})
+    return JSONResponse({"object": "list", "data": [model_object(state(request))]})
+
+
+OPENAI_TTS_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")  # accepted as `model`; the loaded engine speaks
+
+
+async def list_speech_models(request: Request) -> Response:
+    """The speech models as Open WebUI reads them (`models`), beside OpenAI's list shape."""
+    loaded = model_object(state(request))
+    names = (loaded["id"], *OPENAI_TTS_MODELS)
+    return JSONResponse({"object": "list", "data": [loaded], "models": [{"id": n, "name": n} for n in names]})
 
 
 async def status(request: Request) -> Response:
@@ -4967,19 +5066,20 @@ def key_matches(token: str, key: str) -> bool:
 
 class ApiKeyAuth:
     """ASGI middleware: with API_KEY set, every request but the page, /health and /ready must carry
-    'Authorization: Bearer <key>' (WebSockets may pass ?token=<key> instead). The page holds no
-    secret: it asks for the key and sends it with each call. The Twilio stream checks its key
-    itself, at `start`."""
+    the key (see presented_key). The page holds no secret: it asks for the key and sends it with
+    each call. Routes whose protocols carry the key their own way (Twilio's `start` message, the
+    vendor adapters' headers and messages) check it themselves: `self_checked`."""
 
     OPEN_PATHS = frozenset({"/", "/health", "/ready"})
-    KEY_AT_START = frozenset({"/v1/telephony/twilio"})  # Twilio can send a key only inside its start message
 
-    def __init__(self, app: Any, key: str):
+    def __init__(self, app: Any, key: str, self_checked: list[BaseRoute]):
         self.app = app
         self.key = key
+        self.self_checked = self_checked
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        unchecked = scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS | self.KEY_AT_START
+        unchecked = scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS or any(
+            route.matches(scope)[0] == Match.FULL for route in self.self_checked)
         if unchecked or self._allowed(scope):
             await self.app(scope, receive, send)
             return
@@ -5049,6 +5149,8 @@ class OriginCheck:
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
+    import adapters  # the other vendors' protocols, mapped onto this module's sessions
+
     settings = settings or Settings.from_env()
     engine = engine or make_engine(settings)
     speaker = Speaker(settings, engine)
@@ -5062,10 +5164,17 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             background.append(loading)
         if settings.idle_unload_s > 0:
             background.append(asyncio.ensure_future(speaker.unload_when_idle()))
-        yield
-        for task in background:
-            task.cancel()
-        speaker.worker.stop()
+        tcp = adapters.TcpServers(app.state.tts)
+        await tcp.start()
+        try:
+            yield
+        finally:
+            await tcp.stop()
+            for task in background:
+                task.cancel()
+            speaker.worker.stop()
+
+    twilio = WebSocketRoute("/v1/telephony/twilio", twilio_websocket)  # Twilio sends its key in `start`
 
     routes: list[BaseRoute] = [
         Route("/", web_page, methods=["GET"]),
@@ -5073,28 +5182,31 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
         Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),
         WebSocketRoute("/v1/audio/speech/ws", speech_websocket),
-        WebSocketRoute("/v1/telephony/twilio", twilio_websocket),
+        twilio,
         Route("/v1/audio/voices", list_voices, methods=["GET"]),
         Route("/v1/audio/voices", upload_voice, methods=["POST"]),
         Route("/v1/audio/voices/{name}", delete_voice, methods=["DELETE"]),
+        Route("/v1/audio/models", list_speech_models, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/status", status, methods=["GET"]),
         Route("/metrics", prometheus_metrics, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
+        *adapters.routes(),
     ]
     app = Starlette(
         routes=routes,
         exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler, ClientGone: client_gone_handler,
                             Exception: unexpected_error_handler},
         lifespan=lifespan,
-        middleware=middleware(settings, routes, speaker),
+        middleware=middleware(settings, routes, speaker, [twilio, *adapters.KEY_IN_SESSION]),
     )
     app.state.tts = AppState(settings=settings, engine=engine, speaker=speaker)
     return app
 
 
-def middleware(settings: Settings, routes: list[BaseRoute], speaker: Speaker) -> list[Middleware]:
+def middleware(settings: Settings, routes: list[BaseRoute], speaker: Speaker,
+               self_checked: list[BaseRoute]) -> list[Middleware]:
     stack = [Middleware(RequestLog, routes=routes, speaker=speaker, log_text=settings.log_text)]
     origins = cors_origins(settings)
     if origins:
@@ -5103,7 +5215,7 @@ def middleware(settings: Settings, routes: list[BaseRoute], speaker: Speaker) ->
                                                 "X-Encoding", "Server-Timing"]))
     stack.append(Middleware(OriginCheck, allowed=origins))
     if settings.api_key:
-        stack.append(Middleware(ApiKeyAuth, key=settings.api_key))
+        stack.append(Middleware(ApiKeyAuth, key=settings.api_key, self_checked=self_checked))
     return stack
 
 
@@ -5188,4 +5300,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    sys.modules["server"] = sys.modules["__main__"]  # adapters.py imports this module by name: one copy
     main()

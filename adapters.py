@@ -1,0 +1,1158 @@
+"""Other vendors' speech protocols, each a thin adapter over server.py's pipeline.
+
+  ElevenLabs  REST  POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps]
+              WS    /v1/text-to-speech/{voice_id}/stream-input, .../multi-stream-input
+  Cartesia    WS    /tts/websocket; REST POST /tts/bytes
+  Wyoming     TCP   on WYOMING_PORT (Home Assistant)
+  Asterisk    TCP   AudioSocket on AUDIOSOCKET_PORT; WS /v1/telephony/asterisk (chan_websocket);
+              REST  POST /v1/telephony/audiosocket/{uuid}: what a call is to say
+
+Every utterance is a server.SpeechSession utterance (or an HTTP request's job) rendered by
+Speaker.render, so it is scheduled, limited, cancelled, logged and counted exactly as the server's
+own protocols are; an adapter only translates messages, formats, errors and API keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from loguru import logger
+from pydantic import Field
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketState
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error as WyomingError
+from wyoming.event import Event, async_read_event, async_write_event
+from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
+from wyoming.ping import Ping, Pong
+from wyoming.server import AsyncEventHandler, AsyncTcpServer
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
+
+import server
+from server import (ApiError, AppState, NullIsDefault, Priority, RequestRecord, SpeechJob, SpeechSession,
+                    SynthesisFields, Utterance)
+
+# --- Shared: API keys, errors, estimated character timings ---------------------------------------
+
+
+def check_key(app_state: AppState, *presented: str | None) -> None:
+    """API_KEY, presented the protocol's own way (any of `presented`)."""
+    key = app_state.settings.api_key
+    if key and not any(token and server.key_matches(token, key) for token in presented):
+        raise ApiError(401, "Missing or invalid API key.", code="invalid_api_key")
+
+
+def bearer(headers: Any) -> str:
+    header = headers.get("authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
+CHARS_PER_SECOND = 14.0  # the steady speaking rate the character timings assume
+
+
+@dataclass
+class CharTimings:
+    """Estimated timings of an utterance's characters: the pipeline has no alignment, so the text
+    given to the model is laid over the audio in order at CHARS_PER_SECOND, never ahead of that
+    text; what is left when the audio ends is placed at its end."""
+
+    text: str = ""
+    placed: int = 0
+    clock: float = 0.0  # seconds of audio so far
+
+    def place(self, seconds: float, final: bool = False) -> list[tuple[str, float, float]]:
+        """(character, start, duration) in seconds from the utterance's start, for the next `seconds` of audio."""
+        start = self.clock
+        self.clock += seconds
+        due = len(self.text) if final else min(len(self.text), round(self.clock * CHARS_PER_SECOND))
+        chars = self.text[self.placed : due]
+        self.placed = max(self.placed, due)
+        step = seconds / len(chars) if chars else 0.0
+        return [(char, start + i * step, step) for i, char in enumerate(chars)]
+
+
+@dataclass
+class Words:
+    """Characters with timings, gathered into words (Cartesia's word timestamps)."""
+
+    word: str = ""
+    start: float = 0.0
+    end: float = 0.0
+
+    def add(self, chars: list[tuple[str, float, float]], final: bool = False) -> list[tuple[str, float, float]]:
+        done = []
+        for char, start, duration in chars:
+            if char.isspace():
+                if self.word:
+                    done.append((self.word, self.start, self.end))
+                self.word = ""
+                continue
+            if not self.word:
+                self.start = start
+            self.word += char
+            self.end = start + duration
+        if final and self.word:
+            done.append((self.word, self.start, self.end))
+            self.word = ""
+        return done
+
+
+@dataclass
+class Context(Utterance):
+    """An utterance of a vendor protocol, with what its replies need."""
+
+    timings: CharTimings = field(default_factory=CharTimings)
+    words: Words = field(default_factory=Words)
+    heard: float = 0.0  # seconds of its audio already sent
+    sent_at: float = field(default_factory=time.monotonic)
+    flushes: list[int] = field(default_factory=list)  # Cartesia: chunks queued at each pending flush
+    flushed: int = 0
+    float32: bool = False  # Cartesia's pcm_f32le: the s16 PCM is sent as float32
+    timestamps: bool = False  # Cartesia's add_timestamps
+    timer: asyncio.TimerHandle | None = None  # Cartesia's max_buffer_delay_ms
+    hangup: bool = False  # telephony: hang up once this has been spoken
+
+
+class VendorSession(SpeechSession):
+    """A WebSocket whose utterances ("contexts") are named by the client and may be spoken side by
+    side; subclasses say how messages, audio and endings look in their protocol."""
+
+    async def stream(self, utterance: Utterance) -> None:
+        assert isinstance(utterance, Context)
+        timeline = utterance.job.timeline
+        async for data in self.audio(utterance):
+            seconds, utterance.heard = timeline.audio_seconds - utterance.heard, timeline.audio_seconds
+            start = utterance.timings.clock
+            await self.send_audio(utterance, data, utterance.timings.place(seconds), start)
+        if tail := utterance.timings.place(0.0, final=True):
+            await self.send_audio(utterance, b"", tail, utterance.timings.clock)
+
+    async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
+                         start: float) -> None:
+        """One piece of the context's audio, with the characters estimated to be spoken in it
+        (times from the utterance's start; `start` is where this piece begins)."""
+        raise NotImplementedError
+
+    def context(self, context_id: str, job: SpeechJob) -> Context:
+        return Context(context_id, job, RequestRecord(self.route, job.id, job=job))
+
+    async def _queue_text(self, utterance: Utterance, text: str) -> None:
+        await super()._queue_text(utterance, text)
+        if isinstance(utterance, Context):
+            utterance.timings.text += text
+
+    def say_chunks(self, utterance: Utterance, chunks: list[str], text: str) -> None:
+        super().say_chunks(utterance, chunks, text)
+        if isinstance(utterance, Context):
+            utterance.timings.text += text
+
+    async def hang_up(self, code: int = 1000, reason: str = "") -> None:
+        """End the session from the server's side."""
+        self.closing, self.close_code = True, code
+        if WebSocketState.CONNECTED == self.ws.client_state == self.ws.application_state:
+            await self.ws.close(code, reason[:120])
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def vendor_route(path: str, endpoint: Callable[[Request], Awaitable[Response]],
+                 error: Callable[[ApiError], Response]) -> Route:
+    """An HTTP route that answers errors in its protocol's shape."""
+
+    async def answer(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except ApiError as exc:
+            response = error(exc)
+            response.headers.update(exc.headers)
+            return response
+
+    return Route(path, answer, methods=["POST"])
+
+
+async def speak_http(request: Request, fields: SynthesisFields, text: str, streaming: bool, param: str,
+                     convert: Callable[[bytes], bytes] | None = None) -> Response:
+    """A vendor HTTP request's audio: the same job and stream as POST /v1/audio/speech."""
+    job, chunks = await server.request_job(request, fields, text, "mp3", streaming, param=param)
+    audio = await server.speech_stream(request, job, chunks, streaming)
+    if convert is not None:
+        audio = converted(audio, convert)
+    return StreamingResponse(server.ended_cleanly(audio), media_type=job.output.fmt.media_type,
+                             headers=server.audio_headers(job))
+
+
+async def converted(audio: AsyncIterator[bytes], convert: Callable[[bytes], bytes]) -> AsyncIterator[bytes]:
+    async for data in audio:
+        yield convert(data)
+
+
+def s16_to_f32(data: bytes) -> bytes:
+    return (np.frombuffer(data, "<i2").astype("<f4") / 32768.0).tobytes()
+
+
+def query_int(params: Any, name: str, default: int, low: int, high: int) -> int:
+    raw = params.get(name)
+    if raw in (None, ""):
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(400, f"'{name}' must be a whole number from {low} to {high}.", param=name, code="invalid_value")
+    return int(raw)
+
+
+def query_bool(params: Any, name: str) -> bool:
+    return str(params.get(name, "")).lower() in ("1", "true", "yes", "on")
+
+
+# --- ElevenLabs --------------------------------------------------------------------------------
+
+ELEVENLABS_FORMAT = "mp3_44100_128"
+
+
+class ElevenLabsVoiceSettings(NullIsDefault):
+    """Accepted and range-checked; only `speed` changes the speech (ElevenLabs' stability,
+    similarity and style have no Chatterbox or Piper counterpart)."""
+
+    stability: float | None = Field(None, ge=0.0, le=1.0)
+    similarity_boost: float | None = Field(None, ge=0.0, le=1.0)
+    style: float | None = Field(None, ge=0.0, le=1.0)
+    use_speaker_boost: bool | None = None
+    speed: float | None = Field(None, ge=0.25, le=4.0)
+
+
+class ElevenLabsGeneration(NullIsDefault):
+    # Accepted and validated; text is spoken as its sentences complete (or on flush), not by length.
+    chunk_length_schedule: list[Annotated[int, Field(ge=50, le=500)]] | None = Field(None, min_length=1)
+
+
+class ElevenLabsSpeech(NullIsDefault):
+    text: str
+    model_id: str | None = None
+    voice_settings: ElevenLabsVoiceSettings | None = None
+    language_code: str | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+
+
+class ElevenLabsMessage(NullIsDefault):
+    text: str | None = None
+    context_id: str = Field("default", min_length=1, max_length=128)
+    voice_settings: ElevenLabsVoiceSettings | None = None
+    generation_config: ElevenLabsGeneration | None = None
+    try_trigger_generation: bool = False  # accepted; sentences trigger generation here
+    flush: bool = False
+    close_context: bool = False
+    close_socket: bool = False
+    xi_api_key: str | None = None
+    authorization: str | None = None
+
+
+def elevenlabs_fields(voice_id: str, output_format: str, settings: ElevenLabsVoiceSettings | None,
+                      language: str | None = None, seed: int | None = None) -> SynthesisFields:
+    speed = settings.speed if settings is not None else None
+    return server.parse_model(SynthesisFields, {"voice": voice_id, "output_format": output_format, "speed": speed,
+                                                "language": language, "seed": seed})
+
+
+ELEVENLABS_STATUS = {"invalid_value": 422, "missing_field": 422, "voice_not_found": 404}
+
+
+def elevenlabs_error(exc: ApiError) -> JSONResponse:
+    """ElevenLabs' REST error shape: {"detail": {"status", "message"}}."""
+    return JSONResponse({"detail": {"status": exc.code or "invalid_request", "message": exc.message}},
+                        status_code=ELEVENLABS_STATUS.get(exc.code or "", exc.status))
+
+
+async def elevenlabs_request(request: Request) -> tuple[ElevenLabsSpeech, SynthesisFields]:
+    app_state = server.state(request)
+    check_key(app_state, request.headers.get("xi-api-key"), bearer(request.headers))
+    data = await server.read_json(request, server.MAX_JSON_BYTES)
+    body: ElevenLabsSpeech = server.parse_model(ElevenLabsSpeech, data)
+    output_format = request.query_params.get("output_format") or ELEVENLABS_FORMAT
+    fields = elevenlabs_fields(request.path_params["voice_id"], output_format, body.voice_settings,
+                               body.language_code, body.seed)
+    return body, fields
+
+
+async def elevenlabs_speech(request: Request) -> Response:
+    """POST /v1/text-to-speech/{voice_id}: whole-chunk decoding; /stream: token windows."""
+    body, fields = await elevenlabs_request(request)
+    return await speak_http(request, fields, body.text, streaming=request.url.path.endswith("/stream"), param="text")
+
+
+async def elevenlabs_timestamps(request: Request) -> Response:
+    """.../with-timestamps: JSON lines of base64 audio with (estimated) character timings."""
+    body, fields = await elevenlabs_request(request)
+    streaming = "/stream/" in request.url.path
+    job, chunks = await server.request_job(request, fields, body.text, "mp3", streaming, param="text")
+    audio = await server.speech_stream(request, job, chunks, streaming)
+    timings = CharTimings(text=body.text)
+
+    async def lines() -> AsyncIterator[bytes]:
+        heard = 0.0
+        async for data in audio:
+            seconds, heard = job.timeline.audio_seconds - heard, job.timeline.audio_seconds
+            yield timestamp_line(data, timings.place(seconds))
+        if tail := timings.place(0.0, final=True):
+            yield timestamp_line(b"", tail)
+
+    return StreamingResponse(server.ended_cleanly(lines()), media_type="application/x-ndjson",
+                             headers={"X-Request-Id": job.id})
+
+
+def timestamp_line(data: bytes, chars: list[tuple[str, float, float]]) -> bytes:
+    alignment = {"characters": [c for c, _, _ in chars],
+                 "character_start_times_seconds": [round(s, 3) for _, s, _ in chars],
+                 "character_end_times_seconds": [round(s + d, 3) for _, s, d in chars]}
+    return (json.dumps({"audio_base64": b64(data), "alignment": alignment, "normalized_alignment": alignment},
+                       separators=(",", ":")) + "\n").encode()
+
+
+def elevenlabs_alignment(chars: list[tuple[str, float, float]], start: float) -> dict[str, Any]:
+    """Character timings in milliseconds from the start of this message's audio (as ElevenLabs sends
+    them); the duration under both spellings clients read."""
+    durations = [round(1000 * d) for _, _, d in chars]
+    return {"chars": [c for c, _, _ in chars], "charStartTimesMs": [round(1000 * (s - start)) for _, s, _ in chars],
+            "charsDurationsMs": durations, "charDurationsMs": durations}
+
+
+class ElevenLabsSession(VendorSession):
+    """stream-input: one utterance per socket, its text arriving in pieces; `{"text": ""}` ends it,
+    and the socket closes after `{"isFinal": true}`."""
+
+    multi = False
+
+    def __init__(self, websocket: WebSocket, app_state: AppState):
+        super().__init__(websocket, app_state)
+        self.opened = False  # a context was ever opened (stream-input has one)
+        self.authorized = False
+        self.closing_socket = False  # close_socket: close once every context has finished
+
+    async def read_messages(self) -> None:
+        query = self.ws.query_params
+        try:
+            self.output_format = query.get("output_format") or ELEVENLABS_FORMAT
+            self.auto_mode = query_bool(query, "auto_mode")
+            self.language = query.get("language_code") or None
+            self.inactivity = query_int(query, "inactivity_timeout", 20, 1, 180)
+            server.output_spec(SynthesisFields(output_format=self.output_format), "mp3")
+        except ApiError as exc:
+            await self.send_error(exc, None)
+            await self.hang_up(1008, exc.message)
+            return
+        while not self.closing:
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), self.inactivity)
+            except TimeoutError:
+                if any(u.task is not None and not u.task.done() for u in self.active.values()):
+                    continue  # speaking is activity too
+                await self.send_error(ApiError(408, f"No message for {self.inactivity} s (inactivity_timeout).",
+                                               code="input_timeout_exceeded"), None)
+                await self.hang_up(1008, "input_timeout_exceeded")
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            await self.receive(message.get("text"), message.get("bytes"))
+
+    async def receive(self, text: str | None, data: bytes | None) -> None:
+        context_id = None
+        try:
+            message: ElevenLabsMessage = server.parse_model(ElevenLabsMessage, server.ws_message(text))
+            context_id = message.context_id
+            if not self.authorized:
+                check_key(self.app_state, self.ws.headers.get("xi-api-key"), bearer(self.ws.headers),
+                          message.xi_api_key, bearer({"authorization": message.authorization or ""}))
+                self.authorized = True
+            if message.close_socket:
+                await self.close_socket()
+                return
+            context = self.active.get(context_id)
+            if context is None:
+                if message.close_context or (self.multi and not message.text and not message.flush):
+                    return  # closing, or keeping alive, a context that has ended: nothing to do
+                if not self.multi and self.opened:
+                    raise ApiError(409, "This stream has ended; open a new connection.", code="stream_ended")
+                context = await self.open(message)
+            elif message.close_context or (not self.multi and message.text == ""):
+                await self.end(context)  # its text is complete: the rest is spoken, then isFinal
+            else:
+                await self.add(context, message)
+        except ApiError as exc:
+            await self.send_error(exc, context_id)
+            if exc.code == "invalid_api_key":
+                await self.hang_up(1008, exc.message)
+
+    async def open(self, message: ElevenLabsMessage) -> Context:
+        self.check_room()
+        fields = elevenlabs_fields(self.ws.path_params["voice_id"], self.output_format, message.voice_settings,
+                                   self.language)
+        job = await server.speech_job(fields, self.app_state, Priority.REALTIME, "mp3")
+        context = self.context(message.context_id, job)
+        await self.add(context, message)
+        self.opened = True
+        if self.multi:
+            self.speak_now(context)
+        else:
+            self.admit(context)
+        return context
+
+    async def add(self, context: Context, message: ElevenLabsMessage) -> None:
+        if message.text:
+            await self.add_text(context, message.text)
+        if message.flush or (self.auto_mode and message.text and message.text.strip()):
+            await self.flush(context)
+
+    async def close_socket(self) -> None:
+        for context in list(self.active.values()):
+            await self.end(context)
+        self.closing_socket = True
+        if not self.active:
+            await self.hang_up()
+
+    async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
+                         start: float) -> None:
+        message: dict[str, Any] = {"audio": b64(data), "isFinal": False}
+        if chars:
+            alignment = elevenlabs_alignment(chars, start)
+            message |= {"alignment": alignment, "normalizedAlignment": alignment}
+        await self.send_json(self.tagged(message, context.id))
+
+    def tagged(self, message: dict[str, Any], context_id: str | None) -> dict[str, Any]:
+        return message | {"contextId": context_id} if self.multi and context_id is not None else message
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        if error is not None:
+            body = server.error_body(error)
+            status = error.status if isinstance(error, ApiError) else 500
+            await self.send_error(ApiError(status, body["message"], code=body["code"]), utterance.id)
+        await self.send_json(self.tagged({"isFinal": True}, utterance.id))
+        if not self.multi or (self.closing_socket and not self.active):
+            await self.hang_up()
+
+    async def send_error(self, exc: ApiError, context_id: str | None) -> None:
+        await self.send_json(self.tagged({"message": exc.message, "error": exc.code or "invalid_request",
+                                          "code": 1008 if exc.status == 401 else exc.status}, context_id))
+
+
+class ElevenLabsMultiSession(ElevenLabsSession):
+    """multi-stream-input: independent contexts side by side, named by `context_id`."""
+
+    multi = True
+
+
+# --- Cartesia ----------------------------------------------------------------------------------
+
+CARTESIA_ENCODINGS = {"pcm_s16le": "pcm", "pcm_f32le": "pcm", "pcm_mulaw": "ulaw", "pcm_alaw": "alaw"}
+
+
+class CartesiaVoice(NullIsDefault):
+    mode: Literal["id"] = "id"
+    id: str = Field(min_length=1)
+
+
+class CartesiaOutput(NullIsDefault):
+    container: Literal["raw", "wav", "mp3"] = "raw"
+    encoding: Literal["pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw"] | None = None
+    sample_rate: int
+    bit_rate: int | None = Field(None, ge=8000, le=320000)
+
+
+class CartesiaGeneration(NullIsDefault):
+    speed: float | None = Field(None, ge=0.25, le=4.0)  # volume and emotion are accepted and ignored
+
+
+class CartesiaRequest(NullIsDefault):
+    model_id: str = ""  # any model: the one loaded speaks
+    transcript: str = ""
+    voice: CartesiaVoice | None = None
+    language: str | None = None
+    context_id: str | None = Field(None, min_length=1, max_length=128)
+    output_format: CartesiaOutput | None = None
+    more: bool = Field(False, alias="continue")
+    add_timestamps: bool = False
+    max_buffer_delay_ms: int = Field(3000, ge=0, le=5000)
+    flush: bool = False
+    cancel: bool = False
+    generation_config: CartesiaGeneration | None = None
+
+
+def cartesia_fields(request: CartesiaRequest, websocket: bool) -> tuple[SynthesisFields, bool]:
+    """Our synthesis fields for a request, and whether its PCM is sent as float32."""
+    if request.voice is None or request.output_format is None:
+        missing = "voice" if request.voice is None else "output_format"
+        raise ApiError(400, f"'{missing}' is required.", param=missing, code="missing_field")
+    out = request.output_format
+    if websocket and out.container != "raw":
+        raise ApiError(400, "The WebSocket sends raw audio: use container 'raw'.", param="output_format.container",
+                       code="unsupported_format")
+    if out.container == "mp3":
+        name = "mp3"
+    elif out.encoding is None:
+        raise ApiError(400, "'output_format.encoding' is required.", param="output_format.encoding",
+                       code="missing_field")
+    elif out.container == "wav":
+        if out.encoding != "pcm_s16le":
+            raise ApiError(400, "WAV is sent as pcm_s16le.", param="output_format.encoding", code="unsupported_format")
+        name = "wav"
+    else:
+        name = CARTESIA_ENCODINGS[out.encoding]
+    speed = request.generation_config.speed if request.generation_config is not None else None
+    fields = server.parse_model(SynthesisFields, {"voice": request.voice.id, "response_format": name,
+                                                  "sample_rate": out.sample_rate, "speed": speed,
+                                                  "language": request.language})
+    bitrate = f"_{out.bit_rate // 1000}" if name == "mp3" and out.bit_rate else ""
+    if bitrate:
+        fields = fields.model_copy(update={"output_format": f"mp3_{out.sample_rate}{bitrate}"})
+    return fields, out.encoding == "pcm_f32le" and name == "pcm"
+
+
+def cartesia_error_body(exc: ApiError) -> dict[str, Any]:
+    return {"title": "Invalid request" if exc.status < 500 else "Server error", "message": exc.message,
+            "error_code": exc.code or "invalid_request", "status_code": exc.status}
+
+
+def cartesia_error(exc: ApiError) -> JSONResponse:
+    return JSONResponse(cartesia_error_body(exc), status_code=exc.status)
+
+
+async def cartesia_bytes(request: Request) -> Response:
+    """POST /tts/bytes: the whole transcript, streamed as it is made (whole-chunk decoding)."""
+    check_key(server.state(request), request.headers.get("x-api-key"), bearer(request.headers))
+    body: CartesiaRequest = server.parse_model(CartesiaRequest, await server.read_json(request, server.MAX_JSON_BYTES))
+    fields, float32 = cartesia_fields(body, websocket=False)
+    response = await speak_http(request, fields, body.transcript, streaming=False, param="transcript",
+                                convert=s16_to_f32 if float32 else None)
+    if float32:
+        response.headers["X-Encoding"] = "f32le"
+        response.headers["X-Bit-Depth"] = "32"
+    return response
+
+
+class CartesiaSession(VendorSession):
+    """/tts/websocket: contexts side by side, each fed with `continue` until `continue: false`."""
+
+    async def read_messages(self) -> None:
+        headers, query = self.ws.headers, self.ws.query_params
+        try:
+            check_key(self.app_state, headers.get("x-api-key"), query.get("api_key"), bearer(headers))
+        except ApiError as exc:
+            await self.send_json(self.error_message(exc, None))
+            await self.hang_up(1008, exc.message)
+            return
+        await super().read_messages()
+
+    async def receive(self, text: str | None, data: bytes | None) -> None:
+        context_id = None
+        try:
+            request: CartesiaRequest = server.parse_model(CartesiaRequest, server.ws_message(text))
+            context_id = request.context_id or uuid.uuid4().hex
+            context = self.active.get(context_id)
+            if request.cancel:
+                if isinstance(context, Context):
+                    await self.cancel(context)
+                return
+            if context is None:
+                context = await self.open(context_id, request)
+            else:
+                await self.feed(context, request)
+        except ApiError as exc:
+            await self.send_json(self.error_message(exc, context_id))
+
+    async def open(self, context_id: str, request: CartesiaRequest) -> Context:
+        self.check_room()
+        fields, float32 = cartesia_fields(request, websocket=True)
+        job = await server.speech_job(fields, self.app_state, Priority.REALTIME, "pcm")
+        context = self.context(context_id, job)
+        context.float32, context.timestamps = float32, request.add_timestamps
+        if not request.more and not request.flush:  # the whole transcript at once: chunked as HTTP's
+            await self.say_all(context, request.transcript, param="transcript")
+        else:
+            await self.feed(context, request)
+        self.speak_now(context)
+        return context
+
+    async def feed(self, context: Context, request: CartesiaRequest) -> None:
+        if request.transcript:
+            await self.add_text(context, request.transcript)
+        if context.timer is not None:
+            context.timer.cancel()
+            context.timer = None
+        if not request.more:
+            await self.end(context)
+        elif request.flush or request.max_buffer_delay_ms == 0:
+            await self.flush(context)
+            if request.flush:
+                context.flushes.append(context.queued)
+        elif context.buffer.strip():
+            context.timer = asyncio.get_running_loop().call_later(
+                request.max_buffer_delay_ms / 1000, lambda: asyncio.ensure_future(self.flush(context)))
+
+    async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
+                         start: float) -> None:
+        if data:
+            now = time.monotonic()
+            step, context.sent_at = now - context.sent_at, now
+            await self.send_json({"type": "chunk", "data": b64(s16_to_f32(data) if context.float32 else data),
+                                  "done": False, "status_code": 206, "step_time": round(1000 * step, 1),
+                                  "context_id": context.id})
+        words = context.words.add(chars, final=not data)
+        if words and context.timestamps:
+            await self.send_json({"type": "timestamps", "done": False, "status_code": 206, "context_id": context.id,
+                                  "word_timestamps": {"words": [w for w, _, _ in words],
+                                                      "start": [round(s, 3) for _, s, _ in words],
+                                                      "end": [round(e, 3) for _, _, e in words]}})
+        await self.send_flushes(context, len(context.job.timeline.chunks_generated))
+
+    async def send_flushes(self, context: Context, chunks_done: int) -> None:
+        """flush_done for each flush whose text has been generated (its last chunk's generation ended)."""
+        while context.flushes and chunks_done >= context.flushes[0]:
+            context.flushes.pop(0)
+            context.flushed += 1
+            await self.send_json({"type": "flush_done", "done": False, "flush_done": True,
+                                  "flush_id": context.flushed, "status_code": 206, "context_id": context.id})
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        if isinstance(utterance, Context) and utterance.timer is not None:
+            utterance.timer.cancel()
+        if error is not None:
+            body = server.error_body(error)
+            status = error.status if isinstance(error, ApiError) else 500
+            await self.send_json(self.error_message(ApiError(status, body["message"], code=body["code"]),
+                                                    utterance.id))
+        elif not utterance.cancelled:
+            await self.send_flushes(utterance, utterance.queued)
+            await self.send_json({"type": "done", "done": True, "status_code": 200, "context_id": utterance.id})
+
+    @staticmethod
+    def error_message(exc: ApiError, context_id: str | None) -> dict[str, Any]:
+        return {"type": "error", "done": True, "context_id": context_id, **cartesia_error_body(exc)}
+
+
+# --- Wyoming (Home Assistant) ------------------------------------------------------------------
+
+
+class WyomingSession(SpeechSession):
+    """One Wyoming TCP connection: `synthesize` is one utterance; `synthesize-start`, chunks and
+    `synthesize-stop` one utterance fed sentence by sentence, ended by `synthesize-stopped`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
+        super().__init__(None, app_state, route="wyoming")
+        self.reader, self.writer = reader, writer
+        self.streaming: Utterance | None = None  # the utterance of a synthesize-start ... stop stream
+        self.numbers = iter(range(1, 1 << 62))
+        self.rate = app_state.engine.sample_rate if app_state.engine.sample_rate in server.SAMPLE_RATES else 24000
+
+    async def read_messages(self) -> None:
+        while not self.closing:
+            try:
+                event = await async_read_event(self.reader)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                return
+            if event is None:
+                if not self.reader.at_eof():  # a line that is not an event
+                    await self.write(WyomingError(text="Not a Wyoming event.", code="invalid_event").event())
+                return
+            await self.handle(event)
+
+    async def handle(self, event: Event) -> None:
+        try:
+            if Describe.is_type(event.type):
+                await self.write(self.info().event())
+            elif Ping.is_type(event.type):
+                await self.write(Pong(text=Ping.from_event(event).text).event())
+            elif SynthesizeStart.is_type(event.type):
+                if self.streaming is not None:
+                    raise ApiError(409, "A synthesize stream is open already: stop it first.", code="already_started")
+                self.check_room()
+                self.streaming = await self.begin(SynthesizeStart.from_event(event).voice)
+                self.admit(self.streaming)
+            elif SynthesizeChunk.is_type(event.type):
+                await self.add_text(self.stream_in_progress(), SynthesizeChunk.from_event(event).text)
+            elif SynthesizeStop.is_type(event.type):
+                await self.end(self.stream_in_progress())
+                self.streaming = None
+            elif Synthesize.is_type(event.type) and self.streaming is None:  # inside a stream: a copy, ignored
+                self.check_room()
+                synthesize = Synthesize.from_event(event)
+                utterance = await self.begin(synthesize.voice)
+                await self.say_all(utterance, synthesize.text)
+                self.admit(utterance)
+        except (ApiError, KeyError, TypeError, AttributeError) as exc:
+            message = exc.message if isinstance(exc, ApiError) else f"Malformed {event.type} event."
+            code = exc.code if isinstance(exc, ApiError) else "invalid_event"
+            await self.write(WyomingError(text=message, code=code).event())
+
+    def stream_in_progress(self) -> Utterance:
+        if self.streaming is None:
+            raise ApiError(400, "No synthesize-start before this event.", code="not_started")
+        return self.streaming
+
+    async def begin(self, voice: Any) -> Utterance:
+        fields = server.parse_model(SynthesisFields, {
+            "voice": getattr(voice, "name", None), "language": getattr(voice, "language", None),
+            "response_format": "pcm", "sample_rate": self.rate})
+        job = await server.speech_job(fields, self.app_state, Priority.REALTIME, "pcm")
+        return self.utterance(str(next(self.numbers)), job)
+
+    def info(self) -> Info:
+        engine, described = self.app_state.engine, self.app_state.engine.describe()
+        attribution = (Attribution(name="Rhasspy", url="https://github.com/rhasspy/piper") if engine.name == "piper"
+                       else Attribution(name="Resemble AI", url="https://github.com/resemble-ai/chatterbox"))
+        languages = described.get("languages", ["en"])
+        voices = [TtsVoice(name=v["id"], attribution=attribution, installed=True, description=v["type"],
+                           version=None, languages=languages) for v in self.app_state.speaker.voices.list()]
+        return Info(tts=[TtsProgram(name="chatterbox-tts-server", attribution=attribution, installed=True,
+                                    description=f"{engine.name} via chatterbox-tts-server", version=server.__version__,
+                                    voices=voices, supports_synthesize_streaming=True)])
+
+    async def stream(self, utterance: Utterance) -> None:
+        await self.write(AudioStart(rate=self.rate, width=2, channels=1).event())
+        async for data in self.audio(utterance):
+            await self.write(AudioChunk(rate=self.rate, width=2, channels=1, audio=data).event())
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        if error is not None:
+            body = server.error_body(error)
+            await self.write(WyomingError(text=body["message"], code=body["code"]).event())
+        await self.write(AudioStop().event())
+        if utterance.chunks is None:  # it came as a stream
+            await self.write(SynthesizeStopped().event())
+
+    async def write(self, event: Event) -> None:
+        await self.send(async_write_event(event, self.writer))  # bounded, as every send to a client
+
+
+class WyomingHandler(AsyncEventHandler):
+    """The wyoming package's server hands each connection to one of these; its session reads the events."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
+        super().__init__(reader, writer)
+        self.session = WyomingSession(reader, writer, app_state)
+
+    async def handle_event(self, event: Event) -> bool:
+        await self.session.handle(event)
+        return True
+
+    async def run(self) -> None:
+        try:
+            await self.session.run()
+        finally:
+            self.writer.close()
+
+
+# --- Asterisk: what a call says ----------------------------------------------------------------
+
+
+class CallSpeech(SynthesisFields):
+    """POST /v1/telephony/audiosocket/{uuid}: something for the call to say. The call's codec sets
+    the audio format; `hangup` ends the call once this (and anything queued after it) is spoken."""
+
+    text: str
+    hangup: bool = True
+
+
+@dataclass
+class CallScript:
+    queue: asyncio.Queue[CallSpeech] = field(default_factory=asyncio.Queue)
+    created: float = field(default_factory=time.monotonic)
+    connected: bool = False
+
+
+class CallScripts:
+    """What each call is to say, registered by call id before or while the call is connected."""
+
+    MAX_CALLS = 1000
+    UNCONNECTED_TTL = 600.0  # seconds a registration waits for its call
+
+    def __init__(self) -> None:
+        self.calls: dict[str, CallScript] = {}
+
+    def add(self, call_id: str, speech: CallSpeech) -> int:
+        now = time.monotonic()
+        for stale in [c for c, s in self.calls.items() if not s.connected and now - s.created > self.UNCONNECTED_TTL]:
+            del self.calls[stale]
+        if call_id not in self.calls and len(self.calls) >= self.MAX_CALLS:
+            raise ApiError(429, f"{self.MAX_CALLS} calls are registered already; retry shortly.",
+                           code="too_many_calls", headers={"Retry-After": "1"})
+        script = self.calls.setdefault(call_id, CallScript())
+        script.queue.put_nowait(speech)
+        return script.queue.qsize()
+
+    def take(self, call_id: str) -> CallScript | None:
+        script = self.calls.get(call_id)
+        if script is not None:
+            script.connected = True
+        return script
+
+    def end(self, call_id: str) -> None:
+        self.calls.pop(call_id, None)
+
+
+def call_scripts(app_state: AppState) -> CallScripts:
+    if app_state.calls is None:
+        app_state.calls = CallScripts()
+    return app_state.calls
+
+
+def call_id(raw: str) -> str:
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise ApiError(400, f"{raw!r} is not a UUID.", param="uuid", code="invalid_value") from None
+
+
+async def register_call_speech(request: Request) -> Response:
+    app_state = server.state(request)
+    call = call_id(request.path_params["uuid"])
+    speech: CallSpeech = server.parse_model(CallSpeech, await server.read_json(request, server.MAX_JSON_BYTES))
+    await asyncio.to_thread(server.speech_sentences, speech.text, app_state.settings, "text")
+    await server.speech_job(speech, app_state, Priority.REALTIME, "pcm")  # refuse what could not be spoken, now
+    queued = call_scripts(app_state).add(call, speech)
+    return JSONResponse({"uuid": call, "queued": queued}, status_code=202)
+
+
+class CallSession(SpeechSession):
+    """A phone call that says its script: each registered speech is one utterance, spoken in order;
+    after one that says `hangup`, with nothing more queued, the call is hung up."""
+
+    fmt, rate = "pcm", 8000
+    call: str | None = None  # the call id whose registered speech it says
+    script: CallScript | None = None
+    pump: asyncio.Future[None] | None = None
+
+    async def start_script(self, script: CallScript | None, first: CallSpeech | None = None) -> None:
+        self.script = script
+        if first is not None:
+            await self.say(first)
+        if script is not None:
+            self.pump = asyncio.ensure_future(self.follow(script))
+
+    async def follow(self, script: CallScript) -> None:
+        while True:
+            speech = await script.queue.get()
+            try:
+                await self.say(speech)
+            except ApiError as exc:  # checked when it was registered; the engine may still refuse it
+                logger.warning("{} call: {}", self.route, exc.message)
+
+    async def say(self, speech: CallSpeech) -> None:
+        self.check_room()
+        fields = speech.model_copy(update={"response_format": self.fmt, "sample_rate": self.rate,
+                                           "output_format": None})
+        job = await server.speech_job(fields, self.app_state, Priority.REALTIME, self.fmt)
+        utterance = Context(uuid.uuid4().hex[:12], job, RequestRecord(self.route, job.id, job=job),
+                            hangup=speech.hangup)
+        await self.say_all(utterance, speech.text)
+        self.admit(utterance)
+
+    def hangs_up_after(self, utterance: Utterance) -> bool:
+        """The utterance asks to hang up, and nothing else is left to say."""
+        queued = self.script is not None and not self.script.queue.empty()
+        others = any(u is not utterance for u in self.active.values())
+        return isinstance(utterance, Context) and utterance.hangup and not queued and not others
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            if self.pump is not None:
+                self.pump.cancel()
+            if self.call is not None:
+                call_scripts(self.app_state).end(self.call)
+
+
+# --- Asterisk AudioSocket ----------------------------------------------------------------------
+
+# AudioSocket frame types (DTMF, 0x03, is read and ignored)
+AUDIOSOCKET_HANGUP, AUDIOSOCKET_UUID, AUDIOSOCKET_AUDIO, AUDIOSOCKET_ERROR = 0x00, 0x01, 0x10, 0xFF
+AUDIOSOCKET_FRAME = 320  # 20 ms of 8 kHz signed 16-bit linear
+FRAME_SECONDS = 0.02
+AUDIOSOCKET_UUID_WAIT = 10.0
+
+
+def audiosocket_frame(kind: int, payload: bytes = b"") -> bytes:
+    return bytes([kind]) + len(payload).to_bytes(2, "big") + payload
+
+
+class Pacer:
+    """Real-time pacing: one frame per FRAME_SECONDS; after a stall (the model fell behind) the
+    clock restarts instead of bursting to catch up."""
+
+    def __init__(self) -> None:
+        self.due = 0.0
+
+    async def wait(self) -> None:
+        now = time.monotonic()
+        if now > self.due + FRAME_SECONDS:
+            self.due = now
+        if self.due > now:
+            await asyncio.sleep(self.due - now)
+        self.due += FRAME_SECONDS
+
+
+class AudioSocketSession(CallSession):
+    """An Asterisk AudioSocket connection: the UUID frame names the call's script; speech leaves as
+    320-byte slin frames paced in real time; a hangup frame ends the call."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
+        super().__init__(None, app_state, route="audiosocket")
+        self.reader, self.writer = reader, writer
+        self.pacer = Pacer()
+
+    async def read_frame(self) -> tuple[int, bytes] | None:
+        try:
+            header = await self.reader.readexactly(3)
+            return header[0], await self.reader.readexactly(int.from_bytes(header[1:], "big"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def read_messages(self) -> None:
+        try:
+            first = await asyncio.wait_for(self.read_frame(), AUDIOSOCKET_UUID_WAIT)
+        except TimeoutError:
+            first = None
+        try:
+            if first is None or first[0] != AUDIOSOCKET_UUID or len(first[1]) != 16:
+                raise ApiError(400, "An AudioSocket stream starts with its 16-byte UUID frame.", code="invalid_frame")
+            self.call = str(uuid.UUID(bytes=first[1]))
+            script = call_scripts(self.app_state).take(self.call)
+            if script is None:
+                raise ApiError(404, f"No speech registered for call {self.call}: POST /v1/telephony/audiosocket/"
+                               f"{self.call} first.", code="unknown_call")
+            await self.start_script(script)
+        except ApiError as exc:
+            logger.warning("audiosocket call {}: {}", self.call, exc.message)
+            await self.send_frame(audiosocket_frame(AUDIOSOCKET_ERROR, b"\x00"))  # a frame of its own: an error
+            await self.send_frame(audiosocket_frame(AUDIOSOCKET_HANGUP))
+            return
+        while not self.closing and (frame := await self.read_frame()) is not None:
+            if frame[0] in (AUDIOSOCKET_HANGUP, AUDIOSOCKET_ERROR):
+                return  # the caller hung up (or Asterisk failed): the call is over
+            # audio (the caller's voice) and DTMF: nothing to do
+
+    async def stream(self, utterance: Utterance) -> None:
+        async for frame in server.fixed_frames(self.audio(utterance), AUDIOSOCKET_FRAME, b"\x00"):
+            await self.pacer.wait()
+            await self.send_frame(audiosocket_frame(AUDIOSOCKET_AUDIO, frame))
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        if error is not None:
+            logger.warning("audiosocket call {}: {}", self.call, server.error_body(error)["message"])
+        if self.hangs_up_after(utterance):
+            await self.send_frame(audiosocket_frame(AUDIOSOCKET_HANGUP))
+            self.closing = True
+            self.writer.close()  # ends the read loop too
+
+    async def send_frame(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.send(self.writer.drain())  # bounded, as every send to a client
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        finally:
+            self.writer.close()
+
+
+# --- Asterisk chan_websocket -------------------------------------------------------------------
+
+ASTERISK_CODECS = {"ulaw": ("ulaw", 8000), "alaw": ("alaw", 8000), "slin": ("pcm", 8000), "slin16": ("pcm", 16000),
+                   "slin24": ("pcm", 24000), "slin44": ("pcm", 44100), "slin48": ("pcm", 48000)}
+ASTERISK_MAX_MESSAGE = 65000  # chan_websocket closes the call on messages over 65500 bytes
+ASTERISK_START_WAIT = 10.0
+
+
+def asterisk_event(text: str) -> dict[str, Any]:
+    """A chan_websocket event, in either control format: JSON, or 'NAME key:value key:value'."""
+    if text.lstrip().startswith("{"):
+        event = server.parse_json(text)
+        event["json"] = True
+        return event
+    if not text.strip():
+        raise ApiError(400, "An empty event.", code="invalid_message")
+    name, *pairs = text.split()
+    return {"event": name, **dict(pair.split(":", 1) for pair in pairs if ":" in pair),
+            "args": [pair for pair in pairs if ":" not in pair]}
+
+
+class AsteriskSession(CallSession):
+    """Asterisk's chan_websocket (Asterisk as the client, per websocket_client.conf): after
+    MEDIA_START, speech leaves as binary media in the negotiated codec between START_ and
+    STOP_MEDIA_BUFFERING (Asterisk frames and times it), held back while Asterisk says MEDIA_XOFF;
+    the call is hung up once the last speech has played (MEDIA_BUFFERING_COMPLETED)."""
+
+    subprotocol = "media"
+
+    def __init__(self, websocket: WebSocket, app_state: AppState):
+        super().__init__(websocket, app_state)
+        self.started = False
+        self.json = False
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.hangup_after: str | None = None  # the utterance whose completion ends the call
+
+    async def read_messages(self) -> None:
+        try:
+            check_key(self.app_state, server.presented_key(self.ws.scope))
+            message = await asyncio.wait_for(self.ws.receive(), ASTERISK_START_WAIT)
+            if message["type"] == "websocket.disconnect":
+                return
+            await self.receive(message.get("text"), message.get("bytes"))
+            if not self.started:
+                raise ApiError(400, "chan_websocket starts with MEDIA_START.", code="not_started")
+        except (ApiError, TimeoutError) as exc:
+            reason = exc.message if isinstance(exc, ApiError) else "No MEDIA_START."
+            logger.warning("asterisk websocket: {}", reason)
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                await self.command("HANGUP")
+                await self.ws.close(1008, reason[:120])
+            self.closing = True
+            return
+        await super().read_messages()
+
+    async def receive(self, text: str | None, data: bytes | None) -> None:
+        if text is None:
+            return  # the caller's audio
+        try:
+            event = asterisk_event(text)
+        except ApiError as exc:
+            logger.warning("asterisk websocket: {}", exc.message)
+            return
+        name = event.get("event")
+        if name == "MEDIA_START" and not self.started:
+            await self.start(event)
+        elif name == "MEDIA_XOFF":
+            self.flowing.clear()
+        elif name == "MEDIA_XON":
+            self.flowing.set()
+        elif name == "MEDIA_BUFFERING_COMPLETED":
+            done = event.get("correlation_id") or next(iter(event.get("args", [])), None)
+            if self.hangup_after is not None and done in (self.hangup_after, None):
+                await self.command("HANGUP")
+                self.closing = True
+        # DTMF_END, STATUS, QUEUE_DRAINED and the rest: nothing to do
+
+    async def start(self, event: dict[str, Any]) -> None:
+        self.json = bool(event.get("json"))  # answer in the control format Asterisk uses
+        codec = str(event.get("format", ""))
+        if codec not in ASTERISK_CODECS:
+            raise ApiError(400, f"Codec {codec!r} is not spoken here; use one of {', '.join(ASTERISK_CODECS)}.",
+                           param="format", code="unsupported_format")
+        self.fmt, self.rate = ASTERISK_CODECS[codec]
+        self.started = True
+        query = dict(self.ws.query_params)
+        self.call = call_id(query["call"]) if query.get("call") else None
+        script = call_scripts(self.app_state).take(self.call) if self.call else None
+        first = server.parse_model(CallSpeech, query) if query.get("text") else None
+        if script is None and first is None:
+            raise ApiError(400, "Nothing to say: give ?text= or ?call=<uuid> registered through POST "
+                           "/v1/telephony/audiosocket/<uuid>.", code="nothing_to_say")
+        await self.start_script(script, first)
+
+    async def stream(self, utterance: Utterance) -> None:
+        await self.command("START_MEDIA_BUFFERING")
+        async for data in self.audio(utterance):
+            for i in range(0, len(data), ASTERISK_MAX_MESSAGE):
+                await self.flowing.wait()
+                await self.send(self.ws.send_bytes(data[i : i + ASTERISK_MAX_MESSAGE]))
+        if self.hangs_up_after(utterance):
+            self.hangup_after = utterance.id
+        await self.command("STOP_MEDIA_BUFFERING", correlation_id=utterance.id)
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        if error is not None:
+            logger.warning("asterisk websocket: {}", server.error_body(error)["message"])
+
+    async def command(self, name: str, **fields: str) -> None:
+        if self.json:
+            await self.send_json({"command": name, **fields})
+        else:
+            await self.send(self.ws.send_text(" ".join([name, *fields.values()])))
+
+
+# --- Routes and TCP servers --------------------------------------------------------------------
+
+
+async def elevenlabs_websocket(websocket: WebSocket) -> None:
+    await server.serve_session(websocket, ElevenLabsSession)
+
+
+async def elevenlabs_multi_websocket(websocket: WebSocket) -> None:
+    await server.serve_session(websocket, ElevenLabsMultiSession)
+
+
+async def cartesia_websocket(websocket: WebSocket) -> None:
+    await server.serve_session(websocket, CartesiaSession)
+
+
+async def asterisk_websocket(websocket: WebSocket) -> None:
+    await server.serve_session(websocket, AsteriskSession)
+
+
+ELEVENLABS_TTS = "/v1/text-to-speech/{voice_id}"
+# Routes that check the API key the protocol's own way (ApiKeyAuth lets them through).
+KEY_IN_SESSION: list[BaseRoute] = [
+    vendor_route(ELEVENLABS_TTS, elevenlabs_speech, elevenlabs_error),
+    vendor_route(f"{ELEVENLABS_TTS}/stream", elevenlabs_speech, elevenlabs_error),
+    vendor_route(f"{ELEVENLABS_TTS}/with-timestamps", elevenlabs_timestamps, elevenlabs_error),
+    vendor_route(f"{ELEVENLABS_TTS}/stream/with-timestamps", elevenlabs_timestamps, elevenlabs_error),
+    WebSocketRoute(f"{ELEVENLABS_TTS}/stream-input", elevenlabs_websocket),
+    WebSocketRoute(f"{ELEVENLABS_TTS}/multi-stream-input", elevenlabs_multi_websocket),
+    vendor_route("/tts/bytes", cartesia_bytes, cartesia_error),
+    WebSocketRoute("/tts/websocket", cartesia_websocket),
+    WebSocketRoute("/v1/telephony/asterisk", asterisk_websocket),
+]
+
+
+def routes() -> list[BaseRoute]:
+    return [*KEY_IN_SESSION, Route("/v1/telephony/audiosocket/{uuid}", register_call_speech, methods=["POST"])]
+
+
+class TcpServers:
+    """The protocols that are not HTTP: Wyoming and AudioSocket, each on its port when one is set;
+    they start and stop with the app."""
+
+    def __init__(self, app_state: AppState):
+        self.app_state = app_state
+        self.wyoming: AsyncTcpServer | None = None
+        self.audiosocket: asyncio.Server | None = None
+        self.calls: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        settings = self.app_state.settings
+        if settings.wyoming_port:
+            self.wyoming = AsyncTcpServer(settings.host, settings.wyoming_port)
+            await self.wyoming.start(lambda reader, writer: WyomingHandler(reader, writer, self.app_state))
+            logger.info("wyoming: listening on {}:{}", settings.host, settings.wyoming_port)
+        if settings.audiosocket_port:
+            self.audiosocket = await asyncio.start_server(self.audiosocket_call, settings.host,
+                                                          settings.audiosocket_port)
+            logger.info("audiosocket: listening on {}:{}", settings.host, settings.audiosocket_port)
+
+    async def audiosocket_call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.calls.add(task)
+        try:
+            await AudioSocketSession(reader, writer, self.app_state).run()
+        finally:
+            self.calls.discard(task)
+
+    async def stop(self) -> None:
+        if self.wyoming is not None:
+            await self.wyoming.stop()
+        if self.audiosocket is not None:
+            self.audiosocket.close()
+            for task in list(self.calls):
+                task.cancel()
+            await asyncio.gather(*self.calls, return_exceptions=True)
