@@ -36,8 +36,8 @@ import uuid
 import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import aclosing, asynccontextmanager, contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -3729,11 +3729,13 @@ class Speaker:
 
         async def produce() -> None:
             t3_done: asyncio.Event | None = None
-            index = 0
-            async for text in texts:
+            index, pending = 0, aiter(texts)
+            while True:
                 await ahead.acquire()
                 if t3_done is not None:
-                    await t3_done.wait()
+                    await t3_done.wait()  # text is taken only when the model can start on it
+                if (text := await anext(pending, None)) is None:
+                    break
                 job.timeline.characters += len(text)
                 events: asyncio.Queue[Any] = asyncio.Queue()
                 t3_done = asyncio.Event()
@@ -3755,11 +3757,21 @@ class Speaker:
 
         producer = asyncio.ensure_future(produce())
         joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
+        accounted: dict[Generation, tuple[float, float]] = {}
+
+        def account() -> None:  # the generations' model and queue time so far, as Server-Timing reports it early
+            for generation in started:
+                wait, model = accounted.get(generation, (0.0, 0.0))
+                job.timeline.queue_wait += generation.queue_wait - wait
+                job.timeline.model_seconds += generation.model_seconds - model
+                accounted[generation] = generation.queue_wait, generation.model_seconds
+
         try:
             while (item := await self._within_deadline(job, chunks.get())) is not None:
                 generation, events = item
                 first = True
                 while (event := await self._within_deadline(job, events.get())) is not GENERATION_DONE:
+                    account()
                     if isinstance(event, BaseException):
                         raise event
                     job.timeline.engine_audio_seconds += len(event) / engine.sample_rate
@@ -3777,8 +3789,7 @@ class Speaker:
             await asyncio.gather(producer, return_exceptions=True)
             for generation in started:
                 worker.cancel(generation)  # a no-op for those already done; frees a slot otherwise
-                job.timeline.queue_wait += generation.queue_wait
-                job.timeline.model_seconds += generation.model_seconds
+            account()
 
     async def render(self, job: SpeechJob, texts: list[str] | AsyncIterator[str],
                      streaming: bool) -> AsyncIterator[bytes]:
@@ -3981,7 +3992,7 @@ def output_spec(fields: SynthesisFields, default_format: str) -> OutputSpec:
                            param="output_format", code="unsupported_format")
         low, high = fmt.bitrates
         if not low <= bitrate <= high:
-            raise ApiError(422, f"Unsupported {name} bitrate {bitrate} kbit/s; choose {low} to {high}.",
+            raise ApiError(400, f"Unsupported {name} bitrate {bitrate} kbit/s; choose {low} to {high}.",
                            param="output_format", code="invalid_value")
         bitrate *= 1000
     return OutputSpec(fmt, rate, bitrate)
@@ -4339,6 +4350,7 @@ class Utterance:
     ended: bool = False
     cancelled: bool = False
     task: asyncio.Task[None] | None = None
+    rendering: AsyncGenerator[bytes, None] | None = None  # its audio, once speaking
 
     def texts(self) -> list[str] | AsyncIterator[str]:
         return self.chunks if self.chunks is not None else self._fed()
@@ -4559,6 +4571,7 @@ class SpeechSession:
         utterance.task = asyncio.ensure_future(self.stream(utterance))
         error: Exception | None = None
         status = 499  # cancelled, or the connection is closing
+        stalled = False
         try:
             await utterance.task
             status = 200
@@ -4568,14 +4581,19 @@ class SpeechSession:
         except CLIENT_GONE:
             return False  # the client left mid-utterance (499); the receive loop ends the session
         except ClientStalled:
-            utterance.job.outcome = "stalled"
-            await self.abandon()
-            return False
+            stalled = True
         except Exception as exc:
             error = exc
             status = exc.status if isinstance(exc, ApiError) else 500
         finally:
+            if utterance.rendering is not None:
+                await utterance.rendering.aclose()  # its slot and model work, at once
+            if stalled:
+                utterance.job.outcome = "stalled"
             self.retire(utterance, status)
+        if stalled:
+            await self.abandon()
+            return False
         await self.finished(utterance, error)
         return True
 
@@ -4602,12 +4620,12 @@ class SpeechSession:
         record.finish(self.app_state.speaker.metrics, self.app_state.settings.log_text)
 
     async def audio(self, utterance: Utterance) -> AsyncIterator[bytes]:
-        """The utterance's encoded audio as it is made, counted in its record; its rendering (and its
-        model work) ends as soon as this does."""
-        async with aclosing(self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)) as audio:
-            async for data in audio:
-                utterance.record.bytes += len(data)
-                yield data
+        """The utterance's encoded audio as it is made, counted in its record (speak_one closes its
+        rendering, and with it the model work, however the utterance ends)."""
+        utterance.rendering = self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)
+        async for data in utterance.rendering:
+            utterance.record.bytes += len(data)
+            yield data
 
     async def stream(self, utterance: Utterance) -> None:
         output = utterance.job.output
