@@ -546,7 +546,7 @@ def concurrency_main(args: argparse.Namespace, options: server.ModelOptions) -> 
         speedup = statistics.median(ratios)
         print(f"concurrency {count} s3gen_ms_per_whole_file_token={statistics.median(whole):.1f}  "
               f"t3_batched_vs_one_stream={rows['batched']['t3_tokens_per_s'] / rows['one_at_a_time']['t3_tokens_per_s']:.2f}"
-              f"  speedup runs={', '.join(f'{r:.2f}' for r in ratios)}", flush=True)
+              f"  speedup_runs={','.join(f'{r:.2f}' for r in ratios)}", flush=True)
     print(f"speedup_batched={speedup:.3f}")
 
 
