@@ -100,8 +100,8 @@ class Settings:
                             "elsewhere: batches are slower on CPU).", default=0)
     dtype: str = _env("DTYPE", "Chatterbox compute: auto (bfloat16 on CUDA; on CPU float32 for T3 and bfloat16 for "
                       "S3Gen's flow if the CPU has it natively), float32, bfloat16 or float16.", default="auto")
-    quantize: str = _env("QUANTIZE", "none or int8 (T3's linear layers: bitsandbytes on CUDA, PyTorch dynamic "
-                         "int8 on CPU).", default="none")
+    quantize: str = _env("QUANTIZE", "none or int8 (T3's linear layers: bitsandbytes on CUDA, fbgemm int8 with "
+                         "per-row scales on CPU).", default="none")
     torch_compile: bool = _env("TORCH_COMPILE", "Compile T3's decode step with torch.compile.",
                                default=False)
     torch_compile_mode: str = _env("TORCH_COMPILE_MODE", "default, reduce-overhead or max-autotune.",
@@ -130,7 +130,7 @@ class Settings:
     idle_unload_s: float = _env("IDLE_UNLOAD_S", "Free the model after this many idle seconds (0 = never).",
                                 default=0.0)
     gpu_memory_cleanup: bool = _env("GPU_MEMORY_CLEANUP",
-                                    "Release cached GPU memory and spare KV caches after each request.", default=False)
+                                    "Return the allocator's cached GPU memory after each request.", default=False)
     api_key: str = _env("API_KEY", "If set, every endpoint but /, /health and /ready needs 'Bearer <key>'.",
                         default="")
     cors_origins: str = _env("CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).", default="")
