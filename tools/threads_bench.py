@@ -12,8 +12,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import server  # noqa: E402  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP, unless set)
-import torch  # noqa: E402
+import server  # noqa: I001  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP, unless set)
+import torch
 
 engine = server.ChatterboxEngine("turbo", os.environ["MODEL_DIR"], "cpu",
                                  options=server.ModelOptions(quantize="int8", max_batch=8))
