@@ -1519,12 +1519,11 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
     dirs = {kind: root / kind for kind in MODELS}
 
-    def build(kind: str) -> None:
-        subprocess.run([sys.executable, str(ROOT / "tools" / "random_checkpoint.py"), str(dirs[kind]),
-                        "--model", kind, "--tiny", "--seed", "7"], check=True, capture_output=True)
-
-    with ThreadPoolExecutor(2) as pool:
-        list(pool.map(build, MODELS))
+    # One process writes all three (chatterbox is imported once), beside the Piper server's start.
+    build = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import random_checkpoint; "
+             "[random_checkpoint.write_checkpoint(Path(d), k, True, 7) for k, d in zip(sys.argv[2::2], sys.argv[3::2])]")
+    subprocess.run([sys.executable, "-c", build, str(ROOT / "tools"),
+                    *[str(part) for kind in MODELS for part in (kind, dirs[kind])]], check=True, capture_output=True)
     return dirs
 
 
@@ -1647,11 +1646,9 @@ def test_speech_wav_is_real_audio(live: ServerProcess) -> None:
 def test_speech_pcm_equals_wav_payload_and_fixed_seed_is_byte_identical(live: ServerProcess) -> None:
     body = {"input": "Deterministic speech, please.", "seed": 1234}
     wav1 = speak(live, **body, response_format="wav").content
-    wav2 = speak(live, **body, response_format="wav").content
     pcm = speak(live, **body, response_format="pcm")
     assert pcm.headers["content-type"] == "audio/pcm"
-    assert wav1 == wav2
-    assert wav1[44:] == pcm.content
+    assert wav1[44:] == pcm.content  # the same seed twice: the same samples
     other = speak(live, **body | {"seed": 4321}, response_format="pcm").content
     if live.kind == "piper":  # a seed makes Piper reproducible by turning its sampling noise off
         unseeded = [speak(live, input=body["input"], response_format="pcm").content for _ in range(2)]
@@ -1668,7 +1665,9 @@ def test_speech_token_cap_bounds_runaway_generation(chatterbox: ServerProcess) -
     assert len(samples) / 24000 <= max_seconds
 
 
-def test_long_input_is_synthesized_in_chunks(live: ServerProcess) -> None:
+@pytest.mark.parametrize("engine", ["piper", "turbo", "multilingual"])  # standard chunks as Turbo does
+def test_long_input_is_synthesized_in_chunks(servers: dict[str, ServerProcess], engine: str) -> None:
+    live = servers[engine]
     text = " ".join(["The quick brown fox jumps over the lazy dog."] * 3)
     chunks = server.text_chunks(text, TEST_CHUNK_MAX_CHARS)
     assert len(chunks) >= 2
@@ -1713,7 +1712,9 @@ def upload_voice(srv: ServerProcess, name: str, path: Path, filename: str | None
                           files={"file": (filename or path.name, f, "application/octet-stream")}, timeout=60)
 
 
-def test_voice_upload_list_speak_replace_delete(chatterbox: ServerProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["turbo", "multilingual"])  # Turbo's conditionals, and the Llama models'
+def test_voice_upload_list_speak_replace_delete(servers: dict[str, ServerProcess], tmp_path: Path, kind: str) -> None:
+    chatterbox = servers[kind]
     clip_a, clip_b = tmp_path / "a.wav", tmp_path / "b.flac"
     clip_a.write_bytes(wav_bytes(reference_clip(seed=1)))
     import soundfile
@@ -1743,7 +1744,8 @@ def test_voice_upload_list_speak_replace_delete(chatterbox: ServerProcess, tmp_p
     assert_openai_error(httpx.delete(f"{chatterbox.url}/v1/audio/voices/guest"), 404)
 
 
-def test_openai_voice_name_maps_to_default_unless_uploaded(chatterbox: ServerProcess, tmp_path: Path) -> None:
+def test_openai_voice_name_maps_to_default_unless_uploaded(servers: dict[str, ServerProcess], tmp_path: Path) -> None:
+    chatterbox = servers["turbo"]  # names resolve before any model sees them
     body = {"input": "Alias test.", "seed": 4, "response_format": "pcm"}
     default = speak(chatterbox, **body, voice="default").content
     assert speak(chatterbox, **body, voice="nova").content == default
@@ -2059,7 +2061,7 @@ def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: dict[
     def shared_steps() -> int:
         return sum(n for busy, n in engine.runner.stats.rows_per_step.items() if busy > 1)
 
-    for order in ([0, 1, 2, 3], [3, 1, 0, 2]):
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2])[: 2 if kind == "turbo" else 1]:
         before = shared_steps()
         crowd = run_generations(engine, [requests[i] for i in order], start_turns=[0, 2, 3, 9])
         assert shared_steps() > before  # they did share steps
@@ -3588,9 +3590,9 @@ def test_burst_leaves_no_queue_and_no_tasks(servers: dict[str, ServerProcess]) -
             return len(sse_events(srv, "/v1/audio/speech/stream", body)) and 200
         return httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=body, timeout=120).status_code
 
-    with ThreadPoolExecutor(12) as pool:
-        codes = list(pool.map(request, range(12)))
-    assert codes == [200] * 12
+    with ThreadPoolExecutor(10) as pool:  # more than the batch's 8 slots: some wait in the queue
+        codes = list(pool.map(request, range(10)))
+    assert codes == [200] * 10
     after = wait_idle(srv)
     assert after["tasks"] <= baseline
 
