@@ -1689,10 +1689,25 @@ def test_concurrent_requests_keep_their_own_voice_and_seed(servers: dict[str, Se
                  "temperature": 1.1, "response_format": "pcm"},
                 {"input": "Fourth.", "voice": "default", "seed": 8, "cfg_weight": 0.8, "response_format": "pcm"}]
     alone = [speak(chatterbox, **r).content for r in requests]
+    before = scrape(chatterbox.url)
     with ThreadPoolExecutor(4) as pool:  # decoded side by side in the batch
         together = list(pool.map(lambda r: speak(chatterbox, **r).content, requests))
     assert together == alone
     assert status_of(chatterbox)["batch"]["rows_per_step"].keys() - {"1"}
+    after = scrape(chatterbox.url)  # what the batch did, for Prometheus
+
+    def grew(name: str, **labels: str) -> float:
+        return metric(after, name, **labels) - metric(before, name, **labels)
+
+    steps = grew("tts_t3_steps_total")
+    assert metric(after, "tts_batch_slots") == 8 and metric(after, "tts_batch_slots_busy") == 0
+    assert steps > 0 and grew("tts_t3_step_seconds_total") > 0 and grew("tts_s3gen_window_seconds_total") > 0
+    assert grew("tts_s3gen_windows_total") >= len(requests)
+    assert grew("tts_batch_rows_per_step_count") == steps
+    assert ("tts_batch_rows_per_step_bucket", (("le", "1"),)) in after
+    assert grew("tts_batch_rows_per_step_bucket", le="1") < steps  # some steps had more than one busy slot
+    assert grew("tts_batch_rows_per_step_bucket", le="8") == steps
+    assert grew("tts_batch_rows_per_step_sum") > steps
 
 
 def reference_clip(seed: int, seconds: float = 6.0, rate: int = 24000) -> np.ndarray:
