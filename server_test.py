@@ -2961,43 +2961,39 @@ def test_s3gen_flow_in_bfloat16_stays_within_tolerance_of_float32(checkpoints: d
     assert len(audio["float32"]) == len(audio["bfloat16"]) == (60 + 3) * server.SAMPLES_PER_TOKEN
     assert -90 < db(audio["bfloat16"] - audio["float32"], audio["float32"]) < -30  # changed, but only slightly
 
-def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[str, Path]) -> None:
-    result = subprocess.run([sys.executable, "bench.py", "--model", "turbo", "--tokens", "12", "--runs", "1"],
+def run_bench(checkpoints: dict[str, Path], *args: str) -> tuple[str, list[str]]:
+    """bench.py on tiny Turbo, as a user runs it: its output and that output's lines."""
+    result = subprocess.run([sys.executable, "bench.py", *args],
                             env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
-                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    return result.stdout, result.stdout.strip().splitlines()
+
+
+def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[str, Path]) -> None:
+    stdout, lines = run_bench(checkpoints, "--model", "turbo", "--tokens", "12", "--runs", "1")
     rows = {line.split()[0]: dict(item.split("=") for item in line.split()[1:])
             for line in lines if line.startswith(("stock ", "ours "))}
     for row in rows.values():
         assert float(row["tokens"]) == 12 and float(row["t3_tokens_per_s"]) > 0 and float(row["e2e_rtf"]) > 0
     assert re.fullmatch(r"speedup_e2e=\d+\.\d{3}", lines[-1])
-    row = load_tool("gpu_check").bench_row(result.stdout, "defaults", "cpu")  # make gpu-check's reading of it
+    row = load_tool("gpu_check").bench_row(stdout, "defaults", "cpu")  # make gpu-check's reading of it
     assert row.result == lines[-1].replace("=", " ") and "T3 tokens/s" in row.details
 
 
 def test_bench_concurrency_batches_streams_against_one_slot_at_a_time(checkpoints: dict[str, Path]) -> None:
-    result = subprocess.run([sys.executable, "bench.py", "--concurrency", "2", "--tokens", "30", "--runs", "1"],
-                            env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
-                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    stdout, lines = run_bench(checkpoints, "--concurrency", "2", "--tokens", "30", "--runs", "1")
     rows = {line.split()[2]: dict(item.split("=") for item in line.split()[3:])
             for line in lines if line.startswith("concurrency 2 ") and line.split()[2] in ("batched", "one_at_a_time")}
     assert set(rows["batched"]) >= {"audio_s_per_s", "t3_tokens_per_s", "s3gen_ms_per_token", "first_audio_p95_s"}
     assert all(float(row["audio_s_per_s"]) > 0 for row in rows.values()) and len(rows) == 2
     assert re.fullmatch(r"speedup_batched=\d+\.\d{3}", lines[-1])
-    assert [row.check for row in load_tool("gpu_check").concurrency_rows(result.stdout)] == \
+    assert [row.check for row in load_tool("gpu_check").concurrency_rows(stdout)] == \
         ["bench.py --concurrency 2", "bench.py --concurrency"]
 
 
 def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(checkpoints: dict[str, Path]) -> None:
-    result = subprocess.run([sys.executable, "bench.py", "--s3gen", "--tokens", "40", "--runs", "1",
-                             "--plan", "10,20:8"],
-                            env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
-                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent)
-    assert result.returncode == 0, result.stderr[-2000:]
-    lines = result.stdout.strip().splitlines()
+    _, lines = run_bench(checkpoints, "--s3gen", "--tokens", "40", "--runs", "1", "--plan", "10,20:8")
     rows = {line.split()[1]: dict(item.split("=") for item in line.split()[2:])
             for line in lines if line.startswith("s3gen ")}
     assert set(rows) == {"whole", "before", "10,20:8"}
