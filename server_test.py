@@ -2297,13 +2297,51 @@ def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[st
             runner.turn()
             prefill_turns += runner.prefill is not None
             assert len(running.tokens) == before + 1
-        prompt_length = engine.prompt(long_text, voice, server.SynthesisParams())[0].shape[1]
-        assert prefill_turns >= prompt_length // engine.options.prefill_chunk - 1 >= 2
+        embeds, conditioning, _ = engine.prompt(long_text, voice, server.SynthesisParams())
+        text_length = embeds.shape[1] - conditioning  # the voice's prefix is copied from the first generation's
+        assert prefill_turns >= text_length // engine.options.prefill_chunk - 1 >= 2
         while runner.busy:
             runner.turn()
     # The chunked prompt leads to the same tokens as the prompt written in one go.
     alone, = run_generations(engine, [dict(text=long_text, voice=voice, seed=2, max_tokens=20)], vocode=False)
     assert alone.tokens == newcomer.tokens
+
+
+@pytest.mark.parametrize("kind", ["turbo", "standard"])
+def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path], kind: str) -> None:
+    """The voice's conditioning is prefilled for its first prompt only; later prompts with that voice copy
+    its cache rows (the same values, so the same tokens) and prefill only their text."""
+    engine = tiny_engine(checkpoints, kind, max_batch=2)
+    builtin = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    clip = np.sin(np.linspace(0, 900, 24000 * 3)).astype(np.float32) * 0.3
+    cloned = engine.clip_conditionals(clip, 24000, 0.5)
+    batch, text = engine.batch, "A voice's prefix is written once."
+    conditioning = engine.prompt(text, builtin, server.SynthesisParams())[1]
+    starts: list[int] = []
+    prefill = batch.decoder.prefill
+
+    def recording(embeds: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
+        starts.append(start)
+        return prefill(embeds, slot, start)
+
+    batch.decoder.prefill = recording
+    first, = run_generations(engine, [dict(text=text, voice=builtin, seed=3, max_tokens=12)], vocode=False)
+    assert 0 in starts and conditioning in starts  # the prefix alone, then the text from its end
+    kept = batch.prefixes.get(builtin)
+    assert kept is not None and kept[0].shape[3] == conditioning
+    starts.clear()
+    again, _ = run_generations(engine, [dict(text=text, voice=builtin, seed=3, max_tokens=12),
+                                        dict(text=text, voice=cloned, seed=3, max_tokens=12)], vocode=False)
+    assert again.tokens == first.tokens
+    assert min(starts) == 0 and starts.count(0) == 1  # only the new voice's prefix was prefilled
+    rows = batch.rows(0)
+    for layer, saved in zip(batch.decoder.cache.layers, kept):
+        assert torch.equal(layer[:, rows, :, :conditioning], saved)  # the copy is the written prefix
+    other_prefix = batch.prefixes.get(cloned)  # kept apart: another voice's values
+    assert other_prefix is not None and not torch.equal(other_prefix[0][..., :1, :], kept[0][..., :1, :])
+    for n in range(server.VOICE_PREFIXES):  # most recently used first: the oldest voices leave
+        batch.prefixes.put(object(), [])
+    assert batch.prefixes.get(builtin) is None
 
 
 # --- Fast engine: our decoder against stock -------------------------------------
