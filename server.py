@@ -1800,6 +1800,9 @@ class VoicePrefixes:
         self._items: OrderedDict[int, tuple[Any, list[torch.Tensor]]] = OrderedDict()  # id(voice) ->
         self.hits = self.misses = 0
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, voice: Any) -> list[torch.Tensor] | None:
         item = self._items.get(id(voice))
         if item is None or item[0] is not voice:
@@ -2921,6 +2924,7 @@ class BatchRunner:
         self.speech: dict[Generation, S3GenStream] = {}  # S3Gen's side, until its last window
         self.drawn: set[Generation] = set()  # T3 is done with them: their final window is due
         self.outbox: deque[tuple[Generation, Any]] = deque()  # in order; GPU audio waits for its copy
+        self.played_out: dict[Generation, float] = {}  # when the audio it has been given ends, if played live
         self.stats = BatchStats()
 
     def add(self, generation: Generation) -> None:
@@ -2963,6 +2967,7 @@ class BatchRunner:
                 del self.seated[index]
                 self.engine._batch().leave(slot)
         self.speech.pop(generation, None)
+        self.played_out.pop(generation, None)
         self.drawn.discard(generation)
 
     def _drop_cancelled(self) -> None:
@@ -3064,8 +3069,18 @@ class BatchRunner:
         else:
             self.outbox.append((generation, GENERATION_DONE))
 
+    def deadline(self, generation: Generation) -> float:
+        """When its listener runs out of audio: for a stream with audio, when what it has been given
+        ends if played from its first window on; before its first audio, its submission (every first
+        window goes before any stream's next one); a whole file counts as submitted AGING_SECONDS per
+        class later. The ready window with the earliest deadline is decoded first."""
+        played_out = self.played_out.get(generation)
+        if played_out is not None:
+            return played_out
+        return generation.submitted + generation.priority * AGING_SECONDS
+
     def _vocode(self) -> None:
-        """Decode the most urgent ready S3Gen window, with as many more as S3GEN_BATCH allows."""
+        """Decode the ready S3Gen window with the earliest deadline, with as many more as S3GEN_BATCH allows."""
         ready = []
         for generation, speech in self.speech.items():
             window = speech.final_window() if generation in self.drawn else speech.ready()
@@ -3073,8 +3088,7 @@ class BatchRunner:
                 ready.append((generation, window))
         if not ready:
             return
-        now = time.monotonic()
-        ready.sort(key=lambda item: item[0].rank(now))
+        ready.sort(key=lambda item: (self.deadline(item[0]), item[0].ticket))
         ready = ready[: self.engine.s3gen_batch]
         started = time.monotonic()
         try:
@@ -3086,11 +3100,16 @@ class BatchRunner:
             return
         elapsed = time.monotonic() - started
         self.stats.windows(len(ready), elapsed)
+        now = time.monotonic()
         for (generation, window), wav in zip(ready, audio):
             generation.model_seconds += elapsed / len(ready)
             self.outbox.append((generation, to_host(wav)))
+            if generation.priority == Priority.REALTIME:  # a listener that ran dry resumes from now
+                played_out = max(self.played_out.get(generation, now), now)
+                self.played_out[generation] = played_out + wav.shape[-1] / NATIVE_SAMPLE_RATE
             if window.final:
                 del self.speech[generation]
+                self.played_out.pop(generation, None)
                 self.drawn.discard(generation)
                 self.outbox.append((generation, GENERATION_DONE))
 
@@ -3586,6 +3605,10 @@ def batch_metrics(runner: BatchRunner) -> Iterator[Metric]:
     yield CounterMetricFamily("tts_t3_steps", "Batched T3 steps taken.", value=stats.step_count)
     yield CounterMetricFamily("tts_t3_step_seconds", "Inference-thread time spent in T3 steps.",
                               value=stats.step_seconds)
+    yield CounterMetricFamily("tts_voice_prefix_hits", "Prompts whose voice conditioning was copied, not prefilled.",
+                              value=batch.prefixes.hits)
+    yield CounterMetricFamily("tts_voice_prefix_misses", "Prompts that prefilled their voice conditioning.",
+                              value=batch.prefixes.misses)
     yield CounterMetricFamily("tts_s3gen_windows", "Token spans S3Gen turned into audio.", value=stats.window_count)
     yield CounterMetricFamily("tts_s3gen_window_seconds", "Inference-thread time spent in S3Gen.",
                               value=stats.window_seconds)
@@ -4999,7 +5022,9 @@ def batch_status(runner: Any) -> dict[str, Any] | None:
             "steps_per_second": round(stats.step_count / stats.step_seconds, 2) if stats.step_seconds else None,
             "windows": stats.window_count,
             "windows_per_second": round(stats.window_count / stats.window_seconds, 3) if stats.window_seconds else None,
-            "rows_per_step": {str(busy): n for busy, n in sorted(stats.rows_per_step.items())}}
+            "rows_per_step": {str(busy): n for busy, n in sorted(stats.rows_per_step.items())},
+            "voice_prefixes": {"size": len(batch.prefixes), "hits": batch.prefixes.hits,
+                               "misses": batch.prefixes.misses}}
 
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"

@@ -1708,6 +1708,9 @@ def test_concurrent_requests_keep_their_own_voice_and_seed(servers: dict[str, Se
     assert grew("tts_batch_rows_per_step_bucket", le="1") < steps  # some steps had more than one busy slot
     assert grew("tts_batch_rows_per_step_bucket", le="8") == steps
     assert grew("tts_batch_rows_per_step_sum") > steps
+    # Both voices were seen alone first: every prompt copied its voice's conditioning.
+    assert grew("tts_voice_prefix_hits_total") == len(requests) and grew("tts_voice_prefix_misses_total") == 0
+    assert status_of(chatterbox)["batch"]["voice_prefixes"]["size"] >= 2
 
 
 def reference_clip(seed: int, seconds: float = 6.0, rate: int = 24000) -> np.ndarray:
@@ -2276,6 +2279,27 @@ def test_slots_are_freed_at_once_and_streams_go_first(checkpoints: dict[str, Pat
         assert [name for name, event in order if event is server.GENERATION_DONE] == ["old file", "new stream"]
 
 
+def test_a_streams_first_window_goes_before_another_streams_next(checkpoints: dict[str, Path]) -> None:
+    """S3Gen decodes the ready window whose listener runs out first: a stream still waiting for its first
+    audio goes ahead of one that already has audio, even when that one has a window ready every turn."""
+    engine = tiny_engine(checkpoints, "turbo", max_batch=2)
+    engine.stream = server.StreamPlan(schedule=(20, 1), context_tokens=4)  # then a window every step
+    voice = engine.clip_conditionals(reference_clip(seed=5, seconds=2.0), 24000, 0.5)  # a short prompt
+    events: list[tuple[str, Any]] = []
+    generations = [server.Generation("Hello there.", voice, server.SynthesisParams(), seed, server.Priority.REALTIME,
+                                     seed, lambda event, name=name: events.append((name, event)), max_tokens=36)
+                   for seed, name in enumerate("ab")]
+    with torch.inference_mode():
+        for generation in generations:
+            engine.runner.add(generation)
+        while engine.runner.busy:
+            engine.runner.turn()
+    audio = [name for name, event in events if isinstance(event, np.ndarray)]
+    assert audio.count("a") >= 6 and audio.count("b") >= 4  # with the old order: b had 1, all at the end
+    assert audio.index("b") <= 2  # b's first window waited for a's first only, not for a's every window
+    assert audio[audio.index("b") + 1 :].count("a") >= 4  # a, ahead of playback, then went on
+
+
 def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[str, Path]) -> None:
     """While a generation decodes, a newcomer's prompt is written a chunk per turn and the running one
     still gets its token every turn; alone, a prompt is written in one go."""
@@ -2307,11 +2331,11 @@ def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[st
     assert alone.tokens == newcomer.tokens
 
 
-@pytest.mark.parametrize("kind", ["turbo", "standard"])
-def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path], kind: str) -> None:
+def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]) -> None:
     """The voice's conditioning is prefilled for its first prompt only; later prompts with that voice copy
-    its cache rows (the same values, so the same tokens) and prefill only their text."""
-    engine = tiny_engine(checkpoints, kind, max_batch=2)
+    its cache rows (the same values, so the same tokens) and prefill only their text. Standard: both CFG
+    rows of a slot (Turbo's single row: the live server's metrics in test_concurrent_requests_keep_...)."""
+    engine = tiny_engine(checkpoints, "standard", max_batch=2)
     builtin = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     clip = np.sin(np.linspace(0, 900, 24000 * 3)).astype(np.float32) * 0.3
     cloned = engine.clip_conditionals(clip, 24000, 0.5)
