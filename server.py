@@ -1791,7 +1791,7 @@ class KVCache:
 class VoicePrefixes:
     """The KV cache rows of the voice conditioning that starts every prompt, for the most recently used
     voices: a prompt whose voice was seen before copies them instead of running the transformer over
-    them again (Turbo's built-in voice is 201 of a three-sentence prompt's 250 positions). A prefix is
+    them again (Turbo's built-in voice is 201 positions, most of a three-sentence prompt). A prefix is
     always written alone, in the same chunks, whether it is then kept or copied, so a prompt's cache
     holds the same values either way."""
 
