@@ -1788,35 +1788,59 @@ class KVCache:
             layer[:, rows, :, : kept.shape[3]] = kept
 
 
-class VoicePrefixes:
-    """The KV cache rows of the voice conditioning that starts every prompt, for the most recently used
-    voices: a prompt whose voice was seen before copies them instead of running the transformer over
-    them again (Turbo's built-in voice is 201 positions, most of a three-sentence prompt). A prefix is
-    always written alone, in the same chunks, whether it is then kept or copied, so a prompt's cache
-    holds the same values either way."""
+class LruCache:
+    """At most `size` entries (0: none is kept), the least recently used leaving first; counts hits and misses."""
 
     def __init__(self, size: int):
         self.size = size
-        self._items: OrderedDict[int, tuple[Any, list[torch.Tensor]]] = OrderedDict()  # id(voice) ->
+        self._items: OrderedDict[Any, Any] = OrderedDict()
         self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, voice: Any) -> list[torch.Tensor] | None:
-        item = self._items.get(id(voice))
-        if item is None or item[0] is not voice:
+    def find(self, key: Any) -> Any | None:
+        if key not in self._items:
             self.misses += 1
             return None
         self.hits += 1
-        self._items.move_to_end(id(voice))
-        return item[1]
+        self._items.move_to_end(key)
+        return self._items[key]
 
-    def put(self, voice: Any, layers: list[torch.Tensor]) -> None:
-        self._items[id(voice)] = (voice, layers)  # holding the voice keeps its id from being reused
-        self._items.move_to_end(id(voice))
+    def put(self, key: Any, value: Any) -> None:
+        if self.size <= 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
         while len(self._items) > self.size:
             self._items.popitem(last=False)
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The entry for `key`, made and kept on a miss."""
+        found = self.find(key)
+        if found is None:
+            found = make()
+            self.put(key, found)
+        return found
+
+
+class VoicePrefixes(LruCache):
+    """The KV cache rows of the voice conditioning that starts every prompt, for the most recently used
+    voices: a prompt whose voice was seen before copies them instead of running the transformer over
+    them again (Turbo's built-in voice is 201 positions, most of a three-sentence prompt). A prefix is
+    always written alone, in the same chunks, whether it is then kept or copied, so a prompt's cache
+    holds the same values either way. Keyed by the voice object's id; each entry holds its voice, so
+    that id cannot be reused while the entry lives."""
+
+    def layers(self, voice: Any) -> list[torch.Tensor] | None:
+        found = self.find(id(voice))
+        return None if found is None else found[1]
+
+    def keep(self, voice: Any, layers: list[torch.Tensor]) -> None:
+        self.put(id(voice), (voice, layers))
 
 
 # Voices whose conditioning prefix stays cached (full-size Turbo: 40 MB each in float32 on CPU).
@@ -2736,32 +2760,8 @@ class VoiceLibrary:
         return bool(files)
 
 
-class VoiceCache:
-    """LRU of prepared conditionals keyed by (clip content hash, exaggeration)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self._items: OrderedDict[tuple[str, float], Any] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def clear(self) -> None:
-        self._items.clear()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: tuple[str, float], make: Callable[[], Any]) -> Any:
-        if key in self._items:
-            self.hits += 1
-            self._items.move_to_end(key)
-            return self._items[key]
-        self.misses += 1
-        value = make()
-        if self.size > 0:
-            self._items[key] = value
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-        return value
+class VoiceCache(LruCache):
+    """Prepared conditionals keyed by (clip content hash, exaggeration)."""
 
 
 # ---------------------------------------------------------------------------
@@ -3009,7 +3009,7 @@ class BatchRunner:
         started = time.monotonic()
         total, chunk, conditioning = prefill.embeds.shape[1], batch.options.prefill_chunk, prefill.conditioning
         voice = prefill.generation.voice
-        if prefill.written == 0 and (cached := batch.prefixes.get(voice)) is not None:
+        if prefill.written == 0 and (cached := batch.prefixes.layers(voice)) is not None:
             batch.decoder.cache.put_prefix(batch.rows(prefill.slot.index), cached)
             prefill.written = conditioning
         hidden = None
@@ -3022,7 +3022,7 @@ class BatchRunner:
                                            prefill.written)
             prefill.written = end
             if end == conditioning:
-                batch.prefixes.put(voice, batch.decoder.cache.prefix(batch.rows(prefill.slot.index), end))
+                batch.prefixes.keep(voice, batch.decoder.cache.prefix(batch.rows(prefill.slot.index), end))
         generation = prefill.generation
         if prefill.written == total:
             self.prefill = None

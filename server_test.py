@@ -2351,7 +2351,7 @@ def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]
     batch.decoder.prefill = recording
     first, = run_generations(engine, [dict(text=text, voice=builtin, seed=3, max_tokens=12)], vocode=False)
     assert 0 in starts and conditioning in starts  # the prefix alone, then the text from its end
-    kept = batch.prefixes.get(builtin)
+    kept = batch.prefixes.layers(builtin)
     assert kept is not None and kept[0].shape[3] == conditioning
     starts.clear()
     again, _ = run_generations(engine, [dict(text=text, voice=builtin, seed=3, max_tokens=12),
@@ -2361,11 +2361,11 @@ def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]
     rows = batch.rows(0)
     for layer, saved in zip(batch.decoder.cache.layers, kept):
         assert torch.equal(layer[:, rows, :, :conditioning], saved)  # the copy is the written prefix
-    other_prefix = batch.prefixes.get(cloned)  # kept apart: another voice's values
+    other_prefix = batch.prefixes.layers(cloned)  # kept apart: another voice's values
     assert other_prefix is not None and not torch.equal(other_prefix[0][..., :1, :], kept[0][..., :1, :])
     for n in range(server.VOICE_PREFIXES):  # most recently used first: the oldest voices leave
-        batch.prefixes.put(object(), [])
-    assert batch.prefixes.get(builtin) is None
+        batch.prefixes.keep(object(), [])
+    assert batch.prefixes.layers(builtin) is None
 
 
 # --- Fast engine: our decoder against stock -------------------------------------
