@@ -47,6 +47,7 @@ os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "numba"))
 # threads need (one T3 step took 4-40x longer on 2 shared cores); libgomp reads this once, at start.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import anyio
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -3619,6 +3620,14 @@ def batch_metrics(runner: BatchRunner) -> Iterator[Metric]:
     yield rows
 
 
+async def settle(*tasks: asyncio.Future[Any]) -> None:
+    """Wait for (cancelled) tasks to end, even while this task is itself being cancelled: anyio, which
+    Starlette's streaming responses and TestClient cancel with, cancels again at every await, so a
+    cleanup that awaits would otherwise stop half done (a slot not given back, an utterance not retired)."""
+    with anyio.CancelScope(shield=True):
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def iterate(items: list[str]) -> AsyncIterator[str]:
     for item in items:
         yield item
@@ -3861,7 +3870,7 @@ class Speaker:
                 yield tail
         finally:
             producer.cancel()
-            await asyncio.gather(producer, return_exceptions=True)
+            await settle(producer)
             for generation in started:
                 worker.cancel(generation)  # a no-op for those already done; frees a slot otherwise
             account()
@@ -4367,7 +4376,7 @@ async def until_disconnected(request: Request, work: Awaitable[Any]) -> Any:
         watcher.cancel()
         if not task.done():
             task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await settle(task)
             raise ClientGone()
     return task.result()
 
@@ -4492,7 +4501,7 @@ class SpeechSession:
             for utterance in self.active.values():
                 if utterance.task is not None:
                     utterance.task.cancel()
-            await asyncio.gather(in_order, *self.speaking, return_exceptions=True)
+            await settle(in_order, *self.speaking)
             for utterance in list(self.active.values()):  # never started: the connection closed first
                 self.retire(utterance, 499)
 

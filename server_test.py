@@ -557,6 +557,40 @@ def wait_until(predicate: Any, timeout: float = 30) -> None:
         time.sleep(0.02)
 
 
+def test_cleanup_waits_for_its_tasks_even_while_anyio_cancels_it() -> None:
+    """Starlette cancels a streaming response (client gone) and TestClient a WebSocket app through anyio,
+    which cancels again at every await: a cleanup that awaited its cancelled tasks plainly stopped there."""
+    import anyio
+
+    finished: list[str] = []
+
+    async def slow_to_stop() -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            await asyncio.sleep(0.05)  # its own cleanup takes a moment (a thread's result, a socket)
+            finished.append("task")
+
+    async def handler() -> None:
+        task = asyncio.ensure_future(slow_to_stop())
+        try:
+            await asyncio.sleep(10)
+        finally:
+            task.cancel()
+            await server.settle(task)
+            finished.append("handler")
+
+    async def scenario() -> None:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(handler)
+                await asyncio.sleep(0.05)
+                scope.cancel()
+
+    asyncio.run(scenario())
+    assert finished == ["task", "handler"]
+
+
 def test_inference_worker_ages_waiting_work(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server, "AGING_SECONDS", 0.05)
     worker = server.InferenceWorker()
