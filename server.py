@@ -1177,6 +1177,7 @@ class ChatterboxEngine(Engine):
         decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, self.options, capacity, probes=probes)
         if self.options.quantize == "int8":
             quantize_linears(decoder.layers, self.device)
+        decoder.row_count_free()
         return T3Batch(t3, decoder, cfg=cfg, turbo_order=not cfg, monitored=bool(probes))
 
     def _slots_that_fit(self, t3: Any, rows_per_slot: int, capacity: int) -> int:
@@ -1922,6 +1923,15 @@ class T3Decoder(torch.nn.Module):
         self.probes = probes
         self.probe_rows = torch.zeros(len(probes), options.max_batch, self.capacity, device=device)
         self.prefill_probes: dict[tuple[int, int], torch.Tensor] = {}  # the last prefill chunk's rows
+        self.independent_rows = False  # see row_count_free
+
+    def row_count_free(self) -> None:
+        """Check whether a row's arithmetic is the same however many rows a step computes: it is when
+        every linear is row-scaled int8 (exact integer products, each row's own scale); a float matmul
+        may sum in another order for another row count. Then eager steps skip the idle slots past the
+        last busy one. Call it once the linears are final."""
+        linears = [m for m in self.layers.modules() if isinstance(m, (torch.nn.Linear, RowScaledInt8Linear))]
+        self.independent_rows = all(isinstance(m, RowScaledInt8Linear) for m in linears)
 
     @staticmethod
     def _gpt2_layer(block: Any) -> torch.nn.Module:
@@ -2005,9 +2015,14 @@ class T3Decoder(torch.nn.Module):
 
     def step(self, embeds: torch.Tensor, positions: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         """Every row's next position (embeds [rows, 1, dim], positions [rows]), eagerly: each slot attends
-        over exactly its own `lengths[slot]` positions (0: idle, skipped), as it would alone."""
+        over exactly its own `lengths[slot]` positions (0: idle, skipped), as it would alone. Rows past
+        the last busy slot are left out (zeros out) when that cannot change the others' arithmetic;
+        otherwise every row is computed, busy or not."""
         per_slot = self.rows_per_slot
         slots = [(slice(s * per_slot, (s + 1) * per_slot), n, s) for s, n in enumerate(lengths) if n]
+        count = self.rows
+        if self.independent_rows and slots:
+            count = slots[-1][0].stop
 
         def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             out = torch.zeros_like(q)
@@ -2022,7 +2037,11 @@ class T3Decoder(torch.nn.Module):
                             False)[0, 0, 0]
             return out
 
-        return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
+        if count == self.rows:
+            return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
+        hidden = torch.zeros(self.rows, self.dim, device=embeds.device)
+        hidden[:count] = self(embeds[:count], slice(0, count), positions[:count, None], attend_rows)
+        return hidden
 
     def masked_step(self, embeds: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """The static-shape step: every row attends over the first `length` cache positions (a bucket

@@ -2145,8 +2145,12 @@ def test_int8_rows_are_quantized_alone(checkpoints: dict[str, Path], tmp_path: P
     clip.write_bytes(wav_bytes(reference_clip(seed=11)))
     requests = crowd_requests(engine, clip)
     alone = [run_generations(engine, [request], vocode=False)[0].tokens for request in requests]
+    # Alone, each ran in slot 0 and its steps computed that row only (int8 rows are exact at any row
+    # count): the idle slots' cache rows were never written.
+    assert engine.batch.decoder.independent_rows and not engine.batch.decoder.cache.layers[0][:, 1:].any()
     crowd = [run.tokens for run in run_generations(engine, requests, vocode=False, start_turns=[0, 1, 2, 5])]
     assert crowd == alone
+    assert not tiny_engine(checkpoints, "turbo", max_batch=4).batch.decoder.independent_rows  # float32 matmuls
     layer = server.RowScaledInt8Linear(torch.nn.Linear(64, 32))
     x = torch.randn(4, 64)
     loud = torch.cat([x[:1], 100 * x[1:]])
