@@ -36,7 +36,7 @@ run: $(STAMP)
 	$(PY) server.py
 
 test: $(STAMP) $(CHROMIUM)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 server_test.py $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 --timeout-method=thread server_test.py $(PYTEST_ARGS)
 
 gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)

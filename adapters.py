@@ -352,7 +352,7 @@ class ElevenLabsSession(VendorSession):
             return
         while not self.closing:
             try:
-                message = await asyncio.wait_for(self.ws.receive(), self.inactivity)
+                message = await server.within(self.inactivity, self.ws.receive())
             except TimeoutError:
                 if any(u.task is not None and not u.task.done() for u in self.active.values()):
                     continue  # speaking is activity too
@@ -918,7 +918,7 @@ class AudioSocketSession(CallSession):
 
     async def read_messages(self) -> None:
         try:
-            first = await asyncio.wait_for(self.read_frame(), AUDIOSOCKET_UUID_WAIT)
+            first = await server.within(AUDIOSOCKET_UUID_WAIT, self.read_frame())
         except TimeoutError:
             first = None
         try:
@@ -1004,7 +1004,7 @@ class AsteriskSession(CallSession):
     async def read_messages(self) -> None:
         try:
             check_key(self.app_state, server.presented_key(self.ws.scope))
-            message = await asyncio.wait_for(self.ws.receive(), ASTERISK_START_WAIT)
+            message = await server.within(ASTERISK_START_WAIT, self.ws.receive())
             if message["type"] == "websocket.disconnect":
                 return
             await self.receive(message.get("text"), message.get("bytes"))

@@ -40,7 +40,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, 
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "numba"))
 # OpenMP threads that spin while they wait for work steal the cores the event loop and the other
@@ -3639,6 +3639,17 @@ def batch_metrics(runner: BatchRunner) -> Iterator[Metric]:
     yield rows
 
 
+T = TypeVar("T")
+
+
+async def within(seconds: float, work: Awaitable[T]) -> T:
+    """Await work for at most `seconds` (then TimeoutError). Python 3.11's asyncio.wait_for loses a
+    cancellation that arrives as the work finishes (it returns the result instead), which leaves a
+    cancelled session waiting forever; asyncio.timeout never does."""
+    async with asyncio.timeout(max(0.0, seconds)):
+        return await work
+
+
 async def settle(*tasks: asyncio.Future[Any]) -> None:
     """Wait for (cancelled) tasks to end, even while this task is itself being cancelled: anyio, which
     Starlette's streaming responses and TestClient cancel with, cancels again at every await, so a
@@ -3706,7 +3717,7 @@ class Speaker:
         if self.loaded:
             return
         try:
-            await asyncio.wait_for(asyncio.shield(self.start_loading()), timeout=max(0.0, timeout))
+            await within(timeout, asyncio.shield(self.start_loading()))
         except TimeoutError:
             raise ApiError(503, "The model is loading; retry shortly.", type="server_error", code="model_loading",
                            headers={"Retry-After": "5"}) from None
@@ -3773,7 +3784,7 @@ class Speaker:
         remaining = job.timeline.remaining(self.settings.request_timeout)
         until_stop = math.inf if self.stop_at is None else self.stop_at - time.monotonic()
         try:
-            return await asyncio.wait_for(work, timeout=max(0.0, min(remaining, until_stop)))
+            return await within(min(remaining, until_stop), work)
         except TimeoutError:
             if until_stop < remaining:
                 raise ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down",
@@ -4679,8 +4690,10 @@ class SpeechSession:
             await utterance.task
             status = 200
         except asyncio.CancelledError:
-            if not utterance.cancelled:
-                raise  # the connection is closing
+            # The client's cancel ends only the utterance; the connection closing (this task cancelled,
+            # perhaps as the client's cancel lands) ends the loop.
+            if not utterance.cancelled or asyncio.current_task().cancelling():
+                raise
         except CLIENT_GONE:
             return False  # the client left mid-utterance (499); the receive loop ends the session
         except ClientStalled:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ctypes
 import dataclasses
 import io
 import json
@@ -589,6 +590,30 @@ def test_cleanup_waits_for_its_tasks_even_while_anyio_cancels_it() -> None:
 
     asyncio.run(scenario())
     assert finished == ["task", "handler"]
+
+
+@pytest.mark.parametrize("seconds", [5.0, float("inf")])
+def test_a_cancel_that_arrives_as_the_work_finishes_is_not_lost(seconds: float) -> None:
+    """Python 3.11's asyncio.wait_for returned the result instead: a WebSocket session whose utterance
+    ended as the client left then waited forever for its cancelled speaking loop."""
+    async def scenario() -> tuple[bool, Any]:
+        work = asyncio.get_running_loop().create_future()
+        waiting = asyncio.ensure_future(server.within(seconds, work))
+        await asyncio.sleep(0)  # it now waits on the work
+        work.set_result("done")
+        waiting.cancel()
+        try:
+            return False, await waiting
+        except asyncio.CancelledError:
+            return True, None
+
+    assert asyncio.run(scenario()) == (True, None)
+
+    async def times_out() -> None:
+        await server.within(0.01, asyncio.sleep(10))
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(times_out())
 
 
 def test_inference_worker_ages_waiting_work(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1561,6 +1586,12 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return dirs
 
 
+def end_with_parent() -> None:
+    """In a test server's process: it gets SIGTERM when pytest ends, however it ends (pytest-timeout's
+    hard stop included), rather than living on and holding CI open."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class ServerProcess:
     def __init__(self, kind: str, model_dir: Path | None, voices_dir: Path, command: list[str] | None = None,
                  **env: str):
@@ -1576,7 +1607,7 @@ class ServerProcess:
                     # Seeded requests repeat across tests, which must exercise the pipeline, not the result cache.
                     "RESULT_CACHE_MB": "0", **env}
         self.proc = subprocess.Popen(command or [sys.executable, str(ROOT / "server.py")], env=full_env,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=end_with_parent)
 
     def wait_ready(self, timeout: float = 600) -> None:  # a loaded shared 2-core machine loads Turbo in ~150 s
         deadline = time.monotonic() + timeout
@@ -1657,6 +1688,25 @@ def read_wav(data: bytes) -> tuple[int, np.ndarray]:
     with wave.open(io.BytesIO(data)) as w:
         assert (w.getnchannels(), w.getsampwidth()) == (1, 2)
         return w.getframerate(), np.frombuffer(data[44:], "<i2")
+
+
+def test_a_test_server_ends_with_the_test_run_that_started_it() -> None:
+    """A hard stop of pytest (a hung test) must not leave servers running that keep CI waiting."""
+    parent = subprocess.run([sys.executable, "-c", (
+        "import subprocess, sys, os; sys.path.insert(0, sys.argv[1]); import server_test; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+        "stdout=subprocess.DEVNULL, preexec_fn=server_test.end_with_parent); "
+        "print(child.pid, flush=True); os._exit(1)"), str(ROOT)],
+        capture_output=True, text=True, timeout=120)
+    child = int(parent.stdout.split()[0])
+
+    def ended() -> bool:
+        try:
+            return Path(f"/proc/{child}/stat").read_text().split()[2] == "Z"  # ended, not yet reaped
+        except FileNotFoundError:
+            return True
+
+    wait_until(ended)
 
 
 def test_health_ready_models(live: ServerProcess) -> None:
