@@ -1175,9 +1175,6 @@ class ChatterboxEngine(Engine):
         if self.device == "cuda" and not self.requested.max_batch:
             self.options = replace(self.options, max_batch=self._slots_that_fit(t3, 2 if cfg else 1, capacity))
         decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, self.options, capacity, probes=probes)
-        if self.options.quantize == "int8":
-            quantize_linears(decoder.layers, self.device)
-        decoder.row_count_free()
         return T3Batch(t3, decoder, cfg=cfg, turbo_order=not cfg, monitored=bool(probes))
 
     def _slots_that_fit(self, t3: Any, rows_per_slot: int, capacity: int) -> int:
@@ -1909,6 +1906,10 @@ class T3Decoder(torch.nn.Module):
         self.final_norm = tfmr.ln_f if self.gpt2 else RMSNorm(tfmr.norm)
         self.positions = tfmr.wpe if self.gpt2 else None
         device = self.final_norm.weight.device
+        if options.quantize == "int8":
+            quantize_linears(self.layers, device.type)
+        # Whether eager steps may leave out the idle slots past the last busy one.
+        self.independent_rows = exact_at_any_row_count(self.layers)
         self.capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
         if not self.gpt2:
@@ -1923,15 +1924,6 @@ class T3Decoder(torch.nn.Module):
         self.probes = probes
         self.probe_rows = torch.zeros(len(probes), options.max_batch, self.capacity, device=device)
         self.prefill_probes: dict[tuple[int, int], torch.Tensor] = {}  # the last prefill chunk's rows
-        self.independent_rows = False  # see row_count_free
-
-    def row_count_free(self) -> None:
-        """Check whether a row's arithmetic is the same however many rows a step computes: it is when
-        every linear is row-scaled int8 (exact integer products, each row's own scale); a float matmul
-        may sum in another order for another row count. Then eager steps skip the idle slots past the
-        last busy one. Call it once the linears are final."""
-        linears = [m for m in self.layers.modules() if isinstance(m, (torch.nn.Linear, RowScaledInt8Linear))]
-        self.independent_rows = all(isinstance(m, RowScaledInt8Linear) for m in linears)
 
     @staticmethod
     def _gpt2_layer(block: Any) -> torch.nn.Module:
@@ -2136,6 +2128,14 @@ class RowScaledInt8Linear(torch.nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+
+def exact_at_any_row_count(module: torch.nn.Module) -> bool:
+    """Whether a row's arithmetic under `module` is the same however many rows are computed together:
+    it is when every linear is row-scaled int8 (exact integer products, each row's own scale); a float
+    matmul may sum in another order for another row count."""
+    linears = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, RowScaledInt8Linear))]
+    return all(isinstance(m, RowScaledInt8Linear) for m in linears)
 
 
 def quantize_linears(module: torch.nn.Module, device: str) -> None:
