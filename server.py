@@ -109,8 +109,8 @@ class Settings:
                                    default="default")
     cuda_graphs: bool = _env("CUDA_GRAPHS", "Replay T3's decode step from CUDA graphs (CUDA only).", default=True)
     attention: str = _env("ATTENTION", "T3 attention kernel: sdpa or eager.", default="sdpa")
-    torch_threads: int = _env("TORCH_THREADS", "Threads the model computes with (0 = one per CPU core, less one for "
-                              "the event loop where there are more than two).", default=0)
+    torch_threads: int = _env("TORCH_THREADS", "Threads the model computes with (0 = one per CPU core less one, which "
+                              "the event loop keeps; at least one).", default=0)
     max_batch: int = _env("MAX_BATCH", "Generations T3 decodes together (slots); 0 = the device's default (CPU 8, "
                           "CUDA 32).", default=0)
     audio_trim_silence: bool = _env("AUDIO_TRIM_SILENCE", "Trim silence at each utterance's start and end.",
@@ -5355,12 +5355,18 @@ def middleware(settings: Settings, routes: list[BaseRoute], speaker: Speaker,
     return stack
 
 
+def torch_threads_for(requested: int, cores: int) -> int:
+    """The model's intra-op threads: as requested, or by default one per core less one, which the event
+    loop keeps (encoding, resampling, the network), and at least one. On 2 cores a second model thread
+    cost more in OpenMP wake-ups than it computed on one machine and helped on another only while the
+    loop idled: BENCHMARKS.md has the measurements."""
+    return requested or max(1, cores - 1)
+
+
 def set_torch_threads(requested: int) -> int:
-    """Threads for the model's CPU work, set before torch starts its pools. By default one per core,
-    but on more than two cores one is left to the event loop (encoding, resampling, the network):
-    BENCHMARKS.md has the measurements behind it."""
+    """Sets the model's threads (`torch_threads_for`) before torch starts its pools."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = requested or (cores - 1 if cores > 2 else cores)
+    threads = torch_threads_for(requested, cores)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)  # one inference thread: no inter-op parallelism to feed

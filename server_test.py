@@ -309,6 +309,11 @@ def test_settings_from_env() -> None:
         server.Settings.from_env({"DEVICE": "tpu"})
 
 
+def test_the_model_leaves_the_event_loop_a_core() -> None:
+    assert [server.torch_threads_for(0, cores) for cores in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert server.torch_threads_for(2, 2) == 2  # TORCH_THREADS as set
+
+
 def test_stream_schedule_setting_becomes_the_plan() -> None:
     assert server.Settings().stream_plan == server.StreamPlan()  # the setting's default is the plan's
     plan = server.Settings.from_env({"STREAM_CHUNK_SCHEDULE": "10, 30", "STREAM_CONTEXT_TOKENS": "8"}).stream_plan
