@@ -2293,16 +2293,21 @@ def test_batched_s3gen_windows_equal_solo_ones_and_draw_nothing_from_the_request
             assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
 
 
-def test_s3gen_flow_and_vocoder_equal_upstreams_on_one_row(turbo_engine: server.ChatterboxEngine) -> None:
+def test_s3gen_flow_and_vocoder_equal_upstreams_on_one_row(turbo_engine: server.ChatterboxEngine,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """The same arithmetic as upstream's flow and vocoder, without upstream's progress bar on every window."""
     from chatterbox.models.s3gen.s3gen import S3Token2Mel
 
     s3gen, voice = turbo_engine.parts.s3gen, turbo_engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     tokens = torch.randint(0, 6561, (24,), generator=torch.Generator().manual_seed(8)).tolist()
     noise = torch.randn(80, voice.gen["prompt_feat"].shape[1] + 48, generator=torch.Generator().manual_seed(9))
     with torch.inference_mode():
+        capfd.readouterr()
         ours = server.flow_mels(s3gen, [server.FlowRow(voice.gen, tokens, noise)], n_timesteps=2)[0]
+        assert capfd.readouterr() == ("", "")
         stock = S3Token2Mel.forward(s3gen, torch.tensor(tokens), ref_wav=None, ref_sr=None, ref_dict=dict(voice.gen),
                                     n_cfm_timesteps=2, finalize=True, noised_mels=noise[None])[0]
+        assert "Mel Inference" in capfd.readouterr().out  # what the check above would catch
         assert torch.equal(ours, stock)
         cache = torch.randn(1, 960, generator=torch.Generator().manual_seed(1))
         torch.manual_seed(4)
