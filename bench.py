@@ -47,6 +47,9 @@ import server  # noqa: E402
 ROOT = Path(__file__).resolve().parent
 TEXT = ("The quick brown fox jumps over the lazy dog while the afternoon sun warms the quiet garden, "
         "and somewhere a radio plays an old song about the sea.")
+# The three-sentence text of issue 12's measurements (BENCHMARKS.md passes it as --text).
+THREE_SENTENCES = ("The quick brown fox jumps over the lazy dog. Streaming speech should start long before the "
+                   "whole text is done. This third sentence closes the request.")
 
 
 @dataclass

@@ -16,8 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import server  # noqa: I001  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import torch
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Streaming speech should start long before the whole "
-        "text is done. This third sentence closes the request.")
+import bench
 
 
 def profile_steps(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: int) -> None:
@@ -88,15 +87,16 @@ def main() -> None:
     args = sys.argv[1:]
     quantize = args.pop(0) if args and not args[0].startswith("-") else "int8"
     threads = server.set_torch_threads(int(os.environ.get("TORCH_THREADS", "0")))
-    slots = 8 if args[:1] == ["--bound"] else int(args[0]) if args else 8
+    bounding = args[:1] == ["--bound"]
+    slots = 8 if bounding or not args else int(args[0])
     engine = server.ChatterboxEngine("turbo", os.environ["MODEL_DIR"], "cpu",
                                      options=server.ModelOptions(quantize=quantize, max_batch=slots))
     with torch.inference_mode():
         engine.load()
         voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-        prompt = engine.prompt(TEXT, voice, server.SynthesisParams())[0]
+        prompt = engine.prompt(bench.THREE_SENTENCES, voice, server.SynthesisParams())[0]
         print(f"{threads} thread(s), prompt {prompt.shape[1]} positions")
-        if args[:1] == ["--bound"]:
+        if bounding:
             bound(engine, prompt, int(args[1]) if len(args) > 1 else 480)
         else:
             profile_steps(engine, prompt, slots)

@@ -10,8 +10,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import server  # noqa: I001  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
 import bench
 
-TEXT = ("The quick brown fox jumps over the lazy dog. Streaming speech should start long before the whole "
-        "text is done. This third sentence closes the request.")
+TEXT = bench.THREE_SENTENCES
 
 engine = server.ChatterboxEngine("turbo", sys.argv[1], "cpu", options=server.ModelOptions(max_batch=8),
                                  s3gen_batch=int(sys.argv[2]) if len(sys.argv) > 2 else 0)
