@@ -1803,6 +1803,11 @@ class KVCache:
         for layer, kept in zip(self.layers, prefix):
             layer[:, rows, :, : kept.shape[3]] = kept
 
+    def clear(self, rows: slice, start: int) -> None:
+        """Zero `rows` from position `start` on, every layer."""
+        for layer in self.layers:
+            layer[:, rows, :, start:].zero_()
+
 
 class LruCache:
     """At most `size` entries (0: none is kept), the least recently used leaving first; counts hits and misses."""
@@ -2309,6 +2314,52 @@ def draw(logits: torch.Tensor, noise: torch.Tensor, fallback: int) -> torch.Tens
     return torch.where(broken, torch.full_like(token, fallback), token)
 
 
+EXPECTED_READ = "expected read: "
+
+
+@contextmanager
+def expected_read(what: str, device: torch.device) -> Iterator[None]:
+    """A read from the device that the token loop makes on purpose (the block's tokens, Multilingual's
+    monitor): a profiler range named EXPECTED_READ + what, and let through by a sync check that runs the
+    steps under torch.cuda.set_sync_debug_mode("error") (tools/gpu_check.py)."""
+    mode = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else 0
+    if mode:
+        torch.cuda.set_sync_debug_mode(0)
+    try:
+        with torch.profiler.record_function(EXPECTED_READ + what):
+            yield
+    finally:
+        if mode:
+            torch.cuda.set_sync_debug_mode(mode)
+
+
+NOISE_MODULUS = 2**31 - 1  # a prime: keyed noise mixes integers below it, products fit in int64
+NOISE_MULTIPLIERS = (742938285, 950706376, 1226874159, 62089911)  # primitive roots of NOISE_MODULUS
+
+
+def mix_bits(x: Any) -> Any:
+    """An integer hash of values in [0, NOISE_MODULUS) (Python ints or int64 tensors): multiply modulo
+    the prime, fold the high bits down, four times."""
+    for multiplier in NOISE_MULTIPLIERS:
+        x = x * multiplier % NOISE_MODULUS
+        x = x ^ (x >> 16)
+    return x
+
+
+def noise_key(seed: int) -> int:
+    return mix_bits(seed % NOISE_MODULUS)
+
+
+def keyed_exponential(keys: torch.Tensor, draws: torch.Tensor, vocabulary: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [rows, V] for each row's draw number `draws` under its `noise_key` (both [rows, 1]
+    int64; vocabulary: arange(V)[None]). A counter-based hash in exact integer arithmetic: a row's noise
+    depends on its seed and draw count alone, and a captured graph computes it without any generator
+    state to replay."""
+    counter = draws * vocabulary.shape[-1] + vocabulary
+    bits = mix_bits((keys + counter * 40503) % NOISE_MODULUS) >> 7  # 24 bits: exact in float32
+    return -torch.log((bits.float() + 0.5) * 2.0**-24)
+
+
 @dataclass(eq=False)
 class Slot:
     """One generation's place in the batch, and what its rows have produced so far."""
@@ -2358,9 +2409,13 @@ class T3Batch:
     slot by one token (sampling included) with the same shapes whether a slot is busy or idle.
 
     Tokens collect on the device and are read back every `eos_check_every` steps (`read_tokens`); slots
-    are seated only between blocks. On CUDA `capture` records the step once per cache-length bucket at
-    warm-up and `step` is one replay (two for Multilingual, whose alignment monitor runs on the host
-    between the model and the draw)."""
+    are seated only between blocks. The rows of a slot nobody holds are parked at the cache's last
+    position, which no prompt or budget reaches: the steps write every row, and a prompt being written
+    into that slot between them must stay as written. Static-shape steps (`bucketed`) draw for every
+    slot with noise keyed by its seed and draw count; eager steps draw for the busy slots from their
+    own generators (as upstream draws). On CUDA `capture` records the static step once per cache-length
+    bucket at warm-up and `step` is one replay (two for Multilingual, whose alignment monitor runs on
+    the host between the model and the draw)."""
 
     def __init__(self, t3: Any, decoder: T3Decoder, cfg: bool, turbo_order: bool, monitored: bool):
         options, device = decoder.options, decoder.final_norm.weight.device
@@ -2371,19 +2426,25 @@ class T3Batch:
         self.slots: list[Slot | None] = [None] * count
         self.prefixes = VoicePrefixes(VOICE_PREFIXES)
         self.inputs = torch.zeros(decoder.rows, 1, decoder.dim, device=device)
-        self.positions = torch.zeros(decoder.rows, dtype=torch.long, device=device)
+        self.parked = decoder.capacity - 1  # where the rows of a free slot write
+        self.positions = torch.full((decoder.rows,), self.parked, dtype=torch.long, device=device)
         self.speech_index = torch.zeros(count, dtype=torch.long, device=device)  # Llama: next speech position id
         self.seen = torch.zeros(count, self.vocabulary, dtype=torch.bool, device=device)
         self.sampling = SamplingRows.empty(count, device)
         self.cfg_weight = torch.zeros(count, 1, device=device)
         self.verdict = torch.zeros(count, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(count, self.vocabulary, device=device)
-        self.noise = torch.ones(count, self.vocabulary, device=device)
-        self.generators = [torch.Generator(device=device) for _ in range(count)]
+        if options.bucketed:  # keyed noise: each slot's noise_key and draws so far
+            self.keys = torch.zeros(count, 1, dtype=torch.long, device=device)
+            self.draws = torch.zeros(count, 1, dtype=torch.long, device=device)
+            self.vocabulary_index = torch.arange(self.vocabulary, device=device)[None]
+        else:
+            self.noise = torch.ones(count, self.vocabulary, device=device)
+            self.generators = [torch.Generator(device=device) for _ in range(count)]
         self.block = torch.zeros(count, options.eos_check_every, dtype=torch.long, device=device)
         self.filled = torch.zeros(1, dtype=torch.long, device=device)  # columns of `block` written
         self.steps_in_block = 0
-        self.graphs: dict[int, list[Any]] = {}  # by attended length: the step's graphs
+        self.graphs: dict[int, list[Callable[[], None]]] = {}  # by attended length: the step's graph replays
         self._model_forward: Callable[..., torch.Tensor] = decoder.masked_step
         if options.compile_mode:
             # Our graphs wrap the compiled step, so inductor's own CUDA graphs stay off (the modes that
@@ -2420,8 +2481,6 @@ class T3Batch:
         """A generation whose prompt is prefilled into its rows takes its slot: its first token is drawn
         from the prefill's last hidden state, as upstream draws it, and becomes its rows' next input."""
         index = slot.index
-        generator = self.generators[index]
-        generator.manual_seed(seed)
         self.sampling.set_row(index, recipe.rows(self.vocabulary))
         self.cfg_weight[index].fill_(cfg_weight)
         self.verdict[index].fill_(StopVerdict.FREE)
@@ -2434,7 +2493,19 @@ class T3Batch:
                 slot.monitor.last_aligned_attns[n] = self.decoder.prefill_probes[probe]
             verdict = monitor_verdict(slot.monitor, self.start, self.stop)
             logits = with_verdict(logits, torch.full((1, 1), verdict, device=self.device), self.stop)
-        noise = torch.empty_like(logits).exponential_(generator=generator)
+        if self.options.bucketed:
+            # Static steps attend over whole buckets: what an earlier holder of the slot left past this
+            # prompt is masked, but a NaN there would still poison the softmax.
+            self.decoder.cache.clear(self.rows(index), slot.position)
+            self.keys[index] = noise_key(seed)
+            self.draws[index] = 0
+            noise = keyed_exponential(self.keys[index : index + 1], self.draws[index : index + 1],
+                                      self.vocabulary_index)
+            self.draws[index] = 1
+        else:
+            generator = self.generators[index]
+            generator.manual_seed(seed)
+            noise = torch.empty_like(logits).exponential_(generator=generator)
         token = draw(filter_logits(logits, seen, self.sampling.select(slice(index, index + 1)), self.turbo_order),
                      noise, self.stop)
         if self.turbo_order:
@@ -2451,27 +2522,35 @@ class T3Batch:
 
     def leave(self, slot: Slot) -> None:
         self.slots[slot.index] = None
+        self.positions[self.rows(slot.index)] = self.parked
 
     # --- the step -----------------------------------------------------------------
 
     def step(self) -> None:
         """Advance every slot by one token."""
         busy = self.busy
-        if self.options.cuda_graphs:
-            graphs = self.graphs[bucket_length(max(s.position for s in busy), self.decoder.capacity)]
-            graphs[0].replay()
-            if self.monitored:
-                self._monitor()
-                graphs[-1].replay()
-        else:
+        if self.options.bucketed:
             length = bucket_length(max(s.position for s in busy), self.decoder.capacity)
-            self._model(length if self.options.bucketed else 0)
+            parts = self.graphs.get(length) or self.static_parts(length)
+            parts[0]()
             if self.monitored:
                 self._monitor()
-            self._draw(every_slot=False)
+                parts[-1]()
+        else:
+            self._model(0)
+            if self.monitored:
+                self._monitor()
+            self._draw()
         for slot in busy:
             slot.position += 1
         self.steps_in_block += 1
+
+    def static_parts(self, length: int) -> list[Callable[[], None]]:
+        """The static-shape step over `length` cache positions, in the parts a graph records: the model
+        and the draw in one, or (Multilingual) the model, then the draw once the monitor has ruled."""
+        if self.monitored:
+            return [lambda: self._model(length), self._draw]
+        return [lambda: (self._model(length), self._draw())]
 
     def _model(self, length: int) -> None:
         """The transformer, the speech head and CFG for every slot, into `self.logits`. length > 0: the
@@ -2486,25 +2565,31 @@ class T3Batch:
         self.logits.copy_(self.logits_of(hidden, self.cfg_weight))
 
     def _monitor(self) -> None:
-        """Multilingual: each busy slot's alignment monitor reads its rows of the probed heads and rules."""
-        probes = self.decoder.probe_rows.cpu()
+        """Multilingual: each busy slot's alignment monitor reads its rows of the probed heads and rules
+        (on the host, over one copy of the rows)."""
         verdicts = torch.zeros(len(self.slots), 1, dtype=torch.long)
-        for slot in self.busy:
-            for n in range(len(self.decoder.probes)):
-                slot.monitor.last_aligned_attns[n] = probes[n, slot.index, : slot.position + 1].view(1, -1)
-            last = slot.tokens[-1] if slot.tokens else self.start
-            verdicts[slot.index] = monitor_verdict(slot.monitor, last, self.stop)
+        with expected_read("alignment monitor", self.device):
+            probes = self.decoder.probe_rows.cpu()
+            for slot in self.busy:
+                for n in range(len(self.decoder.probes)):
+                    slot.monitor.last_aligned_attns[n] = probes[n, slot.index, : slot.position + 1].view(1, -1)
+                last = slot.tokens[-1] if slot.tokens else self.start
+                verdicts[slot.index] = monitor_verdict(slot.monitor, last, self.stop)
         self.verdict.copy_(verdicts)
 
-    def _draw(self, every_slot: bool) -> None:
+    def _draw(self) -> None:
         """Filter and draw each slot's token; it joins the slot's history and the block, its embedding
         becomes the slot's rows' next input, and their position moves on."""
         logits = with_verdict(self.logits, self.verdict, self.stop) if self.monitored else self.logits
         logits = filter_logits(logits, self.seen, self.sampling, self.turbo_order)
-        for index, generator in enumerate(self.generators):
-            if every_slot or self.slots[index] is not None:  # a graph draws for every slot, busy or not
-                self.noise[index].exponential_(generator=generator)
-        token = draw(logits, self.noise, self.stop)
+        if self.options.bucketed:  # every slot, busy or not: nothing in a graph depends on which
+            noise = keyed_exponential(self.keys, self.draws, self.vocabulary_index)
+            self.draws.add_(1)
+        else:
+            for slot in self.busy:
+                self.noise[slot.index].exponential_(generator=self.generators[slot.index])
+            noise = self.noise
+        token = draw(logits, noise, self.stop)
         self.seen.scatter_(1, token, True)
         self.block.index_copy_(1, self.filled, token)
         self.filled.add_(1)
@@ -2514,18 +2599,23 @@ class T3Batch:
             embed = embed + table[self.speech_index.clamp(max=table.shape[0] - 1)]
             self.speech_index.add_(1)
         self.inputs.copy_(embed.repeat_interleave(self.decoder.rows_per_slot, dim=0)[:, None])
-        self.positions.add_(1).clamp_(max=self.decoder.capacity - 1)  # idle rows keep writing in their own rows
+        self.positions.add_(1).clamp_(max=self.parked)  # parked rows stay parked
 
     def read_tokens(self) -> None:
         """Hand the block's tokens to their slots (one read from the device) and start a new block."""
         if not self.steps_in_block:
             return
-        block = self.block[:, : self.steps_in_block].tolist()
-        self.filled.zero_()
-        self.steps_in_block = 0
+        with expected_read("block tokens", self.device):
+            block = self.block[:, : self.steps_in_block].tolist()
+        self.discard_block()
         for slot in self.busy:
             for token in block[slot.index]:
                 slot.take(token, self.stop)
+
+    def discard_block(self) -> None:
+        """Start a new block, forgetting what the last one drew (a step failed, or warm-up drew it)."""
+        self.filled.zero_()
+        self.steps_in_block = 0
 
     @property
     def block_full(self) -> bool:
@@ -2533,37 +2623,43 @@ class T3Batch:
 
     # --- CUDA graphs ----------------------------------------------------------------
 
+    def bucket_lengths(self) -> range:
+        return range(CACHE_BUCKET, self.decoder.capacity + 1, CACHE_BUCKET)
+
     def capture(self) -> None:
-        """Record the step for every cache-length bucket, at warm-up only, on one side stream with one
-        memory pool; a CUDA call from another thread cannot break a capture in thread-local mode."""
+        """Record the static step for every cache-length bucket, at warm-up only, on one side stream with
+        one memory pool; a CUDA call from another thread cannot break a capture in thread-local mode."""
         stream, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
         stream.wait_stream(torch.cuda.current_stream())
-        for length in range(CACHE_BUCKET, self.decoder.capacity + 1, CACHE_BUCKET):
-            if self.monitored:
-                parts = [lambda n=length: self._model(n), lambda: self._draw(every_slot=True)]
-            else:
-                parts = [lambda n=length: (self._model(n), self._draw(every_slot=True))]
+        for length in self.bucket_lengths():
+            parts = self.static_parts(length)
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm the kernels (and compile or autotune) outside the capture
-                    for part in parts:
-                        part()
+                self.rehearse(parts)
             graphs = []
             for part in parts:
                 graph = torch.cuda.CUDAGraph()
-                for generator in self.generators:
-                    graph.register_generator_state(generator)
                 with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
                     part()
-                graphs.append(graph)
+                graphs.append(graph.replay)
             self.graphs[length] = graphs
         torch.cuda.current_stream().wait_stream(stream)
         self.reset()
 
+    def rehearse(self, parts: list[Callable[[], None]]) -> None:
+        """Run a static step twice before it is recorded (its kernels warmed, compiled or autotuned),
+        forgetting each run's draw: the token block holds only `eos_check_every` of them."""
+        for _ in range(2):
+            for part in parts:
+                part()
+            self.discard_block()
+
     def reset(self) -> None:
         """Forget what warm-up steps wrote (no slot is busy then)."""
-        for tensor in (self.positions, self.filled, self.seen, self.inputs, self.speech_index, self.verdict):
+        self.positions.fill_(self.parked)
+        for tensor in (self.seen, self.inputs, self.speech_index, self.verdict,
+                       *((self.draws,) if self.options.bucketed else ())):
             tensor.zero_()
-        self.steps_in_block = 0
+        self.discard_block()
 
 
 def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
@@ -3077,11 +3173,15 @@ class BatchRunner:
         batch = self.engine._batch()
         started = time.monotonic()
         steps = 0
-        while True:
-            batch.step()
-            steps += 1
-            if batch.block_full:
-                break
+        try:
+            while True:
+                batch.step()
+                steps += 1
+                if batch.block_full:
+                    break
+        except Exception:
+            batch.discard_block()  # its seated generations fail; the next ones start on a clean block
+            raise
         batch.read_tokens()
         elapsed = time.monotonic() - started
         self.stats.steps(steps, len(self.seated), elapsed)

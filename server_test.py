@@ -2154,27 +2154,39 @@ def crowd_requests(engine: server.ChatterboxEngine, clip: Path) -> list[dict[str
 
 
 @pytest.mark.parametrize("kind", MODELS)
-def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: dict[str, Path], kind: str,
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: dict[str, Path], kind: str, static: bool,
                                                               tmp_path: Path) -> None:
     """Same tokens and the same audio bytes alone or beside three other generations (other voices, texts,
     seeds, temperatures, CFG weights, lengths), whichever joins first: each row samples from its own
-    generator and its arithmetic never depends on the rows beside it."""
-    engine = tiny_engine(checkpoints, kind, max_batch=4)
+    generator (static steps, as graphs run them: from noise keyed by its seed and draw count) and its
+    arithmetic never depends on the rows beside it. The crowds go first, on a fresh batch, where the rows
+    of a slot being prefilled would step inside its prompt if they were not parked; each prompt's cache
+    rows at seating are compared too (a few overwritten positions need not change a random model's tokens)."""
+    engine = tiny_engine(checkpoints, kind, static=static, max_batch=4)
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(reference_clip(seed=11)))
     requests = crowd_requests(engine, clip)
-    alone = [run_generations(engine, [request])[0] for request in requests]
-    assert all(len(run.tokens) > 10 and len(run.audio) for run in alone)
+    seated = cache_at_seat(engine)
+
     def shared_steps() -> int:
         return sum(n for busy, n in engine.runner.stats.rows_per_step.items() if busy > 1)
 
-    for order in ([0, 1, 2, 3], [3, 1, 0, 2])[: 2 if kind == "turbo" else 1]:
+    crowds = []
+    for order in ([0, 1, 2, 3], [3, 1, 0, 2])[: 2 if kind == "turbo" and not static else 1]:
         before = shared_steps()
-        crowd = run_generations(engine, [requests[i] for i in order], start_turns=[0, 2, 3, 9])
+        crowds.append((order, run_generations(engine, [requests[i] for i in order], start_turns=[0, 2, 3, 9])))
         assert shared_steps() > before  # they did share steps
+    crowd_prompts = seated[:]
+    seated.clear()
+    alone = [run_generations(engine, [request])[0] for request in requests]
+    assert all(len(run.tokens) > 10 and len(run.audio) for run in alone)
+    for order, crowd in crowds:
         for run, i in zip(crowd, order):
             assert run.tokens == alone[i].tokens, (kind, order, i)
             assert run.audio.tobytes() == alone[i].audio.tobytes(), (kind, order, i)
+        for at, i in enumerate(order):  # seated in the order they joined
+            assert all(map(torch.equal, crowd_prompts.pop(0), seated[i])), (kind, order, i, at)
 
 
 @pytest.mark.cuda
@@ -2190,6 +2202,87 @@ def test_cuda_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: di
     alone = [run_generations(engine, [request], vocode=False)[0].tokens for request in requests]
     crowd = [run.tokens for run in run_generations(engine, requests, vocode=False, start_turns=[0, 1, 2, 5])]
     assert crowd == alone
+
+
+def test_keyed_noise_is_exponential_and_each_rows_own() -> None:
+    """Static steps draw argmax(p / q) with q ~ Exp(1) hashed from the slot's seed and draw count: q is
+    Exp(1), tokens land as often as the model's probabilities say (over draws of one seed and over seeds),
+    and a row's noise is the same alone as among others."""
+    vocabulary = torch.arange(6561)[None]
+    keys = torch.tensor([[server.noise_key(seed)] for seed in (0, 1, 2**32 - 1, 123456789)])
+    draws = torch.tensor([[0], [5], [17], [1000]])
+    noise = server.keyed_exponential(keys, draws, vocabulary)
+    for row in range(4):
+        assert torch.equal(server.keyed_exponential(keys[row : row + 1], draws[row : row + 1], vocabulary),
+                           noise[row : row + 1])
+    values = np.sort(noise.flatten().numpy())
+    assert values.min() > 0 and np.isfinite(values).all()
+    ks = np.abs(1 - np.exp(-values) - np.arange(1, len(values) + 1) / len(values)).max()
+    assert ks < 1.63 / np.sqrt(len(values))  # Kolmogorov-Smirnov against Exp(1) at 1%
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
+    count = 40000
+    for keys, draws in ((torch.full((count, 1), server.noise_key(42)), torch.arange(count)[:, None]),
+                        (torch.tensor([[server.noise_key(seed)] for seed in range(count)]), torch.zeros(count, 1, dtype=torch.long))):
+        tokens = server.draw(probs.log().expand(count, -1), server.keyed_exponential(keys, draws, torch.arange(5)[None]), 4)
+        seen = torch.bincount(tokens.flatten(), minlength=5).double()
+        assert ((seen - count * probs) ** 2 / (count * probs)).sum() < 18.47  # chi-squared, 4 degrees, 0.1%
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_the_warm_up_capture_rehearses_every_bucket_within_the_token_block(checkpoints: dict[str, Path],
+                                                                            kind: str) -> None:
+    """capture() runs each bucket's static step twice before recording it, and each run draws a column of
+    the token block, which holds eos_check_every columns (Multilingual: 1; 16 on CUDA otherwise): every
+    run's column is forgotten, or the draws run past the block (a sticky device-side assert on CUDA). The
+    rehearsals here run on CPU, unrecorded, over more buckets than the block has columns."""
+    every = 1 if kind == "multilingual" else 4
+    engine = tiny_engine(checkpoints, kind, static=True, eos_check_every=every, max_batch=2)
+    batch = engine.batch
+    assert 2 * len(batch.bucket_lengths()) > every
+    with torch.inference_mode():
+        for length in batch.bucket_lengths():
+            batch.rehearse(batch.static_parts(length))
+        batch.reset()
+    assert int(batch.filled) == 0 and batch.steps_in_block == 0
+    assert (batch.positions == batch.parked).all()
+
+
+def test_a_failed_block_leaves_nothing_to_the_next_generation(checkpoints: dict[str, Path]) -> None:
+    """A step that fails mid-block fails the generations decoding in it; the next generation starts on a
+    clean token block (a stale column would hand it tokens drawn before it was seated, and the block's
+    count would run past its end) and gets exactly what it got before the failure."""
+    engine = tiny_engine(checkpoints, "turbo", eos_check_every=4, max_batch=2)
+    request = dict(text="Hello there, how are you?", voice=engine.prepare_voice(server.BUILTIN_VOICE, 0.5), seed=4,
+                   max_tokens=30)
+    expected, = run_generations(engine, [request], vocode=False)
+    step, calls = engine.batch.decoder.step, []
+
+    def failing(*args: Any) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 7:  # the third step of the second block
+            raise RuntimeError("a step failed")
+        return step(*args)
+
+    engine.batch.decoder.step = failing
+    with pytest.raises(RuntimeError, match="a step failed"):
+        run_generations(engine, [dict(request, seed=9)], vocode=False)
+    engine.batch.decoder.step = step
+    again, = run_generations(engine, [request], vocode=False)
+    assert again.tokens == expected.tokens
+
+
+def test_what_an_earlier_holder_left_in_a_slot_cannot_reach_the_next(checkpoints: dict[str, Path]) -> None:
+    """Static steps attend over whole buckets, masking what lies past each row's position; a NaN there
+    (left by a generation that went wrong, or by idle rows) would still poison the softmax, so a slot's
+    rows past a new prompt are cleared when it is seated."""
+    engine = tiny_engine(checkpoints, "standard", static=True, max_batch=2)
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    request = dict(text="Hello there, how are you?", voice=voice, seed=4, max_tokens=30)
+    clean, = run_generations(engine, [request], vocode=False)
+    for layer in engine.batch.decoder.cache.layers:
+        layer[:, engine.batch.rows(0), :, 100:] = float("nan")
+    again, = run_generations(engine, [request], vocode=False)
+    assert len(clean.tokens) == 30 and again.tokens == clean.tokens
 
 
 def test_int8_rows_are_quantized_alone(checkpoints: dict[str, Path], tmp_path: Path) -> None:
@@ -2398,6 +2491,46 @@ def test_a_streams_first_window_goes_before_another_streams_next(checkpoints: di
     assert audio[audio.index("b") + 1 :].count("a") >= 4  # a, ahead of playback, then went on
 
 
+def cache_at_seat(engine: server.ChatterboxEngine) -> list[list[torch.Tensor]]:
+    """From now on, each seated generation's prompt as its slot's cache rows hold it when it takes the slot."""
+    batch, seen = engine.batch, []
+    seat = batch.seat
+
+    def recording(slot: server.Slot, *args: Any, **kwargs: Any) -> None:
+        rows = batch.rows(slot.index)
+        seen.append([layer[:, rows, :, : slot.position].clone() for layer in batch.decoder.cache.layers])
+        seat(slot, *args, **kwargs)
+
+    batch.seat = recording
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["turbo", "standard"])
+def test_a_prompt_prefilled_while_others_decode_is_written_as_alone(checkpoints: dict[str, Path], kind: str,
+                                                                    tmp_path: Path) -> None:
+    """Every step writes every row of the batch; a slot whose prompt is being written chunk by chunk is not
+    seated yet, so its rows must be parked where no prompt reaches, or the steps between its chunks write
+    over the prompt (a fresh batch's idle rows start at position 0). Its cache rows at seating equal the
+    same prompt written alone, and so do its tokens."""
+    engine = tiny_engine(checkpoints, kind, max_batch=2)
+    builtin = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(wav_bytes(reference_clip(seed=11)))
+    cloned = engine.prepare_voice(server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS).resolve("clip"), 0.5)
+    running = dict(text="Hello there, this one keeps talking.", voice=builtin, seed=1, max_tokens=80)
+    newcomer = dict(text="A new voice joins while the first one speaks.", voice=cloned, seed=2, max_tokens=20)
+    seated = cache_at_seat(engine)
+    crowd = run_generations(engine, [running, newcomer], start_turns=[0, 1], vocode=False)
+    in_crowd = seated[1]
+    assert engine.runner.stats.rows_per_step.get(2)  # it was prefilled while the first decoded
+    engine.batch.prefixes.clear()  # its voice's prefix is written again, alone
+    seated.clear()
+    alone, = run_generations(engine, [newcomer], vocode=False)
+    for layer, (a, b) in enumerate(zip(seated[0], in_crowd)):
+        assert torch.equal(a, b), (layer, (a != b).any(dim=(0, 1, 2, 4)).nonzero().flatten().tolist()[:8])
+    assert crowd[1].tokens == alone.tokens
+
+
 def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[str, Path]) -> None:
     """While a generation decodes, a newcomer's prompt is written a chunk per turn and the running one
     still gets its token every turn; alone, a prompt is written in one go."""
@@ -2468,8 +2601,15 @@ def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]
 
 # --- Fast engine: our decoder against stock -------------------------------------
 
-def tiny_engine(checkpoints: dict[str, Path], kind: str, device: str = "cpu", **options: Any) -> server.ChatterboxEngine:
+def tiny_engine(checkpoints: dict[str, Path], kind: str, device: str = "cpu", static: bool = False,
+                eos_check_every: int | None = None, **options: Any) -> server.ChatterboxEngine:
+    """static: the batch runs the static-shape step that CUDA graphs record (here unrecorded, on any device),
+    keyed noise included; eos_check_every: as on CUDA, where tokens are read every 16 steps."""
     engine = server.ChatterboxEngine(kind, str(checkpoints[kind]), device, options=server.ModelOptions(**options))
+    if static:
+        engine.options = dataclasses.replace(engine.options, cuda_graphs=True)
+    if eos_check_every:
+        engine.options = dataclasses.replace(engine.options, eos_check_every=eos_check_every)
     engine.load()
     if device == "cuda":
         with torch.inference_mode():
@@ -2598,7 +2738,7 @@ def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int
                     decoder.masked_step(batch.inputs, batch.positions, server.CACHE_BUCKET)
                 counts.append(model.calls)
             with Count() as drawing:
-                batch._draw(every_slot=True)
+                batch._draw()
         finally:
             decoder.layers = layers
             batch.reset()
@@ -2610,10 +2750,13 @@ def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int
 def test_a_decode_step_launches_few_kernels(checkpoints: dict[str, Path], kind: str, per_layer: int) -> None:
     """GPT-2 and Llama layers as few kernels as torch allows without a compiler: a fused q/k/v (and Llama's
     gate/up) projection, tanh GELU, fused norms, queries and keys rotated together, one mask per step and
-    one write of keys and values (HF's own layers: about 21 and 45)."""
-    engine = tiny_engine(checkpoints, kind, max_batch=2)
+    one write of keys and values (HF's own layers: about 21 and 45). The draw's kernels do not grow with the
+    slots: its noise is one keyed hash for all of them, no generator per slot (which a graph would replay
+    with two more launches each)."""
+    engine = tiny_engine(checkpoints, kind, static=True, max_batch=2)
     layer, rest, draw = kernels_per_step(engine)
-    assert layer <= per_layer and rest <= 10 and draw <= 45
+    assert layer <= per_layer and rest <= 10 and draw <= 70
+    assert kernels_per_step(tiny_engine(checkpoints, kind, static=True, max_batch=8))[2] == draw
 
 
 def test_the_cache_and_rotary_tables_are_sized_once_for_the_longest_call(checkpoints: dict[str, Path]) -> None:
@@ -3011,22 +3154,27 @@ def load_tool(name: str) -> Any:
 
 
 def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_path: Path) -> None:
-    """make gpu-check's script, on the CPU with tiny checkpoints, so that a GPU is not its first run."""
+    """make gpu-check's script, on the CPU with tiny checkpoints, so that a GPU is not its first run. Every
+    model's steps pass the sync check: the reads the token loop makes on purpose (the block's tokens,
+    Multilingual's monitor every step) are let through by name, any other read fails it."""
     out = tmp_path / "report.md"
     result = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--checkpoints",
-                             str(checkpoints["turbo"].parent), "--models", "turbo", "--options", "defaults",
+                             str(checkpoints["turbo"].parent), "--options", "defaults",
                              "--skip", "tests,bench", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = out.read_text().splitlines()
     assert lines[0].startswith("### `make gpu-check`") and any(line.startswith("- Commit: ") for line in lines)
-    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line.split("|")[4].strip()
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line.split("|")[4:7]
             for line in lines if line.startswith("| ") and not line.startswith(("| check |", "| --- |"))}
-    assert rows[("checkpoint", "turbo", "")] == "ok"
-    assert rows[("warm-up", "turbo", "defaults")] == "ok"
-    assert rows[("sync: decode steps", "turbo", "defaults")] == "ok"
-    assert rows[("sync: token loop", "turbo", "defaults")] == "info"
-    assert re.fullmatch(r"\d+ per step", rows[("kernels", "turbo", "defaults")])
-    assert float(rows[("speed: T3 steps/s", "turbo", "defaults")]) > 0
+    for kind in MODELS:
+        assert rows[("checkpoint", kind, "")][0].strip() == "ok"
+        assert rows[("warm-up", kind, "defaults")][0].strip() == "ok"
+        result, figure, details = (cell.strip() for cell in rows[("sync: decode steps", kind, "defaults")])
+        assert result == "ok" and figure == "0 other host reads in 7 steps"
+        assert "block tokens x7" in details and ("alignment monitor x7" in details) == (kind == "multilingual")
+        assert rows[("sync: token loop", kind, "defaults")][0].strip() == "info"
+        assert re.fullmatch(r"\d+ per step", rows[("kernels", kind, "defaults")][0].strip())
+        assert float(rows[("speed: T3 steps/s", kind, "defaults")][0]) > 0
 
 
 @pytest.mark.cuda
@@ -3035,7 +3183,7 @@ def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_pa
 def test_cuda_batched_steps_replay_from_graphs_without_host_syncs(checkpoints: dict[str, Path], kind: str,
                                                                    quantize: str) -> None:
     """The batch's steps replay the graphs warm-up captured (Multilingual's too, in two parts), with no
-    host sync inside a step (Multilingual's monitor reads its rows between the parts, by design), int8
+    host sync inside a step but the expected reads (Multilingual's monitor reads its rows between the parts), int8
     layers included, and make finite logits."""
     engine = server.ChatterboxEngine(kind, str(checkpoints[kind]), "cuda",
                                      options=server.ModelOptions(quantize=quantize, max_batch=2))
@@ -3053,7 +3201,7 @@ def test_cuda_batched_steps_replay_from_graphs_without_host_syncs(checkpoints: d
                    engine.recipe(server.SynthesisParams()), 0.5, seed=0)
         torch.cuda.synchronize()
         logits = []
-        torch.cuda.set_sync_debug_mode(0 if batch.monitored else "error")
+        torch.cuda.set_sync_debug_mode("error")  # the monitor's read is an expected one
         try:
             for _ in range(8):
                 batch.step()
