@@ -319,7 +319,7 @@ def _split_long(sentence: str, max_chars: int) -> list[str]:
     while len(sentence) - start > max_chars:
         window = sentence[start : start + max_chars + 1]
         cut = max((m.end() for m in _CLAUSE_BREAK.finditer(window) if m.end() <= max_chars), default=0)
-        if cut < max_chars // 3:
+        if cut < max(1, max_chars // 3):
             space = window.rfind(" ")
             cut = space if space > max_chars // 3 else max_chars
         parts.append(window[:cut].strip())
@@ -347,6 +347,32 @@ def pack_chunks(sentences: list[str], max_chars: int) -> list[str]:
 
 def text_chunks(text: str, max_chars: int) -> list[str]:
     return pack_chunks(split_sentences(text), max_chars)
+
+
+def split_to_fit(text: str, limit: int, count: Callable[[str], int]) -> list[str]:
+    """`text` in pieces of at most `limit` as `count` measures them (a model's text tokens: Chinese in
+    Cangjie codes is about five a character): its sentences packed as many to a piece as fit, a sentence
+    too long cut as `_split_long` cuts. Each piece is counted as it will be handed over; a single
+    character over the limit stays a piece of its own."""
+    total = count(text)
+    if total <= limit or len(text) <= 1:
+        return [text]
+    sentences = split_sentences(text)
+    if len(sentences) > 1:
+        return _pack_counted([piece for sentence in sentences for piece in split_to_fit(sentence, limit, count)],
+                             limit, count)
+    max_chars = max(1, min(len(text) - 1, len(text) * limit // total))
+    return [fitted for piece in _split_long(text, max_chars) for fitted in split_to_fit(piece, limit, count)]
+
+
+def _pack_counted(pieces: list[str], limit: int, count: Callable[[str], int]) -> list[str]:
+    packed: list[str] = []
+    for piece in pieces:
+        if packed and count(joined := f"{packed[-1]} {piece}") <= limit:
+            packed[-1] = joined
+        else:
+            packed.append(piece)
+    return packed
 
 
 # What no engine can be handed: lone surrogates (not text at all: encoders and tokenizers refuse them)
@@ -905,6 +931,11 @@ class Engine(ABC):
         """How the inference worker runs this engine's generations: by default one piece of one at a time."""
         return SequentialRunner(self, tickets)
 
+    def fit_text(self, text: str, language: str | None) -> list[str]:
+        """A chunk of text (at most CHUNK_MAX_CHARS characters) in the pieces this engine takes in one
+        call. Any thread: the loaded model's tokenizer, not the model."""
+        return [text]
+
     @abstractmethod
     def describe(self) -> dict[str, Any]: ...
 
@@ -1143,6 +1174,7 @@ class ChatterboxEngine(Engine):
             self.options = replace(self.options, eos_check_every=1)
         self.batch: T3Batch | None = None
         self.runner = BatchRunner(self)
+        self._tokenizing = threading.Lock()  # fit_text counts from request threads; HF's fast tokenizers are not safe to share
 
     # Reference clip lengths upstream feeds to each part (seconds).
     ENC_COND_SECONDS = {"turbo": 15, "standard": 6, "multilingual": 6}
@@ -1193,8 +1225,9 @@ class ChatterboxEngine(Engine):
 
     def capacity(self) -> int:
         """Cache positions for the longest generation the text limits allow: the voice conditioning,
-        a chunk of CHUNK_MAX_CHARS characters, the start tokens and the longest token budget. Sized
-        once: a cache that grew would invalidate every captured graph."""
+        a piece of at most CHUNK_MAX_CHARS characters and as many text tokens (`fit_text`), the start
+        tokens and the longest token budget. Sized once: a cache that grew would invalidate every
+        captured graph."""
         from chatterbox.models.t3.modules.cond_enc import T3Cond
 
         t3 = self._parts().t3
@@ -1284,18 +1317,31 @@ class ChatterboxEngine(Engine):
             raise RuntimeError("model not loaded")
         return self.parts
 
-    def _text_tokens(self, text: str, language: str | None) -> torch.Tensor:
+    def fit_text(self, text: str, language: str | None) -> list[str]:
+        """Pieces of at most CHUNK_MAX_CHARS text tokens as this model's tokenizer makes them for the
+        language (Multilingual spells Chinese in Cangjie codes, Japanese kanji in hiragana, Korean in
+        jamo: several tokens a character), so that every prompt and its budget fit the cache."""
+        return split_to_fit(text, self.chunk_max_chars, lambda piece: self._text_ids(piece, language).shape[-1])
+
+    def _text_ids(self, text: str, language: str | None) -> torch.Tensor:
+        """The tokenizer's text tokens [1, n] (on the CPU), before the start and stop tokens."""
         from chatterbox.tts import punc_norm
 
         parts = self._parts()
         text = punc_norm(text)
+        with self._tokenizing:
+            if self.kind == "turbo":
+                return parts.tokenizer(text, return_tensors="pt").input_ids
+            if self.kind == "multilingual":
+                return parts.tokenizer.text_to_tokens(text, language_id=language or "en")
+            return parts.tokenizer.text_to_tokens(text)
+
+    def _text_tokens(self, text: str, language: str | None) -> torch.Tensor:
+        """The prompt's text tokens on the device (Llama: both CFG rows, between start and stop)."""
+        parts = self._parts()
+        tokens = self._text_ids(text, language).to(self.device)
         if self.kind == "turbo":
-            return parts.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
-        if self.kind == "multilingual":
-            tokens = parts.tokenizer.text_to_tokens(text, language_id=language or "en")
-        else:
-            tokens = parts.tokenizer.text_to_tokens(text)
-        tokens = tokens.to(self.device)
+            return tokens
         tokens = torch.cat([tokens, tokens], dim=0)  # conditional and unconditional rows for CFG
         tokens = F.pad(tokens, (1, 0), value=parts.t3.hp.start_text_token)
         return F.pad(tokens, (0, 1), value=parts.t3.hp.stop_text_token)
@@ -3958,16 +4004,21 @@ class Speaker:
         ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
         started: list[Generation] = []
 
+        async def fitted() -> AsyncIterator[str]:  # each chunk in the pieces the model takes in one call
+            async for text in texts:
+                job.timeline.characters += len(text)
+                for piece in await asyncio.to_thread(engine.fit_text, text, job.params.language):
+                    yield piece
+
         async def produce() -> None:
             t3_done: asyncio.Event | None = None
-            index, pending = 0, aiter(texts)
+            index, pending = 0, aiter(fitted())
             while True:
                 await ahead.acquire()
                 if t3_done is not None:
                     await t3_done.wait()  # text is taken only when the model can start on it
                 if (text := await anext(pending, None)) is None:
                     break
-                job.timeline.characters += len(text)
                 events: asyncio.Queue[Any] = asyncio.Queue()
                 t3_done = asyncio.Event()
 

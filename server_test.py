@@ -110,6 +110,26 @@ def test_text_chunks_keep_all_text() -> None:
     assert sum(c.count("Hello") for c in chunks) == 50
 
 
+def test_text_is_fitted_to_what_a_count_says_not_to_characters() -> None:
+    """split_to_fit cuts a chunk by a model's own count (here five tokens a wide character): every piece
+    within the limit, nothing lost, clause punctuation preferred; a piece that fits is left alone, and a
+    limit below one character's count still ends (with one-character pieces)."""
+    def count(text: str) -> int:
+        return sum(5 if server._is_wide(ch) else 1 for ch in text)
+
+    text = "今天天气很好，我们去公园散步吧，然后一起去吃晚饭。" * 4
+    pieces = server.split_to_fit(text, 60, count)
+    assert all(count(piece) <= 60 for piece in pieces) and "".join(pieces).replace(" ", "") == text
+    assert all(piece[-1] in "，。" for piece in pieces)
+    english = "A first sentence is here. And a second one follows it. A third. " * 3
+    pieces = server.split_to_fit(english.strip(), 60, len)
+    assert all(len(piece) <= 60 and piece.endswith(".") for piece in pieces)
+    assert " ".join(pieces) == english.strip() and len(pieces) < len(server.split_sentences(english))
+    assert server.split_to_fit("Hello there, how are you?", 40, count) == ["Hello there, how are you?"]
+    assert server.split_to_fit("字字字", 2, count) == ["字", "字", "字"]
+    assert server.split_to_fit("ab cd", 1, len) == ["a", "b", "c", "d"]
+
+
 def test_speech_token_budget_grows_with_text_and_is_capped() -> None:
     short, longer = server.speech_token_budget("Hi."), server.speech_token_budget("Hello there, friend." * 3)
     assert 0 < short < longer < 1000
@@ -521,6 +541,33 @@ def test_speech_joins_chunks_of_long_input(fake_client: TestClient) -> None:
     assert len(chunks) == 3
     overlap = int(server.JOIN_CROSSFADE_SECONDS * 24000)
     assert len(response.content) // 2 == 240 * sum(len(c) for c in chunks) - overlap * (len(chunks) - 1)
+
+
+def test_each_chunk_reaches_the_engine_in_the_pieces_it_takes(tmp_path: Path) -> None:
+    """The pipeline hands every chunk to the engine's fit_text (with the request's language) and each
+    piece becomes a model call of its own, joined like chunks."""
+    class PieceEngine(ToneEngine):
+        def __init__(self) -> None:
+            self.fitted: list[tuple[str, str | None]] = []
+            self.spoken: list[str] = []
+
+        def fit_text(self, text: str, language: str | None) -> list[str]:
+            self.fitted.append((text, language))
+            return text.split("|")
+
+        def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+            self.spoken.append(text)
+            yield from super().synthesize(text, voice, params)
+
+    engine = PieceEngine()
+    settings = server.Settings(voices_dir=str(tmp_path / "voices"), chunk_max_chars=40)
+    with TestClient(server.create_app(settings, engine)) as client:
+        response = client.post("/v1/audio/speech", json={"input": "One|two three|four.", "response_format": "pcm",
+                                                         "language": "en"})
+    assert response.status_code == 200, response.text
+    assert engine.fitted == [("One|two three|four.", "en")] and engine.spoken == ["One", "two three", "four."]
+    overlap = int(server.JOIN_CROSSFADE_SECONDS * 24000)
+    assert len(response.content) // 2 == 240 * len("Onetwo threefour.") - 2 * overlap
 
 
 def test_ready_is_503_until_loaded(tmp_path: Path) -> None:
@@ -2529,6 +2576,48 @@ def test_a_prompt_prefilled_while_others_decode_is_written_as_alone(checkpoints:
     for layer, (a, b) in enumerate(zip(seated[0], in_crowd)):
         assert torch.equal(a, b), (layer, (a != b).any(dim=(0, 1, 2, 4)).nonzero().flatten().tolist()[:8])
     assert crowd[1].tokens == alone.tokens
+
+
+CJK_TEXTS = {  # about 260 characters each: more than a chunk of CHUNK_MAX_CHARS=250
+    "zh": "今天天气很好，我们一起去公园散步，看看花，听听鸟叫。" * 10,
+    "ja": "今日は天気が良いので、友達と一緒に公園へ散歩に行きました。" * 9,
+    "ko": "오늘은 날씨가 좋아서 친구와 함께 공원에 산책을 갔습니다. " * 8,
+}
+
+
+@pytest.mark.parametrize("language", CJK_TEXTS)
+def test_long_cjk_text_fits_the_cache_as_the_tokenizer_counts_it(multilingual_engine: server.ChatterboxEngine,
+                                                                  language: str) -> None:
+    """Multilingual spells Chinese in Cangjie codes, Japanese kanji in hiragana and Korean in jamo: a chunk
+    of CHUNK_MAX_CHARS characters is far more text tokens than characters, and its prompt with its speech
+    budget would overflow the KV cache (speech cut short, or the request refused). fit_text cuts each
+    chunk by the tokenizer's own count, so that every piece's prompt and full budget fit, and they run."""
+    engine = multilingual_engine
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    params = server.SynthesisParams(language=language)
+    capacity = engine.batch.decoder.capacity
+
+    def room(piece: str) -> int:  # cache positions left for its speech once its prompt is written
+        return capacity - engine.prompt(piece, voice, params)[0].shape[1] - 1
+
+    def text_tokens(piece: str) -> int:
+        return engine._text_ids(piece, language).shape[-1]
+
+    chunks = server.text_chunks(CJK_TEXTS[language], engine.chunk_max_chars)
+    # Cut by characters, a chunk is more text tokens than the cache was sized for.
+    assert max(map(text_tokens, chunks)) > engine.chunk_max_chars
+    pieces = [piece for chunk in chunks for piece in engine.fit_text(chunk, language)]
+    assert all(text_tokens(piece) <= engine.chunk_max_chars for piece in pieces)
+    assert all(room(piece) >= server.speech_token_budget(piece) for piece in pieces)
+    assert "".join(pieces).replace(" ", "") == "".join(chunks).replace(" ", "")
+    runs = run_generations(engine, [dict(text=piece, voice=voice, seed=i, max_tokens=3, params=params)
+                                    for i, piece in enumerate(pieces)], vocode=False)
+    assert all(run.tokens for run in runs)
+
+
+@pytest.fixture(scope="module")
+def multilingual_engine(checkpoints: dict[str, Path]) -> server.ChatterboxEngine:
+    return tiny_engine(checkpoints, "multilingual", max_batch=2)
 
 
 def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[str, Path]) -> None:

@@ -41,6 +41,9 @@ TINY_ARCH = {
                             "num_key_value_heads": 16, "head_dim": 8}},
 }
 TEXT_VOCAB = {"standard": 704, "multilingual": 2454}
+# Multilingual spells each Chinese character as its Cangjie code, one token a letter (digits tell apart
+# characters that share a code), then a marker.
+CANGJIE_TOKENS = [f"[cj_{c}]" for c in string.ascii_lowercase + string.digits + "."]
 SPECIALS = ["[STOP]", "[UNK]", "[SPACE]", "[PAD]", "[SEP]", "[CLS]", "[MASK]"]
 CORPUS = [
     "Hello world. This is a random weight checkpoint for testing the speech server.",
@@ -78,20 +81,26 @@ def write_tokenizers(kind: str, out: Path) -> None:
         char_tokenizer(TEXT_VOCAB[kind], []).save(str(out / "tokenizer.json"))
     else:
         langs = [f"[{code}]" for code in server.MULTILINGUAL_LANGUAGES]
-        char_tokenizer(TEXT_VOCAB[kind], langs).save(str(out / "grapheme_mtl_merged_expanded_v1.json"))
+        char_tokenizer(TEXT_VOCAB[kind], langs + CANGJIE_TOKENS).save(str(out / "grapheme_mtl_merged_expanded_v1.json"))
         _seed_cangjie_cache(out)
 
 
 def _seed_cangjie_cache(out: Path) -> None:
     """The multilingual tokenizer fetches Cangjie5_TC.json through the hub cache in the
-    checkpoint dir; pre-seed that cache layout so it is found offline."""
+    checkpoint dir; pre-seed that cache layout so it is found offline. Every CJK unified ideograph
+    gets a made-up code of one to five letters, as real Cangjie codes are (so Chinese text takes as
+    many tokens as with the real table)."""
     repo = out / "models--ResembleAI--chatterbox"
     commit = "0" * 40
     (repo / "refs").mkdir(parents=True, exist_ok=True)
     (repo / "refs" / "main").write_text(commit)
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)
-    (snapshot / "Cangjie5_TC.json").write_text(json.dumps(["你\tonf", "好\tvnd", "中\tl", "文\tyk"], ensure_ascii=False))
+    rng = np.random.default_rng(0)
+    codes = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxy"), size=rng.integers(1, 6)))
+             for _ in range(0x4E00, 0xA000)]
+    entries = [f"{chr(point)}\t{code}" for point, code in zip(range(0x4E00, 0xA000), codes)]
+    (snapshot / "Cangjie5_TC.json").write_text(json.dumps(entries, ensure_ascii=False))
 
 
 def reference_clip(seed: int, seconds: float = 8.0, rate: int = server.NATIVE_SAMPLE_RATE) -> np.ndarray:
