@@ -1174,7 +1174,7 @@ class ChatterboxEngine(Engine):
             self.options = replace(self.options, eos_check_every=1)
         self.batch: T3Batch | None = None
         self.runner = BatchRunner(self)
-        self._tokenizing = threading.Lock()  # fit_text counts from request threads; HF's fast tokenizers are not safe to share
+        self._tokenizing = threading.Lock()  # fit_text runs on request threads; fast tokenizers are not to be shared
 
     # Reference clip lengths upstream feeds to each part (seconds).
     ENC_COND_SECONDS = {"turbo": 15, "standard": 6, "multilingual": 6}

@@ -2268,9 +2268,11 @@ def test_keyed_noise_is_exponential_and_each_rows_own() -> None:
     assert ks < 1.63 / np.sqrt(len(values))  # Kolmogorov-Smirnov against Exp(1) at 1%
     probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
     count = 40000
-    for keys, draws in ((torch.full((count, 1), server.noise_key(42)), torch.arange(count)[:, None]),
-                        (torch.tensor([[server.noise_key(seed)] for seed in range(count)]), torch.zeros(count, 1, dtype=torch.long))):
-        tokens = server.draw(probs.log().expand(count, -1), server.keyed_exponential(keys, draws, torch.arange(5)[None]), 4)
+    one_seed = (torch.full((count, 1), server.noise_key(42)), torch.arange(count)[:, None])
+    many_seeds = (torch.tensor([[server.noise_key(seed)] for seed in range(count)]), torch.zeros(count, 1, dtype=torch.long))
+    for keys, draws in (one_seed, many_seeds):
+        noise = server.keyed_exponential(keys, draws, torch.arange(5)[None])
+        tokens = server.draw(probs.log().expand(count, -1), noise, 4)
         seen = torch.bincount(tokens.flatten(), minlength=5).double()
         assert ((seen - count * probs) ** 2 / (count * probs)).sum() < 18.47  # chi-squared, 4 degrees, 0.1%
 

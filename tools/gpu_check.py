@@ -271,7 +271,8 @@ def loop_sync_row(engine: Any, kind: str, option: str, cuda: bool) -> Row:
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            with warnings.catch_warnings(record=True) as caught, torch.profiler.profile(activities=activities) as profile:
+            with (warnings.catch_warnings(record=True) as caught,
+                  torch.profiler.profile(activities=activities) as profile):
                 warnings.simplefilter("always")
                 consumed = sum(1 for _ in tokens)
         finally:
