@@ -3206,8 +3206,8 @@ class BatchRunner:
         if prefill.written == total:
             self.prefill = None
             params = generation.params
+            self.seated[prefill.slot.index] = (generation, prefill.slot)  # first: a failing seat still leaves
             batch.seat(prefill.slot, hidden, self.engine.recipe(params), params.cfg_weight, generation.seed)
-            self.seated[prefill.slot.index] = (generation, prefill.slot)
             if generation.vocode:
                 with RngStream(generation.seed ^ S3GEN_SEED_SALT).active():
                     self.speech[generation] = self.engine.s3gen_stream(generation.voice, params.streamed,

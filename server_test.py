@@ -2320,6 +2320,25 @@ def test_a_failed_block_leaves_nothing_to_the_next_generation(checkpoints: dict[
     assert again.tokens == expected.tokens
 
 
+def test_a_generation_that_fails_as_it_is_seated_gives_its_slot_back(checkpoints: dict[str, Path]) -> None:
+    """Seating marks the slot busy in the batch before it draws the first token; if the draw fails, the
+    generation fails and the slot is free again (a slot left busy would step for nobody, for ever)."""
+    engine = tiny_engine(checkpoints, "turbo", max_batch=1)
+    request = dict(text="Hello there.", voice=engine.prepare_voice(server.BUILTIN_VOICE, 0.5), seed=4, max_tokens=12)
+    seat = engine.batch.seat
+
+    def failing(slot: server.Slot, *args: Any) -> None:
+        seat(slot, *args)
+        raise RuntimeError("the first draw failed")
+
+    engine.batch.seat = failing
+    with pytest.raises(RuntimeError, match="the first draw failed"):
+        run_generations(engine, [request], vocode=False)
+    engine.batch.seat = seat
+    assert engine.batch.free == [0] and not engine.runner.busy
+    assert len(run_generations(engine, [request], vocode=False)[0].tokens) == 12
+
+
 def test_what_an_earlier_holder_left_in_a_slot_cannot_reach_the_next(checkpoints: dict[str, Path]) -> None:
     """Static steps attend over whole buckets, masking what lies past each row's position; a NaN there
     (left by a generation that went wrong, or by idle rows) would still poison the softmax, so a slot's
