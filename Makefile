@@ -2,6 +2,8 @@
 # make test     set up .venv (once) and run the whole test suite offline
 # make install  set up .venv (and Debian's chromium for the browser tests) only
 # make gpu-check  on a CUDA machine: tests, every option's warm-up, syncs, kernels, speed, bench -> one table
+# make golden [GOLDEN_AT=REV]  record every seeded transport's bytes on this machine (golden/outputs.json),
+#                as REV's server makes them (default: the working tree); the test suite compares against them
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -14,7 +16,7 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: install run test gpu-check clean
+.PHONY: install run test gpu-check golden clean
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -40,6 +42,15 @@ test: $(STAMP) $(CHROMIUM)
 
 gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+GOLDEN_SOURCE := .cache/golden-source
+golden: $(STAMP)
+	rm -rf $(GOLDEN_SOURCE) && git worktree prune
+	$(if $(GOLDEN_AT),git worktree add -q --detach $(GOLDEN_SOURCE) $(GOLDEN_AT),mkdir -p $(GOLDEN_SOURCE))
+	GOLDEN_RECORD=1 GOLDEN_COMMIT=$$(git rev-parse --short $(or $(GOLDEN_AT),HEAD)) \
+	  SERVER_SOURCE=$(if $(GOLDEN_AT),$(GOLDEN_SOURCE),.) HF_HUB_OFFLINE=1 \
+	  $(PY) -m pytest -q -p no:cacheprovider --timeout=600 server_test.py -k golden_bytes
+	rm -rf $(GOLDEN_SOURCE) && git worktree prune
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache
