@@ -3077,92 +3077,99 @@ class SequentialRunner:
             pieces.close()  # on the thread that runs it
 
 
+class Phase:
+    """Where a generation is in the batch runner."""
+
+    WAITING = "waiting"  # for a free slot
+    PREFILLING = "prefilling"  # its prompt written into its slot's rows, a chunk per turn
+    DECODING = "decoding"  # seated: T3 draws its tokens, S3Gen decodes their windows as they fill
+    VOCODING = "vocoding"  # T3 is done and its slot free: S3Gen's windows are left
+    DONE = "done"  # nothing left but events to hand out
+
+
 @dataclass(eq=False)
-class Prefill:
-    """A generation on its way into the batch: its prompt, written into its slot's rows a chunk per turn
-    (first the voice's conditioning, `conditioning` positions, then the text and start tokens)."""
+class BatchEntry:
+    """One generation in the batch runner, whatever its phase (vLLM's request object): leaving the runner
+    is leaving `BatchRunner.entries`, and giving back its slot when it holds one."""
 
     generation: Generation
-    slot: Slot
-    embeds: torch.Tensor
-    conditioning: int
-    written: int = 0
+    phase: str = Phase.WAITING
+    slot: Slot | None = None  # from admission until T3 is done
+    prompt: torch.Tensor | None = None  # prefilling: embeds [rows, T, dim], the voice's conditioning first
+    conditioning: int = 0  # prefilling: its conditioning's positions
+    written: int = 0  # prefilling: positions written so far
+    speech: S3GenStream | None = None  # S3Gen's side, until its last window
+    played_out: float | None = None  # when the audio it has been given ends, if played live
+    outbox: deque[Any] = field(default_factory=deque)  # its events, in order; GPU audio waits for its copy
 
 
 class BatchRunner:
     """Chatterbox's scheduler, one turn at a time on the inference thread (vLLM's loop in one place):
     drop what was cancelled, admit the most urgent waiting generation into a free slot, prefill a chunk
-    of its prompt, run one block of batched T3 steps, hand finished token spans to S3Gen (one span a
-    turn, the most urgent), and deliver the audio in order."""
+    of its prompt, run one block of batched T3 steps, decode the most urgent ready S3Gen windows, and
+    hand out each generation's events in order."""
 
     def __init__(self, engine: ChatterboxEngine):
         self.engine = engine
-        self.queue: list[Generation] = []  # waiting for a slot
-        self.prefill: Prefill | None = None
-        self.seated: dict[int, tuple[Generation, Slot]] = {}  # by slot index
-        self.speech: dict[Generation, S3GenStream] = {}  # S3Gen's side, until its last window
-        self.drawn: set[Generation] = set()  # T3 is done with them: their final window is due
-        self.outbox: deque[tuple[Generation, Any]] = deque()  # in order; GPU audio waits for its copy
-        self.played_out: dict[Generation, float] = {}  # when the audio it has been given ends, if played live
+        self.entries: dict[Generation, BatchEntry] = {}
         self.stats = BatchStats()
 
     def add(self, generation: Generation) -> None:
-        self.queue.append(generation)
+        self.entries[generation] = BatchEntry(generation)
+
+    def in_phase(self, phase: str) -> list[BatchEntry]:
+        return [entry for entry in self.entries.values() if entry.phase == phase]
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.prefill or self.seated or self.speech or self.outbox)
+        return bool(self.entries)
 
     @property
     def waiting(self) -> int:
-        return len(self.queue)
+        return len(self.in_phase(Phase.WAITING))
 
     def turn(self) -> None:
         self._drop_cancelled()
-        if self.prefill is None:
-            self._admit()
-        if self.prefill is not None:
-            self._fail_on_error([self.prefill.generation], self._prefill)
-        if self.seated:
-            self._fail_on_error([g for g, _ in self.seated.values()], self._decode_block)
+        prefilling = self.in_phase(Phase.PREFILLING) or self._admit()
+        for entry in prefilling:
+            self._fail_on_error([entry], lambda: self._prefill(entry))
+        if decoding := self.in_phase(Phase.DECODING):
+            self._fail_on_error(decoding, lambda: self._decode_block(decoding))
         self._vocode()
-        self._deliver(wait=not (self.queue or self.prefill or self.seated or self.speech))
+        self._deliver(wait=all(entry.phase == Phase.DONE for entry in self.entries.values()))
 
-    def _fail_on_error(self, generations: list[Generation], work: Callable[[], None]) -> None:
+    def _fail_on_error(self, entries: list[BatchEntry], work: Callable[[], None]) -> None:
         try:
             work()
         except Exception as exc:
-            for generation in generations:
-                self._drop(generation)
-                self.outbox.append((generation, exc))
+            for entry in entries:
+                self._end(entry, exc)
 
-    def _drop(self, generation: Generation) -> None:
-        if generation in self.queue:
-            self.queue.remove(generation)
-        if self.prefill is not None and self.prefill.generation is generation:
-            self.prefill = None
-        for index, (seated, slot) in list(self.seated.items()):
-            if seated is generation:
-                del self.seated[index]
-                self.engine._batch().leave(slot)
-        self.speech.pop(generation, None)
-        self.played_out.pop(generation, None)
-        self.drawn.discard(generation)
+    def _end(self, entry: BatchEntry, last: Any) -> None:
+        """The generation is over: its slot back, `last` (GENERATION_DONE or the error) its final event."""
+        self._leave(entry)
+        entry.phase, entry.speech = Phase.DONE, None
+        entry.outbox.append(last)
+
+    def _leave(self, entry: BatchEntry) -> None:
+        if entry.phase == Phase.DECODING and entry.slot is not None:  # seated: the batch holds its slot
+            self.engine._batch().leave(entry.slot)
+        entry.slot = None
 
     def _drop_cancelled(self) -> None:
-        for generation in {*self.queue, *self.speech, *(g for g, _ in self.seated.values()),
-                           *([self.prefill.generation] if self.prefill else [])}:
-            if generation.cancelled:
-                self._drop(generation)
-        self.outbox = deque((g, event) for g, event in self.outbox if not g.cancelled)
+        for entry in [e for e in self.entries.values() if e.generation.cancelled]:
+            self._leave(entry)
+            del self.entries[entry.generation]
 
-    def _admit(self) -> None:
+    def _admit(self) -> list[BatchEntry]:
+        """The most urgent waiting generation, given a free slot and its prompt (none if no slot is free)."""
         batch = self.engine._batch()
-        if not self.queue or not batch.free:
-            return
+        waiting = self.in_phase(Phase.WAITING)
+        if not waiting or not batch.free:
+            return []
         now = time.monotonic()
-        generation = min(self.queue, key=lambda g: g.rank(now))
-        self.queue.remove(generation)
+        entry = min(waiting, key=lambda e: e.generation.rank(now))
+        generation = entry.generation
         started = time.monotonic()
         generation.queue_wait = started - generation.submitted
         try:
@@ -3173,49 +3180,46 @@ class BatchRunner:
                                param="input", code="input_too_long")
             budget = min(generation.max_tokens or speech_token_budget(generation.text), room)
             monitor = self.engine._alignment_monitor(len_cond, len_text) if batch.monitored else None
-            slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor)
-            self.prefill = Prefill(generation, slot, embeds, len_cond)
+            entry.slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor)
+            entry.prompt, entry.conditioning, entry.phase = embeds, len_cond, Phase.PREFILLING
         except Exception as exc:
-            self.outbox.append((generation, exc))
+            self._end(entry, exc)
         generation.model_seconds += time.monotonic() - started
+        return [entry] if entry.phase == Phase.PREFILLING else []
 
-    def _prefill(self) -> None:
+    def _prefill(self, entry: BatchEntry) -> None:
         """Write the next chunk of the admitted prompt (all of it when no other generation is decoding):
         the voice's conditioning (copied when its voice's prefix is cached), then the text. The chunks
         are the same either way, so a prompt's arithmetic does not depend on its neighbours."""
-        prefill, batch = self.prefill, self.engine._batch()
-        assert prefill is not None
+        batch, generation, slot = self.engine._batch(), entry.generation, entry.slot
+        assert entry.prompt is not None and slot is not None
         started = time.monotonic()
-        total, chunk, conditioning = prefill.embeds.shape[1], batch.options.prefill_chunk, prefill.conditioning
-        voice = prefill.generation.voice
-        if prefill.written == 0 and (cached := batch.prefixes.layers(voice)) is not None:
-            batch.decoder.cache.put_prefix(batch.rows(prefill.slot.index), cached)
-            prefill.written = conditioning
+        total, chunk, conditioning = entry.prompt.shape[1], batch.options.prefill_chunk, entry.conditioning
+        if entry.written == 0 and (cached := batch.prefixes.layers(generation.voice)) is not None:
+            batch.decoder.cache.put_prefix(batch.rows(slot.index), cached)
+            entry.written = conditioning
+        others_decoding = bool(self.in_phase(Phase.DECODING))
         hidden = None
-        while prefill.written < total and (hidden is None or not self.seated):
-            if prefill.written < conditioning:
-                end = min(conditioning, prefill.written + chunk)
+        while entry.written < total and (hidden is None or not others_decoding):
+            if entry.written < conditioning:
+                end = min(conditioning, entry.written + chunk)
             else:  # the last chunk holds at least the start tokens (the alignment monitor reads their rows)
-                end = total if total - prefill.written < chunk + 2 else prefill.written + chunk
-            hidden = batch.decoder.prefill(prefill.embeds[:, prefill.written : end], prefill.slot.index,
-                                           prefill.written)
-            prefill.written = end
+                end = total if total - entry.written < chunk + 2 else entry.written + chunk
+            hidden = batch.decoder.prefill(entry.prompt[:, entry.written : end], slot.index, entry.written)
+            entry.written = end
             if end == conditioning:
-                batch.prefixes.keep(voice, batch.decoder.cache.prefix(batch.rows(prefill.slot.index), end))
-        generation = prefill.generation
-        if prefill.written == total:
-            self.prefill = None
+                batch.prefixes.keep(generation.voice, batch.decoder.cache.prefix(batch.rows(slot.index), end))
+        if entry.written == total:
             params = generation.params
-            self.seated[prefill.slot.index] = (generation, prefill.slot)  # first: a failing seat still leaves
-            batch.seat(prefill.slot, hidden, self.engine.recipe(params), params.cfg_weight, generation.seed)
+            entry.prompt, entry.phase = None, Phase.DECODING  # first: a failing seat still gives its slot back
+            batch.seat(slot, hidden, self.engine.recipe(params), params.cfg_weight, generation.seed)
             if generation.vocode:
                 with RngStream(generation.seed ^ S3GEN_SEED_SALT).active():
-                    self.speech[generation] = self.engine.s3gen_stream(generation.voice, params.streamed,
-                                                                       prefill.slot.budget)
-            self._collect(generation, prefill.slot)
+                    entry.speech = self.engine.s3gen_stream(generation.voice, params.streamed, slot.budget)
+            self._collect(entry)
         generation.model_seconds += time.monotonic() - started
 
-    def _decode_block(self) -> None:
+    def _decode_block(self, decoding: list[BatchEntry]) -> None:
         batch = self.engine._batch()
         started = time.monotonic()
         steps = 0
@@ -3230,83 +3234,83 @@ class BatchRunner:
             raise
         batch.read_tokens()
         elapsed = time.monotonic() - started
-        self.stats.steps(steps, len(self.seated), elapsed)
-        for generation, slot in list(self.seated.values()):
-            generation.model_seconds += elapsed / len(self.seated)
-            self._collect(generation, slot)
+        self.stats.steps(steps, len(decoding), elapsed)
+        for entry in decoding:
+            entry.generation.model_seconds += elapsed / len(decoding)
+            self._collect(entry)
 
-    def _collect(self, generation: Generation, slot: Slot) -> None:
+    def _collect(self, entry: BatchEntry) -> None:
         """Pass a seated generation's new tokens on to S3Gen; at its end, free its slot."""
+        generation, slot = entry.generation, entry.slot
+        assert slot is not None
         fresh = slot.tokens[len(generation.tokens):]
         generation.tokens += fresh
-        if (speech := self.speech.get(generation)) is not None:
+        if entry.speech is not None:
             for token in fresh:
-                speech.push(token)
+                entry.speech.push(token)
         if not slot.done:
             return
-        del self.seated[slot.index]
-        self.engine._batch().leave(slot)
-        self.outbox.append((generation, TOKENS_DONE))
-        if speech is not None:
-            self.drawn.add(generation)
+        self._leave(entry)
+        entry.outbox.append(TOKENS_DONE)
+        if entry.speech is not None:
+            entry.phase = Phase.VOCODING
         else:
-            self.outbox.append((generation, GENERATION_DONE))
+            self._end(entry, GENERATION_DONE)
 
-    def deadline(self, generation: Generation) -> float:
+    def deadline(self, entry: BatchEntry) -> float:
         """When its listener runs out of audio: for a stream with audio, when what it has been given
         ends if played from its first window on; before its first audio, its submission (every first
         window goes before any stream's next one); a whole file counts as submitted AGING_SECONDS per
         class later. The ready window with the earliest deadline is decoded first."""
-        played_out = self.played_out.get(generation)
-        if played_out is not None:
-            return played_out
-        return generation.submitted + generation.priority * AGING_SECONDS
+        if entry.played_out is not None:
+            return entry.played_out
+        return entry.generation.submitted + entry.generation.priority * AGING_SECONDS
 
     def _vocode(self) -> None:
         """Decode the ready S3Gen window with the earliest deadline, with as many more as S3GEN_BATCH allows."""
         ready = []
-        for generation, speech in self.speech.items():
-            window = speech.final_window() if generation in self.drawn else speech.ready()
-            if window is not None:
-                ready.append((generation, window))
+        for entry in self.entries.values():
+            if entry.speech is not None:
+                window = entry.speech.final_window() if entry.phase == Phase.VOCODING else entry.speech.ready()
+                if window is not None:
+                    ready.append((entry, window))
         if not ready:
             return
-        ready.sort(key=lambda item: (self.deadline(item[0]), item[0].ticket))
+        ready.sort(key=lambda item: (self.deadline(item[0]), item[0].generation.ticket))
         ready = ready[: self.engine.s3gen_batch]
         started = time.monotonic()
         try:
             audio = self.engine.decode_windows([window for _, window in ready])
         except Exception as exc:
-            for generation, _ in ready:
-                self._drop(generation)
-                self.outbox.append((generation, exc))
+            for entry, _ in ready:
+                self._end(entry, exc)
             return
         elapsed = time.monotonic() - started
         self.stats.windows(len(ready), elapsed)
         now = time.monotonic()
-        for (generation, window), wav in zip(ready, audio):
-            generation.model_seconds += elapsed / len(ready)
-            self.outbox.append((generation, to_host(wav)))
-            if generation.priority == Priority.REALTIME:  # a listener that ran dry resumes from now
-                played_out = max(self.played_out.get(generation, now), now)
-                self.played_out[generation] = played_out + wav.shape[-1] / NATIVE_SAMPLE_RATE
+        for (entry, window), wav in zip(ready, audio):
+            entry.generation.model_seconds += elapsed / len(ready)
+            entry.outbox.append(to_host(wav))
+            if entry.generation.priority == Priority.REALTIME:  # a listener that ran dry resumes from now
+                entry.played_out = max(entry.played_out or now, now) + wav.shape[-1] / NATIVE_SAMPLE_RATE
             if window.final:
-                del self.speech[generation]
-                self.played_out.pop(generation, None)
-                self.drawn.discard(generation)
-                self.outbox.append((generation, GENERATION_DONE))
+                self._end(entry, GENERATION_DONE)
 
     def _deliver(self, wait: bool) -> None:
-        """Hand out events in order; audio still on its way from the GPU holds back what follows it
-        (the inference thread waits for it only when it has nothing else to do)."""
-        while self.outbox:
-            generation, event = self.outbox[0]
-            if isinstance(event, HostAudio):
-                if not (wait or event.ready()):
-                    return
-                event = event.numpy()
-            self.outbox.popleft()
-            generation.deliver(event)
+        """Hand out each generation's events in order; audio still on its way from the GPU holds back what
+        follows it (the inference thread waits for it only when it has nothing else to do). A generation
+        whose last event is out leaves the runner."""
+        for entry in list(self.entries.values()):
+            while entry.outbox:
+                event = entry.outbox[0]
+                if isinstance(event, HostAudio):
+                    if not (wait or event.ready()):
+                        break
+                    event = event.numpy()
+                entry.outbox.popleft()
+                entry.generation.deliver(event)
+            if entry.phase == Phase.DONE and not entry.outbox:
+                del self.entries[entry.generation]
 
 
 S3GEN_SEED_SALT = 0x53336E  # a generation's S3Gen draws come from a stream of their own, apart from T3's
@@ -5226,7 +5230,7 @@ def batch_status(runner: Any) -> dict[str, Any] | None:
     if not isinstance(runner, BatchRunner) or runner.engine.batch is None:
         return None
     batch, stats = runner.engine.batch, runner.stats
-    return {"slots": len(batch.slots), "busy": len(batch.busy), "waiting": len(runner.queue),
+    return {"slots": len(batch.slots), "busy": len(batch.busy), "waiting": runner.waiting,
             "steps": stats.step_count,
             "steps_per_second": round(stats.step_count / stats.step_seconds, 2) if stats.step_seconds else None,
             "windows": stats.window_count,

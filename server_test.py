@@ -2520,13 +2520,14 @@ def test_slots_are_freed_at_once_and_streams_go_first(checkpoints: dict[str, Pat
         first = generation("first", server.Priority.REALTIME)
         runner.add(first)
         runner.turn()
-        assert runner.seated  # prefilled and seated in one turn
+        assert runner.in_phase(server.Phase.DECODING)  # prefilled and seated in one turn
         first.cancelled = True
         file, stream = generation("file", server.Priority.FILE), generation("stream", server.Priority.REALTIME)
         runner.add(file)
         runner.add(stream)
         runner.turn()
-        assert [g for g, _ in runner.seated.values()] == [stream] and runner.queue == [file]
+        assert [e.generation for e in runner.in_phase(server.Phase.DECODING)] == [stream]
+        assert [e.generation for e in runner.in_phase(server.Phase.WAITING)] == [file]
         while runner.busy:
             runner.turn()
         assert [name for name, event in order if event is server.GENERATION_DONE] == ["stream", "file"]
@@ -2662,7 +2663,7 @@ def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[st
         while newcomer.tokens == [] and runner.busy:
             before = len(running.tokens)
             runner.turn()
-            prefill_turns += runner.prefill is not None
+            prefill_turns += bool(runner.in_phase(server.Phase.PREFILLING))
             assert len(running.tokens) == before + 1
         embeds, conditioning, _ = engine.prompt(long_text, voice, server.SynthesisParams())
         text_length = embeds.shape[1] - conditioning  # the voice's prefix is copied from the first generation's
