@@ -219,7 +219,7 @@ def time_batch(engine: server.ChatterboxEngine, timers: Timers, runners: tuple[s
     for runner in runners or (engine.runner,):
         runner._prefill = timers.wrap("t3", runner._prefill)
         runner._decode_block = timers.wrap("t3", runner._decode_block)
-    engine.decode_windows = timers.wrap("s3gen", engine.decode_windows)
+    engine.s3gen.decode = timers.wrap("s3gen", engine.s3gen.decode)
 
 
 @dataclass
@@ -291,7 +291,8 @@ class Decoded:
 def decode_as_streamed(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
                        plan: server.StreamPlan | None, vocoder_seed: int | None = None) -> Decoded:
     """`tokens` through an S3GenStream as T3 would hand them over (plan None: a whole file)."""
-    stream = server.S3GenStream(engine, voice.gen, plan, len(tokens), engine.kind == "turbo")
+    stream = server.S3GenStream(voice.gen, plan, len(tokens), engine.kind == "turbo", engine.device,
+                                engine.parts.s3gen.dtype)
     if vocoder_seed is not None:
         stream.rng = server.RngStream(vocoder_seed)
     pieces, mels, seconds = [], [], 0.0
@@ -299,8 +300,8 @@ def decode_as_streamed(engine: server.ChatterboxEngine, voice: Any, tokens: list
     def decode(window: server.S3GenWindow) -> None:
         nonlocal seconds
         start = time.perf_counter()
-        mel = engine._flow([window])  # what decode_windows does, keeping the mel
-        pieces.append(server.as_array(server.to_host(engine._vocode([window], mel)[0])))
+        mel = engine.s3gen.flow([window])  # what S3GenDecoder.decode does, keeping the mel
+        pieces.append(server.as_array(server.to_host(stream.take(window, engine.s3gen.vocode([window], mel)[0]))))
         seconds += time.perf_counter() - start
         mels.append(mel[0][:, server.HIFT_OVERLAP_FRAMES if window.start else 0 :])
 
@@ -392,7 +393,8 @@ def s3gen_costs(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
         for name, plan in plans.items():
             torch.manual_seed(run)  # the same noise for every way within a run
             if name == "before":
-                stream = server.S3GenStream(engine, voice.gen, None, len(tokens), engine.kind == "turbo")
+                stream = server.S3GenStream(voice.gen, None, len(tokens), engine.kind == "turbo", engine.device,
+                                            engine.parts.s3gen.dtype)
                 noise = stream.noise[:, stream.prompt_frames :] if engine.kind == "turbo" else None
                 results[name] = decode_as_before(engine, voice, tokens, noise)
             else:
@@ -478,7 +480,8 @@ def one_at_a_time_load(engine: server.ChatterboxEngine, voice: Any, text: str, c
         began = time.perf_counter()
         result, = generate(engine, [(text, voice, server.SynthesisParams(), seed)], tokens)
         torch.manual_seed(seed)
-        stream = server.S3GenStream(engine, voice.gen, None, len(result.tokens), engine.kind == "turbo")
+        stream = server.S3GenStream(voice.gen, None, len(result.tokens), engine.kind == "turbo", engine.device,
+                                    engine.parts.s3gen.dtype)
         noise = stream.noise[:, stream.prompt_frames :] if engine.kind == "turbo" else None
         decoded = decode_as_before(engine, voice, [t for t in result.tokens if t < server.SPEECH_CODEBOOK], noise)
         firsts.append(began - start)  # sequential: not comparable, kept out of the report

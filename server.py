@@ -1173,6 +1173,7 @@ class ChatterboxEngine(Engine):
         if kind == "multilingual":  # its alignment monitor reads every token as it is drawn
             self.options = replace(self.options, eos_check_every=1)
         self.batch: T3Batch | None = None
+        self.s3gen: S3GenDecoder | None = None
         self.runner = BatchRunner(self)
         self._tokenizing = threading.Lock()  # fit_text runs on request threads; fast tokenizers are not to be shared
 
@@ -1196,6 +1197,8 @@ class ChatterboxEngine(Engine):
             logger.warning(warning)
         self.parts.t3.tfmr.to(dtype=self.options.dtype)  # embeddings, conditioning and heads stay float32
         self.batch = self._build_batch()
+        self.s3gen = S3GenDecoder(self.parts.s3gen, self.device, self.options.s3gen_dtype, self.s3gen_batch,
+                                  n_timesteps=2 if self.kind == "turbo" else 10)
 
     def _build_batch(self) -> T3Batch:
         from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
@@ -1255,6 +1258,7 @@ class ChatterboxEngine(Engine):
 
         self.parts = None
         self.batch = None
+        self.s3gen = None
         gc.collect()
         self.release_memory()
 
@@ -1392,49 +1396,8 @@ class ChatterboxEngine(Engine):
         Call it under the request's RNG: its noise (the flow's, and a seed for the vocoder's)
         is drawn here, so a seed reproduces however its windows are later batched.
         """
-        return S3GenStream(self, voice.gen, self.stream if streamed else None, budget, self.kind == "turbo")
-
-    def decode_windows(self, windows: list[S3GenWindow]) -> list[torch.Tensor]:
-        """The audio each window adds to its stream, decoded `s3gen_batch` windows at a time.
-
-        Windows of one stream must come in the order its `ready()` gave them, each once.
-        """
-        audio = {i: w.stream.flush() for i, w in enumerate(windows) if w.end == w.start}
-        work = [i for i in range(len(windows)) if i not in audio]
-        for at in range(0, len(work), self.s3gen_batch):
-            group = [windows[i] for i in work[at : at + self.s3gen_batch]]
-            audio.update(zip(work[at : at + self.s3gen_batch], self._vocode(group, self._flow(group))))
-        return [audio[i] for i in range(len(windows))]
-
-    def _flow(self, windows: list[S3GenWindow]) -> list[torch.Tensor]:
-        """Each window's new mel frames (80 x frames, overlap included), from one batched flow pass."""
-        s3gen = self._parts().s3gen
-        rows = [FlowRow(w.stream.gen, w.stream.tokens[w.first : w.last], w.stream.flow_noise(w.first, w.last))
-                for w in windows]
-        # The flow (encoder and CFM steps) runs in s3gen_dtype under autocast; the vocoder stays float32.
-        half = self.options.s3gen_dtype != torch.float32
-        with torch.autocast(device_type=self.device, dtype=self.options.s3gen_dtype, enabled=half):
-            mels = flow_mels(s3gen, rows, n_timesteps=2 if self.kind == "turbo" else 10)
-        return [mel[:, w.mel_from : w.mel_to].to(s3gen.dtype) for w, mel in zip(windows, mels)]
-
-    def _vocode(self, windows: list[S3GenWindow], mels: list[torch.Tensor]) -> list[torch.Tensor]:
-        """HiFT over each window's new mel, continuing its stream's source; the audio to emit."""
-        hift = self._parts().s3gen.mel2wav
-        sources = []
-        for window, mel in zip(windows, mels):
-            with window.stream.rng.active():  # the source's noise, from the stream's own RNG
-                sources.append(hift_source(hift, mel, window.stream.source_cache))
-        speech: list[torch.Tensor | None] = [None] * len(windows)
-        by_length: dict[int, list[int]] = {}
-        for index, mel in enumerate(mels):  # HiFT's convolutions are not masked: batch equal lengths only
-            by_length.setdefault(mel.shape[-1], []).append(index)
-        for rows in by_length.values():
-            wavs = hift.decode(x=torch.stack([mels[i] for i in rows]), s=torch.stack([sources[i] for i in rows]))
-            for i, wav in zip(rows, wavs):
-                speech[i] = wav
-        trim_fade = self._parts().s3gen.trim_fade
-        return [window.stream.emit(window, wav, source, trim_fade)
-                for window, wav, source in zip(windows, speech, sources)]
+        return S3GenStream(voice.gen, self.stream if streamed else None, budget, self.kind == "turbo", self.device,
+                           self._parts().s3gen.dtype)
 
     def _alignment_monitor(self, len_cond: int, len_text: int) -> Any:
         """Upstream's Multilingual alignment analyzer (forces EOS on runaway or repeating speech).
@@ -1484,12 +1447,17 @@ class StreamPlan:
         return self.schedule[min(index, len(self.schedule) - 1)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class S3GenWindow:
-    """One S3Gen decode of a stream: the flow reads tokens[first:last] after the voice prompt, and the
-    audio of tokens[start:end] comes out (less the vocoder's held-back end, unless final)."""
+    """One S3Gen decode of a stream, as plain data: the flow reads `tokens` (the stream's tokens[first:last])
+    after the voice prompt, with `noise`; the vocoder continues `source_cache` under `rng`; the audio of
+    tokens[start:end] comes out (less the vocoder's held-back end, unless final)."""
 
-    stream: S3GenStream
+    gen: dict[str, Any]  # the voice's S3Gen conditionals
+    tokens: list[int]
+    noise: torch.Tensor  # 80 x (prompt frames + 2 * len(tokens))
+    source_cache: torch.Tensor | None  # the end of the stream's last vocoder source
+    rng: RngStream  # the stream's vocoder noise
     first: int
     start: int
     end: int
@@ -1519,9 +1487,9 @@ class S3GenStream:
     is sliced by position, so every window sees the same noise where they overlap.
     """
 
-    def __init__(self, engine: ChatterboxEngine, gen: dict[str, Any], plan: StreamPlan | None, budget: int,
-                 pad_silence: bool):
-        self.engine, self.gen, self.plan, self.pad_silence = engine, gen, plan, pad_silence
+    def __init__(self, gen: dict[str, Any], plan: StreamPlan | None, budget: int, pad_silence: bool,
+                 device: str, dtype: torch.dtype):
+        self.gen, self.plan, self.pad_silence, self.device = gen, plan, pad_silence, device
         self.tokens: list[int] = []
         self.emitted = 0  # tokens whose audio has been handed out (but for the vocoder's held-back end)
         self.windows = 0  # windows decoded so far
@@ -1530,10 +1498,9 @@ class S3GenStream:
         # on when (or beside which other streams) a window is decoded.
         self.rng = RngStream(int(torch.randint(2**62, (1,)).item()))
         self.prompt_frames = gen["prompt_feat"].shape[1]
-        s3gen = engine._parts().s3gen
         with self.rng.active():
-            self.noise = torch.randn(80, self.prompt_frames + MEL_FRAMES_PER_TOKEN * (budget + 8),
-                                     device=engine.device, dtype=s3gen.dtype)
+            self.noise = torch.randn(80, self.prompt_frames + MEL_FRAMES_PER_TOKEN * (budget + 8), device=device,
+                                     dtype=dtype)
         self.source_cache: torch.Tensor | None = None  # the last HIFT_OVERLAP_FRAMES of the vocoder's source
         self.joiner = ChunkJoiner(HIFT_OVERLAP_FRAMES * SAMPLES_PER_FRAME)
 
@@ -1565,34 +1532,76 @@ class S3GenStream:
 
     def _window(self, end: int, last: int, final: bool) -> S3GenWindow:
         context = self.plan.context_tokens if self.plan is not None else 0
-        return S3GenWindow(self, max(0, self.emitted - context), self.emitted, end, last, final)
+        first, frames = max(0, self.emitted - context), self.prompt_frames
+        noise = torch.cat([self.noise[:, :frames], self.noise[:, frames + MEL_FRAMES_PER_TOKEN * first :
+                                                              frames + MEL_FRAMES_PER_TOKEN * last]], dim=1)
+        return S3GenWindow(self.gen, self.tokens[first:last], noise, self.source_cache, self.rng, first, self.emitted,
+                           end, last, final)
 
-    def decode(self, window: S3GenWindow) -> torch.Tensor:
-        """The audio this window adds (on the model's device)."""
-        return self.engine.decode_windows([window])[0]
-
-    def flow_noise(self, first: int, last: int) -> torch.Tensor:
-        """The flow's noise for the prompt and tokens[first:last]."""
-        frames = self.prompt_frames
-        return torch.cat([self.noise[:, :frames], self.noise[:, frames + MEL_FRAMES_PER_TOKEN * first :
-                                                             frames + MEL_FRAMES_PER_TOKEN * last]], dim=1)
-
-    def emit(self, window: S3GenWindow, wav: torch.Tensor, source: torch.Tensor,
-             trim_fade: torch.Tensor) -> torch.Tensor:
-        """Take in the vocoder's output for `window`: the audio to hand out now."""
-        if window.stream is not self or window.start != self.emitted or self.ended != window.final:
+    def take(self, window: S3GenWindow, decoded: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Take in what S3GenDecoder made of `window` (the vocoder's audio and source; None: no new tokens):
+        the audio to hand out now."""
+        if window.start != self.emitted or self.ended != window.final:
             raise RuntimeError("a stream's windows must be decoded in order, each once")
-        if window.start == 0:  # upstream silences the first 20 ms and fades in, against reference spill-over
-            wav[: len(trim_fade)] *= trim_fade[: len(wav)]
+        if decoded is None:  # a final window with no new tokens: only the vocoder's held-back end
+            tail = self.joiner.finish()
+            return tail if isinstance(tail, torch.Tensor) else torch.zeros(0, device=self.device)
+        wav, source = decoded
         self.source_cache = source[:, source.shape[-1] - HIFT_OVERLAP_FRAMES * SAMPLES_PER_FRAME :]
         self.emitted, self.windows = window.end, self.windows + 1
         audio = self.joiner.push(wav, starts_segment=window.start > 0)
         return torch.cat([audio, self.joiner.finish()]) if window.final else audio
 
-    def flush(self) -> torch.Tensor:
-        """A final window with no new tokens: only the vocoder's held-back end."""
-        tail = self.joiner.finish()
-        return tail if isinstance(tail, torch.Tensor) else torch.zeros(0, device=self.engine.device)
+
+class S3GenDecoder:
+    """S3Gen for every stream: windows (plain data) in, the vocoder's audio and source out, `batch` windows
+    at a time: the flow (token encoder and CFM, in `flow_dtype` under autocast) over right-padded rows,
+    then HiFT (float32) over each window's new mel frames, continuing its stream's source."""
+
+    def __init__(self, s3gen: Any, device: str, flow_dtype: torch.dtype, batch: int, n_timesteps: int):
+        self.s3gen, self.device, self.flow_dtype, self.batch = s3gen, device, flow_dtype, batch
+        self.n_timesteps = n_timesteps
+
+    def decode(self, windows: list[S3GenWindow]) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """For each window, the vocoder's audio (upstream's fade-in on a stream's first) and its source;
+        None for a window with no new tokens."""
+        decoded: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(windows)
+        work = [i for i, window in enumerate(windows) if window.end > window.start]
+        for at in range(0, len(work), self.batch):
+            group = work[at : at + self.batch]
+            chosen = [windows[i] for i in group]
+            for i, result in zip(group, self.vocode(chosen, self.flow(chosen))):
+                decoded[i] = result
+        return decoded
+
+    def flow(self, windows: list[S3GenWindow]) -> list[torch.Tensor]:
+        """Each window's new mel frames (80 x frames, overlap included), from one batched flow pass."""
+        rows = [FlowRow(w.gen, w.tokens, w.noise) for w in windows]
+        half = self.flow_dtype != torch.float32
+        with torch.autocast(device_type=self.device, dtype=self.flow_dtype, enabled=half):
+            mels = flow_mels(self.s3gen, rows, n_timesteps=self.n_timesteps)
+        return [mel[:, w.mel_from : w.mel_to].to(self.s3gen.dtype) for w, mel in zip(windows, mels)]
+
+    def vocode(self, windows: list[S3GenWindow], mels: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """HiFT over each window's new mel, continuing its stream's source: (audio, source) per window."""
+        hift = self.s3gen.mel2wav
+        sources = []
+        for window, mel in zip(windows, mels):
+            with window.rng.active():  # the source's noise, from the stream's own RNG
+                sources.append(hift_source(hift, mel, window.source_cache))
+        speech: list[Any] = [None] * len(windows)
+        by_length: dict[int, list[int]] = {}
+        for index, mel in enumerate(mels):  # HiFT's convolutions are not masked: batch equal lengths only
+            by_length.setdefault(mel.shape[-1], []).append(index)
+        for rows in by_length.values():
+            wavs = hift.decode(x=torch.stack([mels[i] for i in rows]), s=torch.stack([sources[i] for i in rows]))
+            for i, wav in zip(rows, wavs):
+                speech[i] = wav
+        trim_fade = self.s3gen.trim_fade
+        for window, wav in zip(windows, speech):
+            if window.start == 0:  # upstream silences the first 20 ms and fades in, against reference spill-over
+                wav[: len(trim_fade)] *= trim_fade[: len(wav)]
+        return list(zip(speech, sources))
 
 
 @dataclass(frozen=True)
@@ -3277,10 +3286,16 @@ class BatchRunner:
         if not ready:
             return
         ready.sort(key=lambda item: (self.deadline(item[0]), item[0].generation.ticket))
-        ready = ready[: self.engine.s3gen_batch]
+        decoder = self.engine.s3gen
+        assert decoder is not None
+        ready = ready[: decoder.batch]
         started = time.monotonic()
         try:
-            audio = self.engine.decode_windows([window for _, window in ready])
+            decoded = decoder.decode([window for _, window in ready])
+            audio = []
+            for (entry, window), result in zip(ready, decoded):
+                assert entry.speech is not None
+                audio.append(entry.speech.take(window, result))
         except Exception as exc:
             for entry, _ in ready:
                 self._end(entry, exc)

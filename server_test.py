@@ -2156,12 +2156,18 @@ def run_generations(engine: server.ChatterboxEngine, requests: list[dict[str, An
     return runs
 
 
+def decode_window(engine: server.ChatterboxEngine, stream: server.S3GenStream, window: server.S3GenWindow
+                  ) -> torch.Tensor:
+    """The audio one window adds to its stream, as the runner gets it."""
+    return stream.take(window, engine.s3gen.decode([window])[0])
+
+
 def decode_whole(engine: server.ChatterboxEngine, voice: Any, tokens: list[int]) -> np.ndarray:
     """The one-pass (whole-file) decode of `tokens`, drawing its noise from the current RNG."""
     stream = engine.s3gen_stream(voice, False, len(tokens))
     for token in tokens:
         stream.push(token)
-    return stream.decode(stream.final_window()).numpy()
+    return decode_window(engine, stream, stream.final_window()).numpy()
 
 
 def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
@@ -2178,7 +2184,7 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
         stream = engine.s3gen_stream(voice, False, budget)
         for token in streamed_run.tokens:
             stream.push(token)
-        whole = stream.decode(stream.final_window()).numpy()
+        whole = decode_window(engine, stream, stream.final_window()).numpy()
     assert len(streamed) == len(whole)
     assert db(streamed - whole, whole) < -10  # same speech, up to the vocoder's own randomness
     joins = np.cumsum([len(p) for p in pieces])[:-1]
@@ -2385,19 +2391,23 @@ def test_s3gen_stream_windows_follow_the_schedule_and_vocode_only_new_frames(
     overlap = server.HIFT_OVERLAP_FRAMES
     torch.manual_seed(2)
     with torch.inference_mode():
-        stream = server.S3GenStream(engine, voice.gen, plan, len(tokens), pad_silence=True)
+        stream = server.S3GenStream(voice.gen, plan, len(tokens), True, engine.device, engine.parts.s3gen.dtype)
         windows, audio = [], []
+
+        def span(window: server.S3GenWindow) -> tuple[int, ...]:
+            return window.first, window.start, window.end, window.last, window.final
+
         for count, token in enumerate(tokens + [6562], 1):  # a stop token is not speech
             stream.push(token)
             if (window := stream.ready()) is not None:
-                assert stream.ready() == window  # it stays the next window until decoded
+                assert span(stream.ready()) == span(window)  # it stays the next window until decoded
                 windows.append(window)
-                audio.append(stream.decode(window).numpy())
+                audio.append(decode_window(engine, stream, window).numpy())
                 assert window.last == count  # decoded as soon as ready
         windows.append(stream.final_window())
-        audio.append(stream.decode(windows[-1]).numpy())
+        audio.append(decode_window(engine, stream, windows[-1]).numpy())
         with pytest.raises(RuntimeError, match="in order"):
-            stream.decode(windows[-1])
+            decode_window(engine, stream, windows[-1])
     sizes = [w.end - w.start for w in windows[:-1]]
     assert sizes[:3] == [6, 8, 16] and set(sizes[3:]) == {16}  # the schedule, then its last size
     assert all(a.end == b.start for a, b in zip(windows, windows[1:])) and windows[0].start == 0
@@ -2429,23 +2439,23 @@ def test_batched_s3gen_windows_equal_solo_ones_and_draw_nothing_from_the_request
         streams = []
         for seed, (voice, count) in enumerate(rows):
             torch.manual_seed(seed)  # each stream's noise comes from its own request's RNG
-            stream = server.S3GenStream(engine, voice.gen, plan, count, pad_silence=True)
+            stream = server.S3GenStream(voice.gen, plan, count, True, engine.device, engine.parts.s3gen.dtype)
             for token in torch.randint(0, 6561, (count,), generator=torch.Generator().manual_seed(seed)).tolist():
                 stream.push(token)
             streams.append(stream)
         out: list[list[np.ndarray]] = [[] for _ in streams]
-        engine.s3gen_batch = batch
+        engine.s3gen.batch = batch
         try:
             ambient = torch.get_rng_state()
-            while windows := [w for s in streams if (w := s.ready()) is not None]:
-                for s, audio in zip([w.stream for w in windows], engine.decode_windows(windows)):
-                    out[streams.index(s)].append(audio.numpy())
+            while ready := [(i, w) for i, s in enumerate(streams) if (w := s.ready()) is not None]:
+                for (i, window), decoded in zip(ready, engine.s3gen.decode([w for _, w in ready])):
+                    out[i].append(streams[i].take(window, decoded).numpy())
             finals = [s.final_window() for s in streams]
-            for s, audio in zip(streams, engine.decode_windows(finals)):
-                out[streams.index(s)].append(audio.numpy())
+            for i, (window, decoded) in enumerate(zip(finals, engine.s3gen.decode(finals))):
+                out[i].append(streams[i].take(window, decoded).numpy())
             assert torch.equal(torch.get_rng_state(), ambient)  # S3Gen left the request's RNG alone
         finally:
-            engine.s3gen_batch = 1
+            engine.s3gen.batch = 1
         return out
 
     with torch.inference_mode():
