@@ -900,7 +900,6 @@ class Engine(ABC):
     voice_files: tuple[str, ...] = ()  # file extensions of voices in VOICES_DIR
     clones_voices = False  # can it take an uploaded reference clip?
     unsupported_fields: frozenset[str] = frozenset()  # request fields it has no equivalent for
-    reproducible = True  # a fixed seed gives the same audio (so seeded results may be cached)
     choice = "given"  # why this engine was chosen (TTS_MODEL=auto explains itself)
 
     @abstractmethod
@@ -1704,8 +1703,9 @@ def hift_source(hift: Any, mel: torch.Tensor, cache: torch.Tensor | None) -> tor
 # --- Fast T3 decoding ---------------------------------------------------------
 # Our own decode loop over the checkpoint's weights, shaped like gpt-fast's: one static KV cache, one
 # decode step. Every generation owns a slot of a fixed batch (`T3Batch`); each step advances every slot
-# by one token (sampling included) and runs all slots whether busy or not, so a row's arithmetic never
-# depends on its neighbours. On CUDA the whole step is captured once per cache-length bucket at warm-up
+# by one token (sampling included) with the same shapes whatever its neighbours hold (eager steps leave
+# out the idle rows past the last busy slot only where that cannot change a row's arithmetic), so a
+# row's arithmetic never depends on its neighbours. On CUDA the whole step is captured once per cache-length bucket at warm-up
 # and replayed; on CPU it runs eagerly, each slot attending over exactly its own length.
 
 CACHE_BUCKET = 256  # graphed/compiled steps attend over the cache in buckets of this many positions
@@ -2056,6 +2056,10 @@ class T3Decoder(torch.nn.Module):
                 x = x + layer["down"](F.silu(gate) * up)
         return self.final_norm(x[:, -1]).float()
 
+    def _probed_heads(self, layer: int) -> list[tuple[int, int]]:
+        """(index in probe_rows, head) of each probed head in this layer."""
+        return [(n, head) for n, (probed, head) in enumerate(self.probes) if probed == layer]
+
     def _grouped(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kv_heads == self.heads:
             return keys, values
@@ -2070,12 +2074,10 @@ class T3Decoder(torch.nn.Module):
 
         def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             keys, values = self._grouped(keys[:, :, :end], values[:, :, :end])
-            for probe in self.probes:
-                if probe[0] == index:
-                    head = probe[1]
-                    rows = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1], mask, True)[0, 0]
-                    # Indexed by position, as the monitor reads it: rows of earlier chunks stay zero.
-                    self.prefill_probes[probe] = F.pad(rows, (0, 0, start, 0)) if start else rows
+            for _, head in self._probed_heads(index):
+                rows = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1], mask, True)[0, 0]
+                # Indexed by position, as the monitor reads it: rows of earlier chunks stay zero.
+                self.prefill_probes[(index, head)] = F.pad(rows, (0, 0, start, 0)) if start else rows
             return attend(q, keys, values, mask, True, self.options.attention)
 
         rows = slice(slot * self.rows_per_slot, (slot + 1) * self.rows_per_slot)
@@ -2098,12 +2100,10 @@ class T3Decoder(torch.nn.Module):
             for rows, length, slot in slots:
                 slot_keys, slot_values = self._grouped(keys[rows, :, :length], values[rows, :, :length])
                 out[rows] = attend(q[rows], slot_keys, slot_values, None, False, self.options.attention)
-                for n, probe in enumerate(self.probes):
-                    if probe[0] == index:
-                        head = probe[1]
-                        self.probe_rows[n, slot, :length] = attention_probs(
-                            q[rows.start:rows.start + 1, head:head + 1], slot_keys[:1, head:head + 1], None,
-                            False)[0, 0, 0]
+                for n, head in self._probed_heads(index):
+                    self.probe_rows[n, slot, :length] = attention_probs(
+                        q[rows.start:rows.start + 1, head:head + 1], slot_keys[:1, head:head + 1], None,
+                        False)[0, 0, 0]
             return out
 
         if count == self.rows:
@@ -2120,12 +2120,10 @@ class T3Decoder(torch.nn.Module):
 
         def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             keys, values = self._grouped(keys[:, :, :length], values[:, :, :length])
-            for n, probe in enumerate(self.probes):
-                if probe[0] == index:
-                    head = probe[1]
-                    self.probe_rows[n, :, :length] = attention_probs(
-                        q[conditional, head:head + 1], keys[conditional, head:head + 1], mask[conditional],
-                        False)[:, 0, 0]
+            for n, head in self._probed_heads(index):
+                self.probe_rows[n, :, :length] = attention_probs(
+                    q[conditional, head:head + 1], keys[conditional, head:head + 1], mask[conditional],
+                    False)[:, 0, 0]
             return attend(q, keys, values, mask, False, self.options.attention)
 
         return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
@@ -2881,10 +2879,10 @@ class VoiceLibrary:
         return [p for ext in extensions or self.extensions if (p := self.directory / f"{name}{ext}").is_file()]
 
     def resolve(self, name: str) -> VoiceRef | None:
-        if name.lower() in OPENAI_VOICES and not self._files(name):
-            name = name.lower()  # OpenAI's names match in any case, as on its API
         """The voice a request names, with its file's content read once (file I/O and hashing: call it
         off the event loop)."""
+        if name.lower() in OPENAI_VOICES and not self._files(name):
+            name = name.lower()  # OpenAI's names match in any case, as on its API
         for path in self._files(name):
             if (content := self._read(path)) is not None:
                 return VoiceRef(name, path, content.digest, content)
@@ -3845,8 +3843,6 @@ async def iterate(items: list[str]) -> AsyncIterator[str]:
         yield item
 
 
-_CHUNK_END = object()
-_DONE = object()
 
 
 class Speaker:
@@ -4138,7 +4134,7 @@ class Speaker:
 
     def _result_key(self, job: SpeechJob, texts: list[str]) -> str | None:
         """A hash of everything that shapes a seeded job's bytes; None when its result is not cached."""
-        if job.seed is None or self.results.max_bytes <= 0 or not self.engine.reproducible:
+        if job.seed is None or self.results.max_bytes <= 0:
             return None
         out, settings = job.output, self.settings
         identity = {
@@ -4381,9 +4377,9 @@ async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int
         raise ApiError(400, f"Unsupported language {fields.language!r} for {app_state.engine.name}; "
                        f"supported: {', '.join(languages)}.", param="language", code="unsupported_language")
     engine = app_state.engine
-    for name in sorted(engine.unsupported_fields & fields.model_fields_set):
-        raise ApiError(400, f"'{name}' is not supported by the {engine.name} engine; leave it out.", param=name,
-                       code="unsupported_parameter")
+    if unsupported := sorted(engine.unsupported_fields & fields.model_fields_set):
+        raise ApiError(400, f"'{unsupported[0]}' is not supported by the {engine.name} engine; leave it out.",
+                       param=unsupported[0], code="unsupported_parameter")
     voice = await asyncio.to_thread(app_state.speaker.voices.resolve, fields.voice_name)
     if voice is None and not engine.clones_voices and app_state.speaker.voices.is_clip(fields.voice_name):
         raise ApiError(400, f"Voice {fields.voice_name!r} is a reference clip; the {engine.name} engine cannot clone "
