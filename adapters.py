@@ -52,11 +52,6 @@ def check_key(app_state: AppState, *presented: str | None) -> None:
         raise ApiError(401, "Missing or invalid API key.", code="invalid_api_key")
 
 
-def bearer(headers: Any) -> str:
-    header = headers.get("authorization", "")
-    return header[7:].strip() if header[:7].lower() == "bearer " else ""
-
-
 CHARS_PER_SECOND = 14.0  # the steady speaking rate the character timings assume
 
 
@@ -275,7 +270,7 @@ def elevenlabs_error(exc: ApiError) -> JSONResponse:
 
 async def elevenlabs_request(request: Request) -> tuple[ElevenLabsSpeech, SynthesisFields]:
     app_state = server.state(request)
-    check_key(app_state, request.headers.get("xi-api-key"), bearer(request.headers))
+    check_key(app_state, request.headers.get("xi-api-key"), server.bearer_token(request.headers))
     data = await server.read_json(request, server.MAX_JSON_BYTES)
     body: ElevenLabsSpeech = server.parse_model(ElevenLabsSpeech, data)
     output_format = request.query_params.get("output_format") or ELEVENLABS_FORMAT
@@ -370,8 +365,8 @@ class ElevenLabsSession(VendorSession):
             message: ElevenLabsMessage = server.parse_model(ElevenLabsMessage, server.ws_message(text))
             context_id = message.context_id
             if not self.authorized:
-                check_key(self.app_state, self.ws.headers.get("xi-api-key"), bearer(self.ws.headers),
-                          message.xi_api_key, bearer({"authorization": message.authorization or ""}))
+                check_key(self.app_state, self.ws.headers.get("xi-api-key"), server.bearer_token(self.ws.headers),
+                          message.xi_api_key, server.bearer_token({"authorization": message.authorization or ""}))
                 self.authorized = True
             if message.close_socket:
                 await self.close_socket()
@@ -527,7 +522,7 @@ def cartesia_error(exc: ApiError) -> JSONResponse:
 
 async def cartesia_bytes(request: Request) -> Response:
     """POST /tts/bytes: the whole transcript, streamed as it is made (whole-chunk decoding)."""
-    check_key(server.state(request), request.headers.get("x-api-key"), bearer(request.headers))
+    check_key(server.state(request), request.headers.get("x-api-key"), server.bearer_token(request.headers))
     body: CartesiaRequest = server.parse_model(CartesiaRequest, await server.read_json(request, server.MAX_JSON_BYTES))
     fields, float32 = cartesia_fields(body, websocket=False)
     response = await speak_http(request, fields, body.transcript, streaming=False, param="transcript",
@@ -544,7 +539,7 @@ class CartesiaSession(VendorSession):
     async def read_messages(self) -> None:
         headers, query = self.ws.headers, self.ws.query_params
         try:
-            check_key(self.app_state, headers.get("x-api-key"), query.get("api_key"), bearer(headers))
+            check_key(self.app_state, headers.get("x-api-key"), query.get("api_key"), server.bearer_token(headers))
         except ApiError as exc:
             await self.send_json(self.error_message(exc, None))
             await self.hang_up(1008, exc.message)

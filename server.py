@@ -5355,12 +5355,17 @@ class RequestLog:
                 record.finish(self.speaker.metrics, self.log_text)
 
 
+def bearer_token(headers: Any) -> str:
+    """The token of an 'Authorization: Bearer <token>' header ("" without one)."""
+    header = headers.get("authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else ""
+
+
 def presented_key(scope: dict[str, Any]) -> str:
     """The API key a request carries: 'Authorization: Bearer <key>', or a WebSocket's ?token=<key>."""
     from starlette.datastructures import Headers, QueryParams
 
-    header = Headers(scope=scope).get("authorization", "")
-    token = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    token = bearer_token(Headers(scope=scope))
     if not token and scope["type"] == "websocket":
         token = QueryParams(scope.get("query_string", b"").decode()).get("token", "")
     return token
