@@ -4015,7 +4015,7 @@ class Speaker:
         worker, engine, loop = self.worker, self.engine, asyncio.get_running_loop()
         conds = await self.unit(job, lambda: self._conditionals(job.voice, job.params.exaggeration))
         seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
-        chunks: asyncio.Queue[tuple[Generation, asyncio.Queue[Any]] | None] = asyncio.Queue()
+        chunks: asyncio.Queue[tuple[Generation, asyncio.Queue[Any]] | BaseException | None] = asyncio.Queue()
         ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
         started: list[Generation] = []
 
@@ -4032,7 +4032,12 @@ class Speaker:
                 await ahead.acquire()
                 if t3_done is not None:
                     await t3_done.wait()  # text is taken only when the model can start on it
-                if (text := await anext(pending, None)) is None:
+                try:
+                    text = await anext(pending, None)
+                except Exception as exc:  # the text could not be taken or cut: the consumer ends with it
+                    await chunks.put(exc)
+                    return
+                if text is None:
                     break
                 events: asyncio.Queue[Any] = asyncio.Queue()
                 t3_done = asyncio.Event()
@@ -4065,6 +4070,8 @@ class Speaker:
 
         try:
             while (item := await self._within_deadline(job, chunks.get())) is not None:
+                if isinstance(item, BaseException):
+                    raise item
                 generation, events = item
                 first = True
                 while (event := await self._within_deadline(job, events.get())) is not GENERATION_DONE:

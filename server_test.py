@@ -572,6 +572,22 @@ def test_each_chunk_reaches_the_engine_in_the_pieces_it_takes(tmp_path: Path) ->
     assert len(response.content) // 2 == 240 * len("Onetwo threefour.") - 2 * overlap
 
 
+def test_text_the_engine_cannot_cut_fails_the_request_at_once(tmp_path: Path) -> None:
+    """A failure while a chunk is cut into the engine's pieces ends the request with an error in the API's
+    shape, not a wait for REQUEST_TIMEOUT."""
+    class BrokenTokenizer(ToneEngine):
+        def fit_text(self, text: str, language: str | None) -> list[str]:
+            raise ValueError("the tokenizer broke")
+
+    settings = server.Settings(voices_dir=str(tmp_path / "voices"), request_timeout=60)
+    with TestClient(server.create_app(settings, BrokenTokenizer()), raise_server_exceptions=False) as client:
+        started = time.monotonic()
+        response = client.post("/v1/audio/speech", json={"input": "Hello there.", "response_format": "pcm"})
+        assert response.status_code == 500 and response.json()["error"]["type"] == "server_error"
+        assert time.monotonic() - started < 30  # not the request's timeout
+        assert client.post("/v1/audio/speech", json={"input": "Again.", "response_format": "pcm"}).status_code == 500
+
+
 def test_ready_is_503_until_loaded(tmp_path: Path) -> None:
     class SlowEngine(ToneEngine):
         def load(self) -> None:
