@@ -141,8 +141,8 @@ class VendorSession(SpeechSession):
     def context(self, context_id: str, job: SpeechJob) -> Context:
         return Context(context_id, job, RequestRecord(self.route, job.id, job=job))
 
-    async def _queue_text(self, utterance: Utterance, text: str) -> None:
-        await super()._queue_text(utterance, text)
+    async def queue_text(self, utterance: Utterance, text: str) -> None:
+        await super().queue_text(utterance, text)
         if isinstance(utterance, Context):
             utterance.timings.text += text
 

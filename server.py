@@ -1240,7 +1240,7 @@ class ChatterboxEngine(Engine):
         conditioning = t3.prepare_conditioning(dummy).shape[1]
         return conditioning + self.chunk_max_chars + 2 + 2 + speech_token_budget("\u4e00" * self.chunk_max_chars)
 
-    def _batch(self) -> T3Batch:
+    def loaded_batch(self) -> T3Batch:
         if self.batch is None:
             raise RuntimeError("model not loaded")
         return self.batch
@@ -1264,7 +1264,7 @@ class ChatterboxEngine(Engine):
     def warm_up(self) -> None:
         """Capture every graph now, never while serving; then one short generation through the batch."""
         if self.options.cuda_graphs:
-            self._batch().capture()
+            self.loaded_batch().capture()
         voice = self.prepare_voice(BUILTIN_VOICE, 0.5)
         for _ in self.synthesize("Warm up.", voice, SynthesisParams(), max_tokens=10):
             pass
@@ -1398,7 +1398,7 @@ class ChatterboxEngine(Engine):
         return S3GenStream(voice.gen, self.stream if streamed else None, budget, self.kind == "turbo", self.device,
                            self._parts().s3gen.dtype)
 
-    def _alignment_monitor(self, len_cond: int, len_text: int) -> Any:
+    def alignment_monitor(self, len_cond: int, len_text: int) -> Any:
         """Upstream's Multilingual alignment analyzer (forces EOS on runaway or repeating speech).
 
         It normally hooks HF attention layers; here it gets a stand-in model to hook and
@@ -3160,7 +3160,7 @@ class BatchRunner:
 
     def _leave(self, entry: BatchEntry) -> None:
         if entry.phase == Phase.DECODING and entry.slot is not None:  # seated: the batch holds its slot
-            self.engine._batch().leave(entry.slot)
+            self.engine.loaded_batch().leave(entry.slot)
         entry.slot = None
 
     def _drop_cancelled(self) -> None:
@@ -3170,7 +3170,7 @@ class BatchRunner:
 
     def _admit(self) -> list[BatchEntry]:
         """The most urgent waiting generation, given a free slot and its prompt (none if no slot is free)."""
-        batch = self.engine._batch()
+        batch = self.engine.loaded_batch()
         waiting = self.in_phase(Phase.WAITING)
         if not waiting or not batch.free:
             return []
@@ -3186,7 +3186,7 @@ class BatchRunner:
                 raise ApiError(400, "This text is too long for one model call; shorten its sentences.",
                                param="input", code="input_too_long")
             budget = min(generation.max_tokens or speech_token_budget(generation.text), room)
-            monitor = self.engine._alignment_monitor(len_cond, len_text) if batch.monitored else None
+            monitor = self.engine.alignment_monitor(len_cond, len_text) if batch.monitored else None
             entry.slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor)
             entry.prompt, entry.conditioning, entry.phase = embeds, len_cond, Phase.PREFILLING
         except Exception as exc:
@@ -3198,7 +3198,7 @@ class BatchRunner:
         """Write the next chunk of the admitted prompt (all of it when no other generation is decoding):
         the voice's conditioning (copied when its voice's prefix is cached), then the text. The chunks
         are the same either way, so a prompt's arithmetic does not depend on its neighbours."""
-        batch, generation, slot = self.engine._batch(), entry.generation, entry.slot
+        batch, generation, slot = self.engine.loaded_batch(), entry.generation, entry.slot
         assert entry.prompt is not None and slot is not None
         started = time.monotonic()
         total, chunk, conditioning = entry.prompt.shape[1], batch.options.prefill_chunk, entry.conditioning
@@ -3227,7 +3227,7 @@ class BatchRunner:
         generation.model_seconds += time.monotonic() - started
 
     def _decode_block(self, decoding: list[BatchEntry]) -> None:
-        batch = self.engine._batch()
+        batch = self.engine.loaded_batch()
         started = time.monotonic()
         steps = 0
         try:
@@ -3798,7 +3798,7 @@ ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def batch_metrics(runner: BatchRunner) -> Iterator[Metric]:
-    batch, stats = runner.engine._batch(), runner.stats
+    batch, stats = runner.engine.loaded_batch(), runner.stats
     yield GaugeMetricFamily("tts_batch_slots", "Generation slots T3 decodes together (MAX_BATCH).",
                             value=len(batch.slots))
     yield GaugeMetricFamily("tts_batch_slots_busy", "Slots held by a generation now.", value=len(batch.busy))
@@ -4837,11 +4837,11 @@ class SpeechSession:
         started = time.perf_counter()
         complete, utterance.buffer = await asyncio.to_thread(split_complete, utterance.buffer + text)
         utterance.job.timeline.text_seconds += time.perf_counter() - started
-        await self._queue_text(utterance, complete)
+        await self.queue_text(utterance, complete)
 
     async def flush(self, utterance: Utterance) -> None:
         text, utterance.buffer = utterance.buffer, ""
-        await self._queue_text(utterance, text)
+        await self.queue_text(utterance, text)
 
     async def end(self, utterance: Utterance) -> None:
         if not utterance.ended:
@@ -4849,7 +4849,7 @@ class SpeechSession:
             utterance.ended = True
             utterance.feed.put_nowait(None)
 
-    async def _queue_text(self, utterance: Utterance, text: str) -> None:
+    async def queue_text(self, utterance: Utterance, text: str) -> None:
         started = time.perf_counter()
         chunks = await asyncio.to_thread(text_chunks, text, self.app_state.settings.chunk_max_chars)
         utterance.job.timeline.text_seconds += time.perf_counter() - started

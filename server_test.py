@@ -3335,7 +3335,7 @@ def test_cuda_batched_steps_replay_from_graphs_without_host_syncs(checkpoints: d
     prompt = torch.randn(batch.decoder.rows_per_slot, 24, batch.decoder.dim, device="cuda", generator=generator)
     with torch.inference_mode():
         hidden = batch.decoder.prefill(prompt, 0)
-        monitor = engine._alignment_monitor(4, 10) if batch.monitored else None
+        monitor = engine.alignment_monitor(4, 10) if batch.monitored else None
         batch.seat(server.Slot(0, position=24, budget=10**6, monitor=monitor), hidden,
                    engine.recipe(server.SynthesisParams()), 0.5, seed=0)
         torch.cuda.synchronize()

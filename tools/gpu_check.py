@@ -102,7 +102,7 @@ def prefilled(engine: Any, prompt: int) -> Iterator[Callable[[int], Any]]:
     decoder = batch.decoder
     device = decoder.final_norm.weight.device
     hidden = decoder.prefill(torch.randn(decoder.rows_per_slot, prompt, decoder.dim, device=device), 0)
-    monitor = engine._alignment_monitor(4, 10) if batch.monitored else None  # Multilingual's, over a made-up text
+    monitor = engine.alignment_monitor(4, 10) if batch.monitored else None  # Multilingual's, over a made-up text
     slot = server.Slot(0, position=prompt, budget=10**9, monitor=monitor)
     batch.seat(slot, hidden, engine.recipe(server.SynthesisParams()), 0.5, seed=0)
 
