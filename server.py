@@ -1705,8 +1705,9 @@ def hift_source(hift: Any, mel: torch.Tensor, cache: torch.Tensor | None) -> tor
 # decode step. Every generation owns a slot of a fixed batch (`T3Batch`); each step advances every slot
 # by one token (sampling included) with the same shapes whatever its neighbours hold (eager steps leave
 # out the idle rows past the last busy slot only where that cannot change a row's arithmetic), so a
-# row's arithmetic never depends on its neighbours. On CUDA the whole step is captured once per cache-length bucket at warm-up
-# and replayed; on CPU it runs eagerly, each slot attending over exactly its own length.
+# row's arithmetic never depends on its neighbours. On CUDA the whole step is captured once per
+# cache-length bucket at warm-up and replayed; on CPU it runs eagerly, each slot attending over exactly
+# its own length.
 
 CACHE_BUCKET = 256  # graphed/compiled steps attend over the cache in buckets of this many positions
 
@@ -3822,6 +3823,16 @@ def batch_metrics(runner: BatchRunner) -> Iterator[Metric]:
 T = TypeVar("T")
 
 
+async def text_step(timeline: Timeline, work: Callable[..., T], *args: Any) -> T:
+    """A CPU-bound step of a job's text (checking, splitting, cutting) in a thread, off the event loop,
+    its time billed to the job's text stage."""
+    started = time.perf_counter()
+    try:
+        return await asyncio.to_thread(work, *args)
+    finally:
+        timeline.text_seconds += time.perf_counter() - started
+
+
 async def within(seconds: float, work: Awaitable[T]) -> T:
     """Await work for at most `seconds` (then TimeoutError). Python 3.11's asyncio.wait_for loses a
     cancellation that arrives as the work finishes (it returns the result instead), which leaves a
@@ -4022,7 +4033,7 @@ class Speaker:
         async def fitted() -> AsyncIterator[str]:  # each chunk in the pieces the model takes in one call
             async for text in texts:
                 job.timeline.characters += len(text)
-                for piece in await asyncio.to_thread(engine.fit_text, text, job.params.language):
+                for piece in await text_step(job.timeline, engine.fit_text, text, job.params.language):
                     yield piece
 
         async def produce() -> None:
@@ -4801,9 +4812,7 @@ class SpeechSession:
 
     async def say_all(self, utterance: Utterance, text: str, param: str = "text") -> None:
         """All of the utterance's text at once, validated and chunked exactly as an HTTP request's would be."""
-        started = time.perf_counter()
-        chunks = await asyncio.to_thread(speech_chunks, text, self.app_state.settings, param)
-        utterance.job.timeline.text_seconds += time.perf_counter() - started
+        chunks = await text_step(utterance.job.timeline, speech_chunks, text, self.app_state.settings, param)
         self.say_chunks(utterance, chunks, text)
 
     def say_chunks(self, utterance: Utterance, chunks: list[str], text: str) -> None:
@@ -4834,9 +4843,7 @@ class SpeechSession:
             raise ApiError(413, f"More than {limit} characters are waiting to be spoken in {utterance.id!r}.",
                            param="text", code="input_too_long")
         check_speakable(text, "text")
-        started = time.perf_counter()
-        complete, utterance.buffer = await asyncio.to_thread(split_complete, utterance.buffer + text)
-        utterance.job.timeline.text_seconds += time.perf_counter() - started
+        complete, utterance.buffer = await text_step(utterance.job.timeline, split_complete, utterance.buffer + text)
         await self.queue_text(utterance, complete)
 
     async def flush(self, utterance: Utterance) -> None:
@@ -4850,9 +4857,7 @@ class SpeechSession:
             utterance.feed.put_nowait(None)
 
     async def queue_text(self, utterance: Utterance, text: str) -> None:
-        started = time.perf_counter()
-        chunks = await asyncio.to_thread(text_chunks, text, self.app_state.settings.chunk_max_chars)
-        utterance.job.timeline.text_seconds += time.perf_counter() - started
+        chunks = await text_step(utterance.job.timeline, text_chunks, text, self.app_state.settings.chunk_max_chars)
         utterance.queue_chunks(chunks)
 
     async def cancel(self, utterance: Utterance) -> None:
