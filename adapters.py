@@ -427,9 +427,7 @@ class ElevenLabsSession(VendorSession):
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
         if error is not None:
-            body = server.error_body(error)
-            status = error.status if isinstance(error, ApiError) else 500
-            await self.send_error(ApiError(status, body["message"], code=body["code"]), utterance.id)
+            await self.send_error(server.client_error(error), utterance.id)
         await self.send_json(self.tagged({"isFinal": True}, utterance.id))
         if not self.multi or (self.closing_socket and not self.active):
             await self.hang_up()
@@ -620,10 +618,7 @@ class CartesiaSession(VendorSession):
         if isinstance(utterance, Context) and utterance.timer is not None:
             utterance.timer.cancel()
         if error is not None:
-            body = server.error_body(error)
-            status = error.status if isinstance(error, ApiError) else 500
-            await self.send_json(self.error_message(ApiError(status, body["message"], code=body["code"]),
-                                                    utterance.id))
+            await self.send_json(self.error_message(server.client_error(error), utterance.id))
         elif not utterance.cancelled:
             await self.send_flushes(utterance, utterance.queued)
             await self.send_json({"type": "done", "done": True, "status_code": 200, "context_id": utterance.id})

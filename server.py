@@ -4547,13 +4547,20 @@ async def sse_stream(job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterat
         yield sse_event({"type": "error", "error": error_body(exc)})
 
 
-def error_body(exc: Exception) -> dict[str, Any]:
-    """What a client may see of an error that happened mid-stream."""
+def client_error(exc: Exception) -> ApiError:
+    """What a client may see of an error that happened mid-stream: an ApiError as it is; anything else is
+    logged with its traceback and becomes a 500 that says only that synthesis failed."""
     if isinstance(exc, ApiError):
-        return {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}
+        return exc
     logger.opt(exception=exc).error("synthesis failed")
-    return {"message": "Synthesis failed; the server log has details.", "type": "server_error", "param": None,
-            "code": "synthesis_failed"}
+    return ApiError(500, "Synthesis failed; the server log has details.", type="server_error",
+                    code="synthesis_failed")
+
+
+def error_body(exc: Exception) -> dict[str, Any]:
+    """The OpenAI-shaped body of `client_error(exc)`."""
+    error = client_error(exc)
+    return {"message": error.message, "type": error.type, "param": error.param, "code": error.code}
 
 
 def audio_headers(job: SpeechJob) -> dict[str, str]:
