@@ -76,6 +76,20 @@ class CharTimings:
         return [(char, start + i * step, step) for i, char in enumerate(chars)]
 
 
+async def with_timings(audio: AsyncIterator[bytes], timeline: server.Timeline,
+                       timings: CharTimings) -> AsyncIterator[tuple[bytes, list[tuple[str, float, float]], float]]:
+    """Each piece of a job's audio with the characters estimated to be spoken in it and where it starts
+    (seconds from the utterance's start); then, if text is left when the audio ends, an empty piece
+    that places the rest at the end."""
+    heard = 0.0
+    async for data in audio:
+        seconds, heard = timeline.audio_seconds - heard, timeline.audio_seconds
+        start = timings.clock
+        yield data, timings.place(seconds), start
+    if tail := timings.place(0.0, final=True):
+        yield b"", tail, timings.clock
+
+
 @dataclass
 class Words:
     """Characters with timings, gathered into words (Cartesia's word timestamps)."""
@@ -108,7 +122,6 @@ class Context(Utterance):
 
     timings: CharTimings = field(default_factory=CharTimings)
     words: Words = field(default_factory=Words)
-    heard: float = 0.0  # seconds of its audio already sent
     sent_at: float = field(default_factory=time.monotonic)
     flushes: list[int] = field(default_factory=list)  # Cartesia: chunks queued at each pending flush
     flushed: int = 0
@@ -124,13 +137,9 @@ class VendorSession(SpeechSession):
 
     async def stream(self, utterance: Utterance) -> None:
         assert isinstance(utterance, Context)
-        timeline = utterance.job.timeline
-        async for data in self.audio(utterance):
-            seconds, utterance.heard = timeline.audio_seconds - utterance.heard, timeline.audio_seconds
-            start = utterance.timings.clock
-            await self.send_audio(utterance, data, utterance.timings.place(seconds), start)
-        if tail := utterance.timings.place(0.0, final=True):
-            await self.send_audio(utterance, b"", tail, utterance.timings.clock)
+        async for data, chars, start in with_timings(self.audio(utterance), utterance.job.timeline,
+                                                     utterance.timings):
+            await self.send_audio(utterance, data, chars, start)
 
     async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
                          start: float) -> None:
@@ -294,12 +303,8 @@ async def elevenlabs_timestamps(request: Request) -> Response:
     timings = CharTimings(text=body.text)
 
     async def lines() -> AsyncIterator[bytes]:
-        heard = 0.0
-        async for data in audio:
-            seconds, heard = job.timeline.audio_seconds - heard, job.timeline.audio_seconds
-            yield timestamp_line(data, timings.place(seconds))
-        if tail := timings.place(0.0, final=True):
-            yield timestamp_line(b"", tail)
+        async for data, chars, _ in with_timings(audio, job.timeline, timings):
+            yield timestamp_line(data, chars)
 
     return StreamingResponse(server.ended_cleanly(lines()), media_type="application/x-ndjson",
                              headers={"X-Request-Id": job.id})
