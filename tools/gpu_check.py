@@ -232,6 +232,22 @@ def described(reads: dict[str, int]) -> str:
     return "expected reads: " + (", ".join(f"{name} x{count}" for name, count in sorted(reads.items())) or "none")
 
 
+@contextmanager
+def sync_debug(cuda: bool, mode: str) -> Iterator[None]:
+    """torch.cuda.set_sync_debug_mode(mode) around the work alone: entered inside the profiler, so that its
+    own start and stop are not counted (CPU: nothing)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+
+
 def step_sync_row(engine: Any, kind: str, option: str, steps: int, cuda: bool) -> Row:
     """The decode steps, their expected reads let through (each by name) and any other read a failure:
     on CUDA under set_sync_debug_mode("error"), on CPU host reads stand in for syncs."""
@@ -239,18 +255,13 @@ def step_sync_row(engine: Any, kind: str, option: str, steps: int, cuda: bool) -
 
     with prefilled(engine, 200) as step:
         step(0)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
         try:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
+                  sync_debug(cuda, "error")):
                 for i in range(1, steps):
                     step(i)
         except RuntimeError as error:
             return Row("sync: decode steps", kind, option, "failed", details=first_line(error))
-        finally:
-            if cuda:
-                torch.cuda.set_sync_debug_mode(0)
     reads, stray = named_reads(profile), ([] if cuda else stray_reads(profile))
     problem = reads_in_blocks(reads, steps - 1, eos_check_every(engine))
     figure = (f"0 other syncs in {steps - 1} steps" if cuda else f"{len(stray)} other host reads in {steps - 1} steps")
@@ -267,20 +278,13 @@ def loop_sync_row(engine: Any, kind: str, option: str, cuda: bool) -> Row:
     budget = 8 * every + 1
     tokens = token_loop(engine, budget)
     next(tokens, None)  # the prefill and the first block
-    activities = [torch.profiler.ProfilerActivity.CPU]
+    with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
+          warnings.catch_warnings(record=True) as caught, sync_debug(cuda, "warn")):
+        warnings.simplefilter("always")
+        consumed = sum(1 for _ in tokens)
     if cuda:
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with (warnings.catch_warnings(record=True) as caught,
-                  torch.profiler.profile(activities=activities) as profile):
-                warnings.simplefilter("always")
-                consumed = sum(1 for _ in tokens)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
         syncs = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
     else:
-        with torch.profiler.profile(activities=activities) as profile:
-            consumed = sum(1 for _ in tokens)
         syncs = stray_reads(profile)
     reads = named_reads(profile)
     problem = reads_in_blocks(reads, consumed, every)
