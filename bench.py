@@ -190,22 +190,23 @@ class Ours:
                  timers: Timers):
         self.engine = server.ChatterboxEngine(model, str(ckpt), device, options=options)
         self.worker = ThreadRunner()
+        self.runner = server.BatchRunner(self.engine)
         self.worker.call(self.engine.load)
-        self.worker.call(self.engine.warm_up)
+        self.worker.call(self.runner.warm_up)
         self.voice = self.worker.call(lambda: self.engine.prepare_voice(server.BUILTIN_VOICE, 0.5))
-        time_batch(self.engine, timers)
+        time_batch(self.engine, timers, (self.runner,))
         self.device, self.tokens, self.timers = device, tokens, timers
 
     def run(self, text: str) -> Run:
         def synthesize() -> Run:
             with peak_memory(self.device) as peak:
                 start = time.perf_counter()
-                whole, = generate(self.engine, [(text, self.voice, server.SynthesisParams(streamed=False), 0)],
+                whole, = generate(self.runner, [(text, self.voice, server.SynthesisParams(streamed=False), 0)],
                                   self.tokens)
                 sync(self.device)
                 total = time.perf_counter() - start
             seconds, _ = self.timers.take()
-            stream, = generate(self.engine, [(text, self.voice, server.SynthesisParams(), 0)], self.tokens,
+            stream, = generate(self.runner, [(text, self.voice, server.SynthesisParams(), 0)], self.tokens,
                                until_first_audio=True)
             self.timers.take()  # the stream's own T3 and S3Gen time is not part of the totals
             return Run(total, stream.first_audio, seconds["t3"], seconds["s3gen"], len(whole.tokens),
@@ -214,11 +215,11 @@ class Ours:
         return self.worker.call(synthesize)
 
 
-def time_batch(engine: server.ChatterboxEngine, timers: Timers, runners: tuple[server.BatchRunner, ...] = ()) -> None:
-    """Bill the batch's prefills and steps to "t3", its S3Gen windows to "s3gen"."""
-    for runner in runners or (engine.runner,):
-        runner._prefill = timers.wrap("t3", runner._prefill)
-        runner._decode_block = timers.wrap("t3", runner._decode_block)
+def time_batch(engine: server.ChatterboxEngine, timers: Timers, runners: tuple[server.BatchRunner, ...]) -> None:
+    """Bill the runners' prefills and steps to "t3", the engine's S3Gen windows to "s3gen"."""
+    for runner in runners:
+        runner.prefill = timers.wrap("t3", runner.prefill)  # type: ignore[method-assign]
+        runner.decode_block = timers.wrap("t3", runner.decode_block)  # type: ignore[method-assign]
     engine.s3gen.decode = timers.wrap("s3gen", engine.s3gen.decode)
 
 
@@ -230,7 +231,7 @@ class Generated:
     done: float
 
 
-def generate(engine: server.ChatterboxEngine, requests: list[tuple[str, Any, server.SynthesisParams, int]],
+def generate(runner: server.BatchRunner, requests: list[tuple[str, Any, server.SynthesisParams, int]],
              max_tokens: int, until_first_audio: bool = False) -> list[Generated]:
     """Generations (text, voice, params, seed) submitted together and run through the engine's batch,
     one scheduler turn at a time, as the server's inference thread runs them."""
@@ -250,9 +251,9 @@ def generate(engine: server.ChatterboxEngine, requests: list[tuple[str, Any, ser
         generation = server.Generation(text, voice, params, seed, server.Priority.REALTIME, index, deliver,
                                        max_tokens=max_tokens)
         generations.append(generation)
-        engine.runner.add(generation)
-    while engine.runner.busy:
-        engine.runner.turn()
+        runner.add(generation)
+    while runner.busy:
+        runner.turn()
         if until_first_audio and all(r.first_audio for r in results):
             for generation in generations:
                 generation.cancelled = True
@@ -457,12 +458,12 @@ class Load:
     first_audio: list[float] = field(default_factory=list)  # per generation, seconds from the start
 
 
-def batched_load(engine: server.ChatterboxEngine, voice: Any, text: str, count: int, tokens: int,
+def batched_load(runner: server.BatchRunner, voice: Any, text: str, count: int, tokens: int,
                  timers: Timers) -> Load:
     """`count` streams submitted together and decoded side by side (the lean streamed decode)."""
     requests = [(text, voice, server.SynthesisParams(), seed) for seed in range(count)]
     start = time.perf_counter()
-    results = generate(engine, requests, tokens)
+    results = generate(runner, requests, tokens)
     wall = time.perf_counter() - start
     seconds, _ = timers.take()
     return Load(wall, sum(r.samples for r in results) / server.NATIVE_SAMPLE_RATE,
@@ -470,15 +471,15 @@ def batched_load(engine: server.ChatterboxEngine, voice: Any, text: str, count: 
                 [r.first_audio for r in results])
 
 
-def one_at_a_time_load(engine: server.ChatterboxEngine, voice: Any, text: str, count: int, tokens: int,
+def one_at_a_time_load(runner: server.BatchRunner, voice: Any, text: str, count: int, tokens: int,
                        timers: Timers) -> Load:
     """The same generations one after another, one slot, with the window plan streams had before
     (`decode_as_before`): what the server did with N streams before batching."""
-    start = time.perf_counter()
+    engine, start = runner.engine, time.perf_counter()
     audio, produced, s3gen, firsts = 0.0, 0, 0.0, []
     for seed in range(count):
         began = time.perf_counter()
-        result, = generate(engine, [(text, voice, server.SynthesisParams(), seed)], tokens)
+        result, = generate(runner, [(text, voice, server.SynthesisParams(), seed)], tokens)
         torch.manual_seed(seed)
         stream = server.S3GenStream(voice.gen, None, len(result.tokens), engine.kind == "turbo", engine.device,
                                     engine.parts.s3gen.dtype)
@@ -505,19 +506,22 @@ def concurrency_main(args: argparse.Namespace, options: server.ModelOptions) -> 
     worker = ThreadRunner()
     engine = server.ChatterboxEngine(args.model, str(ckpt), args.device,
                                      options=replace(options, max_batch=max(levels)))
+    batched = server.BatchRunner(engine)
     worker.call(engine.load)
-    worker.call(engine.warm_up)
+    worker.call(batched.warm_up)
     voice = worker.call(lambda: engine.prepare_voice(server.BUILTIN_VOICE, 0.5))
     timers = Timers(args.device)
-    batched = engine.batch, server.BatchRunner(engine)
+    batches = {batched: engine.batch}
     engine.options = replace(engine.options, max_batch=1)
-    single = worker.call(engine._build_batch), server.BatchRunner(engine)
-    time_batch(engine, timers, (batched[1], single[1]))
+    single = server.BatchRunner(engine)
+    batches[single] = worker.call(engine.build_batch)
+    time_batch(engine, timers, (batched, single))
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, model {args.model}, "
           f"weights {ckpt}, tokens {args.tokens}, runs {args.runs}, quantize {engine.options.quantize}", flush=True)
 
-    def use(state: tuple[Any, Any]) -> None:
-        engine.batch, engine.runner = state
+    def use(runner: server.BatchRunner) -> server.BatchRunner:
+        engine.batch = batches[runner]  # the runners share the engine, each with its own batch
+        return runner
 
     def whole_ms_per_token() -> float:
         torch.manual_seed(0)
@@ -529,11 +533,11 @@ def concurrency_main(args: argparse.Namespace, options: server.ModelOptions) -> 
         loads: dict[str, list[Load]] = {"one_at_a_time": [], "batched": []}
         whole = []
         for run in range(args.runs):  # alternating, in one process, on the same weights
-            use(single)
-            loads["one_at_a_time"].append(worker.call(lambda: one_at_a_time_load(engine, voice, args.text, count,
+            runner = use(single)
+            loads["one_at_a_time"].append(worker.call(lambda: one_at_a_time_load(runner, voice, args.text, count,
                                                                                  args.tokens, timers)))
-            use(batched)
-            loads["batched"].append(worker.call(lambda: batched_load(engine, voice, args.text, count, args.tokens,
+            runner = use(batched)
+            loads["batched"].append(worker.call(lambda: batched_load(runner, voice, args.text, count, args.tokens,
                                                                      timers)))
             whole.append(worker.call(whole_ms_per_token))
             print(f"  run {run}: " + "  ".join(f"{name} {load[-1].audio / load[-1].wall:.3f} audio s/s"

