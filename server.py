@@ -4128,6 +4128,7 @@ class Speaker:
         self.metrics = Metrics(self)
 
     def counts(self) -> SpeakerCounts:
+        """The numbers /v1/status and /metrics report, read once."""
         host, admission, worker = self.host, self.admission, self.host.worker
         return SpeakerCounts(host.loaded, host.ready, dict(host.load_seconds), admission.active,
                              admission.active_streams, worker.depth, worker.busy, self.settings.max_queue,
