@@ -716,6 +716,9 @@ class LoudnessLeveler:
         self.gain = target
         return np.clip(audio * ramp, -1.0, 1.0).astype(np.float32)
 
+    def finish(self) -> np.ndarray:
+        return np.zeros(0, dtype=np.float32)  # nothing is held back
+
 
 # --- G.711 (bit-exact with the reference implementation audioop used) -----
 
@@ -1852,16 +1855,32 @@ class KVCache:
             layer[:, rows, :, start:].zero_()
 
 
-class LruCache:
-    """At most `size` entries (0: none is kept), the least recently used leaving first; counts hits and misses."""
+@dataclass(frozen=True)
+class CacheCounts:
+    """An LruCache's numbers at one moment, as /v1/status and /metrics report them."""
 
-    def __init__(self, size: int):
-        self.size = size
+    entries: int
+    total: int  # the entries' weights, summed: bytes for results, entries for the count-bounded caches
+    capacity: int
+    hits: int
+    misses: int
+    evictions: int
+
+
+class LruCache:
+    """Entries up to a total weight of `capacity` (each weighs 1 unless `weight` says otherwise; 0: none is
+    kept), the least recently used leaving first; counts hits, misses and evictions."""
+
+    def __init__(self, capacity: int, weight: Callable[[Any], int] = lambda value: 1):
+        self.capacity = capacity
+        self.weight = weight
         self._items: OrderedDict[Any, Any] = OrderedDict()
-        self.hits = self.misses = 0
+        self.total = 0  # the entries' weights, summed
+        self.hits = self.misses = self.evictions = 0
 
     def clear(self) -> None:
         self._items.clear()
+        self.total = 0
 
     def __len__(self) -> int:
         return len(self._items)
@@ -1875,12 +1894,18 @@ class LruCache:
         return self._items[key]
 
     def put(self, key: Any, value: Any) -> None:
-        if self.size <= 0:
+        """Keep `value` as the most recently used; one heavier than the whole capacity is not kept."""
+        weight = self.weight(value)
+        if weight > self.capacity:
             return
+        if (old := self._items.pop(key, None)) is not None:
+            self.total -= self.weight(old)
         self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.size:
-            self._items.popitem(last=False)
+        self.total += weight
+        while self.total > self.capacity:
+            _, evicted = self._items.popitem(last=False)
+            self.total -= self.weight(evicted)
+            self.evictions += 1
 
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
         """The entry for `key`, made and kept on a miss."""
@@ -1889,6 +1914,9 @@ class LruCache:
             found = make()
             self.put(key, found)
         return found
+
+    def counts(self) -> CacheCounts:
+        return CacheCounts(len(self), self.total, self.capacity, self.hits, self.misses, self.evictions)
 
 
 class VoicePrefixes(LruCache):
@@ -3701,48 +3729,104 @@ class Timeline:
         return {"input_tokens": self.characters, "output_tokens": output, "total_tokens": self.characters + output}
 
 
+AudioStage = TempoStretcher | LoudnessLeveler | UtteranceEdges | StreamResampler
+
+
+class AudioChain:
+    """One utterance's audio from the engine's rate to encoded bytes, through tempo (speed), levelling
+    (AUDIO_NORMALIZE), clean edges (AUDIO_TRIM_SILENCE) and resampling, in that order, then the encoder.
+    Its audio, encoding time and first bytes are counted in the job's timeline."""
+
+    def __init__(self, job: SpeechJob, rate: int, settings: Settings):
+        stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
+        edges = UtteranceEdges(rate, settings.audio_trim_silence)
+        leveler = LoudnessLeveler() if settings.audio_normalize else None
+        resampler = StreamResampler(rate, job.output.rate)
+        self.stages: list[AudioStage] = [stage for stage in (stretch, leveler, edges, resampler) if stage is not None]
+        self.encoder = Encoder(job.output.fmt, job.output.rate, job.output.bitrate)
+        self.output_rate = job.output.rate
+        self.timeline = job.timeline
+
+    def push(self, audio: np.ndarray) -> bytes:
+        started = time.perf_counter()
+        for stage in self.stages:
+            audio = stage.push(audio)
+        return self._encoded(audio, started, last=False)
+
+    def finish(self) -> bytes:
+        """The rest: what each stage held back, passed through the stages after it, and the encoder's end."""
+        started = time.perf_counter()
+        tail = np.zeros(0, dtype=np.float32)
+        for stage in self.stages:
+            tail = np.concatenate([stage.push(tail), stage.finish()])
+        return self._encoded(tail, started, last=True)
+
+    def _encoded(self, audio: np.ndarray, started: float, last: bool) -> bytes:
+        timeline = self.timeline
+        timeline.audio_seconds += len(audio) / self.output_rate
+        data = self.encoder.encode(audio) + (self.encoder.finish() if last else b"")
+        timeline.encode_seconds += time.perf_counter() - started
+        if data and timeline.first_audio is None:
+            timeline.first_audio = timeline.now()
+        return data
+
+
 @dataclass(frozen=True)
 class CachedResult:
     data: bytes  # the complete encoded result, exactly as it was sent
     audio_seconds: float
 
 
-class ResultCache:
-    """Complete results of seeded requests, bounded in bytes; the least recently used go first."""
+class ResultCache(LruCache):
+    """Complete results of seeded requests, bounded in bytes."""
 
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[str, CachedResult] = OrderedDict()
-        self.bytes = 0
-        self.hits = self.misses = self.evictions = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def get(self, key: str) -> CachedResult | None:
-        result = self._items.get(key)
-        if result is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return result
-
-    def put(self, key: str, result: CachedResult) -> None:
-        if len(result.data) > self.max_bytes:
-            return
-        if (old := self._items.pop(key, None)) is not None:
-            self.bytes -= len(old.data)
-        self._items[key] = result
-        self.bytes += len(result.data)
-        while self.bytes > self.max_bytes:
-            _, evicted = self._items.popitem(last=False)
-            self.bytes -= len(evicted.data)
-            self.evictions += 1
+        super().__init__(max_bytes, weight=lambda result: len(result.data))
 
 
 REPLAY_PIECE_BYTES = 32 * 1024  # a cached result leaves in pieces, as a stream would send it
 LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """The T3 batch's slots now, and what it has done since start."""
+
+    slots: int
+    busy: int
+    waiting: int
+    steps: int
+    step_seconds: float
+    windows: int
+    window_seconds: float
+    rows_per_step: dict[int, int]  # busy slots: steps taken with that many
+    voice_prefixes: CacheCounts
+
+
+def batch_counts(runner: Any) -> BatchCounts | None:
+    """None unless the worker runs a loaded T3 batch."""
+    if not isinstance(runner, BatchRunner) or runner.engine.batch is None:
+        return None
+    batch, stats = runner.engine.batch, runner.stats
+    return BatchCounts(len(batch.slots), len(batch.busy), runner.waiting, stats.step_count, stats.step_seconds,
+                       stats.window_count, stats.window_seconds, dict(stats.rows_per_step), batch.prefixes.counts())
+
+
+@dataclass(frozen=True)
+class SpeakerCounts:
+    """The speaker's numbers at one moment: /v1/status and /metrics both render these."""
+
+    loaded: bool
+    ready: bool
+    load_seconds: dict[str, float]
+    active: int  # admitted utterances not yet finished
+    streams: int  # of which streamed
+    waiting_units: int  # units of model work waiting for the inference thread
+    running: bool  # the inference thread is at work
+    max_queue: int
+    batch: BatchCounts | None
+    voice_cache: CacheCounts
+    result_cache: CacheCounts
 
 
 class Metrics:
@@ -3797,37 +3881,38 @@ class SpeakerCollector(Collector):
         self.speaker = speaker
 
     def collect(self) -> Iterator[Metric]:
-        speaker, results, voices = self.speaker, self.speaker.results, self.speaker.voice_cache
-        described = speaker.engine.describe()
+        engine, counts = self.speaker.host.engine, self.speaker.counts()
+        voices, results = counts.voice_cache, counts.result_cache
+        described = engine.describe()
         info = GaugeMetricFamily("tts_info", "The server's version and engine.", labels=["version", "engine", "model"])
-        info.add_metric([__version__, speaker.engine.name, str(described.get("model", ""))], 1)
+        info.add_metric([__version__, engine.name, str(described.get("model", ""))], 1)
         yield info
         yield GaugeMetricFamily("tts_queue_depth", "Units of model work waiting for the inference thread.",
-                                value=speaker.worker.depth)
+                                value=counts.waiting_units)
         yield GaugeMetricFamily("tts_active_requests", "Utterances admitted and not yet finished (MAX_QUEUE bounds "
-                                "them).", value=speaker.active)
+                                "them).", value=counts.active)
         yield GaugeMetricFamily("tts_active_streams", "Streamed utterances in progress (HTTP streams, SSE, "
-                                "WebSocket).", value=speaker.active_streams)
-        yield GaugeMetricFamily("tts_model_loaded", "1 while the model is loaded.", value=int(speaker.loaded))
-        if speaker.load_seconds:
+                                "WebSocket).", value=counts.streams)
+        yield GaugeMetricFamily("tts_model_loaded", "1 while the model is loaded.", value=int(counts.loaded))
+        if counts.load_seconds:
             yield GaugeMetricFamily("tts_model_load_seconds", "Time the last model load took.",
-                                    value=speaker.load_seconds["load"])
+                                    value=counts.load_seconds["load"])
             yield GaugeMetricFamily("tts_model_warmup_seconds", "Time the last warm-up took.",
-                                    value=speaker.load_seconds["warm_up"])
+                                    value=counts.load_seconds["warm_up"])
         yield CounterMetricFamily("tts_voice_cache_hits", "Prepared voices found in the voice cache.",
                                   value=voices.hits)
         yield CounterMetricFamily("tts_voice_cache_misses", "Voices prepared afresh.", value=voices.misses)
-        yield GaugeMetricFamily("tts_voice_cache_entries", "Prepared voices in the cache.", value=len(voices))
+        yield GaugeMetricFamily("tts_voice_cache_entries", "Prepared voices in the cache.", value=voices.entries)
         yield CounterMetricFamily("tts_result_cache_hits", "Seeded requests served from the result cache.",
                                   value=results.hits)
         yield CounterMetricFamily("tts_result_cache_misses", "Seeded requests the result cache did not hold.",
                                   value=results.misses)
         yield CounterMetricFamily("tts_result_cache_evictions", "Results evicted to stay within RESULT_CACHE_MB.",
                                   value=results.evictions)
-        yield GaugeMetricFamily("tts_result_cache_entries", "Results in the cache.", value=len(results))
-        yield GaugeMetricFamily("tts_result_cache_bytes", "Bytes of results in the cache.", value=results.bytes)
-        if isinstance(runner := speaker.worker.runner, BatchRunner) and runner.engine.batch is not None:
-            yield from batch_metrics(runner)
+        yield GaugeMetricFamily("tts_result_cache_entries", "Results in the cache.", value=results.entries)
+        yield GaugeMetricFamily("tts_result_cache_bytes", "Bytes of results in the cache.", value=results.total)
+        if counts.batch is not None:
+            yield from batch_metrics(counts.batch)
         if (memory := gpu_memory(str(described.get("device", "")))) is not None:
             gpu = GaugeMetricFamily("tts_gpu_memory_bytes", "CUDA memory of this process.", labels=["kind"])
             for kind, value in memory.items():
@@ -3838,25 +3923,24 @@ class SpeakerCollector(Collector):
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def batch_metrics(runner: BatchRunner) -> Iterator[Metric]:
-    batch, stats = runner.engine.loaded_batch(), runner.stats
+def batch_metrics(batch: BatchCounts) -> Iterator[Metric]:
     yield GaugeMetricFamily("tts_batch_slots", "Generation slots T3 decodes together (MAX_BATCH).",
-                            value=len(batch.slots))
-    yield GaugeMetricFamily("tts_batch_slots_busy", "Slots held by a generation now.", value=len(batch.busy))
-    yield CounterMetricFamily("tts_t3_steps", "Batched T3 steps taken.", value=stats.step_count)
+                            value=batch.slots)
+    yield GaugeMetricFamily("tts_batch_slots_busy", "Slots held by a generation now.", value=batch.busy)
+    yield CounterMetricFamily("tts_t3_steps", "Batched T3 steps taken.", value=batch.steps)
     yield CounterMetricFamily("tts_t3_step_seconds", "Inference-thread time spent in T3 steps.",
-                              value=stats.step_seconds)
+                              value=batch.step_seconds)
     yield CounterMetricFamily("tts_voice_prefix_hits", "Prompts whose voice conditioning was copied, not prefilled.",
-                              value=batch.prefixes.hits)
+                              value=batch.voice_prefixes.hits)
     yield CounterMetricFamily("tts_voice_prefix_misses", "Prompts that prefilled their voice conditioning.",
-                              value=batch.prefixes.misses)
-    yield CounterMetricFamily("tts_s3gen_windows", "Token spans S3Gen turned into audio.", value=stats.window_count)
+                              value=batch.voice_prefixes.misses)
+    yield CounterMetricFamily("tts_s3gen_windows", "Token spans S3Gen turned into audio.", value=batch.windows)
     yield CounterMetricFamily("tts_s3gen_window_seconds", "Inference-thread time spent in S3Gen.",
-                              value=stats.window_seconds)
+                              value=batch.window_seconds)
     rows = HistogramMetricFamily("tts_batch_rows_per_step", "Busy slots in each T3 step.")
-    buckets = [(str(bound), sum(n for busy, n in stats.rows_per_step.items() if busy <= bound))
-               for bound in ROWS_BUCKETS] + [("+Inf", stats.step_count)]
-    rows.add_metric([], buckets, sum_value=sum(busy * n for busy, n in stats.rows_per_step.items()))
+    buckets = [(str(bound), sum(n for busy, n in batch.rows_per_step.items() if busy <= bound))
+               for bound in ROWS_BUCKETS] + [("+Inf", batch.steps)]
+    rows.add_metric([], buckets, sum_value=sum(busy * n for busy, n in batch.rows_per_step.items()))
     yield rows
 
 
@@ -3896,27 +3980,22 @@ async def iterate(items: list[str]) -> AsyncIterator[str]:
 
 
 
-class Speaker:
-    """Owns the engine, voices and worker; turns a SpeechJob into a stream of audio."""
+class ModelHost:
+    """The engine on its inference thread: loading (at start or on demand) and warm-up, unloading when
+    idle, the voices prepared for the loaded model, and whether the device can still be trusted."""
 
-    def __init__(self, settings: Settings, engine: Engine):
+    def __init__(self, settings: Settings, engine: Engine, in_flight: Callable[[], int]):
         self.settings = settings
         self.engine = engine
-        self.voices = VoiceLibrary(Path(settings.voices_dir), engine.voice_files)
+        self.in_flight = in_flight  # admitted utterances not yet finished: the model stays loaded under them
         self.voice_cache = VoiceCache(settings.voice_cache_size)
-        self.results = ResultCache(int(settings.result_cache_mb * 1024 * 1024))
-        self.health = DeviceHealth(lambda: self.active)
+        self.health = DeviceHealth(in_flight)
         self.worker = InferenceWorker(engine, on_error=self.health.checked)
         self.loaded = False
         self.ever_loaded = False
         self.load_seconds: dict[str, float] = {}
-        self.active = 0  # admitted utterances not yet finished
-        self.active_streams = 0  # of which streamed
-        self.metrics = Metrics(self)
         self.last_used = time.monotonic()
         self._loading: asyncio.Future[Any] | None = None
-        self.stop_at: float | None = None  # shutting down: what is still in progress ends then (time.monotonic)
-        self._sends: set[asyncio.Timeout] = set()  # sends to clients in progress, each bounded
 
     @property
     def ready(self) -> bool:
@@ -3952,8 +4031,14 @@ class Speaker:
             raise ApiError(503, "The model is loading; retry shortly.", type="server_error", code="model_loading",
                            headers={"Retry-After": "5"}) from None
 
+    def used(self) -> None:
+        """An utterance has finished with the model: its idle time starts now."""
+        self.last_used = time.monotonic()
+        if self.settings.gpu_memory_cleanup:
+            self.worker.post(self.engine.release_memory, Priority.BACKGROUND)
+
     def _unload(self) -> None:
-        if self.active or not self.loaded:
+        if self.in_flight() or not self.loaded:
             return
         self.loaded = False
         self.voice_cache.clear()
@@ -3964,14 +4049,33 @@ class Speaker:
         idle = self.settings.idle_unload_s
         while True:
             await asyncio.sleep(min(1.0, idle / 4))
-            if self.loaded and not self.active and time.monotonic() - self.last_used > idle:
+            if self.loaded and not self.in_flight() and time.monotonic() - self.last_used > idle:
                 await self.worker.run(self._unload, Priority.BACKGROUND)
+
+    def conditionals(self, voice: VoiceRef, exaggeration: float) -> Any:
+        """The voice prepared for the model (on the inference thread), from the voice cache when it is there."""
+        key = voice.digest, exaggeration
+        return self.voice_cache.get(key, lambda: self.engine.prepare_voice(voice, exaggeration))
+
+
+class Admission:
+    """What may run, and for how long: new utterances are refused at MAX_QUEUE (429), while shutting down
+    and after a device fault (503); admitted ones end at REQUEST_TIMEOUT (504) or the shutdown's drain;
+    each send to a client is bounded."""
+
+    def __init__(self, settings: Settings, host: ModelHost):
+        self.settings = settings
+        self.host = host
+        self.active = 0  # admitted utterances not yet finished
+        self.active_streams = 0  # of which streamed
+        self.stop_at: float | None = None  # shutting down: what is still in progress ends then (time.monotonic)
+        self._sends: set[asyncio.Timeout] = set()  # sends to clients in progress, each bounded
 
     @asynccontextmanager
     async def admitted(self, job: SpeechJob, streaming: bool) -> AsyncIterator[None]:
         """Count the utterance as waiting work; beyond MAX_QUEUE new work is refused with 429."""
-        if self.health.fault is not None:
-            raise self.health.error()
+        if self.host.health.fault is not None:
+            raise self.host.health.error()
         if self.stop_at is not None:
             raise ApiError(503, "The server is shutting down; retry on another.", type="server_error",
                            code="shutting_down", headers={"Retry-After": "1"})
@@ -3982,14 +4086,12 @@ class Speaker:
         self.active += 1
         self.active_streams += streaming
         try:
-            await self.ensure_loaded(job.timeline.remaining(self.settings.request_timeout))
+            await self.host.ensure_loaded(job.timeline.remaining(self.settings.request_timeout))
             yield
         finally:
             self.active -= 1
             self.active_streams -= streaming
-            self.last_used = time.monotonic()
-            if self.settings.gpu_memory_cleanup:
-                self.worker.post(self.engine.release_memory, Priority.BACKGROUND)
+            self.host.used()
 
     async def unit(self, job: SpeechJob, fn: Callable[[], Any]) -> Any:
         """One unit of the job's model work: queued by priority, timed, bounded by the deadline."""
@@ -4005,11 +4107,12 @@ class Speaker:
 
         # Streams share the model round-robin (each unit queues anew: first audio comes soon for all);
         # whole files go first come, first served by request (each finishes as early as it can).
+        worker = self.host.worker
         if job.priority != Priority.REALTIME and job.ticket is None:
-            job.ticket = self.worker.ticket()
-        return await self._within_deadline(job, self.worker.run(timed, job.priority, job.ticket))
+            job.ticket = worker.ticket()
+        return await self.within_deadline(job, worker.run(timed, job.priority, job.ticket))
 
-    async def _within_deadline(self, job: SpeechJob, work: Awaitable[Any]) -> Any:
+    async def within_deadline(self, job: SpeechJob, work: Awaitable[Any]) -> Any:
         """Await work, or end the job with 504 once it has used up REQUEST_TIMEOUT (503 at shutdown)."""
         remaining = job.timeline.remaining(self.settings.request_timeout)
         until_stop = math.inf if self.stop_at is None else self.stop_at - time.monotonic()
@@ -4052,8 +4155,25 @@ class Speaker:
         while self.active and time.monotonic() < self.stop_at + SHUTDOWN_FLUSH_SECONDS:
             await asyncio.sleep(0.05)
 
-    def _conditionals(self, voice: VoiceRef, exaggeration: float) -> Any:
-        return self.voice_cache.get((voice.digest, exaggeration), lambda: self.engine.prepare_voice(voice, exaggeration))
+
+class Speaker:
+    """Turns a SpeechJob into encoded audio: the model's host and admission composed with the chunk
+    pipeline, the audio chain and the result cache."""
+
+    def __init__(self, settings: Settings, engine: Engine):
+        self.settings = settings
+        self.voices = VoiceLibrary(Path(settings.voices_dir), engine.voice_files)
+        self.host = ModelHost(settings, engine, in_flight=lambda: self.admission.active)
+        self.results = ResultCache(int(settings.result_cache_mb * 1024 * 1024))
+        self.admission = Admission(settings, self.host)
+        self.metrics = Metrics(self)
+
+    def counts(self) -> SpeakerCounts:
+        """The numbers /v1/status and /metrics report, read once."""
+        host, admission, worker = self.host, self.admission, self.host.worker
+        return SpeakerCounts(host.loaded, host.ready, dict(host.load_seconds), admission.active,
+                             admission.active_streams, worker.depth, worker.busy, self.settings.max_queue,
+                             batch_counts(worker.runner), host.voice_cache.counts(), self.results.counts())
 
     async def audio(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[np.ndarray]:
         """The job's audio at the engine's rate, text chunk by chunk, joined without clicks.
@@ -4064,8 +4184,8 @@ class Speaker:
         draws come from its own seed, derived from the request's, so a seed reproduces a whole text
         however requests interleave.
         """
-        worker, engine, loop = self.worker, self.engine, asyncio.get_running_loop()
-        conds = await self.unit(job, lambda: self._conditionals(job.voice, job.params.exaggeration))
+        worker, engine, loop = self.host.worker, self.host.engine, asyncio.get_running_loop()
+        conds = await self.admission.unit(job, lambda: self.host.conditionals(job.voice, job.params.exaggeration))
         seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
         chunks: asyncio.Queue[tuple[Generation, asyncio.Queue[Any]] | BaseException | None] = asyncio.Queue()
         ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
@@ -4121,12 +4241,12 @@ class Speaker:
                 accounted[generation] = generation.queue_wait, generation.model_seconds
 
         try:
-            while (item := await self._within_deadline(job, chunks.get())) is not None:
+            while (item := await self.admission.within_deadline(job, chunks.get())) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 generation, events = item
                 first = True
-                while (event := await self._within_deadline(job, events.get())) is not GENERATION_DONE:
+                while (event := await self.admission.within_deadline(job, events.get())) is not GENERATION_DONE:
                     account()
                     if isinstance(event, BaseException):
                         raise event
@@ -4158,7 +4278,7 @@ class Speaker:
         key = self._result_key(job, texts) if isinstance(texts, list) else None
         cached = None
         if key is not None:
-            cached = self.results.get(key)
+            cached = self.results.find(key)
             job.result_cache = "miss" if cached is None else "hit"
         outcome = "cancelled"
         try:
@@ -4168,12 +4288,12 @@ class Speaker:
             else:
                 kept: list[bytes] | None = [] if key is not None else None
                 kept_bytes = 0
-                async with self.admitted(job, streaming):
+                async with self.admission.admitted(job, streaming):
                     async for data in self._render(job, iterate(texts) if isinstance(texts, list) else texts):
                         if kept is not None:
                             kept.append(data)
                             kept_bytes += len(data)
-                            if kept_bytes > self.results.max_bytes:
+                            if kept_bytes > self.results.capacity:
                                 kept = None  # too big to cache: hold no copy
                         yield data
                 if key is not None and kept is not None:
@@ -4193,11 +4313,11 @@ class Speaker:
 
     def _result_key(self, job: SpeechJob, texts: list[str]) -> str | None:
         """A hash of everything that shapes a seeded job's bytes; None when its result is not cached."""
-        if job.seed is None or self.results.max_bytes <= 0:
+        if job.seed is None or self.results.capacity <= 0:
             return None
         out, settings = job.output, self.settings
         identity = {
-            "engine": self.engine.describe(), "texts": texts, "voice": job.voice.digest,
+            "engine": self.host.engine.describe(), "texts": texts, "voice": job.voice.digest,
             # params.streamed parts streams from whole files: streams are decoded in windows.
             "params": asdict(job.params), "seed": job.seed, "speed": job.speed,
             "format": out.fmt.name, "rate": out.rate, "bitrate": out.bitrate,
@@ -4215,37 +4335,11 @@ class Speaker:
             yield cached.data[start : start + REPLAY_PIECE_BYTES]
 
     async def _render(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[bytes]:
-        rate, timeline = self.engine.sample_rate, job.timeline
-        stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
-        edges = UtteranceEdges(rate, self.settings.audio_trim_silence)
-        leveler = LoudnessLeveler() if self.settings.audio_normalize else None
-        resampler = StreamResampler(rate, job.output.rate)
-        encoder = Encoder(job.output.fmt, job.output.rate, job.output.bitrate)
-
-        def emit(data: bytes, started: float) -> bytes:
-            timeline.encode_seconds += time.perf_counter() - started
-            if data and timeline.first_audio is None:
-                timeline.first_audio = timeline.now()
-            return data
-
+        chain = AudioChain(job, self.host.engine.sample_rate, self.settings)
         async for audio in self.audio(job, texts):
-            started = time.perf_counter()
-            if stretch is not None:
-                audio = stretch.push(audio)
-            if leveler is not None:
-                audio = leveler.push(audio)
-            audio = resampler.push(edges.push(audio))
-            timeline.audio_seconds += len(audio) / job.output.rate
-            if data := emit(encoder.encode(audio), started):
+            if data := chain.push(audio):
                 yield data
-        started = time.perf_counter()
-        tail = stretch.finish() if stretch is not None else np.zeros(0, dtype=np.float32)
-        if leveler is not None:
-            tail = leveler.push(tail)
-        tail = np.concatenate([edges.push(tail), edges.finish()])
-        tail = np.concatenate([resampler.push(tail), resampler.finish()])
-        timeline.audio_seconds += len(tail) / job.output.rate
-        if data := emit(encoder.encode(tail) + encoder.finish(), started):
+        if data := chain.finish():
             yield data
 
 
@@ -5001,7 +5095,7 @@ class SpeechSession:
 
     async def send(self, sending: Awaitable[None]) -> None:
         """Every frame to the client leaves here, so that one who stops reading is noticed."""
-        await self.app_state.speaker.bounded_send(sending)
+        await self.app_state.speaker.admission.bounded_send(sending)
 
     async def abandon(self) -> None:
         """The client reads nothing: end every utterance (their slots and model work) and close."""
@@ -5274,41 +5368,38 @@ async def list_speech_models(request: Request) -> Response:
 
 async def status(request: Request) -> Response:
     app_state = state(request)
-    speaker, results = app_state.speaker, app_state.speaker.results
-    described = app_state.engine.describe()
+    counts, described = app_state.speaker.counts(), app_state.engine.describe()
+    voices, results = counts.voice_cache, counts.result_cache
     return JSONResponse({
         "version": __version__,
         "engine": {**described, "chosen_because": app_state.engine.choice,
                    "clones_voices": app_state.engine.clones_voices},
-        "loaded": speaker.loaded,
-        "ready": speaker.ready,
-        "load_seconds": speaker.load_seconds,
+        "loaded": counts.loaded,
+        "ready": counts.ready,
+        "load_seconds": counts.load_seconds,
         "uptime_s": round(time.time() - app_state.started, 1),
         "gpu_memory": gpu_memory(str(described.get("device", ""))),
-        "queue": {"active": speaker.active, "streams": speaker.active_streams, "waiting_units": speaker.worker.depth,
-                  "running": speaker.worker.busy, "max": app_state.settings.max_queue},
-        "batch": batch_status(speaker.worker.runner),
-        "voice_cache": {"size": len(speaker.voice_cache), "capacity": app_state.settings.voice_cache_size,
-                        "hits": speaker.voice_cache.hits, "misses": speaker.voice_cache.misses},
-        "result_cache": {"entries": len(results), "bytes": results.bytes, "max_bytes": results.max_bytes,
+        "queue": {"active": counts.active, "streams": counts.streams, "waiting_units": counts.waiting_units,
+                  "running": counts.running, "max": counts.max_queue},
+        "batch": None if counts.batch is None else batch_status(counts.batch),
+        "voice_cache": {"size": voices.entries, "capacity": voices.capacity, "hits": voices.hits,
+                        "misses": voices.misses},
+        "result_cache": {"entries": results.entries, "bytes": results.total, "max_bytes": results.capacity,
                          "hits": results.hits, "misses": results.misses, "evictions": results.evictions},
         "tasks": len(asyncio.all_tasks()),
     })
 
 
-def batch_status(runner: Any) -> dict[str, Any] | None:
+def batch_status(batch: BatchCounts) -> dict[str, Any]:
     """The T3 batch's slots and rates: steps and S3Gen windows per second of inference-thread time."""
-    if not isinstance(runner, BatchRunner) or runner.engine.batch is None:
-        return None
-    batch, stats = runner.engine.batch, runner.stats
-    return {"slots": len(batch.slots), "busy": len(batch.busy), "waiting": runner.waiting,
-            "steps": stats.step_count,
-            "steps_per_second": round(stats.step_count / stats.step_seconds, 2) if stats.step_seconds else None,
-            "windows": stats.window_count,
-            "windows_per_second": round(stats.window_count / stats.window_seconds, 3) if stats.window_seconds else None,
-            "rows_per_step": {str(busy): n for busy, n in sorted(stats.rows_per_step.items())},
-            "voice_prefixes": {"size": len(batch.prefixes), "hits": batch.prefixes.hits,
-                               "misses": batch.prefixes.misses}}
+    prefixes = batch.voice_prefixes
+    return {"slots": batch.slots, "busy": batch.busy, "waiting": batch.waiting,
+            "steps": batch.steps,
+            "steps_per_second": round(batch.steps / batch.step_seconds, 2) if batch.step_seconds else None,
+            "windows": batch.windows,
+            "windows_per_second": round(batch.windows / batch.window_seconds, 3) if batch.window_seconds else None,
+            "rows_per_step": {str(busy): n for busy, n in sorted(batch.rows_per_step.items())},
+            "voice_prefixes": {"size": prefixes.entries, "hits": prefixes.hits, "misses": prefixes.misses}}
 
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
@@ -5328,15 +5419,15 @@ async def prometheus_metrics(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
-    if (fault := state(request).speaker.health.fault) is not None:
+    if (fault := state(request).speaker.host.health.fault) is not None:
         return JSONResponse({"status": "device_error", "error": fault}, status_code=500)
     return JSONResponse({"status": "ok"})
 
 
 async def ready(request: Request) -> Response:
-    if (fault := state(request).speaker.health.fault) is not None:
+    if (fault := state(request).speaker.host.health.fault) is not None:
         return JSONResponse({"status": "device_error", "error": fault}, status_code=503)
-    if not state(request).speaker.ready:
+    if not state(request).speaker.host.ready:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ready", "model": state(request).engine.name})
 
@@ -5373,7 +5464,7 @@ class RequestLog:
     """ASGI middleware around every HTTP request: an id, a Server-Timing header (a speech request's
     stages as far as they are known when its response starts, and every response's total), a count
     in the metrics and one log line once the response has ended. Every send to the client is bounded
-    (Speaker.bounded_send): a stream whose client reads nothing ends as 'stalled'."""
+    (Admission.bounded_send): a stream whose client reads nothing ends as 'stalled'."""
 
     def __init__(self, app: Any, routes: list[BaseRoute], speaker: Speaker, log_text: bool):
         self.app, self.routes, self.speaker, self.log_text = app, routes, speaker, log_text
@@ -5396,7 +5487,7 @@ class RequestLog:
                     headers.append("X-Request-Id", record.id)
             elif message["type"] == "http.response.body":
                 record.bytes += len(message.get("body", b""))
-            await self.speaker.bounded_send(send(message))
+            await self.speaker.admission.bounded_send(send(message))
 
         stalled = False
         try:
@@ -5543,11 +5634,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         background = []
         if settings.preload_model:
-            loading = speaker.start_loading()
+            loading = speaker.host.start_loading()
             loading.add_done_callback(_report_load_failure)
             background.append(loading)
         if settings.idle_unload_s > 0:
-            background.append(asyncio.ensure_future(speaker.unload_when_idle()))
+            background.append(asyncio.ensure_future(speaker.host.unload_when_idle()))
         tcp = adapters.TcpServers(app.state.tts)
         await tcp.start()
         try:
@@ -5556,7 +5647,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             await tcp.stop()
             for task in background:
                 task.cancel()
-            speaker.worker.stop()
+            speaker.host.worker.stop()
 
     twilio = WebSocketRoute("/v1/telephony/twilio", twilio_websocket)  # Twilio sends its key in `start`
 
@@ -5669,7 +5760,7 @@ def main() -> None:
             nothing could never be closed gracefully: it is cut."""
             for server in self.servers:
                 server.close()
-            await speaker.drain(settings.shutdown_grace_s)
+            await speaker.admission.drain(settings.shutdown_grace_s)
             deadline = time.monotonic() + SHUTDOWN_FLUSH_SECONDS
             while (unsent := [c.transport for c in self.server_state.connections
                               if getattr(c, "transport", None) and c.transport.get_write_buffer_size()]):
@@ -5683,9 +5774,9 @@ def main() -> None:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,
                             ws_max_size=1024 * 1024, timeout_graceful_shutdown=math.ceil(SHUTDOWN_FLUSH_SECONDS))
     uv = Server(config)
-    speaker.health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
+    speaker.host.health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
     uv.run()
-    if speaker.health.fault is not None:
+    if speaker.host.health.fault is not None:
         raise SystemExit(EXIT_DEVICE_FAULT)
 
 

@@ -1088,7 +1088,7 @@ def test_voice_replaced_or_deleted_while_a_request_waits(tmp_path: Path) -> None
         assert client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "v", "response_format": "pcm"}
                            ).status_code == 200
         assert len(engine.prepared) == 2 and all(digest == made for digest, made in engine.prepared.items())
-        client.app.state.tts.speaker.voice_cache.clear()  # so that the next request prepares the voice again
+        client.app.state.tts.speaker.host.voice_cache.clear()  # so that the next request prepares the voice again
         request = waiting_request()
         assert client.delete("/v1/audio/voices/v").status_code == 200  # deleted while the request waits
         engine.gate.set()
@@ -1623,13 +1623,13 @@ def test_result_cache_accounts_bytes_and_skips_what_cannot_fit() -> None:
     cache = server.ResultCache(10)
     cache.put("a", server.CachedResult(b"aaaa", 1.0))
     cache.put("b", server.CachedResult(b"bbbb", 1.0))
-    assert cache.get("a") is not None  # b is now the least recently used
+    assert cache.find("a") is not None  # b is now the least recently used
     cache.put("c", server.CachedResult(b"cccc", 1.0))
-    assert cache.get("b") is None and (len(cache), cache.bytes, cache.evictions) == (2, 8, 1)
+    assert cache.find("b") is None and (len(cache), cache.total, cache.evictions) == (2, 8, 1)
     cache.put("huge", server.CachedResult(b"x" * 11, 1.0))
-    assert cache.get("huge") is None and cache.bytes == 8
+    assert cache.find("huge") is None and cache.total == 8
     cache.put("a", server.CachedResult(b"aa", 1.0))  # replaced, not counted twice
-    assert (len(cache), cache.bytes) == (2, 6)
+    assert (len(cache), cache.total) == (2, 6)
     assert (cache.hits, cache.misses) == (1, 2)
 
 
@@ -3261,7 +3261,7 @@ def test_a_fatal_device_error_answers_the_work_in_flight_then_exits(tmp_path: Pa
     with fake_app(tmp_path, FailingDeviceEngine()) as client, ThreadPoolExecutor(1) as pool:
         speaker = client.app.state.tts.speaker
         exits: list[int] = []
-        speaker.health.shutdown = lambda: exits.append(speaker.active)
+        speaker.host.health.shutdown = lambda: exits.append(speaker.admission.active)
         wait_until(lambda: client.get("/ready").status_code == 200)
         in_flight = pool.submit(client.post, "/v1/audio/speech/stream",
                                 json={"input": "A long stream that is under way.", "response_format": "pcm"})
