@@ -3847,13 +3847,15 @@ class TwilioCall:
     def until_marks(self, count: int, timeout: float = 120) -> dict[str, bytes]:
         """Each mark's name and the mu-law audio sent before it, every frame exactly 20 ms."""
         spoken: dict[str, bytes] = {}
+        import adapters
+
         audio = b""
         deadline = time.monotonic() + timeout
         while len(spoken) < count:
             message = self.recv(deadline - time.monotonic())
             if message["event"] == "media":
                 frame = base64.b64decode(message["media"]["payload"])
-                assert len(frame) == server.TWILIO_FRAME_BYTES
+                assert len(frame) == adapters.TWILIO_FRAME_BYTES
                 audio += frame
             else:
                 assert message["event"] == "mark", message
@@ -3874,7 +3876,9 @@ class TwilioCall:
 
 
 def padded(ulaw: bytes) -> bytes:
-    return ulaw + b"\xff" * (-len(ulaw) % server.TWILIO_FRAME_BYTES)
+    import adapters
+
+    return ulaw + b"\xff" * (-len(ulaw) % adapters.TWILIO_FRAME_BYTES)
 
 
 def test_twilio_speaks_query_text_in_20ms_frames_with_a_mark_per_sentence(servers: dict[str, ServerProcess]) -> None:
