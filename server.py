@@ -4767,36 +4767,16 @@ class SpeechSession:
             await self.receive(message.get("text"), message.get("bytes"))
 
     async def receive(self, text: str | None, data: bytes | None) -> None:
-        message_id = kind = None
-        try:
-            message = ws_message(text)
-            message_id = message.get("id") if isinstance(message.get("id"), str) else None
-            kind = message.get("type")
-            if kind == "speak":
-                await self.speak(parse_model(SpeakMessage, message))
-                return
-            if kind not in ("append", "flush", "end", "cancel"):
-                raise ApiError(400, f"Unknown message type {kind!r}; use speak, append, flush, end or cancel.",
-                               param="type", code="invalid_message")
-            utterance = self.active.get(message_id or "")
-            if utterance is None:
-                raise ApiError(404, f"No active utterance with id {message_id!r}.", param="id", code="unknown_id")
-            if kind == "append":
-                addition = message.get("text")
-                if not isinstance(addition, str):
-                    raise ApiError(400, "'text' must be a string.", param="text", code="invalid_value")
-                await self.add_text(utterance, addition)
-            elif kind == "flush":
-                await self.flush(utterance)
-            elif kind == "end":
-                await self.end(utterance)
-            else:
-                await self.cancel(utterance)
-        except ApiError as exc:
-            if kind == "speak":  # a refused utterance is a request too: counted and logged
-                self.refused(exc)
-            await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
-                                  "message": exc.message, "param": exc.param})
+        """One client frame (sessions that read their own way override read_messages instead)."""
+        raise NotImplementedError
+
+    async def stream(self, utterance: Utterance) -> None:
+        """Send the utterance's audio (self.audio) as the protocol does."""
+        raise NotImplementedError
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        """Tell the client, as the protocol does, how an utterance ended: spoken, cancelled or failed."""
+        raise NotImplementedError
 
     def in_flight(self, adding: str) -> int:
         """What WS_MAX_UTTERANCES counts once the utterance `adding` joins: utterances."""
@@ -4824,19 +4804,6 @@ class SpeechSession:
 
     async def realtime_job(self, fields: SynthesisFields, default_format: str) -> SpeechJob:
         return await speech_job(fields, self.app_state, Priority.REALTIME, default_format)
-
-    async def speak(self, message: SpeakMessage) -> None:
-        if message.id in self.active:
-            raise ApiError(409, f"Utterance {message.id!r} is still active; use a new id.", param="id",
-                           code="duplicate_id")
-        await self.open_utterance(
-            message.id, lambda: self.realtime_job(message, "pcm"),
-            lambda utterance: self.say_all(utterance, message.text) if message.final else
-            self.add_text(utterance, message.text), encoding=message.encoding)
-
-    def refused(self, exc: ApiError) -> None:
-        """An utterance refused before it started is a request too: counted and logged."""
-        self._finish_record(RequestRecord(self.route, status=exc.status))
 
     async def say_all(self, utterance: Utterance, text: str, param: str = "text") -> None:
         """All of the utterance's text at once, validated and chunked exactly as an HTTP request's would be."""
@@ -4940,18 +4907,6 @@ class SpeechSession:
         await self.finished(utterance, error)
         return True
 
-    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
-        """Tell the client how an utterance ended: done, cancelled (never started or stopped) or failed."""
-        if error is not None:
-            body = error_body(error)
-            done: dict[str, Any] = {"type": "error", "id": utterance.id, "code": body["code"],
-                                    "message": body["message"]}
-        elif utterance.task is None or utterance.task.cancelled():
-            done = {"type": "done", "id": utterance.id, "cancelled": True}
-        else:
-            done = {"type": "done", "id": utterance.id}
-        await self.send_json({**done, "timings": utterance.job.timeline.report()})
-
     def retire(self, utterance: Utterance, status: int) -> None:
         """The utterance is over: it leaves the session and gets its log line."""
         if self.active.get(utterance.id) is utterance:
@@ -4969,16 +4924,6 @@ class SpeechSession:
         async for data in utterance.rendering:
             utterance.record.bytes += len(data)
             yield data
-
-    async def stream(self, utterance: Utterance) -> None:
-        output = utterance.job.output
-        await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
-                              "sample_rate": output.rate})
-        async for data in self.audio(utterance):
-            if utterance.encoding == "binary":
-                await self.send(self.ws.send_bytes(data))
-            else:
-                await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
 
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.send(self.ws.send_text(json.dumps(message, separators=(",", ":"))))
@@ -4998,6 +4943,78 @@ class SpeechSession:
                 await self.ws.close(self.close_code)
 
 
+class SpeechWebSocket(SpeechSession):
+    """The server's own WebSocket protocol (/v1/audio/speech/ws): speak, append, flush, end and cancel
+    messages; start, done and error messages, the audio in binary frames or base64."""
+
+    async def receive(self, text: str | None, data: bytes | None) -> None:
+        message_id = kind = None
+        try:
+            message = ws_message(text)
+            message_id = message.get("id") if isinstance(message.get("id"), str) else None
+            kind = message.get("type")
+            if kind == "speak":
+                await self.speak(parse_model(SpeakMessage, message))
+                return
+            if kind not in ("append", "flush", "end", "cancel"):
+                raise ApiError(400, f"Unknown message type {kind!r}; use speak, append, flush, end or cancel.",
+                               param="type", code="invalid_message")
+            utterance = self.active.get(message_id or "")
+            if utterance is None:
+                raise ApiError(404, f"No active utterance with id {message_id!r}.", param="id", code="unknown_id")
+            if kind == "append":
+                addition = message.get("text")
+                if not isinstance(addition, str):
+                    raise ApiError(400, "'text' must be a string.", param="text", code="invalid_value")
+                await self.add_text(utterance, addition)
+            elif kind == "flush":
+                await self.flush(utterance)
+            elif kind == "end":
+                await self.end(utterance)
+            else:
+                await self.cancel(utterance)
+        except ApiError as exc:
+            if kind == "speak":  # a refused utterance is a request too: counted and logged
+                self.refused(exc)
+            await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
+                                  "message": exc.message, "param": exc.param})
+
+    async def speak(self, message: SpeakMessage) -> None:
+        if message.id in self.active:
+            raise ApiError(409, f"Utterance {message.id!r} is still active; use a new id.", param="id",
+                           code="duplicate_id")
+        await self.open_utterance(
+            message.id, lambda: self.realtime_job(message, "pcm"),
+            lambda utterance: self.say_all(utterance, message.text) if message.final else
+            self.add_text(utterance, message.text), encoding=message.encoding)
+
+    def refused(self, exc: ApiError) -> None:
+        """An utterance refused before it started is a request too: counted and logged."""
+        self._finish_record(RequestRecord(self.route, status=exc.status))
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        """Tell the client how an utterance ended: done, cancelled (never started or stopped) or failed."""
+        if error is not None:
+            body = error_body(error)
+            done: dict[str, Any] = {"type": "error", "id": utterance.id, "code": body["code"],
+                                    "message": body["message"]}
+        elif utterance.task is None or utterance.task.cancelled():
+            done = {"type": "done", "id": utterance.id, "cancelled": True}
+        else:
+            done = {"type": "done", "id": utterance.id}
+        await self.send_json({**done, "timings": utterance.job.timeline.report()})
+
+    async def stream(self, utterance: Utterance) -> None:
+        output = utterance.job.output
+        await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
+                              "sample_rate": output.rate})
+        async for data in self.audio(utterance):
+            if utterance.encoding == "binary":
+                await self.send(self.ws.send_bytes(data))
+            else:
+                await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
+
+
 async def serve_session(websocket: WebSocket, session_type: type[SpeechSession]) -> None:
     offered = websocket.scope.get("subprotocols") or []
     await websocket.accept(subprotocol=session_type.subprotocol if session_type.subprotocol in offered else None)
@@ -5011,7 +5028,7 @@ async def serve_session(websocket: WebSocket, session_type: type[SpeechSession])
 
 
 async def speech_websocket(websocket: WebSocket) -> None:
-    await serve_session(websocket, SpeechSession)
+    await serve_session(websocket, SpeechWebSocket)
 
 
 async def list_voices(request: Request) -> Response:
