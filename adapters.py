@@ -1,4 +1,5 @@
-"""Other vendors' speech protocols, each a thin adapter over server.py's pipeline.
+"""Other vendors' speech protocols, each a thin adapter over server.py's pipeline, plugged into the
+server as one add-on (`protocol()`; PROTOCOLS names this module by default).
 
   ElevenLabs  REST  POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps]
               WS    /v1/text-to-speech/{voice_id}/stream-input, .../multi-stream-input
@@ -6,6 +7,7 @@
   Wyoming     TCP   on WYOMING_PORT (Home Assistant)
   Asterisk    TCP   AudioSocket on AUDIOSOCKET_PORT; WS /v1/telephony/asterisk (chan_websocket);
               REST  POST /v1/telephony/audiosocket/{uuid}: what a call is to say
+  Twilio      WS    /v1/telephony/twilio (Media Streams)
 
 Every utterance is a server.SpeechSession utterance (or an HTTP request's job) rendered by
 Speaker.render, so it is scheduled, limited, cancelled, logged and counted exactly as the server's
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
+import itertools
 import json
 import time
 import uuid
@@ -39,8 +43,8 @@ from wyoming.server import AsyncEventHandler, AsyncTcpServer
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 import server
-from server import (ApiError, AppState, NullIsDefault, Priority, RequestRecord, SpeechJob, SpeechSession,
-                    SynthesisFields, Utterance)
+from server import (ApiError, AppState, NullIsDefault, Priority, Protocol, SpeechJob, SpeechSession, SynthesisFields,
+                    Utterance)
 
 # --- Shared: API keys, errors, estimated character timings ---------------------------------------
 
@@ -118,22 +122,19 @@ class Words:
 
 @dataclass
 class Context(Utterance):
-    """An utterance of a vendor protocol, with what its replies need."""
+    """An utterance of a vendor WebSocket, its text laid over its audio (character timings)."""
 
     timings: CharTimings = field(default_factory=CharTimings)
-    words: Words = field(default_factory=Words)
-    sent_at: float = field(default_factory=time.monotonic)
-    flushes: list[int] = field(default_factory=list)  # Cartesia: chunks queued at each pending flush
-    flushed: int = 0
-    float32: bool = False  # Cartesia's pcm_f32le: the s16 PCM is sent as float32
-    timestamps: bool = False  # Cartesia's add_timestamps
-    timer: asyncio.TimerHandle | None = None  # Cartesia's max_buffer_delay_ms
-    hangup: bool = False  # telephony: hang up once this has been spoken
+
+    def record_text(self, text: str) -> None:
+        self.timings.text += text
 
 
 class VendorSession(SpeechSession):
     """A WebSocket whose utterances ("contexts") are named by the client and may be spoken side by
     side; subclasses say how messages, audio and endings look in their protocol."""
+
+    utterance_type = Context
 
     async def stream(self, utterance: Utterance) -> None:
         assert isinstance(utterance, Context)
@@ -146,19 +147,6 @@ class VendorSession(SpeechSession):
         """One piece of the context's audio, with the characters estimated to be spoken in it
         (times from the utterance's start; `start` is where this piece begins)."""
         raise NotImplementedError
-
-    def context(self, context_id: str, job: SpeechJob) -> Context:
-        return Context(context_id, job, RequestRecord(self.route, job.id, job=job))
-
-    async def queue_text(self, utterance: Utterance, text: str) -> None:
-        await super().queue_text(utterance, text)
-        if isinstance(utterance, Context):
-            utterance.timings.text += text
-
-    def say_chunks(self, utterance: Utterance, chunks: list[str], text: str) -> None:
-        super().say_chunks(utterance, chunks, text)
-        if isinstance(utterance, Context):
-            utterance.timings.text += text
 
     async def hang_up(self, code: int = 1000, reason: str = "") -> None:
         """End the session from the server's side."""
@@ -216,7 +204,13 @@ def query_int(params: Any, name: str, default: int, low: int, high: int) -> int:
 
 
 def query_bool(params: Any, name: str) -> bool:
-    return str(params.get(name, "")).lower() in ("1", "true", "yes", "on")
+    raw = params.get(name)
+    if raw in (None, ""):
+        return False
+    try:
+        return server.parse_bool(raw)
+    except ValueError:
+        raise ApiError(400, f"'{name}' must be true or false.", param=name, code="invalid_value") from None
 
 
 # --- ElevenLabs --------------------------------------------------------------------------------
@@ -392,21 +386,15 @@ class ElevenLabsSession(VendorSession):
             if exc.code == "invalid_api_key":
                 await self.hang_up(1008, exc.message)
 
-    async def open(self, message: ElevenLabsMessage) -> Context:
-        self.check_room()
-        fields = elevenlabs_fields(self.ws.path_params["voice_id"], self.output_format, message.voice_settings,
-                                   self.language)
-        job = await server.speech_job(fields, self.app_state, Priority.REALTIME, "mp3")
-        context = self.context(message.context_id, job)
-        await self.add(context, message)
+    async def open(self, message: ElevenLabsMessage) -> Utterance:
+        context = await self.open_utterance(
+            message.context_id, lambda: self.realtime_job(elevenlabs_fields(
+                self.ws.path_params["voice_id"], self.output_format, message.voice_settings, self.language), "mp3"),
+            lambda context: self.add(context, message), at_once=self.multi)
         self.opened = True
-        if self.multi:
-            self.speak_now(context)
-        else:
-            self.admit(context)
         return context
 
-    async def add(self, context: Context, message: ElevenLabsMessage) -> None:
+    async def add(self, context: Utterance, message: ElevenLabsMessage) -> None:
         if message.text:
             await self.add_text(context, message.text)
         if message.flush or (self.auto_mode and message.text and message.text.strip()):
@@ -484,8 +472,21 @@ class CartesiaRequest(NullIsDefault):
     generation_config: CartesiaGeneration | None = None
 
 
-def cartesia_fields(request: CartesiaRequest, websocket: bool) -> tuple[SynthesisFields, bool]:
-    """Our synthesis fields for a request, and whether its PCM is sent as float32."""
+@dataclass
+class CartesiaContext(Context):
+    """A Cartesia context: its word timestamps, flushes and output (a vendor context's, and Cartesia's own)."""
+
+    words: Words = field(default_factory=Words)
+    sent_at: float = field(default_factory=time.monotonic)
+    flushes: list[int] = field(default_factory=list)  # chunks queued at each pending flush
+    flushed: int = 0
+    float32: bool = False  # pcm_f32le: the s16 PCM is sent as float32
+    timestamps: bool = False  # add_timestamps
+    timer: asyncio.TimerHandle | None = None  # max_buffer_delay_ms
+
+
+def cartesia_fields(request: CartesiaRequest, websocket: bool) -> SynthesisFields:
+    """Our synthesis fields for a request."""
     if request.voice is None or request.output_format is None:
         missing = "voice" if request.voice is None else "output_format"
         raise ApiError(400, f"'{missing}' is required.", param=missing, code="missing_field")
@@ -511,7 +512,13 @@ def cartesia_fields(request: CartesiaRequest, websocket: bool) -> tuple[Synthesi
     bitrate = f"_{out.bit_rate // 1000}" if name == "mp3" and out.bit_rate else ""
     if bitrate:
         fields = fields.model_copy(update={"output_format": f"mp3_{out.sample_rate}{bitrate}"})
-    return fields, out.encoding == "pcm_f32le" and name == "pcm"
+    return fields
+
+
+def sends_float32(request: CartesiaRequest) -> bool:
+    """pcm_f32le: the s16 PCM is sent as float32."""
+    out = request.output_format
+    return out is not None and out.container == "raw" and out.encoding == "pcm_f32le"
 
 
 def cartesia_error_body(exc: ApiError) -> dict[str, Any]:
@@ -527,7 +534,8 @@ async def cartesia_bytes(request: Request) -> Response:
     """POST /tts/bytes: the whole transcript, streamed as it is made (whole-chunk decoding)."""
     check_key(server.state(request), request.headers.get("x-api-key"), server.bearer_token(request.headers))
     body: CartesiaRequest = server.parse_model(CartesiaRequest, await server.read_json(request, server.MAX_JSON_BYTES))
-    fields, float32 = cartesia_fields(body, websocket=False)
+    fields = cartesia_fields(body, websocket=False)
+    float32 = sends_float32(body)
     response = await speak_http(request, fields, body.transcript, streaming=False, param="transcript",
                                 convert=s16_to_f32 if float32 else None)
     if float32:
@@ -538,6 +546,8 @@ async def cartesia_bytes(request: Request) -> Response:
 
 class CartesiaSession(VendorSession):
     """/tts/websocket: contexts side by side, each fed with `continue` until `continue: false`."""
+
+    utterance_type = CartesiaContext
 
     async def read_messages(self) -> None:
         headers, query = self.ws.headers, self.ws.query_params
@@ -556,30 +566,28 @@ class CartesiaSession(VendorSession):
             context_id = request.context_id or uuid.uuid4().hex
             context = self.active.get(context_id)
             if request.cancel:
-                if isinstance(context, Context):
+                if context is not None:
                     await self.cancel(context)
                 return
             if context is None:
-                context = await self.open(context_id, request)
+                await self.open_utterance(context_id, lambda: self.realtime_job(cartesia_fields(request, True), "pcm"),
+                                          lambda context: self.start(context, request), at_once=True)
             else:
                 await self.feed(context, request)
         except ApiError as exc:
             await self.send_json(self.error_message(exc, context_id))
 
-    async def open(self, context_id: str, request: CartesiaRequest) -> Context:
-        self.check_room()
-        fields, float32 = cartesia_fields(request, websocket=True)
-        job = await server.speech_job(fields, self.app_state, Priority.REALTIME, "pcm")
-        context = self.context(context_id, job)
-        context.float32, context.timestamps = float32, request.add_timestamps
-        if not request.more and not request.flush:  # the whole transcript at once: chunked as HTTP's
+    async def start(self, context: Utterance, request: CartesiaRequest) -> None:
+        """A new context's output and first text (the whole transcript at once is chunked as HTTP's)."""
+        assert isinstance(context, CartesiaContext)
+        context.float32, context.timestamps = sends_float32(request), request.add_timestamps
+        if not request.more and not request.flush:
             await self.say_all(context, request.transcript, param="transcript")
         else:
             await self.feed(context, request)
-        self.speak_now(context)
-        return context
 
-    async def feed(self, context: Context, request: CartesiaRequest) -> None:
+    async def feed(self, context: Utterance, request: CartesiaRequest) -> None:
+        assert isinstance(context, CartesiaContext)
         if request.transcript:
             await self.add_text(context, request.transcript)
         if context.timer is not None:
@@ -597,6 +605,7 @@ class CartesiaSession(VendorSession):
 
     async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
                          start: float) -> None:
+        assert isinstance(context, CartesiaContext)
         if data:
             now = time.monotonic()
             step, context.sent_at = now - context.sent_at, now
@@ -611,7 +620,7 @@ class CartesiaSession(VendorSession):
                                                       "end": [round(e, 3) for _, _, e in words]}})
         await self.send_flushes(context, len(context.job.timeline.chunks_generated))
 
-    async def send_flushes(self, context: Context, chunks_done: int) -> None:
+    async def send_flushes(self, context: CartesiaContext, chunks_done: int) -> None:
         """flush_done for each flush whose text has been generated (its last chunk's generation ended)."""
         while context.flushes and chunks_done >= context.flushes[0]:
             context.flushes.pop(0)
@@ -620,7 +629,8 @@ class CartesiaSession(VendorSession):
                                   "flush_id": context.flushed, "status_code": 206, "context_id": context.id})
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
-        if isinstance(utterance, Context) and utterance.timer is not None:
+        assert isinstance(utterance, CartesiaContext)
+        if utterance.timer is not None:
             utterance.timer.cancel()
         if error is not None:
             await self.send_json(self.error_message(server.client_error(error), utterance.id))
@@ -668,20 +678,16 @@ class WyomingSession(SpeechSession):
             elif SynthesizeStart.is_type(event.type):
                 if self.streaming is not None:
                     raise ApiError(409, "A synthesize stream is open already: stop it first.", code="already_started")
-                self.check_room()
-                self.streaming = await self.begin(SynthesizeStart.from_event(event).voice)
-                self.admit(self.streaming)
+                self.streaming = await self.open_utterance(
+                    str(next(self.numbers)), lambda: self.job(SynthesizeStart.from_event(event).voice))
             elif SynthesizeChunk.is_type(event.type):
                 await self.add_text(self.stream_in_progress(), SynthesizeChunk.from_event(event).text)
             elif SynthesizeStop.is_type(event.type):
                 await self.end(self.stream_in_progress())
                 self.streaming = None
             elif Synthesize.is_type(event.type) and self.streaming is None:  # inside a stream: a copy, ignored
-                self.check_room()
-                synthesize = Synthesize.from_event(event)
-                utterance = await self.begin(synthesize.voice)
-                await self.say_all(utterance, synthesize.text)
-                self.admit(utterance)
+                await self.open_utterance(str(next(self.numbers)), lambda: self.job(Synthesize.from_event(event).voice),
+                                          lambda utterance: self.say_all(utterance, Synthesize.from_event(event).text))
         except (ApiError, KeyError, TypeError, AttributeError) as exc:
             message = exc.message if isinstance(exc, ApiError) else f"Malformed {event.type} event."
             code = exc.code if isinstance(exc, ApiError) else "invalid_event"
@@ -692,12 +698,11 @@ class WyomingSession(SpeechSession):
             raise ApiError(400, "No synthesize-start before this event.", code="not_started")
         return self.streaming
 
-    async def begin(self, voice: Any) -> Utterance:
+    async def job(self, voice: Any) -> SpeechJob:
         fields = server.parse_model(SynthesisFields, {
             "voice": getattr(voice, "name", None), "language": getattr(voice, "language", None),
             "response_format": "pcm", "sample_rate": self.rate})
-        job = await server.speech_job(fields, self.app_state, Priority.REALTIME, "pcm")
-        return self.utterance(str(next(self.numbers)), job)
+        return await self.realtime_job(fields, "pcm")
 
     def info(self) -> Info:
         engine, described = self.app_state.engine, self.app_state.engine.describe()
@@ -745,7 +750,21 @@ class WyomingHandler(AsyncEventHandler):
             self.writer.close()
 
 
-# --- Asterisk: what a call says ----------------------------------------------------------------
+# --- Telephony: what a call says ---------------------------------------------------------------
+
+
+async def fixed_frames(audio: AsyncIterator[bytes], size: int, silence: bytes) -> AsyncIterator[bytes]:
+    """A stream cut into frames of `size` bytes, the last one padded with `silence`."""
+    pending = b""
+    async for data in audio:
+        pending += data
+        whole = len(pending) - len(pending) % size
+        for i in range(0, whole, size):
+            yield pending[i : i + size]
+        pending = pending[whole:]
+    if pending:
+        yield pending.ljust(size, silence)
+
 
 
 class CallSpeech(SynthesisFields):
@@ -794,9 +813,7 @@ class CallScripts:
 
 
 def call_scripts(app_state: AppState) -> CallScripts:
-    if app_state.calls is None:
-        app_state.calls = CallScripts()
-    return app_state.calls
+    return app_state.protocol_state[__name__]  # this add-on's state (protocol())
 
 
 def call_id(raw: str) -> str:
@@ -816,10 +833,16 @@ async def register_call_speech(request: Request) -> Response:
     return JSONResponse({"uuid": call, "queued": queued}, status_code=202)
 
 
+@dataclass
+class CallUtterance(Utterance):
+    hangup: bool = False  # hang up once this has been spoken
+
+
 class CallSession(SpeechSession):
     """A phone call that says its script: each registered speech is one utterance, spoken in order;
     after one that says `hangup`, with nothing more queued, the call is hung up."""
 
+    utterance_type = CallUtterance
     fmt, rate = "pcm", 8000
     call: str | None = None  # the call id whose registered speech it says
     script: CallScript | None = None
@@ -841,20 +864,16 @@ class CallSession(SpeechSession):
                 logger.warning("{} call: {}", self.route, exc.message)
 
     async def say(self, speech: CallSpeech) -> None:
-        self.check_room()
         fields = speech.model_copy(update={"response_format": self.fmt, "sample_rate": self.rate,
                                            "output_format": None})
-        job = await server.speech_job(fields, self.app_state, Priority.REALTIME, self.fmt)
-        utterance = Context(uuid.uuid4().hex[:12], job, RequestRecord(self.route, job.id, job=job),
-                            hangup=speech.hangup)
-        await self.say_all(utterance, speech.text)
-        self.admit(utterance)
+        await self.open_utterance(uuid.uuid4().hex[:12], lambda: self.realtime_job(fields, self.fmt),
+                                  lambda utterance: self.say_all(utterance, speech.text), hangup=speech.hangup)
 
     def hangs_up_after(self, utterance: Utterance) -> bool:
         """The utterance asks to hang up, and nothing else is left to say."""
         queued = self.script is not None and not self.script.queue.empty()
         others = any(u is not utterance for u in self.active.values())
-        return isinstance(utterance, Context) and utterance.hangup and not queued and not others
+        return isinstance(utterance, CallUtterance) and utterance.hangup and not queued and not others
 
     async def run(self) -> None:
         try:
@@ -936,13 +955,13 @@ class AudioSocketSession(CallSession):
             # audio (the caller's voice) and DTMF: nothing to do
 
     async def stream(self, utterance: Utterance) -> None:
-        async for frame in server.fixed_frames(self.audio(utterance), AUDIOSOCKET_FRAME, b"\x00"):
+        async for frame in fixed_frames(self.audio(utterance), AUDIOSOCKET_FRAME, b"\x00"):
             await self.pacer.wait()
             await self.send_frame(audiosocket_frame(AUDIOSOCKET_AUDIO, frame))
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
-        if error is not None:
-            logger.warning("audiosocket call {}: {}", self.call, server.error_body(error)["message"])
+        if isinstance(error, ApiError):  # any other failure was logged, with its traceback, as it happened
+            logger.warning("audiosocket call {}: {}", self.call, error.message)
         if self.hangs_up_after(utterance):
             await self.send_frame(audiosocket_frame(AUDIOSOCKET_HANGUP))
             self.closing = True
@@ -1065,14 +1084,159 @@ class AsteriskSession(CallSession):
         await self.command("STOP_MEDIA_BUFFERING", correlation_id=utterance.id)
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
-        if error is not None:
-            logger.warning("asterisk websocket: {}", server.error_body(error)["message"])
+        if isinstance(error, ApiError):  # any other failure was logged, with its traceback, as it happened
+            logger.warning("asterisk websocket: {}", error.message)
 
     async def command(self, name: str, **fields: str) -> None:
         if self.json:
             await self.send_json({"command": name, **fields})
         else:
             await self.send(self.ws.send_text(" ".join([name, *fields.values()])))
+
+
+# --- Twilio Media Streams: a phone call hears the speech ---------------------------------------
+
+TWILIO_FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law, the frame Twilio itself sends
+ULAW_SILENCE = b"\xff"
+
+
+class TwilioSpeech(SynthesisFields):
+    """Something to say on a call, from the query string, the start message's customParameters
+    or a speak event. `id` names its marks (`<id>.<sentence>`)."""
+
+    id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^.]+$")
+    text: str = ""
+
+
+class TwilioSession(SpeechSession):
+    """A bidirectional Twilio Media Stream: each sentence is one utterance, sent as 20 ms mu-law
+    media frames and followed by a mark; `clear` from the peer stops everything at once (barge-in)."""
+
+    TWILIO_EVENTS = frozenset({"connected", "media", "mark", "dtmf"})  # what Twilio tells us; nothing to do
+    EVENTS = TWILIO_EVENTS | {"start", "stop", "speak", "clear"}
+
+    def __init__(self, websocket: WebSocket, app_state: AppState):
+        super().__init__(websocket, app_state)
+        self.stream_sid: str | None = None
+        self.defaults: dict[str, Any] = {}  # synthesis fields of the query string and customParameters
+        self.numbers = itertools.count(1)
+
+    async def receive(self, text: str | None, data: bytes | None) -> None:
+        try:
+            message = server.ws_message(text)
+            event = message.get("event")
+            if event not in self.EVENTS:
+                raise ApiError(400, f"Unknown event {event!r}; send start, speak, clear or stop (Twilio's connected, "
+                               "media, mark and dtmf are accepted and ignored).", param="event", code="invalid_message")
+            if event == "start":
+                await self.start(message)
+            elif event == "stop":
+                self.closing = True
+            elif event in self.TWILIO_EVENTS:
+                return
+            elif self.stream_sid is None:
+                raise ApiError(409, f"'{event}' before 'start': the stream has no streamSid yet.", param="event",
+                               code="not_started")
+            elif event == "speak":
+                await self.say(server.parse_model(TwilioSpeech, {**self.defaults, **message}))
+            else:
+                await self.clear()
+        except ApiError as exc:
+            await self.send_json({"event": "error", "streamSid": self.stream_sid, "error": server.error_body(exc)})
+
+    async def start(self, message: dict[str, Any]) -> None:
+        if self.stream_sid is not None:
+            raise ApiError(409, "The stream has already started.", param="event", code="already_started")
+        start = message.get("start")
+        start = start if isinstance(start, dict) else {}
+        custom = start.get("customParameters")
+        custom = {} if custom is None else custom
+        sid = message.get("streamSid") or start.get("streamSid")
+        if not start or not isinstance(custom, dict) or not isinstance(sid, str) or not sid:
+            raise ApiError(400, "'start' needs a streamSid and a start object (customParameters, if any, an object).",
+                           param="start", code="invalid_message")
+        self.stream_sid = sid
+        fields = {**self.ws.query_params, **custom}
+        try:  # settings that cannot speak end the stream, so that the call goes on to the next TwiML verb
+            self.authorize(str(custom.get("token") or server.presented_key(self.ws.scope)))
+            speech = server.parse_model(TwilioSpeech, fields)
+            await self.job(speech)
+            if speech.text:
+                await self.say(speech)
+        except ApiError:
+            self.closing, self.close_code = True, 1008
+            raise
+        self.defaults = {name: value for name, value in fields.items() if name not in ("text", "id", "token")}
+
+    def authorize(self, token: str) -> None:
+        # Twilio sends no headers and drops the URL's query string: the key may come as <Parameter name="token">.
+        key = self.app_state.settings.api_key
+        if key and not server.key_matches(token, key):
+            raise ApiError(401, "Missing or invalid API key: add <Parameter name=\"token\" value=\"<key>\"/> to "
+                           "the <Stream>.", param="token", code="invalid_api_key")
+
+    async def job(self, speech: TwilioSpeech) -> SpeechJob:
+        job = await self.realtime_job(speech, "ulaw")
+        if (job.output.fmt.name, job.output.rate) != ("ulaw", 8000):
+            raise ApiError(400, "Twilio Media Streams carry 8 kHz mu-law: leave response_format, output_format and "
+                           "sample_rate out.", param="response_format", code="unsupported_format")
+        return job
+
+    def in_flight(self, adding: str) -> int:
+        """Speeches (each one `speak`, its sentences `<speech>.<n>`) in flight once `adding` joins."""
+        return len({mark.split(".")[0] for mark in [*self.active, adding]})
+
+    async def say(self, speech: TwilioSpeech) -> None:
+        settings = self.app_state.settings
+        started = time.perf_counter()
+        sentences = await asyncio.to_thread(  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
+            lambda: [server.text_chunks(s, settings.chunk_max_chars)
+                     for s in server.speech_sentences(speech.text, settings, "text")])
+        text_seconds = (time.perf_counter() - started) / len(sentences)
+        job = await self.job(speech)
+        name = speech.id or str(next(self.numbers))
+        if any(mark.split(".")[0] == name for mark in self.active):
+            raise ApiError(409, f"Speech {name!r} is still being spoken; use a new id.", param="id",
+                           code="duplicate_id")
+
+        async def sentence_job() -> SpeechJob:
+            return job.copy()
+
+        for n, chunks in enumerate(sentences, 1):  # the first sentence takes the speech's room; the rest, none
+            await self.open_utterance(f"{name}.{n}", sentence_job,
+                                      functools.partial(self.say_sentence, chunks=chunks, text_seconds=text_seconds))
+
+    @staticmethod
+    async def say_sentence(utterance: Utterance, chunks: list[str], text_seconds: float) -> None:
+        utterance.job.timeline.text_seconds = text_seconds
+        utterance.queue_chunks(chunks)
+        utterance.ended = True
+        utterance.feed.put_nowait(None)
+
+    async def clear(self) -> None:
+        """Barge-in: drop the queued sentences, stop the one being spoken, then have Twilio drop its buffer."""
+        running = [u.task for u in self.active.values() if u.task is not None]
+        for utterance in list(self.active.values()):
+            await self.cancel(utterance)
+        await asyncio.gather(*running, return_exceptions=True)  # no media of theirs can follow the clear
+        await self.send_event("clear")
+
+    async def stream(self, utterance: Utterance) -> None:
+        # Every frame is 20 ms (the last padded with silence), so the mark falls after the sentence.
+        async for frame in fixed_frames(self.audio(utterance), TWILIO_FRAME_BYTES, ULAW_SILENCE):
+            await self.send_media(frame)
+        await self.send_event("mark", mark={"name": utterance.id})
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        if error is not None:  # a sentence that completes or is cleared already said so with its mark or the clear
+            await self.send_json({"event": "error", "streamSid": self.stream_sid, "mark": utterance.id,
+                                  "error": server.error_body(error)})
+
+    async def send_media(self, frame: bytes) -> None:
+        await self.send_event("media", media={"payload": base64.b64encode(frame).decode()})
+
+    async def send_event(self, event: str, **fields: Any) -> None:
+        await self.send_json({"event": event, "streamSid": self.stream_sid, **fields})
 
 
 # --- Routes and TCP servers --------------------------------------------------------------------
@@ -1094,6 +1258,10 @@ async def asterisk_websocket(websocket: WebSocket) -> None:
     await server.serve_session(websocket, AsteriskSession)
 
 
+async def twilio_websocket(websocket: WebSocket) -> None:
+    await server.serve_session(websocket, TwilioSession)
+
+
 ELEVENLABS_TTS = "/v1/text-to-speech/{voice_id}"
 # Routes that check the API key the protocol's own way (ApiKeyAuth lets them through).
 KEY_IN_SESSION: list[BaseRoute] = [
@@ -1106,16 +1274,20 @@ KEY_IN_SESSION: list[BaseRoute] = [
     vendor_route("/tts/bytes", cartesia_bytes, cartesia_error),
     WebSocketRoute("/tts/websocket", cartesia_websocket),
     WebSocketRoute("/v1/telephony/asterisk", asterisk_websocket),
+    WebSocketRoute("/v1/telephony/twilio", twilio_websocket),  # the key comes in its `start` message
 ]
 
 
-def routes() -> list[BaseRoute]:
-    return [*KEY_IN_SESSION, Route("/v1/telephony/audiosocket/{uuid}", register_call_speech, methods=["POST"])]
+def protocol() -> Protocol:
+    """This module's protocols, as the server plugs them in: its routes, the TCP servers that run with
+    the app, and what calls are to say."""
+    return Protocol(name=__name__, self_checked=KEY_IN_SESSION, serving=TcpServers, state=CallScripts(),
+                    routes=[Route("/v1/telephony/audiosocket/{uuid}", register_call_speech, methods=["POST"])])
 
 
 class TcpServers:
     """The protocols that are not HTTP: Wyoming and AudioSocket, each on its port when one is set;
-    they start and stop with the app."""
+    they run with the app (an async context manager)."""
 
     def __init__(self, app_state: AppState):
         self.app_state = app_state
@@ -1123,7 +1295,7 @@ class TcpServers:
         self.audiosocket: asyncio.Server | None = None
         self.calls: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
+    async def __aenter__(self) -> TcpServers:
         settings = self.app_state.settings
         if settings.wyoming_port:
             self.wyoming = AsyncTcpServer(settings.host, settings.wyoming_port)
@@ -1133,6 +1305,7 @@ class TcpServers:
             self.audiosocket = await asyncio.start_server(self.audiosocket_call, settings.host,
                                                           settings.audiosocket_port)
             logger.info("audiosocket: listening on {}:{}", settings.host, settings.audiosocket_port)
+        return self
 
     async def audiosocket_call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -1143,7 +1316,7 @@ class TcpServers:
         finally:
             self.calls.discard(task)
 
-    async def stop(self) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self.wyoming is not None:
             await self.wyoming.stop()
         if self.audiosocket is not None:

@@ -144,6 +144,8 @@ class Settings:
                              "convention is 10200).", default=0)
     audiosocket_port: int = _env("AUDIOSOCKET_PORT", "TCP port of the Asterisk AudioSocket server (0 = off).",
                                  default=0)
+    protocols: str = _env("PROTOCOLS", "Comma-separated modules of add-on protocols to serve (each module's "
+                          "protocol()); empty = the server's own alone.", default="adapters")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
@@ -155,7 +157,7 @@ class Settings:
                 continue
             kind = type(f.default)
             try:
-                values[f.name] = _parse_bool(raw) if kind is bool else kind(raw)
+                values[f.name] = parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
                 raise SystemExit(f"{f.metadata['env']}={raw!r} is not a valid {kind.__name__}") from None
         settings = cls(**values)
@@ -201,7 +203,8 @@ class Settings:
                             self.attention, self.max_batch)
 
 
-def _parse_bool(raw: str) -> bool:
+def parse_bool(raw: str) -> bool:
+    """A setting's or a query parameter's boolean, in any of the usual spellings (else ValueError)."""
     if raw.lower() in ("1", "true", "yes", "on"):
         return True
     if raw.lower() in ("0", "false", "no", "off"):
@@ -4552,7 +4555,7 @@ class AppState:
     engine: Engine
     speaker: Speaker
     started: float = field(default_factory=time.time)
-    calls: Any = None  # adapters.CallScripts: what telephony calls are to say, by call id
+    protocol_state: dict[str, Any] = field(default_factory=dict)  # each add-on's own (Protocol.state), by name
 
 
 def state(request: Request | WebSocket) -> AppState:
@@ -4669,7 +4672,7 @@ async def ended_cleanly(audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         async for data in audio:
             yield data
     except Exception as exc:
-        error_body(exc)  # logs what is not an ApiError, with its traceback
+        log_failure(exc)
 
 
 async def sse_stream(job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -4679,15 +4682,22 @@ async def sse_stream(job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterat
         yield sse_event({"type": "speech.audio.done", "usage": job.timeline.usage(),
                          "timings": job.timeline.report()})
     except Exception as exc:
+        log_failure(exc)
         yield sse_event({"type": "error", "error": error_body(exc)})
 
 
+def log_failure(exc: Exception) -> None:
+    """Log, with its traceback, a failure mid-stream that is not an ApiError (an ApiError is the client's
+    to hear, and its outcome is in the request's log line). Called once per failure, where it is caught."""
+    if not isinstance(exc, ApiError):
+        logger.opt(exception=exc).error("synthesis failed")
+
+
 def client_error(exc: Exception) -> ApiError:
-    """What a client may see of an error that happened mid-stream: an ApiError as it is; anything else is
-    logged with its traceback and becomes a 500 that says only that synthesis failed."""
+    """What a client may see of an error that happened mid-stream: an ApiError as it is; anything else
+    becomes a 500 that says only that synthesis failed (log_failure logs it)."""
     if isinstance(exc, ApiError):
         return exc
-    logger.opt(exception=exc).error("synthesis failed")
     return ApiError(500, "Synthesis failed; the server log has details.", type="server_error",
                     code="synthesis_failed")
 
@@ -4822,6 +4832,10 @@ class Utterance:
             self.queued += 1
             self.feed.put_nowait(chunk)
 
+    def record_text(self, text: str) -> None:
+        """The extension point of utterance types that follow their text (the vendor protocols' character
+        timings): called with each piece of text handed to the model, in order, as it is handed over."""
+
     async def _fed(self) -> AsyncIterator[str]:
         while (text := await self.feed.get()) is not None:
             self.queued_chars -= len(text)
@@ -4850,10 +4864,11 @@ def route_template(scope: dict[str, Any]) -> str:
 
 class SpeechSession:
     """One connection: utterances are spoken one after another, in the order started.
-    Subclasses speak other protocols over the same machinery (TwilioSession; adapters.py's
-    vendor WebSockets and TCP protocols, which override read_messages and the sending side)."""
+    Subclasses speak other protocols over the same machinery (the add-on protocols' WebSockets and TCP
+    connections, which override read_messages and the sending side)."""
 
     subprotocol: str | None = None  # the WebSocket subprotocol accepted when the client offers it
+    utterance_type: type[Utterance] = Utterance  # what open_utterance makes
 
     def __init__(self, websocket: WebSocket | None, app_state: AppState, route: str | None = None):
         self.ws = websocket
@@ -4887,70 +4902,43 @@ class SpeechSession:
             await self.receive(message.get("text"), message.get("bytes"))
 
     async def receive(self, text: str | None, data: bytes | None) -> None:
-        message_id = kind = None
-        try:
-            message = ws_message(text)
-            message_id = message.get("id") if isinstance(message.get("id"), str) else None
-            kind = message.get("type")
-            if kind == "speak":
-                await self.speak(parse_model(SpeakMessage, message))
-                return
-            if kind not in ("append", "flush", "end", "cancel"):
-                raise ApiError(400, f"Unknown message type {kind!r}; use speak, append, flush, end or cancel.",
-                               param="type", code="invalid_message")
-            utterance = self.active.get(message_id or "")
-            if utterance is None:
-                raise ApiError(404, f"No active utterance with id {message_id!r}.", param="id", code="unknown_id")
-            if kind == "append":
-                addition = message.get("text")
-                if not isinstance(addition, str):
-                    raise ApiError(400, "'text' must be a string.", param="text", code="invalid_value")
-                await self.add_text(utterance, addition)
-            elif kind == "flush":
-                await self.flush(utterance)
-            elif kind == "end":
-                await self.end(utterance)
-            else:
-                await self.cancel(utterance)
-        except ApiError as exc:
-            if kind == "speak":  # a refused utterance is a request too: counted and logged
-                self.refused(exc)
-            await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
-                                  "message": exc.message, "param": exc.param})
+        """One client frame (sessions that read their own way override read_messages instead)."""
+        raise NotImplementedError
 
-    def check_room(self, utterances: int = 1) -> None:
-        """WS_MAX_UTTERANCES bounds what one connection may have queued or speaking."""
+    async def stream(self, utterance: Utterance) -> None:
+        """Send the utterance's audio (self.audio) as the protocol does."""
+        raise NotImplementedError
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        """Tell the client, as the protocol does, how an utterance ended: spoken, cancelled or failed."""
+        raise NotImplementedError
+
+    def in_flight(self, adding: str) -> int:
+        """What WS_MAX_UTTERANCES counts once the utterance `adding` joins: utterances."""
+        return len({*self.active, adding})
+
+    async def open_utterance(self, utterance_id: str, make_job: Callable[[], Awaitable[SpeechJob]],
+                             give_text: Callable[[Utterance], Awaitable[None]] | None = None, *,
+                             at_once: bool = False, **details: Any) -> Utterance:
+        """Every utterance of every protocol starts here: the connection's room checked (WS_MAX_UTTERANCES),
+        then its job made, its utterance (the session's utterance_type, with `details`) and record, its
+        text given; then it joins the session, to be spoken in order or, `at_once`, beside the others."""
         limit = self.app_state.settings.ws_max_utterances
-        if self.in_flight() + utterances > limit:
+        if self.in_flight(utterance_id) > limit:
             raise ApiError(429, f"This connection already has {limit} utterances queued or speaking; wait for one "
                            "to finish (its done message) or cancel one.", code="too_many_utterances")
-
-    def in_flight(self) -> int:
-        return len(self.active)
-
-    async def speak(self, message: SpeakMessage) -> None:
-        if message.id in self.active:
-            raise ApiError(409, f"Utterance {message.id!r} is still active; use a new id.", param="id",
-                           code="duplicate_id")
-        self.check_room()
-        started = time.perf_counter()
-        chunks = await asyncio.to_thread(speech_chunks, message.text, self.app_state.settings, "text") \
-            if message.final else None
-        job = await speech_job(message, self.app_state, Priority.REALTIME, "pcm")
-        job.timeline.text_seconds += time.perf_counter() - started
-        utterance = self.utterance(message.id, job, message.encoding)
-        if chunks is not None:
-            self.say_chunks(utterance, chunks, message.text)
+        job = await make_job()
+        utterance = self.utterance_type(utterance_id, job, RequestRecord(self.route, job.id, job=job), **details)
+        if give_text is not None:
+            await give_text(utterance)  # it joins only once its text was accepted
+        if at_once:
+            self.speak_now(utterance)
         else:
-            await self.add_text(utterance, message.text)
-        self.admit(utterance)  # only once its text was accepted
+            self.admit(utterance)
+        return utterance
 
-    def utterance(self, utterance_id: str, job: SpeechJob, encoding: str = "binary") -> Utterance:
-        return Utterance(utterance_id, job, RequestRecord(self.route, job.id, job=job), encoding)
-
-    def refused(self, exc: ApiError) -> None:
-        """An utterance refused before it started is a request too: counted and logged."""
-        self._finish_record(RequestRecord(self.route, status=exc.status))
+    async def realtime_job(self, fields: SynthesisFields, default_format: str) -> SpeechJob:
+        return await speech_job(fields, self.app_state, Priority.REALTIME, default_format)
 
     async def say_all(self, utterance: Utterance, text: str, param: str = "text") -> None:
         """All of the utterance's text at once, validated and chunked exactly as an HTTP request's would be."""
@@ -4960,6 +4948,7 @@ class SpeechSession:
     def say_chunks(self, utterance: Utterance, chunks: list[str], text: str) -> None:
         utterance.chunks = chunks
         utterance.ended = True
+        utterance.record_text(text)
         if self.app_state.settings.log_text:
             utterance.job.text_log = text
 
@@ -5001,6 +4990,7 @@ class SpeechSession:
     async def queue_text(self, utterance: Utterance, text: str) -> None:
         chunks = await text_step(utterance.job.timeline, text_chunks, text, self.app_state.settings.chunk_max_chars)
         utterance.queue_chunks(chunks)
+        utterance.record_text(text)
 
     async def cancel(self, utterance: Utterance) -> None:
         utterance.cancelled = True
@@ -5047,20 +5037,10 @@ class SpeechSession:
         if stalled:
             await self.abandon()
             return False
+        if error is not None:
+            log_failure(error)
         await self.finished(utterance, error)
         return True
-
-    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
-        """Tell the client how an utterance ended: done, cancelled (never started or stopped) or failed."""
-        if error is not None:
-            body = error_body(error)
-            done: dict[str, Any] = {"type": "error", "id": utterance.id, "code": body["code"],
-                                    "message": body["message"]}
-        elif utterance.task is None or utterance.task.cancelled():
-            done = {"type": "done", "id": utterance.id, "cancelled": True}
-        else:
-            done = {"type": "done", "id": utterance.id}
-        await self.send_json({**done, "timings": utterance.job.timeline.report()})
 
     def retire(self, utterance: Utterance, status: int) -> None:
         """The utterance is over: it leaves the session and gets its log line."""
@@ -5080,16 +5060,6 @@ class SpeechSession:
             utterance.record.bytes += len(data)
             yield data
 
-    async def stream(self, utterance: Utterance) -> None:
-        output = utterance.job.output
-        await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
-                              "sample_rate": output.rate})
-        async for data in self.audio(utterance):
-            if utterance.encoding == "binary":
-                await self.send(self.ws.send_bytes(data))
-            else:
-                await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
-
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.send(self.ws.send_text(json.dumps(message, separators=(",", ":"))))
 
@@ -5108,17 +5078,76 @@ class SpeechSession:
                 await self.ws.close(self.close_code)
 
 
-async def fixed_frames(audio: AsyncIterator[bytes], size: int, silence: bytes) -> AsyncIterator[bytes]:
-    """A stream cut into frames of `size` bytes, the last one padded with `silence` (telephony)."""
-    pending = b""
-    async for data in audio:
-        pending += data
-        whole = len(pending) - len(pending) % size
-        for i in range(0, whole, size):
-            yield pending[i : i + size]
-        pending = pending[whole:]
-    if pending:
-        yield pending.ljust(size, silence)
+class SpeechWebSocket(SpeechSession):
+    """The server's own WebSocket protocol (/v1/audio/speech/ws): speak, append, flush, end and cancel
+    messages; start, done and error messages, the audio in binary frames or base64."""
+
+    async def receive(self, text: str | None, data: bytes | None) -> None:
+        message_id = kind = None
+        try:
+            message = ws_message(text)
+            message_id = message.get("id") if isinstance(message.get("id"), str) else None
+            kind = message.get("type")
+            if kind == "speak":
+                await self.speak(parse_model(SpeakMessage, message))
+                return
+            if kind not in ("append", "flush", "end", "cancel"):
+                raise ApiError(400, f"Unknown message type {kind!r}; use speak, append, flush, end or cancel.",
+                               param="type", code="invalid_message")
+            utterance = self.active.get(message_id or "")
+            if utterance is None:
+                raise ApiError(404, f"No active utterance with id {message_id!r}.", param="id", code="unknown_id")
+            if kind == "append":
+                addition = message.get("text")
+                if not isinstance(addition, str):
+                    raise ApiError(400, "'text' must be a string.", param="text", code="invalid_value")
+                await self.add_text(utterance, addition)
+            elif kind == "flush":
+                await self.flush(utterance)
+            elif kind == "end":
+                await self.end(utterance)
+            else:
+                await self.cancel(utterance)
+        except ApiError as exc:
+            if kind == "speak":  # a refused utterance is a request too: counted and logged
+                self.refused(exc)
+            await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
+                                  "message": exc.message, "param": exc.param})
+
+    async def speak(self, message: SpeakMessage) -> None:
+        if message.id in self.active:
+            raise ApiError(409, f"Utterance {message.id!r} is still active; use a new id.", param="id",
+                           code="duplicate_id")
+        await self.open_utterance(
+            message.id, lambda: self.realtime_job(message, "pcm"),
+            lambda utterance: self.say_all(utterance, message.text) if message.final else
+            self.add_text(utterance, message.text), encoding=message.encoding)
+
+    def refused(self, exc: ApiError) -> None:
+        """An utterance refused before it started is a request too: counted and logged."""
+        self._finish_record(RequestRecord(self.route, status=exc.status))
+
+    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
+        """Tell the client how an utterance ended: done, cancelled (never started or stopped) or failed."""
+        if error is not None:
+            body = error_body(error)
+            done: dict[str, Any] = {"type": "error", "id": utterance.id, "code": body["code"],
+                                    "message": body["message"]}
+        elif utterance.task is None or utterance.task.cancelled():
+            done = {"type": "done", "id": utterance.id, "cancelled": True}
+        else:
+            done = {"type": "done", "id": utterance.id}
+        await self.send_json({**done, "timings": utterance.job.timeline.report()})
+
+    async def stream(self, utterance: Utterance) -> None:
+        output = utterance.job.output
+        await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
+                              "sample_rate": output.rate})
+        async for data in self.audio(utterance):
+            if utterance.encoding == "binary":
+                await self.send(self.ws.send_bytes(data))
+            else:
+                await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
 
 
 async def serve_session(websocket: WebSocket, session_type: type[SpeechSession]) -> None:
@@ -5134,149 +5163,7 @@ async def serve_session(websocket: WebSocket, session_type: type[SpeechSession])
 
 
 async def speech_websocket(websocket: WebSocket) -> None:
-    await serve_session(websocket, SpeechSession)
-
-
-# --- Twilio Media Streams: the same sessions, spoken as a phone call ----------
-
-TWILIO_FRAME_BYTES = 160  # 20 ms of 8 kHz mu-law, the frame Twilio itself sends
-ULAW_SILENCE = b"\xff"
-
-
-class TwilioSpeech(SynthesisFields):
-    """Something to say on a call, from the query string, the start message's customParameters
-    or a speak event. `id` names its marks (`<id>.<sentence>`)."""
-
-    id: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[^.]+$")
-    text: str = ""
-
-
-class TwilioSession(SpeechSession):
-    """A bidirectional Twilio Media Stream: each sentence is one utterance, sent as 20 ms mu-law
-    media frames and followed by a mark; `clear` from the peer stops everything at once (barge-in)."""
-
-    TWILIO_EVENTS = frozenset({"connected", "media", "mark", "dtmf"})  # what Twilio tells us; nothing to do
-    EVENTS = TWILIO_EVENTS | {"start", "stop", "speak", "clear"}
-
-    def __init__(self, websocket: WebSocket, app_state: AppState):
-        super().__init__(websocket, app_state)
-        self.stream_sid: str | None = None
-        self.defaults: dict[str, Any] = {}  # synthesis fields of the query string and customParameters
-        self.numbers = itertools.count(1)
-
-    async def receive(self, text: str | None, data: bytes | None) -> None:
-        try:
-            message = ws_message(text)
-            event = message.get("event")
-            if event not in self.EVENTS:
-                raise ApiError(400, f"Unknown event {event!r}; send start, speak, clear or stop (Twilio's connected, "
-                               "media, mark and dtmf are accepted and ignored).", param="event", code="invalid_message")
-            if event == "start":
-                await self.start(message)
-            elif event == "stop":
-                self.closing = True
-            elif event in self.TWILIO_EVENTS:
-                return
-            elif self.stream_sid is None:
-                raise ApiError(409, f"'{event}' before 'start': the stream has no streamSid yet.", param="event",
-                               code="not_started")
-            elif event == "speak":
-                await self.say(parse_model(TwilioSpeech, {**self.defaults, **message}))
-            else:
-                await self.clear()
-        except ApiError as exc:
-            await self.send_json({"event": "error", "streamSid": self.stream_sid, "error": error_body(exc)})
-
-    async def start(self, message: dict[str, Any]) -> None:
-        if self.stream_sid is not None:
-            raise ApiError(409, "The stream has already started.", param="event", code="already_started")
-        start = message.get("start")
-        start = start if isinstance(start, dict) else {}
-        custom = start.get("customParameters")
-        custom = {} if custom is None else custom
-        sid = message.get("streamSid") or start.get("streamSid")
-        if not start or not isinstance(custom, dict) or not isinstance(sid, str) or not sid:
-            raise ApiError(400, "'start' needs a streamSid and a start object (customParameters, if any, an object).",
-                           param="start", code="invalid_message")
-        self.stream_sid = sid
-        fields = {**self.ws.query_params, **custom}
-        try:  # settings that cannot speak end the stream, so that the call goes on to the next TwiML verb
-            self.authorize(str(custom.get("token") or presented_key(self.ws.scope)))
-            speech = parse_model(TwilioSpeech, fields)
-            await self.job(speech)
-            if speech.text:
-                await self.say(speech)
-        except ApiError:
-            self.closing, self.close_code = True, 1008
-            raise
-        self.defaults = {name: value for name, value in fields.items() if name not in ("text", "id", "token")}
-
-    def authorize(self, token: str) -> None:
-        # Twilio sends no headers and drops the URL's query string: the key may come as <Parameter name="token">.
-        key = self.app_state.settings.api_key
-        if key and not key_matches(token, key):
-            raise ApiError(401, "Missing or invalid API key: add <Parameter name=\"token\" value=\"<key>\"/> to "
-                           "the <Stream>.", param="token", code="invalid_api_key")
-
-    async def job(self, speech: TwilioSpeech) -> SpeechJob:
-        job = await speech_job(speech, self.app_state, Priority.REALTIME, "ulaw")
-        if (job.output.fmt.name, job.output.rate) != ("ulaw", 8000):
-            raise ApiError(400, "Twilio Media Streams carry 8 kHz mu-law: leave response_format, output_format and "
-                           "sample_rate out.", param="response_format", code="unsupported_format")
-        return job
-
-    def in_flight(self) -> int:
-        return len({mark.split(".")[0] for mark in self.active})  # speeches: each is one `speak`
-
-    async def say(self, speech: TwilioSpeech) -> None:
-        settings = self.app_state.settings
-        started = time.perf_counter()
-        sentences = await asyncio.to_thread(  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
-            lambda: [text_chunks(s, settings.chunk_max_chars) for s in speech_sentences(speech.text, settings, "text")])
-        text_seconds = time.perf_counter() - started
-        job = await self.job(speech)
-        name = speech.id or str(next(self.numbers))
-        if any(mark.split(".")[0] == name for mark in self.active):
-            raise ApiError(409, f"Speech {name!r} is still being spoken; use a new id.", param="id",
-                           code="duplicate_id")
-        self.check_room()
-        for n, chunks in enumerate(sentences, 1):
-            sentence_job = job.copy()
-            sentence_job.timeline.text_seconds = text_seconds / len(sentences)
-            utterance = self.utterance(f"{name}.{n}", sentence_job)
-            utterance.queue_chunks(chunks)
-            utterance.ended = True
-            utterance.feed.put_nowait(None)
-            self.admit(utterance)
-
-    async def clear(self) -> None:
-        """Barge-in: drop the queued sentences, stop the one being spoken, then have Twilio drop its buffer."""
-        running = [u.task for u in self.active.values() if u.task is not None]
-        for utterance in list(self.active.values()):
-            await self.cancel(utterance)
-        await asyncio.gather(*running, return_exceptions=True)  # no media of theirs can follow the clear
-        await self.send_event("clear")
-
-    async def stream(self, utterance: Utterance) -> None:
-        # Every frame is 20 ms (the last padded with silence), so the mark falls after the sentence.
-        async for frame in fixed_frames(self.audio(utterance), TWILIO_FRAME_BYTES, ULAW_SILENCE):
-            await self.send_media(frame)
-        await self.send_event("mark", mark={"name": utterance.id})
-
-    async def finished(self, utterance: Utterance, error: Exception | None) -> None:
-        if error is not None:  # a sentence that completes or is cleared already said so with its mark or the clear
-            await self.send_json({"event": "error", "streamSid": self.stream_sid, "mark": utterance.id,
-                                  "error": error_body(error)})
-
-    async def send_media(self, frame: bytes) -> None:
-        await self.send_event("media", media={"payload": base64.b64encode(frame).decode()})
-
-    async def send_event(self, event: str, **fields: Any) -> None:
-        await self.send_json({"event": event, "streamSid": self.stream_sid, **fields})
-
-
-async def twilio_websocket(websocket: WebSocket) -> None:
-    await serve_session(websocket, TwilioSession)
+    await serve_session(websocket, SpeechWebSocket)
 
 
 async def list_voices(request: Request) -> Response:
@@ -5623,11 +5510,31 @@ class OriginCheck:
 # ---------------------------------------------------------------------------
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> Starlette:
-    import adapters  # the other vendors' protocols, mapped onto this module's sessions
+@dataclass
+class Protocol:
+    """An add-on's protocols, plugged into the app: PROTOCOLS names the modules, and each module's
+    `protocol()` returns its own. The core never imports an add-on; add-ons use the core's sessions."""
 
+    name: str  # keys `state` in AppState.protocol_state
+    routes: list[BaseRoute] = field(default_factory=list)  # behind ApiKeyAuth, as the core's are
+    self_checked: list[BaseRoute] = field(default_factory=list)  # routes that check API_KEY their own way
+    serving: Callable[[AppState], contextlib.AbstractAsyncContextManager[Any]] | None = None  # runs with the app
+    state: Any = None  # the add-on's own, one per app
+
+
+def load_protocols(modules: str) -> list[Protocol]:
+    """The protocols of the comma-separated add-on modules (PROTOCOLS), imported by name."""
+    import importlib
+
+    return [importlib.import_module(name.strip()).protocol() for name in modules.split(",") if name.strip()]
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None,
+               protocols: list[Protocol] | None = None) -> Starlette:
+    """The app: the core's routes and those of `protocols` (by default the add-ons PROTOCOLS names)."""
     settings = settings or Settings.from_env()
     engine = engine or make_engine(settings)
+    protocols = load_protocols(settings.protocols) if protocols is None else protocols
     speaker = Speaker(settings, engine)
 
     @asynccontextmanager
@@ -5639,25 +5546,24 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             background.append(loading)
         if settings.idle_unload_s > 0:
             background.append(asyncio.ensure_future(speaker.host.unload_when_idle()))
-        tcp = adapters.TcpServers(app.state.tts)
-        await tcp.start()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as serving:
+                for protocol in protocols:
+                    if protocol.serving is not None:
+                        await serving.enter_async_context(protocol.serving(app.state.tts))
+                yield
         finally:
-            await tcp.stop()
             for task in background:
                 task.cancel()
             speaker.host.worker.stop()
 
-    twilio = WebSocketRoute("/v1/telephony/twilio", twilio_websocket)  # Twilio sends its key in `start`
-
+    self_checked = [route for protocol in protocols for route in protocol.self_checked]
     routes: list[BaseRoute] = [
         Route("/", web_page, methods=["GET"]),
         Route("/v1/audio/speech", speech, methods=["POST"]),
         Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
         Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),
         WebSocketRoute("/v1/audio/speech/ws", speech_websocket),
-        twilio,
         Route("/v1/audio/voices", list_voices, methods=["GET"]),
         Route("/v1/audio/voices", upload_voice, methods=["POST"]),
         Route("/v1/audio/voices/{name}", delete_voice, methods=["DELETE"]),
@@ -5667,16 +5573,18 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         Route("/metrics", prometheus_metrics, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
-        *adapters.routes(),
+        *self_checked,
+        *(route for protocol in protocols for route in protocol.routes),
     ]
     app = Starlette(
         routes=routes,
         exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler, ClientGone: client_gone_handler,
                             Exception: unexpected_error_handler},
         lifespan=lifespan,
-        middleware=middleware(settings, routes, speaker, [twilio, *adapters.KEY_IN_SESSION]),
+        middleware=middleware(settings, routes, speaker, self_checked),
     )
-    app.state.tts = AppState(settings=settings, engine=engine, speaker=speaker)
+    app.state.tts = AppState(settings=settings, engine=engine, speaker=speaker,
+                             protocol_state={protocol.name: protocol.state for protocol in protocols})
     return app
 
 
@@ -5781,5 +5689,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.modules["server"] = sys.modules["__main__"]  # adapters.py imports this module by name: one copy
-    main()
+    import server  # served as the module the add-ons import by name, so that there is one copy of every class
+
+    server.main()

@@ -3859,13 +3859,15 @@ class TwilioCall:
     def until_marks(self, count: int, timeout: float = 120) -> dict[str, bytes]:
         """Each mark's name and the mu-law audio sent before it, every frame exactly 20 ms."""
         spoken: dict[str, bytes] = {}
+        import adapters
+
         audio = b""
         deadline = time.monotonic() + timeout
         while len(spoken) < count:
             message = self.recv(deadline - time.monotonic())
             if message["event"] == "media":
                 frame = base64.b64decode(message["media"]["payload"])
-                assert len(frame) == server.TWILIO_FRAME_BYTES
+                assert len(frame) == adapters.TWILIO_FRAME_BYTES
                 audio += frame
             else:
                 assert message["event"] == "mark", message
@@ -3886,7 +3888,9 @@ class TwilioCall:
 
 
 def padded(ulaw: bytes) -> bytes:
-    return ulaw + b"\xff" * (-len(ulaw) % server.TWILIO_FRAME_BYTES)
+    import adapters
+
+    return ulaw + b"\xff" * (-len(ulaw) % adapters.TWILIO_FRAME_BYTES)
 
 
 def test_twilio_speaks_query_text_in_20ms_frames_with_a_mark_per_sentence(servers: dict[str, ServerProcess]) -> None:
@@ -4940,6 +4944,36 @@ def test_adapters_check_the_api_key_their_own_way(tmp_path: Path) -> None:
             assert reply["type"] == "done"
         assert client.post(f"/v1/telephony/audiosocket/{'0' * 8}-0000-0000-0000-{'0' * 12}",
                            json={"text": "Hi."}).status_code == 401  # our own API: Bearer
+
+
+def test_a_query_flag_is_read_in_the_usual_spellings_and_refused_in_others(tmp_path: Path) -> None:
+    """ElevenLabs' auto_mode takes the spellings settings take (true/false, 1/0, yes/no, on/off); any other is
+    a 400 invalid_value, as a query integer out of range is, and the socket closes."""
+    with fake_app(tmp_path, engine=ToneEngine()) as client:
+        base = "/v1/text-to-speech/default/stream-input?output_format=pcm_24000"
+        with client.websocket_connect(f"{base}&auto_mode=maybe") as ws:
+            reply = json.loads(ws.receive_text())
+            assert reply["error"] == "invalid_value" and reply["code"] == 400 and "auto_mode" in reply["message"]
+            assert ws.receive()["code"] == 1008
+        for spelling in ("TRUE", "off"):
+            with client.websocket_connect(f"{base}&auto_mode={spelling}") as ws:
+                ws.send_text(json.dumps({"text": "Read."}))
+                ws.send_text(json.dumps({"text": ""}))
+                while not (reply := json.loads(ws.receive_text())).get("isFinal"):
+                    assert "error" not in reply
+                leave_after_the_server_closed(ws)
+
+
+def test_protocols_plug_in_by_module_name_and_only_as_named(tmp_path: Path) -> None:
+    """PROTOCOLS names the add-on modules: by default the adapters' routes are served (Twilio's among them),
+    with none named only the server's own."""
+    with fake_app(tmp_path, engine=ToneEngine()) as client:
+        paths = {route.path for route in client.app.routes}
+        assert {"/v1/telephony/twilio", "/tts/websocket", "/v1/telephony/audiosocket/{uuid}"} <= paths
+    with fake_app(tmp_path, engine=ToneEngine(), protocols="") as client:
+        paths = {route.path for route in client.app.routes}
+        assert "/v1/audio/speech/ws" in paths and not paths & {"/v1/telephony/twilio", "/tts/websocket"}
+        assert client.post("/tts/bytes", json={}).status_code == 404
 
 
 # ---------------------------------------------------------------------------
