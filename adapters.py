@@ -151,8 +151,8 @@ class VendorSession(SpeechSession):
     async def hang_up(self, code: int = 1000, reason: str = "") -> None:
         """End the session from the server's side."""
         self.closing, self.close_code = True, code
-        if WebSocketState.CONNECTED == self.ws.client_state == self.ws.application_state:
-            await self.ws.close(code, reason[:120])
+        if WebSocketState.CONNECTED == self.websocket.client_state == self.websocket.application_state:
+            await self.websocket.close(code, reason[:120])
 
 
 def b64(data: bytes) -> str:
@@ -333,7 +333,7 @@ class ElevenLabsSession(VendorSession):
         self.closing_socket = False  # close_socket: close once every context has finished
 
     async def read_messages(self) -> None:
-        query = self.ws.query_params
+        query = self.websocket.query_params
         try:
             self.output_format = query.get("output_format") or ELEVENLABS_FORMAT
             self.auto_mode = query_bool(query, "auto_mode")
@@ -346,7 +346,7 @@ class ElevenLabsSession(VendorSession):
             return
         while not self.closing:
             try:
-                message = await server.within(self.inactivity, self.ws.receive())
+                message = await server.within(self.inactivity, self.websocket.receive())
             except TimeoutError:
                 if any(u.task is not None and not u.task.done() for u in self.active.values()):
                     continue  # speaking is activity too
@@ -364,7 +364,7 @@ class ElevenLabsSession(VendorSession):
             message: ElevenLabsMessage = server.parse_model(ElevenLabsMessage, server.ws_message(text))
             context_id = message.context_id
             if not self.authorized:
-                check_key(self.app_state, self.ws.headers.get("xi-api-key"), server.bearer_token(self.ws.headers),
+                check_key(self.app_state, self.websocket.headers.get("xi-api-key"), server.bearer_token(self.websocket.headers),
                           message.xi_api_key, server.bearer_token({"authorization": message.authorization or ""}))
                 self.authorized = True
             if message.close_socket:
@@ -389,7 +389,7 @@ class ElevenLabsSession(VendorSession):
     async def open(self, message: ElevenLabsMessage) -> Utterance:
         context = await self.open_utterance(
             message.context_id, lambda: self.realtime_job(elevenlabs_fields(
-                self.ws.path_params["voice_id"], self.output_format, message.voice_settings, self.language), "mp3"),
+                self.websocket.path_params["voice_id"], self.output_format, message.voice_settings, self.language), "mp3"),
             lambda context: self.add(context, message), at_once=self.multi)
         self.opened = True
         return context
@@ -550,7 +550,7 @@ class CartesiaSession(VendorSession):
     utterance_type = CartesiaContext
 
     async def read_messages(self) -> None:
-        headers, query = self.ws.headers, self.ws.query_params
+        headers, query = self.websocket.headers, self.websocket.query_params
         try:
             check_key(self.app_state, headers.get("x-api-key"), query.get("api_key"), server.bearer_token(headers))
         except ApiError as exc:
@@ -1017,8 +1017,8 @@ class AsteriskSession(CallSession):
 
     async def read_messages(self) -> None:
         try:
-            check_key(self.app_state, server.presented_key(self.ws.scope))
-            message = await server.within(ASTERISK_START_WAIT, self.ws.receive())
+            check_key(self.app_state, server.presented_key(self.websocket.scope))
+            message = await server.within(ASTERISK_START_WAIT, self.websocket.receive())
             if message["type"] == "websocket.disconnect":
                 return
             await self.receive(message.get("text"), message.get("bytes"))
@@ -1027,9 +1027,9 @@ class AsteriskSession(CallSession):
         except (ApiError, TimeoutError) as exc:
             reason = exc.message if isinstance(exc, ApiError) else "No MEDIA_START."
             logger.warning("asterisk websocket: {}", reason)
-            if self.ws.application_state == WebSocketState.CONNECTED:
+            if self.websocket.application_state == WebSocketState.CONNECTED:
                 await self.command("HANGUP")
-                await self.ws.close(1008, reason[:120])
+                await self.websocket.close(1008, reason[:120])
             self.closing = True
             return
         await super().read_messages()
@@ -1064,7 +1064,7 @@ class AsteriskSession(CallSession):
                            param="format", code="unsupported_format")
         self.fmt, self.rate = ASTERISK_CODECS[codec]
         self.started = True
-        query = dict(self.ws.query_params)
+        query = dict(self.websocket.query_params)
         self.call = call_id(query["call"]) if query.get("call") else None
         script = call_scripts(self.app_state).take(self.call) if self.call else None
         first = server.parse_model(CallSpeech, query) if query.get("text") else None
@@ -1078,7 +1078,7 @@ class AsteriskSession(CallSession):
         async for data in self.audio(utterance):
             for i in range(0, len(data), ASTERISK_MAX_MESSAGE):
                 await self.flowing.wait()
-                await self.send(self.ws.send_bytes(data[i : i + ASTERISK_MAX_MESSAGE]))
+                await self.send(self.websocket.send_bytes(data[i : i + ASTERISK_MAX_MESSAGE]))
         if self.hangs_up_after(utterance):
             self.hangup_after = utterance.id
         await self.command("STOP_MEDIA_BUFFERING", correlation_id=utterance.id)
@@ -1091,7 +1091,7 @@ class AsteriskSession(CallSession):
         if self.json:
             await self.send_json({"command": name, **fields})
         else:
-            await self.send(self.ws.send_text(" ".join([name, *fields.values()])))
+            await self.send(self.websocket.send_text(" ".join([name, *fields.values()])))
 
 
 # --- Twilio Media Streams: a phone call hears the speech ---------------------------------------
@@ -1156,9 +1156,9 @@ class TwilioSession(SpeechSession):
             raise ApiError(400, "'start' needs a streamSid and a start object (customParameters, if any, an object).",
                            param="start", code="invalid_message")
         self.stream_sid = sid
-        fields = {**self.ws.query_params, **custom}
+        fields = {**self.websocket.query_params, **custom}
         try:  # settings that cannot speak end the stream, so that the call goes on to the next TwiML verb
-            self.authorize(str(custom.get("token") or server.presented_key(self.ws.scope)))
+            self.authorize(str(custom.get("token") or server.presented_key(self.websocket.scope)))
             speech = server.parse_model(TwilioSpeech, fields)
             await self.job(speech)
             if speech.text:

@@ -119,7 +119,7 @@ def peak_memory(device: str) -> Iterator[list[float]]:
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+        base: float = torch.cuda.memory_allocated()
         yield result
         torch.cuda.synchronize()
         result[0] = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -220,7 +220,8 @@ def time_batch(engine: server.ChatterboxEngine, timers: Timers, runners: tuple[s
     for runner in runners:
         runner.prefill = timers.wrap("t3", runner.prefill)  # type: ignore[method-assign]
         runner.decode_block = timers.wrap("t3", runner.decode_block)  # type: ignore[method-assign]
-    engine.s3gen.decode = timers.wrap("s3gen", engine.s3gen.decode)
+    decoder = engine.loaded_s3gen()
+    decoder.decode = timers.wrap("s3gen", decoder.decode)  # type: ignore[method-assign]
 
 
 @dataclass
@@ -293,16 +294,16 @@ def decode_as_streamed(engine: server.ChatterboxEngine, voice: Any, tokens: list
                        plan: server.StreamPlan | None, vocoder_seed: int | None = None) -> Decoded:
     """`tokens` through an S3GenStream as T3 would hand them over (plan None: a whole file)."""
     stream = server.S3GenStream(voice.gen, plan, len(tokens), engine.kind == "turbo", engine.device,
-                                engine.parts.s3gen.dtype)
+                                engine.loaded_parts().s3gen.dtype)
     if vocoder_seed is not None:
         stream.rng = server.RngStream(vocoder_seed)
-    pieces, mels, seconds = [], [], 0.0
+    pieces, mels, seconds, decoder = [], [], 0.0, engine.loaded_s3gen()
 
     def decode(window: server.S3GenWindow) -> None:
         nonlocal seconds
         start = time.perf_counter()
-        mel = engine.s3gen.flow([window])  # what S3GenDecoder.decode does, keeping the mel
-        pieces.append(server.as_array(server.to_host(stream.take(window, engine.s3gen.vocode([window], mel)[0]))))
+        mel = decoder.flow([window])  # what S3GenDecoder.decode does, keeping the mel
+        pieces.append(server.as_array(server.to_host(stream.take(window, decoder.vocode([window], mel)[0]))))
         seconds += time.perf_counter() - start
         mels.append(mel[0][:, server.HIFT_OVERLAP_FRAMES if window.start else 0 :])
 
@@ -322,7 +323,7 @@ def decode_as_before(engine: server.ChatterboxEngine, voice: Any, tokens: list[i
     from chatterbox.models.s3gen.const import S3GEN_SIL
     from chatterbox.models.s3gen.s3gen import S3Token2Mel
 
-    s3gen, options = engine.parts.s3gen, engine.options
+    s3gen, options = engine.loaded_parts().s3gen, engine.options
     seq: list[int] = []
     joiner = server.ChunkJoiner(480)
     pieces, kept, seconds = [], [], 0.0
@@ -395,7 +396,7 @@ def s3gen_costs(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
             torch.manual_seed(run)  # the same noise for every way within a run
             if name == "before":
                 stream = server.S3GenStream(voice.gen, None, len(tokens), engine.kind == "turbo", engine.device,
-                                            engine.parts.s3gen.dtype)
+                                            engine.loaded_parts().s3gen.dtype)
                 noise = stream.noise[:, stream.prompt_frames :] if engine.kind == "turbo" else None
                 results[name] = decode_as_before(engine, voice, tokens, noise)
             else:
@@ -482,7 +483,7 @@ def one_at_a_time_load(runner: server.BatchRunner, voice: Any, text: str, count:
         result, = generate(runner, [(text, voice, server.SynthesisParams(), seed)], tokens)
         torch.manual_seed(seed)
         stream = server.S3GenStream(voice.gen, None, len(result.tokens), engine.kind == "turbo", engine.device,
-                                    engine.parts.s3gen.dtype)
+                                    engine.loaded_parts().s3gen.dtype)
         noise = stream.noise[:, stream.prompt_frames :] if engine.kind == "turbo" else None
         decoded = decode_as_before(engine, voice, [t for t in result.tokens if t < server.SPEECH_CODEBOOK], noise)
         firsts.append(began - start)  # sequential: not comparable, kept out of the report

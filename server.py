@@ -36,11 +36,11 @@ import uuid
 import weakref
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "numba"))
 # OpenMP threads that spin while they wait for work steal the cores the event loop and the other
@@ -64,6 +64,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
+from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
 __version__ = "0.1.0"
@@ -148,14 +149,14 @@ class Settings:
                           "protocol()); empty = the server's own alone.", default="adapters")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
-        env = os.environ if env is None else env
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        source = os.environ if env is None else env
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(f.metadata["env"])
+            raw = source.get(f.metadata["env"])
             if raw is None or raw == "":
                 continue
-            kind = type(f.default)
+            kind: type = type(f.default)
             try:
                 values[f.name] = parse_bool(raw) if kind is bool else kind(raw)
             except ValueError:
@@ -326,7 +327,9 @@ def _split_long(sentence: str, max_chars: int) -> list[str]:
             space = window.rfind(" ")
             cut = space if space > max_chars // 3 else max_chars
         parts.append(window[:cut].strip())
-        start = _NON_SPACE.search(sentence, start + cut).start()  # the sentence ends in non-space
+        following = _NON_SPACE.search(sentence, start + cut)
+        assert following is not None  # the sentence ends in non-space
+        start = following.start()
     parts.append(sentence[start:])
     return [p for p in parts if p]
 
@@ -455,6 +458,8 @@ class ChunkJoiner:
         self._tail: Any = None
 
     def push(self, piece: Any, starts_segment: bool) -> Any:
+        cat: Callable[..., Any]
+        fade: Callable[[int], tuple[Any, Any]]
         if isinstance(piece, torch.Tensor):
             cat = torch.cat
             fade = lambda n: device_fade_curves(n, piece.device, piece.dtype)  # noqa: E731
@@ -519,8 +524,8 @@ def decode_audio(data: bytes, max_seconds: float | None = None) -> tuple[np.ndar
     silence can decode to hours, so no header's duration is trusted and nothing is decoded past it."""
     import av
 
-    with av.open(io.BytesIO(data)) as container:
-        stream = next((s for s in container.streams if s.type == "audio"), None)
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = container.streams.audio[0] if container.streams.audio else None
         if stream is None:
             raise ValueError("no audio stream")
         resampler = av.AudioResampler(format="flt", layout="mono")
@@ -1072,7 +1077,7 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        state: dict[str, Any] = load_file(str(path))
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     return state["model"][0] if "model" in state else state
@@ -1207,7 +1212,7 @@ class ChatterboxEngine(Engine):
 
     def build_batch(self) -> T3Batch:
         """T3's batch for the loaded model at the current options (MAX_BATCH=0 on CUDA: as many slots as fit)."""
-        t3 = self._parts().t3
+        t3 = self.loaded_parts().t3
         rows_per_slot = 1 if self.kind == "turbo" else 2  # Llama: conditional and unconditional rows for CFG
         capacity = t3_capacity(t3, self.chunk_max_chars, self.device)
         if self.device == "cuda" and not self.requested.max_batch:
@@ -1218,6 +1223,11 @@ class ChatterboxEngine(Engine):
         if self.batch is None:
             raise RuntimeError("model not loaded")
         return self.batch
+
+    def loaded_s3gen(self) -> S3GenDecoder:
+        if self.s3gen is None:
+            raise RuntimeError("model not loaded")
+        return self.s3gen
 
     def _download(self) -> Path:
         from huggingface_hub import snapshot_download
@@ -1244,7 +1254,7 @@ class ChatterboxEngine(Engine):
         from chatterbox.models.t3.modules.cond_enc import T3Cond
         from chatterbox.tts import Conditionals
 
-        parts = self._parts()
+        parts = self.loaded_parts()
         if voice.path is not None:
             try:
                 clip, rate = decode_audio(voice.data, VOICE_MAX_SECONDS)
@@ -1265,7 +1275,7 @@ class ChatterboxEngine(Engine):
         from chatterbox.models.t3.modules.cond_enc import T3Cond
         from chatterbox.tts import Conditionals
 
-        parts = self._parts()
+        parts = self.loaded_parts()
         with torch.inference_mode():
             wav24 = resample(clip, sample_rate, NATIVE_SAMPLE_RATE)
             if self.kind == "turbo":
@@ -1278,12 +1288,12 @@ class ChatterboxEngine(Engine):
                                                              max_len=plen)
             prompt_tokens = torch.atleast_2d(prompt_tokens).to(self.device)
             speaker = torch.from_numpy(parts.ve.embeds_from_wavs([wav16], sample_rate=S3_SR))
-            speaker = speaker.mean(axis=0, keepdim=True).to(self.device)
+            speaker = speaker.mean(dim=0, keepdim=True).to(self.device)
         t3 = T3Cond(speaker_emb=speaker, cond_prompt_speech_tokens=prompt_tokens,
                     emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=self.device)
         return Conditionals(t3, gen)
 
-    def _parts(self) -> ChatterboxParts:
+    def loaded_parts(self) -> ChatterboxParts:
         if self.parts is None:
             raise RuntimeError("model not loaded")
         return self.parts
@@ -1298,7 +1308,7 @@ class ChatterboxEngine(Engine):
         """The tokenizer's text tokens [1, n] (on the CPU), before the start and stop tokens."""
         from chatterbox.tts import punc_norm
 
-        parts = self._parts()
+        parts = self.loaded_parts()
         text = punc_norm(text)
         with self._tokenizing:
             if self.kind == "turbo":
@@ -1309,7 +1319,7 @@ class ChatterboxEngine(Engine):
 
     def _text_tokens(self, text: str, language: str | None) -> torch.Tensor:
         """The prompt's text tokens on the device (Llama: both CFG rows, between start and stop)."""
-        parts = self._parts()
+        parts = self.loaded_parts()
         tokens = self._text_ids(text, language).to(self.device)
         if self.kind == "turbo":
             return tokens
@@ -1319,7 +1329,7 @@ class ChatterboxEngine(Engine):
 
     def prompt(self, text: str, voice: Any, params: SynthesisParams) -> tuple[torch.Tensor, int, int]:
         """T3's prompt for a chunk of text: (embeds [rows, T, dim], conditioning length, text length)."""
-        t3 = self._parts().t3
+        t3 = self.loaded_parts().t3
         text_tokens = self._text_tokens(text, params.language)
         bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=self.device)
         if self.kind == "turbo":
@@ -1346,10 +1356,10 @@ class ChatterboxEngine(Engine):
         is drawn here, so a seed reproduces however its windows are later batched.
         """
         return S3GenStream(voice.gen, self.stream if streamed else None, budget, self.kind == "turbo", self.device,
-                           self._parts().s3gen.dtype)
+                           self.loaded_parts().s3gen.dtype)
 
     def alignment_monitor(self, len_cond: int, len_text: int) -> Any:
-        return alignment_monitor(self._parts().t3, len_cond, len_text)
+        return alignment_monitor(self.loaded_parts().t3, len_cond, len_text)
 
     def describe(self) -> dict[str, Any]:
         options = self.options
@@ -2051,7 +2061,7 @@ class T3Decoder(torch.nn.Module):
         if self.positions is not None:
             x = x + self.positions(positions)
         rope = None if self.rope is None else (self.rope[0][positions], self.rope[1][positions])
-        for index, layer in enumerate(self.layers):
+        for index, layer in enumerate(cast("list[torch.nn.ModuleDict]", self.layers)):
             qkv = layer["qkv"](layer["norm1"](x))
             q = qkv[..., : self.heads * self.head_dim].view(b, t, self.heads, self.head_dim)
             kv = qkv[..., self.heads * self.head_dim :].view(b, t, 2, self.kv_heads, self.head_dim)
@@ -2193,6 +2203,8 @@ class RowScaledInt8Linear(torch.nn.Module):
     depend on the rows beside it. Here each row is scaled to [-1, 1] first, and a sentinel row pins the
     batch's range to exactly that, so every row is quantized alike; fbgemm's integer products are exact,
     and the row's own scale is applied after."""
+
+    _sentinel: torch.Tensor  # a buffer
 
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
@@ -2614,7 +2626,12 @@ class T3Batch:
         and the draw in one, or (Multilingual) the model, then the draw once the monitor has ruled."""
         if self.monitored:
             return [lambda: self._model(length), self._draw]
-        return [lambda: (self._model(length), self._draw())]
+
+        def model_and_draw() -> None:
+            self._model(length)
+            self._draw()
+
+        return [model_and_draw]
 
     def _model(self, length: int) -> None:
         """The transformer, the speech head and CFG for every slot, into `self.logits`. length > 0: the
@@ -3114,8 +3131,8 @@ class SequentialRunner:
     def _retire(self, generation: Generation) -> None:
         self.generations.remove(generation)
         pieces, _ = self._pieces.pop(generation, (None, None))
-        if hasattr(pieces, "close"):
-            pieces.close()  # on the thread that runs it
+        if (close := getattr(pieces, "close", None)) is not None:
+            close()  # on the thread that runs it
 
 
 class Phase:
@@ -3281,6 +3298,7 @@ class BatchRunner:
         if entry.written == total:
             params = generation.params
             entry.prompt, entry.phase = None, Phase.DECODING  # first: a failing seat still gives its slot back
+            assert hidden is not None
             batch.seat(slot, hidden, self.engine.recipe(params), params.cfg_weight, generation.seed)
             if generation.vocode:
                 with RngStream(generation.seed ^ S3GEN_SEED_SALT).active():
@@ -4224,8 +4242,11 @@ class Speaker:
                         events.put_nowait(event)
 
                 ticket = job.ticket if job.ticket is not None else worker.ticket()
+                def deliver(event: Any, handle: Callable[[Any], None] = on_event) -> None:
+                    loop.call_soon_threadsafe(handle, event)
+
                 generation = Generation(text, conds, job.params, chunk_seed(seed, index), job.priority, ticket,
-                                        lambda event, handle=on_event: loop.call_soon_threadsafe(handle, event))
+                                        deliver)
                 started.append(generation)
                 worker.start(generation)
                 await chunks.put((generation, events))
@@ -4271,7 +4292,7 @@ class Speaker:
             account()
 
     async def render(self, job: SpeechJob, texts: list[str] | AsyncIterator[str],
-                     streaming: bool) -> AsyncIterator[bytes]:
+                     streaming: bool) -> AsyncGenerator[bytes, None]:
         """Encoded bytes of the job in its output format: speed, clean edges, resampling, encoding.
 
         When the whole text is known up front (a list), a seeded job's complete result is kept in
@@ -4286,6 +4307,7 @@ class Speaker:
         outcome = "cancelled"
         try:
             if cached is not None:
+                assert isinstance(texts, list)
                 for data in self._replay(job, texts, cached):
                     yield data
             else:
@@ -4571,9 +4593,9 @@ class RequestRecord:
     matched: bool = True
     started: float = field(default_factory=time.perf_counter)
     status: int = 0
-    bytes: int = 0  # response body bytes sent (WebSocket: audio bytes)
+    sent_bytes: int = 0  # response body bytes sent (WebSocket: audio bytes)
     job: SpeechJob | None = None
-    stream: AsyncIterator[bytes] | None = None  # a streamed response's audio, closed when the response ends
+    stream: AsyncGenerator[bytes, None] | None = None  # a streamed response's audio, closed when the response ends
 
     def server_timing(self) -> str:
         """The Server-Timing header (milliseconds): the speech stages known so far, then the total."""
@@ -4586,7 +4608,7 @@ class RequestRecord:
         return ", ".join(entries)
 
     def fields(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {"id": self.id, "route": self.route, "status": self.status, "bytes": self.bytes}
+        fields: dict[str, Any] = {"id": self.id, "route": self.route, "status": self.status, "bytes": self.sent_bytes}
         if self.job is not None:
             timeline, rtf = self.job.timeline, self.job.timeline.real_time_factor
             fields |= {"outcome": self.job.outcome, "cache": self.job.result_cache or None,
@@ -4645,11 +4667,11 @@ async def speech_stream(request: Request, job: SpeechJob, chunks: list[str], str
     return audio
 
 
-async def primed(stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def primed(stream: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
     """Wait for the first bytes before the response starts, so early failures still get a status code."""
     first = await anext(stream, b"")
 
-    async def rest() -> AsyncIterator[bytes]:
+    async def rest() -> AsyncGenerator[bytes, None]:
         try:
             if first:
                 yield first
@@ -4855,7 +4877,7 @@ def ws_message(text: str | None) -> dict[str, Any]:
     return parse_json(text)
 
 
-def route_template(scope: dict[str, Any]) -> str:
+def route_template(scope: Scope) -> str:
     """The path template of the route a request or WebSocket matched (its raw path when none did)."""
     routes = getattr(scope.get("app"), "routes", [])
     matched = (r.path for r in routes if isinstance(r, (Route, WebSocketRoute)) and r.matches(scope)[0] == Match.FULL)
@@ -4873,12 +4895,18 @@ class SpeechSession:
     def __init__(self, websocket: WebSocket | None, app_state: AppState, route: str | None = None):
         self.ws = websocket
         self.app_state = app_state
-        self.route = route or route_template(websocket.scope)  # names its utterances' records
+        self.route = route or route_template(self.websocket.scope)  # names its utterances' records
         self.active: dict[str, Utterance] = {}
         self.queue: asyncio.Queue[Utterance] = asyncio.Queue()
         self.closing = False  # a message ended the session; the socket is closed with close_code
         self.close_code = 1000
-        self.speaking: set[asyncio.Task[None]] = set()  # utterances started out of order (speak_now)
+        self.speaking: set[asyncio.Task[Any]] = set()  # utterances started out of order (speak_now)
+
+    @property
+    def websocket(self) -> WebSocket:
+        """The session's WebSocket (sessions over TCP have none and never ask for it)."""
+        assert self.ws is not None
+        return self.ws
 
     async def run(self) -> None:
         in_order = asyncio.ensure_future(self.speak_in_order())
@@ -4896,7 +4924,7 @@ class SpeechSession:
     async def read_messages(self) -> None:
         """Hand each client message to receive() until the client leaves or a message ends the session."""
         while not self.closing:
-            message = await self.ws.receive()
+            message = await self.websocket.receive()
             if message["type"] == "websocket.disconnect":
                 return
             await self.receive(message.get("text"), message.get("bytes"))
@@ -5019,7 +5047,8 @@ class SpeechSession:
         except asyncio.CancelledError:
             # The client's cancel ends only the utterance; the connection closing (this task cancelled,
             # perhaps as the client's cancel lands) ends the loop.
-            if not utterance.cancelled or asyncio.current_task().cancelling():
+            current = asyncio.current_task()
+            if not utterance.cancelled or (current is not None and current.cancelling()):
                 raise
         except CLIENT_GONE:
             return False  # the client left mid-utterance (499); the receive loop ends the session
@@ -5057,11 +5086,11 @@ class SpeechSession:
         rendering, and with it the model work, however the utterance ends)."""
         utterance.rendering = self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)
         async for data in utterance.rendering:
-            utterance.record.bytes += len(data)
+            utterance.record.sent_bytes += len(data)
             yield data
 
     async def send_json(self, message: dict[str, Any]) -> None:
-        await self.send(self.ws.send_text(json.dumps(message, separators=(",", ":"))))
+        await self.send(self.websocket.send_text(json.dumps(message, separators=(",", ":"))))
 
     async def send(self, sending: Awaitable[None]) -> None:
         """Every frame to the client leaves here, so that one who stops reading is noticed."""
@@ -5075,7 +5104,7 @@ class SpeechSession:
                 utterance.task.cancel()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(SHUTDOWN_FLUSH_SECONDS):
-                await self.ws.close(self.close_code)
+                await self.websocket.close(self.close_code)
 
 
 class SpeechWebSocket(SpeechSession):
@@ -5145,7 +5174,7 @@ class SpeechWebSocket(SpeechSession):
                               "sample_rate": output.rate})
         async for data in self.audio(utterance):
             if utterance.encoding == "binary":
-                await self.send(self.ws.send_bytes(data))
+                await self.send(self.websocket.send_bytes(data))
             else:
                 await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
 
@@ -5356,7 +5385,7 @@ class RequestLog:
     def __init__(self, app: Any, routes: list[BaseRoute], speaker: Speaker, log_text: bool):
         self.app, self.routes, self.speaker, self.log_text = app, routes, speaker, log_text
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -5373,7 +5402,7 @@ class RequestLog:
                 if "x-request-id" not in headers:
                     headers.append("X-Request-Id", record.id)
             elif message["type"] == "http.response.body":
-                record.bytes += len(message.get("body", b""))
+                record.sent_bytes += len(message.get("body", b""))
             await self.speaker.admission.bounded_send(send(message))
 
         stalled = False
@@ -5399,7 +5428,7 @@ def bearer_token(headers: Any) -> str:
     return header[7:].strip() if header[:7].lower() == "bearer " else ""
 
 
-def presented_key(scope: dict[str, Any]) -> str:
+def presented_key(scope: Scope) -> str:
     """The API key a request carries: 'Authorization: Bearer <key>', or a WebSocket's ?token=<key>."""
     from starlette.datastructures import Headers, QueryParams
 
@@ -5409,7 +5438,7 @@ def presented_key(scope: dict[str, Any]) -> str:
     return token
 
 
-async def refuse(scope: dict[str, Any], receive: Any, send: Any, denial: Response) -> None:
+async def refuse(scope: Scope, receive: Any, send: Any, denial: Response) -> None:
     """Answer an HTTP request, or a WebSocket handshake, with an error response (ASGI middleware)."""
     if scope["type"] == "http":
         await denial(scope, receive, send)
@@ -5439,7 +5468,7 @@ class ApiKeyAuth:
         self.key = key
         self.self_checked = self_checked
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         unchecked = scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS or any(
             route.matches(scope)[0] == Match.FULL for route in self.self_checked)
         if unchecked or self._allowed(scope):
@@ -5449,7 +5478,7 @@ class ApiKeyAuth:
             401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"}))
 
-    def _allowed(self, scope: dict[str, Any]) -> bool:
+    def _allowed(self, scope: Scope) -> bool:
         return key_matches(presented_key(scope), self.key)
 
 
@@ -5485,7 +5514,7 @@ class OriginCheck:
         self.any_origin = "*" in allowed
         self.allowed = frozenset(o.rstrip("/").lower() for o in allowed)
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         checked = scope["type"] == "websocket" or scope["type"] == "http" and scope["method"] not in self.SAFE_METHODS
         if not checked or self.allows(Headers(scope=scope)):
             await self.app(scope, receive, send)

@@ -29,6 +29,7 @@ import subprocess
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlparse
 
 import httpx
@@ -132,7 +133,7 @@ class Soak:
         response = await client.post(f"{self.url}/v1/audio/speech", json={"input": self.text(), "response_format": fmt})
         self.count(f"file-{fmt}", response.status_code)
 
-    async def stream(self, client: httpx.AsyncClient, path: str, body: dict[str, object], leave: bool) -> None:
+    async def stream(self, client: httpx.AsyncClient, path: str, body: dict[str, Any], leave: bool) -> None:
         async with client.stream("POST", f"{self.url}{path}", json=body) as response:
             async for _ in response.aiter_raw():
                 if leave:
@@ -249,8 +250,7 @@ async def soak(url: str, concurrency: int, seconds: float, seed: int, pid: int |
         samples.append((round(time.monotonic() - started, 1), state.requests, rss))
     slope = None
     if len(samples) >= 3 and samples[-1][1] > samples[0][1]:
-        requests, rss = [s[1] for s in samples], [s[2] for s in samples]
-        slope = round(100 * statistics.linear_regression(requests, rss).slope, 3)
+        slope = round(100 * statistics.linear_regression([s[1] for s in samples], [s[2] for s in samples]).slope, 3)
     return {"seconds": round(time.monotonic() - started), "concurrency": concurrency, "seed": seed,
             "requests": state.requests, "server_failures": len(state.failures), "failures": state.failures[:20],
             "outcomes": dict(sorted(state.outcomes.items())), "rss_mb_per_100_requests": slope,

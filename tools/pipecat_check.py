@@ -59,7 +59,7 @@ async def main() -> int:
                                  settings=CartesiaTTSService.Settings(voice=args.voice))
 
     errors: list[str] = []
-    received = {"bytes": 0, "rate": 24000, "first": None}
+    received: dict[str, float] = {"bytes": 0, "rate": 24000, "first": 0.0}
     started = time.monotonic()
 
     class Watch(FrameProcessor):
@@ -81,7 +81,7 @@ async def main() -> int:
     await runner.add_workers(worker)
     await runner.run()
     seconds = received["bytes"] / 2 / received["rate"]
-    print(f"service={args.service} audio_s={seconds:.1f} first_audio_s={received['first']} errors={errors}")
+    print(f"service={args.service} audio_s={seconds:.1f} first_audio_s={received['first'] or None} errors={errors}")
     return 1 if errors or seconds == 0 else 0
 
 

@@ -17,6 +17,7 @@ import json
 import string
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ CORPUS = [
 ]
 
 
-def char_tokenizer(vocab_size: int, extra_specials: list[str]) -> "object":
+def char_tokenizer(vocab_size: int, extra_specials: list[str]) -> Any:
     """A character-level tokenizer with chatterbox's special tokens ([STOP]=0, [START]=255)."""
     from tokenizers import Tokenizer, models
 

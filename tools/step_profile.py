@@ -20,7 +20,7 @@ import bench
 
 
 def profile_steps(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: int) -> None:
-    batch = engine.batch
+    batch = engine.loaded_batch()
     start = time.perf_counter()
     for index in range(slots):
         hidden = batch.decoder.prefill(prompt, index)
@@ -41,12 +41,13 @@ def profile_steps(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: 
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def free_attention(query: torch.Tensor, *_: object) -> torch.Tensor:
+def free_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                   causal: bool, attention: str) -> torch.Tensor:
     return torch.zeros_like(query)
 
 
 def bound(engine: server.ChatterboxEngine, prompt: torch.Tensor, keys: int) -> None:
-    batch, length = engine.batch, prompt.shape[1]
+    batch, length = engine.loaded_batch(), prompt.shape[1]
     hidden = batch.decoder.prefill(prompt, 0)
     for index in range(1, len(batch.slots)):  # every slot holds the same prompt
         batch.decoder.cache.put_prefix(batch.rows(index), batch.decoder.cache.prefix(batch.rows(0), length))

@@ -20,7 +20,7 @@ engine = server.ChatterboxEngine("turbo", os.environ["MODEL_DIR"], "cpu",
 with torch.inference_mode():
     engine.load()
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-    batch = engine.batch
+    batch = engine.loaded_batch()
     prompt = engine.prompt("The quick brown fox jumps over the lazy dog.", voice, server.SynthesisParams())[0]
     for index in range(8):
         hidden = batch.decoder.prefill(prompt, index)
@@ -60,7 +60,8 @@ def window() -> float:
             stream.push(t)
         w = stream.ready()
         t0 = time.perf_counter()
-        engine.s3gen.decode([w])
+        assert w is not None
+        engine.loaded_s3gen().decode([w])
         return time.perf_counter() - t0
 
 
