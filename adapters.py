@@ -43,8 +43,17 @@ from wyoming.server import AsyncEventHandler, AsyncTcpServer
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop, SynthesizeStopped
 
 import server
-from server import (ApiError, AppState, NullIsDefault, Priority, Protocol, SpeechJob, SpeechSession, SynthesisFields,
-                    Utterance)
+from server import (
+    ApiError,
+    AppState,
+    NullIsDefault,
+    Priority,
+    Protocol,
+    SpeechJob,
+    SpeechSession,
+    SynthesisFields,
+    Utterance,
+)
 
 # --- Shared: API keys, errors, estimated character timings ---------------------------------------
 

@@ -39,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import server  # noqa: E402
+import server
 
 ROOT = Path(__file__).resolve().parent
 TEXT = ("The quick brown fox jumps over the lazy dog while the afternoon sun warms the quiet garden, "

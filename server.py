@@ -264,7 +264,7 @@ def _is_sentence_end(text: str, match: re.Match[str]) -> bool:
     if following is None:
         return True
     next_char = following.group(0)
-    if punct in ("...", "…") or len(punct) > 3 and set(punct) == {"."}:
+    if punct in ("...", "…") or (len(punct) > 3 and set(punct) == {"."}):
         return next_char.isupper() or next_char in "\"'“‘"
     if punct != ".":
         return True  # ! ? ?! and friends
@@ -1036,10 +1036,9 @@ def _shrink_s3gen(s3gen: Any, arch: dict[str, Any], meanflow: bool) -> None:
     from chatterbox.models.s3gen.decoder import ConditionalDecoder
     from chatterbox.models.s3gen.f0_predictor import ConvRNNF0Predictor
     from chatterbox.models.s3gen.hifigan import HiFTGenerator
+    from chatterbox.models.s3gen.transformer.upsample_encoder import UpsampleConformerEncoder
     from chatterbox.models.s3gen.xvector import CAMPPlus
     from s3tokenizer.model_v2 import AudioEncoderV2, FSQVectorQuantization
-
-    from chatterbox.models.s3gen.transformer.upsample_encoder import UpsampleConformerEncoder
 
     enc = arch["encoder"]  # its width (512) is fixed by the token embedding and projections
     s3gen.flow.encoder = UpsampleConformerEncoder(
@@ -5515,7 +5514,7 @@ class OriginCheck:
         self.allowed = frozenset(o.rstrip("/").lower() for o in allowed)
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        checked = scope["type"] == "websocket" or scope["type"] == "http" and scope["method"] not in self.SAFE_METHODS
+        checked = scope["type"] == "websocket" or (scope["type"] == "http" and scope["method"] not in self.SAFE_METHODS)
         if not checked or self.allows(Headers(scope=scope)):
             await self.app(scope, receive, send)
             return

@@ -118,7 +118,7 @@ class Soak:
     def count(self, scenario: str, outcome: str | int) -> None:
         self.requests += 1
         self.outcomes[f"{scenario} {outcome}"] += 1
-        if isinstance(outcome, int) and outcome >= 500 or any(code in str(outcome) for code in FAILURE_CODES):
+        if (isinstance(outcome, int) and outcome >= 500) or any(code in str(outcome) for code in FAILURE_CODES):
             self.failures.append(f"{scenario} {outcome}")
 
     def text(self, sentences: int = 2) -> str:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import server  # noqa: E402
+import server
 
 _TINY_S3GEN = {
     "encoder": {"linear_units": 256, "num_blocks": 1},
