@@ -26,6 +26,7 @@ first audio p50/p95 of the batched streams; last line `speedup_batched=<batched 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import subprocess
@@ -535,11 +536,11 @@ def concurrency_main(args: argparse.Namespace, options: server.ModelOptions) -> 
         whole = []
         for run in range(args.runs):  # alternating, in one process, on the same weights
             runner = use(single)
-            loads["one_at_a_time"].append(worker.call(lambda: one_at_a_time_load(runner, voice, args.text, count,
-                                                                                 args.tokens, timers)))
+            loads["one_at_a_time"].append(worker.call(functools.partial(one_at_a_time_load, runner, voice,
+                                                                        args.text, count, args.tokens, timers)))
             runner = use(batched)
-            loads["batched"].append(worker.call(lambda: batched_load(runner, voice, args.text, count, args.tokens,
-                                                                     timers)))
+            loads["batched"].append(worker.call(functools.partial(batched_load, runner, voice, args.text, count,
+                                                                  args.tokens, timers)))
             whole.append(worker.call(whole_ms_per_token))
             print(f"  run {run}: " + "  ".join(f"{name} {load[-1].audio / load[-1].wall:.3f} audio s/s"
                                                for name, load in loads.items()), flush=True)

@@ -67,6 +67,8 @@ from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
+T = TypeVar("T")
+
 __version__ = "0.1.0"
 
 # ---------------------------------------------------------------------------
@@ -634,7 +636,7 @@ def _atempo_factors(speed: float) -> list[float]:
     while speed < 0.5:
         factors.append(0.5)
         speed /= 0.5
-    return factors + [speed]
+    return [*factors, speed]
 
 
 SILENCE_THRESHOLD = 10 ** (-50 / 20)  # -50 dBFS
@@ -1114,6 +1116,14 @@ def load_chatterbox(kind: str, ckpt_dir: Path, device: str) -> ChatterboxParts:
     return parts
 
 
+def download_checkpoint(kind: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    logger.info("downloading {} from the Hugging Face hub (cached after the first time)", HUB_REPOS[kind])
+    return Path(snapshot_download(repo_id=HUB_REPOS[kind], allow_patterns=HUB_PATTERNS[kind],
+                                  token=os.getenv("HF_TOKEN") or None))
+
+
 def load_text_tokenizer(kind: str, ckpt_dir: Path) -> Any:
     if kind == "turbo":
         from transformers import AutoTokenizer
@@ -1158,6 +1168,77 @@ MULTILINGUAL_LANGUAGES = (
 )
 
 
+def loaded(part: T | None) -> T:
+    """A part of a model that exists only while the model is loaded."""
+    if part is None:
+        raise RuntimeError("model not loaded")
+    return part
+
+
+class ChatterboxText:
+    """A Chatterbox model's text side: the tokenizer's ids for a text, pieces of a text that fit a limit,
+    a prompt's text tokens. Request threads (`fit_text`) and the inference thread (prompts) share it
+    under one lock: fast tokenizers are not to be shared."""
+
+    def __init__(self, kind: str, tokenizer: Any, hp: Any):
+        self.kind, self.tokenizer = kind, tokenizer
+        self.start, self.stop = hp.start_text_token, hp.stop_text_token
+        self._lock = threading.Lock()
+
+    def ids(self, text: str, language: str | None) -> torch.Tensor:
+        """The tokenizer's text tokens [1, n] (on the CPU), before the start and stop tokens."""
+        from chatterbox.tts import punc_norm
+
+        text = punc_norm(text)
+        with self._lock:
+            if self.kind == "turbo":
+                return self.tokenizer(text, return_tensors="pt").input_ids
+            if self.kind == "multilingual":
+                return self.tokenizer.text_to_tokens(text, language_id=language or "en")
+            return self.tokenizer.text_to_tokens(text)
+
+    def fit(self, text: str, language: str | None, limit: int) -> list[str]:
+        return split_to_fit(text, limit, lambda piece: self.ids(piece, language).shape[-1])
+
+    def prompt_tokens(self, text: str, language: str | None, device: str) -> torch.Tensor:
+        """The prompt's text tokens on the device (Llama: both CFG rows, between start and stop)."""
+        tokens = self.ids(text, language).to(device)
+        if self.kind == "turbo":
+            return tokens
+        tokens = torch.cat([tokens, tokens], dim=0)  # conditional and unconditional rows for CFG
+        tokens = F.pad(tokens, (1, 0), value=self.start)
+        return F.pad(tokens, (0, 1), value=self.stop)
+
+
+# Reference clip lengths upstream feeds to each part (seconds).
+ENC_COND_SECONDS = {"turbo": 15, "standard": 6, "multilingual": 6}
+DEC_COND_SECONDS = 10
+
+
+def clip_conditionals(parts: ChatterboxParts, kind: str, device: str, clip: np.ndarray, sample_rate: int,
+                      exaggeration: float) -> Any:
+    """Voice conditionals from a reference clip, as upstream's prepare_conditionals computes them."""
+    from chatterbox.models.s3tokenizer import S3_SR
+    from chatterbox.models.t3.modules.cond_enc import T3Cond
+    from chatterbox.tts import Conditionals
+
+    with torch.inference_mode():
+        wav24 = resample(clip, sample_rate, NATIVE_SAMPLE_RATE)
+        if kind == "turbo":
+            wav24 = normalize_loudness(wav24, NATIVE_SAMPLE_RATE, -27.0)
+        wav16 = resample(wav24, NATIVE_SAMPLE_RATE, S3_SR)
+        gen = parts.s3gen.embed_ref(wav24[: DEC_COND_SECONDS * NATIVE_SAMPLE_RATE], NATIVE_SAMPLE_RATE,
+                                    device=device)
+        plen = parts.t3.hp.speech_cond_prompt_len
+        prompt_tokens, _ = parts.s3gen.tokenizer.forward([wav16[: ENC_COND_SECONDS[kind] * S3_SR]], max_len=plen)
+        prompt_tokens = torch.atleast_2d(prompt_tokens).to(device)
+        speaker = torch.from_numpy(parts.ve.embeds_from_wavs([wav16], sample_rate=S3_SR))
+        speaker = speaker.mean(dim=0, keepdim=True).to(device)
+    t3 = T3Cond(speaker_emb=speaker, cond_prompt_speech_tokens=prompt_tokens,
+                emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=device)
+    return Conditionals(t3, gen)
+
+
 class ChatterboxEngine(Engine):
     """Chatterbox Turbo, standard or Multilingual; voice conditionals travel with each request."""
 
@@ -1184,11 +1265,7 @@ class ChatterboxEngine(Engine):
             self.options = replace(self.options, eos_check_every=1)
         self.batch: T3Batch | None = None
         self.s3gen: S3GenDecoder | None = None
-        self._tokenizing = threading.Lock()  # fit_text runs on request threads; fast tokenizers are not to be shared
-
-    # Reference clip lengths upstream feeds to each part (seconds).
-    ENC_COND_SECONDS = {"turbo": 15, "standard": 6, "multilingual": 6}
-    DEC_COND_SECONDS = 10
+        self.text: ChatterboxText | None = None
 
     def load(self) -> None:
         if self.device == "cuda":
@@ -1199,12 +1276,13 @@ class ChatterboxEngine(Engine):
             # would change CPU matmuls too), and the legacy one: inductor reads it, and reading it raises
             # once the new `fp32_precision` API has been used.
             torch.backends.cuda.matmul.allow_tf32 = True
-        ckpt_dir = Path(self.model_dir) if self.model_dir else self._download()
+        ckpt_dir = Path(self.model_dir) if self.model_dir else download_checkpoint(self.kind)
         self.checkpoint = str(ckpt_dir)
         self.parts = load_chatterbox(self.kind, ckpt_dir, self.device)
         for warning in self.option_warnings:
             logger.warning(warning)
         self.parts.t3.tfmr.to(dtype=self.options.dtype)  # embeddings, conditioning and heads stay float32
+        self.text = ChatterboxText(self.kind, self.parts.tokenizer, self.parts.t3.hp)
         self.batch = self.build_batch()
         self.s3gen = S3GenDecoder(self.parts.s3gen, self.device, self.options.s3gen_dtype, self.s3gen_batch,
                                   n_timesteps=2 if self.kind == "turbo" else 10)
@@ -1219,26 +1297,16 @@ class ChatterboxEngine(Engine):
         return t3_batch(self.kind, t3, self.options, capacity)
 
     def loaded_batch(self) -> T3Batch:
-        if self.batch is None:
-            raise RuntimeError("model not loaded")
-        return self.batch
+        return loaded(self.batch)
 
     def loaded_s3gen(self) -> S3GenDecoder:
-        if self.s3gen is None:
-            raise RuntimeError("model not loaded")
-        return self.s3gen
-
-    def _download(self) -> Path:
-        from huggingface_hub import snapshot_download
-
-        logger.info("downloading {} from the Hugging Face hub (cached after the first time)", HUB_REPOS[self.kind])
-        return Path(snapshot_download(repo_id=HUB_REPOS[self.kind], allow_patterns=HUB_PATTERNS[self.kind],
-                                      token=os.getenv("HF_TOKEN") or None))
+        return loaded(self.s3gen)
 
     def unload(self) -> None:
         import gc
 
         self.parts = None
+        self.text = None
         self.batch = None
         self.s3gen = None
         gc.collect()
@@ -1269,67 +1337,24 @@ class ChatterboxEngine(Engine):
         return Conditionals(t3, dict(base.gen))
 
     def clip_conditionals(self, clip: np.ndarray, sample_rate: int, exaggeration: float) -> Any:
-        """Voice conditionals from a reference clip, as upstream's prepare_conditionals computes them."""
-        from chatterbox.models.s3tokenizer import S3_SR
-        from chatterbox.models.t3.modules.cond_enc import T3Cond
-        from chatterbox.tts import Conditionals
-
-        parts = self.loaded_parts()
-        with torch.inference_mode():
-            wav24 = resample(clip, sample_rate, NATIVE_SAMPLE_RATE)
-            if self.kind == "turbo":
-                wav24 = normalize_loudness(wav24, NATIVE_SAMPLE_RATE, -27.0)
-            wav16 = resample(wav24, NATIVE_SAMPLE_RATE, S3_SR)
-            gen = parts.s3gen.embed_ref(wav24[: self.DEC_COND_SECONDS * NATIVE_SAMPLE_RATE], NATIVE_SAMPLE_RATE,
-                                        device=self.device)
-            plen = parts.t3.hp.speech_cond_prompt_len
-            prompt_tokens, _ = parts.s3gen.tokenizer.forward([wav16[: self.ENC_COND_SECONDS[self.kind] * S3_SR]],
-                                                             max_len=plen)
-            prompt_tokens = torch.atleast_2d(prompt_tokens).to(self.device)
-            speaker = torch.from_numpy(parts.ve.embeds_from_wavs([wav16], sample_rate=S3_SR))
-            speaker = speaker.mean(dim=0, keepdim=True).to(self.device)
-        t3 = T3Cond(speaker_emb=speaker, cond_prompt_speech_tokens=prompt_tokens,
-                    emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=self.device)
-        return Conditionals(t3, gen)
+        return clip_conditionals(self.loaded_parts(), self.kind, self.device, clip, sample_rate, exaggeration)
 
     def loaded_parts(self) -> ChatterboxParts:
-        if self.parts is None:
-            raise RuntimeError("model not loaded")
-        return self.parts
+        return loaded(self.parts)
+
+    def loaded_text(self) -> ChatterboxText:
+        return loaded(self.text)
 
     def fit_text(self, text: str, language: str | None) -> list[str]:
         """Pieces of at most CHUNK_MAX_CHARS text tokens as this model's tokenizer makes them for the
         language (Multilingual spells Chinese in Cangjie codes, Japanese kanji in hiragana, Korean in
         jamo: several tokens a character), so that every prompt and its budget fit the cache."""
-        return split_to_fit(text, self.chunk_max_chars, lambda piece: self._text_ids(piece, language).shape[-1])
-
-    def _text_ids(self, text: str, language: str | None) -> torch.Tensor:
-        """The tokenizer's text tokens [1, n] (on the CPU), before the start and stop tokens."""
-        from chatterbox.tts import punc_norm
-
-        parts = self.loaded_parts()
-        text = punc_norm(text)
-        with self._tokenizing:
-            if self.kind == "turbo":
-                return parts.tokenizer(text, return_tensors="pt").input_ids
-            if self.kind == "multilingual":
-                return parts.tokenizer.text_to_tokens(text, language_id=language or "en")
-            return parts.tokenizer.text_to_tokens(text)
-
-    def _text_tokens(self, text: str, language: str | None) -> torch.Tensor:
-        """The prompt's text tokens on the device (Llama: both CFG rows, between start and stop)."""
-        parts = self.loaded_parts()
-        tokens = self._text_ids(text, language).to(self.device)
-        if self.kind == "turbo":
-            return tokens
-        tokens = torch.cat([tokens, tokens], dim=0)  # conditional and unconditional rows for CFG
-        tokens = F.pad(tokens, (1, 0), value=parts.t3.hp.start_text_token)
-        return F.pad(tokens, (0, 1), value=parts.t3.hp.stop_text_token)
+        return self.loaded_text().fit(text, language, self.chunk_max_chars)
 
     def prompt(self, text: str, voice: Any, params: SynthesisParams) -> tuple[torch.Tensor, int, int]:
         """T3's prompt for a chunk of text: (embeds [rows, T, dim], conditioning length, text length)."""
         t3 = self.loaded_parts().t3
-        text_tokens = self._text_tokens(text, params.language)
+        text_tokens = self.loaded_text().prompt_tokens(text, params.language, self.device)
         bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=self.device)
         if self.kind == "turbo":
             embeds, len_cond = t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos,
@@ -1361,15 +1386,8 @@ class ChatterboxEngine(Engine):
         return alignment_monitor(self.loaded_parts().t3, len_cond, len_text)
 
     def describe(self) -> dict[str, Any]:
-        options = self.options
         return {"engine": "chatterbox", "model": self.kind, "device": self.device, "checkpoint": self.checkpoint,
-                "sample_rate": self.sample_rate, "dtype": str(options.dtype).removeprefix("torch."),
-                "s3gen_dtype": str(options.s3gen_dtype).removeprefix("torch."),
-                "quantize": options.quantize, "torch_compile": bool(options.compile_mode),
-                "compile_mode": options.compile_mode or None, "cuda_graphs": options.cuda_graphs,
-                "attention": options.attention, "eos_check_every": options.eos_check_every,
-                "max_batch": options.max_batch,
-                "s3gen_batch": self.s3gen_batch,
+                "sample_rate": self.sample_rate, **self.options.describe(), "s3gen_batch": self.s3gen_batch,
                 "option_warnings": self.option_warnings,
                 "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"]}
 
@@ -1668,7 +1686,7 @@ def meanflow_mels(estimator: Any, noise: torch.Tensor, mu: torch.Tensor, mask: t
     dtype = estimator.dtype
     x, mu, mask, spks, cond = (t.to(dtype) for t in (noise, mu, mask, spks, cond))
     span = torch.linspace(0, 1, n_timesteps + 1, device=mu.device, dtype=noise.dtype).to(dtype)
-    for t, r in zip(span[:-1], span[1:]):
+    for t, r in itertools.pairwise(span):
         t, r = t[None], r[None]
         x = x + (r - t) * estimator.forward(x, mask=mask, mu=mu, t=t, spks=spks, cond=cond, r=r)
     return x.to(noise.dtype)
@@ -1838,6 +1856,12 @@ class DecodeOptions:
         """Static attention shapes (needed by graphs and compiled steps)."""
         return self.cuda_graphs or bool(self.compile_mode)
 
+    def describe(self) -> dict[str, Any]:
+        return {"dtype": str(self.dtype).removeprefix("torch."), "s3gen_dtype": str(self.s3gen_dtype).removeprefix("torch."),
+                "quantize": self.quantize, "torch_compile": bool(self.compile_mode),
+                "compile_mode": self.compile_mode or None, "cuda_graphs": self.cuda_graphs,
+                "attention": self.attention, "eos_check_every": self.eos_check_every, "max_batch": self.max_batch}
+
 
 class KVCache:
     """Keys and values of every row of the batch, allocated once at load for the longest generation:
@@ -1984,6 +2008,27 @@ def step_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch
                                                                                                               None]
 
 
+def gpt2_layer(block: Any) -> torch.nn.Module:
+    """One of Turbo's GPT-2 blocks as the decoder's layer: norms, fused projections (HF's Conv1D as Linear)."""
+    def linear(conv: Any) -> torch.nn.Linear:  # HF's Conv1D holds the transposed weight of a Linear
+        layer = torch.nn.Linear(1, 1, device="meta")
+        layer.in_features, layer.out_features = conv.weight.shape
+        layer.weight = torch.nn.Parameter(conv.weight.t(), requires_grad=False)
+        layer.bias = conv.bias
+        return layer
+
+    return torch.nn.ModuleDict(dict(norm1=block.ln_1, qkv=linear(block.attn.c_attn), out=linear(block.attn.c_proj),
+                                    norm2=block.ln_2, up=linear(block.mlp.c_fc), down=linear(block.mlp.c_proj)))
+
+def llama_layer(layer: Any) -> torch.nn.Module:
+    """One of the Llama layers as the decoder's layer: RMS norms, q/k/v and gate/up fused."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return torch.nn.ModuleDict(dict(norm1=RMSNorm(layer.input_layernorm),
+                                    qkv=fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj), out=attn.o_proj,
+                                    norm2=RMSNorm(layer.post_attention_layernorm),
+                                    gate_up=fuse_linears(mlp.gate_proj, mlp.up_proj), down=mlp.down_proj))
+
+
 class T3Decoder(torch.nn.Module):
     """T3's transformer over a static KV cache of `max_batch` slots; GPT-2 (Turbo) or Llama (standard,
     Multilingual, whose slots hold a conditional and an unconditional row for CFG).
@@ -2006,7 +2051,7 @@ class T3Decoder(torch.nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or self.dim // self.heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.layer_count = config.num_hidden_layers
-        self.layers = torch.nn.ModuleList(self._gpt2_layer(b) if self.gpt2 else self._llama_layer(b)
+        self.layers = torch.nn.ModuleList(gpt2_layer(b) if self.gpt2 else llama_layer(b)
                                           for b in (tfmr.h if self.gpt2 else tfmr.layers))
         self.final_norm = tfmr.ln_f if self.gpt2 else RMSNorm(tfmr.norm)
         self.positions = tfmr.wpe if self.gpt2 else None
@@ -2029,26 +2074,6 @@ class T3Decoder(torch.nn.Module):
         self.probes = probes
         self.probe_rows = torch.zeros(len(probes), options.max_batch, self.capacity, device=device)
         self.prefill_probes: dict[tuple[int, int], torch.Tensor] = {}  # the last prefill chunk's rows
-
-    @staticmethod
-    def _gpt2_layer(block: Any) -> torch.nn.Module:
-        def linear(conv: Any) -> torch.nn.Linear:  # HF's Conv1D holds the transposed weight of a Linear
-            layer = torch.nn.Linear(1, 1, device="meta")
-            layer.in_features, layer.out_features = conv.weight.shape
-            layer.weight = torch.nn.Parameter(conv.weight.t(), requires_grad=False)
-            layer.bias = conv.bias
-            return layer
-
-        return torch.nn.ModuleDict(dict(norm1=block.ln_1, qkv=linear(block.attn.c_attn), out=linear(block.attn.c_proj),
-                                        norm2=block.ln_2, up=linear(block.mlp.c_fc), down=linear(block.mlp.c_proj)))
-
-    @staticmethod
-    def _llama_layer(layer: Any) -> torch.nn.Module:
-        attn, mlp = layer.self_attn, layer.mlp
-        return torch.nn.ModuleDict(dict(norm1=RMSNorm(layer.input_layernorm),
-                                        qkv=fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj), out=attn.o_proj,
-                                        norm2=RMSNorm(layer.post_attention_layernorm),
-                                        gate_up=fuse_linears(mlp.gate_proj, mlp.up_proj), down=mlp.down_proj))
 
     def forward(self, embeds: torch.Tensor, rows: slice, positions: torch.Tensor,
                 attend_rows: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -2486,18 +2511,78 @@ def with_verdict(logits: torch.Tensor, verdict: torch.Tensor, stop: int) -> torc
     return torch.cat([logits[:, :stop], stop_logit, logits[:, stop + 1 :]], dim=1)
 
 
+class SlotSampler:
+    """Each slot's sampling: its parameters, token history and noise. Static-shape steps (`keyed`) draw
+    for every slot with noise keyed by its seed and draw count; eager steps draw for the busy slots from
+    their own generators (as upstream draws)."""
+
+    def __init__(self, count: int, vocabulary: int, start: int, stop: int, turbo_order: bool, keyed: bool,
+                 device: torch.device):
+        self.vocabulary, self.start, self.stop, self.turbo_order, self.keyed = vocabulary, start, stop, turbo_order, keyed
+        self.seen = torch.zeros(count, vocabulary, dtype=torch.bool, device=device)
+        self.sampling = SamplingRows.empty(count, device)
+        if keyed:  # each slot's noise_key and draws so far
+            self.keys = torch.zeros(count, 1, dtype=torch.long, device=device)
+            self.draws = torch.zeros(count, 1, dtype=torch.long, device=device)
+            self.vocabulary_index = torch.arange(vocabulary, device=device)[None]
+        else:
+            self.noise = torch.ones(count, vocabulary, device=device)
+            self.generators = [torch.Generator(device=device) for _ in range(count)]
+
+    def first(self, index: int, logits: torch.Tensor, recipe: SamplingRecipe, seed: int) -> torch.Tensor:
+        """A newly seated slot's sampling set up, and its first token drawn from `logits` [1, vocabulary]."""
+        self.sampling.set_row(index, recipe.rows(self.vocabulary))
+        seen = self.seen[index : index + 1]
+        seen.zero_()
+        seen[0, self.start] = True
+        if self.keyed:
+            self.keys[index] = noise_key(seed)
+            self.draws[index] = 0
+            noise = keyed_exponential(self.keys[index : index + 1], self.draws[index : index + 1],
+                                      self.vocabulary_index)
+            self.draws[index] = 1
+        else:
+            generator = self.generators[index]
+            generator.manual_seed(seed)
+            noise = torch.empty_like(logits).exponential_(generator=generator)
+        token = draw(filter_logits(logits, seen, self.sampling.select(slice(index, index + 1)), self.turbo_order),
+                     noise, self.stop)
+        if self.turbo_order:
+            seen.zero_()  # upstream's Turbo history holds the start token for the first draw only
+        seen.scatter_(1, token, True)
+        return token
+
+    def draw(self, logits: torch.Tensor, busy: list[Slot]) -> torch.Tensor:
+        """Every slot's next token [slots, 1], filtered and drawn; it joins the slot's history."""
+        logits = filter_logits(logits, self.seen, self.sampling, self.turbo_order)
+        if self.keyed:  # every slot, busy or not: nothing in a graph depends on which
+            noise = keyed_exponential(self.keys, self.draws, self.vocabulary_index)
+            self.draws.add_(1)
+        else:
+            for slot in busy:
+                self.noise[slot.index].exponential_(generator=self.generators[slot.index])
+            noise = self.noise
+        token = draw(logits, noise, self.stop)
+        self.seen.scatter_(1, token, True)
+        return token
+
+    def reset(self) -> None:
+        """Forget what warm-up steps drew."""
+        self.seen.zero_()
+        if self.keyed:
+            self.draws.zero_()
+
+
 class T3Batch:
     """The decode state of every slot: the decoder's KV cache, each row's position and next input, each
-    slot's sampling parameters, token history, random generator and stop verdict; `step` advances every
-    slot by one token (sampling included) with the same shapes whether a slot is busy or idle.
+    slot's sampling (`SlotSampler`) and stop verdict; `step` advances every slot by one token (sampling
+    included) with the same shapes whether a slot is busy or idle.
 
     Tokens collect on the device and are read back every `eos_check_every` steps (`read_tokens`); slots
     are seated only between blocks. The rows of a slot nobody holds are parked at the cache's last
     position, which no prompt or budget reaches: the steps write every row, and a prompt being written
-    into that slot between them must stay as written. Static-shape steps (`bucketed`) draw for every
-    slot with noise keyed by its seed and draw count; eager steps draw for the busy slots from their
-    own generators (as upstream draws). On CUDA `capture` records the static step once per cache-length
-    bucket at warm-up and `step` is one replay (two for Multilingual, whose alignment monitor runs on
+    into that slot between them must stay as written. On CUDA `capture_step_graphs` records the static
+    step once per cache-length bucket at warm-up and `step` is one replay (two for Multilingual, whose alignment monitor runs on
     the host between the model and the draw)."""
 
     def __init__(self, t3: Any, decoder: T3Decoder, cfg: bool, turbo_order: bool, monitored: bool):
@@ -2512,18 +2597,11 @@ class T3Batch:
         self.parked = decoder.capacity - 1  # where the rows of a free slot write
         self.positions = torch.full((decoder.rows,), self.parked, dtype=torch.long, device=device)
         self.speech_index = torch.zeros(count, dtype=torch.long, device=device)  # Llama: next speech position id
-        self.seen = torch.zeros(count, self.vocabulary, dtype=torch.bool, device=device)
-        self.sampling = SamplingRows.empty(count, device)
+        self.sampler = SlotSampler(count, self.vocabulary, self.start, self.stop, turbo_order, options.bucketed,
+                                   device)
         self.cfg_weight = torch.zeros(count, 1, device=device)
         self.verdict = torch.zeros(count, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(count, self.vocabulary, device=device)
-        if options.bucketed:  # keyed noise: each slot's noise_key and draws so far
-            self.keys = torch.zeros(count, 1, dtype=torch.long, device=device)
-            self.draws = torch.zeros(count, 1, dtype=torch.long, device=device)
-            self.vocabulary_index = torch.arange(self.vocabulary, device=device)[None]
-        else:
-            self.noise = torch.ones(count, self.vocabulary, device=device)
-            self.generators = [torch.Generator(device=device) for _ in range(count)]
         self.block = torch.zeros(count, options.eos_check_every, dtype=torch.long, device=device)
         self.filled = torch.zeros(1, dtype=torch.long, device=device)  # columns of `block` written
         self.steps_in_block = 0
@@ -2556,12 +2634,8 @@ class T3Batch:
         """A generation whose prompt is prefilled into its rows takes its slot: its first token is drawn
         from the prefill's last hidden state, as upstream draws it, and becomes its rows' next input."""
         index = slot.index
-        self.sampling.set_row(index, recipe.rows(self.vocabulary))
         self.cfg_weight[index].fill_(cfg_weight)
         self.verdict[index].fill_(StopVerdict.FREE)
-        seen = self.seen[index : index + 1]
-        seen.zero_()
-        seen[0, self.start] = True
         logits = self.logits_of(hidden, self.cfg_weight[index : index + 1])
         if slot.monitor is not None:
             for n, probe in enumerate(self.decoder.probes):
@@ -2572,20 +2646,7 @@ class T3Batch:
             # Static steps attend over whole buckets: what an earlier holder of the slot left past this
             # prompt is masked, but a NaN there would still poison the softmax.
             self.decoder.cache.clear(self.rows(index), slot.position)
-            self.keys[index] = noise_key(seed)
-            self.draws[index] = 0
-            noise = keyed_exponential(self.keys[index : index + 1], self.draws[index : index + 1],
-                                      self.vocabulary_index)
-            self.draws[index] = 1
-        else:
-            generator = self.generators[index]
-            generator.manual_seed(seed)
-            noise = torch.empty_like(logits).exponential_(generator=generator)
-        token = draw(filter_logits(logits, seen, self.sampling.select(slice(index, index + 1)), self.turbo_order),
-                     noise, self.stop)
-        if self.turbo_order:
-            seen.zero_()  # upstream's Turbo history holds the start token for the first draw only
-        seen.scatter_(1, token, True)
+        token = self.sampler.first(index, logits, recipe, seed)
         embed = self.t3.speech_emb(token.view(1))
         if self.cfg:  # Llama: learned speech positions; both CFG rows get the same input
             embed = embed + self.t3.speech_pos_emb.emb.weight[1]
@@ -2651,16 +2712,7 @@ class T3Batch:
         """Filter and draw each slot's token; it joins the slot's history and the block, its embedding
         becomes the slot's rows' next input, and their position moves on."""
         logits = with_verdict(self.logits, self.verdict, self.stop) if self.monitored else self.logits
-        logits = filter_logits(logits, self.seen, self.sampling, self.turbo_order)
-        if self.options.bucketed:  # every slot, busy or not: nothing in a graph depends on which
-            noise = keyed_exponential(self.keys, self.draws, self.vocabulary_index)
-            self.draws.add_(1)
-        else:
-            for slot in self.busy:
-                self.noise[slot.index].exponential_(generator=self.generators[slot.index])
-            noise = self.noise
-        token = draw(logits, noise, self.stop)
-        self.seen.scatter_(1, token, True)
+        token = self.sampler.draw(logits, self.busy)
         self.block.index_copy_(1, self.filled, token)
         self.filled.add_(1)
         embed = self.t3.speech_emb(token[:, 0])
@@ -2670,6 +2722,22 @@ class T3Batch:
             self.speech_index.add_(1)
         self.inputs.copy_(embed.repeat_interleave(self.decoder.rows_per_slot, dim=0)[:, None])
         self.positions.add_(1).clamp_(max=self.parked)  # parked rows stay parked
+
+    def run_block(self) -> int:
+        """Step until the token block is full, then hand its tokens to their slots: the steps taken. A
+        failed step discards the block (its slots' generations fail; the next ones start on a clean block)."""
+        steps = 0
+        try:
+            while True:
+                self.step()
+                steps += 1
+                if self.block_full:
+                    break
+        except Exception:
+            self.discard_block()
+            raise
+        self.read_tokens()
+        return steps
 
     def read_tokens(self) -> None:
         """Hand the block's tokens to their slots (one read from the device) and start a new block."""
@@ -2694,9 +2762,9 @@ class T3Batch:
     def reset(self) -> None:
         """Forget what warm-up steps wrote (no slot is busy then)."""
         self.positions.fill_(self.parked)
-        for tensor in (self.seen, self.inputs, self.speech_index, self.verdict,
-                       *((self.draws,) if self.options.bucketed else ())):
+        for tensor in (self.inputs, self.speech_index, self.verdict):
             tensor.zero_()
+        self.sampler.reset()
         self.discard_block()
 
 
@@ -3168,6 +3236,12 @@ class BatchEntry:
             return self.played_out
         return self.generation.submitted + self.generation.priority * AGING_SECONDS
 
+    def ready_window(self) -> S3GenWindow | None:
+        """Its next S3Gen window, if its tokens are there (once T3 is done, its last)."""
+        if self.speech is None:
+            return None
+        return self.speech.final_window() if self.phase == Phase.VOCODING else self.speech.ready()
+
     def hand_out(self, wait: bool) -> None:
         """Deliver its events in order; audio still on its way from the GPU holds back what follows it,
         unless `wait`."""
@@ -3217,9 +3291,9 @@ class BatchRunner:
         self._drop_cancelled()
         prefilling = self.in_phase(Phase.PREFILLING) or self._admit()
         for entry in prefilling:
-            self._fail_on_error([entry], lambda: self.prefill(entry))
+            self._fail_on_error([entry], functools.partial(self.prefill, entry))
         if decoding := self.in_phase(Phase.DECODING):
-            self._fail_on_error(decoding, lambda: self.decode_block(decoding))
+            self._fail_on_error(decoding, functools.partial(self.decode_block, decoding))
         self._vocode()
         self._deliver(wait=all(entry.phase == Phase.DONE for entry in self.entries.values()))
 
@@ -3306,19 +3380,8 @@ class BatchRunner:
         generation.model_seconds += time.monotonic() - started
 
     def decode_block(self, decoding: list[BatchEntry]) -> None:
-        batch = self.engine.loaded_batch()
         started = time.monotonic()
-        steps = 0
-        try:
-            while True:
-                batch.step()
-                steps += 1
-                if batch.block_full:
-                    break
-        except Exception:
-            batch.discard_block()  # its seated generations fail; the next ones start on a clean block
-            raise
-        batch.read_tokens()
+        steps = self.engine.loaded_batch().run_block()
         elapsed = time.monotonic() - started
         self.stats.steps(steps, len(decoding), elapsed)
         for entry in decoding:
@@ -3345,17 +3408,11 @@ class BatchRunner:
 
     def _vocode(self) -> None:
         """Decode the ready S3Gen window with the earliest deadline, with as many more as S3GEN_BATCH allows."""
-        ready = []
-        for entry in self.entries.values():
-            if entry.speech is not None:
-                window = entry.speech.final_window() if entry.phase == Phase.VOCODING else entry.speech.ready()
-                if window is not None:
-                    ready.append((entry, window))
+        ready = [(entry, window) for entry in self.entries.values() if (window := entry.ready_window()) is not None]
         if not ready:
             return
         ready.sort(key=lambda item: (item[0].deadline(), item[0].generation.ticket))
-        decoder = self.engine.s3gen
-        assert decoder is not None
+        decoder = self.engine.loaded_s3gen()
         ready = ready[: decoder.batch]
         started = time.monotonic()
         try:
@@ -3963,8 +4020,6 @@ def batch_metrics(batch: BatchCounts) -> Iterator[Metric]:
     rows.add_metric([], buckets, sum_value=sum(busy * n for busy, n in batch.rows_per_step.items()))
     yield rows
 
-
-T = TypeVar("T")
 
 
 async def text_step(timeline: Timeline, work: Callable[..., T], *args: Any) -> T:
@@ -5643,10 +5698,8 @@ def set_torch_threads(requested: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     threads = torch_threads_for(requested, cores)
     torch.set_num_threads(threads)
-    try:
+    with contextlib.suppress(RuntimeError):  # already started (a second app in one process)
         torch.set_num_interop_threads(1)  # one inference thread: no inter-op parallelism to feed
-    except RuntimeError:  # already started (a second app in one process)
-        pass
     return threads
 
 

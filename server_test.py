@@ -2526,7 +2526,7 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
         t3 = engine.parts.t3
         text = "Hello there, how are you?"
         ours, = run_generations(engine, [dict(text=text, voice=voice, seed=3, max_tokens=40)], vocode=False)
-        text_tokens = engine._text_tokens(text, "en")
+        text_tokens = engine.loaded_text().prompt_tokens(text, "en", engine.device)
         with torch.inference_mode():
             torch.manual_seed(3)
             if kind == "turbo":
@@ -2663,7 +2663,7 @@ def test_long_cjk_text_fits_the_cache_as_the_tokenizer_counts_it(multilingual_en
         return capacity - engine.prompt(piece, voice, params)[0].shape[1] - 1
 
     def text_tokens(piece: str) -> int:
-        return engine._text_ids(piece, language).shape[-1]
+        return engine.loaded_text().ids(piece, language).shape[-1]
 
     chunks = server.text_chunks(CJK_TEXTS[language], engine.chunk_max_chars)
     # Cut by characters, a chunk is more text tokens than the cache was sized for.

@@ -60,11 +60,11 @@ def char_tokenizer(vocab_size: int, extra_specials: list[str]) -> Any:
     chars = [c for c in string.printable if not c.isspace()] + list("àáâäçèéêëìíîïñòóôöùúûüß")
     tokens = SPECIALS + extra_specials + chars
     tokens += [f"[unused{i}]" for i in range(255 - len(tokens))]
-    vocab = {token: i for i, token in enumerate(tokens[:255] + ["[START]"] + tokens[255:])}
+    vocab = {token: i for i, token in enumerate([*tokens[:255], "[START]", *tokens[255:]])}
     if len(vocab) > vocab_size:
         raise ValueError("vocabulary does not fit")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="[UNK]"))
-    tokenizer.add_special_tokens(SPECIALS + ["[START]"] + extra_specials)
+    tokenizer.add_special_tokens([*SPECIALS, "[START]", *extra_specials])
     return tokenizer
 
 
@@ -142,10 +142,9 @@ def write_checkpoint(out: Path, kind: str, tiny: bool, seed: int) -> None:
 
     for module in (parts.ve, parts.t3, parts.s3gen):
         module.eval()
-    engine = server.ChatterboxEngine(kind, str(out), "cpu")
-    engine.parts = parts
     torch.manual_seed(seed)
-    conds = engine.clip_conditionals(reference_clip(seed), server.NATIVE_SAMPLE_RATE, exaggeration=0.5)
+    conds = server.clip_conditionals(parts, kind, "cpu", reference_clip(seed), server.NATIVE_SAMPLE_RATE,
+                                     exaggeration=0.5)
     conds.save(out / "conds.pt")
 
 

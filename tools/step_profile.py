@@ -79,8 +79,8 @@ def bound(engine: server.ChatterboxEngine, prompt: torch.Tensor, keys: int) -> N
     server.attend = real
     for name, label in (("real", "attention as served"), ("free", "attention costing nothing")):
         eight, one = statistics.median(medians[(name, 8)]), statistics.median(medians[(name, 1)])
-        rounds = lambda count: "/".join(f"{1000 * x:.0f}" for x in medians[(name, count)])  # noqa: E731
-        print(f"{label}: 8 slots {1000 * eight:.0f} ms ({rounds(8)}), 1 slot {1000 * one:.0f} ms ({rounds(1)}), "
+        rounds = {count: "/".join(f"{1000 * x:.0f}" for x in medians[(name, count)]) for count in (8, 1)}
+        print(f"{label}: 8 slots {1000 * eight:.0f} ms ({rounds[8]}), 1 slot {1000 * one:.0f} ms ({rounds[1]}), "
               f"aggregate {8 * one / eight:.2f}x")
 
 

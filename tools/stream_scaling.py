@@ -2,6 +2,7 @@
 
     python tools/stream_scaling.py CHECKPOINT [S3GEN_BATCH]   # Turbo; 1 and 4 streams, two rounds
 """
+import functools
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ for _ in range(2):
     for count in (1, 4):
         requests = [(TEXT, voice, server.SynthesisParams(), seed) for seed in range(count)]
         start = time.perf_counter()
-        results = worker.call(lambda: bench.generate(runner, requests, server.speech_token_budget(TEXT)))
+        results = worker.call(functools.partial(bench.generate, runner, requests, server.speech_token_budget(TEXT)))
         wall = time.perf_counter() - start
         seconds, _ = timers.take()
         print(f"{count} streams: wall {wall:.2f} s, t3 {seconds.get('t3', 0):.2f} s, s3gen {seconds.get('s3gen', 0):.2f} s,"
