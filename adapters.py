@@ -147,7 +147,7 @@ class VendorSession(SpeechSession):
 
     async def stream(self, utterance: Utterance) -> None:
         assert isinstance(utterance, Context)
-        async for data, chars, start in with_timings(self.audio(utterance), utterance.job.timeline,
+        async for data, chars, start in with_timings(utterance.audio(), utterance.job.timeline,
                                                      utterance.timings):
             await self.send_audio(utterance, data, chars, start)
 
@@ -387,7 +387,7 @@ class ElevenLabsSession(VendorSession):
                     raise ApiError(409, "This stream has ended; open a new connection.", code="stream_ended")
                 context = await self.open(message)
             elif message.close_context or (not self.multi and message.text == ""):
-                await self.end(context)  # its text is complete: the rest is spoken, then isFinal
+                await context.end()  # its text is complete: the rest is spoken, then isFinal
             else:
                 await self.add(context, message)
         except ApiError as exc:
@@ -405,13 +405,13 @@ class ElevenLabsSession(VendorSession):
 
     async def add(self, context: Utterance, message: ElevenLabsMessage) -> None:
         if message.text:
-            await self.add_text(context, message.text)
+            await context.add_text(message.text)
         if message.flush or (self.auto_mode and message.text and message.text.strip()):
-            await self.flush(context)
+            await context.flush()
 
     async def close_socket(self) -> None:
         for context in list(self.active.values()):
-            await self.end(context)
+            await context.end()
         self.closing_socket = True
         if not self.active:
             await self.hang_up()
@@ -591,26 +591,26 @@ class CartesiaSession(VendorSession):
         assert isinstance(context, CartesiaContext)
         context.float32, context.timestamps = sends_float32(request), request.add_timestamps
         if not request.more and not request.flush:
-            await self.say_all(context, request.transcript, param="transcript")
+            await context.say_all(request.transcript, param="transcript")
         else:
             await self.feed(context, request)
 
     async def feed(self, context: Utterance, request: CartesiaRequest) -> None:
         assert isinstance(context, CartesiaContext)
         if request.transcript:
-            await self.add_text(context, request.transcript)
+            await context.add_text(request.transcript)
         if context.timer is not None:
             context.timer.cancel()
             context.timer = None
         if not request.more:
-            await self.end(context)
+            await context.end()
         elif request.flush or request.max_buffer_delay_ms == 0:
-            await self.flush(context)
+            await context.flush()
             if request.flush:
                 context.flushes.append(context.queued)
         elif context.buffer.strip():
             context.timer = asyncio.get_running_loop().call_later(
-                request.max_buffer_delay_ms / 1000, lambda: asyncio.ensure_future(self.flush(context)))
+                request.max_buffer_delay_ms / 1000, lambda: asyncio.ensure_future(context.flush()))
 
     async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
                          start: float) -> None:
@@ -690,13 +690,13 @@ class WyomingSession(SpeechSession):
                 self.streaming = await self.open_utterance(
                     str(next(self.numbers)), lambda: self.job(SynthesizeStart.from_event(event).voice))
             elif SynthesizeChunk.is_type(event.type):
-                await self.add_text(self.stream_in_progress(), SynthesizeChunk.from_event(event).text)
+                await self.stream_in_progress().add_text(SynthesizeChunk.from_event(event).text)
             elif SynthesizeStop.is_type(event.type):
-                await self.end(self.stream_in_progress())
+                await self.stream_in_progress().end()
                 self.streaming = None
             elif Synthesize.is_type(event.type) and self.streaming is None:  # inside a stream: a copy, ignored
                 await self.open_utterance(str(next(self.numbers)), lambda: self.job(Synthesize.from_event(event).voice),
-                                          lambda utterance: self.say_all(utterance, Synthesize.from_event(event).text))
+                                          lambda utterance: utterance.say_all(Synthesize.from_event(event).text))
         except (ApiError, KeyError, TypeError, AttributeError) as exc:
             message = exc.message if isinstance(exc, ApiError) else f"Malformed {event.type} event."
             code = exc.code if isinstance(exc, ApiError) else "invalid_event"
@@ -726,7 +726,7 @@ class WyomingSession(SpeechSession):
 
     async def stream(self, utterance: Utterance) -> None:
         await self.write(AudioStart(rate=self.rate, width=2, channels=1).event())
-        async for data in self.audio(utterance):
+        async for data in utterance.audio():
             await self.write(AudioChunk(rate=self.rate, width=2, channels=1, audio=data).event())
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
@@ -876,7 +876,7 @@ class CallSession(SpeechSession):
         fields = speech.model_copy(update={"response_format": self.fmt, "sample_rate": self.rate,
                                            "output_format": None})
         await self.open_utterance(uuid.uuid4().hex[:12], lambda: self.realtime_job(fields, self.fmt),
-                                  lambda utterance: self.say_all(utterance, speech.text), hangup=speech.hangup)
+                                  lambda utterance: utterance.say_all(speech.text), hangup=speech.hangup)
 
     def hangs_up_after(self, utterance: Utterance) -> bool:
         """The utterance asks to hang up, and nothing else is left to say."""
@@ -964,7 +964,7 @@ class AudioSocketSession(CallSession):
             # audio (the caller's voice) and DTMF: nothing to do
 
     async def stream(self, utterance: Utterance) -> None:
-        async for frame in fixed_frames(self.audio(utterance), AUDIOSOCKET_FRAME, b"\x00"):
+        async for frame in fixed_frames(utterance.audio(), AUDIOSOCKET_FRAME, b"\x00"):
             await self.pacer.wait()
             await self.send_frame(audiosocket_frame(AUDIOSOCKET_AUDIO, frame))
 
@@ -1084,7 +1084,7 @@ class AsteriskSession(CallSession):
 
     async def stream(self, utterance: Utterance) -> None:
         await self.command("START_MEDIA_BUFFERING")
-        async for data in self.audio(utterance):
+        async for data in utterance.audio():
             for i in range(0, len(data), ASTERISK_MAX_MESSAGE):
                 await self.flowing.wait()
                 await self.send(self.websocket.send_bytes(data[i : i + ASTERISK_MAX_MESSAGE]))
@@ -1232,7 +1232,7 @@ class TwilioSession(SpeechSession):
 
     async def stream(self, utterance: Utterance) -> None:
         # Every frame is 20 ms (the last padded with silence), so the mark falls after the sentence.
-        async for frame in fixed_frames(self.audio(utterance), TWILIO_FRAME_BYTES, ULAW_SILENCE):
+        async for frame in fixed_frames(utterance.audio(), TWILIO_FRAME_BYTES, ULAW_SILENCE):
             await self.send_media(frame)
         await self.send_event("mark", mark={"name": utterance.id})
 

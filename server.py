@@ -4231,6 +4231,112 @@ class Admission:
             await asyncio.sleep(0.05)
 
 
+class ChunkPipeline:
+    """One job's audio at the engine's rate, text chunk by chunk, joined without clicks.
+
+    Each chunk is one `Generation` on the inference thread. The next chunk is handed over as soon
+    as T3 has finished the current one (so its prompt is read while the current one's last audio
+    is made), but never more than one chunk ahead of what is being consumed. Each chunk's random
+    draws come from its own seed, derived from the request's, so a seed reproduces a whole text
+    however requests interleave.
+    """
+
+    def __init__(self, host: ModelHost, admission: Admission, job: SpeechJob):
+        self.host, self.admission, self.job = host, admission, job
+        self.chunks: asyncio.Queue[tuple[Generation, asyncio.Queue[Any]] | BaseException | None] = asyncio.Queue()
+        self.ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
+        self.started: list[Generation] = []
+        self.accounted: dict[Generation, tuple[float, float]] = {}  # queue and model time billed to the job
+
+    async def audio(self, texts: AsyncIterator[str]) -> AsyncIterator[np.ndarray]:
+        """The audio as it is made: a producer task starts the chunks' generations, in order; this
+        consumes their audio, and on the way out cancels whatever is left of them."""
+        job, worker, engine = self.job, self.host.worker, self.host.engine
+        conds = await self.admission.unit(job, lambda: self.host.conditionals(job.voice, job.params.exaggeration))
+        seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
+        producer = asyncio.ensure_future(self.produce(texts, conds, seed))
+        joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
+        try:
+            while (item := await self.admission.within_deadline(job, self.chunks.get())) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                generation, events = item
+                first = True
+                while (event := await self.admission.within_deadline(job, events.get())) is not GENERATION_DONE:
+                    self.account()
+                    if isinstance(event, BaseException):
+                        raise event
+                    job.timeline.engine_audio_seconds += len(event) / engine.sample_rate
+                    ready = joiner.push(event, starts_segment=first)
+                    first = False
+                    if len(ready):
+                        yield ready
+                job.timeline.chunks_generated.append(job.timeline.now())
+                self.ahead.release()
+            tail = joiner.finish()
+            if len(tail):
+                yield tail
+        finally:
+            producer.cancel()
+            await settle(producer)
+            for generation in self.started:
+                worker.cancel(generation)  # a no-op for those already done; frees a slot otherwise
+            self.account()
+
+    async def fitted(self, texts: AsyncIterator[str]) -> AsyncIterator[str]:
+        """Each text chunk in the pieces the model takes in one call."""
+        job = self.job
+        async for text in texts:
+            job.timeline.characters += len(text)
+            for piece in await text_step(job.timeline, self.host.engine.fit_text, text, job.params.language):
+                yield piece
+
+    async def produce(self, texts: AsyncIterator[str], conds: Any, seed: int) -> None:
+        """Start each chunk's generation, then queue it for the consumer; None once the text has ended."""
+        job, worker, loop = self.job, self.host.worker, asyncio.get_running_loop()
+        t3_done: asyncio.Event | None = None
+        index, pending = 0, aiter(self.fitted(texts))
+        while True:
+            await self.ahead.acquire()
+            if t3_done is not None:
+                await t3_done.wait()  # text is taken only when the model can start on it
+            try:
+                text = await anext(pending, None)
+            except Exception as exc:  # the text could not be taken or cut: the consumer ends with it
+                await self.chunks.put(exc)
+                return
+            if text is None:
+                break
+            events: asyncio.Queue[Any] = asyncio.Queue()
+            t3_done = asyncio.Event()
+
+            def on_event(event: Any, events: asyncio.Queue[Any] = events, done: asyncio.Event = t3_done) -> None:
+                if event is TOKENS_DONE or event is GENERATION_DONE or isinstance(event, BaseException):
+                    done.set()
+                if event is not TOKENS_DONE:
+                    events.put_nowait(event)
+
+            ticket = job.ticket if job.ticket is not None else worker.ticket()
+            def deliver(event: Any, handle: Callable[[Any], None] = on_event) -> None:
+                loop.call_soon_threadsafe(handle, event)
+
+            generation = Generation(text, conds, job.params, chunk_seed(seed, index), job.priority, ticket,
+                                    deliver)
+            self.started.append(generation)
+            worker.start(generation)
+            await self.chunks.put((generation, events))
+            index += 1
+        await self.chunks.put(None)
+
+    def account(self) -> None:
+        """The generations' model and queue time so far, billed to the job (Server-Timing reports it early)."""
+        for generation in self.started:
+            wait, model = self.accounted.get(generation, (0.0, 0.0))
+            self.job.timeline.queue_wait += generation.queue_wait - wait
+            self.job.timeline.model_seconds += generation.model_seconds - model
+            self.accounted[generation] = generation.queue_wait, generation.model_seconds
+
+
 class Speaker:
     """Turns a SpeechJob into encoded audio: the model's host and admission composed with the chunk
     pipeline, the audio chain and the result cache."""
@@ -4249,101 +4355,6 @@ class Speaker:
         return SpeakerCounts(host.loaded, host.ready, dict(host.load_seconds), admission.active,
                              admission.active_streams, worker.depth, worker.busy, self.settings.max_queue,
                              batch_counts(worker.runner), host.voice_cache.counts(), self.results.counts())
-
-    async def audio(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[np.ndarray]:
-        """The job's audio at the engine's rate, text chunk by chunk, joined without clicks.
-
-        Each chunk is one `Generation` on the inference thread. The next chunk is handed over as soon
-        as T3 has finished the current one (so its prompt is read while the current one's last audio
-        is made), but never more than one chunk ahead of what is being consumed. Each chunk's random
-        draws come from its own seed, derived from the request's, so a seed reproduces a whole text
-        however requests interleave.
-        """
-        worker, engine, loop = self.host.worker, self.host.engine, asyncio.get_running_loop()
-        conds = await self.admission.unit(job, lambda: self.host.conditionals(job.voice, job.params.exaggeration))
-        seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
-        chunks: asyncio.Queue[tuple[Generation, asyncio.Queue[Any]] | BaseException | None] = asyncio.Queue()
-        ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
-        started: list[Generation] = []
-
-        async def fitted() -> AsyncIterator[str]:  # each chunk in the pieces the model takes in one call
-            async for text in texts:
-                job.timeline.characters += len(text)
-                for piece in await text_step(job.timeline, engine.fit_text, text, job.params.language):
-                    yield piece
-
-        async def produce() -> None:
-            t3_done: asyncio.Event | None = None
-            index, pending = 0, aiter(fitted())
-            while True:
-                await ahead.acquire()
-                if t3_done is not None:
-                    await t3_done.wait()  # text is taken only when the model can start on it
-                try:
-                    text = await anext(pending, None)
-                except Exception as exc:  # the text could not be taken or cut: the consumer ends with it
-                    await chunks.put(exc)
-                    return
-                if text is None:
-                    break
-                events: asyncio.Queue[Any] = asyncio.Queue()
-                t3_done = asyncio.Event()
-
-                def on_event(event: Any, events: asyncio.Queue[Any] = events, done: asyncio.Event = t3_done) -> None:
-                    if event is TOKENS_DONE or event is GENERATION_DONE or isinstance(event, BaseException):
-                        done.set()
-                    if event is not TOKENS_DONE:
-                        events.put_nowait(event)
-
-                ticket = job.ticket if job.ticket is not None else worker.ticket()
-                def deliver(event: Any, handle: Callable[[Any], None] = on_event) -> None:
-                    loop.call_soon_threadsafe(handle, event)
-
-                generation = Generation(text, conds, job.params, chunk_seed(seed, index), job.priority, ticket,
-                                        deliver)
-                started.append(generation)
-                worker.start(generation)
-                await chunks.put((generation, events))
-                index += 1
-            await chunks.put(None)
-
-        producer = asyncio.ensure_future(produce())
-        joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
-        accounted: dict[Generation, tuple[float, float]] = {}
-
-        def account() -> None:  # the generations' model and queue time so far, as Server-Timing reports it early
-            for generation in started:
-                wait, model = accounted.get(generation, (0.0, 0.0))
-                job.timeline.queue_wait += generation.queue_wait - wait
-                job.timeline.model_seconds += generation.model_seconds - model
-                accounted[generation] = generation.queue_wait, generation.model_seconds
-
-        try:
-            while (item := await self.admission.within_deadline(job, chunks.get())) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                generation, events = item
-                first = True
-                while (event := await self.admission.within_deadline(job, events.get())) is not GENERATION_DONE:
-                    account()
-                    if isinstance(event, BaseException):
-                        raise event
-                    job.timeline.engine_audio_seconds += len(event) / engine.sample_rate
-                    ready = joiner.push(event, starts_segment=first)
-                    first = False
-                    if len(ready):
-                        yield ready
-                job.timeline.chunks_generated.append(job.timeline.now())
-                ahead.release()
-            tail = joiner.finish()
-            if len(tail):
-                yield tail
-        finally:
-            producer.cancel()
-            await settle(producer)
-            for generation in started:
-                worker.cancel(generation)  # a no-op for those already done; frees a slot otherwise
-            account()
 
     async def render(self, job: SpeechJob, texts: list[str] | AsyncIterator[str],
                      streaming: bool) -> AsyncGenerator[bytes, None]:
@@ -4415,7 +4426,7 @@ class Speaker:
 
     async def _render(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[bytes]:
         chain = AudioChain(job, self.host.engine.sample_rate, self.settings)
-        async for audio in self.audio(job, texts):
+        async for audio in ChunkPipeline(self.host, self.admission, job).audio(texts):
             if data := chain.push(audio):
                 yield data
         if data := chain.finish():
@@ -4881,9 +4892,13 @@ class SpeakMessage(SynthesisFields):
 
 @dataclass
 class Utterance:
+    """One utterance of a session: its job and record, its text as it is given (checked, cut into
+    sentences and chunks, fed to the model) and its audio."""
+
     id: str
     job: SpeechJob
     record: RequestRecord  # its request log line and metrics
+    speaker: Speaker  # renders it; its settings bound and cut the text
     encoding: str = "binary"
     feed: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
     buffer: str = ""
@@ -4911,6 +4926,53 @@ class Utterance:
     def record_text(self, text: str) -> None:
         """The extension point of utterance types that follow their text (the vendor protocols' character
         timings): called with each piece of text handed to the model, in order, as it is handed over."""
+
+    async def say_all(self, text: str, param: str = "text") -> None:
+        """All of the text at once, validated and chunked exactly as an HTTP request's would be."""
+        chunks = await text_step(self.job.timeline, speech_chunks, text, self.speaker.settings, param)
+        self.say_chunks(chunks, text)
+
+    def say_chunks(self, chunks: list[str], text: str) -> None:
+        self.chunks = chunks
+        self.ended = True
+        self.record_text(text)
+        if self.speaker.settings.log_text:
+            self.job.text_log = text
+
+    async def add_text(self, text: str) -> None:
+        if self.ended:
+            raise ApiError(409, f"Utterance {self.id!r} has ended; start a new one.", param="id",
+                           code="utterance_ended")
+        limit = self.speaker.settings.max_input_chars
+        if self.unspoken_chars + len(text) > limit:
+            raise ApiError(413, f"More than {limit} characters are waiting to be spoken in {self.id!r}.",
+                           param="text", code="input_too_long")
+        check_speakable(text, "text")
+        complete, self.buffer = await text_step(self.job.timeline, split_complete, self.buffer + text)
+        await self.queue_text(complete)
+
+    async def flush(self) -> None:
+        text, self.buffer = self.buffer, ""
+        await self.queue_text(text)
+
+    async def end(self) -> None:
+        if not self.ended:
+            await self.flush()
+            self.ended = True
+            self.feed.put_nowait(None)
+
+    async def queue_text(self, text: str) -> None:
+        chunks = await text_step(self.job.timeline, text_chunks, text, self.speaker.settings.chunk_max_chars)
+        self.queue_chunks(chunks)
+        self.record_text(text)
+
+    async def audio(self) -> AsyncIterator[bytes]:
+        """The encoded audio as it is made, counted in the record (the session's speak_one closes the
+        rendering, and with it the model work, however the utterance ends)."""
+        self.rendering = self.speaker.render(self.job, self.texts(), streaming=True)
+        async for data in self.rendering:
+            self.record.sent_bytes += len(data)
+            yield data
 
     async def _fed(self) -> AsyncIterator[str]:
         while (text := await self.feed.get()) is not None:
@@ -4988,7 +5050,7 @@ class SpeechSession:
         raise NotImplementedError
 
     async def stream(self, utterance: Utterance) -> None:
-        """Send the utterance's audio (self.audio) as the protocol does."""
+        """Send the utterance's audio (utterance.audio()) as the protocol does."""
         raise NotImplementedError
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
@@ -5010,7 +5072,8 @@ class SpeechSession:
             raise ApiError(429, f"This connection already has {limit} utterances queued or speaking; wait for one "
                            "to finish (its done message) or cancel one.", code="too_many_utterances")
         job = await make_job()
-        utterance = self.utterance_type(utterance_id, job, RequestRecord(self.route, job.id, job=job), **details)
+        record = RequestRecord(self.route, job.id, job=job)
+        utterance = self.utterance_type(utterance_id, job, record, self.app_state.speaker, **details)
         if give_text is not None:
             await give_text(utterance)  # it joins only once its text was accepted
         if at_once:
@@ -5021,18 +5084,6 @@ class SpeechSession:
 
     async def realtime_job(self, fields: SynthesisFields, default_format: str) -> SpeechJob:
         return await speech_job(fields, self.app_state, Priority.REALTIME, default_format)
-
-    async def say_all(self, utterance: Utterance, text: str, param: str = "text") -> None:
-        """All of the utterance's text at once, validated and chunked exactly as an HTTP request's would be."""
-        chunks = await text_step(utterance.job.timeline, speech_chunks, text, self.app_state.settings, param)
-        self.say_chunks(utterance, chunks, text)
-
-    def say_chunks(self, utterance: Utterance, chunks: list[str], text: str) -> None:
-        utterance.chunks = chunks
-        utterance.ended = True
-        utterance.record_text(text)
-        if self.app_state.settings.log_text:
-            utterance.job.text_log = text
 
     def admit(self, utterance: Utterance) -> None:
         """The utterance joins the session, to be spoken after those started before it."""
@@ -5046,33 +5097,6 @@ class SpeechSession:
         task = asyncio.ensure_future(self.speak_one(utterance))
         self.speaking.add(task)
         task.add_done_callback(self.speaking.discard)
-
-    async def add_text(self, utterance: Utterance, text: str) -> None:
-        if utterance.ended:
-            raise ApiError(409, f"Utterance {utterance.id!r} has ended; start a new one.", param="id",
-                           code="utterance_ended")
-        limit = self.app_state.settings.max_input_chars
-        if utterance.unspoken_chars + len(text) > limit:
-            raise ApiError(413, f"More than {limit} characters are waiting to be spoken in {utterance.id!r}.",
-                           param="text", code="input_too_long")
-        check_speakable(text, "text")
-        complete, utterance.buffer = await text_step(utterance.job.timeline, split_complete, utterance.buffer + text)
-        await self.queue_text(utterance, complete)
-
-    async def flush(self, utterance: Utterance) -> None:
-        text, utterance.buffer = utterance.buffer, ""
-        await self.queue_text(utterance, text)
-
-    async def end(self, utterance: Utterance) -> None:
-        if not utterance.ended:
-            await self.flush(utterance)
-            utterance.ended = True
-            utterance.feed.put_nowait(None)
-
-    async def queue_text(self, utterance: Utterance, text: str) -> None:
-        chunks = await text_step(utterance.job.timeline, text_chunks, text, self.app_state.settings.chunk_max_chars)
-        utterance.queue_chunks(chunks)
-        utterance.record_text(text)
 
     async def cancel(self, utterance: Utterance) -> None:
         utterance.cancelled = True
@@ -5135,14 +5159,6 @@ class SpeechSession:
     def _finish_record(self, record: RequestRecord) -> None:
         record.finish(self.app_state.speaker.metrics, self.app_state.settings.log_text)
 
-    async def audio(self, utterance: Utterance) -> AsyncIterator[bytes]:
-        """The utterance's encoded audio as it is made, counted in its record (speak_one closes its
-        rendering, and with it the model work, however the utterance ends)."""
-        utterance.rendering = self.app_state.speaker.render(utterance.job, utterance.texts(), streaming=True)
-        async for data in utterance.rendering:
-            utterance.record.sent_bytes += len(data)
-            yield data
-
     async def send_json(self, message: dict[str, Any]) -> None:
         await self.send(self.websocket.send_text(json.dumps(message, separators=(",", ":"))))
 
@@ -5184,11 +5200,11 @@ class SpeechWebSocket(SpeechSession):
                 addition = message.get("text")
                 if not isinstance(addition, str):
                     raise ApiError(400, "'text' must be a string.", param="text", code="invalid_value")
-                await self.add_text(utterance, addition)
+                await utterance.add_text(addition)
             elif kind == "flush":
-                await self.flush(utterance)
+                await utterance.flush()
             elif kind == "end":
-                await self.end(utterance)
+                await utterance.end()
             else:
                 await self.cancel(utterance)
         except ApiError as exc:
@@ -5203,8 +5219,8 @@ class SpeechWebSocket(SpeechSession):
                            code="duplicate_id")
         await self.open_utterance(
             message.id, lambda: self.realtime_job(message, "pcm"),
-            lambda utterance: self.say_all(utterance, message.text) if message.final else
-            self.add_text(utterance, message.text), encoding=message.encoding)
+            lambda utterance: utterance.say_all(message.text) if message.final else
+            utterance.add_text(message.text), encoding=message.encoding)
 
     def refused(self, exc: ApiError) -> None:
         """An utterance refused before it started is a request too: counted and logged."""
@@ -5226,7 +5242,7 @@ class SpeechWebSocket(SpeechSession):
         output = utterance.job.output
         await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
                               "sample_rate": output.rate})
-        async for data in self.audio(utterance):
+        async for data in utterance.audio():
             if utterance.encoding == "binary":
                 await self.send(self.websocket.send_bytes(data))
             else:
