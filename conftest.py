@@ -20,6 +20,7 @@ from testing import (
     ROOT,
     ServerProcess,
     ToneEngine,
+    end_with_parent,
     free_port,
 )
 
@@ -47,16 +48,47 @@ def fake_client(tmp_path: Path) -> Iterator[TestClient]:
         yield client
 
 
-@pytest.fixture(scope="session")
-def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+CheckpointBuild = tuple[dict[str, Path], subprocess.Popen[bytes], Path]
+
+
+def start_checkpoint_build(tmp_path_factory: pytest.TempPathFactory) -> CheckpointBuild:
     root = tmp_path_factory.mktemp("checkpoints")
     dirs = {kind: root / kind for kind in MODELS}
 
-    # One process writes all three (chatterbox is imported once), beside the Piper server's start.
+    # One process writes all three (chatterbox is imported once), beside the tests that need none.
     build = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import random_checkpoint; "
              "[random_checkpoint.write_checkpoint(Path(d), k, True, 7) for k, d in zip(sys.argv[2::2], sys.argv[3::2])]")
-    subprocess.run([sys.executable, "-c", build, str(ROOT / "tools"),
-                    *[str(part) for kind in MODELS for part in (kind, dirs[kind])]], check=True, capture_output=True)
+    log = tmp_path_factory.mktemp("checkpoint-build") / "output.log"
+    with open(log, "wb") as output:
+        proc = subprocess.Popen([sys.executable, "-c", build, str(ROOT / "tools"),
+                                 *[str(part) for kind in MODELS for part in (kind, dirs[kind])]],
+                                stdout=output, stderr=subprocess.STDOUT, preexec_fn=end_with_parent)
+    return dirs, proc, log
+
+
+@pytest.fixture(scope="session", autouse=True)
+def checkpoint_build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                     ) -> Iterator[CheckpointBuild | None]:
+    """Starts writing the checkpoints as the session starts, when a selected test needs them: the build
+    overlaps the in-process tests that come first. `checkpoints` waits for it."""
+    if not any({"checkpoints", "servers"} & set(getattr(item, "fixturenames", ())) for item in request.session.items):
+        yield None
+        return
+    build = start_checkpoint_build(tmp_path_factory)
+    try:
+        yield build
+    finally:
+        if build[1].poll() is None:
+            build[1].kill()
+        build[1].wait()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(checkpoint_build: CheckpointBuild | None, tmp_path_factory: pytest.TempPathFactory
+                ) -> dict[str, Path]:
+    dirs, proc, log = checkpoint_build or start_checkpoint_build(tmp_path_factory)
+    if proc.wait() != 0:
+        raise subprocess.CalledProcessError(proc.returncode, proc.args, log.read_bytes())
     return dirs
 
 
