@@ -199,9 +199,9 @@ def test_twilio_bad_input_gets_clear_errors_and_never_hangs(servers: dict[str, S
 
 
 # --- Protocol adapters (issue 14) ---
-# OpenAI-exact defaults, then each vendor protocol through its real client library where one installs
-# here (openai, LiveKit's ElevenLabs and Cartesia plugins, the wyoming package), else a client written
-# from the protocol's documents (Asterisk), on the Piper and tiny Turbo servers.
+# Each vendor protocol through its real client library where one installs here (LiveKit's ElevenLabs and
+# Cartesia plugins, the wyoming package), else a client written from the protocol's documents (Asterisk), on
+# the Piper and tiny Turbo servers. The OpenAI-exact defaults, the server's own API, are in server_test.py.
 
 
 def test_character_timings_follow_the_text_and_gather_into_words() -> None:

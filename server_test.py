@@ -3993,6 +3993,9 @@ def test_sigterm_ends_streams_cleanly_and_exits_despite_a_client_that_reads_noth
         srv.stop()
 
 
+# --- OpenAI-exact defaults (issue 14): what OpenAI's clients (the openai SDK, pipecat, Open WebUI) send and read ---
+
+
 def test_openai_nulls_mean_defaults_and_voice_names_match_in_any_case(fake_client: TestClient) -> None:
     body = {"input": "Null means default.", "response_format": "pcm", "seed": 3}
     plain = fake_client.post("/v1/audio/speech", json=body | {"voice": "alloy"})
