@@ -8,6 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+TEST_MODULES := server_test.py adapters_test.py tools_test.py golden_test.py
 REQUIREMENTS := requirements.txt requirements-nodeps.txt requirements-test.txt
 # The browser tests drive Debian's chromium; Playwright must never download its own.
 CHROMIUM := /usr/bin/chromium
@@ -38,7 +39,7 @@ run: $(STAMP)
 	$(PY) server.py
 
 test: $(STAMP) $(CHROMIUM)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 --timeout-method=thread server_test.py $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 --timeout-method=thread $(TEST_MODULES) $(PYTEST_ARGS)
 
 gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
@@ -49,7 +50,7 @@ golden: $(STAMP)
 	$(if $(GOLDEN_AT),git worktree add -q --detach $(GOLDEN_SOURCE) $(GOLDEN_AT),mkdir -p $(GOLDEN_SOURCE))
 	GOLDEN_RECORD=1 GOLDEN_COMMIT=$$(git rev-parse --short $(or $(GOLDEN_AT),HEAD)) \
 	  SERVER_SOURCE=$(if $(GOLDEN_AT),$(GOLDEN_SOURCE),.) HF_HUB_OFFLINE=1 \
-	  $(PY) -m pytest -q -p no:cacheprovider --timeout=600 server_test.py -k golden_bytes
+	  $(PY) -m pytest -q -p no:cacheprovider --timeout=600 golden_test.py
 	rm -rf $(GOLDEN_SOURCE) && git worktree prune
 
 clean:
