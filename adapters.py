@@ -89,8 +89,9 @@ class CharTimings:
         return [(char, start + i * step, step) for i, char in enumerate(chars)]
 
 
-async def with_timings(audio: AsyncIterator[bytes], timeline: server.Timeline,
-                       timings: CharTimings) -> AsyncIterator[tuple[bytes, list[tuple[str, float, float]], float]]:
+async def with_timings(
+    audio: AsyncIterator[bytes], timeline: server.Timeline, timings: CharTimings
+) -> AsyncIterator[tuple[bytes, list[tuple[str, float, float]], float]]:
     """Each piece of a job's audio with the characters estimated to be spoken in it and where it starts
     (seconds from the utterance's start); then, if text is left when the audio ends, an empty piece
     that places the rest at the end."""
@@ -147,12 +148,12 @@ class VendorSession(SpeechSession):
 
     async def stream(self, utterance: Utterance) -> None:
         assert isinstance(utterance, Context)
-        async for data, chars, start in with_timings(utterance.audio(), utterance.job.timeline,
-                                                     utterance.timings):
+        async for data, chars, start in with_timings(utterance.audio(), utterance.job.timeline, utterance.timings):
             await self.send_audio(utterance, data, chars, start)
 
-    async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
-                         start: float) -> None:
+    async def send_audio(
+        self, context: Context, data: bytes, chars: list[tuple[str, float, float]], start: float
+    ) -> None:
         """One piece of the context's audio, with the characters estimated to be spoken in it
         (times from the utterance's start; `start` is where this piece begins)."""
         raise NotImplementedError
@@ -168,8 +169,9 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def vendor_route(path: str, endpoint: Callable[[Request], Awaitable[Response]],
-                 error: Callable[[ApiError], Response]) -> Route:
+def vendor_route(
+    path: str, endpoint: Callable[[Request], Awaitable[Response]], error: Callable[[ApiError], Response]
+) -> Route:
     """An HTTP route that answers errors in its protocol's shape."""
 
     async def answer(request: Request) -> Response:
@@ -183,15 +185,22 @@ def vendor_route(path: str, endpoint: Callable[[Request], Awaitable[Response]],
     return Route(path, answer, methods=["POST"])
 
 
-async def speak_http(request: Request, fields: SynthesisFields, text: str, streaming: bool, param: str,
-                     convert: Callable[[bytes], bytes] | None = None) -> Response:
+async def speak_http(
+    request: Request,
+    fields: SynthesisFields,
+    text: str,
+    streaming: bool,
+    param: str,
+    convert: Callable[[bytes], bytes] | None = None,
+) -> Response:
     """A vendor HTTP request's audio: the same job and stream as POST /v1/audio/speech."""
     job, chunks = await server.request_job(request, fields, text, "mp3", streaming, param=param)
     audio = await server.speech_stream(request, job, chunks, streaming)
     if convert is not None:
         audio = converted(audio, convert)
-    return StreamingResponse(server.ended_cleanly(audio), media_type=job.output.fmt.media_type,
-                             headers=server.audio_headers(job))
+    return StreamingResponse(
+        server.ended_cleanly(audio), media_type=job.output.fmt.media_type, headers=server.audio_headers(job)
+    )
 
 
 async def converted(audio: AsyncIterator[bytes], convert: Callable[[bytes], bytes]) -> AsyncIterator[bytes]:
@@ -264,11 +273,18 @@ class ElevenLabsMessage(NullIsDefault):
     authorization: str | None = None
 
 
-def elevenlabs_fields(voice_id: str, output_format: str, settings: ElevenLabsVoiceSettings | None,
-                      language: str | None = None, seed: int | None = None) -> SynthesisFields:
+def elevenlabs_fields(
+    voice_id: str,
+    output_format: str,
+    settings: ElevenLabsVoiceSettings | None,
+    language: str | None = None,
+    seed: int | None = None,
+) -> SynthesisFields:
     speed = settings.speed if settings is not None else None
-    return server.parse_model(SynthesisFields, {"voice": voice_id, "output_format": output_format, "speed": speed,
-                                                "language": language, "seed": seed})
+    return server.parse_model(
+        SynthesisFields,
+        {"voice": voice_id, "output_format": output_format, "speed": speed, "language": language, "seed": seed},
+    )
 
 
 ELEVENLABS_STATUS = {"invalid_value": 422, "missing_field": 422, "voice_not_found": 404}
@@ -276,8 +292,10 @@ ELEVENLABS_STATUS = {"invalid_value": 422, "missing_field": 422, "voice_not_foun
 
 def elevenlabs_error(exc: ApiError) -> JSONResponse:
     """ElevenLabs' REST error shape: {"detail": {"status", "message"}}."""
-    return JSONResponse({"detail": {"status": exc.code or "invalid_request", "message": exc.message}},
-                        status_code=ELEVENLABS_STATUS.get(exc.code or "", exc.status))
+    return JSONResponse(
+        {"detail": {"status": exc.code or "invalid_request", "message": exc.message}},
+        status_code=ELEVENLABS_STATUS.get(exc.code or "", exc.status),
+    )
 
 
 async def elevenlabs_request(request: Request) -> tuple[ElevenLabsSpeech, SynthesisFields]:
@@ -286,8 +304,9 @@ async def elevenlabs_request(request: Request) -> tuple[ElevenLabsSpeech, Synthe
     data = await server.read_json(request, server.MAX_JSON_BYTES)
     body: ElevenLabsSpeech = server.parse_model(ElevenLabsSpeech, data)
     output_format = request.query_params.get("output_format") or ELEVENLABS_FORMAT
-    fields = elevenlabs_fields(request.path_params["voice_id"], output_format, body.voice_settings,
-                               body.language_code, body.seed)
+    fields = elevenlabs_fields(
+        request.path_params["voice_id"], output_format, body.voice_settings, body.language_code, body.seed
+    )
     return body, fields
 
 
@@ -309,24 +328,36 @@ async def elevenlabs_timestamps(request: Request) -> Response:
         async for data, chars, _ in with_timings(audio, job.timeline, timings):
             yield timestamp_line(data, chars)
 
-    return StreamingResponse(server.ended_cleanly(lines()), media_type="application/x-ndjson",
-                             headers={"X-Request-Id": job.id})
+    return StreamingResponse(
+        server.ended_cleanly(lines()), media_type="application/x-ndjson", headers={"X-Request-Id": job.id}
+    )
 
 
 def timestamp_line(data: bytes, chars: list[tuple[str, float, float]]) -> bytes:
-    alignment = {"characters": [c for c, _, _ in chars],
-                 "character_start_times_seconds": [round(s, 3) for _, s, _ in chars],
-                 "character_end_times_seconds": [round(s + d, 3) for _, s, d in chars]}
-    return (json.dumps({"audio_base64": b64(data), "alignment": alignment, "normalized_alignment": alignment},
-                       separators=(",", ":")) + "\n").encode()
+    alignment = {
+        "characters": [c for c, _, _ in chars],
+        "character_start_times_seconds": [round(s, 3) for _, s, _ in chars],
+        "character_end_times_seconds": [round(s + d, 3) for _, s, d in chars],
+    }
+    return (
+        json.dumps(
+            {"audio_base64": b64(data), "alignment": alignment, "normalized_alignment": alignment},
+            separators=(",", ":"),
+        )
+        + "\n"
+    ).encode()
 
 
 def elevenlabs_alignment(chars: list[tuple[str, float, float]], start: float) -> dict[str, Any]:
     """Character timings in milliseconds from the start of this message's audio (as ElevenLabs sends
     them); the duration under both spellings clients read."""
     durations = [round(1000 * d) for _, _, d in chars]
-    return {"chars": [c for c, _, _ in chars], "charStartTimesMs": [round(1000 * (s - start)) for _, s, _ in chars],
-            "charsDurationsMs": durations, "charDurationsMs": durations}
+    return {
+        "chars": [c for c, _, _ in chars],
+        "charStartTimesMs": [round(1000 * (s - start)) for _, s, _ in chars],
+        "charsDurationsMs": durations,
+        "charDurationsMs": durations,
+    }
 
 
 class ElevenLabsSession(VendorSession):
@@ -359,8 +390,12 @@ class ElevenLabsSession(VendorSession):
             except TimeoutError:
                 if any(u.task is not None and not u.task.done() for u in self.active.values()):
                     continue  # speaking is activity too
-                await self.send_error(ApiError(408, f"No message for {self.inactivity} s (inactivity_timeout).",
-                                               code="input_timeout_exceeded"), None)
+                await self.send_error(
+                    ApiError(
+                        408, f"No message for {self.inactivity} s (inactivity_timeout).", code="input_timeout_exceeded"
+                    ),
+                    None,
+                )
                 await self.hang_up(1008, "input_timeout_exceeded")
                 return
             if message["type"] == "websocket.disconnect":
@@ -373,8 +408,13 @@ class ElevenLabsSession(VendorSession):
             message: ElevenLabsMessage = server.parse_model(ElevenLabsMessage, server.ws_message(text))
             context_id = message.context_id
             if not self.authorized:
-                check_key(self.app_state, self.websocket.headers.get("xi-api-key"), server.bearer_token(self.websocket.headers),
-                          message.xi_api_key, server.bearer_token({"authorization": message.authorization or ""}))
+                check_key(
+                    self.app_state,
+                    self.websocket.headers.get("xi-api-key"),
+                    server.bearer_token(self.websocket.headers),
+                    message.xi_api_key,
+                    server.bearer_token({"authorization": message.authorization or ""}),
+                )
                 self.authorized = True
             if message.close_socket:
                 await self.close_socket()
@@ -397,9 +437,16 @@ class ElevenLabsSession(VendorSession):
 
     async def open(self, message: ElevenLabsMessage) -> Utterance:
         context = await self.open_utterance(
-            message.context_id, lambda: self.realtime_job(elevenlabs_fields(
-                self.websocket.path_params["voice_id"], self.output_format, message.voice_settings, self.language), "mp3"),
-            lambda context: self.add(context, message), at_once=self.multi)
+            message.context_id,
+            lambda: self.realtime_job(
+                elevenlabs_fields(
+                    self.websocket.path_params["voice_id"], self.output_format, message.voice_settings, self.language
+                ),
+                "mp3",
+            ),
+            lambda context: self.add(context, message),
+            at_once=self.multi,
+        )
         self.opened = True
         return context
 
@@ -416,8 +463,9 @@ class ElevenLabsSession(VendorSession):
         if not self.active:
             await self.hang_up()
 
-    async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
-                         start: float) -> None:
+    async def send_audio(
+        self, context: Context, data: bytes, chars: list[tuple[str, float, float]], start: float
+    ) -> None:
         message: dict[str, Any] = {"audio": b64(data), "isFinal": False}
         if chars:
             alignment = elevenlabs_alignment(chars, start)
@@ -435,8 +483,16 @@ class ElevenLabsSession(VendorSession):
             await self.hang_up()
 
     async def send_error(self, exc: ApiError, context_id: str | None) -> None:
-        await self.send_json(self.tagged({"message": exc.message, "error": exc.code or "invalid_request",
-                                          "code": 1008 if exc.status == 401 else exc.status}, context_id))
+        await self.send_json(
+            self.tagged(
+                {
+                    "message": exc.message,
+                    "error": exc.code or "invalid_request",
+                    "code": 1008 if exc.status == 401 else exc.status,
+                },
+                context_id,
+            )
+        )
 
 
 class ElevenLabsMultiSession(ElevenLabsSession):
@@ -501,13 +557,18 @@ def cartesia_fields(request: CartesiaRequest, websocket: bool) -> SynthesisField
         raise ApiError(400, f"'{missing}' is required.", param=missing, code="missing_field")
     out = request.output_format
     if websocket and out.container != "raw":
-        raise ApiError(400, "The WebSocket sends raw audio: use container 'raw'.", param="output_format.container",
-                       code="unsupported_format")
+        raise ApiError(
+            400,
+            "The WebSocket sends raw audio: use container 'raw'.",
+            param="output_format.container",
+            code="unsupported_format",
+        )
     if out.container == "mp3":
         name = "mp3"
     elif out.encoding is None:
-        raise ApiError(400, "'output_format.encoding' is required.", param="output_format.encoding",
-                       code="missing_field")
+        raise ApiError(
+            400, "'output_format.encoding' is required.", param="output_format.encoding", code="missing_field"
+        )
     elif out.container == "wav":
         if out.encoding != "pcm_s16le":
             raise ApiError(400, "WAV is sent as pcm_s16le.", param="output_format.encoding", code="unsupported_format")
@@ -515,9 +576,16 @@ def cartesia_fields(request: CartesiaRequest, websocket: bool) -> SynthesisField
     else:
         name = CARTESIA_ENCODINGS[out.encoding]
     speed = request.generation_config.speed if request.generation_config is not None else None
-    fields = server.parse_model(SynthesisFields, {"voice": request.voice.id, "response_format": name,
-                                                  "sample_rate": out.sample_rate, "speed": speed,
-                                                  "language": request.language})
+    fields = server.parse_model(
+        SynthesisFields,
+        {
+            "voice": request.voice.id,
+            "response_format": name,
+            "sample_rate": out.sample_rate,
+            "speed": speed,
+            "language": request.language,
+        },
+    )
     bitrate = f"_{out.bit_rate // 1000}" if name == "mp3" and out.bit_rate else ""
     if bitrate:
         fields = fields.model_copy(update={"output_format": f"mp3_{out.sample_rate}{bitrate}"})
@@ -531,8 +599,12 @@ def sends_float32(request: CartesiaRequest) -> bool:
 
 
 def cartesia_error_body(exc: ApiError) -> dict[str, Any]:
-    return {"title": "Invalid request" if exc.status < 500 else "Server error", "message": exc.message,
-            "error_code": exc.code or "invalid_request", "status_code": exc.status}
+    return {
+        "title": "Invalid request" if exc.status < 500 else "Server error",
+        "message": exc.message,
+        "error_code": exc.code or "invalid_request",
+        "status_code": exc.status,
+    }
 
 
 def cartesia_error(exc: ApiError) -> JSONResponse:
@@ -545,8 +617,9 @@ async def cartesia_bytes(request: Request) -> Response:
     body: CartesiaRequest = server.parse_model(CartesiaRequest, await server.read_json(request, server.MAX_JSON_BYTES))
     fields = cartesia_fields(body, websocket=False)
     float32 = sends_float32(body)
-    response = await speak_http(request, fields, body.transcript, streaming=False, param="transcript",
-                                convert=s16_to_f32 if float32 else None)
+    response = await speak_http(
+        request, fields, body.transcript, streaming=False, param="transcript", convert=s16_to_f32 if float32 else None
+    )
     if float32:
         response.headers["X-Encoding"] = "f32le"
         response.headers["X-Bit-Depth"] = "32"
@@ -579,8 +652,12 @@ class CartesiaSession(VendorSession):
                     await self.cancel(context)
                 return
             if context is None:
-                await self.open_utterance(context_id, lambda: self.realtime_job(cartesia_fields(request, True), "pcm"),
-                                          lambda context: self.start(context, request), at_once=True)
+                await self.open_utterance(
+                    context_id,
+                    lambda: self.realtime_job(cartesia_fields(request, True), "pcm"),
+                    lambda context: self.start(context, request),
+                    at_once=True,
+                )
             else:
                 await self.feed(context, request)
         except ApiError as exc:
@@ -610,23 +687,41 @@ class CartesiaSession(VendorSession):
                 context.flushes.append(context.queued)
         elif context.buffer.strip():
             context.timer = asyncio.get_running_loop().call_later(
-                request.max_buffer_delay_ms / 1000, lambda: asyncio.ensure_future(context.flush()))
+                request.max_buffer_delay_ms / 1000, lambda: asyncio.ensure_future(context.flush())
+            )
 
-    async def send_audio(self, context: Context, data: bytes, chars: list[tuple[str, float, float]],
-                         start: float) -> None:
+    async def send_audio(
+        self, context: Context, data: bytes, chars: list[tuple[str, float, float]], start: float
+    ) -> None:
         assert isinstance(context, CartesiaContext)
         if data:
             now = time.monotonic()
             step, context.sent_at = now - context.sent_at, now
-            await self.send_json({"type": "chunk", "data": b64(s16_to_f32(data) if context.float32 else data),
-                                  "done": False, "status_code": 206, "step_time": round(1000 * step, 1),
-                                  "context_id": context.id})
+            await self.send_json(
+                {
+                    "type": "chunk",
+                    "data": b64(s16_to_f32(data) if context.float32 else data),
+                    "done": False,
+                    "status_code": 206,
+                    "step_time": round(1000 * step, 1),
+                    "context_id": context.id,
+                }
+            )
         words = context.words.add(chars, final=not data)
         if words and context.timestamps:
-            await self.send_json({"type": "timestamps", "done": False, "status_code": 206, "context_id": context.id,
-                                  "word_timestamps": {"words": [w for w, _, _ in words],
-                                                      "start": [round(s, 3) for _, s, _ in words],
-                                                      "end": [round(e, 3) for _, _, e in words]}})
+            await self.send_json(
+                {
+                    "type": "timestamps",
+                    "done": False,
+                    "status_code": 206,
+                    "context_id": context.id,
+                    "word_timestamps": {
+                        "words": [w for w, _, _ in words],
+                        "start": [round(s, 3) for _, s, _ in words],
+                        "end": [round(e, 3) for _, _, e in words],
+                    },
+                }
+            )
         await self.send_flushes(context, len(context.job.timeline.chunks_generated))
 
     async def send_flushes(self, context: CartesiaContext, chunks_done: int) -> None:
@@ -634,8 +729,16 @@ class CartesiaSession(VendorSession):
         while context.flushes and chunks_done >= context.flushes[0]:
             context.flushes.pop(0)
             context.flushed += 1
-            await self.send_json({"type": "flush_done", "done": False, "flush_done": True,
-                                  "flush_id": context.flushed, "status_code": 206, "context_id": context.id})
+            await self.send_json(
+                {
+                    "type": "flush_done",
+                    "done": False,
+                    "flush_done": True,
+                    "flush_id": context.flushed,
+                    "status_code": 206,
+                    "context_id": context.id,
+                }
+            )
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
         assert isinstance(utterance, CartesiaContext)
@@ -688,15 +791,19 @@ class WyomingSession(SpeechSession):
                 if self.streaming is not None:
                     raise ApiError(409, "A synthesize stream is open already: stop it first.", code="already_started")
                 self.streaming = await self.open_utterance(
-                    str(next(self.numbers)), lambda: self.job(SynthesizeStart.from_event(event).voice))
+                    str(next(self.numbers)), lambda: self.job(SynthesizeStart.from_event(event).voice)
+                )
             elif SynthesizeChunk.is_type(event.type):
                 await self.stream_in_progress().add_text(SynthesizeChunk.from_event(event).text)
             elif SynthesizeStop.is_type(event.type):
                 await self.stream_in_progress().end()
                 self.streaming = None
             elif Synthesize.is_type(event.type) and self.streaming is None:  # inside a stream: a copy, ignored
-                await self.open_utterance(str(next(self.numbers)), lambda: self.job(Synthesize.from_event(event).voice),
-                                          lambda utterance: utterance.say_all(Synthesize.from_event(event).text))
+                await self.open_utterance(
+                    str(next(self.numbers)),
+                    lambda: self.job(Synthesize.from_event(event).voice),
+                    lambda utterance: utterance.say_all(Synthesize.from_event(event).text),
+                )
         except (ApiError, KeyError, TypeError, AttributeError) as exc:
             message = exc.message if isinstance(exc, ApiError) else f"Malformed {event.type} event."
             code = exc.code if isinstance(exc, ApiError) else "invalid_event"
@@ -708,21 +815,49 @@ class WyomingSession(SpeechSession):
         return self.streaming
 
     async def job(self, voice: Any) -> SpeechJob:
-        fields = server.parse_model(SynthesisFields, {
-            "voice": getattr(voice, "name", None), "language": getattr(voice, "language", None),
-            "response_format": "pcm", "sample_rate": self.rate})
+        fields = server.parse_model(
+            SynthesisFields,
+            {
+                "voice": getattr(voice, "name", None),
+                "language": getattr(voice, "language", None),
+                "response_format": "pcm",
+                "sample_rate": self.rate,
+            },
+        )
         return await self.realtime_job(fields, "pcm")
 
     def info(self) -> Info:
         engine, described = self.app_state.engine, self.app_state.engine.describe()
-        attribution = (Attribution(name="Rhasspy", url="https://github.com/rhasspy/piper") if engine.name == "piper"
-                       else Attribution(name="Resemble AI", url="https://github.com/resemble-ai/chatterbox"))
+        attribution = (
+            Attribution(name="Rhasspy", url="https://github.com/rhasspy/piper")
+            if engine.name == "piper"
+            else Attribution(name="Resemble AI", url="https://github.com/resemble-ai/chatterbox")
+        )
         languages = described.get("languages", ["en"])
-        voices = [TtsVoice(name=v["id"], attribution=attribution, installed=True, description=v["type"],
-                           version=None, languages=languages) for v in self.app_state.speaker.voices.list()]
-        return Info(tts=[TtsProgram(name="chatterbox-tts-server", attribution=attribution, installed=True,
-                                    description=f"{engine.name} via chatterbox-tts-server", version=server.__version__,
-                                    voices=voices, supports_synthesize_streaming=True)])
+        voices = [
+            TtsVoice(
+                name=v["id"],
+                attribution=attribution,
+                installed=True,
+                description=v["type"],
+                version=None,
+                languages=languages,
+            )
+            for v in self.app_state.speaker.voices.list()
+        ]
+        return Info(
+            tts=[
+                TtsProgram(
+                    name="chatterbox-tts-server",
+                    attribution=attribution,
+                    installed=True,
+                    description=f"{engine.name} via chatterbox-tts-server",
+                    version=server.__version__,
+                    voices=voices,
+                    supports_synthesize_streaming=True,
+                )
+            ]
+        )
 
     async def stream(self, utterance: Utterance) -> None:
         await self.write(AudioStart(rate=self.rate, width=2, channels=1).event())
@@ -775,7 +910,6 @@ async def fixed_frames(audio: AsyncIterator[bytes], size: int, silence: bytes) -
         yield pending.ljust(size, silence)
 
 
-
 class CallSpeech(SynthesisFields):
     """POST /v1/telephony/audiosocket/{uuid}: something for the call to say. The call's codec sets
     the audio format; `hangup` ends the call once this (and anything queued after it) is spoken."""
@@ -805,8 +939,12 @@ class CallScripts:
         for stale in [c for c, s in self.calls.items() if not s.connected and now - s.created > self.UNCONNECTED_TTL]:
             del self.calls[stale]
         if call_id not in self.calls and len(self.calls) >= self.MAX_CALLS:
-            raise ApiError(429, f"{self.MAX_CALLS} calls are registered already; retry shortly.",
-                           code="too_many_calls", headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"{self.MAX_CALLS} calls are registered already; retry shortly.",
+                code="too_many_calls",
+                headers={"Retry-After": "1"},
+            )
         script = self.calls.setdefault(call_id, CallScript())
         script.queue.put_nowait(speech)
         return script.queue.qsize()
@@ -873,10 +1011,15 @@ class CallSession(SpeechSession):
                 logger.warning("{} call: {}", self.route, exc.message)
 
     async def say(self, speech: CallSpeech) -> None:
-        fields = speech.model_copy(update={"response_format": self.fmt, "sample_rate": self.rate,
-                                           "output_format": None})
-        await self.open_utterance(uuid.uuid4().hex[:12], lambda: self.realtime_job(fields, self.fmt),
-                                  lambda utterance: utterance.say_all(speech.text), hangup=speech.hangup)
+        fields = speech.model_copy(
+            update={"response_format": self.fmt, "sample_rate": self.rate, "output_format": None}
+        )
+        await self.open_utterance(
+            uuid.uuid4().hex[:12],
+            lambda: self.realtime_job(fields, self.fmt),
+            lambda utterance: utterance.say_all(speech.text),
+            hangup=speech.hangup,
+        )
 
     def hangs_up_after(self, utterance: Utterance) -> bool:
         """The utterance asks to hang up, and nothing else is left to say."""
@@ -950,8 +1093,11 @@ class AudioSocketSession(CallSession):
             self.call = str(uuid.UUID(bytes=first[1]))
             script = call_scripts(self.app_state).take(self.call)
             if script is None:
-                raise ApiError(404, f"No speech registered for call {self.call}: POST /v1/telephony/audiosocket/"
-                               f"{self.call} first.", code="unknown_call")
+                raise ApiError(
+                    404,
+                    f"No speech registered for call {self.call}: POST /v1/telephony/audiosocket/{self.call} first.",
+                    code="unknown_call",
+                )
             await self.start_script(script)
         except ApiError as exc:
             logger.warning("audiosocket call {}: {}", self.call, exc.message)
@@ -989,8 +1135,15 @@ class AudioSocketSession(CallSession):
 
 # --- Asterisk chan_websocket -------------------------------------------------------------------
 
-ASTERISK_CODECS = {"ulaw": ("ulaw", 8000), "alaw": ("alaw", 8000), "slin": ("pcm", 8000), "slin16": ("pcm", 16000),
-                   "slin24": ("pcm", 24000), "slin44": ("pcm", 44100), "slin48": ("pcm", 48000)}
+ASTERISK_CODECS = {
+    "ulaw": ("ulaw", 8000),
+    "alaw": ("alaw", 8000),
+    "slin": ("pcm", 8000),
+    "slin16": ("pcm", 16000),
+    "slin24": ("pcm", 24000),
+    "slin44": ("pcm", 44100),
+    "slin48": ("pcm", 48000),
+}
 ASTERISK_MAX_MESSAGE = 65000  # chan_websocket closes the call on messages over 65500 bytes
 ASTERISK_START_WAIT = 10.0
 
@@ -1004,8 +1157,11 @@ def asterisk_event(text: str) -> dict[str, Any]:
     if not text.strip():
         raise ApiError(400, "An empty event.", code="invalid_message")
     name, *pairs = text.split()
-    return {"event": name, **dict(pair.split(":", 1) for pair in pairs if ":" in pair),
-            "args": [pair for pair in pairs if ":" not in pair]}
+    return {
+        "event": name,
+        **dict(pair.split(":", 1) for pair in pairs if ":" in pair),
+        "args": [pair for pair in pairs if ":" not in pair],
+    }
 
 
 class AsteriskSession(CallSession):
@@ -1069,8 +1225,12 @@ class AsteriskSession(CallSession):
         self.json = bool(event.get("json"))  # answer in the control format Asterisk uses
         codec = str(event.get("format", ""))
         if codec not in ASTERISK_CODECS:
-            raise ApiError(400, f"Codec {codec!r} is not spoken here; use one of {', '.join(ASTERISK_CODECS)}.",
-                           param="format", code="unsupported_format")
+            raise ApiError(
+                400,
+                f"Codec {codec!r} is not spoken here; use one of {', '.join(ASTERISK_CODECS)}.",
+                param="format",
+                code="unsupported_format",
+            )
         self.fmt, self.rate = ASTERISK_CODECS[codec]
         self.started = True
         query = dict(self.websocket.query_params)
@@ -1078,8 +1238,11 @@ class AsteriskSession(CallSession):
         script = call_scripts(self.app_state).take(self.call) if self.call else None
         first = server.parse_model(CallSpeech, query) if query.get("text") else None
         if script is None and first is None:
-            raise ApiError(400, "Nothing to say: give ?text= or ?call=<uuid> registered through POST "
-                           "/v1/telephony/audiosocket/<uuid>.", code="nothing_to_say")
+            raise ApiError(
+                400,
+                "Nothing to say: give ?text= or ?call=<uuid> registered through POST /v1/telephony/audiosocket/<uuid>.",
+                code="nothing_to_say",
+            )
         await self.start_script(script, first)
 
     async def stream(self, utterance: Utterance) -> None:
@@ -1135,8 +1298,13 @@ class TwilioSession(SpeechSession):
             message = server.ws_message(text)
             event = message.get("event")
             if event not in self.EVENTS:
-                raise ApiError(400, f"Unknown event {event!r}; send start, speak, clear or stop (Twilio's connected, "
-                               "media, mark and dtmf are accepted and ignored).", param="event", code="invalid_message")
+                raise ApiError(
+                    400,
+                    f"Unknown event {event!r}; send start, speak, clear or stop (Twilio's connected, "
+                    "media, mark and dtmf are accepted and ignored).",
+                    param="event",
+                    code="invalid_message",
+                )
             if event == "start":
                 await self.start(message)
             elif event == "stop":
@@ -1144,8 +1312,12 @@ class TwilioSession(SpeechSession):
             elif event in self.TWILIO_EVENTS:
                 return
             elif self.stream_sid is None:
-                raise ApiError(409, f"'{event}' before 'start': the stream has no streamSid yet.", param="event",
-                               code="not_started")
+                raise ApiError(
+                    409,
+                    f"'{event}' before 'start': the stream has no streamSid yet.",
+                    param="event",
+                    code="not_started",
+                )
             elif event == "speak":
                 await self.say(server.parse_model(TwilioSpeech, {**self.defaults, **message}))
             else:
@@ -1162,8 +1334,12 @@ class TwilioSession(SpeechSession):
         custom = {} if custom is None else custom
         sid = message.get("streamSid") or start.get("streamSid")
         if not start or not isinstance(custom, dict) or not isinstance(sid, str) or not sid:
-            raise ApiError(400, "'start' needs a streamSid and a start object (customParameters, if any, an object).",
-                           param="start", code="invalid_message")
+            raise ApiError(
+                400,
+                "'start' needs a streamSid and a start object (customParameters, if any, an object).",
+                param="start",
+                code="invalid_message",
+            )
         self.stream_sid = sid
         fields = {**self.websocket.query_params, **custom}
         try:  # settings that cannot speak end the stream, so that the call goes on to the next TwiML verb
@@ -1181,14 +1357,22 @@ class TwilioSession(SpeechSession):
         # Twilio sends no headers and drops the URL's query string: the key may come as <Parameter name="token">.
         key = self.app_state.settings.api_key
         if key and not server.key_matches(token, key):
-            raise ApiError(401, "Missing or invalid API key: add <Parameter name=\"token\" value=\"<key>\"/> to "
-                           "the <Stream>.", param="token", code="invalid_api_key")
+            raise ApiError(
+                401,
+                'Missing or invalid API key: add <Parameter name="token" value="<key>"/> to the <Stream>.',
+                param="token",
+                code="invalid_api_key",
+            )
 
     async def job(self, speech: TwilioSpeech) -> SpeechJob:
         job = await self.realtime_job(speech, "ulaw")
         if (job.output.fmt.name, job.output.rate) != ("ulaw", 8000):
-            raise ApiError(400, "Twilio Media Streams carry 8 kHz mu-law: leave response_format, output_format and "
-                           "sample_rate out.", param="response_format", code="unsupported_format")
+            raise ApiError(
+                400,
+                "Twilio Media Streams carry 8 kHz mu-law: leave response_format, output_format and sample_rate out.",
+                param="response_format",
+                code="unsupported_format",
+            )
         return job
 
     def in_flight(self, adding: str) -> int:
@@ -1199,21 +1383,28 @@ class TwilioSession(SpeechSession):
         settings = self.app_state.settings
         started = time.perf_counter()
         sentences = await asyncio.to_thread(  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
-            lambda: [server.text_chunks(s, settings.chunk_max_chars)
-                     for s in server.speech_sentences(speech.text, settings, "text")])
+            lambda: [
+                server.text_chunks(s, settings.chunk_max_chars)
+                for s in server.speech_sentences(speech.text, settings, "text")
+            ]
+        )
         text_seconds = (time.perf_counter() - started) / len(sentences)
         job = await self.job(speech)
         name = speech.id or str(next(self.numbers))
         if any(mark.split(".")[0] == name for mark in self.active):
-            raise ApiError(409, f"Speech {name!r} is still being spoken; use a new id.", param="id",
-                           code="duplicate_id")
+            raise ApiError(
+                409, f"Speech {name!r} is still being spoken; use a new id.", param="id", code="duplicate_id"
+            )
 
         async def sentence_job() -> SpeechJob:
             return job.copy()
 
         for n, chunks in enumerate(sentences, 1):  # the first sentence takes the speech's room; the rest, none
-            await self.open_utterance(f"{name}.{n}", sentence_job,
-                                      functools.partial(self.say_sentence, chunks=chunks, text_seconds=text_seconds))
+            await self.open_utterance(
+                f"{name}.{n}",
+                sentence_job,
+                functools.partial(self.say_sentence, chunks=chunks, text_seconds=text_seconds),
+            )
 
     @staticmethod
     async def say_sentence(utterance: Utterance, chunks: list[str], text_seconds: float) -> None:
@@ -1238,8 +1429,14 @@ class TwilioSession(SpeechSession):
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
         if error is not None:  # a sentence that completes or is cleared already said so with its mark or the clear
-            await self.send_json({"event": "error", "streamSid": self.stream_sid, "mark": utterance.id,
-                                  "error": server.error_body(error)})
+            await self.send_json(
+                {
+                    "event": "error",
+                    "streamSid": self.stream_sid,
+                    "mark": utterance.id,
+                    "error": server.error_body(error),
+                }
+            )
 
     async def send_media(self, frame: bytes) -> None:
         await self.send_event("media", media={"payload": base64.b64encode(frame).decode()})
@@ -1290,8 +1487,13 @@ KEY_IN_SESSION: list[BaseRoute] = [
 def protocol() -> Protocol:
     """This module's protocols, as the server plugs them in: its routes, the TCP servers that run with
     the app, and what calls are to say."""
-    return Protocol(name=__name__, self_checked=KEY_IN_SESSION, serving=TcpServers, state=CallScripts(),
-                    routes=[Route("/v1/telephony/audiosocket/{uuid}", register_call_speech, methods=["POST"])])
+    return Protocol(
+        name=__name__,
+        self_checked=KEY_IN_SESSION,
+        serving=TcpServers,
+        state=CallScripts(),
+        routes=[Route("/v1/telephony/audiosocket/{uuid}", register_call_speech, methods=["POST"])],
+    )
 
 
 class TcpServers:
@@ -1311,8 +1513,9 @@ class TcpServers:
             await self.wyoming.start(lambda reader, writer: WyomingHandler(reader, writer, self.app_state))
             logger.info("wyoming: listening on {}:{}", settings.host, settings.wyoming_port)
         if settings.audiosocket_port:
-            self.audiosocket = await asyncio.start_server(self.audiosocket_call, settings.host,
-                                                          settings.audiosocket_port)
+            self.audiosocket = await asyncio.start_server(
+                self.audiosocket_call, settings.host, settings.audiosocket_port
+            )
             logger.info("audiosocket: listening on {}:{}", settings.host, settings.audiosocket_port)
         return self
 

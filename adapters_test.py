@@ -79,10 +79,12 @@ def test_twilio_start_with_an_unreadable_token_is_refused_with_1008(tmp_path: Pa
 
 
 TWILIO_EVENTS = st.one_of(
-    st.fixed_dictionaries({"event": st.just("speak")}, optional={"text": SPEECH_TEXT, "id": WS_IDS,
-                                                                 **SYNTHESIS_FIELDS}),
+    st.fixed_dictionaries(
+        {"event": st.just("speak")}, optional={"text": SPEECH_TEXT, "id": WS_IDS, **SYNTHESIS_FIELDS}
+    ),
     st.fixed_dictionaries({"event": st.sampled_from(["clear", "media", "mark", "dtmf", "connected"])}),
-    st.fixed_dictionaries({"event": JUNK}))
+    st.fixed_dictionaries({"event": JUNK}),
+)
 TWILIO_FRAMES = st.one_of(st.builds(with_hostile_json, TWILIO_EVENTS, HOSTILE_JSON), JUNK.map(json.dumps), ANY_TEXT)
 
 
@@ -90,13 +92,23 @@ def test_fuzzed_twilio_events_get_answers_and_a_clean_close(tmp_path: Path) -> N
     from starlette.websockets import WebSocketDisconnect
 
     with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+
         @fuzzing(max_examples=30, **FUZZ)
-        @given(custom=st.fixed_dictionaries({}, optional={"text": SPEECH_TEXT, **SYNTHESIS_FIELDS}),
-               frames=st.lists(TWILIO_FRAMES, max_size=5))
+        @given(
+            custom=st.fixed_dictionaries({}, optional={"text": SPEECH_TEXT, **SYNTHESIS_FIELDS}),
+            frames=st.lists(TWILIO_FRAMES, max_size=5),
+        )
         def check(custom: dict[str, Any], frames: list[str]) -> None:
             with client.websocket_connect("/v1/telephony/twilio") as ws:
-                ws.send_text(json.dumps({"event": "start", "streamSid": TWILIO_SID,
-                                         "start": {"streamSid": TWILIO_SID, "customParameters": custom}}))
+                ws.send_text(
+                    json.dumps(
+                        {
+                            "event": "start",
+                            "streamSid": TWILIO_SID,
+                            "start": {"streamSid": TWILIO_SID, "customParameters": custom},
+                        }
+                    )
+                )
                 for frame in frames:
                     ws.send_text(frame)
                 ws.send_text(json.dumps({"event": "stop"}))
@@ -177,12 +189,17 @@ def test_twilio_bad_input_gets_clear_errors_and_never_hangs(servers: dict[str, S
         ws.send(json.dumps({"event": "speak", "text": "Too early."}))
         assert json.loads(ws.recv(timeout=30))["error"]["code"] == "not_started"
     call = TwilioCall(srv)
-    bad = [("{not json", "invalid_json"), (json.dumps([1]), "invalid_json"), (b"\x00binary", "invalid_message"),
-           (json.dumps({"event": "dance"}), "invalid_message"), (twilio_start(), "already_started"),
-           (json.dumps({"event": "speak"}), "empty_input"),
-           (json.dumps({"event": "speak", "text": "Hi.", "voice": "nobody"}), "voice_not_found"),
-           (json.dumps({"event": "speak", "text": "Hi.", "speed": 99}), "invalid_value"),
-           (json.dumps({"event": "speak", "text": "Hi.", "response_format": "mp3"}), "unsupported_format")]
+    bad = [
+        ("{not json", "invalid_json"),
+        (json.dumps([1]), "invalid_json"),
+        (b"\x00binary", "invalid_message"),
+        (json.dumps({"event": "dance"}), "invalid_message"),
+        (twilio_start(), "already_started"),
+        (json.dumps({"event": "speak"}), "empty_input"),
+        (json.dumps({"event": "speak", "text": "Hi.", "voice": "nobody"}), "voice_not_found"),
+        (json.dumps({"event": "speak", "text": "Hi.", "speed": 99}), "invalid_value"),
+        (json.dumps({"event": "speak", "text": "Hi.", "response_format": "mp3"}), "unsupported_format"),
+    ]
     for frame, code in bad:
         call.ws.send(frame)
         message = call.recv(timeout=30)
@@ -229,8 +246,9 @@ async def livekit_audio(stream: Any) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("engine", ADAPTER_ENGINES)
-def test_livekit_elevenlabs_and_cartesia_plugins_speak_through_the_adapters(servers: dict[str, ServerProcess],
-                                                                             engine: str) -> None:
+def test_livekit_elevenlabs_and_cartesia_plugins_speak_through_the_adapters(
+    servers: dict[str, ServerProcess], engine: str
+) -> None:
     import aiohttp
     from livekit.agents import APIConnectOptions
     from livekit.plugins import cartesia, elevenlabs
@@ -241,10 +259,12 @@ def test_livekit_elevenlabs_and_cartesia_plugins_speak_through_the_adapters(serv
     async def scenario() -> list[tuple[float, int]]:
         results = []
         async with aiohttp.ClientSession() as http:
-            for tts in (elevenlabs.TTS(api_key="k", base_url=f"{srv.url}/v1", voice_id="default",
-                                       encoding="pcm_16000", http_session=http),
-                        cartesia.TTS(api_key="k", base_url=srv.url, voice="default", sample_rate=16000,
-                                     http_session=http)):
+            for tts in (
+                elevenlabs.TTS(
+                    api_key="k", base_url=f"{srv.url}/v1", voice_id="default", encoding="pcm_16000", http_session=http
+                ),
+                cartesia.TTS(api_key="k", base_url=srv.url, voice="default", sample_rate=16000, http_session=http),
+            ):
                 stream = tts.stream(conn_options=patient)  # the multi-context WebSocket, text as an LLM gives it
                 for part in ("Hello from ", "LiveKit. ", "Second ", "sentence."):
                     stream.push_text(part)
@@ -301,8 +321,10 @@ def test_elevenlabs_websockets_contexts_alignment_and_errors(servers: dict[str, 
     chars = "".join(c for m in messages if m.get("alignment") for c in m["alignment"]["chars"])
     assert len(audio) > 16000 and chars == " Hello from the stream. The end."
     alignments = [m["alignment"] for m in messages if m.get("alignment")]
-    assert all(a["charsDurationsMs"] == a["charDurationsMs"] and len(a["chars"]) == len(a["charStartTimesMs"])
-               for a in alignments)
+    assert all(
+        a["charsDurationsMs"] == a["charDurationsMs"] and len(a["chars"]) == len(a["charStartTimesMs"])
+        for a in alignments
+    )
     assert single.closed() == 1000  # stream-input closes after isFinal
 
     multi = VendorSocket(f"{base}/default/multi-stream-input?output_format=pcm_16000")
@@ -333,16 +355,21 @@ def test_elevenlabs_websockets_contexts_alignment_and_errors(servers: dict[str, 
     bad.ws.close()
     rest = httpx.post(f"{srv.url}/v1/text-to-speech/nobody", json={"text": "Hi."}, timeout=60)
     assert rest.status_code == 404 and rest.json()["detail"]["status"] == "voice_not_found"
-    lines = httpx.post(f"{srv.url}/v1/text-to-speech/default/stream/with-timestamps",
-                       json={"text": "With timestamps."}, timeout=60).text.splitlines()
+    lines = httpx.post(
+        f"{srv.url}/v1/text-to-speech/default/stream/with-timestamps", json={"text": "With timestamps."}, timeout=60
+    ).text.splitlines()
     assert "".join(c for line in lines for c in json.loads(line)["alignment"]["characters"]) == "With timestamps."
 
 
 def test_cartesia_websocket_contexts_formats_cancel_and_errors(servers: dict[str, ServerProcess]) -> None:
     srv = servers["piper"]
     ws = VendorSocket(f"ws://127.0.0.1:{srv.port}/tts/websocket?cartesia_version=2025-04-16")
-    request = {"model_id": "sonic-2", "voice": {"mode": "id", "id": "default"}, "language": None,
-               "output_format": {"container": "raw", "encoding": "pcm_f32le", "sample_rate": 16000}}
+    request = {
+        "model_id": "sonic-2",
+        "voice": {"mode": "id", "id": "default"},
+        "language": None,
+        "output_format": {"container": "raw", "encoding": "pcm_f32le", "sample_rate": 16000},
+    }
     ws.send(**request, transcript="Cartesia speaks ", context_id="c1", add_timestamps=True, **{"continue": True})
     ws.send(**request, transcript="in two parts.", context_id="c1", **{"continue": False})
     messages = ws.until(lambda m: m["type"] in ("done", "error") and m["context_id"] == "c1")
@@ -363,15 +390,24 @@ def test_cartesia_websocket_contexts_formats_cancel_and_errors(servers: dict[str
     assert not any(m["context_id"] == "c2" and m["type"] == "done" for m in tail)
     assert [m["flush_id"] for m in tail if m["type"] == "flush_done"] == [1]
 
-    for bad, code in ((request | {"voice": None}, "missing_field"),
-                      (request | {"voice": {"mode": "id", "id": "nobody"}}, "voice_not_found"),
-                      (request | {"output_format": {"container": "mp3", "sample_rate": 44100}}, "unsupported_format")):
+    for bad, code in (
+        (request | {"voice": None}, "missing_field"),
+        (request | {"voice": {"mode": "id", "id": "nobody"}}, "voice_not_found"),
+        (request | {"output_format": {"container": "mp3", "sample_rate": 44100}}, "unsupported_format"),
+    ):
         ws.send(**bad, transcript="Hi.", context_id="bad")
         error = ws.recv()
         assert (error["type"], error["error_code"], error["context_id"]) == ("error", code, "bad")
     ws.ws.close()
-    response = httpx.post(f"{srv.url}/tts/bytes", timeout=60, json=request | {
-        "transcript": "Bytes.", "output_format": {"container": "wav", "encoding": "pcm_s16le", "sample_rate": 16000}})
+    response = httpx.post(
+        f"{srv.url}/tts/bytes",
+        timeout=60,
+        json=request
+        | {
+            "transcript": "Bytes.",
+            "output_format": {"container": "wav", "encoding": "pcm_s16le", "sample_rate": 16000},
+        },
+    )
     assert read_wav(response.content)[0] == 16000
     bad = httpx.post(f"{srv.url}/tts/bytes", json={"transcript": "Hi."}, timeout=60)
     assert bad.status_code == 400 and bad.json()["error_code"] == "missing_field"
@@ -424,8 +460,9 @@ def test_wyoming_describe_synthesize_and_streaming_synthesize(servers: dict[str,
 
 
 @pytest.mark.parametrize("engine", ADAPTER_ENGINES)
-def test_audiosocket_speaks_registered_text_in_paced_frames_then_hangs_up(servers: dict[str, ServerProcess],
-                                                                          engine: str) -> None:
+def test_audiosocket_speaks_registered_text_in_paced_frames_then_hangs_up(
+    servers: dict[str, ServerProcess], engine: str
+) -> None:
     import uuid
 
     srv = servers[engine]
@@ -448,8 +485,9 @@ def test_audiosocket_speaks_registered_text_in_paced_frames_then_hangs_up(server
 
 
 @pytest.mark.parametrize("engine,codec,frame", [("piper", "slin16", 640), ("turbo", "ulaw", 160)])
-def test_asterisk_websocket_buffers_media_in_the_codec_and_hangs_up(servers: dict[str, ServerProcess], engine: str,
-                                                                    codec: str, frame: int) -> None:
+def test_asterisk_websocket_buffers_media_in_the_codec_and_hangs_up(
+    servers: dict[str, ServerProcess], engine: str, codec: str, frame: int
+) -> None:
     from websockets.sync.client import connect
 
     srv = servers[engine]
@@ -471,8 +509,14 @@ def test_asterisk_websocket_buffers_media_in_the_codec_and_hangs_up(servers: dic
     assert commands[0] == "START_MEDIA_BUFFERING" and commands[1].startswith("STOP_MEDIA_BUFFERING ")
     rate = 16000 if codec == "slin16" else 8000
     assert len(media) / (2 if codec == "slin16" else 1) / rate > 0.3
-    reference = speak(srv, input="Hello caller.", seed=5, response_format="pcm" if codec == "slin16" else "ulaw",
-                      sample_rate=rate, stream_format="audio").content
+    reference = speak(
+        srv,
+        input="Hello caller.",
+        seed=5,
+        response_format="pcm" if codec == "slin16" else "ulaw",
+        sample_rate=rate,
+        stream_format="audio",
+    ).content
     assert media == reference  # the same stream as every other transport's
     with connect(url.replace("?", "?token=x&"), subprotocols=["media"]) as ws:  # JSON control messages
         ws.send(json.dumps({"event": "MEDIA_START", "format": "opus", "optimal_frame_size": 0}))
@@ -496,8 +540,11 @@ def test_adapters_check_the_api_key_their_own_way(tmp_path: Path) -> None:
         refused = client.post("/v1/text-to-speech/default", json=body)
         assert refused.status_code == 401 and refused.json()["detail"]["status"] == "invalid_api_key"
         assert client.post("/v1/text-to-speech/default", json=body, headers={"xi-api-key": "s3cret"}).status_code == 200
-        cartesia = {"transcript": "Keyed.", "voice": {"mode": "id", "id": "default"},
-                    "output_format": {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 24000}}
+        cartesia = {
+            "transcript": "Keyed.",
+            "voice": {"mode": "id", "id": "default"},
+            "output_format": {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 24000},
+        }
         assert client.post("/tts/bytes", json=cartesia).json()["error_code"] == "invalid_api_key"
         assert client.post("/tts/bytes", json=cartesia, headers={"X-API-Key": "s3cret"}).status_code == 200
         with client.websocket_connect("/v1/text-to-speech/default/stream-input?output_format=pcm_24000") as ws:
@@ -517,8 +564,12 @@ def test_adapters_check_the_api_key_their_own_way(tmp_path: Path) -> None:
             while (reply := json.loads(ws.receive_text()))["type"] == "chunk":
                 pass
             assert reply["type"] == "done"
-        assert client.post(f"/v1/telephony/audiosocket/{'0' * 8}-0000-0000-0000-{'0' * 12}",
-                           json={"text": "Hi."}).status_code == 401  # our own API: Bearer
+        assert (
+            client.post(
+                f"/v1/telephony/audiosocket/{'0' * 8}-0000-0000-0000-{'0' * 12}", json={"text": "Hi."}
+            ).status_code
+            == 401
+        )  # our own API: Bearer
 
 
 def test_a_query_flag_is_read_in_the_usual_spellings_and_refused_in_others(tmp_path: Path) -> None:

@@ -46,11 +46,15 @@ import torch
 import server
 
 ROOT = Path(__file__).resolve().parent
-TEXT = ("The quick brown fox jumps over the lazy dog while the afternoon sun warms the quiet garden, "
-        "and somewhere a radio plays an old song about the sea.")
+TEXT = (
+    "The quick brown fox jumps over the lazy dog while the afternoon sun warms the quiet garden, "
+    "and somewhere a radio plays an old song about the sea."
+)
 # The three-sentence text of issue 12's measurements (BENCHMARKS.md passes it as --text).
-THREE_SENTENCES = ("The quick brown fox jumps over the lazy dog. Streaming speech should start long before the "
-                   "whole text is done. This third sentence closes the request.")
+THREE_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog. Streaming speech should start long before the "
+    "whole text is done. This third sentence closes the request."
+)
 
 
 @dataclass
@@ -102,8 +106,9 @@ class Timers:
     def take(self) -> tuple[dict[str, float], int]:
         if self.device == "cuda":
             torch.cuda.synchronize()
-            seconds = {name: sum(start.elapsed_time(end) for start, end in marks) / 1000
-                       for name, marks in self.spans.items()}
+            seconds = {
+                name: sum(start.elapsed_time(end) for start, end in marks) / 1000 for name, marks in self.spans.items()
+            }
         else:
             seconds = {name: sum(end - start for start, end in marks) for name, marks in self.spans.items()}
         tokens, self.spans, self.tokens = self.tokens, {}, 0
@@ -144,8 +149,9 @@ def checkpoint(model: str) -> Path:
     path = ROOT / ".cache" / "bench" / model
     if not (path / "conds.pt").exists():
         print(f"building random full-size {model} weights in {path} (once)", flush=True)
-        subprocess.run([sys.executable, str(ROOT / "tools" / "random_checkpoint.py"), str(path), "--model", model],
-                       check=True)
+        subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "random_checkpoint.py"), str(path), "--model", model], check=True
+        )
     return path
 
 
@@ -187,8 +193,7 @@ class Stock:
 class Ours:
     """This server's engine: a whole file for the totals, a stream's first chunk for first audio."""
 
-    def __init__(self, model: str, ckpt: Path, device: str, tokens: int, options: server.ModelOptions,
-                 timers: Timers):
+    def __init__(self, model: str, ckpt: Path, device: str, tokens: int, options: server.ModelOptions, timers: Timers):
         self.engine = server.ChatterboxEngine(model, str(ckpt), device, options=options)
         self.worker = ThreadRunner()
         self.runner = server.BatchRunner(self.engine)
@@ -202,16 +207,25 @@ class Ours:
         def synthesize() -> Run:
             with peak_memory(self.device) as peak:
                 start = time.perf_counter()
-                whole, = generate(self.runner, [(text, self.voice, server.SynthesisParams(streamed=False), 0)],
-                                  self.tokens)
+                (whole,) = generate(
+                    self.runner, [(text, self.voice, server.SynthesisParams(streamed=False), 0)], self.tokens
+                )
                 sync(self.device)
                 total = time.perf_counter() - start
             seconds, _ = self.timers.take()
-            stream, = generate(self.runner, [(text, self.voice, server.SynthesisParams(), 0)], self.tokens,
-                               until_first_audio=True)
+            (stream,) = generate(
+                self.runner, [(text, self.voice, server.SynthesisParams(), 0)], self.tokens, until_first_audio=True
+            )
             self.timers.take()  # the stream's own T3 and S3Gen time is not part of the totals
-            return Run(total, stream.first_audio, seconds["t3"], seconds["s3gen"], len(whole.tokens),
-                       whole.samples / server.NATIVE_SAMPLE_RATE, peak[0])
+            return Run(
+                total,
+                stream.first_audio,
+                seconds["t3"],
+                seconds["s3gen"],
+                len(whole.tokens),
+                whole.samples / server.NATIVE_SAMPLE_RATE,
+                peak[0],
+            )
 
         return self.worker.call(synthesize)
 
@@ -233,14 +247,19 @@ class Generated:
     done: float
 
 
-def generate(runner: server.BatchRunner, requests: list[tuple[str, Any, server.SynthesisParams, int]],
-             max_tokens: int, until_first_audio: bool = False) -> list[Generated]:
+def generate(
+    runner: server.BatchRunner,
+    requests: list[tuple[str, Any, server.SynthesisParams, int]],
+    max_tokens: int,
+    until_first_audio: bool = False,
+) -> list[Generated]:
     """Generations (text, voice, params, seed) submitted together and run through the engine's batch,
     one scheduler turn at a time, as the server's inference thread runs them."""
     start = time.perf_counter()
     results = [Generated([], 0, 0.0, 0.0) for _ in requests]
     generations = []
     for index, (text, voice, params, seed) in enumerate(requests):
+
         def deliver(event: Any, result: Generated = results[index]) -> None:
             if isinstance(event, BaseException):
                 raise event
@@ -250,8 +269,9 @@ def generate(runner: server.BatchRunner, requests: list[tuple[str, Any, server.S
             if event is server.GENERATION_DONE:
                 result.done = time.perf_counter() - start
 
-        generation = server.Generation(text, voice, params, seed, server.Priority.REALTIME, index, deliver,
-                                       max_tokens=max_tokens)
+        generation = server.Generation(
+            text, voice, params, seed, server.Priority.REALTIME, index, deliver, max_tokens=max_tokens
+        )
         generations.append(generation)
         runner.add(generation)
     while runner.busy:
@@ -291,11 +311,17 @@ class Decoded:
     seconds: float  # in S3Gen
 
 
-def decode_as_streamed(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
-                       plan: server.StreamPlan | None, vocoder_seed: int | None = None) -> Decoded:
+def decode_as_streamed(
+    engine: server.ChatterboxEngine,
+    voice: Any,
+    tokens: list[int],
+    plan: server.StreamPlan | None,
+    vocoder_seed: int | None = None,
+) -> Decoded:
     """`tokens` through an S3GenStream as T3 would hand them over (plan None: a whole file)."""
-    stream = server.S3GenStream(voice.gen, plan, len(tokens), engine.kind == "turbo", engine.device,
-                                engine.loaded_parts().s3gen.dtype)
+    stream = server.S3GenStream(
+        voice.gen, plan, len(tokens), engine.kind == "turbo", engine.device, engine.loaded_parts().s3gen.dtype
+    )
     if vocoder_seed is not None:
         stream.rng = server.RngStream(vocoder_seed)
     pieces, mels, seconds, decoder = [], [], 0.0, engine.loaded_s3gen()
@@ -316,8 +342,9 @@ def decode_as_streamed(engine: server.ChatterboxEngine, voice: Any, tokens: list
     return Decoded(np.concatenate(pieces), torch.cat(mels, dim=1), seconds)
 
 
-def decode_as_before(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
-                     noise: torch.Tensor | None) -> Decoded:
+def decode_as_before(
+    engine: server.ChatterboxEngine, voice: Any, tokens: list[int], noise: torch.Tensor | None
+) -> Decoded:
     """S3Gen as streams used it before the lean decode, for comparison: windows of 20, then 40 new
     tokens, each flowing 80 tokens of context again and vocoding its whole window, joined with
     20 ms crossfades."""
@@ -336,10 +363,16 @@ def decode_as_before(engine: server.ChatterboxEngine, voice: Any, tokens: list[i
         last = end if final else min(len(seq), end + 5)
         half = options.s3gen_dtype != torch.float32
         with torch.autocast(device_type=engine.device, dtype=options.s3gen_dtype, enabled=half):
-            mels = S3Token2Mel.forward(s3gen, torch.tensor(seq[first:last], device=engine.device), ref_wav=None,
-                                       ref_sr=None, ref_dict=dict(voice.gen),
-                                       n_cfm_timesteps=2 if engine.kind == "turbo" else 10, finalize=True,
-                                       noised_mels=None if noise is None else noise[None, :, 2 * first : 2 * last])
+            mels = S3Token2Mel.forward(
+                s3gen,
+                torch.tensor(seq[first:last], device=engine.device),
+                ref_wav=None,
+                ref_sr=None,
+                ref_dict=dict(voice.gen),
+                n_cfm_timesteps=2 if engine.kind == "turbo" else 10,
+                finalize=True,
+                noised_mels=None if noise is None else noise[None, :, 2 * first : 2 * last],
+            )
         wav = s3gen.hift_inference(mels.to(s3gen.dtype), None)[0][0]
         if first == 0:
             wav[: len(s3gen.trim_fade)] *= s3gen.trim_fade[: len(wav)]
@@ -380,8 +413,13 @@ def db(signal: np.ndarray | torch.Tensor, reference: np.ndarray | torch.Tensor) 
     return float(10 * np.log10((np.sum(signal**2) + 1e-20) / np.sum(reference**2)))
 
 
-def s3gen_costs(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
-                plans: dict[str, server.StreamPlan | None], runs: int) -> dict[str, S3GenCost]:
+def s3gen_costs(
+    engine: server.ChatterboxEngine,
+    voice: Any,
+    tokens: list[int],
+    plans: dict[str, server.StreamPlan | None],
+    runs: int,
+) -> dict[str, S3GenCost]:
     """S3Gen per token for each way of decoding `tokens` (name -> plan; "whole": one pass; "before":
     decode_as_before), alternating the ways within each run; medians over runs (and of the ratio to the
     whole file within each run, which this shared machine's drifting load spoils less). Every way gets the
@@ -396,8 +434,14 @@ def s3gen_costs(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
         for name, plan in plans.items():
             torch.manual_seed(run)  # the same noise for every way within a run
             if name == "before":
-                stream = server.S3GenStream(voice.gen, None, len(tokens), engine.kind == "turbo", engine.device,
-                                            engine.loaded_parts().s3gen.dtype)
+                stream = server.S3GenStream(
+                    voice.gen,
+                    None,
+                    len(tokens),
+                    engine.kind == "turbo",
+                    engine.device,
+                    engine.loaded_parts().s3gen.dtype,
+                )
                 noise = stream.noise[:, stream.prompt_frames :] if engine.kind == "turbo" else None
                 results[name] = decode_as_before(engine, voice, tokens, noise)
             else:
@@ -409,20 +453,30 @@ def s3gen_costs(engine: server.ChatterboxEngine, voice: Any, tokens: list[int],
         for name, result in results.items():
             times.setdefault(name, []).append(result.seconds)
             if name != "whole":
-                errors.setdefault(name, []).append((db(result.audio - whole.audio, whole.audio),
-                                                    db(result.mel - whole.mel, whole.mel)))
-        print(f"run {run}: " + "  ".join(f"{name}={1000 * result.seconds / len(tokens):.1f}ms"
-                                          for name, result in results.items()), flush=True)
-    return {name: S3GenCost(1000 * statistics.median(times[name]) / len(tokens),
-                            statistics.median(t / w for t, w in zip(times[name], times["whole"])),
-                            statistics.median(e[0] for e in errors[name]),
-                            statistics.median(e[1] for e in errors[name])) for name in times}
+                errors.setdefault(name, []).append(
+                    (db(result.audio - whole.audio, whole.audio), db(result.mel - whole.mel, whole.mel))
+                )
+        print(
+            f"run {run}: "
+            + "  ".join(f"{name}={1000 * result.seconds / len(tokens):.1f}ms" for name, result in results.items()),
+            flush=True,
+        )
+    return {
+        name: S3GenCost(
+            1000 * statistics.median(times[name]) / len(tokens),
+            statistics.median(t / w for t, w in zip(times[name], times["whole"])),
+            statistics.median(e[0] for e in errors[name]),
+            statistics.median(e[1] for e in errors[name]),
+        )
+        for name in times
+    }
 
 
 def parse_plan(text: str) -> server.StreamPlan:
     schedule, _, context = text.partition(":")
-    return server.StreamPlan(tuple(int(size) for size in schedule.split(",")),
-                             int(context or server.StreamPlan().context_tokens))
+    return server.StreamPlan(
+        tuple(int(size) for size in schedule.split(",")), int(context or server.StreamPlan().context_tokens)
+    )
 
 
 def s3gen_main(args: argparse.Namespace, options: server.ModelOptions) -> None:
@@ -433,14 +487,24 @@ def s3gen_main(args: argparse.Namespace, options: server.ModelOptions) -> None:
     voice = runner.call(lambda: engine.prepare_voice(server.BUILTIN_VOICE, 0.5))
     tokens = torch.randint(0, server.SPEECH_CODEBOOK, (args.tokens,), generator=torch.Generator().manual_seed(0))
     plans: dict[str, server.StreamPlan | None] = {"before": None}
-    plans.update({text: parse_plan(text) for text in args.plan or [
-        ",".join(map(str, engine.stream.schedule)) + f":{engine.stream.context_tokens}"]})
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, model {args.model}, "
-          f"weights {ckpt}, tokens {args.tokens}, runs {args.runs}", flush=True)
+    plans.update(
+        {
+            text: parse_plan(text)
+            for text in args.plan or [",".join(map(str, engine.stream.schedule)) + f":{engine.stream.context_tokens}"]
+        }
+    )
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, model {args.model}, "
+        f"weights {ckpt}, tokens {args.tokens}, runs {args.runs}",
+        flush=True,
+    )
     costs = runner.call(lambda: s3gen_costs(engine, voice, tokens.tolist(), plans, args.runs))
     for name, cost in costs.items():
-        print(f"s3gen {name:24s} ms_per_token={cost.ms_per_token:.1f}  vs_whole={cost.vs_whole:.2f}"
-              f"  error_db={cost.error_db:.1f}  mel_error_db={cost.mel_error_db:.1f}", flush=True)
+        print(
+            f"s3gen {name:24s} ms_per_token={cost.ms_per_token:.1f}  vs_whole={cost.vs_whole:.2f}"
+            f"  error_db={cost.error_db:.1f}  mel_error_db={cost.mel_error_db:.1f}",
+            flush=True,
+        )
     lean = next(name for name in costs if name not in ("whole", "before"))
     print(f"s3gen_streamed_vs_whole={costs[lean].vs_whole:.3f}")
 
@@ -460,31 +524,42 @@ class Load:
     first_audio: list[float] = field(default_factory=list)  # per generation, seconds from the start
 
 
-def batched_load(runner: server.BatchRunner, voice: Any, text: str, count: int, tokens: int,
-                 timers: Timers) -> Load:
+def batched_load(runner: server.BatchRunner, voice: Any, text: str, count: int, tokens: int, timers: Timers) -> Load:
     """`count` streams submitted together and decoded side by side (the lean streamed decode)."""
     requests = [(text, voice, server.SynthesisParams(), seed) for seed in range(count)]
     start = time.perf_counter()
     results = generate(runner, requests, tokens)
     wall = time.perf_counter() - start
     seconds, _ = timers.take()
-    return Load(wall, sum(r.samples for r in results) / server.NATIVE_SAMPLE_RATE,
-                sum(len(r.tokens) for r in results), seconds.get("t3", 0.0), seconds.get("s3gen", 0.0),
-                [r.first_audio for r in results])
+    return Load(
+        wall,
+        sum(r.samples for r in results) / server.NATIVE_SAMPLE_RATE,
+        sum(len(r.tokens) for r in results),
+        seconds.get("t3", 0.0),
+        seconds.get("s3gen", 0.0),
+        [r.first_audio for r in results],
+    )
 
 
-def one_at_a_time_load(runner: server.BatchRunner, voice: Any, text: str, count: int, tokens: int,
-                       timers: Timers) -> Load:
+def one_at_a_time_load(
+    runner: server.BatchRunner, voice: Any, text: str, count: int, tokens: int, timers: Timers
+) -> Load:
     """The same generations one after another, one slot, with the window plan streams had before
     (`decode_as_before`): what the server did with N streams before batching."""
     engine, start = runner.engine, time.perf_counter()
     audio, produced, s3gen, firsts = 0.0, 0, 0.0, []
     for seed in range(count):
         began = time.perf_counter()
-        result, = generate(runner, [(text, voice, server.SynthesisParams(), seed)], tokens)
+        (result,) = generate(runner, [(text, voice, server.SynthesisParams(), seed)], tokens)
         torch.manual_seed(seed)
-        stream = server.S3GenStream(voice.gen, None, len(result.tokens), engine.kind == "turbo", engine.device,
-                                    engine.loaded_parts().s3gen.dtype)
+        stream = server.S3GenStream(
+            voice.gen,
+            None,
+            len(result.tokens),
+            engine.kind == "turbo",
+            engine.device,
+            engine.loaded_parts().s3gen.dtype,
+        )
         noise = stream.noise[:, stream.prompt_frames :] if engine.kind == "turbo" else None
         decoded = decode_as_before(engine, voice, [t for t in result.tokens if t < server.SPEECH_CODEBOOK], noise)
         firsts.append(began - start)  # sequential: not comparable, kept out of the report
@@ -506,8 +581,9 @@ def concurrency_main(args: argparse.Namespace, options: server.ModelOptions) -> 
     levels = [int(n) for n in args.concurrency.split(",")]
     ckpt = checkpoint(args.model)
     worker = ThreadRunner()
-    engine = server.ChatterboxEngine(args.model, str(ckpt), args.device,
-                                     options=replace(options, max_batch=max(levels)))
+    engine = server.ChatterboxEngine(
+        args.model, str(ckpt), args.device, options=replace(options, max_batch=max(levels))
+    )
     batched = server.BatchRunner(engine)
     worker.call(engine.load)
     worker.call(batched.warm_up)
@@ -518,8 +594,11 @@ def concurrency_main(args: argparse.Namespace, options: server.ModelOptions) -> 
     single = server.BatchRunner(engine)
     batches[single] = worker.call(engine.build_batch)
     time_batch(engine, timers, (batched, single))
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, model {args.model}, "
-          f"weights {ckpt}, tokens {args.tokens}, runs {args.runs}, quantize {engine.options.quantize}", flush=True)
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, model {args.model}, "
+        f"weights {ckpt}, tokens {args.tokens}, runs {args.runs}, quantize {engine.options.quantize}",
+        flush=True,
+    )
 
     def use(runner: server.BatchRunner) -> server.BatchRunner:
         engine.batch = batches[runner]  # the runners share the engine, each with its own batch
@@ -536,29 +615,44 @@ def concurrency_main(args: argparse.Namespace, options: server.ModelOptions) -> 
         whole = []
         for run in range(args.runs):  # alternating, in one process, on the same weights
             runner = use(single)
-            loads["one_at_a_time"].append(worker.call(functools.partial(one_at_a_time_load, runner, voice,
-                                                                        args.text, count, args.tokens, timers)))
+            loads["one_at_a_time"].append(
+                worker.call(functools.partial(one_at_a_time_load, runner, voice, args.text, count, args.tokens, timers))
+            )
             runner = use(batched)
-            loads["batched"].append(worker.call(functools.partial(batched_load, runner, voice, args.text, count,
-                                                                  args.tokens, timers)))
+            loads["batched"].append(
+                worker.call(functools.partial(batched_load, runner, voice, args.text, count, args.tokens, timers))
+            )
             whole.append(worker.call(whole_ms_per_token))
-            print(f"  run {run}: " + "  ".join(f"{name} {load[-1].audio / load[-1].wall:.3f} audio s/s"
-                                               for name, load in loads.items()), flush=True)
+            print(
+                f"  run {run}: "
+                + "  ".join(f"{name} {load[-1].audio / load[-1].wall:.3f} audio s/s" for name, load in loads.items()),
+                flush=True,
+            )
         rows = {}
         for name, runs in loads.items():
-            rows[name] = {"audio_s_per_s": statistics.median(r.audio / r.wall for r in runs),
-                          "t3_tokens_per_s": statistics.median(r.tokens / r.t3 for r in runs),
-                          "s3gen_ms_per_token": statistics.median(1000 * r.s3gen / r.tokens for r in runs)}
+            rows[name] = {
+                "audio_s_per_s": statistics.median(r.audio / r.wall for r in runs),
+                "t3_tokens_per_s": statistics.median(r.tokens / r.t3 for r in runs),
+                "s3gen_ms_per_token": statistics.median(1000 * r.s3gen / r.tokens for r in runs),
+            }
             if name == "batched":
                 firsts = [f for r in runs for f in r.first_audio]
-                rows[name] |= {"first_audio_p50_s": percentile(firsts, 0.5), "first_audio_p95_s": percentile(firsts, 0.95)}
-            print(f"concurrency {count} {name:14s} " + "  ".join(f"{k}={v:.3f}" for k, v in rows[name].items()),
-                  flush=True)
+                rows[name] |= {
+                    "first_audio_p50_s": percentile(firsts, 0.5),
+                    "first_audio_p95_s": percentile(firsts, 0.95),
+                }
+            print(
+                f"concurrency {count} {name:14s} " + "  ".join(f"{k}={v:.3f}" for k, v in rows[name].items()),
+                flush=True,
+            )
         ratios = [b.audio / b.wall / (o.audio / o.wall) for b, o in zip(loads["batched"], loads["one_at_a_time"])]
         speedup = statistics.median(ratios)
-        print(f"concurrency {count} s3gen_ms_per_whole_file_token={statistics.median(whole):.1f}  "
-              f"t3_batched_vs_one_stream={rows['batched']['t3_tokens_per_s'] / rows['one_at_a_time']['t3_tokens_per_s']:.2f}"
-              f"  speedup_runs={','.join(f'{r:.2f}' for r in ratios)}", flush=True)
+        print(
+            f"concurrency {count} s3gen_ms_per_whole_file_token={statistics.median(whole):.1f}  "
+            f"t3_batched_vs_one_stream={rows['batched']['t3_tokens_per_s'] / rows['one_at_a_time']['t3_tokens_per_s']:.2f}"
+            f"  speedup_runs={','.join(f'{r:.2f}' for r in ratios)}",
+            flush=True,
+        )
     print(f"speedup_batched={speedup:.3f}")
 
 
@@ -592,19 +686,28 @@ def main() -> None:
     parser.add_argument("--compile-mode", choices=server.COMPILE_MODES, default="default")
     parser.add_argument("--no-cuda-graphs", action="store_true")
     parser.add_argument("--text", default=TEXT)
-    parser.add_argument("--s3gen", action="store_true",
-                        help="only S3Gen's cost per streamed token against a whole file's, on --tokens random tokens")
-    parser.add_argument("--concurrency", metavar="N[,M...]",
-                        help="N streams batched against the same N one slot at a time (with the window plan streams "
-                             "had before), for each N; last line speedup_batched= for the last N")
-    parser.add_argument("--plan", action="append", metavar="SCHEDULE[:CONTEXT]",
-                        help="with --s3gen: a window plan to measure, e.g. 20,40,80,160:24 (repeatable)")
+    parser.add_argument(
+        "--s3gen",
+        action="store_true",
+        help="only S3Gen's cost per streamed token against a whole file's, on --tokens random tokens",
+    )
+    parser.add_argument(
+        "--concurrency",
+        metavar="N[,M...]",
+        help="N streams batched against the same N one slot at a time (with the window plan streams "
+        "had before), for each N; last line speedup_batched= for the last N",
+    )
+    parser.add_argument(
+        "--plan",
+        action="append",
+        metavar="SCHEDULE[:CONTEXT]",
+        help="with --s3gen: a window plan to measure, e.g. 20,40,80,160:24 (repeatable)",
+    )
     args = parser.parse_args()
 
     torch.manual_seed(0)
     server.set_torch_threads(int(os.environ.get("TORCH_THREADS", "0")))  # as the server sets them
-    options = server.ModelOptions(args.dtype, args.quantize, args.compile, args.compile_mode,
-                                  not args.no_cuda_graphs)
+    options = server.ModelOptions(args.dtype, args.quantize, args.compile, args.compile_mode, not args.no_cuda_graphs)
     if args.s3gen:
         s3gen_main(args, options)
         return
@@ -613,8 +716,11 @@ def main() -> None:
         return
     ckpt = checkpoint(args.model)
     timers = Timers(args.device)
-    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"model {args.model}, weights {ckpt}, tokens {args.tokens}, runs {args.runs}", flush=True)
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+        f"model {args.model}, weights {ckpt}, tokens {args.tokens}, runs {args.runs}",
+        flush=True,
+    )
     stock = Stock(args.model, ckpt, args.device, args.tokens, timers)
     ours = Ours(args.model, ckpt, args.device, args.tokens, options, timers)
     print(f"ours: {ours.engine.describe()}", flush=True)
@@ -627,9 +733,12 @@ def main() -> None:
         torch.manual_seed(index)
         our_runs.append(ours.run(args.text))
     stock_row, our_row = report("stock", stock_runs), report("ours", our_runs)
-    print("ratio  " + "  ".join(f"{k}={our_row[k] / stock_row[k]:.3f}" for k in ("t3_tokens_per_s",)) +
-          f"  s3gen_speedup={stock_row['s3gen_rtf'] / our_row['s3gen_rtf']:.3f}"
-          f"  first_audio_speedup={stock_row['first_audio_s'] / our_row['first_audio_s']:.3f}")
+    print(
+        "ratio  "
+        + "  ".join(f"{k}={our_row[k] / stock_row[k]:.3f}" for k in ("t3_tokens_per_s",))
+        + f"  s3gen_speedup={stock_row['s3gen_rtf'] / our_row['s3gen_rtf']:.3f}"
+        f"  first_audio_speedup={stock_row['first_audio_s'] / our_row['first_audio_s']:.3f}"
+    )
     print(f"speedup_e2e={stock_row['e2e_rtf'] / our_row['e2e_rtf']:.3f}")
 
 

@@ -56,19 +56,31 @@ def start_checkpoint_build(tmp_path_factory: pytest.TempPathFactory) -> Checkpoi
     dirs = {kind: root / kind for kind in MODELS}
 
     # One process writes all three (chatterbox is imported once), beside the tests that need none.
-    build = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import random_checkpoint; "
-             "[random_checkpoint.write_checkpoint(Path(d), k, True, 7) for k, d in zip(sys.argv[2::2], sys.argv[3::2])]")
+    build = (
+        "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import random_checkpoint; "
+        "[random_checkpoint.write_checkpoint(Path(d), k, True, 7) for k, d in zip(sys.argv[2::2], sys.argv[3::2])]"
+    )
     log = tmp_path_factory.mktemp("checkpoint-build") / "output.log"
     with open(log, "wb") as output:
-        proc = subprocess.Popen([sys.executable, "-c", build, str(ROOT / "tools"),
-                                 *[str(part) for kind in MODELS for part in (kind, dirs[kind])]],
-                                stdout=output, stderr=subprocess.STDOUT, preexec_fn=end_with_parent)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                build,
+                str(ROOT / "tools"),
+                *[str(part) for kind in MODELS for part in (kind, dirs[kind])],
+            ],
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=end_with_parent,
+        )
     return dirs, proc, log
 
 
 @pytest.fixture(scope="session", autouse=True)
-def checkpoint_build(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-                     ) -> Iterator[CheckpointBuild | None]:
+def checkpoint_build(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[CheckpointBuild | None]:
     """Starts writing the checkpoints as the session starts, when a selected test needs them: the build
     overlaps the in-process tests that come first. `checkpoints` waits for it."""
     if not any({"checkpoints", "servers"} & set(getattr(item, "fixturenames", ())) for item in request.session.items):
@@ -84,8 +96,7 @@ def checkpoint_build(request: pytest.FixtureRequest, tmp_path_factory: pytest.Te
 
 
 @pytest.fixture(scope="session")
-def checkpoints(checkpoint_build: CheckpointBuild | None, tmp_path_factory: pytest.TempPathFactory
-                ) -> dict[str, Path]:
+def checkpoints(checkpoint_build: CheckpointBuild | None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     dirs, proc, log = checkpoint_build or start_checkpoint_build(tmp_path_factory)
     if proc.wait() != 0:
         raise subprocess.CalledProcessError(proc.returncode, proc.args, log.read_bytes())
@@ -93,8 +104,9 @@ def checkpoints(checkpoint_build: CheckpointBuild | None, tmp_path_factory: pyte
 
 
 @pytest.fixture(scope="session")
-def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[dict[str, ServerProcess]]:
+def servers(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, ServerProcess]]:
     # Piper needs no checkpoint: it starts while the random checkpoints are being written.
     # Piper and Turbo also serve the TCP protocols (Wyoming, AudioSocket) for the adapter tests.
     def tcp_ports() -> dict[str, str]:
@@ -103,8 +115,12 @@ def servers(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     procs = {"piper": ServerProcess("piper", None, tmp_path_factory.mktemp("voices-piper"), **tcp_ports())}
     checkpoints = request.getfixturevalue("checkpoints")
     for kind in MODELS:
-        procs[kind] = ServerProcess(kind, checkpoints[kind], tmp_path_factory.mktemp(f"voices-{kind}"),
-                                    **(tcp_ports() if kind == "turbo" else {}))
+        procs[kind] = ServerProcess(
+            kind,
+            checkpoints[kind],
+            tmp_path_factory.mktemp(f"voices-{kind}"),
+            **(tcp_ports() if kind == "turbo" else {}),
+        )
     try:
         for proc in procs.values():
             proc.wait_ready()

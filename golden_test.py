@@ -41,10 +41,15 @@ def machine_fingerprint() -> str:
     model's threads get, torch and onnxruntime."""
     import onnxruntime
 
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")]
-    return (f"{names[0] if names else 'cpu'}; {torch.backends.cpu.get_cpu_capability()}; {os.cpu_count()} cores; "
-            f"torch {torch.__version__}; onnxruntime {onnxruntime.__version__}")
+    names = [
+        line.split(":", 1)[1].strip()
+        for line in Path("/proc/cpuinfo").read_text().splitlines()
+        if line.startswith("model name")
+    ]
+    return (
+        f"{names[0] if names else 'cpu'}; {torch.backends.cpu.get_cpu_capability()}; {os.cpu_count()} cores; "
+        f"torch {torch.__version__}; onnxruntime {onnxruntime.__version__}"
+    )
 
 
 def golden_cases(srv: ServerProcess) -> dict[str, bytes]:
@@ -73,14 +78,18 @@ def golden_cases(srv: ServerProcess) -> dict[str, bytes]:
     call.send(event="stop")
     call.close_code()
     base = f"{srv.url}/v1/text-to-speech/default"
-    cases["elevenlabs"] = httpx.post(f"{base}?output_format=pcm_22050", json={"text": text, "seed": seed},
-                                     timeout=120).content
-    cases["elevenlabs timestamps"] = httpx.post(f"{base}/stream/with-timestamps", json={"text": text, "seed": seed},
-                                                timeout=120).content
+    cases["elevenlabs"] = httpx.post(
+        f"{base}?output_format=pcm_22050", json={"text": text, "seed": seed}, timeout=120
+    ).content
+    cases["elevenlabs timestamps"] = httpx.post(
+        f"{base}/stream/with-timestamps", json={"text": text, "seed": seed}, timeout=120
+    ).content
     from websockets.sync.client import connect
 
-    with connect(f"ws://127.0.0.1:{srv.port}/v1/telephony/asterisk?{urlencode({'text': text, 'seed': seed})}",
-                 subprotocols=["media"]) as asterisk:
+    with connect(
+        f"ws://127.0.0.1:{srv.port}/v1/telephony/asterisk?{urlencode({'text': text, 'seed': seed})}",
+        subprotocols=["media"],
+    ) as asterisk:
         asterisk.send("MEDIA_START connection_id:g channel:WebSocket/g format:ulaw optimal_frame_size:160")
         media = b""
         while (message := asterisk.recv(timeout=120)) != "HANGUP":
@@ -106,16 +115,25 @@ def test_every_seeded_transport_reproduces_its_golden_bytes(servers: dict[str, S
     machine = machine_fingerprint()
     recording = os.environ.get("GOLDEN_RECORD") == "1"
     if not recording and machine not in record["machines"]:
-        pytest.skip(f"no golden bytes for this machine ({machine}): record them with "
-                    f"`make golden GOLDEN_AT={record.get('commit', 'REV')}`")
+        pytest.skip(
+            f"no golden bytes for this machine ({machine}): record them with "
+            f"`make golden GOLDEN_AT={record.get('commit', 'REV')}`"
+        )
     with ThreadPoolExecutor(len(servers)) as pool:  # the engines' servers work side by side
         outputs = dict(zip(servers, pool.map(golden_cases, servers.values())))
-    got = {f"{engine} {case}": f"{hashlib.sha256(data).hexdigest()} {len(data)}"
-           for engine, cases in outputs.items() for case, data in cases.items()}
+    got = {
+        f"{engine} {case}": f"{hashlib.sha256(data).hexdigest()} {len(data)}"
+        for engine, cases in outputs.items()
+        for case, data in cases.items()
+    }
     assert all(data for cases in outputs.values() for data in cases.values())
     if recording:
-        commit = os.environ.get("GOLDEN_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        commit = (
+            os.environ.get("GOLDEN_COMMIT")
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+            ).stdout.strip()
+        )
         if record.get("commit") not in (None, commit):
             record["machines"] = {}  # another baseline: the other machines' records must be made from it too
         record["commit"] = commit

@@ -87,68 +87,113 @@ class Settings:
     host: str = _env("HOST", "Interface to listen on.", default="0.0.0.0")
     port: int = _env("PORT", "TCP port.", default=8000)
     tts_model: str = _env("TTS_MODEL", "auto, turbo, standard, multilingual or piper.", default="auto")
-    model_dir: str = _env("MODEL_DIR", "Local checkpoint directory (from_local layout); empty = Hugging Face hub.", default="")
+    model_dir: str = _env(
+        "MODEL_DIR", "Local checkpoint directory (from_local layout); empty = Hugging Face hub.", default=""
+    )
     device: str = _env("DEVICE", "auto, cuda, mps or cpu.", default="auto")
-    piper_voice: str = _env("PIPER_VOICE", "Piper's default voice (.onnx); empty = the bundled en_US joe voice.",
-                            default="")
+    piper_voice: str = _env(
+        "PIPER_VOICE", "Piper's default voice (.onnx); empty = the bundled en_US joe voice.", default=""
+    )
     voices_dir: str = _env("VOICES_DIR", "Directory of reference clips for cloned voices.", default="voices")
     voice_cache_size: int = _env("VOICE_CACHE_SIZE", "Prepared voice conditionals kept in memory (LRU).", default=32)
     max_input_chars: int = _env("MAX_INPUT_CHARS", "Longest accepted `input`, in characters.", default=4096)
     chunk_max_chars: int = _env("CHUNK_MAX_CHARS", "Longest text handed to the model in one call.", default=250)
-    stream_chunk_schedule: str = _env("STREAM_CHUNK_SCHEDULE", "Speech tokens in each streamed window, comma-"
-                                      "separated: the first before the first audio, then each next one; the last "
-                                      "size repeats.", default="20,40,80,160")
-    stream_context_tokens: int = _env("STREAM_CONTEXT_TOKENS", "Already-decoded tokens S3Gen's flow reads again "
-                                      "before each window's new ones.", default=24)
-    s3gen_batch: int = _env("S3GEN_BATCH", "Most S3Gen windows decoded as one batch; 0 = auto (8 on CUDA, 1 "
-                            "elsewhere: batches are slower on CPU).", default=0)
-    dtype: str = _env("DTYPE", "Chatterbox compute: auto (bfloat16 on CUDA; on CPU float32 for T3 and bfloat16 for "
-                      "S3Gen's flow if the CPU has it natively), float32, bfloat16 or float16.", default="auto")
-    quantize: str = _env("QUANTIZE", "none or int8 (T3's linear layers: bitsandbytes on CUDA, fbgemm int8 with "
-                         "per-row scales on CPU).", default="none")
-    torch_compile: bool = _env("TORCH_COMPILE", "Compile T3's decode step with torch.compile.",
-                               default=False)
-    torch_compile_mode: str = _env("TORCH_COMPILE_MODE", "default, reduce-overhead or max-autotune.",
-                                   default="default")
+    stream_chunk_schedule: str = _env(
+        "STREAM_CHUNK_SCHEDULE",
+        "Speech tokens in each streamed window, comma-"
+        "separated: the first before the first audio, then each next one; the last "
+        "size repeats.",
+        default="20,40,80,160",
+    )
+    stream_context_tokens: int = _env(
+        "STREAM_CONTEXT_TOKENS",
+        "Already-decoded tokens S3Gen's flow reads again before each window's new ones.",
+        default=24,
+    )
+    s3gen_batch: int = _env(
+        "S3GEN_BATCH",
+        "Most S3Gen windows decoded as one batch; 0 = auto (8 on CUDA, 1 elsewhere: batches are slower on CPU).",
+        default=0,
+    )
+    dtype: str = _env(
+        "DTYPE",
+        "Chatterbox compute: auto (bfloat16 on CUDA; on CPU float32 for T3 and bfloat16 for "
+        "S3Gen's flow if the CPU has it natively), float32, bfloat16 or float16.",
+        default="auto",
+    )
+    quantize: str = _env(
+        "QUANTIZE",
+        "none or int8 (T3's linear layers: bitsandbytes on CUDA, fbgemm int8 with per-row scales on CPU).",
+        default="none",
+    )
+    torch_compile: bool = _env("TORCH_COMPILE", "Compile T3's decode step with torch.compile.", default=False)
+    torch_compile_mode: str = _env("TORCH_COMPILE_MODE", "default, reduce-overhead or max-autotune.", default="default")
     cuda_graphs: bool = _env("CUDA_GRAPHS", "Replay T3's decode step from CUDA graphs (CUDA only).", default=True)
     attention: str = _env("ATTENTION", "T3 attention kernel: sdpa or eager.", default="sdpa")
-    torch_threads: int = _env("TORCH_THREADS", "Threads the model computes with (0 = one per CPU core less one, which "
-                              "the event loop keeps; at least one).", default=0)
-    max_batch: int = _env("MAX_BATCH", "Generations T3 decodes together (slots); 0 = the device's default (CPU 8, "
-                          "CUDA 32).", default=0)
-    audio_trim_silence: bool = _env("AUDIO_TRIM_SILENCE", "Trim silence at each utterance's start and end.",
-                                    default=False)
-    audio_normalize: bool = _env("AUDIO_NORMALIZE", "Level each utterance's loudness to about -20 dBFS RMS.",
-                                 default=False)
+    torch_threads: int = _env(
+        "TORCH_THREADS",
+        "Threads the model computes with (0 = one per CPU core less one, which the event loop keeps; at least one).",
+        default=0,
+    )
+    max_batch: int = _env(
+        "MAX_BATCH", "Generations T3 decodes together (slots); 0 = the device's default (CPU 8, CUDA 32).", default=0
+    )
+    audio_trim_silence: bool = _env(
+        "AUDIO_TRIM_SILENCE", "Trim silence at each utterance's start and end.", default=False
+    )
+    audio_normalize: bool = _env(
+        "AUDIO_NORMALIZE", "Level each utterance's loudness to about -20 dBFS RMS.", default=False
+    )
     max_queue: int = _env("MAX_QUEUE", "Requests in progress at once; beyond it new ones get 429.", default=32)
-    request_timeout: float = _env("REQUEST_TIMEOUT", "Seconds a request may wait and run before it ends with 504.",
-                                  default=300.0)
-    stream_send_timeout: float = _env("STREAM_SEND_TIMEOUT", "Seconds a stream waits for a client that reads "
-                                      "nothing; then it ends, and its slot and model work are freed.", default=30.0)
-    ws_max_utterances: int = _env("WS_MAX_UTTERANCES", "Utterances one WebSocket connection may have queued or "
-                                  "speaking; more get an error.", default=32)
-    shutdown_grace_s: float = _env("SHUTDOWN_GRACE_S", "On SIGTERM, seconds the utterances in progress get to "
-                                   "finish; then they end cleanly and the server exits.", default=5.0)
-    preload_model: bool = _env("PRELOAD_MODEL", "Load and warm up the model at start (else on first use).",
-                               default=True)
-    idle_unload_s: float = _env("IDLE_UNLOAD_S", "Free the model after this many idle seconds (0 = never).",
-                                default=0.0)
-    gpu_memory_cleanup: bool = _env("GPU_MEMORY_CLEANUP",
-                                    "Return the allocator's cached GPU memory after each request.", default=False)
-    api_key: str = _env("API_KEY", "If set, every endpoint but /, /health and /ready needs 'Bearer <key>'.",
-                        default="")
+    request_timeout: float = _env(
+        "REQUEST_TIMEOUT", "Seconds a request may wait and run before it ends with 504.", default=300.0
+    )
+    stream_send_timeout: float = _env(
+        "STREAM_SEND_TIMEOUT",
+        "Seconds a stream waits for a client that reads nothing; then it ends, and its slot and model work are freed.",
+        default=30.0,
+    )
+    ws_max_utterances: int = _env(
+        "WS_MAX_UTTERANCES",
+        "Utterances one WebSocket connection may have queued or speaking; more get an error.",
+        default=32,
+    )
+    shutdown_grace_s: float = _env(
+        "SHUTDOWN_GRACE_S",
+        "On SIGTERM, seconds the utterances in progress get to finish; then they end cleanly and the server exits.",
+        default=5.0,
+    )
+    preload_model: bool = _env(
+        "PRELOAD_MODEL", "Load and warm up the model at start (else on first use).", default=True
+    )
+    idle_unload_s: float = _env(
+        "IDLE_UNLOAD_S", "Free the model after this many idle seconds (0 = never).", default=0.0
+    )
+    gpu_memory_cleanup: bool = _env(
+        "GPU_MEMORY_CLEANUP", "Return the allocator's cached GPU memory after each request.", default=False
+    )
+    api_key: str = _env("API_KEY", "If set, every endpoint but /, /health and /ready needs 'Bearer <key>'.", default="")
     cors_origins: str = _env("CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).", default="")
     log_text: bool = _env("LOG_TEXT", "Log the text people ask to speak (otherwise only lengths).", default=False)
     log_level: str = _env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", default="INFO")
     log_json: bool = _env("LOG_JSON", "Write each log line as one JSON object.", default=False)
-    result_cache_mb: float = _env("RESULT_CACHE_MB", "Memory for complete results of seeded requests (LRU; 0 = off).",
-                                  default=64.0)
-    wyoming_port: int = _env("WYOMING_PORT", "TCP port of the Wyoming server for Home Assistant (0 = off; its "
-                             "convention is 10200).", default=0)
-    audiosocket_port: int = _env("AUDIOSOCKET_PORT", "TCP port of the Asterisk AudioSocket server (0 = off).",
-                                 default=0)
-    protocols: str = _env("PROTOCOLS", "Comma-separated modules of add-on protocols to serve (each module's "
-                          "protocol()); empty = the server's own alone.", default="adapters")
+    result_cache_mb: float = _env(
+        "RESULT_CACHE_MB", "Memory for complete results of seeded requests (LRU; 0 = off).", default=64.0
+    )
+    wyoming_port: int = _env(
+        "WYOMING_PORT",
+        "TCP port of the Wyoming server for Home Assistant (0 = off; its convention is 10200).",
+        default=0,
+    )
+    audiosocket_port: int = _env(
+        "AUDIOSOCKET_PORT", "TCP port of the Asterisk AudioSocket server (0 = off).", default=0
+    )
+    protocols: str = _env(
+        "PROTOCOLS",
+        "Comma-separated modules of add-on protocols to serve (each module's "
+        "protocol()); empty = the server's own alone.",
+        default="adapters",
+    )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -174,9 +219,12 @@ class Settings:
             raise SystemExit("S3GEN_BATCH must not be negative")
         if settings.max_queue < 1 or settings.request_timeout <= 0 or settings.idle_unload_s < 0:
             raise SystemExit("MAX_QUEUE must be at least 1, REQUEST_TIMEOUT positive, IDLE_UNLOAD_S not negative")
-        choices = {"DTYPE": (settings.dtype, ("auto", *DTYPES)), "QUANTIZE": (settings.quantize, ("none", "int8")),
-                   "TORCH_COMPILE_MODE": (settings.torch_compile_mode, COMPILE_MODES),
-                   "ATTENTION": (settings.attention, ("sdpa", "eager"))}
+        choices = {
+            "DTYPE": (settings.dtype, ("auto", *DTYPES)),
+            "QUANTIZE": (settings.quantize, ("none", "int8")),
+            "TORCH_COMPILE_MODE": (settings.torch_compile_mode, COMPILE_MODES),
+            "ATTENTION": (settings.attention, ("sdpa", "eager")),
+        }
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise SystemExit(f"{name}={value!r}: choose one of {', '.join(allowed)}")
@@ -185,11 +233,14 @@ class Settings:
         if settings.result_cache_mb < 0:
             raise SystemExit("RESULT_CACHE_MB must not be negative")
         if settings.stream_context_tokens * MEL_FRAMES_PER_TOKEN < HIFT_OVERLAP_FRAMES:
-            raise SystemExit(f"STREAM_CONTEXT_TOKENS must be at least {HIFT_OVERLAP_FRAMES // MEL_FRAMES_PER_TOKEN} "
-                             "(the vocoder's overlap)")
+            raise SystemExit(
+                f"STREAM_CONTEXT_TOKENS must be at least {HIFT_OVERLAP_FRAMES // MEL_FRAMES_PER_TOKEN} "
+                "(the vocoder's overlap)"
+            )
         if settings.stream_send_timeout <= 0 or settings.shutdown_grace_s < 0 or settings.ws_max_utterances < 1:
-            raise SystemExit("STREAM_SEND_TIMEOUT must be positive, SHUTDOWN_GRACE_S not negative, "
-                             "WS_MAX_UTTERANCES at least 1")
+            raise SystemExit(
+                "STREAM_SEND_TIMEOUT must be positive, SHUTDOWN_GRACE_S not negative, WS_MAX_UTTERANCES at least 1"
+            )
         for name, port in (("WYOMING_PORT", settings.wyoming_port), ("AUDIOSOCKET_PORT", settings.audiosocket_port)):
             if not 0 <= port <= 65535:
                 raise SystemExit(f"{name}={port}: choose a TCP port (0 = off)")
@@ -202,8 +253,15 @@ class Settings:
 
     @property
     def model_options(self) -> ModelOptions:
-        return ModelOptions(self.dtype, self.quantize, self.torch_compile, self.torch_compile_mode, self.cuda_graphs,
-                            self.attention, self.max_batch)
+        return ModelOptions(
+            self.dtype,
+            self.quantize,
+            self.torch_compile,
+            self.torch_compile_mode,
+            self.cuda_graphs,
+            self.attention,
+            self.max_batch,
+        )
 
 
 def parse_bool(raw: str) -> bool:
@@ -367,8 +425,9 @@ def split_to_fit(text: str, limit: int, count: Callable[[str], int]) -> list[str
         return [text]
     sentences = split_sentences(text)
     if len(sentences) > 1:
-        return _pack_counted([piece for sentence in sentences for piece in split_to_fit(sentence, limit, count)],
-                             limit, count)
+        return _pack_counted(
+            [piece for sentence in sentences for piece in split_to_fit(sentence, limit, count)], limit, count
+        )
     max_chars = max(1, min(len(text) - 1, len(text) * limit // total))
     return [fitted for piece in _split_long(text, max_chars) for fitted in split_to_fit(piece, limit, count)]
 
@@ -385,8 +444,11 @@ def _pack_counted(pieces: list[str], limit: int, count: Callable[[str], int]) ->
 
 # What no engine can be handed: lone surrogates (not text at all: encoders and tokenizers refuse them)
 # and control characters other than whitespace (none is speech, and C libraries stop reading at NUL).
-UNSPEAKABLE = re.compile("[\ud800-\udfff" + "".join(
-    re.escape(chr(c)) for c in (*range(0x20), *range(0x7F, 0xA0)) if not chr(c).isspace()) + "]")
+UNSPEAKABLE = re.compile(
+    "[\ud800-\udfff"
+    + "".join(re.escape(chr(c)) for c in (*range(0x20), *range(0x7F, 0xA0)) if not chr(c).isspace())
+    + "]"
+)
 
 
 def _is_wide(ch: str) -> bool:
@@ -428,8 +490,19 @@ def wav_header(sample_rate: int, num_samples: int | None, channels: int = 1, bit
         riff_size = 36 + data_size
     return struct.pack(
         "<4sI4s4sIHHIIHH4sI",
-        b"RIFF", riff_size, b"WAVE", b"fmt ", 16, 1, channels,
-        sample_rate, sample_rate * block_align, block_align, bits, b"data", data_size,
+        b"RIFF",
+        riff_size,
+        b"WAVE",
+        b"fmt ",
+        16,
+        1,
+        channels,
+        sample_rate,
+        sample_rate * block_align,
+        block_align,
+        bits,
+        b"data",
+        data_size,
     )
 
 
@@ -566,8 +639,9 @@ class StreamResampler:
     def __init__(self, from_rate: int, to_rate: int):
         import soxr
 
-        self._stream = None if from_rate == to_rate else soxr.ResampleStream(
-            from_rate, to_rate, 1, dtype="float32", quality="HQ")
+        self._stream = (
+            None if from_rate == to_rate else soxr.ResampleStream(from_rate, to_rate, 1, dtype="float32", quality="HQ")
+        )
 
     def push(self, audio: np.ndarray, last: bool = False) -> np.ndarray:
         audio = np.ascontiguousarray(audio, dtype=np.float32)
@@ -604,8 +678,9 @@ class TempoStretcher:
 
         if len(audio) == 0:
             return np.zeros(0, dtype=np.float32)
-        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1),
-                                           format="flt", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            np.ascontiguousarray(audio, dtype=np.float32).reshape(1, -1), format="flt", layout="mono"
+        )
         frame.sample_rate, frame.pts, frame.time_base = self.rate, self.pts, self.time_base
         self.pts += len(audio)
         self.graph.push(frame)
@@ -774,19 +849,37 @@ class AudioFormat:
 
 
 SAMPLE_RATES = (8000, 16000, 22050, 24000, 44100, 48000)
-AUDIO_FORMATS = {f.name: f for f in [
-    AudioFormat("pcm", "audio/pcm", 24000, SAMPLE_RATES),
-    AudioFormat("wav", "audio/wav", 24000, SAMPLE_RATES),
-    AudioFormat("mp3", "audio/mpeg", 24000, SAMPLE_RATES, "mp3", "libmp3lame", bitrates=(8, 320)),
-    AudioFormat("opus", "audio/ogg", 48000, (8000, 16000, 24000, 48000), "ogg", "libopus",
-                (("page_duration", "20000"),), bitrates=(6, 256)),  # libopus, one channel
-    AudioFormat("webm", "audio/webm", 48000, (8000, 16000, 24000, 48000), "webm", "libopus",
-                (("cluster_time_limit", "100"),)),
-    AudioFormat("aac", "audio/aac", 24000, SAMPLE_RATES, "adts", "aac"),
-    AudioFormat("flac", "audio/flac", 24000, SAMPLE_RATES, "flac", "flac"),
-    AudioFormat("ulaw", "audio/basic", 8000, (8000,)),
-    AudioFormat("alaw", "audio/x-alaw-basic", 8000, (8000,)),
-]}
+AUDIO_FORMATS = {
+    f.name: f
+    for f in [
+        AudioFormat("pcm", "audio/pcm", 24000, SAMPLE_RATES),
+        AudioFormat("wav", "audio/wav", 24000, SAMPLE_RATES),
+        AudioFormat("mp3", "audio/mpeg", 24000, SAMPLE_RATES, "mp3", "libmp3lame", bitrates=(8, 320)),
+        AudioFormat(
+            "opus",
+            "audio/ogg",
+            48000,
+            (8000, 16000, 24000, 48000),
+            "ogg",
+            "libopus",
+            (("page_duration", "20000"),),
+            bitrates=(6, 256),
+        ),  # libopus, one channel
+        AudioFormat(
+            "webm",
+            "audio/webm",
+            48000,
+            (8000, 16000, 24000, 48000),
+            "webm",
+            "libopus",
+            (("cluster_time_limit", "100"),),
+        ),
+        AudioFormat("aac", "audio/aac", 24000, SAMPLE_RATES, "adts", "aac"),
+        AudioFormat("flac", "audio/flac", 24000, SAMPLE_RATES, "flac", "flac"),
+        AudioFormat("ulaw", "audio/basic", 8000, (8000,)),
+        AudioFormat("alaw", "audio/x-alaw-basic", 8000, (8000,)),
+    ]
+}
 
 
 class _Sink:
@@ -972,8 +1065,14 @@ HUB_REPOS = {
 HUB_PATTERNS = {
     "turbo": ["*.safetensors", "*.json", "*.txt", "*.pt", "*.model"],
     "standard": ["ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt"],
-    "multilingual": ["ve.pt", "t3_mtl23ls_v2.safetensors", "s3gen.pt", "grapheme_mtl_merged_expanded_v1.json",
-                     "conds.pt", "Cangjie5_TC.json"],
+    "multilingual": [
+        "ve.pt",
+        "t3_mtl23ls_v2.safetensors",
+        "s3gen.pt",
+        "grapheme_mtl_merged_expanded_v1.json",
+        "conds.pt",
+        "Cangjie5_TC.json",
+    ],
 }
 SPEECH_CODEBOOK = 6561  # valid S3 speech token ids are below this
 S3GEN_CUDA_BATCH = 8  # S3GEN_BATCH=0 on CUDA
@@ -1044,22 +1143,43 @@ def _shrink_s3gen(s3gen: Any, arch: dict[str, Any], meanflow: bool) -> None:
 
     enc = arch["encoder"]  # its width (512) is fixed by the token embedding and projections
     s3gen.flow.encoder = UpsampleConformerEncoder(
-        output_size=512, attention_heads=8, linear_units=enc["linear_units"], num_blocks=enc["num_blocks"],
-        dropout_rate=0.1, positional_dropout_rate=0.1, attention_dropout_rate=0.1, normalize_before=True,
-        input_layer="linear", pos_enc_layer_type="rel_pos_espnet", selfattention_layer_type="rel_selfattn",
-        input_size=512, use_cnn_module=False, macaron_style=False,
+        output_size=512,
+        attention_heads=8,
+        linear_units=enc["linear_units"],
+        num_blocks=enc["num_blocks"],
+        dropout_rate=0.1,
+        positional_dropout_rate=0.1,
+        attention_dropout_rate=0.1,
+        normalize_before=True,
+        input_layer="linear",
+        pos_enc_layer_type="rel_pos_espnet",
+        selfattention_layer_type="rel_selfattn",
+        input_size=512,
+        use_cnn_module=False,
+        macaron_style=False,
     )
     dec = arch["decoder"]
     s3gen.flow.decoder.estimator = ConditionalDecoder(
-        in_channels=320, out_channels=80, causal=True, channels=[dec["channels"]], dropout=0.0,
-        attention_head_dim=dec["attention_head_dim"], n_blocks=dec["n_blocks"],
-        num_mid_blocks=dec["num_mid_blocks"], num_heads=dec["num_heads"], act_fn="gelu", meanflow=meanflow,
+        in_channels=320,
+        out_channels=80,
+        causal=True,
+        channels=[dec["channels"]],
+        dropout=0.0,
+        attention_head_dim=dec["attention_head_dim"],
+        n_blocks=dec["n_blocks"],
+        num_mid_blocks=dec["num_mid_blocks"],
+        num_heads=dec["num_heads"],
+        act_fn="gelu",
+        meanflow=meanflow,
     )
     hift = arch["hift"]
     s3gen.mel2wav = HiFTGenerator(
-        sampling_rate=NATIVE_SAMPLE_RATE, base_channels=hift["base_channels"],
-        upsample_rates=[8, 5, 3], upsample_kernel_sizes=[16, 11, 7],
-        source_resblock_kernel_sizes=[7, 7, 11], source_resblock_dilation_sizes=[[1, 3, 5]] * 3,
+        sampling_rate=NATIVE_SAMPLE_RATE,
+        base_channels=hift["base_channels"],
+        upsample_rates=[8, 5, 3],
+        upsample_kernel_sizes=[16, 11, 7],
+        source_resblock_kernel_sizes=[7, 7, 11],
+        source_resblock_dilation_sizes=[[1, 3, 5]] * 3,
         f0_predictor=ConvRNNF0Predictor(cond_channels=hift["f0_channels"]),
     )
     s3gen.speaker_encoder = CAMPPlus(init_channels=arch["campplus_channels"], memory_efficient=False)
@@ -1100,8 +1220,10 @@ def load_chatterbox(kind: str, ckpt_dir: Path, device: str) -> ChatterboxParts:
     missing, unexpected = parts.s3gen.load_state_dict(_load_state(ckpt_dir / files["s3gen"]), strict=False)
     learned = {name for name, _ in parts.s3gen.named_parameters()}
     if unexpected or learned.intersection(missing):
-        raise RuntimeError(f"{files['s3gen']} does not match the model: missing {sorted(learned & set(missing))[:5]},"
-                           f" unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"{files['s3gen']} does not match the model: missing {sorted(learned & set(missing))[:5]},"
+            f" unexpected {unexpected[:5]}"
+        )
     if kind == "turbo":
         del parts.t3.tfmr.wte  # the GPT-2 token embedding is unused: T3 feeds its own embeddings
     for module in (parts.ve, parts.t3, parts.s3gen):
@@ -1120,8 +1242,11 @@ def download_checkpoint(kind: str) -> Path:
     from huggingface_hub import snapshot_download
 
     logger.info("downloading {} from the Hugging Face hub (cached after the first time)", HUB_REPOS[kind])
-    return Path(snapshot_download(repo_id=HUB_REPOS[kind], allow_patterns=HUB_PATTERNS[kind],
-                                  token=os.getenv("HF_TOKEN") or None))
+    return Path(
+        snapshot_download(
+            repo_id=HUB_REPOS[kind], allow_patterns=HUB_PATTERNS[kind], token=os.getenv("HF_TOKEN") or None
+        )
+    )
 
 
 def load_text_tokenizer(kind: str, ckpt_dir: Path) -> Any:
@@ -1159,13 +1284,14 @@ def gpu_memory(device: str) -> dict[str, int] | None:
     """The CUDA caching allocator's figures in bytes; None off CUDA."""
     if not device.startswith("cuda") or not torch.cuda.is_available():
         return None
-    return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
-            "max_allocated": torch.cuda.max_memory_allocated()}
+    return {
+        "allocated": torch.cuda.memory_allocated(),
+        "reserved": torch.cuda.memory_reserved(),
+        "max_allocated": torch.cuda.max_memory_allocated(),
+    }
 
 
-MULTILINGUAL_LANGUAGES = (
-    "ar da de el en es fi fr he hi it ja ko ms nl no pl pt ru sv sw tr zh".split()
-)
+MULTILINGUAL_LANGUAGES = "ar da de el en es fi fr he hi it ja ko ms nl no pl pt ru sv sw tr zh".split()
 
 
 def loaded(part: T | None) -> T:
@@ -1215,8 +1341,9 @@ ENC_COND_SECONDS = {"turbo": 15, "standard": 6, "multilingual": 6}
 DEC_COND_SECONDS = 10
 
 
-def clip_conditionals(parts: ChatterboxParts, kind: str, device: str, clip: np.ndarray, sample_rate: int,
-                      exaggeration: float) -> Any:
+def clip_conditionals(
+    parts: ChatterboxParts, kind: str, device: str, clip: np.ndarray, sample_rate: int, exaggeration: float
+) -> Any:
     """Voice conditionals from a reference clip, as upstream's prepare_conditionals computes them."""
     from chatterbox.models.s3tokenizer import S3_SR
     from chatterbox.models.t3.modules.cond_enc import T3Cond
@@ -1227,15 +1354,15 @@ def clip_conditionals(parts: ChatterboxParts, kind: str, device: str, clip: np.n
         if kind == "turbo":
             wav24 = normalize_loudness(wav24, NATIVE_SAMPLE_RATE, -27.0)
         wav16 = resample(wav24, NATIVE_SAMPLE_RATE, S3_SR)
-        gen = parts.s3gen.embed_ref(wav24[: DEC_COND_SECONDS * NATIVE_SAMPLE_RATE], NATIVE_SAMPLE_RATE,
-                                    device=device)
+        gen = parts.s3gen.embed_ref(wav24[: DEC_COND_SECONDS * NATIVE_SAMPLE_RATE], NATIVE_SAMPLE_RATE, device=device)
         plen = parts.t3.hp.speech_cond_prompt_len
         prompt_tokens, _ = parts.s3gen.tokenizer.forward([wav16[: ENC_COND_SECONDS[kind] * S3_SR]], max_len=plen)
         prompt_tokens = torch.atleast_2d(prompt_tokens).to(device)
         speaker = torch.from_numpy(parts.ve.embeds_from_wavs([wav16], sample_rate=S3_SR))
         speaker = speaker.mean(dim=0, keepdim=True).to(device)
-    t3 = T3Cond(speaker_emb=speaker, cond_prompt_speech_tokens=prompt_tokens,
-                emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=device)
+    t3 = T3Cond(
+        speaker_emb=speaker, cond_prompt_speech_tokens=prompt_tokens, emotion_adv=exaggeration * torch.ones(1, 1, 1)
+    ).to(device=device)
     return Conditionals(t3, gen)
 
 
@@ -1245,8 +1372,16 @@ class ChatterboxEngine(Engine):
     voice_files = VOICE_EXTENSIONS
     clones_voices = True
 
-    def __init__(self, kind: str, model_dir: str, device: str, stream: StreamPlan | None = None,
-                 options: ModelOptions | None = None, chunk_max_chars: int = 250, s3gen_batch: int = 0):
+    def __init__(
+        self,
+        kind: str,
+        model_dir: str,
+        device: str,
+        stream: StreamPlan | None = None,
+        options: ModelOptions | None = None,
+        chunk_max_chars: int = 250,
+        s3gen_batch: int = 0,
+    ):
         self.kind = kind
         self.stream = stream or StreamPlan()
         self.requested = options or ModelOptions()
@@ -1284,8 +1419,13 @@ class ChatterboxEngine(Engine):
         self.parts.t3.tfmr.to(dtype=self.options.dtype)  # embeddings, conditioning and heads stay float32
         self.text = ChatterboxText(self.kind, self.parts.tokenizer, self.parts.t3.hp)
         self.batch = self.build_batch()
-        self.s3gen = S3GenDecoder(self.parts.s3gen, self.device, self.options.s3gen_dtype, self.s3gen_batch,
-                                  n_timesteps=2 if self.kind == "turbo" else 10)
+        self.s3gen = S3GenDecoder(
+            self.parts.s3gen,
+            self.device,
+            self.options.s3gen_dtype,
+            self.s3gen_batch,
+            n_timesteps=2 if self.kind == "turbo" else 10,
+        )
 
     def build_batch(self) -> T3Batch:
         """T3's batch for the loaded model at the current options (MAX_BATCH=0 on CUDA: as many slots as fit)."""
@@ -1326,14 +1466,18 @@ class ChatterboxEngine(Engine):
             try:
                 clip, rate = decode_audio(voice.data, VOICE_MAX_SECONDS)
             except ValueError as exc:
-                raise ApiError(400, f"Voice {voice.name!r} is not a usable clip: {exc}.", param="voice",
-                               code="invalid_voice") from None
+                raise ApiError(
+                    400, f"Voice {voice.name!r} is not a usable clip: {exc}.", param="voice", code="invalid_voice"
+                ) from None
             return self.clip_conditionals(clip, rate, exaggeration)
         if parts.builtin is None:
             raise RuntimeError("this checkpoint has no built-in voice (conds.pt)")
         base = parts.builtin
-        t3 = T3Cond(speaker_emb=base.t3.speaker_emb, cond_prompt_speech_tokens=base.t3.cond_prompt_speech_tokens,
-                    emotion_adv=exaggeration * torch.ones(1, 1, 1)).to(device=self.device)
+        t3 = T3Cond(
+            speaker_emb=base.t3.speaker_emb,
+            cond_prompt_speech_tokens=base.t3.cond_prompt_speech_tokens,
+            emotion_adv=exaggeration * torch.ones(1, 1, 1),
+        ).to(device=self.device)
         return Conditionals(t3, dict(base.gen))
 
     def clip_conditionals(self, clip: np.ndarray, sample_rate: int, exaggeration: float) -> Any:
@@ -1357,11 +1501,13 @@ class ChatterboxEngine(Engine):
         text_tokens = self.loaded_text().prompt_tokens(text, params.language, self.device)
         bos = torch.full((1, 1), t3.hp.start_speech_token, dtype=torch.long, device=self.device)
         if self.kind == "turbo":
-            embeds, len_cond = t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos,
-                                                       cfg_weight=0.0)
+            embeds, len_cond = t3.prepare_input_embeds(
+                t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos, cfg_weight=0.0
+            )
         else:
-            embeds, len_cond = t3.prepare_input_embeds(t3_cond=voice.t3, text_tokens=text_tokens,
-                                                       speech_tokens=bos.expand(2, 1), cfg_weight=params.cfg_weight)
+            embeds, len_cond = t3.prepare_input_embeds(
+                t3_cond=voice.t3, text_tokens=text_tokens, speech_tokens=bos.expand(2, 1), cfg_weight=params.cfg_weight
+            )
             # Upstream feeds the start-of-speech token a second time, with its position embedding.
             bos_embed = t3.speech_emb(bos) + t3.speech_pos_emb.get_fixed_embedding(0)
             embeds = torch.cat([embeds, bos_embed.expand(2, -1, -1)], dim=1)
@@ -1379,17 +1525,30 @@ class ChatterboxEngine(Engine):
         Call it under the request's RNG: its noise (the flow's, and a seed for the vocoder's)
         is drawn here, so a seed reproduces however its windows are later batched.
         """
-        return S3GenStream(voice.gen, self.stream if streamed else None, budget, self.kind == "turbo", self.device,
-                           self.loaded_parts().s3gen.dtype)
+        return S3GenStream(
+            voice.gen,
+            self.stream if streamed else None,
+            budget,
+            self.kind == "turbo",
+            self.device,
+            self.loaded_parts().s3gen.dtype,
+        )
 
     def alignment_monitor(self, len_cond: int, len_text: int) -> Any:
         return alignment_monitor(self.loaded_parts().t3, len_cond, len_text)
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "chatterbox", "model": self.kind, "device": self.device, "checkpoint": self.checkpoint,
-                "sample_rate": self.sample_rate, **self.options.describe(), "s3gen_batch": self.s3gen_batch,
-                "option_warnings": self.option_warnings,
-                "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"]}
+        return {
+            "engine": "chatterbox",
+            "model": self.kind,
+            "device": self.device,
+            "checkpoint": self.checkpoint,
+            "sample_rate": self.sample_rate,
+            **self.options.describe(),
+            "s3gen_batch": self.s3gen_batch,
+            "option_warnings": self.option_warnings,
+            "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"],
+        }
 
 
 def t3_capacity(t3: Any, chunk_max_chars: int, device: str) -> int:
@@ -1399,10 +1558,11 @@ def t3_capacity(t3: Any, chunk_max_chars: int, device: str) -> int:
     captured graph."""
     from chatterbox.models.t3.modules.cond_enc import T3Cond
 
-    dummy = T3Cond(speaker_emb=torch.zeros(1, t3.hp.speaker_embed_size, device=device),
-                   cond_prompt_speech_tokens=torch.zeros(1, t3.hp.speech_cond_prompt_len, dtype=torch.long,
-                                                         device=device),
-                   emotion_adv=0.5 * torch.ones(1, 1, 1, device=device))
+    dummy = T3Cond(
+        speaker_emb=torch.zeros(1, t3.hp.speaker_embed_size, device=device),
+        cond_prompt_speech_tokens=torch.zeros(1, t3.hp.speech_cond_prompt_len, dtype=torch.long, device=device),
+        emotion_adv=0.5 * torch.ones(1, 1, 1, device=device),
+    )
     conditioning = t3.prepare_conditioning(dummy).shape[1]
     return conditioning + chunk_max_chars + 2 + 2 + speech_token_budget("\u4e00" * chunk_max_chars)
 
@@ -1412,13 +1572,24 @@ def slots_that_fit(t3: Any, rows_per_slot: int, capacity: int, options: DecodeOp
     KV_CACHE_MEMORY_SHARE of the GPU's free memory (one standard slot's cache is about 0.4 GB)."""
     config = t3.tfmr.config
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    per_slot = (2 * rows_per_slot * config.num_hidden_layers * heads * capacity
-                * (config.hidden_size // config.num_attention_heads) * options.dtype.itemsize)
+    per_slot = (
+        2
+        * rows_per_slot
+        * config.num_hidden_layers
+        * heads
+        * capacity
+        * (config.hidden_size // config.num_attention_heads)
+        * options.dtype.itemsize
+    )
     free, _ = torch.cuda.mem_get_info()
     fit = max(1, int(KV_CACHE_MEMORY_SHARE * free // per_slot))
     if fit < options.max_batch:
-        logger.warning("MAX_BATCH: {} slots' KV cache would not fit in {:.1f} GB free; using {}",
-                       options.max_batch, free / 2**30, fit)
+        logger.warning(
+            "MAX_BATCH: {} slots' KV cache would not fit in {:.1f} GB free; using {}",
+            options.max_batch,
+            free / 2**30,
+            fit,
+        )
     return min(options.max_batch, fit)
 
 
@@ -1441,10 +1612,16 @@ def alignment_monitor(t3: Any, len_cond: int, len_text: int) -> Any:
 
     from chatterbox.models.t3.inference.alignment_stream_analyzer import AlignmentStreamAnalyzer
 
-    stand_in = SimpleNamespace(layers=[SimpleNamespace(self_attn=torch.nn.Module())
-                                       for _ in range(t3.cfg.num_hidden_layers)])
-    return AlignmentStreamAnalyzer(stand_in, None, text_tokens_slice=(len_cond, len_cond + len_text),
-                                   alignment_layer_idx=9, eos_idx=t3.hp.stop_speech_token)
+    stand_in = SimpleNamespace(
+        layers=[SimpleNamespace(self_attn=torch.nn.Module()) for _ in range(t3.cfg.num_hidden_layers)]
+    )
+    return AlignmentStreamAnalyzer(
+        stand_in,
+        None,
+        text_tokens_slice=(len_cond, len_cond + len_text),
+        alignment_layer_idx=9,
+        eos_idx=t3.hp.stop_speech_token,
+    )
 
 
 SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 speech tokens per second
@@ -1506,8 +1683,15 @@ class S3GenStream:
     is sliced by position, so every window sees the same noise where they overlap.
     """
 
-    def __init__(self, gen: dict[str, Any], plan: StreamPlan | None, budget: int, pad_silence: bool,
-                 device: str, dtype: torch.dtype):
+    def __init__(
+        self,
+        gen: dict[str, Any],
+        plan: StreamPlan | None,
+        budget: int,
+        pad_silence: bool,
+        device: str,
+        dtype: torch.dtype,
+    ):
         self.gen, self.plan, self.pad_silence, self.device = gen, plan, pad_silence, device
         self.tokens: list[int] = []
         self.emitted = 0  # tokens whose audio has been handed out (but for the vocoder's held-back end)
@@ -1518,8 +1702,9 @@ class S3GenStream:
         self.rng = RngStream(int(torch.randint(2**62, (1,)).item()))
         self.prompt_frames = gen["prompt_feat"].shape[1]
         with self.rng.active():
-            self.noise = torch.randn(80, self.prompt_frames + MEL_FRAMES_PER_TOKEN * (budget + 8), device=device,
-                                     dtype=dtype)
+            self.noise = torch.randn(
+                80, self.prompt_frames + MEL_FRAMES_PER_TOKEN * (budget + 8), device=device, dtype=dtype
+            )
         self.source_cache: torch.Tensor | None = None  # the last HIFT_OVERLAP_FRAMES of the vocoder's source
         self.joiner = ChunkJoiner(HIFT_OVERLAP_FRAMES * SAMPLES_PER_FRAME)
 
@@ -1552,10 +1737,16 @@ class S3GenStream:
     def _window(self, end: int, last: int, final: bool) -> S3GenWindow:
         context = self.plan.context_tokens if self.plan is not None else 0
         first, frames = max(0, self.emitted - context), self.prompt_frames
-        noise = torch.cat([self.noise[:, :frames], self.noise[:, frames + MEL_FRAMES_PER_TOKEN * first :
-                                                              frames + MEL_FRAMES_PER_TOKEN * last]], dim=1)
-        return S3GenWindow(self.gen, self.tokens[first:last], noise, self.source_cache, self.rng, first, self.emitted,
-                           end, last, final)
+        noise = torch.cat(
+            [
+                self.noise[:, :frames],
+                self.noise[:, frames + MEL_FRAMES_PER_TOKEN * first : frames + MEL_FRAMES_PER_TOKEN * last],
+            ],
+            dim=1,
+        )
+        return S3GenWindow(
+            self.gen, self.tokens[first:last], noise, self.source_cache, self.rng, first, self.emitted, end, last, final
+        )
 
     def take(self, window: S3GenWindow, decoded: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Take in what S3GenDecoder made of `window` (the vocoder's audio and source; None: no new tokens):
@@ -1672,15 +1863,27 @@ def flow_mels(s3gen: Any, rows: list[FlowRow], n_timesteps: int) -> list[torch.T
     if s3gen.meanflow:
         feat = meanflow_mels(flow.decoder.estimator, noise, mu, mask, spks, conds, n_timesteps)
     else:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # upstream draws noise we replace
-            feat, _ = flow.decoder(mu=mu, mask=mask, spks=spks, cond=conds, n_timesteps=n_timesteps,
-                                   noised_mels=noise, meanflow=False)
-    return [feat[i, :, row.gen["prompt_feat"].shape[1] : MEL_FRAMES_PER_TOKEN * n]
-            for i, (row, n) in enumerate(zip(rows, lengths))]
+        with torch.random.fork_rng(
+            devices=[device] if device.type == "cuda" else []
+        ):  # upstream draws noise we replace
+            feat, _ = flow.decoder(
+                mu=mu, mask=mask, spks=spks, cond=conds, n_timesteps=n_timesteps, noised_mels=noise, meanflow=False
+            )
+    return [
+        feat[i, :, row.gen["prompt_feat"].shape[1] : MEL_FRAMES_PER_TOKEN * n]
+        for i, (row, n) in enumerate(zip(rows, lengths))
+    ]
 
 
-def meanflow_mels(estimator: Any, noise: torch.Tensor, mu: torch.Tensor, mask: torch.Tensor, spks: torch.Tensor,
-                  cond: torch.Tensor, n_timesteps: int) -> torch.Tensor:
+def meanflow_mels(
+    estimator: Any,
+    noise: torch.Tensor,
+    mu: torch.Tensor,
+    mask: torch.Tensor,
+    spks: torch.Tensor,
+    cond: torch.Tensor,
+    n_timesteps: int,
+) -> torch.Tensor:
     """Turbo's CFM (a distilled meanflow: a few plain Euler steps from `noise`, no CFG), the arithmetic
     of upstream's basic_euler, which also prints a line and a progress bar on every call."""
     dtype = estimator.dtype
@@ -1773,10 +1976,17 @@ class ModelOptions:
             warnings.append(f"TORCH_COMPILE needs {missing}: running eager")
             compile_mode = ""
         graphs = self.cuda_graphs and cuda
-        return DecodeOptions(DTYPES[dtype], quantize, self.attention, compile_mode, graphs,
-                             eos_check_every=16 if cuda else 1, s3gen_dtype=DTYPES[s3gen_dtype],
-                             max_batch=self.max_batch or DEFAULT_MAX_BATCH["cuda" if cuda else "cpu"],
-                             prefill_chunk=PREFILL_CHUNK["cuda" if cuda else "cpu"]), warnings
+        return DecodeOptions(
+            DTYPES[dtype],
+            quantize,
+            self.attention,
+            compile_mode,
+            graphs,
+            eos_check_every=16 if cuda else 1,
+            s3gen_dtype=DTYPES[s3gen_dtype],
+            max_batch=self.max_batch or DEFAULT_MAX_BATCH["cuda" if cuda else "cpu"],
+            prefill_chunk=PREFILL_CHUNK["cuda" if cuda else "cpu"],
+        ), warnings
 
 
 # Slots per device (MAX_BATCH=0). A CPU step is bound by reading the weights, so 8 rows cost about twice
@@ -1857,20 +2067,36 @@ class DecodeOptions:
         return self.cuda_graphs or bool(self.compile_mode)
 
     def describe(self) -> dict[str, Any]:
-        return {"dtype": str(self.dtype).removeprefix("torch."), "s3gen_dtype": str(self.s3gen_dtype).removeprefix("torch."),
-                "quantize": self.quantize, "torch_compile": bool(self.compile_mode),
-                "compile_mode": self.compile_mode or None, "cuda_graphs": self.cuda_graphs,
-                "attention": self.attention, "eos_check_every": self.eos_check_every, "max_batch": self.max_batch}
+        return {
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "s3gen_dtype": str(self.s3gen_dtype).removeprefix("torch."),
+            "quantize": self.quantize,
+            "torch_compile": bool(self.compile_mode),
+            "compile_mode": self.compile_mode or None,
+            "cuda_graphs": self.cuda_graphs,
+            "attention": self.attention,
+            "eos_check_every": self.eos_check_every,
+            "max_batch": self.max_batch,
+        }
 
 
 class KVCache:
     """Keys and values of every row of the batch, allocated once at load for the longest generation:
     [2 (keys, values), rows, heads, capacity, head_dim] per layer. Never reallocated: graphs read it by address."""
 
-    def __init__(self, layers: int, rows: int, heads: int, head_dim: int, capacity: int, dtype: torch.dtype,
-                 device: torch.device | str):
-        self.layers = [torch.zeros(2, rows, heads, capacity, head_dim, dtype=dtype, device=device)
-                       for _ in range(layers)]
+    def __init__(
+        self,
+        layers: int,
+        rows: int,
+        heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        self.layers = [
+            torch.zeros(2, rows, heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)
+        ]
         self.capacity = capacity
 
     def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor) -> None:
@@ -1975,8 +2201,14 @@ class VoicePrefixes(LruCache):
 VOICE_PREFIXES = 8
 
 
-def attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-           causal: bool, attention: str) -> torch.Tensor:
+def attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    attention: str,
+) -> torch.Tensor:
     """Scaled dot-product attention, [B, H, T, D]; `mask` is additive or boolean over the keys."""
     if attention == "sdpa":
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal and mask is None)
@@ -2004,12 +2236,14 @@ def step_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch
     """Additive mask [rows, 1, 1, length] of a decode step: each row sees the cache up to its own position.
     Built once per step, shared by every layer."""
     hidden = torch.arange(length, device=positions.device) > positions[:, None]
-    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill(hidden, float("-inf"))[:, None,
-                                                                                                              None]
+    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill(hidden, float("-inf"))[
+        :, None, None
+    ]
 
 
 def gpt2_layer(block: Any) -> torch.nn.Module:
     """One of Turbo's GPT-2 blocks as the decoder's layer: norms, fused projections (HF's Conv1D as Linear)."""
+
     def linear(conv: Any) -> torch.nn.Linear:  # HF's Conv1D holds the transposed weight of a Linear
         layer = torch.nn.Linear(1, 1, device="meta")
         layer.in_features, layer.out_features = conv.weight.shape
@@ -2017,16 +2251,31 @@ def gpt2_layer(block: Any) -> torch.nn.Module:
         layer.bias = conv.bias
         return layer
 
-    return torch.nn.ModuleDict(dict(norm1=block.ln_1, qkv=linear(block.attn.c_attn), out=linear(block.attn.c_proj),
-                                    norm2=block.ln_2, up=linear(block.mlp.c_fc), down=linear(block.mlp.c_proj)))
+    return torch.nn.ModuleDict(
+        dict(
+            norm1=block.ln_1,
+            qkv=linear(block.attn.c_attn),
+            out=linear(block.attn.c_proj),
+            norm2=block.ln_2,
+            up=linear(block.mlp.c_fc),
+            down=linear(block.mlp.c_proj),
+        )
+    )
+
 
 def llama_layer(layer: Any) -> torch.nn.Module:
     """One of the Llama layers as the decoder's layer: RMS norms, q/k/v and gate/up fused."""
     attn, mlp = layer.self_attn, layer.mlp
-    return torch.nn.ModuleDict(dict(norm1=RMSNorm(layer.input_layernorm),
-                                    qkv=fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj), out=attn.o_proj,
-                                    norm2=RMSNorm(layer.post_attention_layernorm),
-                                    gate_up=fuse_linears(mlp.gate_proj, mlp.up_proj), down=mlp.down_proj))
+    return torch.nn.ModuleDict(
+        dict(
+            norm1=RMSNorm(layer.input_layernorm),
+            qkv=fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj),
+            out=attn.o_proj,
+            norm2=RMSNorm(layer.post_attention_layernorm),
+            gate_up=fuse_linears(mlp.gate_proj, mlp.up_proj),
+            down=mlp.down_proj,
+        )
+    )
 
 
 class T3Decoder(torch.nn.Module):
@@ -2040,8 +2289,14 @@ class T3Decoder(torch.nn.Module):
     once, at construction, for the longest generation.
     """
 
-    def __init__(self, tfmr: Any, rows_per_slot: int, options: DecodeOptions, capacity: int,
-                 probes: tuple[tuple[int, int], ...] = ()):
+    def __init__(
+        self,
+        tfmr: Any,
+        rows_per_slot: int,
+        options: DecodeOptions,
+        capacity: int,
+        probes: tuple[tuple[int, int], ...] = (),
+    ):
         super().__init__()
         config = tfmr.config
         self.gpt2 = config.model_type == "gpt2"
@@ -2051,8 +2306,9 @@ class T3Decoder(torch.nn.Module):
         self.head_dim = getattr(config, "head_dim", None) or self.dim // self.heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.layer_count = config.num_hidden_layers
-        self.layers = torch.nn.ModuleList(gpt2_layer(b) if self.gpt2 else llama_layer(b)
-                                          for b in (tfmr.h if self.gpt2 else tfmr.layers))
+        self.layers = torch.nn.ModuleList(
+            gpt2_layer(b) if self.gpt2 else llama_layer(b) for b in (tfmr.h if self.gpt2 else tfmr.layers)
+        )
         self.final_norm = tfmr.ln_f if self.gpt2 else RMSNorm(tfmr.norm)
         self.positions = tfmr.wpe if self.gpt2 else None
         device = self.final_norm.weight.device
@@ -2063,20 +2319,27 @@ class T3Decoder(torch.nn.Module):
         self.capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
         if not self.gpt2:
-            cos, sin = tfmr.rotary_emb(torch.zeros(1, dtype=options.dtype, device=device),
-                                       torch.arange(self.capacity, device=device)[None])
+            cos, sin = tfmr.rotary_emb(
+                torch.zeros(1, dtype=options.dtype, device=device), torch.arange(self.capacity, device=device)[None]
+            )
             self.rope = (cos[0], sin[0])
         self.rows = options.max_batch * rows_per_slot
-        self.cache = KVCache(self.layer_count, self.rows, self.kv_heads, self.head_dim, self.capacity, options.dtype,
-                             device)
+        self.cache = KVCache(
+            self.layer_count, self.rows, self.kv_heads, self.head_dim, self.capacity, options.dtype, device
+        )
         self.all_rows = torch.arange(self.rows, device=device)[:, None]
         # (layer, head) pairs whose attention the alignment monitor reads: each slot's conditional row.
         self.probes = probes
         self.probe_rows = torch.zeros(len(probes), options.max_batch, self.capacity, device=device)
         self.prefill_probes: dict[tuple[int, int], torch.Tensor] = {}  # the last prefill chunk's rows
 
-    def forward(self, embeds: torch.Tensor, rows: slice, positions: torch.Tensor,
-                attend_rows: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        rows: slice,
+        positions: torch.Tensor,
+        attend_rows: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
         """Write `positions` ([r or 1, T]) of cache `rows` from embeds [r, T, dim] and return each row's last
         hidden state; `attend_rows(layer, q, keys, values)` attends q over those rows' whole cache."""
         x = embeds.to(self.options.dtype)
@@ -2091,7 +2354,9 @@ class T3Decoder(torch.nn.Module):
             kv = qkv[..., self.heads * self.head_dim :].view(b, t, 2, self.kv_heads, self.head_dim)
             if rope is not None:
                 if self.kv_heads == self.heads:  # queries and keys side by side: rotated together
-                    qk = rotate(qkv[..., : 2 * self.heads * self.head_dim].view(b, t, 2, self.heads, self.head_dim), *rope)
+                    qk = rotate(
+                        qkv[..., : 2 * self.heads * self.head_dim].view(b, t, 2, self.heads, self.head_dim), *rope
+                    )
                     q, keys = qk[:, :, 0], qk[:, :, 1]
                 else:
                     q, keys = rotate(q, *rope), rotate(kv[:, :, 0], *rope)
@@ -2128,7 +2393,7 @@ class T3Decoder(torch.nn.Module):
         def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
             keys, values = self._grouped(keys[:, :, :end], values[:, :, :end])
             for _, head in self._probed_heads(index):
-                rows = attention_probs(q[:1, head:head + 1], keys[:1, head:head + 1], mask, True)[0, 0]
+                rows = attention_probs(q[:1, head : head + 1], keys[:1, head : head + 1], mask, True)[0, 0]
                 # Indexed by position, as the monitor reads it: rows of earlier chunks stay zero.
                 self.prefill_probes[(index, head)] = F.pad(rows, (0, 0, start, 0)) if start else rows
             return attend(q, keys, values, mask, True, self.options.attention)
@@ -2155,8 +2420,8 @@ class T3Decoder(torch.nn.Module):
                 out[rows] = attend(q[rows], slot_keys, slot_values, None, False, self.options.attention)
                 for n, head in self._probed_heads(index):
                     self.probe_rows[n, slot, :length] = attention_probs(
-                        q[rows.start:rows.start + 1, head:head + 1], slot_keys[:1, head:head + 1], None,
-                        False)[0, 0, 0]
+                        q[rows.start : rows.start + 1, head : head + 1], slot_keys[:1, head : head + 1], None, False
+                    )[0, 0, 0]
             return out
 
         if count == self.rows:
@@ -2175,11 +2440,12 @@ class T3Decoder(torch.nn.Module):
             keys, values = self._grouped(keys[:, :, :length], values[:, :, :length])
             for n, head in self._probed_heads(index):
                 self.probe_rows[n, :, :length] = attention_probs(
-                    q[conditional, head:head + 1], keys[conditional, head:head + 1], mask[conditional],
-                    False)[:, 0, 0]
+                    q[conditional, head : head + 1], keys[conditional, head : head + 1], mask[conditional], False
+                )[:, 0, 0]
             return attend(q, keys, values, mask, False, self.options.attention)
 
         return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
+
 
 class RMSNorm(torch.nn.Module):
     """Llama's RMS norm as one fused kernel (HF's module runs six), over the checkpoint's own weight."""
@@ -2242,8 +2508,11 @@ class RowScaledInt8Linear(torch.nn.Module):
         quantized = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
         self._packed = torch.ops.quantized.linear_prepack(quantized, None)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
-        self.register_buffer("_sentinel", torch.tensor([1.0, -1.0]).repeat((self.in_features + 1) // 2)
-                             [None, : self.in_features], persistent=False)
+        self.register_buffer(
+            "_sentinel",
+            torch.tensor([1.0, -1.0]).repeat((self.in_features + 1) // 2)[None, : self.in_features],
+            persistent=False,
+        )
 
     def weight(self) -> torch.Tensor:
         """The quantized weight (qint8, one scale per output row)."""
@@ -2303,8 +2572,14 @@ def quantize_bitsandbytes(module: torch.nn.Module) -> None:
     def int8(child: torch.nn.Linear) -> torch.nn.Module:
         weight = child.weight.detach()
         codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
-        layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
-                                    has_fp16_weights=False, threshold=0.0, device="meta")
+        layer = bnb.nn.Linear8bitLt(
+            child.in_features,
+            child.out_features,
+            bias=child.bias is not None,
+            has_fp16_weights=False,
+            threshold=0.0,
+            device="meta",
+        )
         layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
         if child.bias is not None:
             layer.bias = torch.nn.Parameter(child.bias.detach().to(torch.float16), requires_grad=False)
@@ -2326,6 +2601,7 @@ def replace_linears(module: torch.nn.Module, make: Callable[[torch.nn.Linear], t
 # Every filter takes per-row parameters ([rows, 1] tensors) and is an exact no-op at its neutral value
 # (temperature 1, penalty 1, top_k = vocabulary, top_p 1, min_p 0), so one fixed sequence of kernels
 # serves every request's recipe, inside a graph or not.
+
 
 def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor | float) -> torch.Tensor:
     """RepetitionPenaltyLogitsProcessor: shrink the logits of tokens already in the history."""
@@ -2369,13 +2645,19 @@ class SamplingRecipe:
 
     def rows(self, vocabulary: int) -> dict[str, float]:
         """This recipe as per-row sampling parameters (neutral values where a filter is off)."""
-        return {"temperature": self.temperature if self.temperature > 0 else 1.0,
-                "penalty": self.repetition_penalty, "top_k": float(self.top_k or vocabulary), "top_p": self.top_p,
-                "min_p": self.min_p}
+        return {
+            "temperature": self.temperature if self.temperature > 0 else 1.0,
+            "penalty": self.repetition_penalty,
+            "top_k": float(self.top_k or vocabulary),
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+        }
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-        rows = {name: torch.full((logits.shape[0], 1), value, device=logits.device)
-                for name, value in self.rows(logits.shape[-1]).items()}
+        rows = {
+            name: torch.full((logits.shape[0], 1), value, device=logits.device)
+            for name, value in self.rows(logits.shape[-1]).items()
+        }
         return filter_logits(logits, seen, SamplingRows(**rows), self.turbo_order)
 
 
@@ -2506,8 +2788,9 @@ def with_verdict(logits: torch.Tensor, verdict: torch.Tensor, stop: int) -> torc
     """Apply each row's StopVerdict ([rows, 1]) to its logits, as upstream's analyzer edits them."""
     now = verdict == StopVerdict.NOW
     logits = logits.masked_fill(now, -(2.0**15))
-    stop_logit = torch.where(now, 2.0**15, logits[:, stop : stop + 1].masked_fill(verdict == StopVerdict.NOT_YET,
-                                                                                   -(2.0**15)))
+    stop_logit = torch.where(
+        now, 2.0**15, logits[:, stop : stop + 1].masked_fill(verdict == StopVerdict.NOT_YET, -(2.0**15))
+    )
     return torch.cat([logits[:, :stop], stop_logit, logits[:, stop + 1 :]], dim=1)
 
 
@@ -2516,9 +2799,16 @@ class SlotSampler:
     for every slot with noise keyed by its seed and draw count; eager steps draw for the busy slots from
     their own generators (as upstream draws)."""
 
-    def __init__(self, count: int, vocabulary: int, start: int, stop: int, turbo_order: bool, keyed: bool,
-                 device: torch.device):
-        self.vocabulary, self.start, self.stop, self.turbo_order, self.keyed = vocabulary, start, stop, turbo_order, keyed
+    def __init__(
+        self, count: int, vocabulary: int, start: int, stop: int, turbo_order: bool, keyed: bool, device: torch.device
+    ):
+        self.vocabulary, self.start, self.stop, self.turbo_order, self.keyed = (
+            vocabulary,
+            start,
+            stop,
+            turbo_order,
+            keyed,
+        )
         self.seen = torch.zeros(count, vocabulary, dtype=torch.bool, device=device)
         self.sampling = SamplingRows.empty(count, device)
         if keyed:  # each slot's noise_key and draws so far
@@ -2538,15 +2828,19 @@ class SlotSampler:
         if self.keyed:
             self.keys[index] = noise_key(seed)
             self.draws[index] = 0
-            noise = keyed_exponential(self.keys[index : index + 1], self.draws[index : index + 1],
-                                      self.vocabulary_index)
+            noise = keyed_exponential(
+                self.keys[index : index + 1], self.draws[index : index + 1], self.vocabulary_index
+            )
             self.draws[index] = 1
         else:
             generator = self.generators[index]
             generator.manual_seed(seed)
             noise = torch.empty_like(logits).exponential_(generator=generator)
-        token = draw(filter_logits(logits, seen, self.sampling.select(slice(index, index + 1)), self.turbo_order),
-                     noise, self.stop)
+        token = draw(
+            filter_logits(logits, seen, self.sampling.select(slice(index, index + 1)), self.turbo_order),
+            noise,
+            self.stop,
+        )
         if self.turbo_order:
             seen.zero_()  # upstream's Turbo history holds the start token for the first draw only
         seen.scatter_(1, token, True)
@@ -2597,8 +2891,7 @@ class T3Batch:
         self.parked = decoder.capacity - 1  # where the rows of a free slot write
         self.positions = torch.full((decoder.rows,), self.parked, dtype=torch.long, device=device)
         self.speech_index = torch.zeros(count, dtype=torch.long, device=device)  # Llama: next speech position id
-        self.sampler = SlotSampler(count, self.vocabulary, self.start, self.stop, turbo_order, options.bucketed,
-                                   device)
+        self.sampler = SlotSampler(count, self.vocabulary, self.start, self.stop, turbo_order, options.bucketed, device)
         self.cfg_weight = torch.zeros(count, 1, device=device)
         self.verdict = torch.zeros(count, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(count, self.vocabulary, device=device)
@@ -2771,10 +3064,12 @@ class T3Batch:
 def compiled_step(decoder: T3Decoder) -> Callable[..., torch.Tensor]:
     """The static-shape step through torch.compile. Our graphs wrap the compiled step, so inductor's own
     CUDA graphs stay off (the modes that capture them skip a step that writes into the KV cache)."""
-    mode = {"default": "default", "reduce-overhead": "default",
-            "max-autotune": "max-autotune-no-cudagraphs"}[decoder.options.compile_mode]
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                               decoder.capacity // CACHE_BUCKET + 2)
+    mode = {"default": "default", "reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}[
+        decoder.options.compile_mode
+    ]
+    torch._dynamo.config.recompile_limit = max(
+        torch._dynamo.config.recompile_limit, decoder.capacity // CACHE_BUCKET + 2
+    )
     return torch.compile(decoder.masked_step, mode=mode, fullgraph=False, dynamic=False)
 
 
@@ -2908,13 +3203,21 @@ class PiperEngine(ChunkEngine):
         try:  # the model as the request read it; its small config beside it
             config = json.loads(Path(f"{voice.path}.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            raise ApiError(400, f"Voice {voice.name!r} has no readable {voice.path.name}.json config.",
-                           param="voice", code="invalid_voice") from None
+            raise ApiError(
+                400,
+                f"Voice {voice.name!r} has no readable {voice.path.name}.json config.",
+                param="voice",
+                code="invalid_voice",
+            ) from None
         loaded = self._voice(voice.data, config)
         if loaded.config.sample_rate != self.sample_rate:
-            raise ApiError(400, f"Voice {voice.name!r} runs at {loaded.config.sample_rate} Hz; voices in one server "
-                           f"must share the default voice's {self.sample_rate} Hz.", param="voice",
-                           code="unsupported_voice")
+            raise ApiError(
+                400,
+                f"Voice {voice.name!r} runs at {loaded.config.sample_rate} Hz; voices in one server "
+                f"must share the default voice's {self.sample_rate} Hz.",
+                param="voice",
+                code="unsupported_voice",
+            )
         return loaded
 
     def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
@@ -2923,8 +3226,11 @@ class PiperEngine(ChunkEngine):
         # VITS draws its noise inside the ONNX graph from a generator that onnxruntime seeds once per
         # session, so no per-request seed can reach it: a seeded request turns the noise off instead,
         # which makes it reproducible.
-        config = (SynthesisConfig(normalize_audio=False, noise_scale=0.0, noise_w_scale=0.0) if params.seeded
-                  else SynthesisConfig(normalize_audio=False))
+        config = (
+            SynthesisConfig(normalize_audio=False, noise_scale=0.0, noise_w_scale=0.0)
+            if params.seeded
+            else SynthesisConfig(normalize_audio=False)
+        )
         # piper's own synthesize() runs each sentence at once, however long: ours is cut into runs.
         for sentence in voice.phonemize(text):
             for run in phoneme_runs(sentence, PIPER_MAX_PHONEMES):
@@ -2932,8 +3238,14 @@ class PiperEngine(ChunkEngine):
                 yield np.clip(audio, -1.0, 1.0).astype(np.float32)
 
     def describe(self) -> dict[str, Any]:
-        return {"engine": "piper", "model": "piper", "device": "cpu", "voice": str(self._default_path().name),
-                "sample_rate": self.sample_rate, "languages": [self.language]}
+        return {
+            "engine": "piper",
+            "model": "piper",
+            "device": "cpu",
+            "voice": str(self._default_path().name),
+            "sample_rate": self.sample_rate,
+            "languages": [self.language],
+        }
 
 
 def choose_model(settings: Settings) -> tuple[str, str]:
@@ -2944,7 +3256,8 @@ def choose_model(settings: Settings) -> tuple[str, str]:
     if settings.model_dir:
         files = {p.name for p in Path(settings.model_dir).glob("*")}
         kind = read_arch(Path(settings.model_dir)).get("model") or next(
-            (k for k, f in CHECKPOINT_FILES.items() if f["t3"] in files), "turbo")
+            (k for k, f in CHECKPOINT_FILES.items() if f["t3"] in files), "turbo"
+        )
         return kind, f"MODEL_DIR holds a {kind} checkpoint"
     if torch.cuda.is_available():
         return "turbo", "a CUDA GPU is present"
@@ -2963,8 +3276,15 @@ def make_engine(settings: Settings) -> Engine:
     if kind == "piper":
         engine = PiperEngine(settings.piper_voice)
     else:
-        engine = ChatterboxEngine(kind, settings.model_dir, settings.device, settings.stream_plan,
-                                  settings.model_options, settings.chunk_max_chars, settings.s3gen_batch)
+        engine = ChatterboxEngine(
+            kind,
+            settings.model_dir,
+            settings.device,
+            settings.stream_plan,
+            settings.model_options,
+            settings.chunk_max_chars,
+            settings.s3gen_batch,
+        )
     engine.choice = reason
     return engine
 
@@ -3023,12 +3343,24 @@ class VoiceLibrary:
         return bool(self._files(name, VOICE_EXTENSIONS))
 
     def list(self) -> list[dict[str, Any]]:
-        uploaded = sorted({p.name[: -len(ext)] for p in self.directory.glob("*") for ext in self.extensions
-                           if p.name.endswith(ext) and VOICE_NAME.match(p.name[: -len(ext)])}
-                          ) if self.directory.is_dir() else []
+        uploaded = (
+            sorted(
+                {
+                    p.name[: -len(ext)]
+                    for p in self.directory.glob("*")
+                    for ext in self.extensions
+                    if p.name.endswith(ext) and VOICE_NAME.match(p.name[: -len(ext)])
+                }
+            )
+            if self.directory.is_dir()
+            else []
+        )
         voices = [{"id": "default", "object": "voice", "type": "builtin"}]
-        voices += [{"id": n, "object": "voice", "type": "alias", "alias_of": "default"}
-                   for n in sorted(OPENAI_VOICES) if n not in uploaded]
+        voices += [
+            {"id": n, "object": "voice", "type": "alias", "alias_of": "default"}
+            for n in sorted(OPENAI_VOICES)
+            if n not in uploaded
+        ]
         voices += [{"id": n, "object": "voice", "type": "uploaded"} for n in uploaded if n != "default"]
         return voices
 
@@ -3335,8 +3667,12 @@ class BatchRunner:
             embeds, len_cond, len_text = self.engine.prompt(generation.text, generation.voice, generation.params)
             room = batch.decoder.capacity - embeds.shape[1] - 1
             if room < 1:
-                raise ApiError(400, "This text is too long for one model call; shorten its sentences.",
-                               param="input", code="input_too_long")
+                raise ApiError(
+                    400,
+                    "This text is too long for one model call; shorten its sentences.",
+                    param="input",
+                    code="input_too_long",
+                )
             budget = min(generation.max_tokens or speech_token_budget(generation.text), room)
             monitor = self.engine.alignment_monitor(len_cond, len_text) if batch.monitored else None
             entry.slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor)
@@ -3392,7 +3728,7 @@ class BatchRunner:
         """Pass a seated generation's new tokens on to S3Gen; at its end, free its slot."""
         generation, slot = entry.generation, entry.slot
         assert slot is not None
-        fresh = slot.tokens[len(generation.tokens):]
+        fresh = slot.tokens[len(generation.tokens) :]
         generation.tokens += fresh
         if entry.speech is not None:
             for token in fresh:
@@ -3445,8 +3781,14 @@ class BatchRunner:
                 del self.entries[entry.generation]
 
 
-def run_alone(runner: SequentialRunner | BatchRunner, text: str, voice: Any, params: SynthesisParams,
-              max_tokens: int | None = None, seed: int = 0) -> Iterator[np.ndarray]:
+def run_alone(
+    runner: SequentialRunner | BatchRunner,
+    text: str,
+    voice: Any,
+    params: SynthesisParams,
+    max_tokens: int | None = None,
+    seed: int = 0,
+) -> Iterator[np.ndarray]:
     """One generation through a runner by itself, its audio as it comes (warm-up, benchmarks, tests; the
     server's requests go through the inference worker's runner, many at a time). Inference thread only."""
     events: list[Any] = []
@@ -3500,8 +3842,9 @@ class InferenceWorker:
     unit of one-off work (load, a voice's conditionals...), then one turn of the runner, which advances
     the generations that make audio (see `BatchRunner`, `SequentialRunner`)."""
 
-    def __init__(self, engine: Engine | None = None,
-                 on_error: Callable[[BaseException], BaseException] = lambda error: error) -> None:
+    def __init__(
+        self, engine: Engine | None = None, on_error: Callable[[BaseException], BaseException] = lambda error: error
+    ) -> None:
         self.on_error = on_error  # sees every error of model work first: DeviceHealth.checked
         self._waiting: list[_WorkItem] = []
         self._incoming: list[Generation] = []
@@ -3629,8 +3972,10 @@ def fatal_device_error(error: BaseException) -> str | None:
     while seen is not None:
         message = str(seen).strip()
         if isinstance(seen, torch.AcceleratorError) or (
-                isinstance(seen, RuntimeError) and not isinstance(seen, torch.OutOfMemoryError)
-                and any(marker in message for marker in FATAL_DEVICE_MESSAGES)):
+            isinstance(seen, RuntimeError)
+            and not isinstance(seen, torch.OutOfMemoryError)
+            and any(marker in message for marker in FATAL_DEVICE_MESSAGES)
+        ):
             return f"{type(seen).__name__}: {(message.splitlines() or [''])[0]}"
         seen = seen.__cause__ or seen.__context__
     return None
@@ -3664,8 +4009,13 @@ class DeviceHealth:
         return failed
 
     def error(self) -> ApiError:
-        return ApiError(503, "The GPU failed; this server is restarting. Retry shortly.", type="server_error",
-                        code="device_error", headers={"Retry-After": "10"})
+        return ApiError(
+            503,
+            "The GPU failed; this server is restarting. Retry shortly.",
+            type="server_error",
+            code="device_error",
+            headers={"Retry-After": "10"},
+        )
 
     def _exit_when_answered(self) -> None:
         deadline = time.monotonic() + DEVICE_FAULT_GRACE_S
@@ -3746,8 +4096,9 @@ class SpeechJob:
 
     def copy(self) -> SpeechJob:
         """A new job with the same voice and settings: its own id, timeline and place in line."""
-        return replace(self, timeline=Timeline(), id=uuid.uuid4().hex[:12], ticket=None, outcome="cancelled",
-                       result_cache="")
+        return replace(
+            self, timeline=Timeline(), id=uuid.uuid4().hex[:12], ticket=None, outcome="cancelled", result_cache=""
+        )
 
 
 def milliseconds(seconds: float | None) -> float | None:
@@ -3778,8 +4129,12 @@ class Timeline:
 
     def stages(self) -> dict[str, float]:
         """Seconds spent in each stage, named as in the Server-Timing header."""
-        return {"queue": self.queue_wait, "text": self.text_seconds, "model": self.model_seconds,
-                "encode": self.encode_seconds}
+        return {
+            "queue": self.queue_wait,
+            "text": self.text_seconds,
+            "model": self.model_seconds,
+            "encode": self.encode_seconds,
+        }
 
     @property
     def speech_tokens(self) -> int:
@@ -3795,10 +4150,13 @@ class Timeline:
         return elapsed / self.audio_seconds if self.audio_seconds > 0 else None
 
     def report(self) -> dict[str, Any]:
-        return {**{f"{stage}_ms": milliseconds(seconds) for stage, seconds in self.stages().items()},
-                "first_audio_ms": milliseconds(self.first_audio), "total_ms": milliseconds(self.now()),
-                "chunks_generated_ms": [milliseconds(t) for t in self.chunks_generated],
-                "audio_ms": round(1000 * self.audio_seconds, 1)}
+        return {
+            **{f"{stage}_ms": milliseconds(seconds) for stage, seconds in self.stages().items()},
+            "first_audio_ms": milliseconds(self.first_audio),
+            "total_ms": milliseconds(self.now()),
+            "chunks_generated_ms": [milliseconds(t) for t in self.chunks_generated],
+            "audio_ms": round(1000 * self.audio_seconds, 1),
+        }
 
     def usage(self) -> dict[str, int]:
         # input: characters spoken; output: speech tokens' worth of audio.
@@ -3885,8 +4243,17 @@ def batch_counts(runner: Any) -> BatchCounts | None:
     if not isinstance(runner, BatchRunner) or runner.engine.batch is None:
         return None
     batch, stats = runner.engine.batch, runner.stats
-    return BatchCounts(len(batch.slots), len(batch.busy), runner.waiting, stats.step_count, stats.step_seconds,
-                       stats.window_count, stats.window_seconds, dict(stats.rows_per_step), batch.prefixes.counts())
+    return BatchCounts(
+        len(batch.slots),
+        len(batch.busy),
+        runner.waiting,
+        stats.step_count,
+        stats.step_seconds,
+        stats.window_count,
+        stats.window_seconds,
+        dict(stats.rows_per_step),
+        batch.prefixes.counts(),
+    )
 
 
 @dataclass(frozen=True)
@@ -3913,26 +4280,46 @@ class Metrics:
     def __init__(self, speaker: Speaker):
         self.registry = CollectorRegistry()
         registry = self.registry
-        self.requests = Counter("tts_requests", "HTTP requests and WebSocket utterances, by endpoint and status.",
-                                ["endpoint", "status"], registry=registry)
-        self.first_audio = Histogram("tts_time_to_first_audio_seconds",
-                                     "From accepting an utterance to its first encoded audio.", ["mode"],
-                                     buckets=LATENCY_BUCKETS, registry=registry)
-        self.real_time_factor = Histogram("tts_real_time_factor",
-                                          "An utterance's time from accepted to finished over its audio's duration.",
-                                          ["mode"], buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
-                                                             10.0), registry=registry)
-        self.queue_wait = Histogram("tts_queue_wait_seconds",
-                                    "Time an utterance's units of model work waited for the inference thread, summed.",
-                                    buckets=LATENCY_BUCKETS, registry=registry)
-        self.tokens_per_second = Histogram("tts_speech_tokens_per_second",
-                                           "An utterance's speech tokens per second of its inference-thread time.",
-                                           buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600, 3200), registry=registry)
-        self.speech_tokens = Counter("tts_speech_tokens",
-                                     f"Speech tokens produced: {SPEECH_TOKEN_RATE} per second of engine audio.",
-                                     registry=registry)
-        self.model_seconds = Counter("tts_model_seconds", "Inference-thread time spent on utterances.",
-                                     registry=registry)
+        self.requests = Counter(
+            "tts_requests",
+            "HTTP requests and WebSocket utterances, by endpoint and status.",
+            ["endpoint", "status"],
+            registry=registry,
+        )
+        self.first_audio = Histogram(
+            "tts_time_to_first_audio_seconds",
+            "From accepting an utterance to its first encoded audio.",
+            ["mode"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.real_time_factor = Histogram(
+            "tts_real_time_factor",
+            "An utterance's time from accepted to finished over its audio's duration.",
+            ["mode"],
+            buckets=(0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0),
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "tts_queue_wait_seconds",
+            "Time an utterance's units of model work waited for the inference thread, summed.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens_per_second = Histogram(
+            "tts_speech_tokens_per_second",
+            "An utterance's speech tokens per second of its inference-thread time.",
+            buckets=(5, 10, 25, 50, 100, 200, 400, 800, 1600, 3200),
+            registry=registry,
+        )
+        self.speech_tokens = Counter(
+            "tts_speech_tokens",
+            f"Speech tokens produced: {SPEECH_TOKEN_RATE} per second of engine audio.",
+            registry=registry,
+        )
+        self.model_seconds = Counter(
+            "tts_model_seconds", "Inference-thread time spent on utterances.", registry=registry
+        )
         registry.register(SpeakerCollector(speaker))
 
     def observe(self, job: SpeechJob, streaming: bool) -> None:
@@ -3964,28 +4351,41 @@ class SpeakerCollector(Collector):
         info = GaugeMetricFamily("tts_info", "The server's version and engine.", labels=["version", "engine", "model"])
         info.add_metric([__version__, engine.name, str(described.get("model", ""))], 1)
         yield info
-        yield GaugeMetricFamily("tts_queue_depth", "Units of model work waiting for the inference thread.",
-                                value=counts.waiting_units)
-        yield GaugeMetricFamily("tts_active_requests", "Utterances admitted and not yet finished (MAX_QUEUE bounds "
-                                "them).", value=counts.active)
-        yield GaugeMetricFamily("tts_active_streams", "Streamed utterances in progress (HTTP streams, SSE, "
-                                "WebSocket).", value=counts.streams)
+        yield GaugeMetricFamily(
+            "tts_queue_depth", "Units of model work waiting for the inference thread.", value=counts.waiting_units
+        )
+        yield GaugeMetricFamily(
+            "tts_active_requests",
+            "Utterances admitted and not yet finished (MAX_QUEUE bounds them).",
+            value=counts.active,
+        )
+        yield GaugeMetricFamily(
+            "tts_active_streams",
+            "Streamed utterances in progress (HTTP streams, SSE, WebSocket).",
+            value=counts.streams,
+        )
         yield GaugeMetricFamily("tts_model_loaded", "1 while the model is loaded.", value=int(counts.loaded))
         if counts.load_seconds:
-            yield GaugeMetricFamily("tts_model_load_seconds", "Time the last model load took.",
-                                    value=counts.load_seconds["load"])
-            yield GaugeMetricFamily("tts_model_warmup_seconds", "Time the last warm-up took.",
-                                    value=counts.load_seconds["warm_up"])
-        yield CounterMetricFamily("tts_voice_cache_hits", "Prepared voices found in the voice cache.",
-                                  value=voices.hits)
+            yield GaugeMetricFamily(
+                "tts_model_load_seconds", "Time the last model load took.", value=counts.load_seconds["load"]
+            )
+            yield GaugeMetricFamily(
+                "tts_model_warmup_seconds", "Time the last warm-up took.", value=counts.load_seconds["warm_up"]
+            )
+        yield CounterMetricFamily(
+            "tts_voice_cache_hits", "Prepared voices found in the voice cache.", value=voices.hits
+        )
         yield CounterMetricFamily("tts_voice_cache_misses", "Voices prepared afresh.", value=voices.misses)
         yield GaugeMetricFamily("tts_voice_cache_entries", "Prepared voices in the cache.", value=voices.entries)
-        yield CounterMetricFamily("tts_result_cache_hits", "Seeded requests served from the result cache.",
-                                  value=results.hits)
-        yield CounterMetricFamily("tts_result_cache_misses", "Seeded requests the result cache did not hold.",
-                                  value=results.misses)
-        yield CounterMetricFamily("tts_result_cache_evictions", "Results evicted to stay within RESULT_CACHE_MB.",
-                                  value=results.evictions)
+        yield CounterMetricFamily(
+            "tts_result_cache_hits", "Seeded requests served from the result cache.", value=results.hits
+        )
+        yield CounterMetricFamily(
+            "tts_result_cache_misses", "Seeded requests the result cache did not hold.", value=results.misses
+        )
+        yield CounterMetricFamily(
+            "tts_result_cache_evictions", "Results evicted to stay within RESULT_CACHE_MB.", value=results.evictions
+        )
         yield GaugeMetricFamily("tts_result_cache_entries", "Results in the cache.", value=results.entries)
         yield GaugeMetricFamily("tts_result_cache_bytes", "Bytes of results in the cache.", value=results.total)
         if counts.batch is not None:
@@ -4001,25 +4401,30 @@ ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def batch_metrics(batch: BatchCounts) -> Iterator[Metric]:
-    yield GaugeMetricFamily("tts_batch_slots", "Generation slots T3 decodes together (MAX_BATCH).",
-                            value=batch.slots)
+    yield GaugeMetricFamily("tts_batch_slots", "Generation slots T3 decodes together (MAX_BATCH).", value=batch.slots)
     yield GaugeMetricFamily("tts_batch_slots_busy", "Slots held by a generation now.", value=batch.busy)
     yield CounterMetricFamily("tts_t3_steps", "Batched T3 steps taken.", value=batch.steps)
-    yield CounterMetricFamily("tts_t3_step_seconds", "Inference-thread time spent in T3 steps.",
-                              value=batch.step_seconds)
-    yield CounterMetricFamily("tts_voice_prefix_hits", "Prompts whose voice conditioning was copied, not prefilled.",
-                              value=batch.voice_prefixes.hits)
-    yield CounterMetricFamily("tts_voice_prefix_misses", "Prompts that prefilled their voice conditioning.",
-                              value=batch.voice_prefixes.misses)
+    yield CounterMetricFamily(
+        "tts_t3_step_seconds", "Inference-thread time spent in T3 steps.", value=batch.step_seconds
+    )
+    yield CounterMetricFamily(
+        "tts_voice_prefix_hits",
+        "Prompts whose voice conditioning was copied, not prefilled.",
+        value=batch.voice_prefixes.hits,
+    )
+    yield CounterMetricFamily(
+        "tts_voice_prefix_misses", "Prompts that prefilled their voice conditioning.", value=batch.voice_prefixes.misses
+    )
     yield CounterMetricFamily("tts_s3gen_windows", "Token spans S3Gen turned into audio.", value=batch.windows)
-    yield CounterMetricFamily("tts_s3gen_window_seconds", "Inference-thread time spent in S3Gen.",
-                              value=batch.window_seconds)
+    yield CounterMetricFamily(
+        "tts_s3gen_window_seconds", "Inference-thread time spent in S3Gen.", value=batch.window_seconds
+    )
     rows = HistogramMetricFamily("tts_batch_rows_per_step", "Busy slots in each T3 step.")
-    buckets = [(str(bound), sum(n for busy, n in batch.rows_per_step.items() if busy <= bound))
-               for bound in ROWS_BUCKETS] + [("+Inf", batch.steps)]
+    buckets = [
+        (str(bound), sum(n for busy, n in batch.rows_per_step.items() if busy <= bound)) for bound in ROWS_BUCKETS
+    ] + [("+Inf", batch.steps)]
     rows.add_metric([], buckets, sum_value=sum(busy * n for busy, n in batch.rows_per_step.items()))
     yield rows
-
 
 
 async def text_step(timeline: Timeline, work: Callable[..., T], *args: Any) -> T:
@@ -4051,8 +4456,6 @@ async def settle(*tasks: asyncio.Future[Any]) -> None:
 async def iterate(items: list[str]) -> AsyncIterator[str]:
     for item in items:
         yield item
-
-
 
 
 class ModelHost:
@@ -4088,8 +4491,13 @@ class ModelHost:
         self.loaded = self.ever_loaded = True
         self.last_used = time.monotonic()
         self.load_seconds = {"load": round(t1 - t0, 2), "warm_up": round(t2 - t1, 2)}
-        logger.info("model {} ready on {}: load {:.1f}s, warm-up {:.1f}s", self.engine.name,
-                    self.engine.describe().get("device"), t1 - t0, t2 - t1)
+        logger.info(
+            "model {} ready on {}: load {:.1f}s, warm-up {:.1f}s",
+            self.engine.name,
+            self.engine.describe().get("device"),
+            t1 - t0,
+            t2 - t1,
+        )
 
     def start_loading(self) -> asyncio.Future[Any]:
         if self._loading is None or (self._loading.done() and not self.loaded):
@@ -4103,8 +4511,13 @@ class ModelHost:
         try:
             await within(timeout, asyncio.shield(self.start_loading()))
         except TimeoutError:
-            raise ApiError(503, "The model is loading; retry shortly.", type="server_error", code="model_loading",
-                           headers={"Retry-After": "5"}) from None
+            raise ApiError(
+                503,
+                "The model is loading; retry shortly.",
+                type="server_error",
+                code="model_loading",
+                headers={"Retry-After": "5"},
+            ) from None
 
     def used(self) -> None:
         """An utterance has finished with the model: its idle time starts now."""
@@ -4152,12 +4565,21 @@ class Admission:
         if self.host.health.fault is not None:
             raise self.host.health.error()
         if self.stop_at is not None:
-            raise ApiError(503, "The server is shutting down; retry on another.", type="server_error",
-                           code="shutting_down", headers={"Retry-After": "1"})
+            raise ApiError(
+                503,
+                "The server is shutting down; retry on another.",
+                type="server_error",
+                code="shutting_down",
+                headers={"Retry-After": "1"},
+            )
         if self.active >= self.settings.max_queue:
-            raise ApiError(429, f"The server is at capacity ({self.settings.max_queue} requests in progress); "
-                           "retry shortly.", type="rate_limit_error", code="server_busy",
-                           headers={"Retry-After": "1"})
+            raise ApiError(
+                429,
+                f"The server is at capacity ({self.settings.max_queue} requests in progress); retry shortly.",
+                type="rate_limit_error",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            )
         self.active += 1
         self.active_streams += streaming
         try:
@@ -4195,10 +4617,19 @@ class Admission:
             return await within(min(remaining, until_stop), work)
         except TimeoutError:
             if until_stop < remaining:
-                raise ApiError(503, "The server is shutting down.", type="server_error", code="shutting_down",
-                               headers={"Retry-After": "1"}) from None
-            raise ApiError(504, f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
-                           type="server_error", code="timeout") from None
+                raise ApiError(
+                    503,
+                    "The server is shutting down.",
+                    type="server_error",
+                    code="shutting_down",
+                    headers={"Retry-After": "1"},
+                ) from None
+            raise ApiError(
+                504,
+                f"The request took longer than REQUEST_TIMEOUT ({self.settings.request_timeout:g} s).",
+                type="server_error",
+                code="timeout",
+            ) from None
 
     async def bounded_send(self, sending: Awaitable[None]) -> None:
         """Await one send to a client, for at most STREAM_SEND_TIMEOUT (at shutdown, until
@@ -4317,11 +4748,11 @@ class ChunkPipeline:
                     events.put_nowait(event)
 
             ticket = job.ticket if job.ticket is not None else worker.ticket()
+
             def deliver(event: Any, handle: Callable[[Any], None] = on_event) -> None:
                 loop.call_soon_threadsafe(handle, event)
 
-            generation = Generation(text, conds, job.params, chunk_seed(seed, index), job.priority, ticket,
-                                    deliver)
+            generation = Generation(text, conds, job.params, chunk_seed(seed, index), job.priority, ticket, deliver)
             self.started.append(generation)
             worker.start(generation)
             await self.chunks.put((generation, events))
@@ -4352,12 +4783,23 @@ class Speaker:
     def counts(self) -> SpeakerCounts:
         """The numbers /v1/status and /metrics report, read once."""
         host, admission, worker = self.host, self.admission, self.host.worker
-        return SpeakerCounts(host.loaded, host.ready, dict(host.load_seconds), admission.active,
-                             admission.active_streams, worker.depth, worker.busy, self.settings.max_queue,
-                             batch_counts(worker.runner), host.voice_cache.counts(), self.results.counts())
+        return SpeakerCounts(
+            host.loaded,
+            host.ready,
+            dict(host.load_seconds),
+            admission.active,
+            admission.active_streams,
+            worker.depth,
+            worker.busy,
+            self.settings.max_queue,
+            batch_counts(worker.runner),
+            host.voice_cache.counts(),
+            self.results.counts(),
+        )
 
-    async def render(self, job: SpeechJob, texts: list[str] | AsyncIterator[str],
-                     streaming: bool) -> AsyncGenerator[bytes, None]:
+    async def render(
+        self, job: SpeechJob, texts: list[str] | AsyncIterator[str], streaming: bool
+    ) -> AsyncGenerator[bytes, None]:
         """Encoded bytes of the job in its output format: speed, clean edges, resampling, encoding.
 
         When the whole text is known up front (a list), a seeded job's complete result is kept in
@@ -4407,11 +4849,18 @@ class Speaker:
             return None
         out, settings = job.output, self.settings
         identity = {
-            "engine": self.host.engine.describe(), "texts": texts, "voice": job.voice.digest,
+            "engine": self.host.engine.describe(),
+            "texts": texts,
+            "voice": job.voice.digest,
             # params.streamed parts streams from whole files: streams are decoded in windows.
-            "params": asdict(job.params), "seed": job.seed, "speed": job.speed,
-            "format": out.fmt.name, "rate": out.rate, "bitrate": out.bitrate,
-            "trim_silence": settings.audio_trim_silence, "normalize": settings.audio_normalize,
+            "params": asdict(job.params),
+            "seed": job.seed,
+            "speed": job.speed,
+            "format": out.fmt.name,
+            "rate": out.rate,
+            "bitrate": out.bitrate,
+            "trim_silence": settings.audio_trim_silence,
+            "normalize": settings.audio_normalize,
             "stream_plan": asdict(settings.stream_plan),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
@@ -4441,19 +4890,35 @@ class Speaker:
 class ApiError(Exception):
     """An error the client caused or should know about, sent in OpenAI's shape."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, param=self.param, code=self.code, type=self.type,
-                              headers=self.headers)
+        return error_response(
+            self.status, self.message, param=self.param, code=self.code, type=self.type, headers=self.headers
+        )
 
 
-def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    type: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -4510,30 +4975,54 @@ def output_spec(fields: SynthesisFields, default_format: str) -> OutputSpec:
     if fields.output_format is not None:
         match = _OUTPUT_FORMAT.match(fields.output_format)
         if not match:
-            raise ApiError(400, f"Unsupported output_format {fields.output_format!r}; use e.g. pcm_16000, ulaw_8000, "
-                           "alaw_8000, mp3_44100_128 or opus_48000_64.", param="output_format",
-                           code="unsupported_format")
+            raise ApiError(
+                400,
+                f"Unsupported output_format {fields.output_format!r}; use e.g. pcm_16000, ulaw_8000, "
+                "alaw_8000, mp3_44100_128 or opus_48000_64.",
+                param="output_format",
+                code="unsupported_format",
+            )
         name, rate, rate_param = match.group(1), int(match.group(2)), "output_format"
         bitrate = None if match.group(3) is None else int(match.group(3))
     fmt = AUDIO_FORMATS.get(name)
     if fmt is None:
-        raise ApiError(400, f"Unsupported response_format {name!r}; choose one of {', '.join(AUDIO_FORMATS)}.",
-                       param="response_format", code="unsupported_format")
+        raise ApiError(
+            400,
+            f"Unsupported response_format {name!r}; choose one of {', '.join(AUDIO_FORMATS)}.",
+            param="response_format",
+            code="unsupported_format",
+        )
     rate = fmt.default_rate if rate is None else rate
     if rate not in SAMPLE_RATES:
-        raise ApiError(400, f"Unsupported sample_rate {rate}; choose one of {', '.join(map(str, SAMPLE_RATES))}.",
-                       param=rate_param, code="invalid_value")
+        raise ApiError(
+            400,
+            f"Unsupported sample_rate {rate}; choose one of {', '.join(map(str, SAMPLE_RATES))}.",
+            param=rate_param,
+            code="invalid_value",
+        )
     if rate not in fmt.rates:
-        raise ApiError(400, f"{name} cannot be encoded at {rate} Hz; it supports "
-                       f"{', '.join(map(str, fmt.rates))}.", param=rate_param, code="unsupported_sample_rate")
+        raise ApiError(
+            400,
+            f"{name} cannot be encoded at {rate} Hz; it supports {', '.join(map(str, fmt.rates))}.",
+            param=rate_param,
+            code="unsupported_sample_rate",
+        )
     if bitrate is not None:
         if fmt.bitrates is None:
-            raise ApiError(400, f"{name} has no bitrate; leave the last part of output_format out.",
-                           param="output_format", code="unsupported_format")
+            raise ApiError(
+                400,
+                f"{name} has no bitrate; leave the last part of output_format out.",
+                param="output_format",
+                code="unsupported_format",
+            )
         low, high = fmt.bitrates
         if not low <= bitrate <= high:
-            raise ApiError(400, f"Unsupported {name} bitrate {bitrate} kbit/s; choose {low} to {high}.",
-                           param="output_format", code="invalid_value")
+            raise ApiError(
+                400,
+                f"Unsupported {name} bitrate {bitrate} kbit/s; choose {low} to {high}.",
+                param="output_format",
+                code="invalid_value",
+            )
         bitrate *= 1000
     return OutputSpec(fmt, rate, bitrate)
 
@@ -4543,10 +5032,12 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
     # A browser sends text/plain or a form to another origin without asking it first (no CORS
     # preflight); JSON it must ask for. So JSON is read only from a JSON body.
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != "application/json" and not (media_type.startswith("application/") and
-                                                 media_type.endswith("+json")):
-        raise ApiError(415, "Send the request body as JSON, with 'Content-Type: application/json'.",
-                       code="unsupported_media_type")
+    if media_type != "application/json" and not (
+        media_type.startswith("application/") and media_type.endswith("+json")
+    ):
+        raise ApiError(
+            415, "Send the request body as JSON, with 'Content-Type: application/json'.", code="unsupported_media_type"
+        )
     return parse_json(body)
 
 
@@ -4559,8 +5050,9 @@ def parse_json(body: bytes | str) -> dict[str, Any]:
     except RecursionError:
         raise ApiError(400, "Request body is not valid JSON: nested too deeply.", code="invalid_json") from None
     except ValueError:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
-        raise ApiError(400, "Request body is not valid JSON: a number has too many digits.",
-                       code="invalid_json") from None
+        raise ApiError(
+            400, "Request body is not valid JSON: a number has too many digits.", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, "Request body must be a JSON object.", code="invalid_json")
     return data
@@ -4585,22 +5077,34 @@ def parse_model(model: type[BaseModel], data: dict[str, Any]) -> Any:
     except ValidationError as exc:
         err = exc.errors()[0]
         param = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or None
-        raise ApiError(400, f"Invalid value for '{param}': {err['msg']}", param=param,
-                       code="missing_field" if err["type"] == "missing" else "invalid_value") from None
+        raise ApiError(
+            400,
+            f"Invalid value for '{param}': {err['msg']}",
+            param=param,
+            code="missing_field" if err["type"] == "missing" else "invalid_value",
+        ) from None
 
 
 def check_speakable(text: str, param: str) -> None:
     if (bad := UNSPEAKABLE.search(text)) is not None:
-        raise ApiError(400, f"'{param}' holds a character that cannot be spoken (U+{ord(bad.group(0)):04X} at "
-                       f"position {bad.start()}).", param=param, code="invalid_text")
+        raise ApiError(
+            400,
+            f"'{param}' holds a character that cannot be spoken (U+{ord(bad.group(0)):04X} at position {bad.start()}).",
+            param=param,
+            code="invalid_text",
+        )
 
 
 def speech_sentences(text: str, settings: Settings, param: str = "input") -> list[str]:
     """The sentences of a text to speak, validated. Linear in the text, but CPU work all the same:
     transports run it (and every other text step) off the event loop, with asyncio.to_thread."""
     if len(text) > settings.max_input_chars:
-        raise ApiError(400, f"'{param}' is {len(text)} characters; the limit is {settings.max_input_chars}.",
-                       param=param, code="input_too_long")
+        raise ApiError(
+            400,
+            f"'{param}' is {len(text)} characters; the limit is {settings.max_input_chars}.",
+            param=param,
+            code="input_too_long",
+        )
     check_speakable(text, param)
     if not (sentences := split_sentences(text)):
         raise ApiError(400, f"'{param}' is empty: give some text to speak.", param=param, code="empty_input")
@@ -4617,23 +5121,43 @@ async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int
     languages = app_state.engine.describe().get("languages", ["en"])
     language = "en" if fields.language is None else fields.language.lower()
     if language not in languages:
-        raise ApiError(400, f"Unsupported language {fields.language!r} for {app_state.engine.name}; "
-                       f"supported: {', '.join(languages)}.", param="language", code="unsupported_language")
+        raise ApiError(
+            400,
+            f"Unsupported language {fields.language!r} for {app_state.engine.name}; supported: {', '.join(languages)}.",
+            param="language",
+            code="unsupported_language",
+        )
     engine = app_state.engine
     if unsupported := sorted(engine.unsupported_fields & fields.model_fields_set):
-        raise ApiError(400, f"'{unsupported[0]}' is not supported by the {engine.name} engine; leave it out.",
-                       param=unsupported[0], code="unsupported_parameter")
+        raise ApiError(
+            400,
+            f"'{unsupported[0]}' is not supported by the {engine.name} engine; leave it out.",
+            param=unsupported[0],
+            code="unsupported_parameter",
+        )
     voice = await asyncio.to_thread(app_state.speaker.voices.resolve, fields.voice_name)
     if voice is None and not engine.clones_voices and app_state.speaker.voices.is_clip(fields.voice_name):
-        raise ApiError(400, f"Voice {fields.voice_name!r} is a reference clip; the {engine.name} engine cannot clone "
-                       "voices.", param="voice", code="cloning_not_supported")
+        raise ApiError(
+            400,
+            f"Voice {fields.voice_name!r} is a reference clip; the {engine.name} engine cannot clone voices.",
+            param="voice",
+            code="cloning_not_supported",
+        )
     if voice is None:
-        raise ApiError(400, f"Voice {fields.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
-                       param="voice", code="voice_not_found")
-    params = SynthesisParams(exaggeration=fields.exaggeration, cfg_weight=fields.cfg_weight,
-                             temperature=fields.temperature, language=language, seeded=fields.seed is not None)
-    return SpeechJob(voice=voice, params=params, output=output, speed=fields.speed, seed=fields.seed,
-                     priority=priority)
+        raise ApiError(
+            400,
+            f"Voice {fields.voice_name!r} not found; GET /v1/audio/voices lists the voices.",
+            param="voice",
+            code="voice_not_found",
+        )
+    params = SynthesisParams(
+        exaggeration=fields.exaggeration,
+        cfg_weight=fields.cfg_weight,
+        temperature=fields.temperature,
+        language=language,
+        seeded=fields.seed is not None,
+    )
+    return SpeechJob(voice=voice, params=params, output=output, speed=fields.speed, seed=fields.seed, priority=priority)
 
 
 @dataclass
@@ -4676,10 +5200,15 @@ class RequestRecord:
         fields: dict[str, Any] = {"id": self.id, "route": self.route, "status": self.status, "bytes": self.sent_bytes}
         if self.job is not None:
             timeline, rtf = self.job.timeline, self.job.timeline.real_time_factor
-            fields |= {"outcome": self.job.outcome, "cache": self.job.result_cache or None,
-                       "chars": timeline.characters, "audio_s": round(timeline.audio_seconds, 3),
-                       **{f"{stage}_ms": milliseconds(seconds) for stage, seconds in timeline.stages().items()},
-                       "ttfa_ms": milliseconds(timeline.first_audio), "rtf": None if rtf is None else round(rtf, 3)}
+            fields |= {
+                "outcome": self.job.outcome,
+                "cache": self.job.result_cache or None,
+                "chars": timeline.characters,
+                "audio_s": round(timeline.audio_seconds, 3),
+                **{f"{stage}_ms": milliseconds(seconds) for stage, seconds in timeline.stages().items()},
+                "ttfa_ms": milliseconds(timeline.first_audio),
+                "rtf": None if rtf is None else round(rtf, 3),
+            }
         return fields | {"total_ms": milliseconds(time.perf_counter() - self.started)}
 
     def finish(self, metrics: Metrics, log_text: bool) -> None:
@@ -4688,8 +5217,10 @@ class RequestRecord:
         fields = self.fields()
         if log_text and self.job is not None and self.job.text_log:
             fields["text"] = self.job.text_log
-        line = " ".join(f"{name}={'-' if value is None else repr(value) if name == 'text' else value}"
-                        for name, value in fields.items())
+        line = " ".join(
+            f"{name}={'-' if value is None else repr(value) if name == 'text' else value}"
+            for name, value in fields.items()
+        )
         logger.bind(**fields).info("request {}", line)
 
 
@@ -4700,8 +5231,9 @@ def request_record(request: Request) -> RequestRecord:
 MAX_JSON_BYTES = 1024 * 1024
 
 
-async def request_job(request: Request, fields: SynthesisFields, text: str, default_format: str, streaming: bool,
-                      param: str = "input") -> tuple[SpeechJob, list[str]]:
+async def request_job(
+    request: Request, fields: SynthesisFields, text: str, default_format: str, streaming: bool, param: str = "input"
+) -> tuple[SpeechJob, list[str]]:
     """Validate an HTTP speech request: its job (the request's record tells of it) and its text,
     cut into model calls. Streams are real-time work; whole-chunk requests queue as files."""
     app_state = state(request)
@@ -4766,8 +5298,7 @@ async def sse_stream(job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterat
     try:
         async for data in audio:
             yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
-        yield sse_event({"type": "speech.audio.done", "usage": job.timeline.usage(),
-                         "timings": job.timeline.report()})
+        yield sse_event({"type": "speech.audio.done", "usage": job.timeline.usage(), "timings": job.timeline.report()})
     except Exception as exc:
         log_failure(exc)
         yield sse_event({"type": "error", "error": error_body(exc)})
@@ -4785,8 +5316,7 @@ def client_error(exc: Exception) -> ApiError:
     becomes a 500 that says only that synthesis failed (log_failure logs it)."""
     if isinstance(exc, ApiError):
         return exc
-    return ApiError(500, "Synthesis failed; the server log has details.", type="server_error",
-                    code="synthesis_failed")
+    return ApiError(500, "Synthesis failed; the server log has details.", type="server_error", code="synthesis_failed")
 
 
 def error_body(exc: Exception) -> dict[str, Any]:
@@ -4798,8 +5328,9 @@ def error_body(exc: Exception) -> dict[str, Any]:
 def audio_headers(job: SpeechJob) -> dict[str, str]:
     headers = {"X-Request-Id": job.id}
     if job.output.fmt.name == "pcm":
-        headers.update({"X-Sample-Rate": str(job.output.rate), "X-Bit-Depth": "16", "X-Channels": "1",
-                        "X-Encoding": "s16le"})
+        headers.update(
+            {"X-Sample-Rate": str(job.output.rate), "X-Bit-Depth": "16", "X-Channels": "1", "X-Encoding": "s16le"}
+        )
     return headers
 
 
@@ -4814,8 +5345,9 @@ async def respond(request: Request, default_format: str, **overrides: Any) -> Re
     audio = await speech_stream(request, job, chunks, streaming)
     headers = audio_headers(job)
     if req.stream_format == "sse":
-        return StreamingResponse(sse_stream(job, audio), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+        return StreamingResponse(
+            sse_stream(job, audio), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+        )
     return StreamingResponse(ended_cleanly(audio), media_type=job.output.fmt.media_type, headers=headers)
 
 
@@ -4941,12 +5473,17 @@ class Utterance:
 
     async def add_text(self, text: str) -> None:
         if self.ended:
-            raise ApiError(409, f"Utterance {self.id!r} has ended; start a new one.", param="id",
-                           code="utterance_ended")
+            raise ApiError(
+                409, f"Utterance {self.id!r} has ended; start a new one.", param="id", code="utterance_ended"
+            )
         limit = self.speaker.settings.max_input_chars
         if self.unspoken_chars + len(text) > limit:
-            raise ApiError(413, f"More than {limit} characters are waiting to be spoken in {self.id!r}.",
-                           param="text", code="input_too_long")
+            raise ApiError(
+                413,
+                f"More than {limit} characters are waiting to be spoken in {self.id!r}.",
+                param="text",
+                code="input_too_long",
+            )
         check_speakable(text, "text")
         complete, self.buffer = await text_step(self.job.timeline, split_complete, self.buffer + text)
         await self.queue_text(complete)
@@ -5061,16 +5598,26 @@ class SpeechSession:
         """What WS_MAX_UTTERANCES counts once the utterance `adding` joins: utterances."""
         return len({*self.active, adding})
 
-    async def open_utterance(self, utterance_id: str, make_job: Callable[[], Awaitable[SpeechJob]],
-                             give_text: Callable[[Utterance], Awaitable[None]] | None = None, *,
-                             at_once: bool = False, **details: Any) -> Utterance:
+    async def open_utterance(
+        self,
+        utterance_id: str,
+        make_job: Callable[[], Awaitable[SpeechJob]],
+        give_text: Callable[[Utterance], Awaitable[None]] | None = None,
+        *,
+        at_once: bool = False,
+        **details: Any,
+    ) -> Utterance:
         """Every utterance of every protocol starts here: the connection's room checked (WS_MAX_UTTERANCES),
         then its job made, its utterance (the session's utterance_type, with `details`) and record, its
         text given; then it joins the session, to be spoken in order or, `at_once`, beside the others."""
         limit = self.app_state.settings.ws_max_utterances
         if self.in_flight(utterance_id) > limit:
-            raise ApiError(429, f"This connection already has {limit} utterances queued or speaking; wait for one "
-                           "to finish (its done message) or cancel one.", code="too_many_utterances")
+            raise ApiError(
+                429,
+                f"This connection already has {limit} utterances queued or speaking; wait for one "
+                "to finish (its done message) or cancel one.",
+                code="too_many_utterances",
+            )
         job = await make_job()
         record = RequestRecord(self.route, job.id, job=job)
         utterance = self.utterance_type(utterance_id, job, record, self.app_state.speaker, **details)
@@ -5191,8 +5738,12 @@ class SpeechWebSocket(SpeechSession):
                 await self.speak(parse_model(SpeakMessage, message))
                 return
             if kind not in ("append", "flush", "end", "cancel"):
-                raise ApiError(400, f"Unknown message type {kind!r}; use speak, append, flush, end or cancel.",
-                               param="type", code="invalid_message")
+                raise ApiError(
+                    400,
+                    f"Unknown message type {kind!r}; use speak, append, flush, end or cancel.",
+                    param="type",
+                    code="invalid_message",
+                )
             utterance = self.active.get(message_id or "")
             if utterance is None:
                 raise ApiError(404, f"No active utterance with id {message_id!r}.", param="id", code="unknown_id")
@@ -5210,17 +5761,27 @@ class SpeechWebSocket(SpeechSession):
         except ApiError as exc:
             if kind == "speak":  # a refused utterance is a request too: counted and logged
                 self.refused(exc)
-            await self.send_json({"type": "error", "id": message_id, "code": exc.code or "invalid_request",
-                                  "message": exc.message, "param": exc.param})
+            await self.send_json(
+                {
+                    "type": "error",
+                    "id": message_id,
+                    "code": exc.code or "invalid_request",
+                    "message": exc.message,
+                    "param": exc.param,
+                }
+            )
 
     async def speak(self, message: SpeakMessage) -> None:
         if message.id in self.active:
-            raise ApiError(409, f"Utterance {message.id!r} is still active; use a new id.", param="id",
-                           code="duplicate_id")
+            raise ApiError(
+                409, f"Utterance {message.id!r} is still active; use a new id.", param="id", code="duplicate_id"
+            )
         await self.open_utterance(
-            message.id, lambda: self.realtime_job(message, "pcm"),
-            lambda utterance: utterance.say_all(message.text) if message.final else
-            utterance.add_text(message.text), encoding=message.encoding)
+            message.id,
+            lambda: self.realtime_job(message, "pcm"),
+            lambda utterance: utterance.say_all(message.text) if message.final else utterance.add_text(message.text),
+            encoding=message.encoding,
+        )
 
     def refused(self, exc: ApiError) -> None:
         """An utterance refused before it started is a request too: counted and logged."""
@@ -5230,8 +5791,12 @@ class SpeechWebSocket(SpeechSession):
         """Tell the client how an utterance ended: done, cancelled (never started or stopped) or failed."""
         if error is not None:
             body = error_body(error)
-            done: dict[str, Any] = {"type": "error", "id": utterance.id, "code": body["code"],
-                                    "message": body["message"]}
+            done: dict[str, Any] = {
+                "type": "error",
+                "id": utterance.id,
+                "code": body["code"],
+                "message": body["message"],
+            }
         elif utterance.task is None or utterance.task.cancelled():
             done = {"type": "done", "id": utterance.id, "cancelled": True}
         else:
@@ -5240,8 +5805,9 @@ class SpeechWebSocket(SpeechSession):
 
     async def stream(self, utterance: Utterance) -> None:
         output = utterance.job.output
-        await self.send_json({"type": "start", "id": utterance.id, "format": output.fmt.name,
-                              "sample_rate": output.rate})
+        await self.send_json(
+            {"type": "start", "id": utterance.id, "format": output.fmt.name, "sample_rate": output.rate}
+        )
         async for data in utterance.audio():
             if utterance.encoding == "binary":
                 await self.send(self.websocket.send_bytes(data))
@@ -5268,74 +5834,117 @@ async def speech_websocket(websocket: WebSocket) -> None:
 async def list_voices(request: Request) -> Response:
     voices = state(request).speaker.voices.list()
     # `voices` is what Open WebUI reads (and other OpenAI-compatible TTS servers answer).
-    return JSONResponse({"object": "list", "data": voices,
-                         "voices": [{"id": voice["id"], "name": voice["id"]} for voice in voices]})
+    return JSONResponse(
+        {"object": "list", "data": voices, "voices": [{"id": voice["id"], "name": voice["id"]} for voice in voices]}
+    )
 
 
 async def upload_voice(request: Request) -> Response:
     app_state = state(request)
     if not app_state.engine.clones_voices:
-        raise ApiError(400, f"The {app_state.engine.name} engine cannot clone voices from a clip; put its voices "
-                       "(.onnx with .onnx.json) in VOICES_DIR instead.", param="file", code="cloning_not_supported")
+        raise ApiError(
+            400,
+            f"The {app_state.engine.name} engine cannot clone voices from a clip; put its voices "
+            "(.onnx with .onnx.json) in VOICES_DIR instead.",
+            param="file",
+            code="cloning_not_supported",
+        )
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > VOICE_MAX_BYTES + 64 * 1024:
-        raise ApiError(413, f"Voice clips are limited to {VOICE_MAX_BYTES // (1024 * 1024)} MB.", param="file",
-                       code="file_too_large")
+        raise ApiError(
+            413,
+            f"Voice clips are limited to {VOICE_MAX_BYTES // (1024 * 1024)} MB.",
+            param="file",
+            code="file_too_large",
+        )
     try:
         form = await request.form(max_files=1, max_fields=4, max_part_size=VOICE_MAX_BYTES + 1)
     except Exception as exc:  # malformed multipart, oversized part
-        raise ApiError(400, f"Expected multipart/form-data with 'name' and 'file': {exc}", code="invalid_form") \
-            from None
+        raise ApiError(
+            400, f"Expected multipart/form-data with 'name' and 'file': {exc}", code="invalid_form"
+        ) from None
     try:
         name, upload = form.get("name"), form.get("file")
         if not isinstance(name, str) or not VOICE_NAME.match(name):
-            raise ApiError(400, "'name' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'.", param="name",
-                           code="invalid_voice_name")
+            raise ApiError(
+                400,
+                "'name' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'.",
+                param="name",
+                code="invalid_voice_name",
+            )
         if name == "default":
-            raise ApiError(400, "'default' is the built-in voice and cannot be replaced.", param="name",
-                           code="invalid_voice_name")
+            raise ApiError(
+                400, "'default' is the built-in voice and cannot be replaced.", param="name", code="invalid_voice_name"
+            )
         if upload is None or isinstance(upload, str):
             raise ApiError(400, "'file' must be an audio file upload.", param="file", code="missing_file")
         data = await upload.read(VOICE_MAX_BYTES + 1)
     finally:
         await form.close()
     if len(data) > VOICE_MAX_BYTES:
-        raise ApiError(413, f"Voice clips are limited to {VOICE_MAX_BYTES // (1024 * 1024)} MB.", param="file",
-                       code="file_too_large")
+        raise ApiError(
+            413,
+            f"Voice clips are limited to {VOICE_MAX_BYTES // (1024 * 1024)} MB.",
+            param="file",
+            code="file_too_large",
+        )
     extension = Path(upload.filename or "").suffix.lower()
     if extension not in VOICE_EXTENSIONS:
-        raise ApiError(400, f"Unsupported clip type {extension or '(none)'!r}; use wav, mp3, flac or ogg.",
-                       param="file", code="unsupported_file_type")
+        raise ApiError(
+            400,
+            f"Unsupported clip type {extension or '(none)'!r}; use wav, mp3, flac or ogg.",
+            param="file",
+            code="unsupported_file_type",
+        )
     try:
         clip, rate = await asyncio.to_thread(decode_audio, data, VOICE_MAX_SECONDS)
     except AudioTooLong:
-        raise ApiError(400, f"The clip is longer than {VOICE_MAX_SECONDS:.0f} s; reference clips must be "
-                       f"{VOICE_MIN_SECONDS:.0f} to {VOICE_MAX_SECONDS:.0f} s.", param="file",
-                       code="invalid_duration") from None
+        raise ApiError(
+            400,
+            f"The clip is longer than {VOICE_MAX_SECONDS:.0f} s; reference clips must be "
+            f"{VOICE_MIN_SECONDS:.0f} to {VOICE_MAX_SECONDS:.0f} s.",
+            param="file",
+            code="invalid_duration",
+        ) from None
     except Exception:
         raise ApiError(400, "The file could not be decoded as audio.", param="file", code="invalid_audio") from None
     seconds = len(clip) / rate
     if not VOICE_MIN_SECONDS <= seconds <= VOICE_MAX_SECONDS:
-        raise ApiError(400, f"The clip is {seconds:.1f} s long; reference clips must be "
-                       f"{VOICE_MIN_SECONDS:.0f} to {VOICE_MAX_SECONDS:.0f} s.", param="file", code="invalid_duration")
+        raise ApiError(
+            400,
+            f"The clip is {seconds:.1f} s long; reference clips must be "
+            f"{VOICE_MIN_SECONDS:.0f} to {VOICE_MAX_SECONDS:.0f} s.",
+            param="file",
+            code="invalid_duration",
+        )
     await asyncio.to_thread(app_state.speaker.voices.save, name, data, extension)
     logger.info("voice {} saved ({} bytes, {:.1f} s)", name, len(data), seconds)
-    return JSONResponse({"id": name, "object": "voice", "type": "uploaded", "duration_seconds": round(seconds, 2)},
-                        status_code=201)
+    return JSONResponse(
+        {"id": name, "object": "voice", "type": "uploaded", "duration_seconds": round(seconds, 2)}, status_code=201
+    )
 
 
 async def delete_voice(request: Request) -> Response:
     name = request.path_params["name"]
     if not await asyncio.to_thread(state(request).speaker.voices.delete, name):
-        raise ApiError(404, f"Voice {name!r} not found (only uploaded voices can be deleted).", param="name",
-                       code="voice_not_found")
+        raise ApiError(
+            404,
+            f"Voice {name!r} not found (only uploaded voices can be deleted).",
+            param="name",
+            code="voice_not_found",
+        )
     return JSONResponse({"id": name, "object": "voice", "deleted": True})
 
 
 def model_object(app_state: AppState) -> dict[str, Any]:
     engine = app_state.engine
-    return {"id": engine.name, "object": "model", "created": int(app_state.started),
-            "owned_by": "rhasspy" if engine.name == "piper" else "resemble-ai", "chosen_because": engine.choice}
+    return {
+        "id": engine.name,
+        "object": "model",
+        "created": int(app_state.started),
+        "owned_by": "rhasspy" if engine.name == "piper" else "resemble-ai",
+        "chosen_because": engine.choice,
+    }
 
 
 async def list_models(request: Request) -> Response:
@@ -5356,48 +5965,77 @@ async def status(request: Request) -> Response:
     app_state = state(request)
     counts, described = app_state.speaker.counts(), app_state.engine.describe()
     voices, results = counts.voice_cache, counts.result_cache
-    return JSONResponse({
-        "version": __version__,
-        "engine": {**described, "chosen_because": app_state.engine.choice,
-                   "clones_voices": app_state.engine.clones_voices},
-        "loaded": counts.loaded,
-        "ready": counts.ready,
-        "load_seconds": counts.load_seconds,
-        "uptime_s": round(time.time() - app_state.started, 1),
-        "gpu_memory": gpu_memory(str(described.get("device", ""))),
-        "queue": {"active": counts.active, "streams": counts.streams, "waiting_units": counts.waiting_units,
-                  "running": counts.running, "max": counts.max_queue},
-        "batch": None if counts.batch is None else batch_status(counts.batch),
-        "voice_cache": {"size": voices.entries, "capacity": voices.capacity, "hits": voices.hits,
-                        "misses": voices.misses},
-        "result_cache": {"entries": results.entries, "bytes": results.total, "max_bytes": results.capacity,
-                         "hits": results.hits, "misses": results.misses, "evictions": results.evictions},
-        "tasks": len(asyncio.all_tasks()),
-    })
+    return JSONResponse(
+        {
+            "version": __version__,
+            "engine": {
+                **described,
+                "chosen_because": app_state.engine.choice,
+                "clones_voices": app_state.engine.clones_voices,
+            },
+            "loaded": counts.loaded,
+            "ready": counts.ready,
+            "load_seconds": counts.load_seconds,
+            "uptime_s": round(time.time() - app_state.started, 1),
+            "gpu_memory": gpu_memory(str(described.get("device", ""))),
+            "queue": {
+                "active": counts.active,
+                "streams": counts.streams,
+                "waiting_units": counts.waiting_units,
+                "running": counts.running,
+                "max": counts.max_queue,
+            },
+            "batch": None if counts.batch is None else batch_status(counts.batch),
+            "voice_cache": {
+                "size": voices.entries,
+                "capacity": voices.capacity,
+                "hits": voices.hits,
+                "misses": voices.misses,
+            },
+            "result_cache": {
+                "entries": results.entries,
+                "bytes": results.total,
+                "max_bytes": results.capacity,
+                "hits": results.hits,
+                "misses": results.misses,
+                "evictions": results.evictions,
+            },
+            "tasks": len(asyncio.all_tasks()),
+        }
+    )
 
 
 def batch_status(batch: BatchCounts) -> dict[str, Any]:
     """The T3 batch's slots and rates: steps and S3Gen windows per second of inference-thread time."""
     prefixes = batch.voice_prefixes
-    return {"slots": batch.slots, "busy": batch.busy, "waiting": batch.waiting,
-            "steps": batch.steps,
-            "steps_per_second": round(batch.steps / batch.step_seconds, 2) if batch.step_seconds else None,
-            "windows": batch.windows,
-            "windows_per_second": round(batch.windows / batch.window_seconds, 3) if batch.window_seconds else None,
-            "rows_per_step": {str(busy): n for busy, n in sorted(batch.rows_per_step.items())},
-            "voice_prefixes": {"size": prefixes.entries, "hits": prefixes.hits, "misses": prefixes.misses}}
+    return {
+        "slots": batch.slots,
+        "busy": batch.busy,
+        "waiting": batch.waiting,
+        "steps": batch.steps,
+        "steps_per_second": round(batch.steps / batch.step_seconds, 2) if batch.step_seconds else None,
+        "windows": batch.windows,
+        "windows_per_second": round(batch.windows / batch.window_seconds, 3) if batch.window_seconds else None,
+        "rows_per_step": {str(busy): n for busy, n in sorted(batch.rows_per_step.items())},
+        "voice_prefixes": {"size": prefixes.entries, "hits": prefixes.hits, "misses": prefixes.misses},
+    }
 
 
 WEB_PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 # The page is self-contained: the browser itself refuses anything but this server (no CDN, works offline).
 # Its scripts are inline, and the audio worklet is loaded from a blob: URL.
-WEB_PAGE_POLICY = ("default-src 'self'; script-src 'self' 'unsafe-inline' blob:; style-src 'unsafe-inline'; "
-                   "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'")
+WEB_PAGE_POLICY = (
+    "default-src 'self'; script-src 'self' 'unsafe-inline' blob:; style-src 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'"
+)
 
 
 async def web_page(request: Request) -> Response:
-    return FileResponse(WEB_PAGE, media_type="text/html; charset=utf-8",
-                        headers={"Content-Security-Policy": WEB_PAGE_POLICY, "Cache-Control": "no-cache"})
+    return FileResponse(
+        WEB_PAGE,
+        media_type="text/html; charset=utf-8",
+        headers={"Content-Security-Policy": WEB_PAGE_POLICY, "Cache-Control": "no-cache"},
+    )
 
 
 async def prometheus_metrics(request: Request) -> Response:
@@ -5436,9 +6074,13 @@ async def client_gone_handler(request: Request, exc: Exception) -> Response:
 async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
     logger.opt(exception=exc).error("unhandled error on {} {}", request.method, request.url.path)
     record = request_record(request)  # outside RequestLog's reach: this response is sent around it
-    return error_response(500, "Internal server error; the server log has details.", type="server_error",
-                          code="internal_error",
-                          headers={"Server-Timing": record.server_timing(), "X-Request-Id": record.id})
+    return error_response(
+        500,
+        "Internal server error; the server log has details.",
+        type="server_error",
+        code="internal_error",
+        headers={"Server-Timing": record.server_timing(), "X-Request-Id": record.id},
+    )
 
 
 # Set in a request's task when RequestLog gave up its response on purpose (a client that reads nothing):
@@ -5459,8 +6101,7 @@ class RequestLog:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        route = next((r.path for r in self.routes if isinstance(r, Route) and r.matches(scope)[0] != Match.NONE),
-                     None)
+        route = next((r.path for r in self.routes if isinstance(r, Route) and r.matches(scope)[0] != Match.NONE), None)
         record = RequestRecord(route or scope["path"], matched=route is not None)
         scope.setdefault("state", {})["record"] = record
 
@@ -5539,14 +6180,25 @@ class ApiKeyAuth:
         self.self_checked = self_checked
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        unchecked = scope["type"] not in ("http", "websocket") or scope["path"] in self.OPEN_PATHS or any(
-            route.matches(scope)[0] == Match.FULL for route in self.self_checked)
+        unchecked = (
+            scope["type"] not in ("http", "websocket")
+            or scope["path"] in self.OPEN_PATHS
+            or any(route.matches(scope)[0] == Match.FULL for route in self.self_checked)
+        )
         if unchecked or self._allowed(scope):
             await self.app(scope, receive, send)
             return
-        await refuse(scope, receive, send, error_response(
-            401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.", code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"}))
+        await refuse(
+            scope,
+            receive,
+            send,
+            error_response(
+                401,
+                "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            ),
+        )
 
     def _allowed(self, scope: Scope) -> bool:
         return key_matches(presented_key(scope), self.key)
@@ -5564,7 +6216,10 @@ def same_origin(origin: str, host: str) -> bool:
     try:
         page, server = urlsplit(origin), urlsplit(f"//{host}")
         default = {"https": 443, "wss": 443}.get(page.scheme, 80)
-        return bool(page.hostname) and (page.hostname, page.port or default) == (server.hostname, server.port or default)
+        return bool(page.hostname) and (page.hostname, page.port or default) == (
+            server.hostname,
+            server.port or default,
+        )
     except ValueError:
         return False
 
@@ -5589,9 +6244,17 @@ class OriginCheck:
         if not checked or self.allows(Headers(scope=scope)):
             await self.app(scope, receive, send)
             return
-        await refuse(scope, receive, send, error_response(
-            403, "Cross-origin request refused: this server's own pages, and the origins in CORS_ORIGINS, may use "
-            "it from a browser.", code="origin_not_allowed"))
+        await refuse(
+            scope,
+            receive,
+            send,
+            error_response(
+                403,
+                "Cross-origin request refused: this server's own pages, and the origins in CORS_ORIGINS, may use "
+                "it from a browser.",
+                code="origin_not_allowed",
+            ),
+        )
 
     def allows(self, headers: Headers) -> bool:
         origin, site = headers.get("origin"), headers.get("sec-fetch-site")
@@ -5628,8 +6291,9 @@ def load_protocols(modules: str) -> list[Protocol]:
     return [importlib.import_module(name.strip()).protocol() for name in modules.split(",") if name.strip()]
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None,
-               protocols: list[Protocol] | None = None) -> Starlette:
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, protocols: list[Protocol] | None = None
+) -> Starlette:
     """The app: the core's routes and those of `protocols` (by default the add-ons PROTOCOLS names)."""
     settings = settings or Settings.from_env()
     engine = engine or make_engine(settings)
@@ -5677,24 +6341,46 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None,
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={ApiError: api_error_handler, HTTPException: http_error_handler, ClientGone: client_gone_handler,
-                            Exception: unexpected_error_handler},
+        exception_handlers={
+            ApiError: api_error_handler,
+            HTTPException: http_error_handler,
+            ClientGone: client_gone_handler,
+            Exception: unexpected_error_handler,
+        },
         lifespan=lifespan,
         middleware=middleware(settings, routes, speaker, self_checked),
     )
-    app.state.tts = AppState(settings=settings, engine=engine, speaker=speaker,
-                             protocol_state={protocol.name: protocol.state for protocol in protocols})
+    app.state.tts = AppState(
+        settings=settings,
+        engine=engine,
+        speaker=speaker,
+        protocol_state={protocol.name: protocol.state for protocol in protocols},
+    )
     return app
 
 
-def middleware(settings: Settings, routes: list[BaseRoute], speaker: Speaker,
-               self_checked: list[BaseRoute]) -> list[Middleware]:
+def middleware(
+    settings: Settings, routes: list[BaseRoute], speaker: Speaker, self_checked: list[BaseRoute]
+) -> list[Middleware]:
     stack = [Middleware(RequestLog, routes=routes, speaker=speaker, log_text=settings.log_text)]
     origins = cors_origins(settings)
     if origins:
-        stack.append(Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"],
-                                expose_headers=["X-Request-Id", "X-Sample-Rate", "X-Bit-Depth", "X-Channels",
-                                                "X-Encoding", "Server-Timing"]))
+        stack.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+                expose_headers=[
+                    "X-Request-Id",
+                    "X-Sample-Rate",
+                    "X-Bit-Depth",
+                    "X-Channels",
+                    "X-Encoding",
+                    "Server-Timing",
+                ],
+            )
+        )
     stack.append(Middleware(OriginCheck, allowed=origins))
     if settings.api_key:
         stack.append(Middleware(ApiKeyAuth, key=settings.api_key, self_checked=self_checked))
@@ -5730,8 +6416,11 @@ class _ToLoguru(logging.Handler):
     """Standard-library records (uvicorn's, libraries') go out through loguru, in the same format."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        level = record.levelname if record.levelname in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") \
+        level = (
+            record.levelname
+            if record.levelname in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
             else record.levelno
+        )
         logger.opt(exception=record.exc_info).log(level, "{}: {}", record.name, record.getMessage())
 
 
@@ -5743,8 +6432,13 @@ def _not_given_up(record: logging.LogRecord) -> bool:
 
 def configure_logging(level: str, json_lines: bool = False) -> None:
     logger.remove()
-    logger.add(sys.stderr, level=level.upper(), diagnose=False, serialize=json_lines,
-               format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}")
+    logger.add(
+        sys.stderr,
+        level=level.upper(),
+        diagnose=False,
+        serialize=json_lines,
+        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {message}",
+    )
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
     logging.getLogger("uvicorn.error").addFilter(_not_given_up)
 
@@ -5767,8 +6461,11 @@ def main() -> None:
                 server.close()
             await speaker.admission.drain(settings.shutdown_grace_s)
             deadline = time.monotonic() + SHUTDOWN_FLUSH_SECONDS
-            while (unsent := [c.transport for c in self.server_state.connections
-                              if getattr(c, "transport", None) and c.transport.get_write_buffer_size()]):
+            while unsent := [
+                c.transport
+                for c in self.server_state.connections
+                if getattr(c, "transport", None) and c.transport.get_write_buffer_size()
+            ]:
                 if time.monotonic() > deadline:
                     for transport in unsent:
                         transport.abort()
@@ -5776,8 +6473,15 @@ def main() -> None:
                 await asyncio.sleep(0.05)
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", log_config=None,
-                            ws_max_size=1024 * 1024, timeout_graceful_shutdown=math.ceil(SHUTDOWN_FLUSH_SECONDS))
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        log_config=None,
+        ws_max_size=1024 * 1024,
+        timeout_graceful_shutdown=math.ceil(SHUTDOWN_FLUSH_SECONDS),
+    )
     uv = Server(config)
     speaker.host.health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
     uv.run()

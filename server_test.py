@@ -12,6 +12,7 @@ import base64
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -75,8 +76,10 @@ from testing import (
 # ---------------------------------------------------------------------------
 
 SENTENCE_CASES = [
-    ("Mr. Smith went to Washington. He arrived at 3 p.m. on Monday.",
-     ["Mr. Smith went to Washington.", "He arrived at 3 p.m. on Monday."]),
+    (
+        "Mr. Smith went to Washington. He arrived at 3 p.m. on Monday.",
+        ["Mr. Smith went to Washington.", "He arrived at 3 p.m. on Monday."],
+    ),
     ("Dr. Jones and Mrs. Lee met Prof. Brown.", ["Dr. Jones and Mrs. Lee met Prof. Brown."]),
     ("The U.S. is big. It has 50 states.", ["The U.S. is big.", "It has 50 states."]),
     ("Apples, pears, etc. are fruit. Eat them.", ["Apples, pears, etc. are fruit.", "Eat them."]),
@@ -116,11 +119,14 @@ def test_pack_chunks_respects_limit_and_order() -> None:
     assert len(chunks) < len(sentences)  # short sentences are packed together
 
 
-@pytest.mark.parametrize("sentence", [
-    "word " * 100,  # spaces only
-    "clause one, " * 30,  # clause punctuation
-    "字" * 500,  # CJK, no spaces at all
-])
+@pytest.mark.parametrize(
+    "sentence",
+    [
+        "word " * 100,  # spaces only
+        "clause one, " * 30,  # clause punctuation
+        "字" * 500,  # CJK, no spaces at all
+    ],
+)
 def test_pack_chunks_splits_long_sentences(sentence: str) -> None:
     chunks = server.pack_chunks([sentence.strip()], 60)
     assert all(0 < len(c) <= 60 for c in chunks)
@@ -137,6 +143,7 @@ def test_text_is_fitted_to_what_a_count_says_not_to_characters() -> None:
     """split_to_fit cuts a chunk by a model's own count (here five tokens a wide character): every piece
     within the limit, nothing lost, clause punctuation preferred; a piece that fits is left alone, and a
     limit below one character's count still ends (with one-character pieces)."""
+
     def count(text: str) -> int:
         return sum(5 if server._is_wide(ch) else 1 for ch in text)
 
@@ -182,8 +189,12 @@ def test_wav_header_is_a_valid_riff_file() -> None:
 
 def test_chunk_joiner_crossfades_without_losing_audio() -> None:
     joiner = server.ChunkJoiner(overlap=100)
-    pieces = [(np.full(1000, 0.5, np.float32), True), (np.full(300, 0.5, np.float32), False),
-              (np.full(50, 0.5, np.float32), True), (np.full(1000, 0.5, np.float32), True)]
+    pieces = [
+        (np.full(1000, 0.5, np.float32), True),
+        (np.full(300, 0.5, np.float32), False),
+        (np.full(50, 0.5, np.float32), True),
+        (np.full(1000, 0.5, np.float32), True),
+    ]
     out = np.concatenate([joiner.push(p, starts) for p, starts in pieces] + [joiner.finish()])
     # Each segment join overlaps 100 samples, a short segment only its own length; pieces of one
     # segment are not overlapped at all.
@@ -212,8 +223,9 @@ def test_tempo_stretcher_streams_duration_change_without_pitch_change() -> None:
     rate = 24000
     tone = np.sin(2 * np.pi * 300 * np.arange(2 * rate) / rate).astype(np.float32)
     stretcher = server.TempoStretcher(rate, 2.0)
-    fast = np.concatenate([stretcher.push(tone[i : i + 2400]) for i in range(0, len(tone), 2400)]
-                          + [stretcher.finish()])
+    fast = np.concatenate(
+        [stretcher.push(tone[i : i + 2400]) for i in range(0, len(tone), 2400)] + [stretcher.finish()]
+    )
     assert abs(len(fast) - rate) < rate * 0.02
     spectrum = np.abs(np.fft.rfft(fast[2000:-2000] * np.hanning(len(fast) - 4000)))
     peak_hz = np.argmax(spectrum) * rate / (len(fast) - 4000)
@@ -284,7 +296,7 @@ def test_encoders_stream_incrementally_and_decode(name: str) -> None:
     decoded, decoded_rate = decode_bytes(data)
     assert decoded_rate == rate
     assert abs(len(decoded) - len(audio)) < 0.1 * rate
-    spectrum = np.abs(np.fft.rfft(decoded[: rate]))
+    spectrum = np.abs(np.fft.rfft(decoded[:rate]))
     assert abs(np.argmax(spectrum) * decoded_rate / rate - 330) < 5
 
 
@@ -362,8 +374,13 @@ def test_stream_schedule_setting_becomes_the_plan() -> None:
     plan = server.Settings.from_env({"STREAM_CHUNK_SCHEDULE": "10, 30", "STREAM_CONTEXT_TOKENS": "8"}).stream_plan
     assert plan == server.StreamPlan((10, 30), 8)
     assert [plan.window_tokens(i) for i in range(4)] == [10, 30, 30, 30]
-    for env in ({"STREAM_CHUNK_SCHEDULE": "0,20"}, {"STREAM_CHUNK_SCHEDULE": "20;40"},
-                {"STREAM_CHUNK_SCHEDULE": ","}, {"STREAM_CONTEXT_TOKENS": "3"}, {"S3GEN_BATCH": "-1"}):
+    for env in (
+        {"STREAM_CHUNK_SCHEDULE": "0,20"},
+        {"STREAM_CHUNK_SCHEDULE": "20;40"},
+        {"STREAM_CHUNK_SCHEDULE": ","},
+        {"STREAM_CONTEXT_TOKENS": "3"},
+        {"S3GEN_BATCH": "-1"},
+    ):
         with pytest.raises(SystemExit, match=next(iter(env))):
             server.Settings.from_env(env)
 
@@ -399,8 +416,9 @@ async def occupy(worker: server.InferenceWorker) -> tuple[asyncio.Event, asyncio
     """Keep the worker's thread busy until the returned event is set."""
     gate = asyncio.Event()
     loop = asyncio.get_running_loop()
-    blocker = asyncio.ensure_future(worker.run(lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(),
-                                               server.Priority.REALTIME))
+    blocker = asyncio.ensure_future(
+        worker.run(lambda: asyncio.run_coroutine_threadsafe(gate.wait(), loop).result(), server.Priority.REALTIME)
+    )
     await asyncio.sleep(0.05)  # the blocker now occupies the thread
     return gate, blocker
 
@@ -411,8 +429,10 @@ def test_inference_worker_runs_by_priority_then_fifo() -> None:
 
     async def scenario() -> None:
         gate, blocker = await occupy(worker)
-        jobs = [asyncio.ensure_future(worker.run(lambda n=n: order.append(n), p)) for n, p in
-                [("file1", 1), ("bg", 2), ("rt1", 0), ("file2", 1), ("rt2", 0)]]
+        jobs = [
+            asyncio.ensure_future(worker.run(lambda n=n: order.append(n), p))
+            for n, p in [("file1", 1), ("bg", 2), ("rt1", 0), ("file2", 1), ("rt2", 0)]
+        ]
         await asyncio.sleep(0.05)
         gate.set()
         await asyncio.gather(blocker, *jobs)
@@ -496,14 +516,22 @@ def test_web_page_is_served_self_contained(fake_client: TestClient) -> None:
     policy = response.headers["content-security-policy"]
     assert "default-src 'self'" in policy and "connect-src 'self'" in policy  # the browser loads nothing else
     page = response.text
-    assert "registerProcessor(\"pcm-player\"" in page and "/v1/audio/speech/ws" in page
+    assert 'registerProcessor("pcm-player"' in page and "/v1/audio/speech/ws" in page
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN: the page works offline
     assert_openai_error(fake_client.post("/"), 405)
 
 
 def test_speech_ignores_unknown_fields_and_accepts_voice_object(fake_client: TestClient) -> None:
-    body = {"model": "gpt-4o-mini-tts", "input": "Hello there.", "voice": {"id": "alloy"}, "instructions": "calm",
-            "stream_format": "audio", "something_new": [1, 2], "response_format": "pcm", "seed": 3}
+    body = {
+        "model": "gpt-4o-mini-tts",
+        "input": "Hello there.",
+        "voice": {"id": "alloy"},
+        "instructions": "calm",
+        "stream_format": "audio",
+        "something_new": [1, 2],
+        "response_format": "pcm",
+        "seed": 3,
+    }
     response = fake_client.post("/v1/audio/speech", json=body)
     assert response.status_code == 200 and response.headers["content-type"] == "audio/pcm"
     assert len(response.content) == 2 * 240 * len("Hello there.")
@@ -521,6 +549,7 @@ def test_speech_joins_chunks_of_long_input(fake_client: TestClient) -> None:
 def test_each_chunk_reaches_the_engine_in_the_pieces_it_takes(tmp_path: Path) -> None:
     """The pipeline hands every chunk to the engine's fit_text (with the request's language) and each
     piece becomes a model call of its own, joined like chunks."""
+
     class PieceEngine(ToneEngine):
         def __init__(self) -> None:
             self.fitted: list[tuple[str, str | None]] = []
@@ -537,8 +566,9 @@ def test_each_chunk_reaches_the_engine_in_the_pieces_it_takes(tmp_path: Path) ->
     engine = PieceEngine()
     settings = server.Settings(voices_dir=str(tmp_path / "voices"), chunk_max_chars=40)
     with TestClient(server.create_app(settings, engine)) as client:
-        response = client.post("/v1/audio/speech", json={"input": "One|two three|four.", "response_format": "pcm",
-                                                         "language": "en"})
+        response = client.post(
+            "/v1/audio/speech", json={"input": "One|two three|four.", "response_format": "pcm", "language": "en"}
+        )
     assert response.status_code == 200, response.text
     assert engine.fitted == [("One|two three|four.", "en")] and engine.spoken == ["One", "two three", "four."]
     overlap = int(server.JOIN_CROSSFADE_SECONDS * 24000)
@@ -548,6 +578,7 @@ def test_each_chunk_reaches_the_engine_in_the_pieces_it_takes(tmp_path: Path) ->
 def test_text_the_engine_cannot_cut_fails_the_request_at_once(tmp_path: Path) -> None:
     """A failure while a chunk is cut into the engine's pieces ends the request with an error in the API's
     shape, not a wait for REQUEST_TIMEOUT."""
+
     class BrokenTokenizer(ToneEngine):
         def fit_text(self, text: str, language: str | None) -> list[str]:
             raise ValueError("the tokenizer broke")
@@ -622,6 +653,7 @@ def test_cleanup_waits_for_its_tasks_even_while_anyio_cancels_it() -> None:
 def test_a_cancel_that_arrives_as_the_work_finishes_is_not_lost(seconds: float) -> None:
     """Python 3.11's asyncio.wait_for returned the result instead: a WebSocket session whose utterance
     ended as the client left then waited forever for its cancelled speaking loop."""
+
     async def scenario() -> tuple[bool, Any]:
         work = asyncio.get_running_loop().create_future()
         waiting = asyncio.ensure_future(server.within(seconds, work))
@@ -651,8 +683,10 @@ def test_inference_worker_ages_waiting_work(monkeypatch: pytest.MonkeyPatch) -> 
         gate, blocker = await occupy(worker)
         old = asyncio.ensure_future(worker.run(lambda: order.append("background"), server.Priority.BACKGROUND))
         await asyncio.sleep(0.3)  # waited six aging periods: now ahead of fresh real-time work
-        fresh = [asyncio.ensure_future(worker.run(lambda: order.append("realtime"), server.Priority.REALTIME))
-                 for _ in range(3)]
+        fresh = [
+            asyncio.ensure_future(worker.run(lambda: order.append("realtime"), server.Priority.REALTIME))
+            for _ in range(3)
+        ]
         await asyncio.sleep(0.02)
         gate.set()
         await asyncio.gather(blocker, old, *fresh)
@@ -679,14 +713,19 @@ def test_request_timeout_gives_504(tmp_path: Path) -> None:
     slower = SlowToneEngine()
     slower.pause = 0.5  # no audio before the timeout
     with fake_app(tmp_path, slower, request_timeout=0.3) as client:
-        response = client.post("/v1/audio/speech", json={"input": "Too slow for the timeout, by far.",
-                                                         "response_format": "pcm"})
+        response = client.post(
+            "/v1/audio/speech", json={"input": "Too slow for the timeout, by far.", "response_format": "pcm"}
+        )
         assert assert_openai_error(response, 504)["code"] == "timeout"
         wait_until(lambda: client.get("/v1/status").json()["queue"]["active"] == 0)
     with fake_app(tmp_path, request_timeout=0.3) as client:  # audio started: the stream ends with an error
-        events = [json.loads(line[5:]) for line in client.post(
-            "/v1/audio/speech/stream", json={"input": "Too slow for the timeout, by far.", "response_format": "pcm"}
-        ).text.splitlines() if line.startswith("data:")]
+        events = [
+            json.loads(line[5:])
+            for line in client.post(
+                "/v1/audio/speech/stream", json={"input": "Too slow for the timeout, by far.", "response_format": "pcm"}
+            ).text.splitlines()
+            if line.startswith("data:")
+        ]
         assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "timeout"
 
 
@@ -699,13 +738,14 @@ def test_api_key_guards_everything_but_health_and_ready(tmp_path: Path) -> None:
         assert_openai_error(client.post("/v1/audio/speech", json={"input": "Hi."}), 401)
         good = {"Authorization": "Bearer s3cret"}
         assert client.get("/v1/models", headers=good).status_code == 200
-        assert client.post("/v1/audio/speech", json={"input": "Hi.", "response_format": "pcm"},
-                           headers=good).status_code == 200
+        assert (
+            client.post("/v1/audio/speech", json={"input": "Hi.", "response_format": "pcm"}, headers=good).status_code
+            == 200
+        )
         from starlette.websockets import WebSocketDisconnect
 
-        with pytest.raises(WebSocketDisconnect):
-            with client.websocket_connect("/v1/audio/speech/ws") as ws:
-                ws.receive_text()
+        with pytest.raises(WebSocketDisconnect), client.websocket_connect("/v1/audio/speech/ws") as ws:
+            ws.receive_text()
         for url, kwargs in (("/v1/audio/speech/ws", {"headers": good}), ("/v1/audio/speech/ws?token=s3cret", {})):
             with client.websocket_connect(url, **kwargs) as ws:
                 ws.send_text(json.dumps({"type": "speak", "id": "a", "text": "Hi."}))
@@ -751,7 +791,9 @@ def test_logs_hold_lengths_not_text_unless_asked(tmp_path: Path) -> None:
         sink = server.logger.add(lines.append, level="INFO")
         try:
             with fake_app(tmp_path, engine=ToneEngine(), log_text=log_text) as client:
-                assert client.post("/v1/audio/speech", json={"input": secret, "response_format": "pcm"}).status_code == 200
+                assert (
+                    client.post("/v1/audio/speech", json={"input": secret, "response_format": "pcm"}).status_code == 200
+                )
         finally:
             server.logger.remove(sink)
         log = "".join(lines)
@@ -802,19 +844,26 @@ def test_text_work_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.M
             except RuntimeError:
                 calls.append((step.__name__, False))
             return step(*args)
+
         return call
 
     for name in ("split_sentences", "split_complete"):
         monkeypatch.setattr(server, name, watched(getattr(server, name)))
     with fake_app(tmp_path, engine=ToneEngine()) as client:
         for path in ("/v1/audio/speech", "/v1/audio/speech/stream/pcm"):
-            assert client.post(path, json={"input": "One sentence. And one more.", "response_format": "pcm"}
-                               ).status_code == 200
+            assert (
+                client.post(path, json={"input": "One sentence. And one more.", "response_format": "pcm"}).status_code
+                == 200
+            )
         ws_speak(client, text="Whole text. At once.")
         with client.websocket_connect("/v1/audio/speech/ws") as ws:
-            for message in ({"type": "speak", "id": "b", "text": "Bit by", "final": False},
-                            {"type": "append", "id": "b", "text": " bit. And then"}, {"type": "flush", "id": "b"},
-                            {"type": "append", "id": "b", "text": " the end."}, {"type": "end", "id": "b"}):
+            for message in (
+                {"type": "speak", "id": "b", "text": "Bit by", "final": False},
+                {"type": "append", "id": "b", "text": " bit. And then"},
+                {"type": "flush", "id": "b"},
+                {"type": "append", "id": "b", "text": " the end."},
+                {"type": "end", "id": "b"},
+            ):
                 ws.send_text(json.dumps(message))
             while (received := ws.receive()).get("text") is None or json.loads(received["text"])["type"] != "done":
                 pass
@@ -828,8 +877,10 @@ def test_text_work_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.M
     assert [call for call in calls if call[1]] == []  # none on the event loop
 
 
-PARSER_BREAKERS = {"nested 100000 deep": b'{"input": "Hi.", "voice": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-                   "a 5000-digit integer": b'{"input": "Hi.", "seed": ' + b"9" * 5000 + b"}"}
+PARSER_BREAKERS = {
+    "nested 100000 deep": b'{"input": "Hi.", "voice": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "a 5000-digit integer": b'{"input": "Hi.", "seed": ' + b"9" * 5000 + b"}",
+}
 
 
 @pytest.mark.parametrize("raw", PARSER_BREAKERS.values(), ids=PARSER_BREAKERS.keys())
@@ -879,8 +930,9 @@ VALUES_ONCE_DEFAULTED = [
 
 
 @pytest.mark.parametrize("fields,status,param", VALUES_ONCE_DEFAULTED)
-def test_empty_zero_and_out_of_range_values_are_refused(fake_client: TestClient, fields: dict[str, Any], status: int,
-                                                        param: str) -> None:
+def test_empty_zero_and_out_of_range_values_are_refused(
+    fake_client: TestClient, fields: dict[str, Any], status: int, param: str
+) -> None:
     assert_openai_error(fake_client.post("/v1/audio/speech", json={"input": "Hi.", **fields}), status, param)
 
 
@@ -917,7 +969,9 @@ def test_ws_unspoken_text_of_an_utterance_is_bounded(tmp_path: Path) -> None:
             assert json.loads(ws.receive_text())["type"] == "start"
             # Four complete sentences of 20 characters wait for the model (one of them may be taken); 4 are buffered.
             ws.send_text(json.dumps({"type": "append", "id": "a", "text": "Sentence number one. " * 4 + "And"}))
-            ws.send_text(json.dumps({"type": "append", "id": "a", "text": " then this sentence is surely one too many."}))
+            ws.send_text(
+                json.dumps({"type": "append", "id": "a", "text": " then this sentence is surely one too many."})
+            )
             error = json.loads(ws.receive_text())
             assert (error["type"], error["code"]) == ("error", "input_too_long")
             ws.send_text(json.dumps({"type": "cancel", "id": "a"}))
@@ -982,14 +1036,16 @@ class ClipToneEngine(ToneEngine):
 def test_voice_replaced_or_deleted_while_a_request_waits(tmp_path: Path) -> None:
     engine = ClipToneEngine()
     with fake_app(tmp_path, engine=engine) as client, ThreadPoolExecutor(1) as pool:
+
         def upload(seed: int) -> None:
             files = {"file": ("clip.wav", wav_bytes(reference_clip(seed)), "audio/wav")}
             assert client.post("/v1/audio/voices", data={"name": "v"}, files=files).status_code == 201
 
         def waiting_request() -> Any:
             engine.gate.clear()
-            request = pool.submit(client.post, "/v1/audio/speech", json={"input": "Hi.", "voice": "v",
-                                                                          "response_format": "pcm"})
+            request = pool.submit(
+                client.post, "/v1/audio/speech", json={"input": "Hi.", "voice": "v", "response_format": "pcm"}
+            )
             wait_until(lambda: client.get("/v1/status").json()["queue"]["active"] == 1)
             return request
 
@@ -998,8 +1054,10 @@ def test_voice_replaced_or_deleted_while_a_request_waits(tmp_path: Path) -> None
         upload(2)  # replaced while the request waits: it still speaks, and caches, the clip it asked for
         engine.gate.set()
         assert request.result().status_code == 200
-        assert client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "v", "response_format": "pcm"}
-                           ).status_code == 200
+        assert (
+            client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "v", "response_format": "pcm"}).status_code
+            == 200
+        )
         assert len(engine.prepared) == 2 and all(digest == made for digest, made in engine.prepared.items())
         client.app.state.tts.speaker.host.voice_cache.clear()  # so that the next request prepares the voice again
         request = waiting_request()
@@ -1016,11 +1074,13 @@ def test_browsers_on_other_origins_change_nothing(tmp_path: Path) -> None:
     body = {"input": "Hi.", "response_format": "pcm"}
     with fake_app(tmp_path, engine=ClipToneEngine(), cors_origins="https://app.example") as client:
         clip = {"file": ("clip.wav", wav_bytes(reference_clip(1)), "audio/wav")}
-        refused = [client.post("/v1/audio/speech", json=body, headers=evil),
-                   client.post("/v1/audio/speech", json=body, headers={"Origin": "null"}),
-                   client.post("/v1/audio/speech", json=body, headers={"Sec-Fetch-Site": "cross-site"}),
-                   client.post("/v1/audio/voices", data={"name": "v"}, files=clip, headers=evil),
-                   client.delete("/v1/audio/voices/v", headers=evil)]
+        refused = [
+            client.post("/v1/audio/speech", json=body, headers=evil),
+            client.post("/v1/audio/speech", json=body, headers={"Origin": "null"}),
+            client.post("/v1/audio/speech", json=body, headers={"Sec-Fetch-Site": "cross-site"}),
+            client.post("/v1/audio/voices", data={"name": "v"}, files=clip, headers=evil),
+            client.delete("/v1/audio/voices/v", headers=evil),
+        ]
         for response in refused:
             assert assert_openai_error(response, 403)["code"] == "origin_not_allowed"
         with pytest.raises(WebSocketDisconnect):
@@ -1029,8 +1089,12 @@ def test_browsers_on_other_origins_change_nothing(tmp_path: Path) -> None:
         # A page cannot post JSON elsewhere without CORS asking first; text/plain it can, so it is no JSON here.
         plain = client.post("/v1/audio/speech", content=json.dumps(body), headers={"content-type": "text/plain"})
         assert assert_openai_error(plain, 415)["code"] == "unsupported_media_type"
-        allowed = [{}, {"Origin": "http://testserver"}, {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
-                   {"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"}]
+        allowed = [
+            {},
+            {"Origin": "http://testserver"},
+            {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"},
+            {"Origin": "https://app.example", "Sec-Fetch-Site": "cross-site"},
+        ]
         for headers in allowed:
             assert client.post("/v1/audio/speech", json=body, headers=headers).status_code == 200, headers
             with client.websocket_connect("/v1/audio/speech/ws", headers=headers) as ws:
@@ -1060,8 +1124,10 @@ def unread_stream(port: int, path: str, body: dict[str, Any]) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", port))
     data = json.dumps(body).encode()
-    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                 % (path.encode(), len(data), data))
+    sock.sendall(
+        b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+        % (path.encode(), len(data), data)
+    )
     return sock
 
 
@@ -1070,19 +1136,28 @@ def test_streams_whose_client_reads_nothing_give_their_slot_back(tmp_path: Path)
 
     lines: list[str] = []
     sink = server.logger.add(lines.append, level="INFO")
-    settings = server.Settings(voices_dir=str(tmp_path / "voices"), max_queue=1, stream_send_timeout=1.0,
-                               max_input_chars=20000)
+    settings = server.Settings(
+        voices_dir=str(tmp_path / "voices"), max_queue=1, stream_send_timeout=1.0, max_input_chars=20000
+    )
     speech = {"text": "Nobody reads this stream. " * 760, "sample_rate": 48000}  # 19 MB: more than any buffer
     try:
         with serve_in_thread(server.create_app(settings, ToneEngine())) as url:
             port = int(url.rsplit(":", 1)[1])
-            active = lambda: httpx.get(f"{url}/v1/status").json()["queue"]["active"]  # noqa: E731
-            stalled = lambda route: [line for line in lines if f" route={route} " in line  # noqa: E731
-                                     and " outcome=stalled " in line]
+
+            def active() -> int:
+                return int(httpx.get(f"{url}/v1/status").json()["queue"]["active"])
+
+            def stalled(route: str) -> list[str]:
+                return [line for line in lines if f" route={route} " in line and " outcome=stalled " in line]
+
             with unread_stream(port, "/v1/audio/speech/stream/pcm", {"input": speech["text"], **speech}):
                 wait_until(lambda: stalled("/v1/audio/speech/stream/pcm") and active() == 0, timeout=60)
-                assert httpx.post(f"{url}/v1/audio/speech", json={"input": "My turn.", "response_format": "pcm"},
-                                  timeout=60).status_code == 200
+                assert (
+                    httpx.post(
+                        f"{url}/v1/audio/speech", json={"input": "My turn.", "response_format": "pcm"}, timeout=60
+                    ).status_code
+                    == 200
+                )
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.connect(("127.0.0.1", port))
@@ -1096,25 +1171,48 @@ def test_streams_whose_client_reads_nothing_give_their_slot_back(tmp_path: Path)
 
 # --- Fuzzing the request models and WebSocket messages (hypothesis, seeded, bounded) ---
 
-SPEECH_BODIES = st.fixed_dictionaries({}, optional={
-    "input": SPEECH_TEXT, "model": JUNK, "stream_format": st.one_of(st.sampled_from(["audio", "sse", "video"]), JUNK),
-    **SYNTHESIS_FIELDS})
+SPEECH_BODIES = st.fixed_dictionaries(
+    {},
+    optional={
+        "input": SPEECH_TEXT,
+        "model": JUNK,
+        "stream_format": st.one_of(st.sampled_from(["audio", "sse", "video"]), JUNK),
+        **SYNTHESIS_FIELDS,
+    },
+)
 WS_MESSAGES = st.one_of(
-    st.fixed_dictionaries({"type": st.just("speak"), "id": WS_IDS}, optional={
-        "text": SPEECH_TEXT, "final": st.one_of(st.booleans(), JUNK),
-        "encoding": st.one_of(st.sampled_from(["binary", "base64"]), JUNK), **SYNTHESIS_FIELDS}),
-    st.fixed_dictionaries({"type": st.sampled_from(["append", "flush", "end", "cancel"]), "id": WS_IDS},
-                          optional={"text": SPEECH_TEXT}),
-    st.fixed_dictionaries({"type": JUNK}, optional={"id": WS_IDS}), JUNK)
-FRAMES = st.one_of(st.builds(with_hostile_json, WS_MESSAGES.filter(lambda m: isinstance(m, dict)), HOSTILE_JSON),
-                   WS_MESSAGES.map(json.dumps), ANY_TEXT, st.binary(max_size=20))
+    st.fixed_dictionaries(
+        {"type": st.just("speak"), "id": WS_IDS},
+        optional={
+            "text": SPEECH_TEXT,
+            "final": st.one_of(st.booleans(), JUNK),
+            "encoding": st.one_of(st.sampled_from(["binary", "base64"]), JUNK),
+            **SYNTHESIS_FIELDS,
+        },
+    ),
+    st.fixed_dictionaries(
+        {"type": st.sampled_from(["append", "flush", "end", "cancel"]), "id": WS_IDS}, optional={"text": SPEECH_TEXT}
+    ),
+    st.fixed_dictionaries({"type": JUNK}, optional={"id": WS_IDS}),
+    JUNK,
+)
+FRAMES = st.one_of(
+    st.builds(with_hostile_json, WS_MESSAGES.filter(lambda m: isinstance(m, dict)), HOSTILE_JSON),
+    WS_MESSAGES.map(json.dumps),
+    ANY_TEXT,
+    st.binary(max_size=20),
+)
 
 
 def test_fuzzed_speech_requests_get_audio_or_a_4xx_in_openai_shape(tmp_path: Path) -> None:
     with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+
         @fuzzing(max_examples=120, **FUZZ)
-        @given(body=SPEECH_BODIES, fragment=HOSTILE_JSON, path=st.sampled_from([
-            "/v1/audio/speech", "/v1/audio/speech/stream", "/v1/audio/speech/stream/pcm"]))
+        @given(
+            body=SPEECH_BODIES,
+            fragment=HOSTILE_JSON,
+            path=st.sampled_from(["/v1/audio/speech", "/v1/audio/speech/stream", "/v1/audio/speech/stream/pcm"]),
+        )
         def check(body: dict[str, Any], fragment: str, path: str) -> None:
             response = client.post(path, content=with_hostile_json(body, fragment), headers=JSON_BODY)
             if response.status_code >= 400:
@@ -1131,6 +1229,7 @@ def test_fuzzed_speech_requests_get_audio_or_a_4xx_in_openai_shape(tmp_path: Pat
 
 def test_fuzzed_websocket_messages_get_answers_and_keep_the_connection(tmp_path: Path) -> None:
     with fake_app(tmp_path, engine=ToneEngine(), max_input_chars=200, chunk_max_chars=40) as client:
+
         @fuzzing(max_examples=40, **FUZZ)
         @given(frames=st.lists(FRAMES, max_size=6))
         def check(frames: list[str | bytes]) -> None:
@@ -1171,8 +1270,11 @@ def scrape(client: TestClient | httpx.Client | str) -> dict[tuple[str, tuple[tup
 
     response = httpx.get(f"{client}/metrics", timeout=10) if isinstance(client, str) else client.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
 
 
 def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
@@ -1267,14 +1369,24 @@ def test_metrics_gauges_follow_a_stream_in_progress(tmp_path: Path) -> None:
 def test_status_reports_engine_timings_caches_and_version(fake_client: TestClient) -> None:
     status = fake_client.get("/v1/status").json()
     assert status["version"] == server.__version__
-    assert status["engine"] == {"engine": "tone", "languages": ["en"], "chosen_because": "given",
-                                "clones_voices": False}
+    assert status["engine"] == {
+        "engine": "tone",
+        "languages": ["en"],
+        "chosen_because": "given",
+        "clones_voices": False,
+    }
     assert set(status["load_seconds"]) == {"load", "warm_up"} and status["uptime_s"] >= 0
     assert status["gpu_memory"] is None  # CPU
     assert status["queue"] == {"active": 0, "streams": 0, "waiting_units": 0, "running": False, "max": 32}
     assert status["voice_cache"] == {"size": 0, "capacity": 32, "hits": 0, "misses": 0}
-    assert status["result_cache"] == {"entries": 0, "bytes": 0, "max_bytes": 64 * 1024 * 1024, "hits": 0,
-                                      "misses": 0, "evictions": 0}
+    assert status["result_cache"] == {
+        "entries": 0,
+        "bytes": 0,
+        "max_bytes": 64 * 1024 * 1024,
+        "hits": 0,
+        "misses": 0,
+        "evictions": 0,
+    }
 
 
 def test_server_timing_on_every_response(fake_client: TestClient) -> None:
@@ -1288,9 +1400,14 @@ def test_server_timing_on_every_response(fake_client: TestClient) -> None:
         assert set(timing) == STAGES, timing
         assert float(timing["model"]["dur"]) > 0  # at least the voice was prepared before the first audio
         assert len(response.headers["x-request-id"]) == 12
-    others = [fake_client.post("/v1/audio/speech", json={"input": ""}), fake_client.get("/health"),
-              fake_client.get("/v1/nothing"), fake_client.get("/metrics"), fake_client.get("/v1/status"),
-              fake_client.options("/v1/audio/speech")]
+    others = [
+        fake_client.post("/v1/audio/speech", json={"input": ""}),
+        fake_client.get("/health"),
+        fake_client.get("/v1/nothing"),
+        fake_client.get("/metrics"),
+        fake_client.get("/v1/status"),
+        fake_client.options("/v1/audio/speech"),
+    ]
     for response in others:
         assert set(server_timing(response)) == {"app"}, response.request.url
         assert response.headers["x-request-id"]
@@ -1331,8 +1448,18 @@ def test_each_request_is_logged_once_with_its_stages(tmp_path: Path) -> None:
     lines = [r for r in records if r["message"].startswith("request ")]
     assert len(lines) == 5, [r["message"] for r in lines]  # the WebSocket utterance, not its connection
     by_id = {r["extra"]["id"]: r for r in lines}
-    speech_fields = {"outcome", "cache", "chars", "audio_s", "queue_ms", "text_ms", "model_ms", "encode_ms",
-                     "ttfa_ms", "rtf"}
+    speech_fields = {
+        "outcome",
+        "cache",
+        "chars",
+        "audio_s",
+        "queue_ms",
+        "text_ms",
+        "model_ms",
+        "encode_ms",
+        "ttfa_ms",
+        "rtf",
+    }
     for response, text in ((whole, "Log me once."), (streamed, "Streamed and logged.")):
         record = by_id[response.headers["x-request-id"]]
         fields = record["extra"]
@@ -1398,9 +1525,15 @@ def test_result_cache_serves_identical_seeded_requests_without_the_model(tmp_pat
         assert cache["bytes"] == len(first.content) + len(streamed.content)
         assert metric(scrape(client), "tts_result_cache_hits_total") == 5
         # Whatever changes the audio is another result.
-        changes = [{"seed": 6}, {"voice": "other"}, {"response_format": "wav"},
-                   {"response_format": "wav", "stream_format": "audio"}, {"speed": 1.5}, {"sample_rate": 16000},
-                   {"input": "Cache me if you can!"}]
+        changes = [
+            {"seed": 6},
+            {"voice": "other"},
+            {"response_format": "wav"},
+            {"response_format": "wav", "stream_format": "audio"},
+            {"speed": 1.5},
+            {"sample_rate": 16000},
+            {"input": "Cache me if you can!"},
+        ]
         for change in changes:
             before = engine.calls
             response = client.post("/v1/audio/speech", json={**body, **change})
@@ -1427,8 +1560,14 @@ def test_result_cache_never_holds_unseeded_failed_or_disabled_results(tmp_path: 
         body = {"input": "Seeded, but the cache is off.", "response_format": "pcm", "seed": 1}
         assert client.post("/v1/audio/speech", json=body).content == client.post("/v1/audio/speech", json=body).content
         assert engine.calls == 2
-        assert client.get("/v1/status").json()["result_cache"] == {"entries": 0, "bytes": 0, "max_bytes": 0,
-                                                                   "hits": 0, "misses": 0, "evictions": 0}
+        assert client.get("/v1/status").json()["result_cache"] == {
+            "entries": 0,
+            "bytes": 0,
+            "max_bytes": 0,
+            "hits": 0,
+            "misses": 0,
+            "evictions": 0,
+        }
     with fake_app(tmp_path, request_timeout=0.3) as client:  # slow engine: the request times out mid-stream
         body = {"input": "Too slow to finish, so never stored.", "response_format": "pcm", "seed": 1}
         cut = client.post("/v1/audio/speech", json=body)
@@ -1482,12 +1621,22 @@ def test_result_cache_accounts_bytes_and_skips_what_cannot_fit() -> None:
 
 def test_a_test_server_ends_with_the_test_run_that_started_it() -> None:
     """A hard stop of pytest (a hung test) must not leave servers running that keep CI waiting."""
-    parent = subprocess.run([sys.executable, "-c", (
-        "import subprocess, sys, os; sys.path.insert(0, sys.argv[1]); import testing; "
-        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
-        "stdout=subprocess.DEVNULL, preexec_fn=testing.end_with_parent); "
-        "print(child.pid, flush=True); os._exit(1)"), str(ROOT)],
-        capture_output=True, text=True, timeout=120)
+    parent = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import subprocess, sys, os; sys.path.insert(0, sys.argv[1]); import testing; "
+                "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'], "
+                "stdout=subprocess.DEVNULL, preexec_fn=testing.end_with_parent); "
+                "print(child.pid, flush=True); os._exit(1)"
+            ),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     child = int(parent.stdout.split()[0])
 
     def ended() -> bool:
@@ -1557,11 +1706,18 @@ def test_concurrent_requests_keep_their_own_voice_and_seed(servers: dict[str, Se
     clip_path = tmp_path / "clip.wav"
     clip_path.write_bytes(wav_bytes(reference_clip(seed=11)))
     upload_voice(chatterbox, "concurrent", clip_path).raise_for_status()
-    requests = [{"input": "First voice speaking now.", "voice": "default", "seed": 5, "response_format": "pcm"},
-                {"input": "Second voice speaking now.", "voice": "concurrent", "seed": 6, "response_format": "pcm"},
-                {"input": "A third one, a little longer than the others.", "voice": "concurrent", "seed": 7,
-                 "temperature": 1.1, "response_format": "pcm"},
-                {"input": "Fourth.", "voice": "default", "seed": 8, "cfg_weight": 0.8, "response_format": "pcm"}]
+    requests = [
+        {"input": "First voice speaking now.", "voice": "default", "seed": 5, "response_format": "pcm"},
+        {"input": "Second voice speaking now.", "voice": "concurrent", "seed": 6, "response_format": "pcm"},
+        {
+            "input": "A third one, a little longer than the others.",
+            "voice": "concurrent",
+            "seed": 7,
+            "temperature": 1.1,
+            "response_format": "pcm",
+        },
+        {"input": "Fourth.", "voice": "default", "seed": 8, "cfg_weight": 0.8, "response_format": "pcm"},
+    ]
     alone = [speak(chatterbox, **r).content for r in requests]
     before = scrape(chatterbox.url)
     with ThreadPoolExecutor(4) as pool:  # decoded side by side in the batch
@@ -1600,8 +1756,12 @@ def wav_bytes(clip: np.ndarray, rate: int = 24000) -> bytes:
 
 def upload_voice(srv: ServerProcess, name: str, path: Path, filename: str | None = None) -> httpx.Response:
     with open(path, "rb") as f:
-        return httpx.post(f"{srv.url}/v1/audio/voices", data={"name": name},
-                          files={"file": (filename or path.name, f, "application/octet-stream")}, timeout=60)
+        return httpx.post(
+            f"{srv.url}/v1/audio/voices",
+            data={"name": name},
+            files={"file": (filename or path.name, f, "application/octet-stream")},
+            timeout=60,
+        )
 
 
 @pytest.mark.parametrize("kind", ["turbo", "multilingual"])  # Turbo's conditionals, and the Llama models'
@@ -1611,8 +1771,9 @@ def test_voice_upload_list_speak_replace_delete(servers: dict[str, ServerProcess
     clip_a.write_bytes(wav_bytes(reference_clip(seed=1)))
     import soundfile
 
-    soundfile.write(clip_b, reference_clip(seed=2, seconds=7) * 0.5 + 0.1 * np.sin(np.arange(7 * 24000) / 3),
-                    24000, format="FLAC")
+    soundfile.write(
+        clip_b, reference_clip(seed=2, seconds=7) * 0.5 + 0.1 * np.sin(np.arange(7 * 24000) / 3), 24000, format="FLAC"
+    )
 
     created = upload_voice(chatterbox, "guest", clip_a)
     assert created.status_code == 201, created.text
@@ -1661,8 +1822,9 @@ BAD_UPLOADS = [
 
 
 @pytest.mark.parametrize("name,seconds,filename,status,param", BAD_UPLOADS)
-def test_voice_upload_rejects_bad_input(servers: dict[str, ServerProcess], tmp_path: Path, name: str,
-                                        seconds: float, filename: str, status: int, param: str) -> None:
+def test_voice_upload_rejects_bad_input(
+    servers: dict[str, ServerProcess], tmp_path: Path, name: str, seconds: float, filename: str, status: int, param: str
+) -> None:
     srv = servers["turbo"]
     path = tmp_path / "clip.wav"
     path.write_bytes(wav_bytes(reference_clip(seed=1, seconds=seconds)))
@@ -1765,7 +1927,7 @@ class Dockerfile:
     @property
     def healthcheck(self) -> list[str]:
         [args] = self.args("HEALTHCHECK")
-        return json.loads(args[args.index("CMD ") + 4:])
+        return json.loads(args[args.index("CMD ") + 4 :])
 
 
 def read_compose() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1818,16 +1980,20 @@ def test_dockerfile_and_compose_agree_with_the_server() -> None:
 
 def test_compose_environment_serves_and_passes_the_healthcheck(tmp_path: Path) -> None:
     """The compose settings start a real server, and the image's healthcheck command tells ready from down."""
-    environment = {name: value for name, value in read_compose()[0]["environment"].items()
-                   if name not in ("HOST", "PORT", "VOICES_DIR")}  # this machine's: loopback, a free port, tmp
+    environment = {
+        name: value
+        for name, value in read_compose()[0]["environment"].items()
+        if name not in ("HOST", "PORT", "VOICES_DIR")
+    }  # this machine's: loopback, a free port, tmp
     # piper: what TTS_MODEL=auto picks must not depend on this machine's GPU or Hugging Face cache
     srv = ServerProcess("piper", None, tmp_path / "voices", **{**environment, "TTS_MODEL": "piper"})
     healthcheck = Dockerfile.read(ROOT / "Dockerfile").healthcheck
     assert healthcheck[0] == "python"
 
     def check(port: int) -> int:
-        return subprocess.run([sys.executable, *healthcheck[1:]], env={**os.environ, "PORT": str(port)},
-                              capture_output=True, timeout=30).returncode
+        return subprocess.run(
+            [sys.executable, *healthcheck[1:]], env={**os.environ, "PORT": str(port)}, capture_output=True, timeout=30
+        ).returncode
 
     try:
         srv.wait_ready()
@@ -1864,18 +2030,33 @@ def runner_of(engine: server.ChatterboxEngine) -> server.BatchRunner:
     return RUNNERS[engine]
 
 
-def run_generations(engine: server.ChatterboxEngine, requests: list[dict[str, Any]], *, vocode: bool = True,
-                    start_turns: list[int] | None = None) -> list[Run]:
+def run_generations(
+    engine: server.ChatterboxEngine,
+    requests: list[dict[str, Any]],
+    *,
+    vocode: bool = True,
+    start_turns: list[int] | None = None,
+) -> list[Run]:
     """Run generations through the engine's batch one scheduler turn at a time, as the inference worker
     does: request i joins at turn start_turns[i]. Each request: text, voice, seed, and optionally params
     and max_tokens."""
     runner = runner_of(engine)
     start_turns = start_turns or [0] * len(requests)
     events: list[list[Any]] = [[] for _ in requests]
-    generations = [server.Generation(r["text"], r["voice"], r.get("params", server.SynthesisParams(language="en")),
-                                     r["seed"], r.get("priority", server.Priority.REALTIME), i, events[i].append,
-                                     max_tokens=r.get("max_tokens"), vocode=vocode)
-                   for i, r in enumerate(requests)]
+    generations = [
+        server.Generation(
+            r["text"],
+            r["voice"],
+            r.get("params", server.SynthesisParams(language="en")),
+            r["seed"],
+            r.get("priority", server.Priority.REALTIME),
+            i,
+            events[i].append,
+            max_tokens=r.get("max_tokens"),
+            vocode=vocode,
+        )
+        for i, r in enumerate(requests)
+    ]
     turn = 0
     with torch.inference_mode():  # as on the inference thread
         while not all(any(x is server.GENERATION_DONE for x in e) for e in events):
@@ -1895,8 +2076,9 @@ def run_generations(engine: server.ChatterboxEngine, requests: list[dict[str, An
     return runs
 
 
-def decode_window(engine: server.ChatterboxEngine, stream: server.S3GenStream, window: server.S3GenWindow
-                  ) -> torch.Tensor:
+def decode_window(
+    engine: server.ChatterboxEngine, stream: server.S3GenStream, window: server.S3GenWindow
+) -> torch.Tensor:
     """The audio one window adds to its stream, as the runner gets it."""
     return stream.take(window, engine.s3gen.decode([window])[0])
 
@@ -1910,10 +2092,11 @@ def decode_whole(engine: server.ChatterboxEngine, voice: Any, tokens: list[int])
 
 
 def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
-        turbo_engine: server.ChatterboxEngine) -> None:
+    turbo_engine: server.ChatterboxEngine,
+) -> None:
     engine = turbo_engine
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-    streamed_run, = run_generations(engine, [dict(text=STREAM_TEXT, voice=voice, seed=5)])
+    (streamed_run,) = run_generations(engine, [dict(text=STREAM_TEXT, voice=voice, seed=5)])
     pieces, streamed = streamed_run.pieces, streamed_run.audio
     assert len(pieces) >= 3  # audio left in several chunks, before the sentence was done
     assert len(pieces[0]) < len(streamed) / 4
@@ -1931,8 +2114,9 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
     for j in joins:
         assert abs(streamed[j] - streamed[j - 1]) <= own_variation
     # Not streamed (whole files): exactly that one-pass decode, in one piece.
-    at_once, = run_generations(engine, [dict(text=STREAM_TEXT, voice=voice, seed=5,
-                                             params=server.SynthesisParams(streamed=False))])
+    (at_once,) = run_generations(
+        engine, [dict(text=STREAM_TEXT, voice=voice, seed=5, params=server.SynthesisParams(streamed=False))]
+    )
     assert at_once.tokens == streamed_run.tokens
     assert len(at_once.pieces) == 1 and np.array_equal(at_once.audio, whole)
 
@@ -1940,17 +2124,29 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
 def crowd_requests(engine: server.ChatterboxEngine, clip: Path) -> list[dict[str, Any]]:
     clip_voice = server.VoiceLibrary(clip.parent, server.VOICE_EXTENSIONS).resolve(clip.stem)
     voices = [engine.prepare_voice(server.BUILTIN_VOICE, 0.5), engine.prepare_voice(clip_voice, 0.5)]
-    texts = ["Hello there, how are you?", "A different sentence, spoken by someone else.", "Short one.",
-             "And a fourth, longer sentence joins the batch a little later than the rest of them."]
-    return [dict(text=text, voice=voices[i % 2], seed=10 + i, max_tokens=20 + 5 * i,
-                 params=server.SynthesisParams(language="en", temperature=0.6 + 0.2 * i, cfg_weight=0.3 + 0.1 * i))
-            for i, text in enumerate(texts)]
+    texts = [
+        "Hello there, how are you?",
+        "A different sentence, spoken by someone else.",
+        "Short one.",
+        "And a fourth, longer sentence joins the batch a little later than the rest of them.",
+    ]
+    return [
+        dict(
+            text=text,
+            voice=voices[i % 2],
+            seed=10 + i,
+            max_tokens=20 + 5 * i,
+            params=server.SynthesisParams(language="en", temperature=0.6 + 0.2 * i, cfg_weight=0.3 + 0.1 * i),
+        )
+        for i, text in enumerate(texts)
+    ]
 
 
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
-def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: dict[str, Path], kind: str, static: bool,
-                                                              tmp_path: Path) -> None:
+def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(
+    checkpoints: dict[str, Path], kind: str, static: bool, tmp_path: Path
+) -> None:
     """Same tokens and the same audio bytes alone or beside three other generations (other voices, texts,
     seeds, temperatures, CFG weights, lengths), whichever joins first: each row samples from its own
     generator (static steps, as graphs run them: from noise keyed by its seed and draw count) and its
@@ -1985,8 +2181,9 @@ def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: dict[
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("kind", MODELS)
-def test_cuda_seeded_generation_is_the_same_alone_and_in_a_crowd(checkpoints: dict[str, Path], kind: str,
-                                                                 tmp_path: Path) -> None:
+def test_cuda_seeded_generation_is_the_same_alone_and_in_a_crowd(
+    checkpoints: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
     """On a GPU the batch's rows attend over a shared bucket length through one mask: whether a seeded
     request's tokens still do not depend on its neighbours is the attention kernel's to say."""
     engine = tiny_engine(checkpoints, kind, device="cuda", max_batch=4)
@@ -2007,8 +2204,9 @@ def test_keyed_noise_is_exponential_and_each_rows_own() -> None:
     draws = torch.tensor([[0], [5], [17], [1000]])
     noise = server.keyed_exponential(keys, draws, vocabulary)
     for row in range(4):
-        assert torch.equal(server.keyed_exponential(keys[row : row + 1], draws[row : row + 1], vocabulary),
-                           noise[row : row + 1])
+        assert torch.equal(
+            server.keyed_exponential(keys[row : row + 1], draws[row : row + 1], vocabulary), noise[row : row + 1]
+        )
     values = np.sort(noise.flatten().numpy())
     assert values.min() > 0 and np.isfinite(values).all()
     ks = np.abs(1 - np.exp(-values) - np.arange(1, len(values) + 1) / len(values)).max()
@@ -2016,7 +2214,10 @@ def test_keyed_noise_is_exponential_and_each_rows_own() -> None:
     probs = torch.tensor([0.5, 0.25, 0.125, 0.0625, 0.0625])
     count = 40000
     one_seed = (torch.full((count, 1), server.noise_key(42)), torch.arange(count)[:, None])
-    many_seeds = (torch.tensor([[server.noise_key(seed)] for seed in range(count)]), torch.zeros(count, 1, dtype=torch.long))
+    many_seeds = (
+        torch.tensor([[server.noise_key(seed)] for seed in range(count)]),
+        torch.zeros(count, 1, dtype=torch.long),
+    )
     for keys, draws in (one_seed, many_seeds):
         noise = server.keyed_exponential(keys, draws, torch.arange(5)[None])
         tokens = server.draw(probs.log().expand(count, -1), noise, 4)
@@ -2025,8 +2226,9 @@ def test_keyed_noise_is_exponential_and_each_rows_own() -> None:
 
 
 @pytest.mark.parametrize("kind", MODELS)
-def test_the_warm_up_capture_rehearses_every_bucket_within_the_token_block(checkpoints: dict[str, Path],
-                                                                            kind: str) -> None:
+def test_the_warm_up_capture_rehearses_every_bucket_within_the_token_block(
+    checkpoints: dict[str, Path], kind: str
+) -> None:
     """capture_step_graphs() runs each bucket's static step twice before recording it, and each run draws a column of
     the token block, which holds eos_check_every columns (Multilingual: 1; 16 on CUDA otherwise): every
     run's column is forgotten, or the draws run past the block (a sticky device-side assert on CUDA). The
@@ -2048,9 +2250,10 @@ def test_a_failed_block_leaves_nothing_to_the_next_generation(checkpoints: dict[
     clean token block (a stale column would hand it tokens drawn before it was seated, and the block's
     count would run past its end) and gets exactly what it got before the failure."""
     engine = tiny_engine(checkpoints, "turbo", eos_check_every=4, max_batch=2)
-    request = dict(text="Hello there, how are you?", voice=engine.prepare_voice(server.BUILTIN_VOICE, 0.5), seed=4,
-                   max_tokens=30)
-    expected, = run_generations(engine, [request], vocode=False)
+    request = dict(
+        text="Hello there, how are you?", voice=engine.prepare_voice(server.BUILTIN_VOICE, 0.5), seed=4, max_tokens=30
+    )
+    (expected,) = run_generations(engine, [request], vocode=False)
     step, calls = engine.batch.decoder.step, []
 
     def failing(*args: Any) -> torch.Tensor:
@@ -2063,7 +2266,7 @@ def test_a_failed_block_leaves_nothing_to_the_next_generation(checkpoints: dict[
     with pytest.raises(RuntimeError, match="a step failed"):
         run_generations(engine, [dict(request, seed=9)], vocode=False)
     engine.batch.decoder.step = step
-    again, = run_generations(engine, [request], vocode=False)
+    (again,) = run_generations(engine, [request], vocode=False)
     assert again.tokens == expected.tokens
 
 
@@ -2093,10 +2296,10 @@ def test_what_an_earlier_holder_left_in_a_slot_cannot_reach_the_next(checkpoints
     engine = tiny_engine(checkpoints, "standard", static=True, max_batch=2)
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     request = dict(text="Hello there, how are you?", voice=voice, seed=4, max_tokens=30)
-    clean, = run_generations(engine, [request], vocode=False)
+    (clean,) = run_generations(engine, [request], vocode=False)
     for layer in engine.batch.decoder.cache.layers:
         layer[:, engine.batch.rows(0), :, 100:] = float("nan")
-    again, = run_generations(engine, [request], vocode=False)
+    (again,) = run_generations(engine, [request], vocode=False)
     assert len(clean.tokens) == 30 and again.tokens == clean.tokens
 
 
@@ -2123,7 +2326,8 @@ def test_int8_rows_are_quantized_alone(checkpoints: dict[str, Path], tmp_path: P
 
 
 def test_s3gen_stream_windows_follow_the_schedule_and_vocode_only_new_frames(
-        turbo_engine: server.ChatterboxEngine) -> None:
+    turbo_engine: server.ChatterboxEngine,
+) -> None:
     engine, plan = turbo_engine, server.StreamPlan(schedule=(6, 8, 16), context_tokens=6)
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     tokens = torch.randint(0, 6561, (70,), generator=torch.Generator().manual_seed(4)).tolist()
@@ -2136,7 +2340,7 @@ def test_s3gen_stream_windows_follow_the_schedule_and_vocode_only_new_frames(
         def span(window: server.S3GenWindow) -> tuple[int, ...]:
             return window.first, window.start, window.end, window.last, window.final
 
-        for count, token in enumerate(tokens + [6562], 1):  # a stop token is not speech
+        for count, token in enumerate([*tokens, 6562], 1):  # a stop token is not speech
             stream.push(token)
             if (window := stream.ready()) is not None:
                 assert span(stream.ready()) == span(window)  # it stays the next window until decoded
@@ -2149,7 +2353,7 @@ def test_s3gen_stream_windows_follow_the_schedule_and_vocode_only_new_frames(
             decode_window(engine, stream, windows[-1])
     sizes = [w.end - w.start for w in windows[:-1]]
     assert sizes[:3] == [6, 8, 16] and set(sizes[3:]) == {16}  # the schedule, then its last size
-    assert all(a.end == b.start for a, b in zip(windows, windows[1:])) and windows[0].start == 0
+    assert all(a.end == b.start for a, b in itertools.pairwise(windows)) and windows[0].start == 0
     assert all(w.first == max(0, w.start - 6) and w.last - w.end == 5 for w in windows[:-1])
     assert windows[-1].final and windows[-1].end == windows[-1].last == len(tokens) + 3  # Turbo's silence
     # The vocoder renders each window's new frames plus the overlap, not the context.
@@ -2163,7 +2367,8 @@ def test_s3gen_stream_windows_follow_the_schedule_and_vocode_only_new_frames(
 
 
 def test_batched_s3gen_windows_equal_solo_ones_and_draw_nothing_from_the_request_rng(
-        turbo_engine: server.ChatterboxEngine, tmp_path: Path) -> None:
+    turbo_engine: server.ChatterboxEngine, tmp_path: Path
+) -> None:
     engine = turbo_engine
     builtin = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     clip = tmp_path / "short.wav"
@@ -2205,8 +2410,9 @@ def test_batched_s3gen_windows_equal_solo_ones_and_draw_nothing_from_the_request
             assert a.shape == b.shape and np.abs(a - b).max() < 1e-4
 
 
-def test_s3gen_flow_and_vocoder_equal_upstreams_on_one_row(turbo_engine: server.ChatterboxEngine,
-                                                           capfd: pytest.CaptureFixture[str]) -> None:
+def test_s3gen_flow_and_vocoder_equal_upstreams_on_one_row(
+    turbo_engine: server.ChatterboxEngine, capfd: pytest.CaptureFixture[str]
+) -> None:
     """The same arithmetic as upstream's flow and vocoder, without upstream's progress bar on every window."""
     from chatterbox.models.s3gen.s3gen import S3Token2Mel
 
@@ -2217,8 +2423,16 @@ def test_s3gen_flow_and_vocoder_equal_upstreams_on_one_row(turbo_engine: server.
         capfd.readouterr()
         ours = server.flow_mels(s3gen, [server.FlowRow(voice.gen, tokens, noise)], n_timesteps=2)[0]
         assert capfd.readouterr() == ("", "")
-        stock = S3Token2Mel.forward(s3gen, torch.tensor(tokens), ref_wav=None, ref_sr=None, ref_dict=dict(voice.gen),
-                                    n_cfm_timesteps=2, finalize=True, noised_mels=noise[None])[0]
+        stock = S3Token2Mel.forward(
+            s3gen,
+            torch.tensor(tokens),
+            ref_wav=None,
+            ref_sr=None,
+            ref_dict=dict(voice.gen),
+            n_cfm_timesteps=2,
+            finalize=True,
+            noised_mels=noise[None],
+        )[0]
         assert "Mel Inference" in capfd.readouterr().out  # what the check above would catch
         assert torch.equal(ours, stock)
         cache = torch.randn(1, 960, generator=torch.Generator().manual_seed(1))
@@ -2237,17 +2451,25 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
         voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
         t3 = engine.parts.t3
         text = "Hello there, how are you?"
-        ours, = run_generations(engine, [dict(text=text, voice=voice, seed=3, max_tokens=40)], vocode=False)
+        (ours,) = run_generations(engine, [dict(text=text, voice=voice, seed=3, max_tokens=40)], vocode=False)
         text_tokens = engine.loaded_text().prompt_tokens(text, "en", engine.device)
         with torch.inference_mode():
             torch.manual_seed(3)
             if kind == "turbo":
-                stock = t3.inference_turbo(t3_cond=voice.t3, text_tokens=text_tokens, temperature=0.8,
-                                           max_gen_len=39)[0].tolist()
+                stock = t3.inference_turbo(t3_cond=voice.t3, text_tokens=text_tokens, temperature=0.8, max_gen_len=39)[
+                    0
+                ].tolist()
             else:
-                stock = t3.inference(t3_cond=voice.t3, text_tokens=text_tokens, max_new_tokens=40, temperature=0.8,
-                                     cfg_weight=0.5, repetition_penalty=2.0 if kind == "multilingual" else 1.2,
-                                     min_p=0.05, top_p=1.0)[0].tolist()
+                stock = t3.inference(
+                    t3_cond=voice.t3,
+                    text_tokens=text_tokens,
+                    max_new_tokens=40,
+                    temperature=0.8,
+                    cfg_weight=0.5,
+                    repetition_penalty=2.0 if kind == "multilingual" else 1.2,
+                    min_p=0.05,
+                    top_p=1.0,
+                )[0].tolist()
         assert ours.tokens == stock, kind
 
 
@@ -2259,8 +2481,17 @@ def test_slots_are_freed_at_once_and_streams_go_first(checkpoints: dict[str, Pat
     runner, order = runner_of(engine), []
 
     def generation(name: str, priority: int, submitted: float | None = None) -> server.Generation:
-        made = server.Generation("Hello there.", voice, server.SynthesisParams(), 1, priority, len(order),
-                                 lambda event, name=name: order.append((name, event)), max_tokens=30, vocode=False)
+        made = server.Generation(
+            "Hello there.",
+            voice,
+            server.SynthesisParams(),
+            1,
+            priority,
+            len(order),
+            lambda event, name=name: order.append((name, event)),
+            max_tokens=30,
+            vocode=False,
+        )
         if submitted is not None:
             made.submitted = submitted
         return made
@@ -2297,9 +2528,19 @@ def test_a_streams_first_window_goes_before_another_streams_next(checkpoints: di
     engine.stream = server.StreamPlan(schedule=(20, 1), context_tokens=4)  # then a window every step
     voice = engine.clip_conditionals(reference_clip(seed=5, seconds=2.0), 24000, 0.5)  # a short prompt
     events: list[tuple[str, Any]] = []
-    generations = [server.Generation("Hello there.", voice, server.SynthesisParams(), seed, server.Priority.REALTIME,
-                                     seed, lambda event, name=name: events.append((name, event)), max_tokens=36)
-                   for seed, name in enumerate("ab")]
+    generations = [
+        server.Generation(
+            "Hello there.",
+            voice,
+            server.SynthesisParams(),
+            seed,
+            server.Priority.REALTIME,
+            seed,
+            lambda event, name=name: events.append((name, event)),
+            max_tokens=36,
+        )
+        for seed, name in enumerate("ab")
+    ]
     with torch.inference_mode():
         runner = runner_of(engine)
         for generation in generations:
@@ -2327,8 +2568,9 @@ def cache_at_seat(engine: server.ChatterboxEngine) -> list[list[torch.Tensor]]:
 
 
 @pytest.mark.parametrize("kind", ["turbo", "standard"])
-def test_a_prompt_prefilled_while_others_decode_is_written_as_alone(checkpoints: dict[str, Path], kind: str,
-                                                                    tmp_path: Path) -> None:
+def test_a_prompt_prefilled_while_others_decode_is_written_as_alone(
+    checkpoints: dict[str, Path], kind: str, tmp_path: Path
+) -> None:
     """Every step writes every row of the batch; a slot whose prompt is being written chunk by chunk is not
     seated yet, so its rows must be parked where no prompt reaches, or the steps between its chunks write
     over the prompt (a fresh batch's idle rows start at position 0). Its cache rows at seating equal the
@@ -2346,7 +2588,7 @@ def test_a_prompt_prefilled_while_others_decode_is_written_as_alone(checkpoints:
     assert runner_of(engine).stats.rows_per_step.get(2)  # it was prefilled while the first decoded
     engine.batch.prefixes.clear()  # its voice's prefix is written again, alone
     seated.clear()
-    alone, = run_generations(engine, [newcomer], vocode=False)
+    (alone,) = run_generations(engine, [newcomer], vocode=False)
     for layer, (a, b) in enumerate(zip(seated[0], in_crowd)):
         assert torch.equal(a, b), (layer, (a != b).any(dim=(0, 1, 2, 4)).nonzero().flatten().tolist()[:8])
     assert crowd[1].tokens == alone.tokens
@@ -2360,8 +2602,9 @@ CJK_TEXTS = {  # about 260 characters each: more than a chunk of CHUNK_MAX_CHARS
 
 
 @pytest.mark.parametrize("language", CJK_TEXTS)
-def test_long_cjk_text_fits_the_cache_as_the_tokenizer_counts_it(multilingual_engine: server.ChatterboxEngine,
-                                                                  language: str) -> None:
+def test_long_cjk_text_fits_the_cache_as_the_tokenizer_counts_it(
+    multilingual_engine: server.ChatterboxEngine, language: str
+) -> None:
     """Multilingual spells Chinese in Cangjie codes, Japanese kanji in hiragana and Korean in jamo: a chunk
     of CHUNK_MAX_CHARS characters is far more text tokens than characters, and its prompt with its speech
     budget would overflow the KV cache (speech cut short, or the request refused). fit_text cuts each
@@ -2384,8 +2627,11 @@ def test_long_cjk_text_fits_the_cache_as_the_tokenizer_counts_it(multilingual_en
     assert all(text_tokens(piece) <= engine.chunk_max_chars for piece in pieces)
     assert all(room(piece) >= server.speech_token_budget(piece) for piece in pieces)
     assert "".join(pieces).replace(" ", "") == "".join(chunks).replace(" ", "")
-    runs = run_generations(engine, [dict(text=piece, voice=voice, seed=i, max_tokens=3, params=params)
-                                    for i, piece in enumerate(pieces)], vocode=False)
+    runs = run_generations(
+        engine,
+        [dict(text=piece, voice=voice, seed=i, max_tokens=3, params=params) for i, piece in enumerate(pieces)],
+        vocode=False,
+    )
     assert all(run.tokens for run in runs)
 
 
@@ -2401,10 +2647,12 @@ def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[st
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     runner = runner_of(engine)
     long_text = "This sentence is long enough that its prompt takes several prefill chunks to write. " * 2
-    running = server.Generation("Hello there.", voice, server.SynthesisParams(), 1, 0, 0, lambda e: None,
-                                max_tokens=200, vocode=False)
-    newcomer = server.Generation(long_text, voice, server.SynthesisParams(), 2, 0, 1, lambda e: None,
-                                 max_tokens=20, vocode=False)
+    running = server.Generation(
+        "Hello there.", voice, server.SynthesisParams(), 1, 0, 0, lambda e: None, max_tokens=200, vocode=False
+    )
+    newcomer = server.Generation(
+        long_text, voice, server.SynthesisParams(), 2, 0, 1, lambda e: None, max_tokens=20, vocode=False
+    )
     with torch.inference_mode():
         runner.add(running)
         runner.turn()
@@ -2421,7 +2669,7 @@ def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[st
         while runner.busy:
             runner.turn()
     # The chunked prompt leads to the same tokens as the prompt written in one go.
-    alone, = run_generations(engine, [dict(text=long_text, voice=voice, seed=2, max_tokens=20)], vocode=False)
+    (alone,) = run_generations(engine, [dict(text=long_text, voice=voice, seed=2, max_tokens=20)], vocode=False)
     assert alone.tokens == newcomer.tokens
 
 
@@ -2443,13 +2691,16 @@ def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]
         return prefill(embeds, slot, start)
 
     batch.decoder.prefill = recording
-    first, = run_generations(engine, [dict(text=text, voice=builtin, seed=3, max_tokens=12)], vocode=False)
+    (first,) = run_generations(engine, [dict(text=text, voice=builtin, seed=3, max_tokens=12)], vocode=False)
     assert 0 in starts and conditioning in starts  # the prefix alone, then the text from its end
     kept = batch.prefixes.layers(builtin)
     assert kept is not None and kept[0].shape[3] == conditioning
     starts.clear()
-    again, _ = run_generations(engine, [dict(text=text, voice=builtin, seed=3, max_tokens=12),
-                                        dict(text=text, voice=cloned, seed=3, max_tokens=12)], vocode=False)
+    again, _ = run_generations(
+        engine,
+        [dict(text=text, voice=builtin, seed=3, max_tokens=12), dict(text=text, voice=cloned, seed=3, max_tokens=12)],
+        vocode=False,
+    )
     assert again.tokens == first.tokens
     assert min(starts) == 0 and starts.count(0) == 1  # only the new voice's prefix was prefilled
     rows = batch.rows(0)
@@ -2457,15 +2708,22 @@ def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]
         assert torch.equal(layer[:, rows, :, :conditioning], saved)  # the copy is the written prefix
     other_prefix = batch.prefixes.layers(cloned)  # kept apart: another voice's values
     assert other_prefix is not None and not torch.equal(other_prefix[0][..., :1, :], kept[0][..., :1, :])
-    for n in range(server.VOICE_PREFIXES):  # most recently used first: the oldest voices leave
+    for _ in range(server.VOICE_PREFIXES):  # most recently used first: the oldest voices leave
         batch.prefixes.keep(object(), [])
     assert batch.prefixes.layers(builtin) is None
 
 
 # --- Fast engine: our decoder against stock -------------------------------------
 
-def tiny_engine(checkpoints: dict[str, Path], kind: str, device: str = "cpu", static: bool = False,
-                eos_check_every: int | None = None, **options: Any) -> server.ChatterboxEngine:
+
+def tiny_engine(
+    checkpoints: dict[str, Path],
+    kind: str,
+    device: str = "cpu",
+    static: bool = False,
+    eos_check_every: int | None = None,
+    **options: Any,
+) -> server.ChatterboxEngine:
     """static: the batch runs the static-shape step that CUDA graphs record (here unrecorded, on any device),
     keyed noise included; eos_check_every: as on CUDA, where tokens are read every 16 steps."""
     engine = server.ChatterboxEngine(kind, str(checkpoints[kind]), device, options=server.ModelOptions(**options))
@@ -2495,8 +2753,12 @@ def speech_embed(engine: server.ChatterboxEngine, token: int, index: int) -> tor
     return (embed + t3.speech_pos_emb.get_fixed_embedding(index + 1)).expand(2, -1, -1)
 
 
-def teacher_forced_hidden(engine: server.ChatterboxEngine, prompts: list[torch.Tensor],
-                          inputs: list[list[torch.Tensor]], bucketed: bool = False) -> list[list[torch.Tensor]]:
+def teacher_forced_hidden(
+    engine: server.ChatterboxEngine,
+    prompts: list[torch.Tensor],
+    inputs: list[list[torch.Tensor]],
+    bucketed: bool = False,
+) -> list[list[torch.Tensor]]:
     """Our decoder's final hidden states for several slots decoded together: slot i prefills prompts[i],
     then takes inputs[i] one step each (all slots step together; a slot past its inputs idles).
     bucketed: the static-shape step CUDA graphs and torch.compile replay."""
@@ -2516,7 +2778,9 @@ def teacher_forced_hidden(engine: server.ChatterboxEngine, prompts: list[torch.T
                     embeds[batch.rows(slot)] = slot_inputs[step]
                     lengths[slot] = int(positions[batch.rows(slot)][0]) + 1
             if bucketed:
-                hidden = decoder.masked_step(embeds, positions, server.bucket_length(max(lengths) - 1, decoder.capacity))
+                hidden = decoder.masked_step(
+                    embeds, positions, server.bucket_length(max(lengths) - 1, decoder.capacity)
+                )
             else:
                 hidden = decoder.step(embeds, positions, lengths)
             for slot, slot_inputs in enumerate(inputs):
@@ -2526,8 +2790,9 @@ def teacher_forced_hidden(engine: server.ChatterboxEngine, prompts: list[torch.T
     return out
 
 
-def teacher_forced_logits(engine: server.ChatterboxEngine, tokens: list[int],
-                          bucketed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced_logits(
+    engine: server.ChatterboxEngine, tokens: list[int], bucketed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Speech logits after the prompt and after each of `tokens`: (ours step by step, stock in one pass)."""
     t3 = engine.parts.t3
     with torch.inference_mode():
@@ -2535,7 +2800,7 @@ def teacher_forced_logits(engine: server.ChatterboxEngine, tokens: list[int],
         inputs = [speech_embed(engine, token, i) for i, token in enumerate(tokens)]
         ours = [t3.speech_head(hidden) for hidden in teacher_forced_hidden(engine, [prompt], [inputs], bucketed)[0]]
         full = torch.cat([prompt, *inputs], dim=1)
-        hidden = t3.tfmr(inputs_embeds=full.to(t3.tfmr.dtype)).last_hidden_state[:, prompt.shape[1] - 1:]
+        hidden = t3.tfmr(inputs_embeds=full.to(t3.tfmr.dtype)).last_hidden_state[:, prompt.shape[1] - 1 :]
         stock = t3.speech_head(hidden.float())
     return torch.stack(ours, dim=1), stock
 
@@ -2560,20 +2825,25 @@ def test_a_batched_row_sees_only_its_own_cache(checkpoints: dict[str, Path], kin
     generator = torch.Generator().manual_seed(3)
     texts = ["Hello there, how are you?", "Another voice.", "A third, somewhat longer sentence to say.", "Four."]
     prompts = [prompt_embeds(engine, text) for text in texts]
-    inputs = [[speech_embed(engine, int(t), i) for i, t in enumerate(torch.randint(0, 6561, (n,), generator=generator))]
-              for n in (40, 25, 50, 10)]
+    inputs = [
+        [speech_embed(engine, int(t), i) for i, t in enumerate(torch.randint(0, 6561, (n,), generator=generator))]
+        for n in (40, 25, 50, 10)
+    ]
     together = teacher_forced_hidden(engine, prompts, inputs)
     for slot in range(4):
-        alone = teacher_forced_hidden(engine, [torch.zeros_like(prompts[0])] * slot + [prompts[slot]],
-                                      [[]] * slot + [inputs[slot]])[slot]
+        alone = teacher_forced_hidden(
+            engine, [torch.zeros_like(prompts[0])] * slot + [prompts[slot]], [[]] * slot + [inputs[slot]]
+        )[slot]
         assert all(torch.equal(a, b) for a, b in zip(alone, together[slot])), slot
     static = teacher_forced_hidden(engine, prompts, inputs, bucketed=True)
     for slot in range(4):
         torch.testing.assert_close(torch.stack(static[slot]), torch.stack(together[slot]), atol=1e-5, rtol=1e-4)
 
 
-VIEW_OPS = frozenset("view _unsafe_view slice select unsqueeze squeeze transpose t permute expand alias unbind "
-                     "reshape split chunk as_strided detach lift_fresh".split())
+VIEW_OPS = frozenset(
+    "view _unsafe_view slice select unsqueeze squeeze transpose t permute expand alias unbind "
+    "reshape split chunk as_strided detach lift_fresh".split()
+)
 
 
 def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int]:
@@ -2605,8 +2875,11 @@ def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int
         finally:
             decoder.layers = layers
             batch.reset()
-    return (counts[0] - counts[1]) / (len(layers) - 1), counts[1] - (counts[0] - counts[1]) / (len(layers) - 1), \
-        drawing.calls
+    return (
+        (counts[0] - counts[1]) / (len(layers) - 1),
+        counts[1] - (counts[0] - counts[1]) / (len(layers) - 1),
+        drawing.calls,
+    )
 
 
 @pytest.mark.parametrize("kind, per_layer", [("turbo", 11), ("standard", 18)])
@@ -2632,7 +2905,7 @@ def test_the_cache_and_rotary_tables_are_sized_once_for_the_longest_call(checkpo
     longest = "Ab" * (engine.chunk_max_chars // 2)
     prompt = engine.prompt(longest, voice, server.SynthesisParams())[0].shape[1]
     assert decoder.capacity >= prompt + server.speech_token_budget("一" * engine.chunk_max_chars)
-    run, = run_generations(engine, [dict(text=longest, voice=voice, seed=1)], vocode=False)
+    (run,) = run_generations(engine, [dict(text=longest, voice=voice, seed=1)], vocode=False)
     assert len(run.tokens) == server.speech_token_budget(longest)  # a random model runs to its budget
     assert addresses == [decoder.rope[0].data_ptr(), decoder.rope[1].data_ptr(), decoder.cache.layers[0].data_ptr()]
 
@@ -2658,7 +2931,7 @@ def test_alignment_monitor_gets_the_attention_rows_stock_gives_it(checkpoints: d
         seen: list[torch.Tensor] = []
         original = decoder.step if not bucketed else decoder.masked_step
 
-        def recording(*args: Any, original: Any = original) -> torch.Tensor:
+        def recording(*args: Any, original: Any = original, seen: list[torch.Tensor] = seen) -> torch.Tensor:
             hidden = original(*args)
             seen.append(decoder.probe_rows[:, 1].clone())  # slot 1: the other slot stays idle
             return hidden
@@ -2671,11 +2944,13 @@ def test_alignment_monitor_gets_the_attention_rows_stock_gives_it(checkpoints: d
         for n, (layer, head) in enumerate(decoder.probes):
             stock = attentions[layer][0, head]
             if not bucketed:
-                torch.testing.assert_close(decoder.prefill_probes[layer, head], stock[:start, :start], atol=1e-5,
-                                           rtol=1e-4)
+                torch.testing.assert_close(
+                    decoder.prefill_probes[layer, head], stock[:start, :start], atol=1e-5, rtol=1e-4
+                )
             for i, probed in enumerate(seen):
-                torch.testing.assert_close(probed[n, : start + i + 1], stock[start + i, : start + i + 1],
-                                           atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(
+                    probed[n, : start + i + 1], stock[start + i, : start + i + 1], atol=1e-5, rtol=1e-4
+                )
 
 
 @pytest.mark.parametrize("kind", ("turbo", "standard"))
@@ -2705,17 +2980,23 @@ def test_greedy_decoding_gives_stocks_tokens(checkpoints: dict[str, Path], kind:
         out = t3.tfmr(inputs_embeds=prompt, use_cache=True)
         stock = [pick(t3.speech_head(out.last_hidden_state[:, -1]))]
         for i in range(99):
-            out = t3.tfmr(inputs_embeds=speech_embed(engine, stock[-1], i), past_key_values=out.past_key_values,
-                          use_cache=True)
+            out = t3.tfmr(
+                inputs_embeds=speech_embed(engine, stock[-1], i), past_key_values=out.past_key_values, use_cache=True
+            )
             stock.append(pick(t3.speech_head(out.last_hidden_state[:, -1])))
     assert ours == stock
     assert len(set(ours)) > 10  # a real sequence, not one token repeated
 
 
 def test_sampling_processors_filter_exactly_as_upstreams() -> None:
-    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
-                                                        RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     generator = torch.Generator().manual_seed(11)
     logits = torch.randn(1, 8194, generator=generator) * 4
@@ -2734,11 +3015,14 @@ def test_sampling_processors_filter_exactly_as_upstreams() -> None:
     for min_p in (0.01, 0.05, 0.5, 1.0):
         same(server.keep_min_p(logits, min_p), MinPLogitsWarper(min_p)(history, logits.clone()))
     for penalty in (1.2, 2.0):
-        same(server.penalize_repeats(logits, seen, penalty),
-             RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone()))
+        same(
+            server.penalize_repeats(logits, seen, penalty),
+            RepetitionPenaltyLogitsProcessor(penalty)(history, logits.clone()),
+        )
     for temperature in (0.5, 0.8, 1.0, 1.5):
-        turbo = LogitsProcessorList([TopKLogitsWarper(1000), TopPLogitsWarper(0.95),
-                                     RepetitionPenaltyLogitsProcessor(1.2)])
+        turbo = LogitsProcessorList(
+            [TopKLogitsWarper(1000), TopPLogitsWarper(0.95), RepetitionPenaltyLogitsProcessor(1.2)]
+        )
         if temperature != 1.0:
             turbo.insert(0, TemperatureLogitsWarper(temperature))
         recipe = server.SamplingRecipe(temperature, 1.2, top_k=1000, top_p=0.95, turbo_order=True)
@@ -2748,8 +3032,10 @@ def test_sampling_processors_filter_exactly_as_upstreams() -> None:
         stock = TopPLogitsWarper(0.9)(history, MinPLogitsWarper(0.05)(history, stock))
         same(server.SamplingRecipe(temperature, 2.0, min_p=0.05, top_p=0.9)(logits, seen), stock)
     # Rows with different recipes, filtered together, each as if alone.
-    recipes = [server.SamplingRecipe(0.7, 1.2, top_k=50, top_p=0.9, turbo_order=True),
-               server.SamplingRecipe(1.3, 1.5, top_k=2000, top_p=0.5, turbo_order=True)]
+    recipes = [
+        server.SamplingRecipe(0.7, 1.2, top_k=50, top_p=0.9, turbo_order=True),
+        server.SamplingRecipe(1.3, 1.5, top_k=2000, top_p=0.5, turbo_order=True),
+    ]
     rows = server.SamplingRows.empty(2, "cpu")
     for row, recipe in enumerate(recipes):
         rows.set_row(row, recipe.rows(8194))
@@ -2804,8 +3090,9 @@ def test_eos_is_read_every_few_steps_and_later_tokens_are_dropped(checkpoints: d
         head = t3.speech_head
         t3.speech_head = forced = ForcedStop(head, stop_at)
         try:
-            run, = run_generations(engine, [dict(text="Hello there, how are you?", voice=voice, seed=4,
-                                                 max_tokens=40)], vocode=False)
+            (run,) = run_generations(
+                engine, [dict(text="Hello there, how are you?", voice=voice, seed=4, max_tokens=40)], vocode=False
+            )
             return run.tokens, forced.calls
         finally:
             t3.speech_head = head
@@ -2821,10 +3108,15 @@ def test_eos_is_read_every_few_steps_and_later_tokens_are_dropped(checkpoints: d
 
 def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
     for native_bf16, s3gen_dtype in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(server, "cpu_has_native_bfloat16", lambda: native_bf16)
+        monkeypatch.setattr(server, "cpu_has_native_bfloat16", lambda native_bf16=native_bf16: native_bf16)
         options, warnings = server.ModelOptions().resolve("cpu")
-        assert (options.dtype, options.s3gen_dtype, options.quantize, options.cuda_graphs, options.compile_mode) == \
-            (torch.float32, s3gen_dtype, "none", False, "")
+        assert (options.dtype, options.s3gen_dtype, options.quantize, options.cuda_graphs, options.compile_mode) == (
+            torch.float32,
+            s3gen_dtype,
+            "none",
+            False,
+            "",
+        )
         assert options.max_batch == server.DEFAULT_MAX_BATCH["cpu"]
         assert warnings == []
     assert server.ModelOptions(max_batch=3).resolve("cpu")[0].max_batch == 3
@@ -2838,16 +3130,23 @@ def test_model_options_fall_back_with_one_warning(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("CXX", "no-such-compiler")
     options, warnings = server.ModelOptions(torch_compile=True, compile_mode="max-autotune").resolve("cpu")
     assert options.compile_mode == "" and "TORCH_COMPILE" in warnings[0]
-    for name, value in (("DTYPE", "fp8"), ("QUANTIZE", "int4"), ("ATTENTION", "flash"),
-                        ("TORCH_COMPILE_MODE", "fast"), ("MAX_BATCH", "-1")):
+    for name, value in (
+        ("DTYPE", "fp8"),
+        ("QUANTIZE", "int4"),
+        ("ATTENTION", "flash"),
+        ("TORCH_COMPILE_MODE", "fast"),
+        ("MAX_BATCH", "-1"),
+    ):
         with pytest.raises(SystemExit, match=name):
             server.Settings.from_env({name: value})
-    assert server.Settings.from_env({"DTYPE": "bfloat16", "QUANTIZE": "int8", "MAX_BATCH": "4"}).model_options == \
-        server.ModelOptions(dtype="bfloat16", quantize="int8", max_batch=4)
+    assert server.Settings.from_env(
+        {"DTYPE": "bfloat16", "QUANTIZE": "int8", "MAX_BATCH": "4"}
+    ).model_options == server.ModelOptions(dtype="bfloat16", quantize="int8", max_batch=4)
 
 
 def test_cuda_options_fall_back_with_one_warning_each(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """What this CPU-only machine can show of resolve("cuda"): every check runs, each gap is one warning."""
+
     def emulated_only(including_emulation: bool = True) -> bool:  # a GPU before Ampere
         return including_emulation
 
@@ -2867,10 +3166,18 @@ def test_cuda_options_fall_back_with_one_warning_each(monkeypatch: pytest.Monkey
     options, warnings = compiled.resolve("cuda")
     assert options.compile_mode == "" and len(warnings) == 1 and "Triton" in warnings[0]
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
-    assert compiled.resolve("cuda") == (server.DecodeOptions(torch.bfloat16, compile_mode="default", cuda_graphs=True,
-                                                             eos_check_every=16, s3gen_dtype=torch.bfloat16,
-                                                             max_batch=server.DEFAULT_MAX_BATCH["cuda"],
-                                                             prefill_chunk=server.PREFILL_CHUNK["cuda"]), [])
+    assert compiled.resolve("cuda") == (
+        server.DecodeOptions(
+            torch.bfloat16,
+            compile_mode="default",
+            cuda_graphs=True,
+            eos_check_every=16,
+            s3gen_dtype=torch.bfloat16,
+            max_batch=server.DEFAULT_MAX_BATCH["cuda"],
+            prefill_chunk=server.PREFILL_CHUNK["cuda"],
+        ),
+        [],
+    )
     monkeypatch.setenv("CC", "no-such-compiler")
     options, warnings = compiled.resolve("cuda")
     assert options.compile_mode == "" and len(warnings) == 1 and "C compiler" in warnings[0]
@@ -2916,8 +3223,9 @@ def test_cuda_int8_layers_are_capturable_eval_mode_and_free_the_float_weights(ch
         int8 = [m for m in decoder.layers.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
         layers = engine.parts.t3.cfg.num_hidden_layers
         assert len(int8) == 4 * layers  # Llama's q/k/v and gate/up are fused
-        assert not any(isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear8bitLt)
-                       for m in decoder.layers.modules())
+        assert not any(
+            isinstance(m, torch.nn.Linear) and not isinstance(m, bnb.nn.Linear8bitLt) for m in decoder.layers.modules()
+        )
         for layer in int8:
             assert not layer.training and layer.state.threshold == 0.0 and not layer.state.has_fp16_weights
             assert layer.state.CB.dtype == torch.int8 and layer.state.SCB.dtype == torch.float32
@@ -2931,10 +3239,12 @@ def test_cuda_int8_layers_are_capturable_eval_mode_and_free_the_float_weights(ch
 
 
 def test_fatal_device_errors_are_told_from_recoverable_ones() -> None:
-    fatal = [torch.AcceleratorError("CUDA error: device-side assert triggered\nCUDA kernel errors might be ..."),
-             RuntimeError("CUDA error: an illegal memory access was encountered"),
-             RuntimeError("CUDA error: operation not permitted when stream is capturing"),
-             RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, ...)`")]
+    fatal = [
+        torch.AcceleratorError("CUDA error: device-side assert triggered\nCUDA kernel errors might be ..."),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("CUDA error: operation not permitted when stream is capturing"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx( handle, ...)`"),
+    ]
     for error in fatal:
         assert server.fatal_device_error(error) == f"{type(error).__name__}: {str(error).splitlines()[0]}"
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
@@ -2943,7 +3253,9 @@ def test_fatal_device_errors_are_told_from_recoverable_ones() -> None:
         try:
             raise oom
         except torch.OutOfMemoryError:
-            raise torch.AcceleratorError("CUDA error: operation failed due to a previous error during capture")
+            raise torch.AcceleratorError(  # noqa: B904 (implicitly chained, as torch raises it)
+                "CUDA error: operation failed due to a previous error during capture"
+            )
     except torch.AcceleratorError as capture_failed:
         assert "during capture" in server.fatal_device_error(capture_failed)
     wrapped = server.ApiError(500, "failed")
@@ -2967,16 +3279,20 @@ class FailingDeviceEngine(SlowToneEngine):
             yield piece
 
 
-def test_a_fatal_device_error_answers_the_work_in_flight_then_exits(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_fatal_device_error_answers_the_work_in_flight_then_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(server, "DEVICE_FAULT_GRACE_S", 60.0)  # exit once every request is answered, no sooner
     with fake_app(tmp_path, FailingDeviceEngine()) as client, ThreadPoolExecutor(1) as pool:
         speaker = client.app.state.tts.speaker
         exits: list[int] = []
         speaker.host.health.shutdown = lambda: exits.append(speaker.admission.active)
         wait_until(lambda: client.get("/ready").status_code == 200)
-        in_flight = pool.submit(client.post, "/v1/audio/speech/stream",
-                                json={"input": "A long stream that is under way.", "response_format": "pcm"})
+        in_flight = pool.submit(
+            client.post,
+            "/v1/audio/speech/stream",
+            json={"input": "A long stream that is under way.", "response_format": "pcm"},
+        )
         wait_until(lambda: client.get("/v1/status").json()["queue"]["streams"] == 1)
         failed = client.post("/v1/audio/speech/stream/pcm", json={"input": "This one meets the fault."})
         assert assert_openai_error(failed, 503)["code"] == "device_error" and failed.headers["retry-after"]
@@ -2993,8 +3309,10 @@ def test_a_fatal_device_error_answers_the_work_in_flight_then_exits(tmp_path: Pa
 
 def test_a_fatal_device_error_exits_a_real_server_for_its_restart(tmp_path: Path) -> None:
     """The real process: main() and uvicorn with a stand-in engine; it answers, then exits with its status."""
-    serve = ("import sys; sys.path.insert(0, sys.argv[1]); import server, server_test; "
-             "server.make_engine = lambda settings: server_test.FailingDeviceEngine(); server.main()")
+    serve = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import server, server_test; "
+        "server.make_engine = lambda settings: server_test.FailingDeviceEngine(); server.main()"
+    )
     srv = ServerProcess("piper", None, tmp_path / "voices", command=[sys.executable, "-c", serve, str(ROOT)])
     try:
         srv.wait_ready()
@@ -3007,15 +3325,18 @@ def test_a_fatal_device_error_exits_a_real_server_for_its_restart(tmp_path: Path
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kind, quantize", [("turbo", "none"), ("turbo", "int8"), ("standard", "none"),
-                                            ("multilingual", "none")])
-def test_cuda_batched_steps_replay_from_graphs_without_host_syncs(checkpoints: dict[str, Path], kind: str,
-                                                                   quantize: str) -> None:
+@pytest.mark.parametrize(
+    "kind, quantize", [("turbo", "none"), ("turbo", "int8"), ("standard", "none"), ("multilingual", "none")]
+)
+def test_cuda_batched_steps_replay_from_graphs_without_host_syncs(
+    checkpoints: dict[str, Path], kind: str, quantize: str
+) -> None:
     """The batch's steps replay the graphs warm-up captured (Multilingual's too, in two parts), with no
     host sync inside a step but the expected reads (Multilingual's monitor reads its rows between the parts), int8
     layers included, and make finite logits."""
-    engine = server.ChatterboxEngine(kind, str(checkpoints[kind]), "cuda",
-                                     options=server.ModelOptions(quantize=quantize, max_batch=2))
+    engine = server.ChatterboxEngine(
+        kind, str(checkpoints[kind]), "cuda", options=server.ModelOptions(quantize=quantize, max_batch=2)
+    )
     engine.load()
     with torch.inference_mode():
         engine.warm_up()
@@ -3026,8 +3347,13 @@ def test_cuda_batched_steps_replay_from_graphs_without_host_syncs(checkpoints: d
     with torch.inference_mode():
         hidden = batch.decoder.prefill(prompt, 0)
         monitor = engine.alignment_monitor(4, 10) if batch.monitored else None
-        batch.seat(server.Slot(0, position=24, budget=10**6, monitor=monitor), hidden,
-                   engine.recipe(server.SynthesisParams()), 0.5, seed=0)
+        batch.seat(
+            server.Slot(0, position=24, budget=10**6, monitor=monitor),
+            hidden,
+            engine.recipe(server.SynthesisParams()),
+            0.5,
+            seed=0,
+        )
         torch.cuda.synchronize()
         logits = []
         torch.cuda.set_sync_debug_mode("error")  # the monitor's read is an expected one
@@ -3054,12 +3380,14 @@ def test_cuda_load_turns_on_tf32_and_uses_native_bfloat16(checkpoints: dict[str,
 @pytest.mark.cuda
 def test_cuda_device_side_assert_is_told_fatal() -> None:
     """A real sticky error, in a process of its own (it poisons that process's CUDA context)."""
-    code = ("import torch, server\n"
-            "try:\n"
-            "    torch.zeros(4, device='cuda')[torch.tensor([10], device='cuda')]\n"
-            "    torch.cuda.synchronize()\n"
-            "except Exception as error:\n"
-            "    print(server.fatal_device_error(error))\n")
+    code = (
+        "import torch, server\n"
+        "try:\n"
+        "    torch.zeros(4, device='cuda')[torch.tensor([10], device='cuda')]\n"
+        "    torch.cuda.synchronize()\n"
+        "except Exception as error:\n"
+        "    print(server.fatal_device_error(error))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "CUDA error: device-side assert triggered" in result.stdout, result.stderr[-2000:]
 
@@ -3081,8 +3409,13 @@ def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, 
         assert 0 < error < tolerance
     voice = bf16.prepare_voice(server.BUILTIN_VOICE, 0.5)
     with torch.inference_mode():
-        audio = np.concatenate(list(server.run_alone(server.BatchRunner(bf16), "Hello there.", voice, server.SynthesisParams(),
-                                                 max_tokens=30)))
+        audio = np.concatenate(
+            list(
+                server.run_alone(
+                    server.BatchRunner(bf16), "Hello there.", voice, server.SynthesisParams(), max_tokens=30
+                )
+            )
+        )
     assert len(audio) > 0 and np.isfinite(audio).all()
 
 
@@ -3120,8 +3453,9 @@ def test_first_audio_leaves_before_the_first_sentence_is_generated(servers: dict
     # Three sentences, each too long to share a chunk, so chunk 0 is exactly the first sentence.
     sentences = [f"Sentence number {n} is long enough to get a model call of its own." for n in ("one", "two", "three")]
     assert len(server.text_chunks(" ".join(sentences), TEST_CHUNK_MAX_CHARS)) == 3
-    events = sse_events(servers["turbo"], "/v1/audio/speech/stream",
-                        {"input": " ".join(sentences), "seed": 1, "response_format": "pcm"})
+    events = sse_events(
+        servers["turbo"], "/v1/audio/speech/stream", {"input": " ".join(sentences), "seed": 1, "response_format": "pcm"}
+    )
     timings = events[-1]["timings"]
     assert len(timings["chunks_generated_ms"]) == 3
     # Server-side timestamps: the first bytes left while sentence one was still generating.
@@ -3130,21 +3464,22 @@ def test_first_audio_leaves_before_the_first_sentence_is_generated(servers: dict
 
 
 @pytest.mark.parametrize("engine", ["turbo", "piper"])
-def test_audio_stream_is_chunked_and_equals_the_raw_pcm_stream(servers: dict[str, ServerProcess],
-                                                               engine: str) -> None:
+def test_audio_stream_is_chunked_and_equals_the_raw_pcm_stream(servers: dict[str, ServerProcess], engine: str) -> None:
     srv = servers[engine]
     body = {"input": STREAM_TEXT, "seed": 4, "response_format": "pcm"}
     reference = stream_pcm(srv, input=STREAM_TEXT, seed=4)
-    with httpx.stream("POST", f"{srv.url}/v1/audio/speech", json=body | {"stream_format": "audio"},
-                      timeout=120) as response:
+    with httpx.stream(
+        "POST", f"{srv.url}/v1/audio/speech", json=body | {"stream_format": "audio"}, timeout=120
+    ) as response:
         assert response.headers.get("transfer-encoding") == "chunked"
         pieces = list(response.iter_raw())
     assert len(pieces) > 1 and b"".join(pieces) == reference
 
 
 @pytest.mark.parametrize("engine,rate", [("turbo", 16000), ("piper", 8000), ("piper", 44100), ("piper", 48000)])
-def test_pcm_stream_resampled_matches_whole_resampling(servers: dict[str, ServerProcess], engine: str,
-                                                       rate: int) -> None:
+def test_pcm_stream_resampled_matches_whole_resampling(
+    servers: dict[str, ServerProcess], engine: str, rate: int
+) -> None:
     import soxr
 
     srv = servers[engine]
@@ -3153,8 +3488,11 @@ def test_pcm_stream_resampled_matches_whole_resampling(servers: dict[str, Server
     assert native.headers["x-sample-rate"] == "24000"
     response = httpx.post(f"{srv.url}/v1/audio/speech/stream/pcm", json=body | {"sample_rate": rate}, timeout=120)
     assert response.status_code == 200
-    assert (response.headers["x-sample-rate"], response.headers["x-bit-depth"], response.headers["x-channels"]) == \
-        (str(rate), "16", "1")
+    assert (response.headers["x-sample-rate"], response.headers["x-bit-depth"], response.headers["x-channels"]) == (
+        str(rate),
+        "16",
+        "1",
+    )
     streamed = np.frombuffer(response.content, "<i2") / 32768.0
     reference = soxr.resample(np.frombuffer(native.content, "<i2") / 32768.0, 24000, rate, quality="HQ")
     n = min(len(streamed), len(reference))
@@ -3176,16 +3514,18 @@ def test_g711_over_http_is_bit_exact(servers: dict[str, ServerProcess], engine: 
     assert speak(srv, **body, response_format="alaw").content == audioop.lin2alaw(pcm, 2)
 
 
-@pytest.mark.parametrize("engine,fmt", [("piper", fmt) for fmt in ("mp3", "opus", "webm", "aac", "flac", "wav")]
-                         + [("turbo", "mp3"), ("turbo", "opus")])  # encoding is the engine's audio's, whichever it is
-def test_every_format_decodes_with_the_right_duration(servers: dict[str, ServerProcess], fmt: str,
-                                                      engine: str) -> None:
+@pytest.mark.parametrize(
+    "engine,fmt",
+    [("piper", fmt) for fmt in ("mp3", "opus", "webm", "aac", "flac", "wav")] + [("turbo", "mp3"), ("turbo", "opus")],
+)  # encoding is the engine's audio's, whichever it is
+def test_every_format_decodes_with_the_right_duration(servers: dict[str, ServerProcess], fmt: str, engine: str) -> None:
     srv = servers[engine]
     body = {"input": "Format check.", "seed": 2}
     seconds = len(speak(srv, **body, response_format="pcm").content) / 2 / 24000
     for stream_format in (None, "audio"):
-        response = speak(srv, **body, response_format=fmt, **({"stream_format": stream_format} if stream_format
-                                                                 else {}))
+        response = speak(
+            srv, **body, response_format=fmt, **({"stream_format": stream_format} if stream_format else {})
+        )
         assert response.status_code == 200
         assert response.headers["content-type"] == server.AUDIO_FORMATS[fmt].media_type
         audio, rate = server.decode_audio(response.content)
@@ -3200,8 +3540,12 @@ def test_openai_client_streams_audio(servers: dict[str, ServerProcess]) -> None:
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="any-key")
     reference = stream_pcm(srv, input="The official client.", seed=3)
     with client.audio.speech.with_streaming_response.create(
-            model="tts-1", voice="alloy", input="The official client.", response_format="pcm",
-            extra_body={"stream_format": "audio", "seed": 3}) as response:
+        model="tts-1",
+        voice="alloy",
+        input="The official client.",
+        response_format="pcm",
+        extra_body={"stream_format": "audio", "seed": 3},
+    ) as response:
         streamed = b"".join(response.iter_bytes())
     assert streamed == reference
     mp3 = client.audio.speech.create(model="tts-1", voice="alloy", input="Plain request.")
@@ -3216,8 +3560,13 @@ def test_openai_client_gets_every_format_it_knows(servers: dict[str, ServerProce
     client = openai.OpenAI(base_url=f"{servers['piper'].url}/v1", api_key="any-key")
 
     def create(fmt: str) -> bytes:
-        return client.audio.speech.create(model="tts-1", voice="alloy", input="Every format the client knows.",
-                                          response_format=fmt, extra_body={"seed": 5}).content
+        return client.audio.speech.create(
+            model="tts-1",
+            voice="alloy",
+            input="Every format the client knows.",
+            response_format=fmt,
+            extra_body={"seed": 5},
+        ).content
 
     pcm = create("pcm")
     rate, wav = read_wav(create("wav"))
@@ -3234,8 +3583,13 @@ def test_openai_client_extra_body_reaches_chatterbox(servers: dict[str, ServerPr
     client = openai.OpenAI(base_url=f"{servers['turbo'].url}/v1", api_key="any-key")
 
     def create(**extra: Any) -> bytes:
-        return client.audio.speech.create(model="tts-1", voice="alloy", input="Extra.", response_format="pcm",
-                                          extra_body={"exaggeration": 1.5, "cfg_weight": 0.3, **extra}).content
+        return client.audio.speech.create(
+            model="tts-1",
+            voice="alloy",
+            input="Extra.",
+            response_format="pcm",
+            extra_body={"exaggeration": 1.5, "cfg_weight": 0.3, **extra},
+        ).content
 
     reference = create(seed=9)
     assert create(seed=9) == reference
@@ -3294,17 +3648,26 @@ def test_openai_client_retries_429_as_retry_after_says(tmp_path: Path) -> None:
                 engine.gate.set()
                 wait_until(lambda: active() == 0)  # before the client sleeps its Retry-After and tries again
 
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="any-key", max_retries=2,
-                               http_client=openai.DefaultHttpxClient(event_hooks={"response": [on_response]}))
+        client = openai.OpenAI(
+            base_url=f"{url}/v1",
+            api_key="any-key",
+            max_retries=2,
+            http_client=openai.DefaultHttpxClient(event_hooks={"response": [on_response]}),
+        )
 
         def create() -> bytes:
-            return client.audio.speech.create(model="tts-1", voice="alloy", input="Let me in.",
-                                              response_format="pcm").content
+            return client.audio.speech.create(
+                model="tts-1", voice="alloy", input="Let me in.", response_format="pcm"
+            ).content
 
         try:
             with ThreadPoolExecutor(1) as pool:
-                holder = pool.submit(httpx.post, f"{url}/v1/audio/speech", timeout=60,
-                                     json={"input": "I hold the only slot.", "response_format": "pcm"})
+                holder = pool.submit(
+                    httpx.post,
+                    f"{url}/v1/audio/speech",
+                    timeout=60,
+                    json={"input": "I hold the only slot.", "response_format": "pcm"},
+                )
                 wait_until(lambda: active() == 1)
                 with pytest.raises(openai.RateLimitError) as refused:
                     create()
@@ -3392,12 +3755,16 @@ def test_ws_cancel_stops_within_a_chunk_and_the_connection_goes_on(ws: WsClient)
 
 
 def test_ws_bad_messages_get_errors_and_the_connection_stays_usable(ws: WsClient) -> None:
-    bad = ["{not json", json.dumps([1]), json.dumps({"type": "dance", "id": "x"}),
-           json.dumps({"type": "append", "id": "ghost", "text": "hi"}),
-           json.dumps({"type": "speak", "id": "e1", "text": ""}),
-           json.dumps({"type": "speak", "id": "e2", "text": "Hi.", "voice": "nobody"}),
-           json.dumps({"type": "speak", "id": "e3", "text": "Hi.", "speed": 99}),
-           json.dumps({"type": "speak", "text": "No id."})]
+    bad = [
+        "{not json",
+        json.dumps([1]),
+        json.dumps({"type": "dance", "id": "x"}),
+        json.dumps({"type": "append", "id": "ghost", "text": "hi"}),
+        json.dumps({"type": "speak", "id": "e1", "text": ""}),
+        json.dumps({"type": "speak", "id": "e2", "text": "Hi.", "voice": "nobody"}),
+        json.dumps({"type": "speak", "id": "e3", "text": "Hi.", "speed": 99}),
+        json.dumps({"type": "speak", "text": "No id."}),
+    ]
     for frame in bad:
         ws.ws.send(frame)
         message = ws.recv()
@@ -3422,8 +3789,14 @@ def test_ws_utterances_are_spoken_in_the_order_started(ws: WsClient) -> None:
         message = ws.recv()
         if isinstance(message, dict) and message["type"] in ("start", "done"):
             order.append((message["type"], message["id"]))
-    assert order == [("start", "one"), ("done", "one"), ("start", "two"), ("done", "two"),
-                     ("start", "three"), ("done", "three")]
+    assert order == [
+        ("start", "one"),
+        ("done", "one"),
+        ("start", "two"),
+        ("done", "two"),
+        ("start", "three"),
+        ("done", "three"),
+    ]
 
 
 # --- Scheduling and hardening, end to end --------------------------------------
@@ -3469,11 +3842,14 @@ def test_client_disconnect_frees_the_worker(servers: dict[str, ServerProcess], m
         assert client.recv()["type"] == "start"
         client.close()
     else:
-        body = json.dumps({"input": text, "response_format": "pcm"} |
-                          ({"stream_format": "sse"} if mode == "sse" else {})).encode()
+        body = json.dumps(
+            {"input": text, "response_format": "pcm"} | ({"stream_format": "sse"} if mode == "sse" else {})
+        ).encode()
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-            sock.sendall(b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            sock.sendall(
+                b"POST /v1/audio/speech HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
             if mode == "sse":
                 assert sock.recv(1000).startswith(b"HTTP/1.1 200")  # the stream is flowing
             else:
@@ -3522,8 +3898,10 @@ def test_piper_rejects_what_it_cannot_do(servers: dict[str, ServerProcess], tmp_
     assert error["code"] == "cloning_not_supported"
     (srv.voices_dir / "someone.wav").write_bytes(clip.read_bytes())
     try:
-        assert assert_openai_error(speak(srv, input="Hi.", voice="someone"), 400, "voice")["code"] == \
-            "cloning_not_supported"
+        assert (
+            assert_openai_error(speak(srv, input="Hi.", voice="someone"), 400, "voice")["code"]
+            == "cloning_not_supported"
+        )
     finally:
         (srv.voices_dir / "someone.wav").unlink()
     ids = [v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices").json()["data"]]
@@ -3559,7 +3937,7 @@ def test_piper_speech_has_syllable_rhythm_and_speech_band_energy(servers: dict[s
     rate = 24000
     hop = rate // 100  # 10 ms frames
     frames = audio[: len(audio) // hop * hop].reshape(-1, hop)
-    envelope = np.sqrt(np.mean(frames ** 2, axis=1))
+    envelope = np.sqrt(np.mean(frames**2, axis=1))
     envelope = envelope - envelope.mean()
     modulation = np.abs(np.fft.rfft(envelope * np.hanning(len(envelope)))) ** 2
     hz = np.fft.rfftfreq(len(envelope), d=0.01)
@@ -3591,7 +3969,7 @@ def test_piper_long_text_keeps_every_sentence(servers: dict[str, ServerProcess])
     srv = servers["piper"]
     sentence = "Every sentence of a long text must be spoken. "
     durations = [len(piper_pcm(srv, sentence * n)) / 24000 for n in (1, 2, 4, 8)]
-    assert all(a < b for a, b in zip(durations, durations[1:]))
+    assert all(a < b for a, b in itertools.pairwise(durations))
     assert 6 < durations[3] / durations[0] < 10  # proportional: none dropped, none repeated
 
 
@@ -3611,13 +3989,16 @@ def test_piper_trimming_removes_only_silent_edges() -> None:
     np.testing.assert_allclose(out[start + 200 : start + len(core) - 200], core[200:-200], atol=1e-6)
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({}, "piper"),
-    ({"MODEL_DIR": "{turbo}"}, "turbo"),
-    ({"MODEL_DIR": "{standard}"}, "standard"),
-    ({"HF_HUB_CACHE": "{hub}"}, "turbo"),
-    ({"TTS_MODEL": "piper", "MODEL_DIR": "{turbo}"}, "piper"),
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({}, "piper"),
+        ({"MODEL_DIR": "{turbo}"}, "turbo"),
+        ({"MODEL_DIR": "{standard}"}, "standard"),
+        ({"HF_HUB_CACHE": "{hub}"}, "turbo"),
+        ({"TTS_MODEL": "piper", "MODEL_DIR": "{turbo}"}, "piper"),
+    ],
+)
 def test_auto_model_choice(checkpoints: dict[str, Path], tmp_path: Path, env: dict[str, str], expected: str) -> None:
     hub = tmp_path / "hub"
     snapshot = hub / "models--ResembleAI--chatterbox-turbo" / "snapshots" / ("0" * 40)
@@ -3625,12 +4006,24 @@ def test_auto_model_choice(checkpoints: dict[str, Path], tmp_path: Path, env: di
     (snapshot / "t3_turbo_v1.safetensors").write_bytes(b"x")
     (hub / "models--ResembleAI--chatterbox-turbo" / "refs").mkdir()
     (hub / "models--ResembleAI--chatterbox-turbo" / "refs" / "main").write_text("0" * 40)
-    values = {k: v.format(turbo=checkpoints["turbo"], standard=checkpoints["standard"], hub=hub)
-              for k, v in env.items()}
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TTS_MODEL": "auto", "MODEL_DIR": "",
-                "HF_HUB_CACHE": str(tmp_path / "empty-hub"), **values}
-    out = subprocess.run([sys.executable, "-c", "import server; print(server.choose_model("
-                          "server.Settings.from_env())[0])"], env=full_env, cwd=ROOT, capture_output=True, text=True)
+    values = {
+        k: v.format(turbo=checkpoints["turbo"], standard=checkpoints["standard"], hub=hub) for k, v in env.items()
+    }
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TTS_MODEL": "auto",
+        "MODEL_DIR": "",
+        "HF_HUB_CACHE": str(tmp_path / "empty-hub"),
+        **values,
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", "import server; print(server.choose_model(server.Settings.from_env())[0])"],
+        env=full_env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.stdout.strip().splitlines()[-1] == expected, out.stderr
 
 
@@ -3639,17 +4032,28 @@ def test_auto_model_choice(checkpoints: dict[str, Path], tmp_path: Path, env: di
 # ---------------------------------------------------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--autoplay-policy=no-user-gesture-required"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--autoplay-policy=no-user-gesture-required",
+]
 ARTIFACTS = ROOT / "test-artifacts"
 
 
 @pytest.fixture()
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: the browser tests need Debian's chromium package "
-                    "(`make install` runs `apt-get install -y --no-install-recommends chromium`).", pytrace=False)
+        pytest.fail(
+            f"{CHROMIUM} is missing: the browser tests need Debian's chromium package "
+            "(`make install` runs `apt-get install -y --no-install-recommends chromium`).",
+            pytrace=False,
+        )
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
@@ -3672,8 +4076,9 @@ class WebPage:
         self.sent: list[dict[str, Any]] = []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.on("websocket", lambda ws: ws.on("framesent", lambda frame: self.sent.append(json.loads(frame))))
-        self.page.on("request", lambda r: r.url.startswith((f"{srv.url}/", "blob:", "data:"))
-                     or self.foreign.append(r.url))
+        self.page.on(
+            "request", lambda r: r.url.startswith((f"{srv.url}/", "blob:", "data:")) or self.foreign.append(r.url)
+        )
         self.page.goto(f"{srv.url}/")
 
     def __enter__(self) -> WebPage:
@@ -3712,8 +4117,10 @@ def test_browser_page_plays_streamed_speech_gapless(servers: dict[str, ServerPro
     srv = servers["piper"]
     # Piper sends each sentence whole: the first is long, so the second arrives while it plays even when the
     # machine is busy (a late sentence would be a real underrun).
-    text = "This first sentence is a long one, so it is still playing when the shorter one after it arrives. " \
-           "Then this one."
+    text = (
+        "This first sentence is a long one, so it is still playing when the shorter one after it arrives. "
+        "Then this one."
+    )
     with WebPage(browser, srv, "web-piper.png") as web:
         web.wait_for_voice("alloy")
         assert web.voices()[:2] == ["default", "alloy"]
@@ -3721,8 +4128,17 @@ def test_browser_page_plays_streamed_speech_gapless(servers: dict[str, ServerPro
 
         stats = web.speak(text, rate=16000, voice="alloy")
         assert stats["error"] is None and stats["id"] == "web-1"
-        assert web.sent == [{"type": "speak", "id": "web-1", "text": text, "voice": "alloy", "format": "pcm",
-                             "sample_rate": 16000, "encoding": "binary"}]
+        assert web.sent == [
+            {
+                "type": "speak",
+                "id": "web-1",
+                "text": text,
+                "voice": "alloy",
+                "format": "pcm",
+                "sample_rate": 16000,
+                "encoding": "binary",
+            }
+        ]
         assert stats["bytes"] > 0 and stats["bytes"] % 2 == 0 and stats["chunks"] >= 2
         assert stats["played"] == stats["bytes"] // 2  # the worklet played every sample it received, once
         assert 0 < stats["receivedAtStart"] < stats["played"]  # it began before the rest had arrived
@@ -3793,8 +4209,9 @@ def test_browser_page_asks_for_the_api_key(browser: Any, tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def piper_json(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    srv = ServerProcess("piper", None, tmp_path_factory.mktemp("voices-piper-json"), LOG_JSON="true",
-                        RESULT_CACHE_MB="1")
+    srv = ServerProcess(
+        "piper", None, tmp_path_factory.mktemp("voices-piper-json"), LOG_JSON="true", RESULT_CACHE_MB="1"
+    )
     try:
         srv.wait_ready()
         yield srv
@@ -3940,7 +4357,8 @@ def test_phoneme_runs_cut_after_words() -> None:
 
 
 def test_a_voice_replaced_or_deleted_after_resolving_still_speaks_the_clip_resolved(
-        turbo_engine: server.ChatterboxEngine, tmp_path: Path) -> None:
+    turbo_engine: server.ChatterboxEngine, tmp_path: Path
+) -> None:
     library = server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS)
     library.save("v", wav_bytes(reference_clip(seed=1)), ".wav")
     first = library.resolve("v")
@@ -3963,16 +4381,18 @@ def test_upload_of_a_decompression_bomb_is_refused(servers: dict[str, ServerProc
 
 
 def test_sigterm_ends_streams_cleanly_and_exits_despite_a_client_that_reads_nothing(tmp_path: Path) -> None:
-    srv = ServerProcess("piper", None, tmp_path / "voices", SHUTDOWN_GRACE_S="1", STREAM_SEND_TIMEOUT="120",
-                        MAX_INPUT_CHARS="8000")
+    srv = ServerProcess(
+        "piper", None, tmp_path / "voices", SHUTDOWN_GRACE_S="1", STREAM_SEND_TIMEOUT="120", MAX_INPUT_CHARS="8000"
+    )
     try:
         srv.wait_ready()
         text = "A long answer that is still being spoken when the server is told to stop. " * 100
         reading: list[Any] = []
 
         def read_it_all() -> None:
-            with httpx.stream("POST", f"{srv.url}/v1/audio/speech/stream/pcm", json={"input": text},
-                              timeout=120) as response:
+            with httpx.stream(
+                "POST", f"{srv.url}/v1/audio/speech/stream/pcm", json={"input": text}, timeout=120
+            ) as response:
                 reading.append(response.status_code)
                 reading.append(sum(len(piece) for piece in response.iter_raw()))  # raises if cut short
 
@@ -3987,8 +4407,9 @@ def test_sigterm_ends_streams_cleanly_and_exits_despite_a_client_that_reads_noth
         logs = srv.logs()
         assert "Traceback" not in logs and "| ERROR" not in logs, logs
         lines = [line for line in logs.splitlines() if " route=/v1/audio/speech/stream/pcm " in line]
-        assert len(lines) == 2 and all(" outcome=shutting_down " in line or " outcome=stalled " in line
-                                       for line in lines), lines
+        assert len(lines) == 2 and all(
+            " outcome=shutting_down " in line or " outcome=stalled " in line for line in lines
+        ), lines
     finally:
         srv.stop()
 
@@ -3999,8 +4420,14 @@ def test_sigterm_ends_streams_cleanly_and_exits_despite_a_client_that_reads_noth
 def test_openai_nulls_mean_defaults_and_voice_names_match_in_any_case(fake_client: TestClient) -> None:
     body = {"input": "Null means default.", "response_format": "pcm", "seed": 3}
     plain = fake_client.post("/v1/audio/speech", json=body | {"voice": "alloy"})
-    nulls = {"speed": None, "stream_format": None, "exaggeration": None, "language": None, "sample_rate": None,
-             "instructions": None}
+    nulls = {
+        "speed": None,
+        "stream_format": None,
+        "exaggeration": None,
+        "language": None,
+        "sample_rate": None,
+        "instructions": None,
+    }
     for voice in ("Alloy", "NOVA", "alloy"):
         response = fake_client.post("/v1/audio/speech", json=body | nulls | {"voice": voice})
         assert response.status_code == 200, response.text
@@ -4019,8 +4446,9 @@ def test_voice_and_model_lists_have_the_shape_open_webui_reads(fake_client: Test
 
 
 @pytest.mark.parametrize("engine", ADAPTER_ENGINES)
-def test_openai_default_streams_as_made_with_whole_chunk_decoding(servers: dict[str, ServerProcess],
-                                                                  engine: str) -> None:
+def test_openai_default_streams_as_made_with_whole_chunk_decoding(
+    servers: dict[str, ServerProcess], engine: str
+) -> None:
     import openai
 
     srv = servers[engine]
@@ -4029,8 +4457,8 @@ def test_openai_default_streams_as_made_with_whole_chunk_decoding(servers: dict[
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="any-key")
     # What pipecat sends: no stream_format; the SDK sends null for speed=None.
     with client.audio.speech.with_streaming_response.create(
-            model="tts-1", voice="Alloy", input=text, response_format="pcm", speed=None,
-            extra_body={"seed": 4}) as response:
+        model="tts-1", voice="Alloy", input=text, response_format="pcm", speed=None, extra_body={"seed": 4}
+    ) as response:
         assert response.headers.get("transfer-encoding") == "chunked"
         pieces = list(response.iter_bytes())
     assert len(pieces) > 1

@@ -96,27 +96,64 @@ TWILIO_SID = "MZ00000000000000000000000000000001"
 
 def twilio_start(**custom: str) -> str:
     """Twilio's start message, as it sends it; `custom` are the <Parameter>s of the <Stream>."""
-    return json.dumps({"event": "start", "sequenceNumber": "1", "streamSid": TWILIO_SID, "start": {
-        "streamSid": TWILIO_SID, "accountSid": "AC0", "callSid": "CA0", "tracks": ["inbound"],
-        "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1}, "customParameters": custom}})
+    return json.dumps(
+        {
+            "event": "start",
+            "sequenceNumber": "1",
+            "streamSid": TWILIO_SID,
+            "start": {
+                "streamSid": TWILIO_SID,
+                "accountSid": "AC0",
+                "callSid": "CA0",
+                "tracks": ["inbound"],
+                "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+                "customParameters": custom,
+            },
+        }
+    )
 
 
-FUZZ: dict[str, Any] = {"deadline": None, "derandomize": True, "database": None,
-                        "suppress_health_check": list(HealthCheck)}
+FUZZ: dict[str, Any] = {
+    "deadline": None,
+    "derandomize": True,
+    "database": None,
+    "suppress_health_check": list(HealthCheck),
+}
 ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=60)  # lone surrogates and controls too
-JUNK = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-10**30, 10**30), st.floats(), ANY_TEXT,
-                 st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
-SPEECH_TEXT = st.one_of(ANY_TEXT, st.sampled_from(["Hello there.", "One. Two! Three?", "Dr. Who paid $3.50 at 9 a.m.",
-                                                   "字。字！", "   ", "?!...", "x" * 300]), JUNK)
+JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(10**30), 10**30),
+    st.floats(),
+    ANY_TEXT,
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+)
+SPEECH_TEXT = st.one_of(
+    ANY_TEXT,
+    st.sampled_from(
+        ["Hello there.", "One. Two! Three?", "Dr. Who paid $3.50 at 9 a.m.", "字。字！", "   ", "?!...", "x" * 300]
+    ),
+    JUNK,
+)
 SYNTHESIS_FIELDS = {
-    "voice": st.one_of(st.sampled_from(["default", "alloy", "nobody", "../x", ""]),
-                       st.fixed_dictionaries({"id": st.sampled_from(["alloy", "nobody"])}), JUNK),
+    "voice": st.one_of(
+        st.sampled_from(["default", "alloy", "nobody", "../x", ""]),
+        st.fixed_dictionaries({"id": st.sampled_from(["alloy", "nobody"])}),
+        JUNK,
+    ),
     "response_format": st.one_of(st.sampled_from([*server.AUDIO_FORMATS, "", "midi"]), JUNK),
     "format": st.one_of(st.sampled_from(["pcm", "wav", "ulaw"]), JUNK),
-    "output_format": st.one_of(st.tuples(st.sampled_from(["pcm", "ulaw", "alaw", "mp3", "opus", "wav"]),
-                                         st.sampled_from(["0", "8000", "16000", "24000", "44100", "48000", "9" * 5000]),
-                                         st.sampled_from(["", "_0", "_64", "_320", "_100000", "_" + "9" * 5000])
-                                         ).map("{0[0]}_{0[1]}{0[2]}".format), st.text(max_size=12), JUNK),
+    "output_format": st.one_of(
+        st.tuples(
+            st.sampled_from(["pcm", "ulaw", "alaw", "mp3", "opus", "wav"]),
+            st.sampled_from(["0", "8000", "16000", "24000", "44100", "48000", "9" * 5000]),
+            st.sampled_from(["", "_0", "_64", "_320", "_100000", "_" + "9" * 5000]),
+        ).map("{0[0]}_{0[1]}{0[2]}".format),
+        st.text(max_size=12),
+        JUNK,
+    ),
     "sample_rate": st.one_of(st.sampled_from([*server.SAMPLE_RATES, 0, -1, 12345]), JUNK),
     "speed": st.one_of(st.floats(0.1, 5.0), JUNK),
     "exaggeration": st.one_of(st.floats(0.0, 3.0), JUNK),
@@ -126,8 +163,15 @@ SYNTHESIS_FIELDS = {
     "language": st.one_of(st.sampled_from(["en", "EN", "", "fr"]), JUNK),
 }
 # What json.dumps cannot write but a client can send: deep nesting, integers past Python's digit limit.
-HOSTILE_JSON = st.sampled_from(["", '"extra": ' + "[" * 50_000 + "]" * 50_000, '"seed": ' + "9" * 5000,
-                                '"sample_rate": ' + "9" * 5000, '"speed": 1e999'])
+HOSTILE_JSON = st.sampled_from(
+    [
+        "",
+        '"extra": ' + "[" * 50_000 + "]" * 50_000,
+        '"seed": ' + "9" * 5000,
+        '"sample_rate": ' + "9" * 5000,
+        '"speed": 1e999',
+    ]
+)
 
 
 def with_hostile_json(body: dict[str, Any], fragment: str) -> str:
@@ -156,21 +200,35 @@ def end_with_parent() -> None:
 
 
 class ServerProcess:
-    def __init__(self, kind: str, model_dir: Path | None, voices_dir: Path, command: list[str] | None = None,
-                 **env: str):
+    def __init__(
+        self, kind: str, model_dir: Path | None, voices_dir: Path, command: list[str] | None = None, **env: str
+    ):
         self.kind = kind
         self.env = env
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.voices_dir = voices_dir
-        self.log = open(voices_dir.parent / f"server-{kind}-{self.port}.log", "w+")
-        full_env = {**os.environ, "TTS_MODEL": kind, "MODEL_DIR": str(model_dir or ""), "PORT": str(self.port),
-                    "HOST": "127.0.0.1", "VOICES_DIR": str(voices_dir), "HF_HUB_OFFLINE": "1",
-                    "CHUNK_MAX_CHARS": str(TEST_CHUNK_MAX_CHARS),
-                    # Seeded requests repeat across tests, which must exercise the pipeline, not the result cache.
-                    "RESULT_CACHE_MB": "0", **env}
-        self.proc = subprocess.Popen(command or [sys.executable, str(SERVER_SOURCE / "server.py")], env=full_env,
-                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=end_with_parent)
+        self.log = open(voices_dir.parent / f"server-{kind}-{self.port}.log", "w+")  # noqa: SIM115 (closed in stop)
+        full_env = {
+            **os.environ,
+            "TTS_MODEL": kind,
+            "MODEL_DIR": str(model_dir or ""),
+            "PORT": str(self.port),
+            "HOST": "127.0.0.1",
+            "VOICES_DIR": str(voices_dir),
+            "HF_HUB_OFFLINE": "1",
+            "CHUNK_MAX_CHARS": str(TEST_CHUNK_MAX_CHARS),
+            # Seeded requests repeat across tests, which must exercise the pipeline, not the result cache.
+            "RESULT_CACHE_MB": "0",
+            **env,
+        }
+        self.proc = subprocess.Popen(
+            command or [sys.executable, str(SERVER_SOURCE / "server.py")],
+            env=full_env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=end_with_parent,
+        )
 
     def wait_ready(self, timeout: float = 600) -> None:  # a loaded shared 2-core machine loads Turbo in ~150 s
         deadline = time.monotonic() + timeout
@@ -275,8 +333,17 @@ class TwilioCall:
         self.send(event="connected", protocol="Call", version="1.0.0")
         self.ws.send(twilio_start(**custom))
         if caller_audio:  # not where the server may already have closed the stream after `start`
-            self.send(event="media", sequenceNumber="2", streamSid=TWILIO_SID, media={
-                "track": "inbound", "chunk": "1", "timestamp": "5", "payload": base64.b64encode(b"\xff" * 160).decode()})
+            self.send(
+                event="media",
+                sequenceNumber="2",
+                streamSid=TWILIO_SID,
+                media={
+                    "track": "inbound",
+                    "chunk": "1",
+                    "timestamp": "5",
+                    "payload": base64.b64encode(b"\xff" * 160).decode(),
+                },
+            )
 
     def send(self, **event: Any) -> None:
         self.ws.send(json.dumps(event))

@@ -29,14 +29,33 @@ def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_pa
     model's steps pass the sync check: the reads the token loop makes on purpose (the block's tokens,
     Multilingual's monitor every step) are let through by name, any other read fails it."""
     out = tmp_path / "report.md"
-    result = subprocess.run([sys.executable, "tools/gpu_check.py", "--dry-run", "--checkpoints",
-                             str(checkpoints["turbo"].parent), "--options", "defaults",
-                             "--skip", "tests,bench", "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/gpu_check.py",
+            "--dry-run",
+            "--checkpoints",
+            str(checkpoints["turbo"].parent),
+            "--options",
+            "defaults",
+            "--skip",
+            "tests,bench",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = out.read_text().splitlines()
     assert lines[0].startswith("### `make gpu-check`") and any(line.startswith("- Commit: ") for line in lines)
-    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line.split("|")[4:7]
-            for line in lines if line.startswith("| ") and not line.startswith(("| check |", "| --- |"))}
+    rows = {
+        tuple(cell.strip() for cell in line.strip("|").split("|")[:3]): line.split("|")[4:7]
+        for line in lines
+        if line.startswith("| ") and not line.startswith(("| check |", "| --- |"))
+    }
     for kind in MODELS:
         assert rows[("checkpoint", kind, "")][0].strip() == "ok"
         assert rows[("warm-up", kind, "defaults")][0].strip() == "ok"
@@ -50,17 +69,25 @@ def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_pa
 
 def run_bench(checkpoints: dict[str, Path], *args: str) -> tuple[str, list[str]]:
     """bench.py on tiny Turbo, as a user runs it: its output and that output's lines."""
-    result = subprocess.run([sys.executable, "bench.py", *args],
-                            env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
-                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "bench.py", *args],
+        env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout, result.stdout.strip().splitlines()
 
 
 def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[str, Path]) -> None:
     stdout, lines = run_bench(checkpoints, "--model", "turbo", "--tokens", "12", "--runs", "1")
-    rows = {line.split()[0]: dict(item.split("=") for item in line.split()[1:])
-            for line in lines if line.startswith(("stock ", "ours "))}
+    rows = {
+        line.split()[0]: dict(item.split("=") for item in line.split()[1:])
+        for line in lines
+        if line.startswith(("stock ", "ours "))
+    }
     for row in rows.values():
         assert float(row["tokens"]) == 12 and float(row["t3_tokens_per_s"]) > 0 and float(row["e2e_rtf"]) > 0
     assert re.fullmatch(r"speedup_e2e=\d+\.\d{3}", lines[-1])
@@ -70,19 +97,27 @@ def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[s
 
 def test_bench_concurrency_batches_streams_against_one_slot_at_a_time(checkpoints: dict[str, Path]) -> None:
     stdout, lines = run_bench(checkpoints, "--concurrency", "2", "--tokens", "30", "--runs", "1")
-    rows = {line.split()[2]: dict(item.split("=") for item in line.split()[3:])
-            for line in lines if line.startswith("concurrency 2 ") and line.split()[2] in ("batched", "one_at_a_time")}
+    rows = {
+        line.split()[2]: dict(item.split("=") for item in line.split()[3:])
+        for line in lines
+        if line.startswith("concurrency 2 ") and line.split()[2] in ("batched", "one_at_a_time")
+    }
     assert set(rows["batched"]) >= {"audio_s_per_s", "t3_tokens_per_s", "s3gen_ms_per_token", "first_audio_p95_s"}
     assert all(float(row["audio_s_per_s"]) > 0 for row in rows.values()) and len(rows) == 2
     assert re.fullmatch(r"speedup_batched=\d+\.\d{3}", lines[-1])
-    assert [row.check for row in load_tool("gpu_check").concurrency_rows(stdout)] == \
-        ["bench.py --concurrency 2", "bench.py --concurrency"]
+    assert [row.check for row in load_tool("gpu_check").concurrency_rows(stdout)] == [
+        "bench.py --concurrency 2",
+        "bench.py --concurrency",
+    ]
 
 
 def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(checkpoints: dict[str, Path]) -> None:
     _, lines = run_bench(checkpoints, "--s3gen", "--tokens", "40", "--runs", "1", "--plan", "10,20:8")
-    rows = {line.split()[1]: dict(item.split("=") for item in line.split()[2:])
-            for line in lines if line.startswith("s3gen ")}
+    rows = {
+        line.split()[1]: dict(item.split("=") for item in line.split()[2:])
+        for line in lines
+        if line.startswith("s3gen ")
+    }
     assert set(rows) == {"whole", "before", "10,20:8"}
     assert all(float(row["ms_per_token"]) > 0 for row in rows.values())
     assert float(rows["whole"]["vs_whole"]) == 1 and float(rows["10,20:8"]["mel_error_db"]) < 0

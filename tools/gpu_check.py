@@ -80,6 +80,7 @@ class Row:
 
 # --- The decoder's API: every call into T3Decoder, DecodeStep and the token loop is here -----------
 
+
 def load_engine(kind: str, checkpoint: Path, device: str, options: dict[str, Any]) -> Any:
     """A loaded and warmed-up engine, as the server's inference thread makes it (in inference mode)."""
     import server
@@ -125,9 +126,17 @@ def token_loop(engine: Any, budget: int) -> Iterator[int]:
 
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     done: list[Any] = []
-    generation = server.Generation("Checking the token loop for host syncs, one step at a time.", voice,
-                                   server.SynthesisParams(), 0, server.Priority.REALTIME, 0, done.append,
-                                   max_tokens=budget, vocode=False)
+    generation = server.Generation(
+        "Checking the token loop for host syncs, one step at a time.",
+        voice,
+        server.SynthesisParams(),
+        0,
+        server.Priority.REALTIME,
+        0,
+        done.append,
+        max_tokens=budget,
+        vocode=False,
+    )
     runner = server.BatchRunner(engine)
     runner.add(generation)
     given = 0
@@ -159,6 +168,7 @@ def batch_rows(engine: Any) -> int:
 
 # --- Work done in a process of its own (a sticky CUDA error or a leak stays there) ------------------
 
+
 def warm_up_task(kind: str, checkpoint: Path, device: str, option: str) -> list[Row]:
     import numpy as np
     import torch
@@ -170,17 +180,35 @@ def warm_up_task(kind: str, checkpoint: Path, device: str, option: str) -> list[
         engine = load_engine(kind, checkpoint, device, OPTIONS[option])
         warm = time.perf_counter() - started
         voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-        audio = np.concatenate([server.as_array(piece) for piece in server.run_alone(
-            server.BatchRunner(engine), "Every option must warm up and speak.", voice, server.SynthesisParams(),
-            max_tokens=60 if device == "cuda" else 25)])  # two streamed windows on CUDA, one on CPU
+        audio = np.concatenate(
+            [
+                server.as_array(piece)
+                for piece in server.run_alone(
+                    server.BatchRunner(engine),
+                    "Every option must warm up and speak.",
+                    voice,
+                    server.SynthesisParams(),
+                    max_tokens=60 if device == "cuda" else 25,
+                )
+            ]
+        )  # two streamed windows on CUDA, one on CPU
     if not len(audio) or not np.isfinite(audio).all():
         return [Row("warm-up", kind, option, "failed", details="no audio, or not finite")]
     described = engine.describe()
-    ran = ", ".join(f"{key}={described[key]}" for key in ("dtype", "quantize", "compile_mode", "cuda_graphs",
-                                                          "attention"))
+    ran = ", ".join(
+        f"{key}={described[key]}" for key in ("dtype", "quantize", "compile_mode", "cuda_graphs", "attention")
+    )
     result = "fell back" if engine.option_warnings else "ok"
-    return [Row("warm-up", kind, option, result, f"{warm:.1f} s load+warm-up",
-                "; ".join([f"ran {ran}", *engine.option_warnings]))]
+    return [
+        Row(
+            "warm-up",
+            kind,
+            option,
+            result,
+            f"{warm:.1f} s load+warm-up",
+            "; ".join([f"ran {ran}", *engine.option_warnings]),
+        )
+    ]
 
 
 def measure_task(kind: str, checkpoint: Path, device: str, option: str, steps: int, skip: set[str]) -> list[Row]:
@@ -203,8 +231,13 @@ def named_reads(profile: Any) -> dict[str, int]:
     """How many times each read the token loop makes on purpose (server.expected_read) ran."""
     import server
 
-    return dict(Counter(e.name.removeprefix(server.EXPECTED_READ) for e in profile.events()
-                        if e.name.startswith(server.EXPECTED_READ)))
+    return dict(
+        Counter(
+            e.name.removeprefix(server.EXPECTED_READ)
+            for e in profile.events()
+            if e.name.startswith(server.EXPECTED_READ)
+        )
+    )
 
 
 def stray_reads(profile: Any) -> list[str]:
@@ -257,18 +290,26 @@ def step_sync_row(engine: Any, kind: str, option: str, steps: int, cuda: bool) -
     with prefilled(engine, 200) as step:
         step(0)
         try:
-            with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
-                  sync_debug(cuda, "error")):
+            with (
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
+                sync_debug(cuda, "error"),
+            ):
                 for i in range(1, steps):
                     step(i)
         except RuntimeError as error:
             return Row("sync: decode steps", kind, option, "failed", details=first_line(error))
     reads, stray = named_reads(profile), ([] if cuda else stray_reads(profile))
     problem = reads_in_blocks(reads, steps - 1, eos_check_every(engine))
-    figure = (f"0 other syncs in {steps - 1} steps" if cuda else f"{len(stray)} other host reads in {steps - 1} steps")
+    figure = f"0 other syncs in {steps - 1} steps" if cuda else f"{len(stray)} other host reads in {steps - 1} steps"
     how = 'set_sync_debug_mode("error")' if cuda else "CPU: reads stand in for syncs"
-    return Row("sync: decode steps", kind, option, "failed" if stray or problem else "ok", figure,
-               "; ".join([how, described(reads), *([problem] if problem else []), *sorted(set(stray))]))
+    return Row(
+        "sync: decode steps",
+        kind,
+        option,
+        "failed" if stray or problem else "ok",
+        figure,
+        "; ".join([how, described(reads), *([problem] if problem else []), *sorted(set(stray))]),
+    )
 
 
 def loop_sync_row(engine: Any, kind: str, option: str, cuda: bool) -> Row:
@@ -279,8 +320,11 @@ def loop_sync_row(engine: Any, kind: str, option: str, cuda: bool) -> Row:
     budget = 8 * every + 1
     tokens = token_loop(engine, budget)
     next(tokens, None)  # the prefill and the first block
-    with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
-          warnings.catch_warnings(record=True) as caught, sync_debug(cuda, "warn")):
+    with (
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
+        warnings.catch_warnings(record=True) as caught,
+        sync_debug(cuda, "warn"),
+    ):
         warnings.simplefilter("always")
         consumed = sum(1 for _ in tokens)
     if cuda:
@@ -291,9 +335,16 @@ def loop_sync_row(engine: Any, kind: str, option: str, cuda: bool) -> Row:
     problem = reads_in_blocks(reads, consumed, every)
     # On CPU, kernels read their own arguments (`item()` is no sync there): a figure, not a verdict.
     verdict = ("failed" if syncs or problem else "ok") if cuda else "info"
-    return Row("sync: token loop", kind, option, verdict, f"{len(syncs)} other syncs / {consumed} tokens",
-               "; ".join([f"EOS read every {every} tokens", described(reads), *([problem] if problem else []),
-                          *sorted(set(syncs))]))
+    return Row(
+        "sync: token loop",
+        kind,
+        option,
+        verdict,
+        f"{len(syncs)} other syncs / {consumed} tokens",
+        "; ".join(
+            [f"EOS read every {every} tokens", described(reads), *([problem] if problem else []), *sorted(set(syncs))]
+        ),
+    )
 
 
 def kernels_row(engine: Any, kind: str, option: str, cuda: bool, steps: int = 20) -> Row:
@@ -311,9 +362,15 @@ def kernels_row(engine: Any, kind: str, option: str, cuda: bool, steps: int = 20
             events = profile.events()
             kernels = sum(e.device_type == torch.autograd.DeviceType.CUDA for e in events)
             launches = {name: sum(e.name == name for e in events) for name in ("cudaGraphLaunch", "cudaLaunchKernel")}
-            return Row("kernels", kind, option, f"{kernels / steps:.0f} per step", "device kernels and copies",
-                       f"graph launches {launches['cudaGraphLaunch'] / steps:.0f}/step, direct launches "
-                       f"{launches['cudaLaunchKernel'] / steps:.0f}/step")
+            return Row(
+                "kernels",
+                kind,
+                option,
+                f"{kernels / steps:.0f} per step",
+                "device kernels and copies",
+                f"graph launches {launches['cudaGraphLaunch'] / steps:.0f}/step, direct launches "
+                f"{launches['cudaLaunchKernel'] / steps:.0f}/step",
+            )
         from torch.utils._python_dispatch import TorchDispatchMode
 
         class Count(TorchDispatchMode):
@@ -353,12 +410,15 @@ def speed_row(engine: Any, kind: str, option: str, steps: int, device: str) -> R
             seconds = time.perf_counter() - started
     rate, weights, bandwidth = steps / seconds, weight_bytes(engine), device_bandwidth(device)
     limit = bandwidth / weights
-    details = (f"{batch_rows(engine)} row(s); limit {limit:.0f} steps/s = {bandwidth / 1e9:.0f} GB/s over "
-               f"{weights / 2**20:.1f} MiB of weights")
+    details = (
+        f"{batch_rows(engine)} row(s); limit {limit:.0f} steps/s = {bandwidth / 1e9:.0f} GB/s over "
+        f"{weights / 2**20:.1f} MiB of weights"
+    )
     if kind == "turbo" and cuda:
         details += f"; target {TURBO_TARGET_STEPS_S}"
-    return Row("speed: T3 steps/s", kind, option, f"{rate:.0f}", f"{100 * rate / limit:.0f}% of the weight-read limit",
-               details)
+    return Row(
+        "speed: T3 steps/s", kind, option, f"{rate:.0f}", f"{100 * rate / limit:.0f}% of the weight-read limit", details
+    )
 
 
 def device_bandwidth(device: str) -> float:
@@ -394,19 +454,32 @@ def first_line(error: BaseException) -> str:
 
 # --- The orchestrating process ------------------------------------------------------------------
 
+
 def run_in_process(task: dict[str, Any], timeout: float, label: Row) -> list[Row]:
     """Run one task (warm-up or measure) in a fresh interpreter; its rows, or one row saying why not."""
     try:
-        done = subprocess.run([sys.executable, __file__, "--task", json.dumps(task)], capture_output=True,
-                              text=True, timeout=timeout, cwd=ROOT)
+        done = subprocess.run(
+            [sys.executable, __file__, "--task", json.dumps(task)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
     except subprocess.TimeoutExpired:
         return [Row(label.check, label.model, label.options, "timeout", f"> {timeout:.0f} s")]
     lines = [line for line in done.stdout.splitlines() if line.startswith("ROWS ")]
     if done.returncode == 0 and lines:
         return [Row(**row) for row in json.loads(lines[-1][5:])]
     errors = [line for line in done.stderr.splitlines() if re.match(r"^[\w.]*(Error|Exception)\b", line)]
-    return [Row(label.check, label.model, label.options, "failed",
-                details=(errors[-1] if errors else done.stderr.strip()[-300:]).replace("|", "/"))]
+    return [
+        Row(
+            label.check,
+            label.model,
+            label.options,
+            "failed",
+            details=(errors[-1] if errors else done.stderr.strip()[-300:]).replace("|", "/"),
+        )
+    ]
 
 
 def task_main(task: dict[str, Any]) -> None:
@@ -428,21 +501,53 @@ def build_checkpoints(root: Path, models: list[str], tiny: bool) -> list[Row]:
         if (path / "conds.pt").exists():
             return Row("checkpoint", model, result="ok", details=f"{path} (already built)")
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, str(ROOT / "tools" / "random_checkpoint.py"), str(path), "--model",
-                               model, "--seed", "0", *(["--tiny"] if tiny else [])], capture_output=True, text=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "tools" / "random_checkpoint.py"),
+                str(path),
+                "--model",
+                model,
+                "--seed",
+                "0",
+                *(["--tiny"] if tiny else []),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if done.returncode:
             return Row("checkpoint", model, result="failed", details=done.stderr.strip()[-300:])
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-        return Row("checkpoint", model, result="ok", figure=f"{size / 2**20:.0f} MiB",
-                   details=f"built in {time.perf_counter() - started:.0f} s")
+        return Row(
+            "checkpoint",
+            model,
+            result="ok",
+            figure=f"{size / 2**20:.0f} MiB",
+            details=f"built in {time.perf_counter() - started:.0f} s",
+        )
 
     with ThreadPoolExecutor(len(models)) as pool:
         return list(pool.map(build, models))
 
 
 def test_rows(device: str) -> list[Row]:
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                           "--timeout=600", "server_test.py"], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "cuda",
+            "-p",
+            "no:cacheprovider",
+            "--timeout=600",
+            "server_test.py",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     summary = (done.stdout.strip().splitlines() or ["(no output)"])[-1].strip("= ")
     failed = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
     ran = device == "cuda" and "passed" in summary
@@ -455,18 +560,29 @@ def bench_rows(checkpoint: Path, device: str, dry_run: bool) -> list[Row]:
     for extra in ([], ["--quantize", "int8"]):
         option = "QUANTIZE=int8" if extra else "defaults"
         size = ["--tokens", "12", "--runs", "1"] if dry_run else ["--tokens", "100", "--runs", "3"]
-        done = subprocess.run([sys.executable, "bench.py", "--model", "turbo", "--device", device, *size, *extra],
-                              capture_output=True, text=True, cwd=ROOT, env={**os.environ, "MODEL_DIR": str(checkpoint)})
+        done = subprocess.run(
+            [sys.executable, "bench.py", "--model", "turbo", "--device", device, *size, *extra],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "MODEL_DIR": str(checkpoint)},
+        )
         if done.returncode:
             rows.append(Row("bench.py", "turbo", option, "failed", details=done.stderr.strip()[-300:]))
             continue
         rows.append(bench_row(done.stdout, option, device))
         if dry_run:
             break  # the CPU's int8 is already in BENCHMARKS.md; once shows the parsing works
-    levels, size = ("1,2", ["--tokens", "30", "--runs", "1"]) if dry_run else ("1,8,32", ["--tokens", "250", "--runs", "2"])
-    done = subprocess.run([sys.executable, "bench.py", "--model", "turbo", "--device", device, "--concurrency", levels,
-                           *size], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, "MODEL_DIR": str(checkpoint)})
+    levels, size = (
+        ("1,2", ["--tokens", "30", "--runs", "1"]) if dry_run else ("1,8,32", ["--tokens", "250", "--runs", "2"])
+    )
+    done = subprocess.run(
+        [sys.executable, "bench.py", "--model", "turbo", "--device", device, "--concurrency", levels, *size],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "MODEL_DIR": str(checkpoint)},
+    )
     if done.returncode:
         rows.append(Row("bench.py --concurrency", "turbo", "defaults", "failed", details=done.stderr.strip()[-300:]))
     else:
@@ -481,10 +597,16 @@ def concurrency_rows(output: str) -> list[Row]:
         words = line.split()
         if line.startswith("concurrency ") and words[2] == "batched":
             figures = dict(word.split("=") for word in words[3:])
-            rows.append(Row(f"bench.py --concurrency {words[1]}", "turbo", "defaults",
-                            f"{float(figures['audio_s_per_s']):.2f} audio s/s",
-                            f"T3 {float(figures['t3_tokens_per_s']):.0f} tokens/s",
-                            f"first audio p50 {figures['first_audio_p50_s']} s, p95 {figures['first_audio_p95_s']} s"))
+            rows.append(
+                Row(
+                    f"bench.py --concurrency {words[1]}",
+                    "turbo",
+                    "defaults",
+                    f"{float(figures['audio_s_per_s']):.2f} audio s/s",
+                    f"T3 {float(figures['t3_tokens_per_s']):.0f} tokens/s",
+                    f"first audio p50 {figures['first_audio_p50_s']} s, p95 {figures['first_audio_p95_s']} s",
+                )
+            )
         elif line.startswith("speedup_batched="):
             rows.append(Row("bench.py --concurrency", "turbo", "defaults", line))
     return rows
@@ -493,12 +615,22 @@ def concurrency_rows(output: str) -> list[Row]:
 def bench_row(output: str, option: str, device: str) -> Row:
     """One row from bench.py's output: its figures as "stock → ours"."""
     lines = output.strip().splitlines()
-    table = {line.split()[0]: dict(item.split("=") for item in line.split()[1:])
-             for line in lines if line.startswith(("stock ", "ours "))}
+    table = {
+        line.split()[0]: dict(item.split("=") for item in line.split()[1:])
+        for line in lines
+        if line.startswith(("stock ", "ours "))
+    }
     stock, ours = table["stock"], table["ours"]
-    figures = ", ".join(f"{name} {float(stock[key]):.3g} → {float(ours[key]):.3g}" for name, key in (
-        ("T3 tokens/s", "t3_tokens_per_s"), ("S3Gen RTF", "s3gen_rtf"), ("first audio s", "first_audio_s"),
-        ("e2e RTF", "e2e_rtf"), ("peak MB", "peak_mb")))
+    figures = ", ".join(
+        f"{name} {float(stock[key]):.3g} → {float(ours[key]):.3g}"
+        for name, key in (
+            ("T3 tokens/s", "t3_tokens_per_s"),
+            ("S3Gen RTF", "s3gen_rtf"),
+            ("first audio s", "first_audio_s"),
+            ("e2e RTF", "e2e_rtf"),
+            ("peak MB", "peak_mb"),
+        )
+    )
     speedup = lines[-1].split("=")[1]
     return Row("bench.py", "turbo", option, f"speedup_e2e {speedup}", f"{float(ours['tokens']):.0f} tokens", figures)
 
@@ -517,23 +649,38 @@ def machine(device: str) -> str:
     if device != "cuda":
         return f"CPU ({os.cpu_count()} cores), {', '.join(versions)}"
     props = torch.cuda.get_device_properties(0)
-    return (f"{props.name} ({props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}), "
-            f"CUDA {torch.version.cuda}, {', '.join(versions)}")
+    return (
+        f"{props.name} ({props.total_memory / 2**30:.0f} GiB, compute capability {props.major}.{props.minor}), "
+        f"CUDA {torch.version.cuda}, {', '.join(versions)}"
+    )
 
 
 def commit() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + ("-dirty" if git("status", "--porcelain", "-uno") else "")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + (
+        "-dirty" if git("status", "--porcelain", "-uno") else ""
+    )
 
 
 def markdown(rows: list[Row], device: str, command: str) -> str:
-    header = [f"### `make gpu-check`, {date.today().isoformat()}", "",
-              f"- Machine: {machine(device)}", f"- Commit: {commit()}", f"- Command: `{command}`", "",
-              "| check | model | options | result | figure | details |", "| --- | --- | --- | --- | --- | --- |"]
-    return "\n".join(header + [f"| {r.check} | {r.model} | {r.options} | {r.result} | {r.figure} | {r.details} |"
-                               for r in rows]) + "\n"
+    header = [
+        f"### `make gpu-check`, {date.today().isoformat()}",
+        "",
+        f"- Machine: {machine(device)}",
+        f"- Commit: {commit()}",
+        f"- Command: `{command}`",
+        "",
+        "| check | model | options | result | figure | details |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    return (
+        "\n".join(
+            header + [f"| {r.check} | {r.model} | {r.options} | {r.result} | {r.figure} | {r.details} |" for r in rows]
+        )
+        + "\n"
+    )
 
 
 def main() -> None:
@@ -577,14 +724,22 @@ def main() -> None:
         report(test_rows(device))
 
     def task(kind: str, model: str, option: str) -> dict[str, Any]:
-        return {"kind": kind, "model": model, "option": option, "checkpoint": str(root / model), "device": device,
-                "steps": steps, "skip": sorted(skip)}
+        return {
+            "kind": kind,
+            "model": model,
+            "option": option,
+            "checkpoint": str(root / model),
+            "device": device,
+            "steps": steps,
+            "skip": sorted(skip),
+        }
 
     if "warmup" not in skip:
         pairs = [(model, option) for model in models for option in options]
         with ThreadPoolExecutor(args.jobs or (4 if device == "cuda" else 1)) as pool:
-            for result in pool.map(lambda pair: run_in_process(task("warmup", *pair), args.timeout,
-                                                              Row("warm-up", *pair)), pairs):
+            for result in pool.map(
+                lambda pair: run_in_process(task("warmup", *pair), args.timeout, Row("warm-up", *pair)), pairs
+            ):
                 report(result)
     if {"sync", "kernels", "speed"} - skip:
         for model in models:

@@ -34,9 +34,11 @@ from urllib.parse import urlparse
 
 import httpx
 
-THREE_SENTENCES = ("The quick brown fox jumps over the lazy dog. "
-                   "Streaming speech should start long before the whole text is done. "
-                   "This third sentence closes the request.")
+THREE_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog. "
+    "Streaming speech should start long before the whole text is done. "
+    "This third sentence closes the request."
+)
 
 
 @dataclass
@@ -53,8 +55,9 @@ async def one_request(client: httpx.AsyncClient, url: str, text: str, results: R
     first = None
     size = 0
     try:
-        async with client.stream("POST", f"{url}/v1/audio/speech/stream/pcm",
-                                 json={"input": text, "voice": "default"}) as response:
+        async with client.stream(
+            "POST", f"{url}/v1/audio/speech/stream/pcm", json={"input": text, "voice": "default"}
+        ) as response:
             if response.status_code == 429:
                 results.rejected += 1
                 await response.aread()
@@ -82,6 +85,7 @@ async def run(url: str, concurrency: int, requests: int, text: str) -> tuple[Res
     results = Results()
     counter = iter(range(requests))
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+
         async def worker() -> None:
             while next(counter, None) is not None:
                 await one_request(client, url, text, results)
@@ -93,17 +97,31 @@ async def run(url: str, concurrency: int, requests: int, text: str) -> tuple[Res
 
 # --- Soak: every transport, clients that leave, bad input ---------------------------
 
-SENTENCES = ["Good morning, and welcome back.", "The meeting moved to half past three.",
-             "Dr. Smith paid $3.50 for 2.5 kg of apples, i.e. a bargain.", "Is this the right number? Yes!",
-             "Streaming speech should start long before the whole text is done.", "One. Two. Three."]
+SENTENCES = [
+    "Good morning, and welcome back.",
+    "The meeting moved to half past three.",
+    "Dr. Smith paid $3.50 for 2.5 kg of apples, i.e. a bargain.",
+    "Is this the right number? Yes!",
+    "Streaming speech should start long before the whole text is done.",
+    "One. Two. Three.",
+]
 FAILURE_CODES = {"synthesis_failed", "internal_error"}  # what a socket says where HTTP would say 5xx
 HOSTILE_BODIES = [  # raw bytes, each answered with a 4xx
-    b"{not json", b"[1, 2]", b'{"input": "Hi.", "voice": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
-    b'{"input": "Hi.", "seed": ' + b"9" * 5000 + b"}", b'{"input": "Hi \\ud800 there."}',
-    b'{"input": "Hi \\u0000 there."}', b'{"input": "Hi.", "sample_rate": 0}', b'{"input": "Hi.", "output_format": "pcm_0"}',
-    b'{"input": "Hi.", "output_format": "opus_48000_100000"}', b'{"input": "Hi.", "response_format": ""}',
-    b'{"input": "Hi.", "voice": "nobody"}', b'{"input": "Hi.", "speed": 99}', b'{"input": ""}',
-    json.dumps({"input": "Mr. " * 1200}).encode(), json.dumps({"input": "x" * 9000}).encode(),
+    b"{not json",
+    b"[1, 2]",
+    b'{"input": "Hi.", "voice": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+    b'{"input": "Hi.", "seed": ' + b"9" * 5000 + b"}",
+    b'{"input": "Hi \\ud800 there."}',
+    b'{"input": "Hi \\u0000 there."}',
+    b'{"input": "Hi.", "sample_rate": 0}',
+    b'{"input": "Hi.", "output_format": "pcm_0"}',
+    b'{"input": "Hi.", "output_format": "opus_48000_100000"}',
+    b'{"input": "Hi.", "response_format": ""}',
+    b'{"input": "Hi.", "voice": "nobody"}',
+    b'{"input": "Hi.", "speed": 99}',
+    b'{"input": ""}',
+    json.dumps({"input": "Mr. " * 1200}).encode(),
+    json.dumps({"input": "x" * 9000}).encode(),
 ]
 
 
@@ -146,8 +164,16 @@ class Soak:
         kind = self.rng.choice(["whole", "incremental", "cancel", "leave", "bad"])
         async with websockets.connect(f"{self.ws_url}/v1/audio/speech/ws", max_size=None) as ws:
             if kind == "bad":
-                await ws.send(self.rng.choice(['{"type": "dance"}', "{oops", '{"type": "append", "id": "x", "text": "x"}',
-                                               '{"type": "speak", "id": "u", "text": "Hi \\ud800."}']))
+                await ws.send(
+                    self.rng.choice(
+                        [
+                            '{"type": "dance"}',
+                            "{oops",
+                            '{"type": "append", "id": "x", "text": "x"}',
+                            '{"type": "speak", "id": "u", "text": "Hi \\ud800."}',
+                        ]
+                    )
+                )
                 reply = json.loads(await asyncio.wait_for(ws.recv(), 600))
                 self.count("ws-bad", f"{reply['type']}:{reply.get('code')}")
                 return
@@ -177,8 +203,15 @@ class Soak:
 
         sid = "MZ" + "0" * 32
         async with websockets.connect(f"{self.ws_url}/v1/telephony/twilio", max_size=None) as ws:
-            await ws.send(json.dumps({"event": "start", "streamSid": sid, "start": {
-                "streamSid": sid, "customParameters": {"text": self.text(2)}}}))
+            await ws.send(
+                json.dumps(
+                    {
+                        "event": "start",
+                        "streamSid": sid,
+                        "start": {"streamSid": sid, "customParameters": {"text": self.text(2)}},
+                    }
+                )
+            )
             marks = 0
             async for message in ws:
                 event = json.loads(message)
@@ -195,9 +228,14 @@ class Soak:
 
     async def hostile(self, client: httpx.AsyncClient) -> None:
         body = self.rng.choice(HOSTILE_BODIES)
-        headers = self.rng.choices([{"content-type": "application/json"}, {"content-type": "text/plain"},
-                                    {"content-type": "application/json", "origin": "http://evil.example"}],
-                                   weights=[8, 1, 1])[0]
+        headers = self.rng.choices(
+            [
+                {"content-type": "application/json"},
+                {"content-type": "text/plain"},
+                {"content-type": "application/json", "origin": "http://evil.example"},
+            ],
+            weights=[8, 1, 1],
+        )[0]
         response = await client.post(f"{self.url}/v1/audio/speech", content=body, headers=headers)
         self.count("hostile", response.status_code)
 
@@ -220,8 +258,9 @@ class Soak:
             await self.hostile(client)
 
 
-async def soak(url: str, concurrency: int, seconds: float, seed: int, pid: int | None, port: int,
-               every: float) -> dict[str, object]:
+async def soak(
+    url: str, concurrency: int, seconds: float, seed: int, pid: int | None, port: int, every: float
+) -> dict[str, object]:
     state = Soak(url, random.Random(seed))
     deadline = time.monotonic() + seconds
     started = time.monotonic()
@@ -235,6 +274,7 @@ async def soak(url: str, concurrency: int, seconds: float, seed: int, pid: int |
 
     # Longer than any REQUEST_TIMEOUT of a sane server: the server ends a request (504) before this client gives up.
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+
         async def worker() -> None:
             while time.monotonic() < deadline:
                 try:
@@ -251,10 +291,17 @@ async def soak(url: str, concurrency: int, seconds: float, seed: int, pid: int |
     slope = None
     if len(samples) >= 3 and samples[-1][1] > samples[0][1]:
         slope = round(100 * statistics.linear_regression([s[1] for s in samples], [s[2] for s in samples]).slope, 3)
-    return {"seconds": round(time.monotonic() - started), "concurrency": concurrency, "seed": seed,
-            "requests": state.requests, "server_failures": len(state.failures), "failures": state.failures[:20],
-            "outcomes": dict(sorted(state.outcomes.items())), "rss_mb_per_100_requests": slope,
-            "rss_samples": samples}
+    return {
+        "seconds": round(time.monotonic() - started),
+        "concurrency": concurrency,
+        "seed": seed,
+        "requests": state.requests,
+        "server_failures": len(state.failures),
+        "failures": state.failures[:20],
+        "outcomes": dict(sorted(state.outcomes.items())),
+        "rss_mb_per_100_requests": slope,
+        "rss_samples": samples,
+    }
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -308,13 +355,19 @@ def main() -> None:
     results, wall = asyncio.run(run(args.url, args.concurrency, requests, args.text))
     after = server_rss_mb(args.pid, port)
     summary = {
-        "concurrency": args.concurrency, "completed": len(results.rtf), "rejected_429": results.rejected,
-        "errors": len(results.errors), "ttfa_p50_s": percentile(results.first_audio, 50),
-        "ttfa_p95_s": percentile(results.first_audio, 95), "ttfa_p99_s": percentile(results.first_audio, 99),
+        "concurrency": args.concurrency,
+        "completed": len(results.rtf),
+        "rejected_429": results.rejected,
+        "errors": len(results.errors),
+        "ttfa_p50_s": percentile(results.first_audio, 50),
+        "ttfa_p95_s": percentile(results.first_audio, 95),
+        "ttfa_p99_s": percentile(results.first_audio, 99),
         "rtf_mean": statistics.fmean(results.rtf) if results.rtf else float("nan"),
-        "audio_s": round(results.audio_seconds, 2), "wall_s": round(wall, 2),
+        "audio_s": round(results.audio_seconds, 2),
+        "wall_s": round(wall, 2),
         "aggregate_rtf": wall / results.audio_seconds if results.audio_seconds else float("nan"),
-        "server_rss_mb_before": before, "server_rss_mb_after": after,
+        "server_rss_mb_before": before,
+        "server_rss_mb_after": after,
     }
     if args.json:
         print(json.dumps(summary))

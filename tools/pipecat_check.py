@@ -45,18 +45,21 @@ async def main() -> int:
     if args.service == "openai":
         from pipecat.services.openai.tts import OpenAITTSService
 
-        tts = OpenAITTSService(api_key="unused", base_url=f"{args.url}/v1",
-                               settings=OpenAITTSService.Settings(voice=args.voice))
+        tts = OpenAITTSService(
+            api_key="unused", base_url=f"{args.url}/v1", settings=OpenAITTSService.Settings(voice=args.voice)
+        )
     elif args.service == "elevenlabs":
         from pipecat.services.elevenlabs.tts import ElevenLabsTTSService
 
-        tts = ElevenLabsTTSService(api_key="unused", url=ws_url,
-                                   settings=ElevenLabsTTSService.Settings(voice=args.voice))
+        tts = ElevenLabsTTSService(
+            api_key="unused", url=ws_url, settings=ElevenLabsTTSService.Settings(voice=args.voice)
+        )
     else:
         from pipecat.services.cartesia.tts import CartesiaTTSService
 
-        tts = CartesiaTTSService(api_key="unused", url=f"{ws_url}/tts/websocket",
-                                 settings=CartesiaTTSService.Settings(voice=args.voice))
+        tts = CartesiaTTSService(
+            api_key="unused", url=f"{ws_url}/tts/websocket", settings=CartesiaTTSService.Settings(voice=args.voice)
+        )
 
     errors: list[str] = []
     received: dict[str, float] = {"bytes": 0, "rate": 24000, "first": 0.0}

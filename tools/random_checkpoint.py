@@ -32,14 +32,27 @@ _TINY_S3GEN = {
     "campplus_channels": 32,
     "tokenizer": {"state": 128, "heads": 2, "layers": 1},  # rotary head dim is fixed at 64,
 }
-_TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
-               "num_key_value_heads": 2, "head_dim": 32}
+_TINY_LLAMA = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+}
 TINY_ARCH = {
     "turbo": {"t3": {"n_embd": 64, "hidden_size": 64, "n_layer": 2, "n_head": 2, "n_positions": 2048}},
     "standard": {"t3": _TINY_LLAMA},
     # Multilingual's alignment analyzer reads attention heads 2, 11 and 15 of layers 9, 12 and 13.
-    "multilingual": {"t3": {**_TINY_LLAMA, "num_hidden_layers": 14, "num_attention_heads": 16,
-                            "num_key_value_heads": 16, "head_dim": 8}},
+    "multilingual": {
+        "t3": {
+            **_TINY_LLAMA,
+            "num_hidden_layers": 14,
+            "num_attention_heads": 16,
+            "num_key_value_heads": 16,
+            "head_dim": 8,
+        }
+    },
 }
 TEXT_VOCAB = {"standard": 704, "multilingual": 2454}
 # Multilingual spells each Chinese character as its Cangjie code, one token a letter (digits tell apart
@@ -75,8 +88,13 @@ def write_tokenizers(kind: str, out: Path) -> None:
         bpe = ByteLevelBPETokenizer()
         bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
         bpe.save(str(out / "tokenizer.json"))
-        config = {"tokenizer_class": "GPT2TokenizerFast", "bos_token": "<|endoftext|>",
-                  "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "model_max_length": 1024}
+        config = {
+            "tokenizer_class": "GPT2TokenizerFast",
+            "bos_token": "<|endoftext|>",
+            "eos_token": "<|endoftext|>",
+            "unk_token": "<|endoftext|>",
+            "model_max_length": 1024,
+        }
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     elif kind == "standard":
         char_tokenizer(TEXT_VOCAB[kind], []).save(str(out / "tokenizer.json"))
@@ -98,8 +116,9 @@ def _seed_cangjie_cache(out: Path) -> None:
     snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
-    codes = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxy"), size=rng.integers(1, 6)))
-             for _ in range(0x4E00, 0xA000)]
+    codes = [
+        "".join(rng.choice(list("abcdefghijklmnopqrstuvwxy"), size=rng.integers(1, 6))) for _ in range(0x4E00, 0xA000)
+    ]
     entries = [f"{chr(point)}\t{code}" for point, code in zip(range(0x4E00, 0xA000), codes)]
     (snapshot / "Cangjie5_TC.json").write_text(json.dumps(entries, ensure_ascii=False))
 
@@ -143,8 +162,9 @@ def write_checkpoint(out: Path, kind: str, tiny: bool, seed: int) -> None:
     for module in (parts.ve, parts.t3, parts.s3gen):
         module.eval()
     torch.manual_seed(seed)
-    conds = server.clip_conditionals(parts, kind, "cpu", reference_clip(seed), server.NATIVE_SAMPLE_RATE,
-                                     exaggeration=0.5)
+    conds = server.clip_conditionals(
+        parts, kind, "cpu", reference_clip(seed), server.NATIVE_SAMPLE_RATE, exaggeration=0.5
+    )
     conds.save(out / "conds.pt")
 
 

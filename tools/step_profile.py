@@ -1,12 +1,13 @@
 """Where a batched T3 step's time goes, on full-size Turbo with the server's thread setting (TORCH_THREADS).
 
-    MODEL_DIR=/path/to/turbo python tools/step_profile.py [QUANTIZE] [SLOTS]
-        SLOTS prefills, then 40 steps over SLOTS busy slots, and one step profiled.
-    MODEL_DIR=/path/to/turbo python tools/step_profile.py [QUANTIZE] --bound [KEYS]
-        8 busy slots against 1, every slot attending over KEYS positions (default 480, the middle of the
-        three-sentence text's 405 tokens), with the real attention and with attention costing nothing,
-        alternating, three rounds: the aggregate ratio batching can reach, and what attention takes from it.
+MODEL_DIR=/path/to/turbo python tools/step_profile.py [QUANTIZE] [SLOTS]
+    SLOTS prefills, then 40 steps over SLOTS busy slots, and one step profiled.
+MODEL_DIR=/path/to/turbo python tools/step_profile.py [QUANTIZE] --bound [KEYS]
+    8 busy slots against 1, every slot attending over KEYS positions (default 480, the middle of the
+    three-sentence text's 405 tokens), with the real attention and with attention costing nothing,
+    alternating, three rounds: the aggregate ratio batching can reach, and what attention takes from it.
 """
+
 import os
 import statistics
 import sys
@@ -24,8 +25,13 @@ def profile_steps(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: 
     start = time.perf_counter()
     for index in range(slots):
         hidden = batch.decoder.prefill(prompt, index)
-        batch.seat(server.Slot(index, position=prompt.shape[1], budget=10**6), hidden,
-                   engine.recipe(server.SynthesisParams()), 0.5, index)
+        batch.seat(
+            server.Slot(index, position=prompt.shape[1], budget=10**6),
+            hidden,
+            engine.recipe(server.SynthesisParams()),
+            0.5,
+            index,
+        )
     print(f"{slots} prefills {time.perf_counter() - start:.1f} s")
     times = []
     for _ in range(40):
@@ -35,14 +41,21 @@ def profile_steps(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: 
         times.append(time.perf_counter() - start)
     print(f"{slots}-row step median {1000 * statistics.median(times):.0f} ms", [round(1000 * x) for x in times[::4]])
     from torch.profiler import profile
+
     with profile() as p:
         batch.step()
         batch.read_tokens()
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def free_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
-                   causal: bool, attention: str) -> torch.Tensor:
+def free_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    causal: bool,
+    attention: str,
+) -> torch.Tensor:
     return torch.zeros_like(query)
 
 
@@ -57,8 +70,13 @@ def bound(engine: server.ChatterboxEngine, prompt: torch.Tensor, keys: int) -> N
         for slot in batch.busy:
             batch.leave(slot)
         for index in range(count):
-            batch.seat(server.Slot(index, position=position, budget=10**6), hidden,
-                       engine.recipe(server.SynthesisParams()), 0.5, index)
+            batch.seat(
+                server.Slot(index, position=position, budget=10**6),
+                hidden,
+                engine.recipe(server.SynthesisParams()),
+                0.5,
+                index,
+            )
         times = []
         for _ in range(8):
             for slot in batch.busy:  # every step attends over `keys` positions
@@ -80,8 +98,10 @@ def bound(engine: server.ChatterboxEngine, prompt: torch.Tensor, keys: int) -> N
     for name, label in (("real", "attention as served"), ("free", "attention costing nothing")):
         eight, one = statistics.median(medians[(name, 8)]), statistics.median(medians[(name, 1)])
         rounds = {count: "/".join(f"{1000 * x:.0f}" for x in medians[(name, count)]) for count in (8, 1)}
-        print(f"{label}: 8 slots {1000 * eight:.0f} ms ({rounds[8]}), 1 slot {1000 * one:.0f} ms ({rounds[1]}), "
-              f"aggregate {8 * one / eight:.2f}x")
+        print(
+            f"{label}: 8 slots {1000 * eight:.0f} ms ({rounds[8]}), 1 slot {1000 * one:.0f} ms ({rounds[1]}), "
+            f"aggregate {8 * one / eight:.2f}x"
+        )
 
 
 def main() -> None:
@@ -90,8 +110,9 @@ def main() -> None:
     threads = server.set_torch_threads(int(os.environ.get("TORCH_THREADS", "0")))
     bounding = args[:1] == ["--bound"]
     slots = 8 if bounding or not args else int(args[0])
-    engine = server.ChatterboxEngine("turbo", os.environ["MODEL_DIR"], "cpu",
-                                     options=server.ModelOptions(quantize=quantize, max_batch=slots))
+    engine = server.ChatterboxEngine(
+        "turbo", os.environ["MODEL_DIR"], "cpu", options=server.ModelOptions(quantize=quantize, max_batch=slots)
+    )
     with torch.inference_mode():
         engine.load()
         voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)

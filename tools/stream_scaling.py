@@ -1,7 +1,8 @@
 """N streams batched against one, in one process: wall time and T3/S3Gen seconds of each, alternating.
 
-    python tools/stream_scaling.py CHECKPOINT [S3GEN_BATCH]   # Turbo; 1 and 4 streams, two rounds
+python tools/stream_scaling.py CHECKPOINT [S3GEN_BATCH]   # Turbo; 1 and 4 streams, two rounds
 """
+
 import functools
 import os
 import sys
@@ -13,8 +14,13 @@ import bench
 
 TEXT = bench.THREE_SENTENCES
 
-engine = server.ChatterboxEngine("turbo", sys.argv[1], "cpu", options=server.ModelOptions(max_batch=8),
-                                 s3gen_batch=int(sys.argv[2]) if len(sys.argv) > 2 else 0)
+engine = server.ChatterboxEngine(
+    "turbo",
+    sys.argv[1],
+    "cpu",
+    options=server.ModelOptions(max_batch=8),
+    s3gen_batch=int(sys.argv[2]) if len(sys.argv) > 2 else 0,
+)
 runner = server.BatchRunner(engine)
 worker = bench.ThreadRunner()
 worker.call(engine.load)
@@ -29,6 +35,8 @@ for _ in range(2):
         results = worker.call(functools.partial(bench.generate, runner, requests, server.speech_token_budget(TEXT)))
         wall = time.perf_counter() - start
         seconds, _ = timers.take()
-        print(f"{count} streams: wall {wall:.2f} s, t3 {seconds.get('t3', 0):.2f} s, s3gen {seconds.get('s3gen', 0):.2f} s,"
-              f" tokens {[len(r.tokens) for r in results]}, first audio {[round(r.first_audio, 2) for r in results]}",
-              flush=True)
+        print(
+            f"{count} streams: wall {wall:.2f} s, t3 {seconds.get('t3', 0):.2f} s, s3gen {seconds.get('s3gen', 0):.2f} s,"
+            f" tokens {[len(r.tokens) for r in results]}, first audio {[round(r.first_audio, 2) for r in results]}",
+            flush=True,
+        )

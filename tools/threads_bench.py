@@ -3,6 +3,7 @@
 
     MODEL_DIR=/path/to/turbo python tools/threads_bench.py   # what TORCH_THREADS' default rests on
 """
+
 import os
 import statistics
 import sys
@@ -15,8 +16,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import server  # noqa: I001  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP, unless set)
 import torch
 
-engine = server.ChatterboxEngine("turbo", os.environ["MODEL_DIR"], "cpu",
-                                 options=server.ModelOptions(quantize="int8", max_batch=8))
+engine = server.ChatterboxEngine(
+    "turbo", os.environ["MODEL_DIR"], "cpu", options=server.ModelOptions(quantize="int8", max_batch=8)
+)
 with torch.inference_mode():
     engine.load()
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
@@ -24,8 +26,13 @@ with torch.inference_mode():
     prompt = engine.prompt("The quick brown fox jumps over the lazy dog.", voice, server.SynthesisParams())[0]
     for index in range(8):
         hidden = batch.decoder.prefill(prompt, index)
-        batch.seat(server.Slot(index, position=prompt.shape[1], budget=10**6), hidden,
-                   engine.recipe(server.SynthesisParams()), 0.5, index)
+        batch.seat(
+            server.Slot(index, position=prompt.shape[1], budget=10**6),
+            hidden,
+            engine.recipe(server.SynthesisParams()),
+            0.5,
+            index,
+        )
 
 stop = threading.Event()
 
@@ -86,6 +93,8 @@ for rep in range(int(os.environ.get("RUNS", "3"))):
             print(rep, threads, busy, f"step {1000 * r['step'][-1]:.0f} ms, window {r['window'][-1]:.2f} s", flush=True)
 print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
 for (threads, busy), r in results.items():
-    print(f"threads={threads} busy_loop={busy} step_ms={1000 * statistics.median(r['step']):.0f} "
-          f"({', '.join(f'{1000 * x:.0f}' for x in r['step'])}) window_s={statistics.median(r['window']):.2f} "
-          f"({', '.join(f'{x:.2f}' for x in r['window'])})")
+    print(
+        f"threads={threads} busy_loop={busy} step_ms={1000 * statistics.median(r['step']):.0f} "
+        f"({', '.join(f'{1000 * x:.0f}' for x in r['step'])}) window_s={statistics.median(r['window']):.2f} "
+        f"({', '.join(f'{x:.2f}' for x in r['window'])})"
+    )
