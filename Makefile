@@ -1,5 +1,6 @@
 # make run      set up .venv (once) and serve on 0.0.0.0:8000
-# make test     set up .venv (once) and run the whole test suite offline
+# make lint     ruff's lint and format check, then mypy (settings in pyproject.toml)
+# make test     set up .venv (once), make lint, then the whole test suite offline
 # make install  set up .venv (and Debian's chromium for the browser tests) only
 # make gpu-check  on a CUDA machine: tests, every option's warm-up, syncs, kernels, speed, bench -> one table
 # make golden [GOLDEN_AT=REV]  record every seeded transport's bytes on this machine (golden/outputs.json),
@@ -17,7 +18,7 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: install run test gpu-check golden clean
+.PHONY: install run lint test gpu-check golden clean
 
 install: $(STAMP) $(CHROMIUM)
 
@@ -38,7 +39,12 @@ $(CHROMIUM):
 run: $(STAMP)
 	$(PY) server.py
 
-test: $(STAMP) $(CHROMIUM)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: lint $(CHROMIUM)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 --timeout-method=thread $(TEST_MODULES) $(PYTEST_ARGS)
 
 gpu-check: $(STAMP)
