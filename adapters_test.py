@@ -10,7 +10,7 @@ import base64
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlencode
 
 import httpx
@@ -19,6 +19,8 @@ import pytest
 from hypothesis import given
 from hypothesis import settings as fuzzing
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.routing import Route, WebSocketRoute
 
 from testing import (
     ADAPTER_ENGINES,
@@ -189,7 +191,7 @@ def test_twilio_bad_input_gets_clear_errors_and_never_hangs(servers: dict[str, S
         ws.send(json.dumps({"event": "speak", "text": "Too early."}))
         assert json.loads(ws.recv(timeout=30))["error"]["code"] == "not_started"
     call = TwilioCall(srv)
-    bad = [
+    bad: list[tuple[str | bytes, str]] = [
         ("{not json", "invalid_json"),
         (json.dumps([1]), "invalid_json"),
         (b"\x00binary", "invalid_message"),
@@ -336,7 +338,8 @@ def test_elevenlabs_websockets_contexts_alignment_and_errors(servers: dict[str, 
     multi.ws.send("{not json")  # an error, and the socket stays usable
     multi.send(text=" ", context_id="c", voice_settings={"speed": 9})
     multi.send(context_id="a", close_context=True)
-    finals, errors = [], []
+    finals: list[str] = []
+    errors: list[str] = []
     while len(finals) < 2:
         message = multi.recv()
         if message.get("isFinal"):
@@ -409,8 +412,8 @@ def test_cartesia_websocket_contexts_formats_cancel_and_errors(servers: dict[str
         },
     )
     assert read_wav(response.content)[0] == 16000
-    bad = httpx.post(f"{srv.url}/tts/bytes", json={"transcript": "Hi."}, timeout=60)
-    assert bad.status_code == 400 and bad.json()["error_code"] == "missing_field"
+    missing = httpx.post(f"{srv.url}/tts/bytes", json={"transcript": "Hi."}, timeout=60)
+    assert missing.status_code == 400 and missing.json()["error_code"] == "missing_field"
 
 
 @pytest.mark.parametrize("engine", ADAPTER_ENGINES)
@@ -424,9 +427,12 @@ def test_wyoming_describe_synthesize_and_streaming_synthesize(servers: dict[str,
 
     async def until(client: AsyncTcpClient, last: str) -> list[Any]:
         events = []
-        while (event := await asyncio.wait_for(client.read_event(), 120)).type != last:
+        while True:
+            event = await asyncio.wait_for(client.read_event(), 120)
+            assert event is not None  # the server keeps the connection open until `last`
             events.append(event)
-        return [*events, event]
+            if event.type == last:
+                return events
 
     async def scenario() -> None:
         async with AsyncTcpClient("127.0.0.1", port) as client:
@@ -489,10 +495,11 @@ def test_asterisk_websocket_buffers_media_in_the_codec_and_hangs_up(
     servers: dict[str, ServerProcess], engine: str, codec: str, frame: int
 ) -> None:
     from websockets.sync.client import connect
+    from websockets.typing import Subprotocol
 
     srv = servers[engine]
     url = f"ws://127.0.0.1:{srv.port}/v1/telephony/asterisk?text=Hello%20caller.&seed=5"
-    with connect(url, subprotocols=["media"]) as ws:
+    with connect(url, subprotocols=[Subprotocol("media")]) as ws:
         assert ws.subprotocol == "media"
         ws.send(f"MEDIA_START connection_id:c1 channel:WebSocket/tts/0x1 format:{codec} optimal_frame_size:{frame}")
         commands, media = [], b""
@@ -518,7 +525,7 @@ def test_asterisk_websocket_buffers_media_in_the_codec_and_hangs_up(
         stream_format="audio",
     ).content
     assert media == reference  # the same stream as every other transport's
-    with connect(url.replace("?", "?token=x&"), subprotocols=["media"]) as ws:  # JSON control messages
+    with connect(url.replace("?", "?token=x&"), subprotocols=[Subprotocol("media")]) as ws:  # JSON control messages
         ws.send(json.dumps({"event": "MEDIA_START", "format": "opus", "optimal_frame_size": 0}))
         assert json.loads(ws.recv(timeout=30)) == {"command": "HANGUP"}
         with pytest.raises(Exception):
@@ -594,9 +601,11 @@ def test_protocols_plug_in_by_module_name_and_only_as_named(tmp_path: Path) -> N
     """PROTOCOLS names the add-on modules: by default the adapters' routes are served (Twilio's among them),
     with none named only the server's own."""
     with fake_app(tmp_path, engine=ToneEngine()) as client:
-        paths = {route.path for route in client.app.routes}
+        assert isinstance(client.app, Starlette)
+        paths = {cast(Route | WebSocketRoute, route).path for route in client.app.routes}
         assert {"/v1/telephony/twilio", "/tts/websocket", "/v1/telephony/audiosocket/{uuid}"} <= paths
     with fake_app(tmp_path, engine=ToneEngine(), protocols="") as client:
-        paths = {route.path for route in client.app.routes}
+        assert isinstance(client.app, Starlette)
+        paths = {cast(Route | WebSocketRoute, route).path for route in client.app.routes}
         assert "/v1/audio/speech/ws" in paths and not paths & {"/v1/telephony/twilio", "/tts/websocket"}
         assert client.post("/tts/bytes", json={}).status_code == 404

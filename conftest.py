@@ -112,13 +112,17 @@ def servers(
     def tcp_ports() -> dict[str, str]:
         return {"WYOMING_PORT": str(free_port()), "AUDIOSOCKET_PORT": str(free_port())}
 
-    procs = {"piper": ServerProcess("piper", None, tmp_path_factory.mktemp("voices-piper"), **tcp_ports())}
+    # command=None is named so that mypy does not match the environment's strings to it.
+    procs = {
+        "piper": ServerProcess("piper", None, tmp_path_factory.mktemp("voices-piper"), command=None, **tcp_ports())
+    }
     checkpoints = request.getfixturevalue("checkpoints")
     for kind in MODELS:
         procs[kind] = ServerProcess(
             kind,
             checkpoints[kind],
             tmp_path_factory.mktemp(f"voices-{kind}"),
+            command=None,
             **(tcp_ports() if kind == "turbo" else {}),
         )
     try:

@@ -85,10 +85,11 @@ def golden_cases(srv: ServerProcess) -> dict[str, bytes]:
         f"{base}/stream/with-timestamps", json={"text": text, "seed": seed}, timeout=120
     ).content
     from websockets.sync.client import connect
+    from websockets.typing import Subprotocol
 
     with connect(
         f"ws://127.0.0.1:{srv.port}/v1/telephony/asterisk?{urlencode({'text': text, 'seed': seed})}",
-        subprotocols=["media"],
+        subprotocols=[Subprotocol("media")],
     ) as asterisk:
         asterisk.send("MEDIA_START connection_id:g channel:WebSocket/g format:ulaw optimal_frame_size:160")
         media = b""

