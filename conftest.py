@@ -20,13 +20,19 @@ from testing import (
     ROOT,
     ServerProcess,
     ToneEngine,
+    ToolResult,
+    ToolRun,
     end_with_parent,
     free_port,
+    tool_run,
 )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one; `make gpu-check` runs them)")
+    config.addinivalue_line(
+        "markers", "tool_run(name): the test reads `tool_result`, that tool's run (testing.TOOL_RUNS)"
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -48,19 +54,14 @@ def fake_client(tmp_path: Path) -> Iterator[TestClient]:
         yield client
 
 
-CheckpointBuild = tuple[dict[str, Path], subprocess.Popen[bytes], Path]
-
-
-def start_checkpoint_build(tmp_path_factory: pytest.TempPathFactory) -> CheckpointBuild:
-    root = tmp_path_factory.mktemp("checkpoints")
+def start_checkpoint_build(root: Path) -> tuple[dict[str, Path], subprocess.Popen[bytes], Path]:
     dirs = {kind: root / kind for kind in MODELS}
-
     # One process writes all three (chatterbox is imported once), beside the tests that need none.
     build = (
         "import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import random_checkpoint; "
         "[random_checkpoint.write_checkpoint(Path(d), k, True, 7) for k, d in zip(sys.argv[2::2], sys.argv[3::2])]"
     )
-    log = tmp_path_factory.mktemp("checkpoint-build") / "output.log"
+    log = root / "build.log"
     with open(log, "wb") as output:
         proc = subprocess.Popen(
             [
@@ -77,61 +78,109 @@ def start_checkpoint_build(tmp_path_factory: pytest.TempPathFactory) -> Checkpoi
     return dirs, proc, log
 
 
-@pytest.fixture(scope="session", autouse=True)
-def checkpoint_build(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[CheckpointBuild | None]:
-    """Starts writing the checkpoints as the session starts, when a selected test needs them: the build
-    overlaps the in-process tests that come first. `checkpoints` waits for it."""
-    if not any({"checkpoints", "servers"} & set(getattr(item, "fixturenames", ())) for item in request.session.items):
+class HeadStart:
+    """The slow things the session's later tests need, started early so that they overlap the in-process
+    tests before them: the tiny checkpoints' build at once; once it is done, the test servers and the
+    tools' runs (one at a time). Started between tests, from the main thread: a test server's death
+    signal follows the thread that started it."""
+
+    def __init__(self, tmp: pytest.TempPathFactory, servers: bool, tools: list[str]):
+        self.tmp, self.wants_servers = tmp, servers
+        self.build = start_checkpoint_build(tmp.mktemp("checkpoints"))
+        self.servers: dict[str, ServerProcess] = {}
+        self.tools = tools  # in the order they start
+        self.tool_runs: dict[str, ToolRun] = {}
+
+    def checkpoints(self) -> dict[str, Path]:
+        dirs, proc, log = self.build
+        if proc.wait() != 0:
+            raise subprocess.CalledProcessError(proc.returncode, proc.args, log.read_bytes())
+        return dirs
+
+    def advance(self) -> None:
+        """Start what can start now."""
+        if self.wants_servers and "piper" not in self.servers:  # Piper needs no checkpoint
+            self.start_server("piper", None)
+        if self.build[1].poll() is None:
+            return
+        if self.wants_servers and len(self.servers) == 1:
+            for kind, directory in self.checkpoints().items():
+                self.start_server(kind, directory)
+        waiting = [name for name in self.tools if name not in self.tool_runs]
+        if waiting and all(run.proc is not None and run.proc.poll() is not None for run in self.tool_runs.values()):
+            self.start_tool(waiting[0])
+
+    def start_server(self, kind: str, model_dir: Path | None) -> None:
+        # Piper and Turbo also serve the TCP protocols (Wyoming, AudioSocket) for the adapter tests.
+        ports = {"WYOMING_PORT": str(free_port()), "AUDIOSOCKET_PORT": str(free_port())}
+        voices = self.tmp.mktemp(f"voices-{kind}")
+        # command=None is named so that mypy does not match the environment's strings to it.
+        self.servers[kind] = ServerProcess(
+            kind, model_dir, voices, command=None, **(ports if kind in ("piper", "turbo") else {})
+        )
+
+    def start_tool(self, name: str) -> ToolRun:
+        run = self.tool_runs[name] = tool_run(name, self.checkpoints(), self.tmp.mktemp(f"tool-{name}"))
+        run.start()
+        return run
+
+    def tool_result(self, name: str) -> ToolResult:
+        run = self.tool_runs.get(name) or self.start_tool(name)
+        return run, run.result()
+
+    def stop(self) -> None:
+        for srv in self.servers.values():
+            srv.stop()
+        for proc in [self.build[1], *(run.proc for run in self.tool_runs.values() if run.proc is not None)]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def head_start(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeadStart | None]:
+    """What the selected tests need of the slow things (none: no head start)."""
+    items = request.session.items
+    needs = set().union(*(getattr(item, "fixturenames", ()) for item in items))
+    tools = [marker.args[0] for item in items for marker in item.iter_markers("tool_run")]
+    if not ({"checkpoints", "servers"} & needs or tools):
         yield None
         return
-    build = start_checkpoint_build(tmp_path_factory)
+    start = HeadStart(tmp_path_factory, "servers" in needs, tools)
     try:
-        yield build
+        yield start
     finally:
-        if build[1].poll() is None:
-            build[1].kill()
-        build[1].wait()
+        start.stop()
+
+
+@pytest.fixture(autouse=True)
+def advance_head_start(head_start: HeadStart | None) -> None:
+    if head_start is not None:
+        head_start.advance()
 
 
 @pytest.fixture(scope="session")
-def checkpoints(checkpoint_build: CheckpointBuild | None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    dirs, proc, log = checkpoint_build or start_checkpoint_build(tmp_path_factory)
-    if proc.wait() != 0:
-        raise subprocess.CalledProcessError(proc.returncode, proc.args, log.read_bytes())
-    return dirs
+def checkpoints(head_start: HeadStart | None, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return (head_start or HeadStart(tmp_path_factory, False, [])).checkpoints()
 
 
 @pytest.fixture(scope="session")
-def servers(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, ServerProcess]]:
-    # Piper needs no checkpoint: it starts while the random checkpoints are being written.
-    # Piper and Turbo also serve the TCP protocols (Wyoming, AudioSocket) for the adapter tests.
-    def tcp_ports() -> dict[str, str]:
-        return {"WYOMING_PORT": str(free_port()), "AUDIOSOCKET_PORT": str(free_port())}
+def servers(head_start: HeadStart | None) -> dict[str, ServerProcess]:
+    assert head_start is not None and head_start.wants_servers
+    head_start.advance()
+    head_start.checkpoints()
+    head_start.advance()
+    for srv in head_start.servers.values():
+        srv.wait_ready()
+    return head_start.servers
 
-    # command=None is named so that mypy does not match the environment's strings to it.
-    procs = {
-        "piper": ServerProcess("piper", None, tmp_path_factory.mktemp("voices-piper"), command=None, **tcp_ports())
-    }
-    checkpoints = request.getfixturevalue("checkpoints")
-    for kind in MODELS:
-        procs[kind] = ServerProcess(
-            kind,
-            checkpoints[kind],
-            tmp_path_factory.mktemp(f"voices-{kind}"),
-            command=None,
-            **(tcp_ports() if kind == "turbo" else {}),
-        )
-    try:
-        for proc in procs.values():
-            proc.wait_ready()
-        yield procs
-    finally:
-        for proc in procs.values():
-            proc.stop()
+
+@pytest.fixture()
+def tool_result(request: pytest.FixtureRequest, head_start: HeadStart | None) -> ToolResult:
+    """The finished run of the test's `tool_run` (started ahead of the test when the session could)."""
+    marker = request.node.get_closest_marker("tool_run")
+    assert marker is not None and head_start is not None
+    return head_start.tool_result(marker.args[0])
 
 
 @pytest.fixture(params=ENGINES)

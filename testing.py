@@ -16,6 +16,7 @@ import sys
 import time
 import wave
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -268,6 +269,47 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+@dataclass
+class ToolRun:
+    """A tool's command, run as a user runs it (from the repository, its output in files), in the background."""
+
+    args: list[str]
+    env: dict[str, str]
+    directory: Path  # its output files, and whatever else it writes
+    timeout: float
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.directory / "stdout", "wb") as out, open(self.directory / "stderr", "wb") as err:
+            self.proc = subprocess.Popen(
+                self.args, env={**os.environ, **self.env}, stdout=out, stderr=err, cwd=ROOT, preexec_fn=end_with_parent
+            )
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        assert self.proc is not None
+        self.proc.wait(self.timeout)
+        out, err = ((self.directory / name).read_text() for name in ("stdout", "stderr"))
+        return subprocess.CompletedProcess(self.args, self.proc.returncode, out, err)
+
+
+ToolResult = tuple[ToolRun, subprocess.CompletedProcess[str]]
+
+
+def tool_run(name: str, checkpoints: dict[str, Path], directory: Path) -> ToolRun:
+    """The tools tools_test.py runs (its tests' `tool_run` markers name them), on the tiny checkpoints."""
+    gpu_check = ["tools/gpu_check.py", "--dry-run", "--checkpoints", str(checkpoints["turbo"].parent)]
+    gpu_check += ["--options", "defaults", "--skip", "tests,bench", "--out", str(directory / "report.md")]
+    bench = {
+        "bench": ["--model", "turbo", "--tokens", "12", "--runs", "1"],
+        "bench_concurrency": ["--concurrency", "2", "--tokens", "30", "--runs", "1"],
+        "bench_s3gen": ["--s3gen", "--tokens", "40", "--runs", "1", "--plan", "10,20:8"],
+    }
+    if name == "gpu_check":
+        return ToolRun([sys.executable, *gpu_check], {}, directory, timeout=600)
+    env = {"MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"}
+    return ToolRun([sys.executable, "bench.py", *bench[name]], env, directory, timeout=300)
 
 
 def speak(srv: ServerProcess, timeout: float = 120, **body: Any) -> httpx.Response:

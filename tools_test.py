@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 from typing import Any
+
+import pytest
 
 from testing import (
     MODELS,
     ROOT,
+    ToolResult,
 )
 
 
@@ -25,30 +25,13 @@ def load_tool(name: str) -> Any:
     return module
 
 
-def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.tool_run("gpu_check")
+def test_gpu_check_dry_run_writes_its_table(tool_result: ToolResult) -> None:
     """make gpu-check's script, on the CPU with tiny checkpoints, so that a GPU is not its first run. Every
     model's steps pass the sync check: the reads the token loop makes on purpose (the block's tokens,
     Multilingual's monitor every step) are let through by name, any other read fails it."""
-    out = tmp_path / "report.md"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "tools/gpu_check.py",
-            "--dry-run",
-            "--checkpoints",
-            str(checkpoints["turbo"].parent),
-            "--options",
-            "defaults",
-            "--skip",
-            "tests,bench",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=ROOT,
-    )
+    run, result = tool_result
+    out = run.directory / "report.md"
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = out.read_text().splitlines()
     assert lines[0].startswith("### `make gpu-check`") and any(line.startswith("- Commit: ") for line in lines)
@@ -68,22 +51,16 @@ def test_gpu_check_dry_run_writes_its_table(checkpoints: dict[str, Path], tmp_pa
         assert float(rows[("speed: T3 steps/s", kind, "defaults")][0]) > 0
 
 
-def run_bench(checkpoints: dict[str, Path], *args: str) -> tuple[str, list[str]]:
-    """bench.py on tiny Turbo, as a user runs it: its output and that output's lines."""
-    result = subprocess.run(
-        [sys.executable, "bench.py", *args],
-        env={**os.environ, "MODEL_DIR": str(checkpoints["turbo"]), "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-    )
+def bench_output(tool_result: ToolResult) -> tuple[str, list[str]]:
+    """bench.py's run on tiny Turbo, as a user runs it: its output and that output's lines."""
+    _, result = tool_result
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout, result.stdout.strip().splitlines()
 
 
-def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[str, Path]) -> None:
-    stdout, lines = run_bench(checkpoints, "--model", "turbo", "--tokens", "12", "--runs", "1")
+@pytest.mark.tool_run("bench")
+def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(tool_result: ToolResult) -> None:
+    stdout, lines = bench_output(tool_result)
     rows = {
         line.split()[0]: dict(item.split("=") for item in line.split()[1:])
         for line in lines
@@ -96,8 +73,9 @@ def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(checkpoints: dict[s
     assert row.result == lines[-1].replace("=", " ") and "T3 tokens/s" in row.details
 
 
-def test_bench_concurrency_batches_streams_against_one_slot_at_a_time(checkpoints: dict[str, Path]) -> None:
-    stdout, lines = run_bench(checkpoints, "--concurrency", "2", "--tokens", "30", "--runs", "1")
+@pytest.mark.tool_run("bench_concurrency")
+def test_bench_concurrency_batches_streams_against_one_slot_at_a_time(tool_result: ToolResult) -> None:
+    stdout, lines = bench_output(tool_result)
     rows = {
         line.split()[2]: dict(item.split("=") for item in line.split()[3:])
         for line in lines
@@ -112,8 +90,9 @@ def test_bench_concurrency_batches_streams_against_one_slot_at_a_time(checkpoint
     ]
 
 
-def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(checkpoints: dict[str, Path]) -> None:
-    _, lines = run_bench(checkpoints, "--s3gen", "--tokens", "40", "--runs", "1", "--plan", "10,20:8")
+@pytest.mark.tool_run("bench_s3gen")
+def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(tool_result: ToolResult) -> None:
+    _, lines = bench_output(tool_result)
     rows = {
         line.split()[1]: dict(item.split("=") for item in line.split()[2:])
         for line in lines
