@@ -247,6 +247,21 @@ class Generated:
     done: float
 
 
+def seat_prompt(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: int) -> None:
+    """The first `slots` slots of the engine's batch seated, each with `prompt` prefilled (the tools' steady
+    batched steps)."""
+    batch = engine.loaded_batch()
+    for index in range(slots):
+        hidden = batch.decoder.prefill(prompt, index)
+        batch.seat(
+            server.Slot(index, position=prompt.shape[1], budget=10**6),
+            hidden,
+            engine.recipe(server.SynthesisParams()),
+            0.5,
+            index,
+        )
+
+
 def generate(
     runner: server.BatchRunner,
     requests: list[tuple[str, Any, server.SynthesisParams, int]],

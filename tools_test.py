@@ -58,14 +58,19 @@ def bench_output(tool_result: ToolResult) -> tuple[str, list[str]]:
     return result.stdout, result.stdout.strip().splitlines()
 
 
+def named_rows(lines: list[str], starts: tuple[str, ...], name_at: int) -> dict[str, dict[str, str]]:
+    """The output lines that start so, by the word at `name_at`, each with the name=value pairs after it."""
+    return {
+        line.split()[name_at]: dict(item.split("=") for item in line.split()[name_at + 1 :])
+        for line in lines
+        if line.startswith(starts)
+    }
+
+
 @pytest.mark.tool_run("bench")
 def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(tool_result: ToolResult) -> None:
     stdout, lines = bench_output(tool_result)
-    rows = {
-        line.split()[0]: dict(item.split("=") for item in line.split()[1:])
-        for line in lines
-        if line.startswith(("stock ", "ours "))
-    }
+    rows = named_rows(lines, ("stock ", "ours "), 0)
     for row in rows.values():
         assert float(row["tokens"]) == 12 and float(row["t3_tokens_per_s"]) > 0 and float(row["e2e_rtf"]) > 0
     assert re.fullmatch(r"speedup_e2e=\d+\.\d{3}", lines[-1])
@@ -77,9 +82,9 @@ def test_bench_runs_stock_and_ours_and_ends_with_the_speedup(tool_result: ToolRe
 def test_bench_concurrency_batches_streams_against_one_slot_at_a_time(tool_result: ToolResult) -> None:
     stdout, lines = bench_output(tool_result)
     rows = {
-        line.split()[2]: dict(item.split("=") for item in line.split()[3:])
-        for line in lines
-        if line.startswith("concurrency 2 ") and line.split()[2] in ("batched", "one_at_a_time")
+        name: row
+        for name, row in named_rows(lines, ("concurrency 2 ",), 2).items()
+        if name in ("batched", "one_at_a_time")
     }
     assert set(rows["batched"]) >= {"audio_s_per_s", "t3_tokens_per_s", "s3gen_ms_per_token", "first_audio_p95_s"}
     assert all(float(row["audio_s_per_s"]) > 0 for row in rows.values()) and len(rows) == 2
@@ -93,11 +98,7 @@ def test_bench_concurrency_batches_streams_against_one_slot_at_a_time(tool_resul
 @pytest.mark.tool_run("bench_s3gen")
 def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(tool_result: ToolResult) -> None:
     _, lines = bench_output(tool_result)
-    rows = {
-        line.split()[1]: dict(item.split("=") for item in line.split()[2:])
-        for line in lines
-        if line.startswith("s3gen ")
-    }
+    rows = named_rows(lines, ("s3gen ",), 1)
     assert set(rows) == {"whole", "before", "10,20:8"}
     assert all(float(row["ms_per_token"]) > 0 for row in rows.values())
     assert float(rows["whole"]["vs_whole"]) == 1 and float(rows["10,20:8"]["mel_error_db"]) < 0

@@ -12,6 +12,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import server  # noqa: I001  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP)
@@ -23,15 +24,7 @@ import bench
 def profile_steps(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: int) -> None:
     batch = engine.loaded_batch()
     start = time.perf_counter()
-    for index in range(slots):
-        hidden = batch.decoder.prefill(prompt, index)
-        batch.seat(
-            server.Slot(index, position=prompt.shape[1], budget=10**6),
-            hidden,
-            engine.recipe(server.SynthesisParams()),
-            0.5,
-            index,
-        )
+    bench.seat_prompt(engine, prompt, slots)
     print(f"{slots} prefills {time.perf_counter() - start:.1f} s")
     times = []
     for _ in range(40):
@@ -48,15 +41,9 @@ def profile_steps(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: 
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
-def free_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor | None,
-    causal: bool,
-    attention: str,
-) -> torch.Tensor:
-    return torch.zeros_like(query)
+def free_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Attention costing nothing: zeros shaped as its query."""
+    return torch.zeros_like(args[0] if args else kwargs["query"])
 
 
 def bound(engine: server.ChatterboxEngine, prompt: torch.Tensor, keys: int) -> None:

@@ -16,6 +16,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import server  # noqa: I001  (first: it sets OMP_WAIT_POLICY before torch loads OpenMP, unless set)
 import torch
 
+import bench
+
 engine = server.ChatterboxEngine(
     "turbo", os.environ["MODEL_DIR"], "cpu", options=server.ModelOptions(quantize="int8", max_batch=8)
 )
@@ -24,15 +26,7 @@ with torch.inference_mode():
     voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
     batch = engine.loaded_batch()
     prompt = engine.prompt("The quick brown fox jumps over the lazy dog.", voice, server.SynthesisParams())[0]
-    for index in range(8):
-        hidden = batch.decoder.prefill(prompt, index)
-        batch.seat(
-            server.Slot(index, position=prompt.shape[1], budget=10**6),
-            hidden,
-            engine.recipe(server.SynthesisParams()),
-            0.5,
-            index,
-        )
+    bench.seat_prompt(engine, prompt, 8)
 
 stop = threading.Event()
 
