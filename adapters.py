@@ -48,7 +48,7 @@ from server import (
     AppState,
     NullIsDefault,
     Priority,
-    Protocol,
+    ProtocolPlugin,
     SpeechJob,
     SpeechSession,
     SynthesisFields,
@@ -1484,10 +1484,10 @@ KEY_IN_SESSION: list[BaseRoute] = [
 ]
 
 
-def protocol() -> Protocol:
+def protocol() -> ProtocolPlugin:
     """This module's protocols, as the server plugs them in: its routes, the TCP servers that run with
     the app, and what calls are to say."""
-    return Protocol(
+    return ProtocolPlugin(
         name=__name__,
         self_checked=KEY_IN_SESSION,
         serving=TcpServers,

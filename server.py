@@ -5166,7 +5166,7 @@ class AppState:
     engine: Engine
     speaker: Speaker
     started: float = field(default_factory=time.time)
-    protocol_state: dict[str, Any] = field(default_factory=dict)  # each add-on's own (Protocol.state), by name
+    protocol_state: dict[str, Any] = field(default_factory=dict)  # each add-on's own (ProtocolPlugin.state), by name
 
 
 def state(request: Request | WebSocket) -> AppState:
@@ -6273,7 +6273,7 @@ class OriginCheck:
 
 
 @dataclass
-class Protocol:
+class ProtocolPlugin:
     """An add-on's protocols, plugged into the app: PROTOCOLS names the modules, and each module's
     `protocol()` returns its own. The core never imports an add-on; add-ons use the core's sessions."""
 
@@ -6284,7 +6284,7 @@ class Protocol:
     state: Any = None  # the add-on's own, one per app
 
 
-def load_protocols(modules: str) -> list[Protocol]:
+def load_protocols(modules: str) -> list[ProtocolPlugin]:
     """The protocols of the comma-separated add-on modules (PROTOCOLS), imported by name."""
     import importlib
 
@@ -6292,7 +6292,7 @@ def load_protocols(modules: str) -> list[Protocol]:
 
 
 def create_app(
-    settings: Settings | None = None, engine: Engine | None = None, protocols: list[Protocol] | None = None
+    settings: Settings | None = None, engine: Engine | None = None, protocols: list[ProtocolPlugin] | None = None
 ) -> Starlette:
     """The app: the core's routes and those of `protocols` (by default the add-ons PROTOCOLS names)."""
     settings = settings or Settings.from_env()
