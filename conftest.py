@@ -167,9 +167,9 @@ def checkpoints(head_start: HeadStart | None, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="session")
 def servers(head_start: HeadStart | None) -> dict[str, ServerProcess]:
     assert head_start is not None and head_start.wants_servers
-    head_start.advance()
+    head_start.advance()  # Piper, if no test before started it: it needs no checkpoint
     head_start.checkpoints()
-    head_start.advance()
+    head_start.advance()  # the others, now that their checkpoints exist
     for srv in head_start.servers.values():
         srv.wait_ready()
     return head_start.servers

@@ -4238,7 +4238,7 @@ class BatchCounts:
     voice_prefixes: CacheCounts
 
 
-def batch_counts(runner: Any) -> BatchCounts | None:
+def batch_counts(runner: SequentialRunner | BatchRunner | None) -> BatchCounts | None:
     """None unless the worker runs a loaded T3 batch."""
     if not isinstance(runner, BatchRunner) or runner.engine.batch is None:
         return None
