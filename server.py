@@ -3445,6 +3445,17 @@ TOKENS_DONE = _Event("TOKENS_DONE")  # T3 has drawn a generation's last token; i
 GENERATION_DONE = _Event("GENERATION_DONE")  # its last audio has been delivered
 
 
+@dataclass(frozen=True)
+class TextMarks:
+    """Where a generation's text is spoken: each (character, sample) pair says that the character at that
+    index of the generation's text starts at that sample of its audio (the engine's rate, counted from the
+    generation's first sample). Pairs rise in both; characters between two marks share the stretch between
+    them. An engine hands marks out no later than the audio they fall in."""
+
+    marks: tuple[tuple[int, int], ...]
+    kind: str = "aligned"  # "aligned": measured by the model; "estimated": spread over the audio's real length
+
+
 @dataclass(eq=False)
 class Generation:
     """One model call: a chunk of one request's text, from submission to its last audio. Made on the
