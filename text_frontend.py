@@ -926,14 +926,21 @@ _R = TypeVar("_R", bound=_Repl)
 class _Pass:
     pattern: re.Pattern[str]
     repl: _Repl
+    needs: tuple[str, ...] = ()  # runs only where one of these is in the text (nothing: always)
+    digits: bool = True  # runs only where the text has a digit
+
+
+_DIGIT = re.compile(r"\d")
 
 
 def _normalize(chunk: _Chunk, language: str) -> _Chunk:
     lang = _language(language)
     passes = _english_passes(lang.n2w or "en", lang.region) if lang.base == "en" else _number_passes(lang)
     text, src = chunk.text, chunk.src
+    digits = _DIGIT.search(text) is not None  # passes take digits away, never add them
     for p in passes:
-        text, src = _sub(text, src, p.pattern, p.repl)
+        if (digits or not p.digits) and (not p.needs or any(n in text for n in p.needs)):
+            text, src = _sub(text, src, p.pattern, p.repl)
     return _Chunk(text, src, chunk.rate, _FIXED)
 
 
@@ -1037,9 +1044,9 @@ def _english_passes(lang: str, region: str) -> tuple[_Pass, ...]:
     day_first = region in {"GB", "AU", "NZ", "IE", "IN", "ZA"}
     passes: list[_Pass] = []
 
-    def add(pattern: str, flags: int = 0) -> Callable[[_R], _R]:
+    def add(pattern: str, flags: int = 0, needs: tuple[str, ...] = (), digits: bool = True) -> Callable[[_R], _R]:
         def register(repl: _R) -> _R:
-            passes.append(_Pass(re.compile(pattern, flags), repl))
+            passes.append(_Pass(re.compile(pattern, flags), repl, needs, digits))
             return repl
 
         return register
@@ -1059,9 +1066,15 @@ def _english_passes(lang: str, region: str) -> tuple[_Pass, ...]:
         return parts
 
     url_seps = {".": "dot", "/": "slash", "-": "dash", "_": "underscore", "?": "question mark", "=": "equals",
-                "&": "and", "#": "hash", ":": "colon", "%": "percent", "~": "tilde", "+": "plus", "@": "at"}  # fmt: skip
+                "&": "and", "#": "hash", ":": "colon", "%": "percent", "~": "tilde", "+": "plus",
+                "@": "at"}  # fmt: skip
 
-    @add(r"(?<![\w@/.])(?:(?:https?|ftp)://|www\.)[^\s<>\"'()\[\]{}]{1,2000}", re.IGNORECASE)
+    @add(
+        r"(?<![\w@/.])(?:(?:https?|ftp)://|www\.)[^\s<>\"'()\[\]{}]{1,2000}",
+        re.IGNORECASE,
+        needs=("://", "www", "WWW", "Www"),
+        digits=False,
+    )
     def url(m: re.Match[str]) -> _Parts | None:
         raw = m.group()
         body = re.sub(r"^(?:(?:https?|ftp)://)?(?:www\.)?", "", raw, flags=re.IGNORECASE)
@@ -1071,16 +1084,25 @@ def _english_passes(lang: str, region: str) -> tuple[_Pass, ...]:
         end = start + len(body)
         return [*parts, *((c, i, i + 1) for i, c in enumerate(raw[end:], end) if c != "/")] if parts else None
 
-    @add(r"(?<![\w@/.-])[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\.[A-Za-z0-9-]{1,63}){0,3}\.(?:com|org|net|io|ai|dev|co|edu|gov|app)"
-         r"(?:/[^\s<>\"'()\[\]{}]{0,500})?(?![\w@])")  # fmt: skip
+    @add(r"(?<![\w@/.-])[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\.[A-Za-z0-9-]{1,63}){0,3}"
+         r"\.(?:com|org|net|io|ai|dev|co|edu|gov|app)"
+         r"(?:/[^\s<>\"'()\[\]{}]{0,500})?(?![\w@])", needs=(".",), digits=False)  # fmt: skip
     def domain(m: re.Match[str]) -> _Parts | None:
         return url(m)
 
-    @add(r"(?<![\w.+-])[A-Za-z0-9][\w.+-]{0,63}@[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\.[A-Za-z0-9-]{1,63}){1,8}(?![\w-])")
+    @add(
+        r"(?<![\w.+-])[A-Za-z0-9][\w.+-]{0,63}@[A-Za-z0-9][A-Za-z0-9-]{0,62}(?:\.[A-Za-z0-9-]{1,63}){1,8}(?![\w-])",
+        needs=("@",),
+        digits=False,
+    )
     def email(m: re.Match[str]) -> _Parts | None:
         return spell_parts(m.group(), 0, url_seps)
 
-    @add(r"(?<![\w.])(Mrs|Mr|Ms|Prof|Jr|Sr|Mt|Capt|Gen|Lt|Col|Sgt|Rev|Gov|Sen|Rep|Dr|St)\.(?!\w)")
+    @add(
+        r"(?<![\w.])(Mrs|Mr|Ms|Prof|Jr|Sr|Mt|Capt|Gen|Lt|Col|Sgt|Rev|Gov|Sen|Rep|Dr|St)\.(?!\w)",
+        needs=(".",),
+        digits=False,
+    )
     def title(m: re.Match[str]) -> str | None:
         key = m.group(1)
         before = m.string[max(0, m.start() - 24) : m.start()]
@@ -1096,12 +1118,17 @@ def _english_passes(lang: str, region: str) -> tuple[_Pass, ...]:
         word = _ABBREVIATIONS[key]
         return word + ("." if key in _SUFFIX_TITLES and _ends_sentence(m) else "")
 
-    @add(r"(?<![\w.])(etc|e\.g|i\.e|vs|approx)\.(?!\w)|(?<![\w.])vs(?![\w.])", re.IGNORECASE)
+    @add(
+        r"(?<![\w.])(etc|e\.g|i\.e|vs|approx)\.(?!\w)|(?<![\w.])vs(?![\w.])",
+        re.IGNORECASE,
+        needs=(".", "vs", "VS", "Vs", "vS"),
+        digits=False,
+    )
     def latin(m: re.Match[str]) -> str:
         word = _LATIN[(m.group(1) or "vs").lower()]
         return word + ("." if _ends_sentence(m) and m.group(1) else "")
 
-    @add(r"(?<![\w+])\+(\d{1,3})((?:[ .-]\(?\d{1,4}\)?){2,5})(?![\w])")
+    @add(r"(?<![\w+])\+(\d{1,3})((?:[ .-]\(?\d{1,4}\)?){2,5})(?![\w])", needs=("+",))
     def phone_international(m: re.Match[str]) -> _Parts | None:
         if len(_digits_of(m.group())) < 7:
             return None
@@ -1146,14 +1173,16 @@ def _english_passes(lang: str, region: str) -> tuple[_Pass, ...]:
         return _date_words(year, month, day, lang, dmy)
 
     @add(
-        rf"\b({_MONTH_RE})(?:\.|\b)\s{{1,4}}(\d{{1,2}})(?:st|nd|rd|th)?(?!\w|[:.,]\d)(?:,?\s{{1,4}}(\d{{4}})(?!\w|[:.,]\d))?"
+        rf"\b({_MONTH_RE})(?:\.|\b)\s{{1,4}}(\d{{1,2}})(?:st|nd|rd|th)?(?!\w|[:.,]\d)"
+        rf"(?:,?\s{{1,4}}(\d{{4}})(?!\w|[:.,]\d))?"
     )
     def month_day(m: re.Match[str]) -> str | None:
         year = int(m.group(3)) if m.group(3) else None
         return _date_words(year, _MONTH_OF[m.group(1).lower()], int(m.group(2)), lang)
 
     @add(
-        rf"(?<![\w.,])(\d{{1,2}})(?:st|nd|rd|th)?\s{{1,4}}(?:of\s{{1,4}})?({_MONTH_RE})\b(?:,?\s{{1,4}}(\d{{4}})(?!\w|[:.,]\d))?"
+        rf"(?<![\w.,])(\d{{1,2}})(?:st|nd|rd|th)?\s{{1,4}}(?:of\s{{1,4}})?({_MONTH_RE})\b"
+        rf"(?:,?\s{{1,4}}(\d{{4}})(?!\w|[:.,]\d))?"
     )
     def day_month(m: re.Match[str]) -> str | None:
         year = int(m.group(3)) if m.group(3) else None
@@ -1302,7 +1331,7 @@ def _english_passes(lang: str, region: str) -> tuple[_Pass, ...]:
 
     symbols = {"&": " and ", "+": " plus ", "=": " equals ", "@": " at ", "°": " degrees ", "~": " about "}
 
-    @add(r"(?<=\s)[@~](?=\s|$)|^[@~](?=\s|$)|[&+=°]", re.MULTILINE)
+    @add(r"(?<=\s)[@~](?=\s|$)|^[@~](?=\s|$)|[&+=°]", re.MULTILINE, ("&", "+", "=", "@", "°", "~"), digits=False)
     def symbol(m: re.Match[str]) -> str:
         return symbols[m.group()]
 
