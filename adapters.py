@@ -46,6 +46,7 @@ import server
 from server import (
     ApiError,
     AppState,
+    CharTime,
     NullIsDefault,
     Priority,
     ProtocolPlugin,
@@ -53,9 +54,11 @@ from server import (
     SpeechSession,
     SynthesisFields,
     Utterance,
+    Words,
+    with_timings,
 )
 
-# --- Shared: API keys, errors, estimated character timings ---------------------------------------
+# --- Shared: API keys, errors, character timings ----------------------------------------------
 
 
 def check_key(app_state: AppState, *presented: str | None) -> None:
@@ -65,97 +68,19 @@ def check_key(app_state: AppState, *presented: str | None) -> None:
         raise ApiError(401, "Missing or invalid API key.", code="invalid_api_key")
 
 
-CHARS_PER_SECOND = 14.0  # the steady speaking rate the character timings assume
-
-
-@dataclass
-class CharTimings:
-    """Estimated timings of an utterance's characters: the pipeline has no alignment, so the text
-    given to the model is laid over the audio in order at CHARS_PER_SECOND, never ahead of that
-    text; what is left when the audio ends is placed at its end."""
-
-    text: str = ""
-    placed: int = 0
-    clock: float = 0.0  # seconds of audio so far
-
-    def place(self, seconds: float, final: bool = False) -> list[tuple[str, float, float]]:
-        """(character, start, duration) in seconds from the utterance's start, for the next `seconds` of audio."""
-        start = self.clock
-        self.clock += seconds
-        due = len(self.text) if final else min(len(self.text), round(self.clock * CHARS_PER_SECOND))
-        chars = self.text[self.placed : due]
-        self.placed = max(self.placed, due)
-        step = seconds / len(chars) if chars else 0.0
-        return [(char, start + i * step, step) for i, char in enumerate(chars)]
-
-
-async def with_timings(
-    audio: AsyncIterator[bytes], timeline: server.Timeline, timings: CharTimings
-) -> AsyncIterator[tuple[bytes, list[tuple[str, float, float]], float]]:
-    """Each piece of a job's audio with the characters estimated to be spoken in it and where it starts
-    (seconds from the utterance's start); then, if text is left when the audio ends, an empty piece
-    that places the rest at the end."""
-    heard = 0.0
-    async for data in audio:
-        seconds, heard = timeline.audio_seconds - heard, timeline.audio_seconds
-        start = timings.clock
-        yield data, timings.place(seconds), start
-    if tail := timings.place(0.0, final=True):
-        yield b"", tail, timings.clock
-
-
-@dataclass
-class Words:
-    """Characters with timings, gathered into words (Cartesia's word timestamps)."""
-
-    word: str = ""
-    start: float = 0.0
-    end: float = 0.0
-
-    def add(self, chars: list[tuple[str, float, float]], final: bool = False) -> list[tuple[str, float, float]]:
-        done = []
-        for char, start, duration in chars:
-            if char.isspace():
-                if self.word:
-                    done.append((self.word, self.start, self.end))
-                self.word = ""
-                continue
-            if not self.word:
-                self.start = start
-            self.word += char
-            self.end = start + duration
-        if final and self.word:
-            done.append((self.word, self.start, self.end))
-            self.word = ""
-        return done
-
-
-@dataclass
-class Context(Utterance):
-    """An utterance of a vendor WebSocket, its text laid over its audio (character timings)."""
-
-    timings: CharTimings = field(default_factory=CharTimings)
-
-    def record_text(self, text: str) -> None:
-        self.timings.text += text
-
-
 class VendorSession(SpeechSession):
     """A WebSocket whose utterances ("contexts") are named by the client and may be spoken side by
     side; subclasses say how messages, audio and endings look in their protocol."""
 
-    utterance_type = Context
-
     async def stream(self, utterance: Utterance) -> None:
-        assert isinstance(utterance, Context)
-        async for data, chars, start in with_timings(utterance.audio(), utterance.job.timeline, utterance.timings):
-            await self.send_audio(utterance, data, chars, start)
+        async for data, original, normalized, start in with_timings(utterance.audio(), utterance.job):
+            await self.send_audio(utterance, data, original, normalized, start)
 
     async def send_audio(
-        self, context: Context, data: bytes, chars: list[tuple[str, float, float]], start: float
+        self, context: Utterance, data: bytes, original: list[CharTime], normalized: list[CharTime], start: float
     ) -> None:
-        """One piece of the context's audio, with the characters estimated to be spoken in it
-        (times from the utterance's start; `start` is where this piece begins)."""
+        """One piece of the context's audio, with the characters that start in it, of the caller's text
+        and of the normalized (times from the utterance's start; `start` is where this piece begins)."""
         raise NotImplementedError
 
     async def hang_up(self, code: int = 1000, reason: str = "") -> None:
@@ -317,44 +242,47 @@ async def elevenlabs_speech(request: Request) -> Response:
 
 
 async def elevenlabs_timestamps(request: Request) -> Response:
-    """.../with-timestamps: JSON lines of base64 audio with (estimated) character timings."""
+    """.../with-timestamps: base64 audio with the timings of the text's characters (and of the normalized
+    text's), as ElevenLabs answers: /stream/with-timestamps as JSON lines, one per piece of audio; plain
+    /with-timestamps as one JSON object once all of it is made."""
     body, fields = await elevenlabs_request(request)
     streaming = "/stream/" in request.url.path
     job, chunks = await server.request_job(request, fields, body.text, "mp3", streaming, param="text")
     audio = await server.speech_stream(request, job, chunks, streaming)
-    timings = CharTimings(text=body.text)
+    if not streaming:
+        pieces = [piece async for piece in with_timings(audio, job)]
+        whole = (
+            b"".join(data for data, _, _, _ in pieces),
+            [char for _, original, _, _ in pieces for char in original],
+            [char for _, _, normalized, _ in pieces for char in normalized],
+        )
+        return Response(timestamp_json(*whole), media_type="application/json", headers={"X-Request-Id": job.id})
 
     async def lines() -> AsyncIterator[bytes]:
-        async for data, chars, _ in with_timings(audio, job.timeline, timings):
-            yield timestamp_line(data, chars)
+        async for data, original, normalized, _ in with_timings(audio, job):
+            yield timestamp_json(data, original, normalized) + b"\n"
 
     return StreamingResponse(
         server.ended_cleanly(lines()), media_type="application/x-ndjson", headers={"X-Request-Id": job.id}
     )
 
 
-def timestamp_line(data: bytes, chars: list[tuple[str, float, float]]) -> bytes:
-    alignment = {
-        "characters": [c for c, _, _ in chars],
-        "character_start_times_seconds": [round(s, 3) for _, s, _ in chars],
-        "character_end_times_seconds": [round(s + d, 3) for _, s, d in chars],
+def timestamp_json(data: bytes, original: list[CharTime], normalized: list[CharTime]) -> bytes:
+    answer = {
+        "audio_base64": b64(data),
+        "alignment": server.seconds_alignment(original),
+        "normalized_alignment": server.seconds_alignment(normalized),
     }
-    return (
-        json.dumps(
-            {"audio_base64": b64(data), "alignment": alignment, "normalized_alignment": alignment},
-            separators=(",", ":"),
-        )
-        + "\n"
-    ).encode()
+    return json.dumps(answer, separators=(",", ":")).encode()
 
 
-def elevenlabs_alignment(chars: list[tuple[str, float, float]], start: float) -> dict[str, Any]:
+def elevenlabs_alignment(chars: list[CharTime], start: float) -> dict[str, Any]:
     """Character timings in milliseconds from the start of this message's audio (as ElevenLabs sends
     them); the duration under both spellings clients read."""
-    durations = [round(1000 * d) for _, _, d in chars]
+    durations = [round(1000 * (c.end - max(c.start, start))) for c in chars]
     return {
-        "chars": [c for c, _, _ in chars],
-        "charStartTimesMs": [round(1000 * (s - start)) for _, s, _ in chars],
+        "chars": [c.char for c in chars],
+        "charStartTimesMs": [round(1000 * max(0.0, c.start - start)) for c in chars],
         "charsDurationsMs": durations,
         "charDurationsMs": durations,
     }
@@ -464,12 +392,14 @@ class ElevenLabsSession(VendorSession):
             await self.hang_up()
 
     async def send_audio(
-        self, context: Context, data: bytes, chars: list[tuple[str, float, float]], start: float
+        self, context: Utterance, data: bytes, original: list[CharTime], normalized: list[CharTime], start: float
     ) -> None:
         message: dict[str, Any] = {"audio": b64(data), "isFinal": False}
-        if chars:
-            alignment = elevenlabs_alignment(chars, start)
-            message |= {"alignment": alignment, "normalizedAlignment": alignment}
+        if original or normalized:
+            message |= {
+                "alignment": elevenlabs_alignment(original, start),
+                "normalizedAlignment": elevenlabs_alignment(normalized, start),
+            }
         await self.send_json(self.tagged(message, context.id))
 
     def tagged(self, message: dict[str, Any], context_id: str | None) -> dict[str, Any]:
@@ -538,7 +468,7 @@ class CartesiaRequest(NullIsDefault):
 
 
 @dataclass
-class CartesiaContext(Context):
+class CartesiaContext(Utterance):
     """A Cartesia context: its word timestamps, flushes and output (a vendor context's, and Cartesia's own)."""
 
     words: Words = field(default_factory=Words)
@@ -546,7 +476,6 @@ class CartesiaContext(Context):
     flushes: list[int] = field(default_factory=list)  # chunks queued at each pending flush
     flushed: int = 0
     float32: bool = False  # pcm_f32le: the s16 PCM is sent as float32
-    timestamps: bool = False  # add_timestamps
     timer: asyncio.TimerHandle | None = None  # max_buffer_delay_ms
 
 
@@ -691,7 +620,7 @@ class CartesiaSession(VendorSession):
             )
 
     async def send_audio(
-        self, context: Context, data: bytes, chars: list[tuple[str, float, float]], start: float
+        self, context: Utterance, data: bytes, original: list[CharTime], normalized: list[CharTime], start: float
     ) -> None:
         assert isinstance(context, CartesiaContext)
         if data:
@@ -707,7 +636,7 @@ class CartesiaSession(VendorSession):
                     "context_id": context.id,
                 }
             )
-        words = context.words.add(chars, final=not data)
+        words = context.words.add(original, final=not data)
         if words and context.timestamps:
             await self.send_json(
                 {
@@ -974,7 +903,10 @@ async def register_call_speech(request: Request) -> Response:
     app_state = server.state(request)
     call = call_id(request.path_params["uuid"])
     speech: CallSpeech = server.parse_model(CallSpeech, await server.read_json(request, server.MAX_JSON_BYTES))
-    await asyncio.to_thread(server.speech_sentences, speech.text, app_state.settings, "text")
+    reading = server.text_reading(speech, app_state)
+    await asyncio.to_thread(
+        server.speech_script, speech.text, app_state.settings, reading, server.ssml_of(speech), "text"
+    )
     await server.speech_job(speech, app_state, Priority.REALTIME, "pcm")  # refuse what could not be spoken, now
     queued = call_scripts(app_state).add(call, speech)
     return JSONResponse({"uuid": call, "queued": queued}, status_code=202)
@@ -1382,12 +1314,16 @@ class TwilioSession(SpeechSession):
     async def say(self, speech: TwilioSpeech) -> None:
         settings = self.app_state.settings
         started = time.perf_counter()
-        sentences = await asyncio.to_thread(  # a sentence longer than CHUNK_MAX_CHARS is still cut into model calls
-            lambda: [
-                server.text_chunks(s, settings.chunk_max_chars)
-                for s in server.speech_sentences(speech.text, settings, "text")
-            ]
+        reading = server.text_reading(speech, self.app_state)
+        items = await asyncio.to_thread(  # one model call per sentence (a long one cut), pauses with the next
+            server.speech_script, speech.text, settings, reading, server.ssml_of(speech), "text", 0, True, False
         )
+        sentences: list[list[server.ScriptItem]] = [[]]
+        for item in items:
+            sentences[-1].append(item)
+            if isinstance(item, server.TextChunk):
+                sentences.append([])
+        sentences = [sentence for sentence in sentences if sentence]
         text_seconds = (time.perf_counter() - started) / len(sentences)
         job = await self.job(speech)
         name = speech.id or str(next(self.numbers))
@@ -1407,7 +1343,7 @@ class TwilioSession(SpeechSession):
             )
 
     @staticmethod
-    async def say_sentence(utterance: Utterance, chunks: list[str], text_seconds: float) -> None:
+    async def say_sentence(utterance: Utterance, chunks: list[server.ScriptItem], text_seconds: float) -> None:
         utterance.job.timeline.text_seconds = text_seconds
         utterance.queue_chunks(chunks)
         utterance.ended = True

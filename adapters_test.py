@@ -223,22 +223,6 @@ def test_twilio_bad_input_gets_clear_errors_and_never_hangs(servers: dict[str, S
 # the Piper and tiny Turbo servers. The OpenAI-exact defaults, the server's own API, are in server_test.py.
 
 
-def test_character_timings_follow_the_text_and_gather_into_words() -> None:
-    import adapters
-
-    timings = adapters.CharTimings(text="Hello big world")
-    first = timings.place(0.5)  # 7 characters' worth at 14 per second
-    assert "".join(c for c, _, _ in first) == "Hello b"
-    assert all(0 <= start < 0.5 and abs(duration - 0.5 / 7) < 1e-9 for _, start, duration in first)
-    timings.text += ". More"
-    rest = timings.place(10.0)  # never ahead of the text given so far
-    assert "".join(c for c, _, _ in first + rest) == timings.text and timings.place(1.0) == []
-    words = adapters.Words()
-    assert [w for w, _, _ in words.add(first)] == ["Hello"]
-    done = words.add(rest, final=True)
-    assert [w for w, _, _ in done] == ["big", "world.", "More"] and done[0][1] < done[0][2] <= done[1][1]
-
-
 async def livekit_audio(stream: Any) -> tuple[float, int]:
     pcm, rate = bytearray(), 0
     async for event in stream:

@@ -67,6 +67,8 @@ from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected, WebSocketState
 
+from text_frontend import PARALINGUISTIC_TAGS, Lexicon, Pause, Reading, Speech, TextError, read_text
+
 T = TypeVar("T")
 
 __version__ = "0.1.0"
@@ -174,6 +176,11 @@ class Settings:
     )
     api_key: str = _env("API_KEY", "If set, every endpoint but /, /health and /ready needs 'Bearer <key>'.", default="")
     cors_origins: str = _env("CORS_ORIGINS", "Comma-separated origins allowed by CORS ('*' for any).", default="")
+    lexicon_file: str = _env(
+        "LEXICON_FILE",
+        "A JSON list of pronunciation rules applied to every request's text (README: Pronunciation).",
+        default="",
+    )
     log_text: bool = _env("LOG_TEXT", "Log the text people ask to speak (otherwise only lengths).", default=False)
     log_level: str = _env("LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR.", default="INFO")
     log_json: bool = _env("LOG_JSON", "Write each log line as one JSON object.", default=False)
@@ -442,6 +449,108 @@ def _pack_counted(pieces: list[str], limit: int, count: Callable[[str], int]) ->
     return packed
 
 
+@dataclass(frozen=True)
+class TextChunk:
+    """One model call's text, and where each of its characters came from in its utterance's text as the
+    caller gave it (`source`: len(text) + 1 offsets, the last one where the chunk's stretch ends)."""
+
+    text: str
+    source: tuple[int, ...]
+    phonemes: tuple[tuple[int, int, str], ...] = ()  # spans of `text` an engine that can should read as IPA
+    rate: float = 1.0  # <prosody rate>: its audio is played this much faster
+
+
+ScriptItem = TextChunk | Pause  # what an utterance's pipeline is fed: model calls, and silences between them
+
+
+def locate(text: str, pieces: list[str]) -> list[list[int]]:
+    """For each piece of `text` (in order, as the splitters return them: whitespace runs joined into one
+    space, list markers dropped, sentences joined by a space), the index in `text` of each of its
+    characters (a space with none behind it: the character before). One pass over text: linear."""
+    at, found = 0, []
+    for piece in pieces:
+        places = []
+        for char in piece:
+            if char.isspace():
+                if at < len(text) and text[at].isspace():
+                    places.append(at)
+                    while at < len(text) and text[at].isspace():
+                        at += 1
+                else:
+                    places.append(max(at - 1, 0))
+                continue
+            while at < len(text) and text[at] != char:
+                at += 1
+            places.append(min(at, len(text) - 1))
+            at = min(at + 1, len(text))
+        found.append(places)
+    return found
+
+
+_TAG = re.compile(r"\[[a-z][a-z ]{0,30}\]")
+
+
+def _tags_only(sentence: str) -> bool:
+    return not any(char.isalnum() for char in _TAG.sub("", sentence))
+
+
+def tag_aware_sentences(text: str) -> list[str]:
+    """Sentences of text in which `[tags]` (Turbo's sounds) are not text: a sentence of tags alone joins
+    the next one (the last joins the one before), so a tag never makes a model call of its own."""
+    sentences: list[str] = []
+    pending = ""
+    for sentence in split_sentences(text):
+        if _tags_only(sentence):
+            pending = f"{pending} {sentence}".strip()
+            continue
+        sentences.append(f"{pending} {sentence}".strip() if pending else sentence)
+        pending = ""
+    if pending:
+        if sentences:
+            sentences[-1] = f"{sentences[-1]} {pending}"
+        elif any(char.isalnum() for char in pending):
+            sentences.append(pending)
+    return sentences
+
+
+def speech_chunks_of(speech: Speech, max_chars: int, pack: bool = True) -> list[TextChunk]:
+    """A stretch of speech cut into model calls: sentences packed together up to max_chars, or (not
+    `pack`) each on its own."""
+    whole = TextChunk(speech.text, speech.source, speech.phonemes, speech.rate)
+    sentences = tag_aware_sentences(speech.text)
+    pieces = pack_chunks(sentences, max_chars) if pack else [p for s in sentences for p in _split_long(s, max_chars)]
+    return split_chunk(whole, pieces)
+
+
+def split_chunk(chunk: TextChunk, pieces: list[str]) -> list[TextChunk]:
+    """The chunks a chunk's text was cut into (`pieces`, as the splitters cut it), each with its characters'
+    sources and its phoneme spans."""
+    if pieces == [chunk.text]:
+        return [chunk]
+    chunks = []
+    for piece, places in zip(pieces, locate(chunk.text, pieces)):
+        source = (*(chunk.source[i] for i in places), chunk.source[places[-1] + 1])
+        where = {place: index for index, place in enumerate(places)}
+        phonemes = tuple(
+            (where[start], where[end - 1] + 1, ipa)
+            for start, end, ipa in chunk.phonemes
+            if start in where and end - 1 in where
+        )
+        chunks.append(TextChunk(piece, source, phonemes, chunk.rate))
+    return chunks
+
+
+def script(segments: list[Speech | Pause], max_chars: int, pack: bool = True) -> list[ScriptItem]:
+    """What the front-end made of a text, as model calls and pauses."""
+    items: list[ScriptItem] = []
+    for segment in segments:
+        if isinstance(segment, Pause):
+            items.append(segment)
+        else:
+            items.extend(speech_chunks_of(segment, max_chars, pack))
+    return items
+
+
 # What no engine can be handed: lone surrogates (not text at all: encoders and tokenizers refuse them)
 # and control characters other than whitespace (none is speech, and C libraries stop reading at NUL).
 UNSPEAKABLE = re.compile(
@@ -556,6 +665,11 @@ class ChunkJoiner:
     def finish(self) -> Any:
         tail, self._tail = self._tail, None
         return np.zeros(0, dtype=np.float32) if tail is None else tail
+
+    @property
+    def held(self) -> int:
+        """Samples held back for the next segment's crossfade."""
+        return 0 if self._tail is None else len(self._tail)
 
 
 class HostAudio:
@@ -730,16 +844,20 @@ class UtteranceEdges:
         self.started = False
         self._held = np.zeros(0, dtype=np.float32)  # trailing audio not yet released
         self._faded_in = 0
+        self.pushed = 0  # samples in so far
+        self.trimmed = 0  # samples cut from the start
 
     def push(self, audio: np.ndarray) -> np.ndarray:
         audio = np.asarray(audio, dtype=np.float32)
+        pushed_before, self.pushed = self.pushed, self.pushed + len(audio)
         if self.trim and not self.started:
             loud = np.flatnonzero(np.abs(audio) > SILENCE_THRESHOLD)
             if not len(loud):
                 self._held = np.concatenate([self._held, audio])[-self.pad :]  # keep a pad's worth
                 return np.zeros(0, dtype=np.float32)
-            audio = np.concatenate([self._held, audio])
-            audio = audio[max(0, len(self._held) + loud[0] - self.pad) :]
+            cut = max(0, len(self._held) + loud[0] - self.pad)
+            self.trimmed = pushed_before - len(self._held) + cut
+            audio = np.concatenate([self._held, audio])[cut:]
             self._held = np.zeros(0, dtype=np.float32)
         self.started = True
         audio = np.concatenate([self._held, audio])
@@ -1007,6 +1125,8 @@ class Engine(ABC):
     clones_voices = False  # can it take an uploaded reference clip?
     unsupported_fields: frozenset[str] = frozenset()  # request fields it has no equivalent for
     choice = "given"  # why this engine was chosen (TTS_MODEL=auto explains itself)
+    tags: frozenset[str] = frozenset()  # sound tags its tokenizer reads as such ([laugh]): never normalized
+    reads_phonemes = False  # can it read IPA (SSML <phoneme>, lexicon rules with "ipa")?
 
     @abstractmethod
     def load(self) -> None: ...
@@ -1383,6 +1503,7 @@ class ChatterboxEngine(Engine):
         s3gen_batch: int = 0,
     ):
         self.kind = kind
+        self.tags = PARALINGUISTIC_TAGS if kind == "turbo" else frozenset()
         self.stream = stream or StreamPlan()
         self.requested = options or ModelOptions()
         self.name = f"chatterbox-{kind}"
@@ -3159,6 +3280,7 @@ class PiperEngine(ChunkEngine):
 
     name = "piper"
     voice_files = (".onnx",)
+    reads_phonemes = True
     unsupported_fields = frozenset({"exaggeration", "cfg_weight", "temperature"})
 
     def __init__(self, voice_path: str = ""):
@@ -4089,6 +4211,247 @@ class OutputSpec:
 
 
 @dataclass
+class SpokenChunk:
+    """One model call's text where its utterance says it, and the marks that place its characters in the
+    utterance's joined audio (engine samples)."""
+
+    text: str  # as the engine read it; a chunk after the first starts with the space that joins it on
+    lead: int  # 1 when it starts with that space, else 0: the engine's character k is text[k + lead]
+    marks: list[tuple[int, int]] = field(default_factory=list)  # (character of text, sample of the joined audio)
+    end: int | None = None  # the sample its audio ends at, once it has ended
+
+    def times(self) -> list[tuple[int, int]]:
+        """(start, end) samples of each character placed so far, in order: characters between two marks
+        share the stretch between them; those before the first mark sit at it."""
+        points = list(self.marks)
+        if self.end is not None:
+            points.append((len(self.text), max(self.end, points[-1][1] if points else self.end)))
+        if not points:
+            return []
+        placed = [(points[0][1], points[0][1])] * points[0][0]
+        for (char, sample), (next_char, next_sample) in itertools.pairwise(points):
+            count, span = next_char - char, next_sample - sample
+            placed.extend((sample + span * k // count, sample + span * (k + 1) // count) for k in range(count))
+        return placed[: len(self.text)]
+
+
+@dataclass(frozen=True)
+class CharTime:
+    char: str
+    start: float  # seconds from the utterance's first sample sent
+    end: float
+    spoken: bool = True  # False: nothing of it was read (markup, a dropped tag): a zero-length mark
+
+
+class SpokenText:
+    """Where an utterance's text is spoken. The caller's text arrives (`add_original`); the pipeline adds
+    each model call's text (`start_chunk`) and places its characters in the joined audio as the engine
+    marks them (`mark`, `end_chunk`); the audio chain says how engine samples map to the seconds sent
+    (speed, a trimmed lead). Transports read it through a `TimingCursor`, as the audio goes out."""
+
+    def __init__(self) -> None:
+        self.original = ""
+        self.normalized: list[str] = []  # the text as the engine read it, a character at a time
+        self.sources: list[int] = []  # each normalized character's offset in the caller's text
+        self.chunks: list[SpokenChunk] = []
+        self.kind = "aligned"  # "estimated" once any chunk's marks were
+        self.rate = 1  # the engine's samples per second
+        self.speed = 1.0
+        self.lead = 0.0  # seconds of leading silence trimmed from the audio sent
+        self._ended: list[tuple[int, int]] = []  # the ended chunks' character times, joined
+        self._open: list[tuple[int, int]] = []  # the open chunk's, so far
+
+    def restore(self, other: SpokenText) -> None:
+        """Become the finished timings of an earlier rendering of the same text (the result cache's)."""
+        self.__dict__.update(other.__dict__)
+
+    def add_original(self, text: str) -> int:
+        """More of the caller's text: where it starts."""
+        base = len(self.original)
+        self.original += text
+        return base
+
+    def start_chunk(self, chunk: TextChunk) -> SpokenChunk:
+        lead = int(bool(self.chunks))
+        spoken = SpokenChunk(" " * lead + chunk.text, lead)
+        self.chunks.append(spoken)
+        self.normalized.extend(spoken.text)
+        self.sources.extend(chunk.source[:1] * lead + chunk.source[:-1])
+        self._open = []
+        return spoken
+
+    def mark(self, spoken: SpokenChunk, marks: TextMarks, at: int, scale: float) -> None:
+        """A chunk's generation's marks (its samples counted from `at`, stretched by `scale`), kept while
+        they rise."""
+        if marks.kind != "aligned":
+            self.kind = "estimated"
+        for char, sample in marks.marks:
+            place = (char + spoken.lead, at + round(sample * scale))
+            if not spoken.marks or (place[0] > spoken.marks[-1][0] and place[1] >= spoken.marks[-1][1]):
+                spoken.marks.append(place)
+        self._open = spoken.times()
+
+    def end_chunk(self, spoken: SpokenChunk, end: int) -> None:
+        spoken.end = end
+        self._ended.extend(spoken.times())
+        self._open = []
+
+    def placed(self) -> int:
+        """How many normalized characters are placed so far."""
+        return len(self._ended) + len(self._open)
+
+    def time(self, index: int) -> tuple[float, float]:
+        """A placed normalized character's start and end, in seconds of the audio sent."""
+        start, end = self._ended[index] if index < len(self._ended) else self._open[index - len(self._ended)]
+        return self.seconds(start), self.seconds(end)
+
+    def seconds(self, sample: int) -> float:
+        return max(0.0, sample / self.rate / self.speed - self.lead)
+
+
+class TimingCursor:
+    """What a transport has sent of an utterance's timings: `take` hands out the characters placed since,
+    of the caller's text and of the normalized text, each once."""
+
+    def __init__(self, spoken: SpokenText):
+        self.spoken = spoken
+        self.normalized_at = 0  # the next normalized character to hand out
+        self.original_at = 0  # the next character of the caller's
+        self.first_from = 0  # the first normalized character from it
+
+    def take(self, until: float | None) -> tuple[list[CharTime], list[CharTime]]:
+        """The characters that start before `until` seconds (None: the utterance has ended: all of them),
+        as (the caller's, the normalized)."""
+        spoken = self.spoken
+        first = last = self.normalized_at
+        while last < spoken.placed() and (until is None or spoken.time(last)[0] < until):
+            last += 1
+        normalized = [CharTime(spoken.normalized[i], *spoken.time(i)) for i in range(first, last)]
+        self.normalized_at = last
+        # A character of the caller's is out once every normalized character made from it is.
+        if until is None:
+            limit = len(spoken.original)
+        else:
+            limit = spoken.sources[last] if last < len(spoken.sources) else self.original_at
+        end_of_audio = spoken.time(last - 1)[1] if last else 0.0
+        original, k = [], self.first_from
+        for at in range(self.original_at, limit):
+            start = end = None
+            while k < last and spoken.sources[k] <= at:
+                s, e = spoken.time(k)
+                start, end = s if start is None else start, e
+                k += 1
+            if start is None or end is None:
+                at_next = spoken.time(k)[0] if k < last else end_of_audio
+                original.append(CharTime(spoken.original[at], at_next, at_next, spoken=False))
+            else:
+                original.append(CharTime(spoken.original[at], start, end))
+        self.original_at, self.first_from = max(self.original_at, limit), k
+        return original, normalized
+
+
+Timed = tuple[bytes, list[CharTime], list[CharTime], float]  # audio, its characters (caller's, normalized), start
+
+
+def word_objects(words: list[tuple[str, float, float]]) -> list[dict[str, Any]]:
+    return [{"word": word, "start": round(start, 3), "end": round(end, 3)} for word, start, end in words]
+
+
+CAPTION_MAX_CHARS = 42  # a subtitle line, as broadcasters cut them
+CAPTION_MAX_SECONDS = 5.0
+
+
+def caption_cues(words: list[tuple[str, float, float]]) -> list[tuple[float, float, str]]:
+    """Words gathered into captions: a cue ends after a sentence, or before it grows past
+    CAPTION_MAX_CHARS characters or CAPTION_MAX_SECONDS."""
+    cues: list[tuple[float, float, str]] = []
+    line: list[tuple[str, float, float]] = []
+    for word in words:
+        if line and (
+            len(" ".join(w for w, _, _ in line)) + 1 + len(word[0]) > CAPTION_MAX_CHARS
+            or word[2] - line[0][1] > CAPTION_MAX_SECONDS
+        ):
+            cues.append((line[0][1], line[-1][2], " ".join(w for w, _, _ in line)))
+            line = []
+        line.append(word)
+        if word[0][-1] in ".!?。！？":
+            cues.append((line[0][1], line[-1][2], " ".join(w for w, _, _ in line)))
+            line = []
+    if line:
+        cues.append((line[0][1], line[-1][2], " ".join(w for w, _, _ in line)))
+    return cues
+
+
+def caption_time(seconds: float, separator: str) -> str:
+    millis = round(seconds * 1000)
+    return (
+        f"{millis // 3_600_000:02d}:{millis // 60_000 % 60:02d}:{millis // 1000 % 60:02d}{separator}{millis % 1000:03d}"
+    )
+
+
+def webvtt(cues: list[tuple[float, float, str]]) -> str:
+    body = "".join(f"\n{caption_time(start, '.')} --> {caption_time(end, '.')}\n{text}\n" for start, end, text in cues)
+    return "WEBVTT\n" + body
+
+
+def srt(cues: list[tuple[float, float, str]]) -> str:
+    return "".join(
+        f"{n}\n{caption_time(start, ',')} --> {caption_time(end, ',')}\n{text}\n\n"
+        for n, (start, end, text) in enumerate(cues, 1)
+    )
+
+
+def seconds_alignment(chars: list[CharTime]) -> dict[str, Any]:
+    """Character timings in seconds from the start of the audio, in ElevenLabs' REST shape."""
+    return {
+        "characters": [c.char for c in chars],
+        "character_start_times_seconds": [round(c.start, 3) for c in chars],
+        "character_end_times_seconds": [round(c.end, 3) for c in chars],
+    }
+
+
+async def with_timings(audio: AsyncIterator[bytes], job: SpeechJob) -> AsyncIterator[Timed]:
+    """Each piece of a job's audio with the characters that start in it, of the caller's text and of the
+    normalized text, and where the piece starts (seconds from the utterance's start); then, if characters
+    are left when the audio ends (placed at its end), an empty piece with them."""
+    cursor = TimingCursor(job.spoken)
+    heard = 0.0
+    async for data in audio:
+        start, heard = heard, job.timeline.audio_seconds
+        original, normalized = cursor.take(heard)
+        yield data, original, normalized, start
+    original, normalized = cursor.take(None)
+    if original or normalized:
+        yield b"", original, normalized, heard
+
+
+@dataclass
+class Words:
+    """Characters with timings, gathered into words (Cartesia's word timestamps, captions)."""
+
+    word: str = ""
+    start: float = 0.0
+    end: float = 0.0
+
+    def add(self, chars: list[CharTime], final: bool = False) -> list[tuple[str, float, float]]:
+        done = []
+        for char in chars:
+            if char.char.isspace() or not char.spoken:
+                if self.word:
+                    done.append((self.word, self.start, self.end))
+                self.word = ""
+                continue
+            if not self.word:
+                self.start = char.start
+            self.word += char.char
+            self.end = max(self.end, char.end) if len(self.word) > 1 else char.end
+        if final and self.word:
+            done.append((self.word, self.start, self.end))
+            self.word = ""
+        return done
+
+
+@dataclass
 class SpeechJob:
     """Everything needed to speak one utterance, validated. The text arrives separately."""
 
@@ -4104,11 +4467,20 @@ class SpeechJob:
     text_log: str = ""  # the text, kept only for the log when LOG_TEXT is on
     outcome: str = "cancelled"  # set when its rendering ends: ok, cancelled, failed or an error code
     result_cache: str = ""  # "hit" or "miss" when the result cache was asked
+    reading: Reading = field(default_factory=Reading)  # how its text is read
+    ssml: bool | None = None  # its text is SSML (None: when it starts with <speak>)
+    spoken: SpokenText = field(default_factory=lambda: SpokenText())  # where its text is spoken
 
     def copy(self) -> SpeechJob:
-        """A new job with the same voice and settings: its own id, timeline and place in line."""
+        """A new job with the same voice and settings: its own id, timeline, timings and place in line."""
         return replace(
-            self, timeline=Timeline(), id=uuid.uuid4().hex[:12], ticket=None, outcome="cancelled", result_cache=""
+            self,
+            timeline=Timeline(),
+            spoken=SpokenText(),
+            id=uuid.uuid4().hex[:12],
+            ticket=None,
+            outcome="cancelled",
+            result_cache="",
         )
 
 
@@ -4185,18 +4557,22 @@ class AudioChain:
 
     def __init__(self, job: SpeechJob, rate: int, settings: Settings):
         stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
-        edges = UtteranceEdges(rate, settings.audio_trim_silence)
+        self.edges = UtteranceEdges(rate, settings.audio_trim_silence)
         leveler = LoudnessLeveler() if settings.audio_normalize else None
         resampler = StreamResampler(rate, job.output.rate)
-        self.stages: list[AudioStage] = [stage for stage in (stretch, leveler, edges, resampler) if stage is not None]
+        self.stages: list[AudioStage] = [
+            stage for stage in (stretch, leveler, self.edges, resampler) if stage is not None
+        ]
         self.encoder = Encoder(job.output.fmt, job.output.rate, job.output.bitrate)
-        self.output_rate = job.output.rate
-        self.timeline = job.timeline
+        self.output_rate, self.rate = job.output.rate, rate
+        self.timeline, self.spoken = job.timeline, job.spoken
+        self.spoken.speed = job.speed
 
     def push(self, audio: np.ndarray) -> bytes:
         started = time.perf_counter()
         for stage in self.stages:
             audio = stage.push(audio)
+        self.spoken.lead = self.edges.trimmed / self.rate  # the timings count from the first sample sent
         return self._encoded(audio, started, last=False)
 
     def finish(self) -> bytes:
@@ -4221,6 +4597,7 @@ class AudioChain:
 class CachedResult:
     data: bytes  # the complete encoded result, exactly as it was sent
     audio_seconds: float
+    spoken: SpokenText = field(default_factory=lambda: SpokenText())  # its timings
 
 
 class ResultCache(LruCache):
@@ -4464,7 +4841,7 @@ async def settle(*tasks: asyncio.Future[Any]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def iterate(items: list[str]) -> AsyncIterator[str]:
+async def iterate(items: list[T]) -> AsyncIterator[T]:
     for item in items:
         yield item
 
@@ -4673,6 +5050,50 @@ class Admission:
             await asyncio.sleep(0.05)
 
 
+class ChunkPlacement:
+    """One chunk's audio on its way into its utterance: stretched by its <prosody rate>, its marks placed
+    in the joined audio once where it starts there is known."""
+
+    def __init__(self, spoken: SpokenText, chunk: TextChunk, rate: int):
+        self.spoken, self.chunk = spoken, spoken.start_chunk(chunk)
+        self.stretcher = TempoStretcher(rate, chunk.rate) if chunk.rate != 1.0 else None
+        self.scale = 1.0 / chunk.rate
+        self.start: int | None = None  # its first sample in the joined audio
+        self.length = 0  # samples of its (stretched) audio so far
+        self.waiting: list[TextMarks] = []  # marks that came before its first audio
+
+    def stretched(self, audio: np.ndarray) -> np.ndarray:
+        if self.stretcher is not None:
+            audio = self.stretcher.push(audio)
+        self.length += len(audio)
+        return audio
+
+    def finish(self) -> np.ndarray:
+        """What its stretcher still holds."""
+        tail = np.zeros(0, dtype=np.float32) if self.stretcher is None else self.stretcher.finish()
+        self.length += len(tail)
+        return tail
+
+    def mark(self, marks: TextMarks) -> None:
+        if self.start is None:
+            self.waiting.append(marks)
+        else:
+            self.spoken.mark(self.chunk, marks, self.start, self.scale)
+
+    def begin(self, start: int) -> None:
+        self.start = start
+        for marks in self.waiting:
+            self.spoken.mark(self.chunk, marks, start, self.scale)
+        self.waiting.clear()
+
+    def end(self, joined: int) -> None:
+        """Its audio is all in; `joined`: the joined audio's length, where it starts if it had none."""
+        if self.start is None:
+            self.begin(joined)
+        assert self.start is not None
+        self.spoken.end_chunk(self.chunk, self.start + self.length)
+
+
 class ChunkPipeline:
     """One job's audio at the engine's rate, text chunk by chunk, joined without clicks.
 
@@ -4685,34 +5106,59 @@ class ChunkPipeline:
 
     def __init__(self, host: ModelHost, admission: Admission, job: SpeechJob):
         self.host, self.admission, self.job = host, admission, job
-        self.chunks: asyncio.Queue[tuple[Generation, asyncio.Queue[Any]] | BaseException | None] = asyncio.Queue()
+        self.chunks: asyncio.Queue[tuple[Generation, TextChunk, asyncio.Queue[Any]] | Pause | BaseException | None] = (
+            asyncio.Queue()
+        )
         self.ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
         self.started: list[Generation] = []
         self.accounted: dict[Generation, tuple[float, float]] = {}  # queue and model time billed to the job
 
-    async def audio(self, texts: AsyncIterator[str]) -> AsyncIterator[np.ndarray]:
+    async def audio(self, items: AsyncIterator[ScriptItem]) -> AsyncIterator[np.ndarray]:
         """The audio as it is made: a producer task starts the chunks' generations, in order; this
-        consumes their audio, and on the way out cancels whatever is left of them."""
+        consumes their audio (and their pauses' silence), and on the way out cancels whatever is left."""
         job, worker, engine = self.job, self.host.worker, self.host.engine
         conds = await self.admission.unit(job, lambda: self.host.conditionals(job.voice, job.params.exaggeration))
         seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
-        producer = asyncio.ensure_future(self.produce(texts, conds, seed))
+        producer = asyncio.ensure_future(self.produce(items, conds, seed))
         joiner = ChunkJoiner(int(JOIN_CROSSFADE_SECONDS * engine.sample_rate))
+        job.spoken.rate = engine.sample_rate
+        sent = 0  # samples of joined audio handed on
         try:
             while (item := await self.admission.within_deadline(job, self.chunks.get())) is not None:
                 if isinstance(item, BaseException):
                     raise item
-                generation, events = item
-                first = True
-                while (event := await self.admission.within_deadline(job, events.get())) is not GENERATION_DONE:
+                if isinstance(item, Pause):
+                    # Silence of exactly its length once the job's speed has changed it; no crossfade either side.
+                    silence = np.zeros(round(item.seconds * engine.sample_rate * job.speed), dtype=np.float32)
+                    ready = np.concatenate([joiner.finish(), silence])
+                    sent += len(ready)
+                    yield ready
+                    continue
+                generation, chunk, events = item
+                placed = ChunkPlacement(job.spoken, chunk, engine.sample_rate)
+                finished = False
+                while not finished:
+                    event = await self.admission.within_deadline(job, events.get())
                     self.account()
                     if isinstance(event, BaseException):
                         raise event
-                    job.timeline.engine_audio_seconds += len(event) / engine.sample_rate
-                    ready = joiner.push(event, starts_segment=first)
-                    first = False
+                    if isinstance(event, TextMarks):
+                        placed.mark(event)
+                        continue
+                    finished = event is GENERATION_DONE
+                    if not finished:
+                        job.timeline.engine_audio_seconds += len(event) / engine.sample_rate
+                    audio = placed.finish() if finished else placed.stretched(event)
+                    if not len(audio):
+                        continue
+                    first = placed.start is None
+                    if first:  # a new chunk is crossfaded into what the joiner holds of the last one
+                        placed.begin(sent + joiner.held - min(joiner.held, len(audio)))
+                    ready = joiner.push(audio, starts_segment=first)
+                    sent += len(ready)
                     if len(ready):
                         yield ready
+                placed.end(sent + joiner.held)
                 job.timeline.chunks_generated.append(job.timeline.now())
                 self.ahead.release()
             tail = joiner.finish()
@@ -4725,30 +5171,39 @@ class ChunkPipeline:
                 worker.cancel(generation)  # a no-op for those already done; frees a slot otherwise
             self.account()
 
-    async def fitted(self, texts: AsyncIterator[str]) -> AsyncIterator[str]:
-        """Each text chunk in the pieces the model takes in one call."""
+    async def fitted(self, items: AsyncIterator[ScriptItem]) -> AsyncIterator[ScriptItem]:
+        """Each text chunk in the pieces the model takes in one call; pauses as they come."""
         job = self.job
-        async for text in texts:
-            job.timeline.characters += len(text)
-            for piece in await text_step(job.timeline, self.host.engine.fit_text, text, job.params.language):
+        async for item in items:
+            if isinstance(item, Pause):
+                yield item
+                continue
+            job.timeline.characters += len(item.text)
+            pieces = await text_step(job.timeline, self.host.engine.fit_text, item.text, job.params.language)
+            for piece in split_chunk(item, pieces):
                 yield piece
 
-    async def produce(self, texts: AsyncIterator[str], conds: Any, seed: int) -> None:
-        """Start each chunk's generation, then queue it for the consumer; None once the text has ended."""
+    async def produce(self, items: AsyncIterator[ScriptItem], conds: Any, seed: int) -> None:
+        """Start each chunk's generation, then queue it for the consumer (pauses queued as they are);
+        None once the text has ended."""
         job, worker, loop = self.job, self.host.worker, asyncio.get_running_loop()
         t3_done: asyncio.Event | None = None
-        index, pending = 0, aiter(self.fitted(texts))
+        index, pending = 0, aiter(self.fitted(items))
         while True:
             await self.ahead.acquire()
             if t3_done is not None:
                 await t3_done.wait()  # text is taken only when the model can start on it
             try:
-                text = await anext(pending, None)
+                item = await anext(pending, None)
             except Exception as exc:  # the text could not be taken or cut: the consumer ends with it
                 await self.chunks.put(exc)
                 return
-            if text is None:
+            if item is None:
                 break
+            if isinstance(item, Pause):
+                self.ahead.release()  # a pause holds no model work
+                await self.chunks.put(item)
+                continue
             events: asyncio.Queue[Any] = asyncio.Queue()
             t3_done = asyncio.Event()
 
@@ -4763,10 +5218,12 @@ class ChunkPipeline:
             def deliver(event: Any, handle: Callable[[Any], None] = on_event) -> None:
                 loop.call_soon_threadsafe(handle, event)
 
-            generation = Generation(text, conds, job.params, chunk_seed(seed, index), job.priority, ticket, deliver)
+            generation = Generation(
+                item.text, conds, job.params, chunk_seed(seed, index), job.priority, ticket, deliver
+            )
             self.started.append(generation)
             worker.start(generation)
-            await self.chunks.put((generation, events))
+            await self.chunks.put((generation, item, events))
             index += 1
         await self.chunks.put(None)
 
@@ -4809,7 +5266,7 @@ class Speaker:
         )
 
     async def render(
-        self, job: SpeechJob, texts: list[str] | AsyncIterator[str], streaming: bool
+        self, job: SpeechJob, texts: list[ScriptItem] | AsyncIterator[ScriptItem], streaming: bool
     ) -> AsyncGenerator[bytes, None]:
         """Encoded bytes of the job in its output format: speed, clean edges, resampling, encoding.
 
@@ -4840,7 +5297,7 @@ class Speaker:
                                 kept = None  # too big to cache: hold no copy
                         yield data
                 if key is not None and kept is not None:
-                    self.results.put(key, CachedResult(b"".join(kept), job.timeline.audio_seconds))
+                    self.results.put(key, CachedResult(b"".join(kept), job.timeline.audio_seconds, job.spoken))
             outcome = "ok"
         except ApiError as exc:
             outcome = exc.code or "error"
@@ -4854,7 +5311,7 @@ class Speaker:
             if cached is None:
                 self.metrics.observe(job, streaming)
 
-    def _result_key(self, job: SpeechJob, texts: list[str]) -> str | None:
+    def _result_key(self, job: SpeechJob, texts: list[ScriptItem]) -> str | None:
         """A hash of everything that shapes a seeded job's bytes; None when its result is not cached."""
         if job.seed is None or self.results.capacity <= 0:
             return None
@@ -4862,6 +5319,7 @@ class Speaker:
         identity = {
             "engine": self.host.engine.describe(),
             "texts": texts,
+            "original": job.spoken.original,  # the timings map back to it
             "voice": job.voice.digest,
             # params.streamed parts streams from whole files: streams are decoded in windows.
             "params": asdict(job.params),
@@ -4876,15 +5334,16 @@ class Speaker:
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
 
-    def _replay(self, job: SpeechJob, texts: list[str], cached: CachedResult) -> Iterator[bytes]:
+    def _replay(self, job: SpeechJob, texts: list[ScriptItem], cached: CachedResult) -> Iterator[bytes]:
         timeline = job.timeline
-        timeline.characters = sum(len(text) for text in texts)
+        timeline.characters = sum(len(item.text) for item in texts if isinstance(item, TextChunk))
+        job.spoken.restore(cached.spoken)
         timeline.audio_seconds = cached.audio_seconds
         timeline.first_audio = timeline.now()
         for start in range(0, len(cached.data), REPLAY_PIECE_BYTES):
             yield cached.data[start : start + REPLAY_PIECE_BYTES]
 
-    async def _render(self, job: SpeechJob, texts: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    async def _render(self, job: SpeechJob, texts: AsyncIterator[ScriptItem]) -> AsyncIterator[bytes]:
         chain = AudioChain(job, self.host.engine.sample_rate, self.settings)
         async for audio in ChunkPipeline(self.host, self.admission, job).audio(texts):
             if data := chain.push(audio):
@@ -4950,6 +5409,9 @@ class NullIsDefault(BaseModel):
         return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
 
 
+LEXICON_REQUEST_RULES = 100
+
+
 class SynthesisFields(NullIsDefault):
     """What to say it with: shared by HTTP requests and WebSocket `speak` messages."""
 
@@ -4963,6 +5425,11 @@ class SynthesisFields(NullIsDefault):
     temperature: float = Field(0.8, ge=0.05, le=5.0)
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     language: str | None = None
+    # How the text is read: numbers, dates, units... as words ("auto": where it helps the engine); plain
+    # text or SSML (None: SSML when it starts with <speak>); pronunciation rules over the server's LEXICON_FILE.
+    text_normalization: Literal["auto", "on", "off"] = "auto"
+    text_type: Literal["text", "ssml"] | None = None
+    lexicon: list[dict[str, Any]] | None = Field(None, max_length=LEXICON_REQUEST_RULES)
 
     @property
     def voice_name(self) -> str:
@@ -4973,6 +5440,7 @@ class SpeechRequest(SynthesisFields):
     model: str = "tts-1"
     input: str
     stream_format: Literal["audio", "sse"] | None = None
+    timestamps: bool = False  # SSE: word timings as they are spoken (speech.audio.timestamps events)
 
 
 _OUTPUT_FORMAT = re.compile(r"^(pcm|ulaw|alaw|mp3|opus)_(\d{1,6})(?:_(\d{1,6}))?$")
@@ -5106,9 +5574,7 @@ def check_speakable(text: str, param: str) -> None:
         )
 
 
-def speech_sentences(text: str, settings: Settings, param: str = "input") -> list[str]:
-    """The sentences of a text to speak, validated. Linear in the text, but CPU work all the same:
-    transports run it (and every other text step) off the event loop, with asyncio.to_thread."""
+def check_length(text: str, settings: Settings, param: str) -> None:
     if len(text) > settings.max_input_chars:
         raise ApiError(
             400,
@@ -5116,15 +5582,65 @@ def speech_sentences(text: str, settings: Settings, param: str = "input") -> lis
             param=param,
             code="input_too_long",
         )
+
+
+def speech_script(
+    text: str,
+    settings: Settings,
+    reading: Reading,
+    ssml: bool | None = None,
+    param: str = "input",
+    base: int = 0,
+    whole: bool = True,
+    pack: bool = True,
+) -> list[ScriptItem]:
+    """A text to speak, validated, read by the text front-end (SSML, lexicon, normalization) and cut into
+    model calls and pauses; its sources count from `base` (a piece that continues an utterance's text).
+    Linear in the text, but CPU work all the same: transports run it (and every other text step) off the
+    event loop, with asyncio.to_thread. A `whole` text must hold something to say; SSML (None: found by
+    its <speak> root) is a whole text's, never a piece's."""
+    if whole:
+        check_length(text, settings, param)
     check_speakable(text, param)
-    if not (sentences := split_sentences(text)):
+    try:
+        segments = read_text(text, reading, ssml if whole else False)
+    except TextError as exc:
+        where = "" if exc.position is None else f" at character {base + exc.position}"
+        raise ApiError(400, f"'{param}'{where}: {exc.message}", param=param, code="invalid_text") from None
+    items = script(segments, settings.chunk_max_chars, pack)
+    if whole and not items:
         raise ApiError(400, f"'{param}' is empty: give some text to speak.", param=param, code="empty_input")
-    return sentences
+    if not base:
+        return items
+    return [
+        replace(item, at=item.at + base)
+        if isinstance(item, Pause)
+        else replace(item, source=tuple(at + base for at in item.source))
+        for item in items
+    ]
 
 
-def speech_chunks(text: str, settings: Settings, param: str = "input") -> list[str]:
-    """A text to speak, validated and cut into model calls."""
-    return pack_chunks(speech_sentences(text, settings, param), settings.chunk_max_chars)
+def text_reading(fields: SynthesisFields, app_state: AppState) -> Reading:
+    """How a request's text is read by the engine: normalized or not, its sound tags, phonemes, lexicon."""
+    engine = app_state.engine
+    lexicon = app_state.lexicon
+    if fields.lexicon:
+        try:
+            rules = Lexicon.parse(fields.lexicon, trusted=False)
+        except TextError as exc:
+            raise ApiError(400, f"'lexicon': {exc.message}", param="lexicon", code="invalid_lexicon") from None
+        lexicon = rules if lexicon is None else lexicon.merged(rules)
+    return Reading(
+        language="en" if fields.language is None else fields.language.lower(),
+        normalize=fields.text_normalization != "off",
+        keep_tags=engine.tags,
+        phonemes=engine.reads_phonemes,
+        lexicon=lexicon,
+    )
+
+
+def ssml_of(fields: SynthesisFields) -> bool | None:
+    return None if fields.text_type is None else fields.text_type == "ssml"
 
 
 async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int, default_format: str) -> SpeechJob:
@@ -5168,7 +5684,16 @@ async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int
         language=language,
         seeded=fields.seed is not None,
     )
-    return SpeechJob(voice=voice, params=params, output=output, speed=fields.speed, seed=fields.seed, priority=priority)
+    return SpeechJob(
+        voice=voice,
+        params=params,
+        output=output,
+        speed=fields.speed,
+        seed=fields.seed,
+        priority=priority,
+        reading=text_reading(fields, app_state),
+        ssml=ssml_of(fields),
+    )
 
 
 @dataclass
@@ -5176,6 +5701,7 @@ class AppState:
     settings: Settings
     engine: Engine
     speaker: Speaker
+    lexicon: Lexicon | None = None  # LEXICON_FILE's rules
     started: float = field(default_factory=time.time)
     protocol_state: dict[str, Any] = field(default_factory=dict)  # each add-on's own (ProtocolPlugin.state), by name
 
@@ -5244,20 +5770,22 @@ MAX_JSON_BYTES = 1024 * 1024
 
 async def request_job(
     request: Request, fields: SynthesisFields, text: str, default_format: str, streaming: bool, param: str = "input"
-) -> tuple[SpeechJob, list[str]]:
-    """Validate an HTTP speech request: its job (the request's record tells of it) and its text,
-    cut into model calls. Streams are real-time work; whole-chunk requests queue as files."""
+) -> tuple[SpeechJob, list[ScriptItem]]:
+    """Validate an HTTP speech request: its job (the request's record tells of it) and its text, read
+    and cut into model calls. Streams are real-time work; whole-chunk requests queue as files."""
     app_state = state(request)
     text_started = time.perf_counter()
-    chunks = await asyncio.to_thread(speech_chunks, text, app_state.settings, param)
+    reading = text_reading(fields, app_state)
+    chunks = await asyncio.to_thread(speech_script, text, app_state.settings, reading, ssml_of(fields), param, 0, True)
     text_seconds = time.perf_counter() - text_started
     if streaming:
         priority = Priority.REALTIME
-    elif len(chunks) > LONG_TEXT_CHUNKS:
+    elif sum(isinstance(item, TextChunk) for item in chunks) > LONG_TEXT_CHUNKS:
         priority = Priority.BACKGROUND
     else:
         priority = Priority.FILE
     job = await speech_job(fields, app_state, priority, default_format)
+    job.spoken.add_original(text)
     record = request_record(request)
     job.id = record.id  # the request's id names its utterance too
     job.timeline.text_seconds = text_seconds
@@ -5267,7 +5795,9 @@ async def request_job(
     return job, chunks
 
 
-async def speech_stream(request: Request, job: SpeechJob, chunks: list[str], streaming: bool) -> AsyncIterator[bytes]:
+async def speech_stream(
+    request: Request, job: SpeechJob, chunks: list[ScriptItem], streaming: bool
+) -> AsyncIterator[bytes]:
     """The request's audio, once its first bytes are ready (so that early failures still get a status);
     its utterance ends when the response does, or when the client leaves first."""
     audio = await until_disconnected(request, primed(state(request).speaker.render(job, chunks, streaming)))
@@ -5305,10 +5835,14 @@ async def ended_cleanly(audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         log_failure(exc)
 
 
-async def sse_stream(job: SpeechJob, audio: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def sse_stream(job: SpeechJob, audio: AsyncIterator[bytes], timestamps: bool) -> AsyncIterator[bytes]:
+    words = Words()
     try:
-        async for data in audio:
-            yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        async for data, original, _, _ in with_timings(audio, job):
+            if data:
+                yield sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+            if timestamps and (done := words.add(original, final=not data)):
+                yield sse_event({"type": "speech.audio.timestamps", "words": word_objects(done)})
         yield sse_event({"type": "speech.audio.done", "usage": job.timeline.usage(), "timings": job.timeline.report()})
     except Exception as exc:
         log_failure(exc)
@@ -5357,7 +5891,9 @@ async def respond(request: Request, default_format: str, **overrides: Any) -> Re
     headers = audio_headers(job)
     if req.stream_format == "sse":
         return StreamingResponse(
-            sse_stream(job, audio), media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"}
+            sse_stream(job, audio, req.timestamps),
+            media_type="text/event-stream",
+            headers={**headers, "Cache-Control": "no-cache"},
         )
     return StreamingResponse(ended_cleanly(audio), media_type=job.output.fmt.media_type, headers=headers)
 
@@ -5402,6 +5938,30 @@ async def speech_sse(request: Request) -> Response:
     return await respond(request, "mp3", stream_format="sse")
 
 
+async def speech_timestamps(request: Request) -> Response:
+    """POST /v1/audio/speech/timestamps: the whole file (base64) with its timings: words, the characters of
+    the text and of the text as read (normalized), and captions in WebVTT and SRT."""
+    req: SpeechRequest = parse_model(SpeechRequest, await read_json(request, MAX_JSON_BYTES))
+    job, chunks = await request_job(request, req, req.input, "mp3", streaming=False)
+    audio = await speech_stream(request, job, chunks, streaming=False)
+    pieces = [piece async for piece in with_timings(audio, job)]
+    original = [char for _, chars, _, _ in pieces for char in chars]
+    words = Words().add(original, final=True)
+    cues = caption_cues(words)
+    answer = {
+        "audio": base64.b64encode(b"".join(data for data, _, _, _ in pieces)).decode(),
+        "format": job.output.fmt.name,
+        "sample_rate": job.output.rate,
+        "timestamps": job.spoken.kind,
+        "words": word_objects(words),
+        "alignment": seconds_alignment(original),
+        "normalized_alignment": seconds_alignment([char for _, _, chars, _ in pieces for char in chars]),
+        "vtt": webvtt(cues),
+        "srt": srt(cues),
+    }
+    return JSONResponse(answer, headers={"X-Request-Id": job.id})
+
+
 async def speech_pcm(request: Request) -> Response:
     return await respond(request, "pcm", stream_format="audio", response_format="pcm", output_format=None)
 
@@ -5431,6 +5991,7 @@ class SpeakMessage(SynthesisFields):
     text: str = ""
     final: bool = True
     encoding: Literal["binary", "base64"] = "binary"
+    timestamps: bool = False  # word timings as they are spoken (timestamps messages)
 
 
 @dataclass
@@ -5443,9 +6004,10 @@ class Utterance:
     record: RequestRecord  # its request log line and metrics
     speaker: Speaker  # renders it; its settings bound and cut the text
     encoding: str = "binary"
-    feed: asyncio.Queue[str | None] = field(default_factory=asyncio.Queue)
+    timestamps: bool = False  # the client asked for word timings
+    feed: asyncio.Queue[ScriptItem | None] = field(default_factory=asyncio.Queue)
     buffer: str = ""
-    chunks: list[str] | None = None  # the whole text, when it came in one final `speak`
+    chunks: list[ScriptItem] | None = None  # the whole text, when it came in one final `speak`
     queued_chars: int = 0  # of text in `feed`, not yet taken by the model
     queued: int = 0  # text chunks fed to the pipeline so far
     ended: bool = False
@@ -5453,32 +6015,30 @@ class Utterance:
     task: asyncio.Task[None] | None = None
     rendering: AsyncGenerator[bytes, None] | None = None  # its audio, once speaking
 
-    def texts(self) -> list[str] | AsyncIterator[str]:
+    def texts(self) -> list[ScriptItem] | AsyncIterator[ScriptItem]:
         return self.chunks if self.chunks is not None else self._fed()
 
     @property
     def unspoken_chars(self) -> int:
         return len(self.buffer) + self.queued_chars
 
-    def queue_chunks(self, chunks: list[str]) -> None:
+    def queue_chunks(self, chunks: list[ScriptItem]) -> None:
         for chunk in chunks:
-            self.queued_chars += len(chunk)
-            self.queued += 1
+            if isinstance(chunk, TextChunk):
+                self.queued_chars += len(chunk.text)
+                self.queued += 1
             self.feed.put_nowait(chunk)
 
-    def record_text(self, text: str) -> None:
-        """The extension point of utterance types that follow their text (the vendor protocols' character
-        timings): called with each piece of text handed to the model, in order, as it is handed over."""
-
     async def say_all(self, text: str, param: str = "text") -> None:
-        """All of the text at once, validated and chunked exactly as an HTTP request's would be."""
-        chunks = await text_step(self.job.timeline, speech_chunks, text, self.speaker.settings, param)
+        """All of the text at once, validated, read and chunked exactly as an HTTP request's would be."""
+        job = self.job
+        chunks = await text_step(job.timeline, speech_script, text, self.speaker.settings, job.reading, job.ssml, param)
         self.say_chunks(chunks, text)
 
-    def say_chunks(self, chunks: list[str], text: str) -> None:
+    def say_chunks(self, chunks: list[ScriptItem], text: str) -> None:
         self.chunks = chunks
         self.ended = True
-        self.record_text(text)
+        self.job.spoken.add_original(text)
         if self.speaker.settings.log_text:
             self.job.text_log = text
 
@@ -5510,9 +6070,14 @@ class Utterance:
             self.feed.put_nowait(None)
 
     async def queue_text(self, text: str) -> None:
-        chunks = await text_step(self.job.timeline, text_chunks, text, self.speaker.settings.chunk_max_chars)
+        """A complete piece of the text: read (never as an SSML document: inline breaks are), chunked, fed."""
+        job = self.job
+        base = len(job.spoken.original)
+        chunks = await text_step(
+            job.timeline, speech_script, text, self.speaker.settings, job.reading, False, "text", base, False
+        )
+        job.spoken.add_original(text)
         self.queue_chunks(chunks)
-        self.record_text(text)
 
     async def audio(self) -> AsyncIterator[bytes]:
         """The encoded audio as it is made, counted in the record (the session's speak_one closes the
@@ -5522,10 +6087,11 @@ class Utterance:
             self.record.sent_bytes += len(data)
             yield data
 
-    async def _fed(self) -> AsyncIterator[str]:
-        while (text := await self.feed.get()) is not None:
-            self.queued_chars -= len(text)
-            yield text
+    async def _fed(self) -> AsyncIterator[ScriptItem]:
+        while (item := await self.feed.get()) is not None:
+            if isinstance(item, TextChunk):
+                self.queued_chars -= len(item.text)
+            yield item
 
 
 WS_MAX_MESSAGE_BYTES = 256 * 1024
@@ -5792,6 +6358,7 @@ class SpeechWebSocket(SpeechSession):
             lambda: self.realtime_job(message, "pcm"),
             lambda utterance: utterance.say_all(message.text) if message.final else utterance.add_text(message.text),
             encoding=message.encoding,
+            timestamps=message.timestamps,
         )
 
     def refused(self, exc: ApiError) -> None:
@@ -5819,11 +6386,16 @@ class SpeechWebSocket(SpeechSession):
         await self.send_json(
             {"type": "start", "id": utterance.id, "format": output.fmt.name, "sample_rate": output.rate}
         )
-        async for data in utterance.audio():
-            if utterance.encoding == "binary":
+        words = Words()
+        async for data, original, _, _ in with_timings(utterance.audio(), utterance.job):
+            if not data:
+                pass
+            elif utterance.encoding == "binary":
                 await self.send(self.websocket.send_bytes(data))
             else:
                 await self.send_json({"type": "audio", "id": utterance.id, "audio": base64.b64encode(data).decode()})
+            if utterance.timestamps and (done := words.add(original, final=not data)):
+                await self.send_json({"type": "timestamps", "id": utterance.id, "words": word_objects(done)})
 
 
 async def serve_session(websocket: WebSocket, session_type: type[SpeechSession]) -> None:
@@ -6302,6 +6874,16 @@ def load_protocols(modules: str) -> list[ProtocolPlugin]:
     return [importlib.import_module(name.strip()).protocol() for name in modules.split(",") if name.strip()]
 
 
+def load_lexicon(path: str) -> Lexicon | None:
+    """LEXICON_FILE's rules (trusted: they may use patterns), checked at start: a bad file stops the server."""
+    if not path:
+        return None
+    try:
+        return Lexicon.parse(json.loads(Path(path).read_text(encoding="utf-8")), trusted=True)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"LEXICON_FILE {path}: {getattr(exc, 'message', exc)}") from None
+
+
 def create_app(
     settings: Settings | None = None, engine: Engine | None = None, protocols: list[ProtocolPlugin] | None = None
 ) -> Starlette:
@@ -6337,6 +6919,7 @@ def create_app(
         Route("/v1/audio/speech", speech, methods=["POST"]),
         Route("/v1/audio/speech/stream", speech_sse, methods=["POST"]),
         Route("/v1/audio/speech/stream/pcm", speech_pcm, methods=["POST"]),
+        Route("/v1/audio/speech/timestamps", speech_timestamps, methods=["POST"]),
         WebSocketRoute("/v1/audio/speech/ws", speech_websocket),
         Route("/v1/audio/voices", list_voices, methods=["GET"]),
         Route("/v1/audio/voices", upload_voice, methods=["POST"]),
@@ -6365,6 +6948,7 @@ def create_app(
         settings=settings,
         engine=engine,
         speaker=speaker,
+        lexicon=load_lexicon(settings.lexicon_file),
         protocol_state={protocol.name: protocol.state for protocol in protocols},
     )
     return app

@@ -843,6 +843,11 @@ HOSTILE_TEXTS = {  # each makes a quadratic scan of the text per candidate sente
 def test_text_steps_stay_linear_on_hostile_input(text: str) -> None:
     assert server.text_chunks(text, 250)
     server.split_complete(text)
+    settings = server.Settings(max_input_chars=len(text))
+    reading = server.Reading(keep_tags=server.PARALINGUISTIC_TAGS)
+    for ssml in (False, True):  # the front-end's normalization and SSML parser, then chunking with sources
+        with contextlib.suppress(server.ApiError):
+            server.speech_script(text if not ssml else f"<speak>{text}</speak>", settings, reading, ssml)
 
 
 def test_text_work_runs_off_the_event_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

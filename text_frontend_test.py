@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any
 
 import pytest
@@ -531,7 +530,8 @@ def test_lexicon_rule_counts_are_capped_and_bad_patterns_refused() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Linear time on hostile input (generous bounds: these catch quadratic or exponential blow-ups, not slowness)
+# Linear time on hostile input: 100 KB of each, bounded by the test's timeout (no timed assertions: a
+# quadratic or exponential blow-up at this size takes minutes, linear work takes about a second)
 
 HOSTILE: list[tuple[str, Any, bool | None]] = [
     ("digits", lambda n: "1" * n, None),
@@ -555,19 +555,11 @@ HOSTILE: list[tuple[str, Any, bool | None]] = [
 ]
 
 
-def timed(text: str, ssml: bool | None, reading: Reading) -> float:
-    start = time.perf_counter()
-    with contextlib.suppress(TextError):
-        read_text(text, reading, ssml)
-    return time.perf_counter() - start
-
-
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize(("name", "make", "ssml"), HOSTILE, ids=[h[0] for h in HOSTILE])
 def test_hostile_input_stays_linear(name: str, make: Any, ssml: bool | None) -> None:
     lex = Lexicon.parse([{"match": f"word{i}", "alias": "x"} for i in range(100)], trusted=False)
     reading = Reading(keep_tags=PARALINGUISTIC_TAGS, lexicon=lex)
-    timed(make(2_000), ssml, reading)  # warm the caches
-    small = timed(make(20_000), ssml, reading)
-    large = timed(make(100_000), ssml, reading)
-    assert large < 5.0, f"{name}: {large:.2f} s for 100 KB"
-    assert large < 15 * max(small, 0.01), f"{name}: 20 KB {small:.3f} s, 100 KB {large:.3f} s"
+    with contextlib.suppress(TextError):
+        segments = read_text(make(100_000), reading, ssml)
+        assert all(len(s.source) == len(s.text) + 1 for s in segments if isinstance(s, Speech))

@@ -87,6 +87,7 @@ def write_tokenizers(kind: str, out: Path) -> None:
 
         bpe = ByteLevelBPETokenizer()
         bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, special_tokens=["<|endoftext|>"])
+        bpe.add_tokens(sorted(server.PARALINGUISTIC_TAGS))  # Turbo's sound tags, added tokens as upstream's are
         bpe.save(str(out / "tokenizer.json"))
         config = {
             "tokenizer_class": "GPT2TokenizerFast",
