@@ -5087,10 +5087,13 @@ class ChunkPlacement:
         self.waiting.clear()
 
     def end(self, joined: int) -> None:
-        """Its audio is all in; `joined`: the joined audio's length, where it starts if it had none."""
+        """Its audio is all in; `joined`: the joined audio's length, where it starts if it had none. An
+        engine that marked nothing has its characters spread over the chunk's real length."""
         if self.start is None:
             self.begin(joined)
         assert self.start is not None
+        if not self.chunk.marks:
+            self.spoken.mark(self.chunk, TextMarks(((0, 0),), kind="estimated"), self.start, 1.0)
         self.spoken.end_chunk(self.chunk, self.start + self.length)
 
 

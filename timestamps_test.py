@@ -3,10 +3,16 @@ protocol that carries them sends (the front-end's own rules are in text_frontend
 
 from __future__ import annotations
 
+import base64
+import json
+from typing import Any
+
+import httpx
 import numpy as np
 
 import server
 from server import CharTime, SpokenText, TextChunk, TextMarks, TimingCursor
+from testing import ServerProcess, WsClient, assert_openai_error, speak, sse_events, stream_pcm
 
 
 def chunk(text: str, start: int) -> TextChunk:
@@ -64,3 +70,119 @@ def test_words_and_captions_come_from_the_characters() -> None:
     assert srt == "1\n00:00:00,000 --> 00:00:00,900\nHi there.\n\n2\n00:00:01,000 --> 00:00:01,300\nBye\n\n"
     long = [(f"w{i}", i * 0.2, i * 0.2 + 0.2) for i in range(60)]
     assert all(len(text) <= server.CAPTION_MAX_CHARS for _, _, text in server.caption_cues(long))
+
+
+# --- end to end, in real server processes --------------------------------------------------------------------------
+
+
+def zero_runs(samples: np.ndarray) -> list[int]:
+    """Lengths of the runs of exactly silent samples."""
+    silent = np.concatenate([[False], samples == 0, [False]])
+    edges = np.flatnonzero(np.diff(silent.astype(np.int8)))
+    return list(edges[1::2] - edges[::2])
+
+
+def test_a_break_is_silence_of_exactly_its_length_in_a_stream(servers: dict[str, ServerProcess]) -> None:
+    """An inline <break> (ElevenLabs' and Cartesia's convention, plain text) and an SSML one are digital
+    silence of their length in the streamed audio, at the engine's rate and resampled."""
+    srv = servers["piper"]
+    for rate in (22050, 24000):
+        pcm = stream_pcm(srv, input='One two three. <break time="700ms"/> Four five six.', sample_rate=rate)
+        longest = max(zero_runs(np.frombuffer(pcm, "<i2")))
+        assert abs(longest / rate - 0.7) <= 0.02, longest / rate
+    ws = WsClient(srv)
+    ws.send(type="speak", id="u", text='<speak>Yes.<break time="1s"/>No.</speak>', response_format="pcm")
+    audio, messages = ws.until_done("u")
+    ws.close()
+    assert messages[-1]["type"] == "done"
+    longest = max(zero_runs(np.frombuffer(audio, "<i2")))
+    assert abs(longest / 24000 - 1.0) <= 0.02, longest / 24000
+
+
+def test_malformed_ssml_is_a_400_naming_the_position_on_every_transport(servers: dict[str, ServerProcess]) -> None:
+    srv = servers["piper"]
+    bad = "<speak>Hello <prosody rate='slow'>there.</speak>"
+    error = assert_openai_error(speak(srv, input=bad), 400, "input")
+    assert "character" in error["message"] and "prosody" in error["message"], error
+    error = assert_openai_error(speak(srv, input="Plain text.", text_type="ssml"), 400, "input")
+    ws = WsClient(srv)
+    ws.send(type="speak", id="u", text=bad)
+    message = ws.recv()
+    assert isinstance(message, dict) and message["type"] == "error" and message["code"] == "invalid_text"
+    ws.send(type="speak", id="v", text="Still here.")  # the connection goes on
+    assert ws.until_done("v")[1][-1]["type"] == "done"
+    ws.close()
+    eleven = httpx.post(f"{srv.url}/v1/text-to-speech/default", json={"text": 'Hi <break time="x"/>.'}, timeout=60)
+    assert eleven.status_code == 400 and "break" in eleven.json()["detail"]["message"]
+    lexicon = speak(srv, input="Hi.", lexicon=[{"pattern": "a+", "alias": "b"}])
+    assert assert_openai_error(lexicon, 400, "lexicon")["code"] == "invalid_lexicon"
+
+
+def spoken_words(words: list[dict[str, Any]]) -> list[str]:
+    return [w["word"] for w in words]
+
+
+def assert_rising(times: list[float]) -> None:
+    assert times == sorted(times), times
+
+
+def test_every_protocol_that_carries_timings_sends_the_engines(servers: dict[str, ServerProcess]) -> None:
+    """Piper's measured timings reach the caller through ElevenLabs REST (one object, and lines) and its
+    WebSocket, Cartesia's word timestamps, the OpenAI-style SSE and WebSocket and the timestamps endpoint
+    (with captions): the caller's characters, and the normalized ones as ElevenLabs names them."""
+    srv = servers["piper"]
+    text = "It costs $5.20 today. Call me at 3:45pm."
+    whole = httpx.post(f"{srv.url}/v1/text-to-speech/default/with-timestamps", json={"text": text}, timeout=120)
+    assert whole.status_code == 200 and whole.headers["content-type"] == "application/json"
+    answer = whole.json()  # one object, as ElevenLabs answers
+    alignment, normalized = answer["alignment"], answer["normalized_alignment"]
+    assert "".join(alignment["characters"]) == text
+    assert "five dollars and twenty cents" in "".join(normalized["characters"])
+    assert_rising(alignment["character_start_times_seconds"])
+    assert_rising(normalized["character_start_times_seconds"])
+    duration = len(base64.b64decode(answer["audio_base64"])) * 8 / 128_000  # mp3 at 128 kbit/s
+    assert 0 < alignment["character_end_times_seconds"][-1] <= duration + 0.5
+    cost = alignment["character_start_times_seconds"][text.index("$")]
+    call = alignment["character_start_times_seconds"][text.index("Call")]
+    assert 0.3 < cost < call  # measured, not spread: the words after "$5.20" start after it is read
+
+    lines = httpx.post(
+        f"{srv.url}/v1/text-to-speech/default/stream/with-timestamps", json={"text": text}, timeout=120
+    ).text.splitlines()
+    streamed = [json.loads(line) for line in lines]
+    assert "".join(c for line in streamed for c in line["alignment"]["characters"]) == text
+
+    events = sse_events(srv, "/v1/audio/speech", {"input": text, "stream_format": "sse", "timestamps": True})
+    words = [w for e in events if e["type"] == "speech.audio.timestamps" for w in e["words"]]
+    assert spoken_words(words) == text.split() and events[-1]["type"] == "speech.audio.done"
+    assert_rising([w["start"] for w in words])
+
+    ws = WsClient(srv)
+    ws.send(type="speak", id="u", text=text, timestamps=True)
+    _, messages = ws.until_done("u")
+    ws.close()
+    assert spoken_words([w for m in messages if m["type"] == "timestamps" for w in m["words"]]) == text.split()
+
+    stamped = httpx.post(f"{srv.url}/v1/audio/speech/timestamps", json={"input": text}, timeout=120).json()
+    assert spoken_words(stamped["words"]) == text.split() and stamped["timestamps"] == "aligned"
+    assert stamped["vtt"].startswith("WEBVTT\n\n00:00:") and "It costs $5.20 today." in stamped["vtt"]
+    assert stamped["srt"].startswith("1\n00:00:") and "\n2\n" in stamped["srt"]
+
+
+def test_turbo_sound_tags_reach_its_tokenizer_and_no_other_engine_speaks_them(
+    servers: dict[str, ServerProcess], turbo_engine: server.ChatterboxEngine
+) -> None:
+    text = turbo_engine.loaded_text()
+    tokenizer = text.tokenizer
+    ids = text.ids("Well [laugh] that is funny.", None)[0].tolist()
+    assert tokenizer.convert_tokens_to_ids("[laugh]") in ids  # one added token, not spelled out
+    reading = server.Reading(keep_tags=turbo_engine.tags)
+    chunks = server.speech_script("Hello. [sigh] Fine, $5. [laugh]", server.Settings(), reading, pack=False)
+    # Kept as written; a tag is never a model call of its own, nor a sentence's end.
+    assert [c.text for c in chunks if isinstance(c, TextChunk)] == ["Hello.", "[sigh] Fine, five dollars. [laugh]"]
+    srv = servers["piper"]
+    stamped = httpx.post(
+        f"{srv.url}/v1/audio/speech/timestamps", json={"input": "Well [laugh] that is funny."}, timeout=120
+    ).json()
+    assert spoken_words(stamped["words"]) == ["Well", "that", "is", "funny."]
+    assert "laugh" not in "".join(stamped["normalized_alignment"]["characters"])
