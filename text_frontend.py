@@ -1173,6 +1173,19 @@ def _english_passes(lang: str, region: str) -> tuple[_Pass, ...]:
         return _date_words(year, month, day, lang, dmy)
 
     @add(
+        r"(?<![\w/.])(?:((?i:on|by|until|till|since|from|before|after|due|dated))\s{1,4})?(\d{1,2})/(\d{1,2})(?![\w/]|\.\d)"
+    )
+    def short_date(m: re.Match[str]) -> str | None:
+        """12/05 (a month and day): a date after a word that dates, or written with a leading zero; a bare
+        1/2 is left alone (a fraction, or a score)."""
+        a, b = m.group(2), m.group(3)
+        if not m.group(1) and not (a.startswith("0") or b.startswith("0")):
+            return None
+        day, month = (int(a), int(b)) if day_first or int(a) > 12 else (int(b), int(a))
+        words = _date_words(None, month, day, lang, day_first or int(a) > 12)
+        return None if words is None else f"{m.group(1)} {words}" if m.group(1) else words
+
+    @add(
         rf"\b({_MONTH_RE})(?:\.|\b)\s{{1,4}}(\d{{1,2}})(?:st|nd|rd|th)?(?!\w|[:.,]\d)"
         rf"(?:,?\s{{1,4}}(\d{{4}})(?!\w|[:.,]\d))?"
     )

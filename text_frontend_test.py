@@ -202,6 +202,13 @@ def test_unknown_or_unsupported_languages_do_not_raise(language: str) -> None:
     assert out in ("Hi 42, Dr. Smith", "Hi forty two, Doctor Smith")
 
 
+def test_a_month_and_day_alone_is_a_date_only_where_it_reads_as_one() -> None:
+    assert said("Due on 12/05 at noon.") == "Due on December fifth at noon."
+    assert said("It was 03/07.") == "It was March seventh."
+    assert said("On 25/12 we eat.") == "On the twenty fifth of December we eat."
+    assert "December" not in said("Mix 1/2 cup.")  # a fraction stays a fraction
+
+
 def test_english_regions_read_day_first_dates() -> None:
     assert said("05/12/2026", Reading(language="en-GB")) == "the fifth of December twenty twenty six"
     assert said("05/12/2026", Reading(language="en-US")) == "May twelfth, twenty twenty six"
