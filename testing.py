@@ -312,6 +312,17 @@ def tool_run(name: str, checkpoints: dict[str, Path], directory: Path) -> ToolRu
     return ToolRun([sys.executable, "bench.py", *bench[name]], env, directory, timeout=300)
 
 
+def load_tool(name: str) -> Any:
+    """A module of tools/ (the tools are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    return module
+
+
 def speak(srv: ServerProcess, timeout: float = 120, **body: Any) -> httpx.Response:
     return httpx.post(f"{srv.url}/v1/audio/speech", json=body, timeout=timeout)
 

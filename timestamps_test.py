@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import statistics
 from typing import Any
 
 import httpx
@@ -12,7 +13,7 @@ import numpy as np
 
 import server
 from server import CharTime, SpokenText, TextChunk, TextMarks, TimingCursor
-from testing import ServerProcess, WsClient, assert_openai_error, speak, sse_events, stream_pcm
+from testing import ServerProcess, WsClient, assert_openai_error, load_tool, speak, sse_events, stream_pcm
 
 
 def chunk(text: str, start: int) -> TextChunk:
@@ -186,3 +187,24 @@ def test_turbo_sound_tags_reach_its_tokenizer_and_no_other_engine_speaks_them(
     ).json()
     assert spoken_words(stamped["words"]) == ["Well", "that", "is", "funny."]
     assert "laugh" not in "".join(stamped["normalized_alignment"]["characters"])
+
+
+def test_normalized_text_is_heard_as_it_is_meant(servers: dict[str, ServerProcess]) -> None:
+    """An offline recognizer hears Piper read "$5.20" as five dollars and twenty cents once normalized, and
+    something else without; across the whole reading corpus normalization leaves far fewer word errors."""
+    ear = load_tool("hearing")
+    srv = servers["piper"]
+    text, spoken = ear.CORPUS[0]
+    heard = [w for w, _, _ in ear.hear(ear.timestamped(srv.url, text)["samples"])]
+    assert ear.word_errors(heard, spoken.split()) <= 1, heard
+    raw = [w for w, _, _ in ear.hear(ear.timestamped(srv.url, text, text_normalization="off")["samples"])]
+    assert ear.word_errors(raw, spoken.split()) >= 3, raw
+    (off, total), (on, _) = ear.reading_errors(srv.url, "off"), ear.reading_errors(srv.url, "on")
+    assert on < total * 0.2 and on * 2 < off, (on, off, total)
+
+
+def test_word_timestamps_fall_where_the_recognizer_places_the_words(servers: dict[str, ServerProcess]) -> None:
+    ear = load_tool("hearing")
+    offsets = ear.timing_offsets(servers["piper"].url, ear.TIMING_TEXTS)
+    assert len(offsets) >= 25
+    assert statistics.median(abs(o) for o in offsets) <= 0.06, offsets

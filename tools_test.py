@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import re
-import sys
-from typing import Any
 
 import pytest
 
 from testing import (
     MODELS,
-    ROOT,
     ToolResult,
+    load_tool,
 )
-
-
-def load_tool(name: str) -> Any:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.tool_run("gpu_check")
