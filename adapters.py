@@ -183,6 +183,8 @@ class ElevenLabsSpeech(NullIsDefault):
     voice_settings: ElevenLabsVoiceSettings | None = None
     language_code: str | None = None
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    apply_text_normalization: Literal["auto", "on", "off"] = "auto"
+    pronunciation_dictionary_locators: list[Any] | None = Field(None, max_length=3)  # accepted: stored on ElevenLabs
 
 
 class ElevenLabsMessage(NullIsDefault):
@@ -204,12 +206,11 @@ def elevenlabs_fields(
     settings: ElevenLabsVoiceSettings | None,
     language: str | None = None,
     seed: int | None = None,
+    normalization: str = "auto",
 ) -> SynthesisFields:
     speed = settings.speed if settings is not None else None
-    return server.parse_model(
-        SynthesisFields,
-        {"voice": voice_id, "output_format": output_format, "speed": speed, "language": language, "seed": seed},
-    )
+    fields = {"voice": voice_id, "output_format": output_format, "speed": speed, "language": language, "seed": seed}
+    return server.parse_model(SynthesisFields, fields | {"text_normalization": normalization})
 
 
 ELEVENLABS_STATUS = {"invalid_value": 422, "missing_field": 422, "voice_not_found": 404}
@@ -230,7 +231,12 @@ async def elevenlabs_request(request: Request) -> tuple[ElevenLabsSpeech, Synthe
     body: ElevenLabsSpeech = server.parse_model(ElevenLabsSpeech, data)
     output_format = request.query_params.get("output_format") or ELEVENLABS_FORMAT
     fields = elevenlabs_fields(
-        request.path_params["voice_id"], output_format, body.voice_settings, body.language_code, body.seed
+        request.path_params["voice_id"],
+        output_format,
+        body.voice_settings,
+        body.language_code,
+        body.seed,
+        body.apply_text_normalization,
     )
     return body, fields
 
@@ -306,6 +312,14 @@ class ElevenLabsSession(VendorSession):
             self.output_format = query.get("output_format") or ELEVENLABS_FORMAT
             self.auto_mode = query_bool(query, "auto_mode")
             self.language = query.get("language_code") or None
+            self.normalization = query.get("apply_text_normalization") or "auto"
+            if self.normalization not in ("auto", "on", "off"):
+                raise ApiError(
+                    400,
+                    "'apply_text_normalization' must be auto, on or off.",
+                    param="apply_text_normalization",
+                    code="invalid_value",
+                )
             self.inactivity = query_int(query, "inactivity_timeout", 20, 1, 180)
             server.output_spec(SynthesisFields(output_format=self.output_format), "mp3")
         except ApiError as exc:
@@ -368,7 +382,11 @@ class ElevenLabsSession(VendorSession):
             message.context_id,
             lambda: self.realtime_job(
                 elevenlabs_fields(
-                    self.websocket.path_params["voice_id"], self.output_format, message.voice_settings, self.language
+                    self.websocket.path_params["voice_id"],
+                    self.output_format,
+                    message.voice_settings,
+                    self.language,
+                    normalization=self.normalization,
                 ),
                 "mp3",
             ),

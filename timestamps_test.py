@@ -147,6 +147,13 @@ def test_every_protocol_that_carries_timings_sends_the_engines(servers: dict[str
     call = alignment["character_start_times_seconds"][text.index("Call")]
     assert 0.3 < cost < call  # measured, not spread: the words after "$5.20" start after it is read
 
+    plain = httpx.post(
+        f"{srv.url}/v1/text-to-speech/default/with-timestamps",
+        json={"text": text, "apply_text_normalization": "off"},
+        timeout=120,
+    ).json()
+    assert "".join(plain["normalized_alignment"]["characters"]) == text  # read as written
+
     lines = httpx.post(
         f"{srv.url}/v1/text-to-speech/default/stream/with-timestamps", json={"text": text}, timeout=120
     ).text.splitlines()
