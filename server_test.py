@@ -567,7 +567,9 @@ def test_each_chunk_reaches_the_engine_in_the_pieces_it_takes(tmp_path: Path) ->
             self.fitted.append((text, language))
             return text.split("|")
 
-        def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+        def synthesize(
+            self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+        ) -> Iterator[np.ndarray | server.TextMarks]:
             self.spoken.append(text)
             yield from super().synthesize(text, voice, params)
 
@@ -1428,7 +1430,9 @@ def test_server_timing_on_every_response(fake_client: TestClient) -> None:
 
 def test_unexpected_error_is_a_500_with_timing_and_one_log_line(tmp_path: Path) -> None:
     class BrokenEngine(ToneEngine):
-        def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+        def synthesize(
+            self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+        ) -> Iterator[np.ndarray | server.TextMarks]:
             raise RuntimeError("the engine broke")
 
     records: list[Any] = []
@@ -1503,7 +1507,9 @@ class CountingToneEngine(ToneEngine):
     def __init__(self) -> None:
         self.calls = 0
 
-    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | server.TextMarks]:
         self.calls += 1
         yield from super().synthesize(text, voice, params)
 
@@ -3332,7 +3338,9 @@ class FailingDeviceEngine(SlowToneEngine):
 
     broken = False
 
-    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | server.TextMarks]:
         for piece in super().synthesize(text, voice, params):
             if self.broken or "fault" in text:
                 self.broken = True
@@ -3675,7 +3683,9 @@ class GatedToneEngine(ToneEngine):
     def __init__(self) -> None:
         self.gate = threading.Event()
 
-    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | server.TextMarks]:
         self.gate.wait(60)
         yield from super().synthesize(text, voice, params)
 
