@@ -4904,7 +4904,7 @@ class ChunkPipeline:
             def on_event(event: Any, events: asyncio.Queue[Any] = events, done: asyncio.Event = t3_done) -> None:
                 if event is TOKENS_DONE or event is GENERATION_DONE or isinstance(event, BaseException):
                     done.set()
-                if event is not TOKENS_DONE:
+                if event is not TOKENS_DONE and not isinstance(event, TextMarks):  # marks: not used here yet
                     events.put_nowait(event)
 
             ticket = job.ticket if job.ticket is not None else worker.ticket()
