@@ -32,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 import weakref
 from abc import ABC, abstractmethod
@@ -1311,6 +1312,49 @@ def loaded(part: T | None) -> T:
     return part
 
 
+ALIGN_REACH = 8  # characters align_text looks ahead to find its place again after a mismatch
+
+
+def _folded(text: str) -> list[str]:
+    return [unicodedata.normalize("NFKD", c.lower())[:1] for c in text]
+
+
+def align_text(a: str, b: str) -> list[int]:
+    """For each position of `a` (its end included), the position of `b` it stands at: a greedy walk
+    that matches characters (case and accents aside), and after a mismatch finds its place again where
+    two characters match within ALIGN_REACH (else takes the one as the other's replacement). Monotonic;
+    linear in both. Where under half of the shorter string matched, positions are proportional."""
+    fa, fb = _folded(a), _folded(b)
+
+    def pair(i: int, j: int) -> bool:
+        return fa[i] == fb[j] and (i + 1 >= len(fa) or j + 1 >= len(fb) or fa[i + 1] == fb[j + 1])
+
+    out: list[int] = []
+    i = j = matched = 0
+    while i < len(a):
+        if j >= len(b):
+            out.append(len(b))
+            i += 1
+        elif fa[i] == fb[j]:
+            out.append(j)
+            i, j, matched = i + 1, j + 1, matched + 1
+        else:
+            skip_b = next((k for k in range(1, ALIGN_REACH) if j + k < len(b) and pair(i, j + k)), None)
+            skip_a = next((k for k in range(1, ALIGN_REACH) if i + k < len(a) and pair(i + k, j)), None)
+            if skip_b is not None and (skip_a is None or skip_b <= skip_a):
+                j += skip_b  # b has more here: passed over
+            elif skip_a is not None:
+                out += [j] * skip_a  # a has more here: they stand where b goes on
+                i += skip_a
+            else:
+                out.append(j)
+                i, j = i + 1, j + 1
+    out.append(len(b))
+    if a and b and matched * 2 < min(len(a), len(b)):
+        return [i * len(b) // len(a) for i in range(len(a) + 1)]
+    return out
+
+
 class ChatterboxText:
     """A Chatterbox model's text side: the tokenizer's ids for a text, pieces of a text that fit a limit,
     a prompt's text tokens. Request threads (`fit_text`) and the inference thread (prompts) share it
@@ -1327,11 +1371,43 @@ class ChatterboxText:
 
         text = punc_norm(text)
         with self._lock:
-            if self.kind == "turbo":
-                return self.tokenizer(text, return_tensors="pt").input_ids
-            if self.kind == "multilingual":
-                return self.tokenizer.text_to_tokens(text, language_id=language or "en")
-            return self.tokenizer.text_to_tokens(text)
+            return self._tokenize(text, language)
+
+    def _tokenize(self, normalized: str, language: str | None) -> torch.Tensor:
+        if self.kind == "turbo":
+            return self.tokenizer(normalized, return_tensors="pt").input_ids
+        if self.kind == "multilingual":
+            return self.tokenizer.text_to_tokens(normalized, language_id=language or "en")
+        return self.tokenizer.text_to_tokens(normalized)
+
+    def _piece(self, token: int) -> str:
+        """The text one token stands for ([SPACE] a space, other bracketed specials nothing)."""
+        if self.kind == "turbo":
+            return cast(str, self.tokenizer.decode([token]))
+        piece = self.tokenizer.tokenizer.id_to_token(token) or ""
+        if piece == "[SPACE]":
+            return " "
+        return "" if piece.startswith("[") and piece.endswith("]") and len(piece) > 2 else piece
+
+    def char_spans(self, text: str, language: str | None) -> list[tuple[int, int]]:
+        """For each of the text's tokens (as `ids` makes them), the characters [start, end) of `text` it
+        stands for. The tokenizers read upstream's punc_norm of the text (capitalised, spaces collapsed,
+        some punctuation replaced, a final period added): each token's string is walked along that, and
+        that along the text (`align_text`); where they do not match (Multilingual's Cangjie or kana),
+        positions are proportional. Linear in the text."""
+        from chatterbox.tts import punc_norm
+
+        normalized = punc_norm(text)
+        with self._lock:
+            pieces = [self._piece(token) for token in self._tokenize(normalized, language)[0].tolist()]
+        to_normalized = align_text("".join(pieces), normalized)
+        to_text = align_text(normalized, text)
+        spans, at = [], 0
+        for piece in pieces:
+            start, end = to_text[to_normalized[at]], to_text[to_normalized[at + len(piece)]]
+            spans.append((start, max(start, end)))
+            at += len(piece)
+        return spans
 
     def fit(self, text: str, language: str | None, limit: int) -> list[str]:
         return split_to_fit(text, limit, lambda piece: self.ids(piece, language).shape[-1])
@@ -1393,6 +1469,7 @@ class ChatterboxEngine(Engine):
         s3gen_batch: int = 0,
     ):
         self.kind = kind
+        self.timings = "estimated" if kind == "turbo" else "aligned"  # GPT-2 has no known alignment heads
         self.stream = stream or StreamPlan()
         self.requested = options or ModelOptions()
         self.name = f"chatterbox-{kind}"
@@ -1556,6 +1633,7 @@ class ChatterboxEngine(Engine):
             "sample_rate": self.sample_rate,
             **self.options.describe(),
             "s3gen_batch": self.s3gen_batch,
+            "timings": self.timings,
             "option_warnings": self.option_warnings,
             "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"],
         }
@@ -1604,12 +1682,24 @@ def slots_that_fit(t3: Any, rows_per_slot: int, capacity: int, options: DecodeOp
 
 
 def t3_batch(kind: str, t3: Any, options: DecodeOptions, capacity: int) -> T3Batch:
+    return T3Batch(t3, t3_decoder(kind, t3, options, capacity), cfg=kind != "turbo", monitored=kind == "multilingual")
+
+
+def t3_decoder(kind: str, t3: Any, options: DecodeOptions, capacity: int) -> T3Decoder:
+    """Llama's decoder probes the heads whose attention follows the text (upstream's LLAMA_ALIGNED_HEADS: the
+    text marks, and Multilingual's alignment monitor); a model too small to have them (a tiny test
+    checkpoint) probes its last layer's first head. GPT-2 (Turbo) has no known such heads."""
     from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
 
-    probes = tuple(LLAMA_ALIGNED_HEADS) if kind == "multilingual" else ()
-    cfg = kind != "turbo"
-    decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, options, capacity, probes=probes)
-    return T3Batch(t3, decoder, cfg=cfg, turbo_order=not cfg, monitored=bool(probes))
+    probes: tuple[tuple[int, int], ...] = ()
+    if kind != "turbo":
+        config = t3.tfmr.config
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        probes = tuple((layer, head) for layer, head in LLAMA_ALIGNED_HEADS if layer < layers and head < heads)
+        if kind == "multilingual" and len(probes) != len(LLAMA_ALIGNED_HEADS):
+            raise ValueError("a Multilingual model without upstream's alignment heads")  # its monitor reads them
+        probes = probes or ((layers - 1, 0),)
+    return T3Decoder(t3.tfmr, 1 if kind == "turbo" else 2, options, capacity, probes=probes)
 
 
 def alignment_monitor(t3: Any, len_cond: int, len_text: int) -> Any:
@@ -2770,14 +2860,19 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # sampled, the stop token excluded
     monitor: Any = None  # Multilingual's alignment analyzer
     done: bool = False  # stopped, or out of budget
+    text: tuple[int, int] = (0, 0)  # its text tokens' prompt positions [start, end), the start and stop tokens included
+    aligned: list[int] = field(default_factory=list)  # Llama: per token, the text token it attended to (never back)
 
-    def take(self, token: int, stop: int) -> None:
+    def take(self, token: int, stop: int, attended: int | None = None) -> None:
+        """Take a drawn token, and the text token (counted from the start token) its draw attended to most."""
         if self.done:
             return  # drawn after the stop, in the same block: dropped
         if token == stop:
             self.done = True
             return
         self.tokens.append(token)
+        if attended is not None:
+            self.aligned.append(max(attended, self.aligned[-1]) if self.aligned else attended)
         self.done = len(self.tokens) >= self.budget
 
 
@@ -2887,12 +2982,17 @@ class T3Batch:
     position, which no prompt or budget reaches: the steps write every row, and a prompt being written
     into that slot between them must stay as written. On CUDA `capture_step_graphs` records the static
     step once per cache-length bucket at warm-up and `step` is one replay (two for Multilingual, whose alignment monitor runs on
-    the host between the model and the draw)."""
+    the host between the model and the draw).
 
-    def __init__(self, t3: Any, decoder: T3Decoder, cfg: bool, turbo_order: bool, monitored: bool):
+    A decoder with probes (Llama) also notes, beside each drawn token, the text token its slot's conditional
+    row attended to most through the probed heads (`attended`, read with the tokens): where it is in the text."""
+
+    def __init__(self, t3: Any, decoder: T3Decoder, cfg: bool, monitored: bool):
         options, device = decoder.options, decoder.final_norm.weight.device
         self.t3, self.decoder, self.options, self.device = t3, decoder, options, device
+        turbo_order = not cfg  # Turbo (GPT-2, no CFG) filters in its own order
         self.cfg, self.turbo_order, self.monitored = cfg, turbo_order, monitored
+        self.aligned = bool(decoder.probes)
         count, self.vocabulary = options.max_batch, t3.hp.speech_tokens_dict_size
         self.stop, self.start = t3.hp.stop_speech_token, t3.hp.start_speech_token
         self.slots: list[Slot | None] = [None] * count
@@ -2906,6 +3006,10 @@ class T3Batch:
         self.verdict = torch.zeros(count, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(count, self.vocabulary, device=device)
         self.block = torch.zeros(count, options.eos_check_every, dtype=torch.long, device=device)
+        self.attended = torch.zeros_like(self.block)  # beside each token, the text token it attended to
+        self.text_start = torch.zeros(count, 1, dtype=torch.long, device=device)  # each slot's text positions
+        self.text_end = torch.zeros(count, 1, dtype=torch.long, device=device)
+        self.cache_index = torch.arange(decoder.capacity, device=device)[None]
         self.filled = torch.zeros(1, dtype=torch.long, device=device)  # columns of `block` written
         self.steps_in_block = 0
         self.graphs: dict[int, list[Callable[[], None]]] = {}  # by attended length: the step's graph replays
@@ -2939,6 +3043,8 @@ class T3Batch:
         index = slot.index
         self.cfg_weight[index].fill_(cfg_weight)
         self.verdict[index].fill_(StopVerdict.FREE)
+        self.text_start[index].fill_(slot.text[0])
+        self.text_end[index].fill_(slot.text[1])
         logits = self.logits_of(hidden, self.cfg_weight[index : index + 1])
         if slot.monitor is not None:
             for n, probe in enumerate(self.decoder.probes):
@@ -2950,6 +3056,10 @@ class T3Batch:
             # prompt is masked, but a NaN there would still poison the softmax.
             self.decoder.cache.clear(self.rows(index), slot.position)
         token = self.sampler.first(index, logits, recipe, seed)
+        attended = None
+        if self.aligned:  # the prompt's last position (the start of speech) drew the first token
+            rows = torch.stack([self.decoder.prefill_probes[probe][-1] for probe in self.decoder.probes])
+            attended = self.attended_in_text(rows.mean(dim=0)[None], slice(index, index + 1))
         embed = self.t3.speech_emb(token.view(1))
         if self.cfg:  # Llama: learned speech positions; both CFG rows get the same input
             embed = embed + self.t3.speech_pos_emb.emb.weight[1]
@@ -2957,7 +3067,19 @@ class T3Batch:
         self.positions[self.rows(index)] = slot.position
         self.speech_index[index] = 2
         self.slots[index] = slot
-        slot.take(int(token), self.stop)
+        if attended is None:
+            slot.take(int(token), self.stop)
+        else:  # one read for both
+            drawn, position = torch.cat([token.view(1), attended.view(1)]).tolist()
+            slot.take(drawn, self.stop, position)
+
+    def attended_in_text(self, rows: torch.Tensor, slots: slice) -> torch.Tensor:
+        """For each slot's attention row (rows [slots, positions], the probed heads' mean), the text token
+        (counted from its start token) it weighs most, [slots]; device-only, fixed shapes."""
+        start, end = self.text_start[slots], self.text_end[slots]
+        at = self.cache_index[:, : rows.shape[-1]]
+        inside = (at >= start) & (at < end)
+        return (rows.masked_fill(~inside, float("-inf")).argmax(dim=-1, keepdim=True) - start).clamp(min=0)[:, 0]
 
     def leave(self, slot: Slot) -> None:
         self.slots[slot.index] = None
@@ -3017,6 +3139,9 @@ class T3Batch:
         logits = with_verdict(self.logits, self.verdict, self.stop) if self.monitored else self.logits
         token = self.sampler.draw(logits, self.busy)
         self.block.index_copy_(1, self.filled, token)
+        if self.aligned:  # what this step's conditional rows attended to, beside the token they drew
+            attended = self.attended_in_text(self.decoder.probe_rows.mean(dim=0), slice(None))
+            self.attended.index_copy_(1, self.filled, attended[:, None])
         self.filled.add_(1)
         embed = self.t3.speech_emb(token[:, 0])
         if self.cfg:
@@ -3046,12 +3171,16 @@ class T3Batch:
         """Hand the block's tokens to their slots (one read from the device) and start a new block."""
         if not self.steps_in_block:
             return
+        steps = self.steps_in_block
         with expected_read("block tokens", self.device):
-            block = self.block[:, : self.steps_in_block].tolist()
+            if self.aligned:  # the tokens and what they attended to, in one read
+                block, attended = torch.stack((self.block[:, :steps], self.attended[:, :steps])).tolist()
+            else:
+                block, attended = self.block[:, :steps].tolist(), None
         self.discard_block()
         for slot in self.busy:
-            for token in block[slot.index]:
-                slot.take(token, self.stop)
+            for column, token in enumerate(block[slot.index]):
+                slot.take(token, self.stop, None if attended is None else attended[slot.index][column])
 
     def discard_block(self) -> None:
         """Start a new block, forgetting what the last one drew (a step failed, or warm-up drew it)."""
@@ -3718,6 +3847,11 @@ class BatchEntry:
     speech: S3GenStream | None = None  # S3Gen's side, until its last window
     played_out: float | None = None  # when the audio it has been given ends, if played live
     outbox: deque[Any] = field(default_factory=deque)  # its events, in order; GPU audio waits for its copy
+    spans: list[tuple[int, int]] = field(default_factory=list)  # Llama: each text token's characters
+    words: list[int] = field(default_factory=list)  # Turbo: where each word of its text starts
+    spoken: int = 0  # speech tokens drawn so far (what S3Gen reads: the stop token and any past the codebook left out)
+    marked: int = 0  # text tokens (Llama) or words (Turbo) marked or passed so far
+    last_mark: tuple[int, int] = (-1, -1)  # the (character, sample) it marked last
 
     def deadline(self) -> float:
         """When its listener runs out of audio: for a stream with audio, when what it has been given
@@ -3747,6 +3881,11 @@ class BatchEntry:
             self.generation.deliver(event)
 
 
+# Turbo's pace before it has finished a generation: about 25 speech tokens a second at 14 characters a second,
+# weighted as 20 seconds of speech.
+TURBO_PACE = (25.0 * 20, 14.0 * 20)
+
+
 class BatchRunner:
     """Chatterbox's scheduler, one turn at a time on the inference thread (vLLM's loop in one place):
     drop what was cancelled, admit the most urgent waiting generation into a free slot, prefill a chunk
@@ -3757,6 +3896,7 @@ class BatchRunner:
         self.engine = engine
         self.entries: dict[Generation, BatchEntry] = {}
         self.stats = BatchStats()
+        self.turbo_pace = TURBO_PACE  # (speech tokens, characters) of Turbo's finished generations
 
     def add(self, generation: Generation) -> None:
         self.entries[generation] = BatchEntry(generation)
@@ -3835,7 +3975,12 @@ class BatchRunner:
                 )
             budget = min(generation.max_tokens or speech_token_budget(generation.text), room)
             monitor = self.engine.alignment_monitor(len_cond, len_text) if batch.monitored else None
-            entry.slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor)
+            text = (len_cond, len_cond + len_text)
+            entry.slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor, text=text)
+            if batch.aligned:
+                entry.spans = self.engine.loaded_text().char_spans(generation.text, generation.params.language)
+            else:
+                entry.words = text_words(generation.text)
             entry.prompt, entry.conditioning, entry.phase = embeds, len_cond, Phase.PREFILLING
         except Exception as exc:
             self._end(entry, exc)
@@ -3888,19 +4033,70 @@ class BatchRunner:
         """Pass a seated generation's new tokens on to S3Gen; at its end, free its slot."""
         generation, slot = entry.generation, entry.slot
         assert slot is not None
-        fresh = slot.tokens[len(generation.tokens) :]
+        first = len(generation.tokens)
+        fresh = slot.tokens[first:]
         generation.tokens += fresh
+        spoken = []  # each new token's place among the speech tokens S3Gen reads (None: not one of them)
+        for token in fresh:
+            spoken.append(entry.spoken if token < SPEECH_CODEBOOK else None)
+            entry.spoken += token < SPEECH_CODEBOOK
+        aligned = self.engine.loaded_batch().aligned
+        marks = self._aligned_marks(entry, first, spoken) if aligned else self._estimated_marks(entry, slot.done)
+        if marks:  # before the audio of these tokens, which S3Gen has yet to make
+            entry.outbox.append(TextMarks(tuple(marks), "aligned" if aligned else "estimated"))
         if entry.speech is not None:
             for token in fresh:
                 entry.speech.push(token)
         if not slot.done:
             return
+        if not aligned and len(slot.tokens) < slot.budget:  # stopped by itself: its pace is Turbo's
+            self.turbo_pace = (self.turbo_pace[0] + entry.spoken, self.turbo_pace[1] + len(generation.text))
         self._leave(entry)
         entry.outbox.append(TOKENS_DONE)
         if entry.speech is not None:
             entry.phase = Phase.VOCODING
         else:
             self._end(entry, GENERATION_DONE)
+
+    @staticmethod
+    def _mark(entry: BatchEntry, char: int, sample: int, marks: list[tuple[int, int]]) -> None:
+        if char > entry.last_mark[0] and sample > entry.last_mark[1]:
+            marks.append((char, sample))
+            entry.last_mark = (char, sample)
+
+    def _aligned_marks(self, entry: BatchEntry, first: int, spoken: list[int | None]) -> list[tuple[int, int]]:
+        """Llama: each new speech token whose draw attended to a text token not yet marked marks that text
+        token's first character at the speech token's first sample."""
+        assert entry.slot is not None
+        marks: list[tuple[int, int]] = []
+        text = len(entry.generation.text)
+        for place, attended in zip(spoken, entry.slot.aligned[first:]):
+            token = attended - 1  # the prompt's text starts with the start token
+            if place is None or not entry.marked <= token < len(entry.spans):
+                continue
+            if (char := entry.spans[token][0]) < text:  # not the period punc_norm may add
+                self._mark(entry, char, place * SAMPLES_PER_TOKEN, marks)
+            entry.marked = token + 1
+        return marks
+
+    def _estimated_marks(self, entry: BatchEntry, done: bool) -> list[tuple[int, int]]:
+        """Turbo: its words spread over its speech tokens by their characters, the tokens to come
+        predicted from this runner's pace (TURBO_PACE to begin with); each word is marked once the
+        tokens drawn reach its start. Once T3 is done, the words left go over the tokens left."""
+        chars, drawn = max(1, len(entry.generation.text)), entry.spoken
+        marks: list[tuple[int, int]] = []
+        if not done:
+            total = max(drawn, chars * self.turbo_pace[0] / self.turbo_pace[1])
+            while entry.marked < len(entry.words) and (at := entry.words[entry.marked] * total / chars) < drawn:
+                self._mark(entry, entry.words[entry.marked], int(at * SAMPLES_PER_TOKEN), marks)
+                entry.marked += 1
+            return marks
+        char, sample = max(0, entry.last_mark[0]), max(0, entry.last_mark[1])
+        end = drawn * SAMPLES_PER_TOKEN
+        for word in entry.words[entry.marked :]:
+            self._mark(entry, word, sample + (word - char) * (end - sample) // max(1, chars - char), marks)
+        entry.marked = len(entry.words)
+        return marks
 
     def _vocode(self) -> None:
         """Decode the ready S3Gen window with the earliest deadline, with as many more as S3GEN_BATCH allows."""
