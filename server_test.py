@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import wave
 import weakref
 from collections.abc import Iterable, Iterator
@@ -3156,7 +3157,8 @@ def test_text_tokens_map_to_the_characters_they_stand_for(checkpoints: dict[str,
                 for token, (start, end) in zip(text_side.ids(text, "en")[0].tolist(), spans):
                     piece = text_side.tokenizer.tokenizer.id_to_token(token)
                     if len(piece) == 1 and piece.isalpha() and piece.isascii():
-                        assert text[start:end].lower() == piece.lower(), (kind, text, piece, text[start:end])
+                        covered = unicodedata.normalize("NFKD", text[start:end].lower())  # é: e and its accent
+                        assert covered[:1] == piece.lower(), (kind, text, piece, text[start:end])
 
 
 def test_align_text_walks_both_strings_and_falls_back_to_proportion() -> None:
