@@ -1604,7 +1604,8 @@ class ChatterboxEngine(Engine):
         """Upstream's sampling for this model, at the request's temperature."""
         if self.kind == "turbo":
             return SamplingRecipe(params.temperature, 1.2, top_k=1000, top_p=0.95, turbo_order=True)
-        return SamplingRecipe(params.temperature, 2.0 if self.kind == "multilingual" else 1.2, min_p=0.05)
+        # Multilingual's penalty was 2.0 until upstream lowered it to standard's 1.2 (after 0.1.7).
+        return SamplingRecipe(params.temperature, 1.2, min_p=0.05)
 
     def s3gen_stream(self, voice: Any, streamed: bool, budget: int) -> S3GenStream:
         """The S3Gen side of one chunk's generation of at most `budget` speech tokens.
@@ -1619,6 +1620,7 @@ class ChatterboxEngine(Engine):
             self.kind == "turbo",
             self.device,
             self.loaded_parts().s3gen.dtype,
+            drop_last=self.kind == "multilingual",
         )
 
     def alignment_monitor(self, len_cond: int, len_text: int) -> Any:
@@ -1791,8 +1793,13 @@ class S3GenStream:
         pad_silence: bool,
         device: str,
         dtype: torch.dtype,
+        drop_last: bool = False,
     ):
         self.gen, self.plan, self.pad_silence, self.device = gen, plan, pad_silence, device
+        # Multilingual: upstream (after 0.1.7) cuts the audio of the last speech token, drawn just before the
+        # stop with degraded attention (about 40 ms of noise): the chunk's audio ends at (tokens - 1) tokens.
+        self.drop_last = drop_last
+        self.handed = 0  # samples handed out so far
         self.tokens: list[int] = []
         self.emitted = 0  # tokens whose audio has been handed out (but for the vocoder's held-back end)
         self.windows = 0  # windows decoded so far
@@ -1855,12 +1862,17 @@ class S3GenStream:
             raise RuntimeError("a stream's windows must be decoded in order, each once")
         if decoded is None:  # a final window with no new tokens: only the vocoder's held-back end
             tail = self.joiner.finish()
-            return tail if isinstance(tail, torch.Tensor) else torch.zeros(0, device=self.device)
-        wav, source = decoded
-        self.source_cache = source[:, source.shape[-1] - HIFT_OVERLAP_FRAMES * SAMPLES_PER_FRAME :]
-        self.emitted, self.windows = window.end, self.windows + 1
-        audio = self.joiner.push(wav, starts_segment=window.start > 0)
-        return torch.cat([audio, self.joiner.finish()]) if window.final else audio
+            audio = tail if isinstance(tail, torch.Tensor) else torch.zeros(0, device=self.device)
+        else:
+            wav, source = decoded
+            self.source_cache = source[:, source.shape[-1] - HIFT_OVERLAP_FRAMES * SAMPLES_PER_FRAME :]
+            self.emitted, self.windows = window.end, self.windows + 1
+            audio = self.joiner.push(wav, starts_segment=window.start > 0)
+            audio = torch.cat([audio, self.joiner.finish()]) if window.final else audio
+        if window.final and self.drop_last:  # upstream's max(1, tokens - 1) tokens of audio
+            audio = audio[: max(0, max(1, len(self.tokens) - 1) * SAMPLES_PER_TOKEN - self.handed)]
+        self.handed += audio.shape[-1]
+        return audio
 
 
 class S3GenDecoder:
