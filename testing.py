@@ -54,7 +54,9 @@ class ToneEngine(server.ChunkEngine):
     def prepare_voice(self, voice: server.VoiceRef, exaggeration: float) -> Any:
         return 200.0 if voice.path is None else 300.0
 
-    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | server.TextMarks]:
         n = 240 * len(text)
         tone = 0.3 * np.sin(2 * np.pi * voice * np.arange(n) / self.sample_rate) + 0.01 * torch.rand(n).numpy()
         yield tone[: n // 2].astype(np.float32)
@@ -93,8 +95,13 @@ class SlowToneEngine(ToneEngine):
 
     pause = 0.05
 
-    def synthesize(self, text: str, voice: Any, params: server.SynthesisParams) -> Iterator[np.ndarray]:
+    def synthesize(
+        self, text: str, voice: Any, params: server.SynthesisParams, phonemes: server.PhonemeSpans = ()
+    ) -> Iterator[np.ndarray | server.TextMarks]:
         for piece in super().synthesize(text * 4, voice, params):
+            if isinstance(piece, server.TextMarks):
+                yield piece
+                continue
             for part in np.array_split(piece, 8):
                 time.sleep(self.pause)
                 yield part
