@@ -3601,7 +3601,11 @@ class PiperEngine(ChunkEngine):
                 marks = []
                 for start in starts:
                     if run_start <= start < run_start + len(run) and (word := next(targets, None)) is not None:
-                        marks.append((words[word], offset + at[start - run_start]))
+                        # A word starts with the space before it: VITS gives the space the next word's onset
+                        # (from it, word starts fall ~10 ms from a recognizer's; from the first phoneme, ~55 ms late).
+                        k = start - run_start
+                        k = k - 1 if k > 0 and run[k - 1] == " " else k
+                        marks.append((words[word], offset + at[k]))
                 if marks:
                     yield TextMarks(tuple(marks), kind)
                 yield audio
