@@ -6,10 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import statistics
+from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
+import pytest
 
 import server
 from server import CharTime, SpokenText, TextChunk, TextMarks, TimingCursor
@@ -215,3 +217,55 @@ def test_word_timestamps_fall_where_the_recognizer_places_the_words(servers: dic
     offsets = ear.timing_offsets(servers["piper"].url, ear.TIMING_TEXTS)
     assert len(offsets) >= 25
     assert statistics.median(abs(o) for o in offsets) <= 0.06, offsets
+
+
+def test_timings_follow_speed_pieces_of_text_and_every_engine(servers: dict[str, ServerProcess]) -> None:
+    """Speed divides every time; text given to the WebSocket in pieces keeps its own offsets; each engine's
+    words come back in order, as measured ("aligned") or as Turbo's estimate, as /v1/status says."""
+    srv = servers["piper"]
+    text = "One two three four five six seven eight."
+    normal, fast = (
+        httpx.post(f"{srv.url}/v1/audio/speech/timestamps", json={"input": text, "speed": speed}, timeout=120).json()
+        for speed in (1.0, 2.0)
+    )
+    ratio = fast["words"][-1]["start"] / normal["words"][-1]["start"]
+    assert 0.4 < ratio < 0.6, ratio
+    ws = WsClient(srv)
+    ws.send(type="speak", id="u", text="First part, ", final=False, timestamps=True)
+    ws.send(type="append", id="u", text="then more. And the end.")
+    ws.send(type="end", id="u")
+    _, messages = ws.until_done("u")
+    ws.close()
+    words = [w for m in messages if m["type"] == "timestamps" for w in m["words"]]
+    assert spoken_words(words) == "First part, then more. And the end.".split()
+    assert_rising([w["start"] for w in words])
+    for kind, timings in (("standard", "aligned"), ("multilingual", "aligned"), ("turbo", "estimated")):
+        chatterbox = servers[kind]
+        assert httpx.get(f"{chatterbox.url}/v1/status", timeout=30).json()["engine"]["timings"] == timings
+        stamped = httpx.post(
+            f"{chatterbox.url}/v1/audio/speech/timestamps",
+            json={"input": "Hello there, friend.", "seed": 3},
+            timeout=300,
+        ).json()
+        assert spoken_words(stamped["words"]) == ["Hello", "there,", "friend."] and stamped["timestamps"] == timings
+        assert_rising([w["start"] for w in stamped["words"]])
+
+
+def test_pronunciation_rules_from_the_request_and_the_file(servers: dict[str, ServerProcess], tmp_path: Path) -> None:
+    srv = servers["piper"]
+    stamped = httpx.post(
+        f"{srv.url}/v1/audio/speech/timestamps",
+        json={"input": "Our SQL server.", "lexicon": [{"match": "sql", "alias": "sequel"}]},
+        timeout=120,
+    ).json()
+    assert "".join(stamped["normalized_alignment"]["characters"]) == "Our sequel server."
+    assert spoken_words(stamped["words"]) == ["Our", "SQL", "server."]  # the caller's words, timed
+    rules = tmp_path / "lexicon.json"
+    rules.write_text(json.dumps([{"pattern": r"\bk8s\b", "alias": "kubernetes"}]))
+    lexicon = server.load_lexicon(str(rules))
+    assert lexicon is not None
+    chunks = server.speech_script("Run k8s now.", server.Settings(), server.Reading(lexicon=lexicon))
+    assert [c.text for c in chunks if isinstance(c, TextChunk)] == ["Run kubernetes now."]
+    rules.write_text(json.dumps([{"alias": "no match"}]))
+    with pytest.raises(SystemExit, match="LEXICON_FILE"):
+        server.load_lexicon(str(rules))

@@ -201,7 +201,7 @@ def main() -> None:
                 rates[normalization].append(errors / total)
         offsets = timing_offsets(url, TIMING_TEXTS + [text for text, _ in CORPUS])
         engine = httpx.get(f"{url}/v1/status", timeout=30).json().get("engine", {})
-        print(f"engine: {engine.get('engine')} ({engine.get('timestamps', '?')} timestamps)")
+        print(f"engine: {engine.get('engine')} ({engine.get('timings', '?')} timestamps)")
         print("| check | normalization off | normalization on |")
         print("| --- | --- | --- |")
         off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
