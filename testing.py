@@ -215,11 +215,17 @@ def end_with_parent() -> None:
 
 class ServerProcess:
     def __init__(
-        self, kind: str, model_dir: Path | None, voices_dir: Path, command: list[str] | None = None, **env: str
+        self,
+        kind: str,
+        model_dir: Path | None,
+        voices_dir: Path,
+        command: list[str] | None = None,
+        port: int | None = None,  # a restarted replica keeps its address (scaleout_test.py)
+        **env: str,
     ):
         self.kind = kind
         self.env = env
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.voices_dir = voices_dir
         self.log = open(voices_dir.parent / f"server-{kind}-{self.port}.log", "w+")  # noqa: SIM115 (closed in stop)
