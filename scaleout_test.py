@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -443,7 +444,7 @@ def test_two_replicas_replacing_one_name_at_once_leave_one_intact_file(turbo_clu
     file is left, whole (one of the two uploads, byte for byte), no temporary file, and it speaks."""
     wav, flac = reference_wav(3), flac_of(reference_wav(4))
     first, second = turbo_cluster.replicas[:2]
-    for _ in range(4):
+    for _ in range(3):
         with ThreadPoolExecutor(2) as pool:
             saves = [
                 pool.submit(upload, first.url, "race", wav, "race.wav"),
@@ -455,3 +456,29 @@ def test_two_replicas_replacing_one_name_at_once_leave_one_intact_file(turbo_clu
         [kept] = files
         assert kept.read_bytes() == {"race.wav": wav, "race.flac": flac}[kept.name]
     assert [r.status_code for r in on_every_replica(turbo_cluster, "race")] == [200] * 3
+
+
+def test_a_voice_save_waits_for_another_replicas_save_of_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deterministically, the interleaving the test above can only hope for: replica A has put its file in place
+    and is about to remove the name's other files when replica B saves the name in another format. B's save
+    waits for A's to end (the lock in VOICES_DIR), so B's file is the one left; without the lock, A would then
+    remove B's file, and B had removed A's: no file at all."""
+    a, b = (server.VoiceLibrary(tmp_path, server.VOICE_EXTENSIONS) for _ in "ab")  # two processes' libraries
+    replace = os.replace
+    b_saving: list[threading.Thread] = []
+
+    def replace_then_let_b_in(source: Any, target: Any) -> None:
+        replace(source, target)
+        if not b_saving:
+            b_saving.append(threading.Thread(target=b.save, args=("race", b"from b", ".flac")))
+            b_saving[0].start()
+            b_saving[0].join(timeout=0.5)  # B runs now, unless it has to wait for A
+
+    monkeypatch.setattr(os, "replace", replace_then_let_b_in)
+    a.save("race", b"from a", ".wav")
+    b_saving[0].join(timeout=30)
+    assert not b_saving[0].is_alive()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["race.flac"]
+    assert (tmp_path / "race.flac").read_bytes() == b"from b"
