@@ -212,6 +212,7 @@ def test_cpu_pods_run_piper_and_a_plain_hpa_reads_the_adapters_load_metric() -> 
     hpa = one(objects, "HorizontalPodAutoscaler")["spec"]
     [metric] = hpa["metrics"]
     assert metric["type"] == "Pods" and metric["pods"]["target"]["type"] == "AverageValue"
+    assert metric["pods"]["target"]["averageValue"] == "8"  # Piper: one slot, 16 real-time streams on 2 cores
     values = yaml.safe_load((KUSTOMIZE / "components" / "hpa" / "prometheus-adapter-values.yaml").read_text())
     [rule] = values["rules"]["custom"]
     assert rule["name"]["as"] == metric["pods"]["metric"]["name"]
