@@ -264,4 +264,4 @@ def test_every_replica_section_turns_429_into_a_marked_503() -> None:
     for header, body in replica_sections.items():
         full = body.index("http-response set-header x-tts-full 1 if { status 429 }")
         assert full < body.index("http-response set-status 503 if { status 429 }")
-        assert header.split()[1].removeprefix("replica_") in body[0]  # bind "abns@tts-replica-N"
+        assert body[0].endswith(f'-replica-{header.split()[1].removeprefix("replica_")}"')  # its bind line

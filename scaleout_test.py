@@ -74,6 +74,7 @@ class Cluster:
                 **addresses,
                 "TTS_BIND": f"127.0.0.1:{self.port}",
                 "TTS_STATS_BIND": f"127.0.0.1:{self.stats_port}",
+                "TTS_INSTANCE": f"tts-test-{self.port}",  # its internal sockets' names: one per instance
             },
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -119,7 +120,7 @@ class Cluster:
             replica.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def piper_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     common = {"SHUTDOWN_GRACE_S": str(GRACE_S)}
     envs = [{**common, "MAX_QUEUE": str(FULL_QUEUE)}, common, common]
@@ -130,7 +131,7 @@ def piper_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         cluster.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def turbo_cluster(tmp_path_factory: pytest.TempPathFactory, checkpoints: dict[str, Path]) -> Iterator[Cluster]:
     envs = [{"TORCH_THREADS": "1"}] * 3
     cluster = Cluster(tmp_path_factory.mktemp("turbo-cluster"), "turbo", checkpoints["turbo"], envs)
@@ -224,163 +225,167 @@ def wait_active(srv: ServerProcess, count: int) -> None:
     wait_until(lambda: status_of(srv)["queue"]["active"] == count, what=f"{count} active on {srv.url}")
 
 
-def test_load_spreads_over_every_replica(piper_cluster: Cluster) -> None:
-    """Least connections: twelve concurrent streams through the balancer land on all three replicas, and each
-    is spoken whole."""
-    with ThreadPoolExecutor(12) as pool:
-        outcomes = list(pool.map(lambda n: sse_speech(piper_cluster.url, SENTENCES[n % 4]), range(12)))
-    assert all(succeeded(o) for o in outcomes), outcomes
-    counts = Counter(o.served_by for o in outcomes)
-    print(f"spread: {len(outcomes)} streams, per replica {dict(sorted(counts.items(), key=str))}")
-    assert set(counts) == set(REPLICAS), counts
+class TestPiperReplicas:
+    """Where the model does not matter: Piper replicas."""
 
-
-def test_a_websocket_passes_the_balancer_and_streams_before_its_utterance_ends(piper_cluster: Cluster) -> None:
-    """The upgrade passes through, and audio comes through as it is made: the utterance is still open (no end
-    sent) when its first sentence's audio arrives."""
-    with connect(piper_cluster.url.replace("http://", "ws://") + "/v1/audio/speech/ws") as ws:
-        assert ws.response is not None and ws.response.headers["x-served-by"] in REPLICAS
-        ws.send(json.dumps({"type": "speak", "id": "u", "text": SENTENCES[0] + " And", "final": False}))
-        first = ws.recv(timeout=60)
-        while not isinstance(first, bytes):
-            assert json.loads(first)["type"] != "error", first
-            first = ws.recv(timeout=60)
-        assert len(first) > 0
-        ws.send(json.dumps({"type": "end", "id": "u"}))
-        while not (isinstance(message := ws.recv(timeout=60), str) and json.loads(message)["type"] == "done"):
-            pass
-
-
-def test_a_full_replicas_429_is_retried_elsewhere_and_only_all_full_reaches_the_client(piper_cluster: Cluster) -> None:
-    full, others = piper_cluster.replicas[0], piper_cluster.replicas[1:]
-    with held(full.url, FULL_QUEUE):
-        wait_active(full, FULL_QUEUE)
-        direct = httpx.post(f"{full.url}/v1/audio/speech", json={"input": "Hi."}, timeout=60)
-        assert direct.status_code == 429
-        before = refused_busy(full)
-
-        def through(n: int) -> httpx.Response:
-            return httpx.post(f"{piper_cluster.url}/v1/audio/speech", json={"input": SENTENCES[n % 4]}, timeout=120)
-
+    def test_load_spreads_over_every_replica(self, piper_cluster: Cluster) -> None:
+        """Least connections: nine concurrent streams through the balancer land on all three replicas, and each
+        is spoken whole."""
         with ThreadPoolExecutor(9) as pool:
-            responses = list(pool.map(through, range(9)))
-        assert [r.status_code for r in responses] == [200] * 9, [r.text for r in responses]
-        assert {r.headers["x-served-by"] for r in responses} <= {"replica_2", "replica_3"}
-        tried = refused_busy(full) - before
-        print(f"full replica: 9 requests, 0 failed, {tried:g} 429s from the full replica retried elsewhere")
-        assert tried >= 1  # the balancer did send some to the full replica, and the client never saw its 429
-        # With every replica full, the client gets the replica's own 429 (and Retry-After), not a 503.
-        max_queue = server.Settings().max_queue
-        with held(others[0].url, max_queue), held(others[1].url, max_queue):
-            for srv in others:
-                wait_active(srv, max_queue)
-            refused = httpx.post(f"{piper_cluster.url}/v1/audio/speech", json={"input": "Hi."}, timeout=60)
-    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-    assert refused.json()["error"]["code"] == "server_busy" and "x-tts-full" not in refused.headers
+            outcomes = list(pool.map(lambda n: sse_speech(piper_cluster.url, SENTENCES[n % 4]), range(9)))
+        assert all(succeeded(o) for o in outcomes), outcomes
+        counts = Counter(o.served_by for o in outcomes)
+        print(f"spread: {len(outcomes)} streams, per replica {dict(sorted(counts.items(), key=str))}")
+        assert set(counts) == set(REPLICAS), counts
 
+    def test_a_websocket_passes_the_balancer_and_streams_before_its_utterance_ends(
+        self, piper_cluster: Cluster
+    ) -> None:
+        """The upgrade passes through, and audio comes through as it is made: the utterance is still open (no end
+        sent) when its first sentence's audio arrives."""
+        with connect(piper_cluster.url.replace("http://", "ws://") + "/v1/audio/speech/ws") as ws:
+            assert ws.response is not None and ws.response.headers["x-served-by"] in REPLICAS
+            ws.send(json.dumps({"type": "speak", "id": "u", "text": SENTENCES[0] + " And", "final": False}))
+            first = ws.recv(timeout=60)
+            while not isinstance(first, bytes):
+                assert json.loads(first)["type"] != "error", first
+                first = ws.recv(timeout=60)
+            assert len(first) > 0
+            ws.send(json.dumps({"type": "end", "id": "u"}))
+            while not (isinstance(message := ws.recv(timeout=60), str) and json.loads(message)["type"] == "done"):
+                pass
 
-def test_the_load_gauges_follow_the_utterances_in_progress(piper_cluster: Cluster) -> None:
-    """What an autoscaler reads: 0 when idle, a replica's occupancy and then its queue as utterances are held,
-    steady through one long stream (no sawtooth between its chunks), 0 again after."""
-    srv = piper_cluster.replicas[1]
-    wait_active(srv, 0)
-    assert load(srv) == (1, 0, 0)  # Piper: one piece at a time
-    for count, expected in ((1, (1, 1, 0)), (3, (1, 1, 2))):
-        with held(srv.url, count):
-            wait_active(srv, count)
-            assert load(srv) == expected
+    def test_a_full_replicas_429_is_retried_elsewhere_and_only_all_full_reaches_the_client(
+        self, piper_cluster: Cluster
+    ) -> None:
+        full, others = piper_cluster.replicas[0], piper_cluster.replicas[1:]
+        with held(full.url, FULL_QUEUE):
+            wait_active(full, FULL_QUEUE)
+            direct = httpx.post(f"{full.url}/v1/audio/speech", json={"input": "Hi."}, timeout=60)
+            assert direct.status_code == 429
+            before = refused_busy(full)
+
+            def through(n: int) -> httpx.Response:
+                return httpx.post(f"{piper_cluster.url}/v1/audio/speech", json={"input": SENTENCES[n % 4]}, timeout=120)
+
+            with ThreadPoolExecutor(9) as pool:
+                responses = list(pool.map(through, range(9)))
+            assert [r.status_code for r in responses] == [200] * 9, [r.text for r in responses]
+            assert {r.headers["x-served-by"] for r in responses} <= {"replica_2", "replica_3"}
+            tried = refused_busy(full) - before
+            print(f"full replica: 9 requests, 0 failed, {tried:g} 429s from the full replica retried elsewhere")
+            assert tried >= 1  # the balancer did send some to the full replica, and the client never saw its 429
+            # With every replica full, the client gets the replica's own 429 (and Retry-After), not a 503.
+            max_queue = server.Settings().max_queue
+            with held(others[0].url, max_queue), held(others[1].url, max_queue):
+                for srv in others:
+                    wait_active(srv, max_queue)
+                refused = httpx.post(f"{piper_cluster.url}/v1/audio/speech", json={"input": "Hi."}, timeout=60)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "server_busy" and "x-tts-full" not in refused.headers
+
+    def test_the_load_gauges_follow_the_utterances_in_progress(self, piper_cluster: Cluster) -> None:
+        """What an autoscaler reads: 0 when idle, a replica's occupancy and then its queue as utterances are held,
+        steady through one long stream (no sawtooth between its chunks), 0 again after."""
+        srv = piper_cluster.replicas[1]
+        wait_active(srv, 0)
+        assert load(srv) == (1, 0, 0)  # Piper: one piece at a time
+        for count, expected in ((1, (1, 1, 0)), (3, (1, 1, 2))):
+            with held(srv.url, count):
+                wait_active(srv, count)
+                assert load(srv) == expected
+            wait_active(srv, 0)
+            assert load(srv) == (1, 0, 0)
+        samples: list[tuple[float, float, float]] = []
+        text = " ".join(SENTENCES * 2)  # several chunks of CHUNK_MAX_CHARS
+        with httpx.Client(timeout=120) as client:
+            with client.stream("POST", f"{srv.url}/v1/audio/speech/stream/pcm", json={"input": text}) as response:
+                assert response.status_code == 200
+                for piece in response.iter_bytes():
+                    if piece:
+                        samples.append(load(srv))
+        # Busy from the first audio on, through every chunk; free once the server has sent its last bytes (the
+        # client may still be reading them): it never drops and comes back.
+        busy = [fraction for _, fraction, _ in samples]
+        assert busy[0] == 1 and busy == sorted(busy, reverse=True) and busy.count(1) >= 3, samples
+        assert {waiting for *_, waiting in samples} == {0}
         wait_active(srv, 0)
         assert load(srv) == (1, 0, 0)
-    samples: list[tuple[float, float, float]] = []
-    text = " ".join(SENTENCES * 2)  # several chunks of CHUNK_MAX_CHARS
-    with httpx.Client(timeout=120) as client:
-        with client.stream("POST", f"{srv.url}/v1/audio/speech/stream/pcm", json={"input": text}) as response:
-            assert response.status_code == 200
-            for piece in response.iter_bytes():
-                if piece:
-                    samples.append(load(srv))
-    # Busy from the first audio on, through every chunk; free once the server has sent its last bytes (the
-    # client may still be reading them): it never drops and comes back.
-    busy = [fraction for _, fraction, _ in samples]
-    assert busy[0] == 1 and busy == sorted(busy, reverse=True) and busy.count(1) >= 3, samples
-    assert {waiting for *_, waiting in samples} == {0}
-    wait_active(srv, 0)
-    assert load(srv) == (1, 0, 0)
 
+    def test_a_rolling_restart_fails_no_request(self, piper_cluster: Cluster) -> None:
+        """SIGTERM one replica while 20 streams run: /ready turns 503 at once, the balancer takes it out, its
+        streams finish within the grace, every request succeeds; its successor comes up on its address meanwhile
+        and takes traffic."""
+        victim = piper_cluster.replicas[1]
+        with httpx.Client(base_url=victim.url, timeout=30) as kept_alive, ThreadPoolExecutor(24) as pool:
+            assert kept_alive.get("/ready").status_code == 200  # this connection stays open through the drain
+            streams = [pool.submit(sse_speech, piper_cluster.url, " ".join(SENTENCES[n % 4 :][:2])) for n in range(20)]
+            wait_until(lambda: status_of(victim)["queue"]["active"] >= 2, what="streams on the victim")
+            victim.proc.send_signal(signal.SIGTERM)
+            wait_until(lambda: kept_alive.get("/ready").status_code == 503, timeout=5, what="/ready 503")
+            assert kept_alive.get("/ready").json() == {"status": "shutting_down"}
+            piper_cluster.wait_states({"replica_2": "DOWN"}, timeout=15)
+            piper_cluster.replace(1)
+            later = [pool.submit(sse_speech, piper_cluster.url, SENTENCES[n]) for n in range(4)]
+            outcomes = [future.result() for future in streams + later]
+            assert victim.proc.wait(GRACE_S + 10) == -signal.SIGTERM  # uvicorn re-raises the signal it drained on
+        logs = victim.logs()
+        victim.stop()
+        assert "shutting down: " in logs and "Traceback" not in logs and "| ERROR" not in logs, logs
+        failed = [o for o in outcomes if not succeeded(o)]
+        counts = Counter(o.served_by for o in outcomes[:20])
+        print(
+            f"rolling restart: {len(outcomes)} streams, {len(failed)} failed, per replica {dict(sorted(counts.items(), key=str))}"
+        )
+        assert not failed, failed
+        assert counts["replica_2"] >= 2  # streams the victim had in flight finished, whole
+        assert all(o.served_by != "replica_2" for o in outcomes[20:])
+        piper_cluster.replicas[1].wait_ready()
+        piper_cluster.wait_states({"replica_2": "UP"})
+        with ThreadPoolExecutor(3) as pool:
+            again = list(pool.map(lambda n: sse_speech(piper_cluster.url, " ".join(SENTENCES[:2])), range(3)))
+        assert all(succeeded(o) for o in again) and "replica_2" in {o.served_by for o in again}, again
 
-def test_a_rolling_restart_fails_no_request(piper_cluster: Cluster) -> None:
-    """SIGTERM one replica while 20 streams run: /ready turns 503 at once, the balancer takes it out, its
-    streams finish within the grace, every request succeeds; its successor comes up on its address meanwhile
-    and takes traffic."""
-    victim = piper_cluster.replicas[1]
-    with httpx.Client(base_url=victim.url, timeout=30) as kept_alive, ThreadPoolExecutor(24) as pool:
-        assert kept_alive.get("/ready").status_code == 200  # this connection stays open through the drain
-        streams = [pool.submit(sse_speech, piper_cluster.url, " ".join(SENTENCES[n % 4 :][:2])) for n in range(20)]
-        wait_until(lambda: status_of(victim)["queue"]["active"] >= 2, what="streams on the victim")
-        victim.proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: kept_alive.get("/ready").status_code == 503, timeout=5, what="/ready 503")
-        assert kept_alive.get("/ready").json() == {"status": "shutting_down"}
-        piper_cluster.wait_states({"replica_2": "DOWN"}, timeout=15)
-        piper_cluster.replace(1)
-        later = [pool.submit(sse_speech, piper_cluster.url, SENTENCES[n]) for n in range(4)]
-        outcomes = [future.result() for future in streams + later]
-        assert victim.proc.wait(GRACE_S + 10) == -signal.SIGTERM  # uvicorn re-raises the signal it drained on
-    logs = victim.logs()
-    victim.stop()
-    assert "shutting down: " in logs and "Traceback" not in logs and "| ERROR" not in logs, logs
-    failed = [o for o in outcomes if not succeeded(o)]
-    counts = Counter(o.served_by for o in outcomes[:20])
-    print(f"rolling restart: {len(outcomes)} streams, {len(failed)} failed, per replica {dict(sorted(counts.items(), key=str))}")
-    assert not failed, failed
-    assert counts["replica_2"] >= 2  # streams the victim had in flight finished, whole
-    assert all(o.served_by != "replica_2" for o in outcomes[20:])
-    piper_cluster.replicas[1].wait_ready()
-    piper_cluster.wait_states({"replica_2": "UP"})
-    with ThreadPoolExecutor(3) as pool:
-        again = list(pool.map(lambda n: sse_speech(piper_cluster.url, " ".join(SENTENCES)), range(3)))
-    assert all(succeeded(o) for o in again) and "replica_2" in {o.served_by for o in again}, again
-
-
-def test_a_killed_replica_fails_only_its_own_streams(piper_cluster: Cluster) -> None:
-    """SIGKILL one replica mid-stream: only what it was streaming fails, and fails cleanly (the connection is
-    cut, never a hang); what other replicas stream goes on, and every new request succeeds elsewhere."""
-    victim = piper_cluster.replicas[2]
-    # One WebSocket per replica (least connections spreads open connections), each speaking an utterance
-    # that stays open: what the victim streams is certainly in flight when it dies.
-    sockets = [connect(piper_cluster.url.replace("http://", "ws://") + "/v1/audio/speech/ws") for _ in REPLICAS]
-    try:
-        placed = {ws.response.headers["x-served-by"]: ws for ws in sockets if ws.response is not None}
-        assert set(placed) == set(REPLICAS)
-        for ws in sockets:
-            ws.send(json.dumps({"type": "speak", "id": "u", "text": SENTENCES[1] + " And", "final": False}))
-            while not isinstance(ws.recv(timeout=60), bytes):
-                pass
-        started = threading.Semaphore(0)
-        with ThreadPoolExecutor(6) as pool:
-            streams = [pool.submit(sse_speech, piper_cluster.url, " ".join(SENTENCES[:3]), started) for _ in range(6)]
-            for _ in streams:
-                assert started.acquire(timeout=120)
-            victim.proc.kill()
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    placed["replica_3"].recv(timeout=30)
-            new = list(pool.map(lambda n: sse_speech(piper_cluster.url, SENTENCES[n % 4]), range(6)))
-            outcomes = [future.result() for future in streams]
-        for name in ("replica_1", "replica_2"):
-            placed[name].send(json.dumps({"type": "end", "id": "u"}))
-            while not (isinstance(m := placed[name].recv(timeout=60), str) and json.loads(m)["type"] == "done"):
-                pass
-    finally:
-        for ws in sockets:
-            ws.close()
-    failed = [o for o in outcomes if not succeeded(o)]
-    print(
-        f"killed replica: {len(outcomes)} streams in flight ({sum(o.served_by == 'replica_3' for o in outcomes)} on "
-        f"it), {len(failed)} cut; {len(new)} new requests, {sum(not succeeded(o) for o in new)} failed"
-    )
-    assert all(o.served_by == "replica_3" and o.error and "RemoteProtocolError" in o.error for o in failed), failed
-    assert all(succeeded(o) for o in new) and all(o.served_by != "replica_3" for o in new), new
-    piper_cluster.wait_states({"replica_3": "DOWN"}, timeout=15)
+    def test_a_killed_replica_fails_only_its_own_streams(self, piper_cluster: Cluster) -> None:
+        """SIGKILL one replica mid-stream: only what it was streaming fails, and fails cleanly (the connection is
+        cut, never a hang); what other replicas stream goes on, and every new request succeeds elsewhere."""
+        victim = piper_cluster.replicas[2]
+        # One WebSocket per replica (least connections spreads open connections), each speaking an utterance
+        # that stays open: what the victim streams is certainly in flight when it dies.
+        with ExitStack() as stack:
+            url = piper_cluster.url.replace("http://", "ws://") + "/v1/audio/speech/ws"
+            sockets = [stack.enter_context(connect(url)) for _ in REPLICAS]
+            placed = {ws.response.headers["x-served-by"]: ws for ws in sockets if ws.response is not None}
+            assert set(placed) == set(REPLICAS)
+            for ws in sockets:
+                ws.send(json.dumps({"type": "speak", "id": "u", "text": SENTENCES[1] + " And", "final": False}))
+                while not isinstance(ws.recv(timeout=60), bytes):
+                    pass
+            started = threading.Semaphore(0)
+            with ThreadPoolExecutor(6) as pool:
+                streams = [
+                    pool.submit(sse_speech, piper_cluster.url, " ".join(SENTENCES[:3]), started) for _ in range(6)
+                ]
+                for _ in streams:
+                    assert started.acquire(timeout=120)
+                victim.proc.kill()
+                with pytest.raises(ConnectionClosed):
+                    while True:
+                        placed["replica_3"].recv(timeout=30)
+                new = list(pool.map(lambda n: sse_speech(piper_cluster.url, SENTENCES[n % 4]), range(6)))
+                outcomes = [future.result() for future in streams]
+            for name in ("replica_1", "replica_2"):
+                placed[name].send(json.dumps({"type": "end", "id": "u"}))
+                while not (isinstance(m := placed[name].recv(timeout=60), str) and json.loads(m)["type"] == "done"):
+                    pass
+        failed = [o for o in outcomes if not succeeded(o)]
+        print(
+            f"killed replica: {len(outcomes)} streams in flight ({sum(o.served_by == 'replica_3' for o in outcomes)} on "
+            f"it), {len(failed)} cut; {len(new)} new requests, {sum(not succeeded(o) for o in new)} failed"
+        )
+        assert all(o.served_by == "replica_3" and o.error and "RemoteProtocolError" in o.error for o in failed), failed
+        assert all(succeeded(o) for o in new) and all(o.served_by != "replica_3" for o in new), new
+        piper_cluster.wait_states({"replica_3": "DOWN"}, timeout=15)
 
 
 def reference_wav(seed: int) -> bytes:
@@ -415,50 +420,52 @@ def voice_misses(srv: ServerProcess) -> float:
     return metric(srv, "tts_voice_cache_misses_total ")
 
 
-def test_a_voice_uploaded_through_the_balancer_is_every_replicas_at_once(turbo_cluster: Cluster) -> None:
-    """Uploaded through the balancer: the next request on every replica speaks it (each prepares the same
-    clip: the same seeded bytes); replaced: every replica speaks the new clip; deleted: gone everywhere."""
-    replicas = turbo_cluster.replicas
-    assert upload(turbo_cluster.url, "shared", reference_wav(1), "shared.wav").status_code == 201
-    misses = [voice_misses(srv) for srv in replicas]
-    first = on_every_replica(turbo_cluster, "shared")
-    assert [r.status_code for r in first] == [200] * 3
-    assert len({r.content for r in first}) == 1  # one clip, one seed: the same audio on every replica
-    assert [voice_misses(srv) for srv in replicas] == [m + 1 for m in misses]
-    for srv in replicas:
-        assert "shared" in {v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices", timeout=30).json()["data"]}
+class TestTurboReplicas:
+    """Where voices must clone: tiny random Turbo replicas."""
 
-    assert upload(turbo_cluster.url, "shared", flac_of(reference_wav(2)), "shared.flac").status_code == 201
-    assert sorted(p.name for p in turbo_cluster.voices.glob("shared*")) == ["shared.flac"]
-    second = on_every_replica(turbo_cluster, "shared")
-    assert [r.status_code for r in second] == [200] * 3
-    assert len({r.content for r in second}) == 1 and second[0].content != first[0].content
-    assert [voice_misses(srv) for srv in replicas] == [m + 2 for m in misses]  # prepared anew: new content
+    def test_a_voice_uploaded_through_the_balancer_is_every_replicas_at_once(self, turbo_cluster: Cluster) -> None:
+        """Uploaded through the balancer: the next request on every replica speaks it (each prepares the same
+        clip: the same seeded bytes); replaced: every replica speaks the new clip; deleted: gone everywhere."""
+        replicas = turbo_cluster.replicas
+        assert upload(turbo_cluster.url, "shared", reference_wav(1), "shared.wav").status_code == 201
+        misses = [voice_misses(srv) for srv in replicas]
+        first = on_every_replica(turbo_cluster, "shared")
+        assert [r.status_code for r in first] == [200] * 3
+        assert len({r.content for r in first}) == 1  # one clip, one seed: the same audio on every replica
+        assert [voice_misses(srv) for srv in replicas] == [m + 1 for m in misses]
+        for srv in replicas:
+            assert "shared" in {v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices", timeout=30).json()["data"]}
 
-    assert httpx.delete(f"{turbo_cluster.url}/v1/audio/voices/shared", timeout=30).status_code == 200
-    for response in on_every_replica(turbo_cluster, "shared"):
-        assert response.status_code == 400 and response.json()["error"]["param"] == "voice"
-    for srv in replicas:
-        assert "shared" not in {v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices", timeout=30).json()["data"]}
+        assert upload(turbo_cluster.url, "shared", flac_of(reference_wav(2)), "shared.flac").status_code == 201
+        assert sorted(p.name for p in turbo_cluster.voices.glob("shared*")) == ["shared.flac"]
+        second = on_every_replica(turbo_cluster, "shared")
+        assert [r.status_code for r in second] == [200] * 3
+        assert len({r.content for r in second}) == 1 and second[0].content != first[0].content
+        assert [voice_misses(srv) for srv in replicas] == [m + 2 for m in misses]  # prepared anew: new content
 
+        assert httpx.delete(f"{turbo_cluster.url}/v1/audio/voices/shared", timeout=30).status_code == 200
+        for response in on_every_replica(turbo_cluster, "shared"):
+            assert response.status_code == 400 and response.json()["error"]["param"] == "voice"
+        for srv in replicas:
+            assert "shared" not in {v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices", timeout=30).json()["data"]}
 
-def test_two_replicas_replacing_one_name_at_once_leave_one_intact_file(turbo_cluster: Cluster) -> None:
-    """Two replicas save one name in two formats at the same moment, again and again: each time exactly one
-    file is left, whole (one of the two uploads, byte for byte), no temporary file, and it speaks."""
-    wav, flac = reference_wav(3), flac_of(reference_wav(4))
-    first, second = turbo_cluster.replicas[:2]
-    for _ in range(3):
-        with ThreadPoolExecutor(2) as pool:
-            saves = [
-                pool.submit(upload, first.url, "race", wav, "race.wav"),
-                pool.submit(upload, second.url, "race", flac, "race.flac"),
-            ]
-            assert [save.result().status_code for save in saves] == [201, 201]
-        files = [p for p in turbo_cluster.voices.iterdir() if "race" in p.name]
-        assert len(files) == 1, files
-        [kept] = files
-        assert kept.read_bytes() == {"race.wav": wav, "race.flac": flac}[kept.name]
-    assert [r.status_code for r in on_every_replica(turbo_cluster, "race")] == [200] * 3
+    def test_two_replicas_replacing_one_name_at_once_leave_one_intact_file(self, turbo_cluster: Cluster) -> None:
+        """Two replicas save one name in two formats at the same moment, again and again: each time exactly one
+        file is left, whole (one of the two uploads, byte for byte), no temporary file, and it speaks."""
+        wav, flac = reference_wav(3), flac_of(reference_wav(4))
+        first, second = turbo_cluster.replicas[:2]
+        for _ in range(3):
+            with ThreadPoolExecutor(2) as pool:
+                saves = [
+                    pool.submit(upload, first.url, "race", wav, "race.wav"),
+                    pool.submit(upload, second.url, "race", flac, "race.flac"),
+                ]
+                assert [save.result().status_code for save in saves] == [201, 201]
+            files = [p for p in turbo_cluster.voices.iterdir() if "race" in p.name]
+            assert len(files) == 1, files
+            [kept] = files
+            assert kept.read_bytes() == {"race.wav": wav, "race.flac": flac}[kept.name]
+        assert [r.status_code for r in on_every_replica(turbo_cluster, "race")] == [200] * 3
 
 
 def test_a_voice_save_waits_for_another_replicas_save_of_the_name(
