@@ -3315,7 +3315,6 @@ class VoiceLibrary:
         file, not both or none."""
         import fcntl
 
-        self.directory.mkdir(parents=True, exist_ok=True)
         with open(self.directory / ".lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield  # closing the file releases the lock
@@ -3398,6 +3397,8 @@ class VoiceLibrary:
         return target
 
     def delete(self, name: str) -> bool:
+        if not self._files(name):  # nothing to delete (a missing or read-only VOICES_DIR too): no lock taken
+            return False
         with self._changing, self._shared_lock():
             files = self._files(name)
             for path in files:
