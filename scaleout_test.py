@@ -449,6 +449,16 @@ class TestTurboReplicas:
         for srv in replicas:
             assert "shared" not in {v["id"] for v in httpx.get(f"{srv.url}/v1/audio/voices", timeout=30).json()["data"]}
 
+    def test_the_load_gauges_count_a_batchs_slots(self, turbo_cluster: Cluster) -> None:
+        """Chatterbox: the slots are the T3 batch's (MAX_BATCH: 8 on CPU), the queue starts beyond them."""
+        srv = turbo_cluster.replicas[0]
+        assert load(srv) == (8, 0, 0)
+        with held(srv.url, 3):
+            wait_active(srv, 3)
+            assert load(srv) == (8, 3 / 8, 0)
+        wait_active(srv, 0)
+        assert load(srv) == (8, 0, 0)
+
     def test_two_replicas_replacing_one_name_at_once_leave_one_intact_file(self, turbo_cluster: Cluster) -> None:
         """Two replicas save one name in two formats at the same moment, again and again: each time exactly one
         file is left, whole (one of the two uploads, byte for byte), no temporary file, and it speaks."""
