@@ -1,7 +1,7 @@
 # make run      set up .venv (once) and serve on 0.0.0.0:8000
 # make lint     ruff's lint and format check, then mypy (settings in pyproject.toml)
 # make test     set up .venv (once), make lint, then the whole test suite offline
-# make install  set up .venv (and Debian's chromium for the browser tests) only
+# make install  set up .venv (and Debian's chromium and haproxy for the tests) only
 # make gpu-check  on a CUDA machine: tests, every option's warm-up, syncs, kernels, speed, bench -> one table
 # make golden [GOLDEN_AT=REV]  record every seeded transport's bytes on this machine (golden/outputs.json),
 #                as REV's server makes them (default: the working tree); the test suite compares against them
@@ -9,10 +9,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TEST_MODULES := server_test.py adapters_test.py tools_test.py golden_test.py text_frontend_test.py timestamps_test.py
+TEST_MODULES := server_test.py adapters_test.py tools_test.py golden_test.py text_frontend_test.py timestamps_test.py \
+	deploy_test.py scaleout_test.py
 REQUIREMENTS := requirements.txt requirements-nodeps.txt requirements-test.txt
 # The browser tests drive Debian's chromium; Playwright must never download its own.
 CHROMIUM := /usr/bin/chromium
+# The multi-replica tests run Debian's haproxy in front of the replicas (deploy/haproxy/haproxy.cfg).
+HAPROXY := /usr/sbin/haproxy
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
@@ -20,7 +23,7 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
 .PHONY: install run lint test gpu-check golden clean
 
-install: $(STAMP) $(CHROMIUM)
+install: $(STAMP) $(CHROMIUM) $(HAPROXY)
 
 $(STAMP): $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +39,12 @@ $(CHROMIUM):
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends chromium; \
 	else echo "No apt-get here: the browser tests need Chromium at $(CHROMIUM)." >&2; fi
 
+$(HAPROXY):
+	if command -v apt-get >/dev/null; then \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends haproxy; \
+	else echo "No apt-get here: the scale-out tests need HAProxy at $(HAPROXY)." >&2; fi
+
 run: $(STAMP)
 	$(PY) server.py
 
@@ -44,7 +53,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint $(CHROMIUM)
+test: lint $(CHROMIUM) $(HAPROXY)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 --timeout-method=thread $(TEST_MODULES) $(PYTEST_ARGS)
 
 gpu-check: $(STAMP)

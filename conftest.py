@@ -114,9 +114,9 @@ class HeadStart:
         # Piper and Turbo also serve the TCP protocols (Wyoming, AudioSocket) for the adapter tests.
         ports = {"WYOMING_PORT": str(free_port()), "AUDIOSOCKET_PORT": str(free_port())}
         voices = self.tmp.mktemp(f"voices-{kind}")
-        # command=None is named so that mypy does not match the environment's strings to it.
+        # command and port are named so that mypy does not match the environment's strings to them.
         self.servers[kind] = ServerProcess(
-            kind, model_dir, voices, command=None, **(ports if kind in ("piper", "turbo") else {})
+            kind, model_dir, voices, command=None, port=None, **(ports if kind in ("piper", "turbo") else {})
         )
 
     def start_tool(self, name: str) -> ToolRun:

@@ -3717,6 +3717,17 @@ class VoiceLibrary:
         # Contents held by requests in flight, by file identity: concurrent requests share one copy.
         self._held: weakref.WeakValueDictionary[tuple[Any, ...], VoiceContent] = weakref.WeakValueDictionary()
 
+    @contextmanager
+    def _shared_lock(self) -> Iterator[None]:
+        """The directory's lock file, held across processes: replicas sharing VOICES_DIR (NFS and the
+        like lock too) save and delete one at a time, so two replacing one name in two formats leave one
+        file, not both or none."""
+        import fcntl
+
+        with open(self.directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
+
     def _files(self, name: str, extensions: tuple[str, ...] | None = None) -> list[Path]:
         if not VOICE_NAME.match(name):
             return []
@@ -3779,7 +3790,7 @@ class VoiceLibrary:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self.directory / f"{name}{extension}"
-        with self._changing:
+        with self._changing, self._shared_lock():
             handle, temp = tempfile.mkstemp(dir=self.directory, prefix=f".{name}.", suffix=".upload")
             try:
                 with os.fdopen(handle, "wb") as file:
@@ -3795,7 +3806,9 @@ class VoiceLibrary:
         return target
 
     def delete(self, name: str) -> bool:
-        with self._changing:
+        if not self._files(name):  # nothing to delete (a missing or read-only VOICES_DIR too): no lock taken
+            return False
+        with self._changing, self._shared_lock():
             files = self._files(name)
             for path in files:
                 path.unlink(missing_ok=True)
@@ -5113,6 +5126,7 @@ class SpeakerCollector(Collector):
             "Streamed utterances in progress (HTTP streams, SSE, WebSocket).",
             value=counts.streams,
         )
+        yield from load_metrics(counts)
         yield GaugeMetricFamily("tts_model_loaded", "1 while the model is loaded.", value=int(counts.loaded))
         if counts.load_seconds:
             yield GaugeMetricFamily(
@@ -5144,6 +5158,24 @@ class SpeakerCollector(Collector):
             for kind, value in memory.items():
                 gpu.add_metric([kind], value)
             yield gpu
+
+
+def load_metrics(counts: SpeakerCounts) -> Iterator[Metric]:
+    """The replica's load, for an autoscaler (README "Scaling out"). An admitted utterance holds its
+    place from admission to its last byte, between its chunks too, so one long stream reads as one steady
+    utterance, not a sawtooth; idle reads 0. Slots: the T3 batch's (MAX_BATCH), else 1 (one piece at a time)."""
+    slots = counts.batch.slots if counts.batch is not None else 1
+    yield GaugeMetricFamily("tts_slots", "Utterances this replica runs at once (T3 batch slots, else 1).", value=slots)
+    yield GaugeMetricFamily(
+        "tts_slots_busy_fraction",
+        "Utterances in progress over tts_slots, at most 1: the replica's occupancy.",
+        value=min(counts.active, slots) / slots,
+    )
+    yield GaugeMetricFamily(
+        "tts_requests_waiting",
+        "Utterances in progress beyond tts_slots: the replica's queue, in requests.",
+        value=max(0, counts.active - slots),
+    )
 
 
 ROWS_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -7005,6 +7037,8 @@ async def health(request: Request) -> Response:
 async def ready(request: Request) -> Response:
     if (fault := state(request).speaker.host.health.fault) is not None:
         return JSONResponse({"status": "device_error", "error": fault}, status_code=503)
+    if state(request).speaker.admission.stop_at is not None:  # SIGTERM: a balancer sends the next elsewhere
+        return JSONResponse({"status": "shutting_down"}, status_code=503)
     if not state(request).speaker.host.ready:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ready", "model": state(request).engine.name})

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import ctypes
 import io
+import itertools
 import json
 import os
 import signal
@@ -222,14 +223,25 @@ def end_with_parent() -> None:
 
 class ServerProcess:
     def __init__(
-        self, kind: str, model_dir: Path | None, voices_dir: Path, command: list[str] | None = None, **env: str
+        self,
+        kind: str,
+        model_dir: Path | None,
+        voices_dir: Path,
+        command: list[str] | None = None,
+        port: int | None = None,  # a restarted replica keeps its address (scaleout_test.py)
+        **env: str,
     ):
         self.kind = kind
         self.env = env
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.voices_dir = voices_dir
-        self.log = open(voices_dir.parent / f"server-{kind}-{self.port}.log", "w+")  # noqa: SIM115 (closed in stop)
+        log = voices_dir.parent / f"server-{kind}-{self.port}.log"
+        for n in itertools.count(2):  # a replica restarted on its port writes a log of its own
+            if not log.exists():
+                break
+            log = log.with_name(f"server-{kind}-{self.port}-{n}.log")
+        self.log = open(log, "w+")  # noqa: SIM115 (closed in stop)
         full_env = {
             **os.environ,
             "TTS_MODEL": kind,
