@@ -1974,6 +1974,22 @@ def test_compose_sets_every_setting_to_the_servers_default() -> None:
     assert server.Settings.from_env(environment) == server.Settings()
 
 
+def test_the_image_holds_every_module_the_server_imports() -> None:
+    """.dockerignore lets through only named files: each project module server.py (and the default
+    PROTOCOLS) imports must be one of them, or the image fails at start."""
+    import ast
+
+    allowed = {line[1:] for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    for source in ("server.py", *(f"{name}.py" for name in server.Settings().protocols.split(","))):
+        assert source in allowed
+        for node in ast.walk(ast.parse((ROOT / source).read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            for name in names:
+                if (ROOT / f"{name.split('.')[0]}.py").exists():
+                    assert f"{name.split('.')[0]}.py" in allowed, name
+
+
 def test_dockerfile_and_compose_agree_with_the_server() -> None:
     dockerfile, (service, compose), defaults = Dockerfile.read(ROOT / "Dockerfile"), read_compose(), server.Settings()
     assert re.fullmatch(r"nvidia/cuda:[\d.]+-(cudnn\d*-)?runtime-ubuntu[\d.]+", dockerfile.image)
