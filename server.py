@@ -5574,7 +5574,7 @@ class ChunkPipeline:
             if isinstance(item, Pause):
                 yield item
                 continue
-            job.timeline.characters += len(item.text)
+            job.timeline.characters += item.source[-1] - item.source[0]  # the caller's, not as normalized
             pieces = await text_step(job.timeline, self.host.engine.fit_text, item.text, job.params.language)
             for piece in split_chunk(item, pieces):
                 yield piece
@@ -5739,7 +5739,7 @@ class Speaker:
 
     def _replay(self, job: SpeechJob, texts: list[ScriptItem], cached: CachedResult) -> Iterator[bytes]:
         timeline = job.timeline
-        timeline.characters = sum(len(item.text) for item in texts if isinstance(item, TextChunk))
+        timeline.characters = sum(item.source[-1] - item.source[0] for item in texts if isinstance(item, TextChunk))
         job.spoken.restore(cached.spoken)
         timeline.audio_seconds = cached.audio_seconds
         timeline.first_audio = timeline.now()

@@ -269,3 +269,26 @@ def test_pronunciation_rules_from_the_request_and_the_file(servers: dict[str, Se
     rules.write_text(json.dumps([{"alias": "no match"}]))
     with pytest.raises(SystemExit, match="LEXICON_FILE"):
         server.load_lexicon(str(rules))
+
+
+def test_ssml_prosody_and_phonemes_change_the_speech(servers: dict[str, ServerProcess]) -> None:
+    """<prosody rate> stretches its stretch of speech (and its timings) without touching the rest; Piper
+    reads a <phoneme>'s IPA instead of the word's letters."""
+    srv = servers["piper"]
+
+    def seconds(text: str) -> float:
+        return len(stream_pcm(srv, input=text, response_format="pcm", seed=1)) / 2 / 24000
+
+    plain = seconds("<speak>Good morning to you all.</speak>")
+    slow = seconds('<speak><prosody rate="x-slow">Good morning to you all.</prosody></speak>')
+    assert 1.6 < slow / plain < 2.4, (plain, slow)
+    stamped = httpx.post(
+        f"{srv.url}/v1/audio/speech/timestamps",
+        json={"input": '<speak>Fast <prosody rate="x-slow">slow words here</prosody> fast again.</speak>'},
+        timeout=120,
+    ).json()
+    assert spoken_words(stamped["words"]) == ["Fast", "slow", "words", "here", "fast", "again."]
+    assert_rising([w["start"] for w in stamped["words"]])
+    word = "<speak>I said <phoneme alphabet='ipa' ph='təˈmɑːtoʊ'>tomato</phoneme>.</speak>"
+    other = "<speak>I said <phoneme alphabet='ipa' ph='təˈmeɪtoʊ'>tomato</phoneme>.</speak>"
+    assert stream_pcm(srv, input=word, seed=1) != stream_pcm(srv, input=other, seed=1)
