@@ -9,7 +9,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TEST_MODULES := server_test.py adapters_test.py tools_test.py golden_test.py text_frontend_test.py timestamps_test.py
+TEST_MODULES := server_test.py adapters_test.py sdk_test.py tools_test.py golden_test.py text_frontend_test.py timestamps_test.py
 REQUIREMENTS := requirements.txt requirements-nodeps.txt requirements-test.txt
 # The browser tests drive Debian's chromium; Playwright must never download its own.
 CHROMIUM := /usr/bin/chromium

@@ -167,6 +167,10 @@ LANGUAGE_NAMES = {
 }  # fmt: skip
 
 
+def base_language(code: str) -> str:
+    return code.replace("_", "-").split("-")[0].lower()
+
+
 @dataclass(frozen=True)
 class VoiceInfo:
     """One of the server's voices as a person choosing it reads it (the vendors' voice lists)."""
@@ -178,8 +182,13 @@ class VoiceInfo:
     languages: list[str]
 
     @property
+    def language(self) -> str:
+        """The first language's ISO 639-1 code ("en" of "en_US"), as the vendors' voice lists give it."""
+        return base_language(self.languages[0]) if self.languages else "en"
+
+    @property
     def language_names(self) -> str:
-        names = [LANGUAGE_NAMES.get(code.split("-")[0].lower(), code) for code in self.languages]
+        names = [LANGUAGE_NAMES.get(base_language(code), code) for code in self.languages]
         return ", ".join(names) if len(names) <= 3 else f"{len(names)} languages"
 
     @property
@@ -364,7 +373,7 @@ ELEVENLABS_VOICE_TYPES = {
 
 def elevenlabs_voice(voice: VoiceInfo) -> dict[str, Any]:
     """A voice in ElevenLabs' shape (its `Voice`): what its SDK's voice listings and lookups read."""
-    language = voice.languages[0] if voice.languages else "en"
+    language = voice.language
     return {
         "voice_id": voice.id,
         "name": voice.name,
@@ -378,7 +387,10 @@ def elevenlabs_voice(voice: VoiceInfo) -> dict[str, Any]:
         "settings": None,
         "sharing": None,
         "high_quality_base_model_ids": [],
-        "verified_languages": [{"language": code, "model_id": "", "accent": None} for code in voice.languages],
+        "verified_languages": [
+            {"language": base_language(code), "locale": code, "model_id": "", "accent": None}
+            for code in voice.languages
+        ],
         "is_owner": voice.kind == "uploaded",
         "is_legacy": False,
     }
@@ -863,7 +875,7 @@ CARTESIA_EPOCH = "2025-01-01T00:00:00Z"  # created_at: the server's voices have 
 
 def cartesia_voice(voice: VoiceInfo) -> dict[str, Any]:
     """A voice in Cartesia's shape (its `Voice`)."""
-    language = voice.languages[0] if voice.languages else "en"
+    language = voice.language
     return {
         "id": voice.id,
         "name": voice.name,
