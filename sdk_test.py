@@ -12,11 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import shutil
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -310,38 +313,106 @@ def test_tls_settings_go_together_and_name_missing_files(tmp_path: Path) -> None
             server.Settings.from_env(env)
 
 
-def test_the_server_serves_https_and_wss_itself(tmp_path: Path) -> None:
-    cert, key = make_certificate(tmp_path)
-    (tmp_path / "voices").mkdir()
-    srv = ServerProcess("piper", None, tmp_path / "voices", command=None, TLS_CERT=str(cert), TLS_KEY=str(key))
-    trusted = ssl.create_default_context(cafile=str(cert))
-    https = f"https://127.0.0.1:{srv.port}"
+@dataclass
+class TlsServer:
+    srv: ServerProcess
+    cert: Path
+    url: str  # https://...
+    trusted: ssl.SSLContext
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
+    """A Piper server that serves TLS itself, with a certificate made here (and the API key)."""
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = make_certificate(directory)
+    (directory / "voices").mkdir()
+    srv = ServerProcess(
+        "piper", None, directory / "voices", command=None, TLS_CERT=str(cert), TLS_KEY=str(key), API_KEY=KEY
+    )
+    served = TlsServer(srv, cert, f"https://127.0.0.1:{srv.port}", ssl.create_default_context(cafile=str(cert)))
     try:
         deadline = time.monotonic() + 600
         while True:
             assert srv.proc.poll() is None, srv.logs()
             try:
-                if httpx.get(f"{https}/ready", verify=trusted, timeout=5).status_code == 200:
+                if httpx.get(f"{served.url}/ready", verify=served.trusted, timeout=5).status_code == 200:
                     break
             except httpx.TransportError:
                 assert time.monotonic() < deadline, srv.logs()
                 time.sleep(0.3)
-        with pytest.raises(httpx.TransportError):  # plain HTTP is not served on the TLS port
-            httpx.get(f"{srv.url}/ready", timeout=10)
-        answer = httpx.post(
-            f"{https}/v1/audio/speech",
-            json={"input": "Served over TLS.", "voice": "alloy", "response_format": "wav"},
-            verify=trusted,
-            timeout=120,
-        )
-        assert answer.status_code == 200 and len(read_wav(answer.content)[1]) > 0
-        wss = f"wss://127.0.0.1:{srv.port}/tts/websocket"
-        with websockets.sync.client.connect(wss, ssl=trusted, open_timeout=60) as ws:
-            message = {"model_id": "sonic-2", "voice": "alloy", "output_format": RAW, "context_id": "t"}
-            ws.send(json.dumps({**message, "transcript": "Secure sockets."}))
-            events: list[dict[str, Any]] = []
-            while not events or not events[-1]["done"]:
-                events.append(json.loads(ws.recv(timeout=120)))
-        assert events[-1]["type"] == "done" and pcm_seconds(events, "t") > 0.3
+        yield served
     finally:
         srv.stop()
+
+
+def test_the_server_serves_https_and_wss_itself(tls: TlsServer) -> None:
+    with pytest.raises(httpx.TransportError):  # plain HTTP is not served on the TLS port
+        httpx.get(f"{tls.srv.url}/ready", timeout=10)
+    answer = httpx.post(
+        f"{tls.url}/v1/audio/speech",
+        json={"input": "Served over TLS.", "voice": "alloy", "response_format": "wav"},
+        headers=auth(),
+        verify=tls.trusted,
+        timeout=120,
+    )
+    assert answer.status_code == 200 and len(read_wav(answer.content)[1]) > 0
+    wss = f"wss://127.0.0.1:{tls.srv.port}/tts/websocket?api_key={KEY}"
+    with websockets.sync.client.connect(wss, ssl=tls.trusted, open_timeout=60) as ws:
+        message = {"model_id": "sonic-2", "voice": "alloy", "output_format": RAW, "context_id": "t"}
+        ws.send(json.dumps({**message, "transcript": "Secure sockets."}))
+        events: list[dict[str, Any]] = []
+        while not events or not events[-1]["done"]:
+            events.append(json.loads(ws.recv(timeout=120)))
+    assert events[-1]["type"] == "done" and pcm_seconds(events, "t") > 0.3
+
+
+JS_SDKS = ["@elevenlabs/elevenlabs-js@2.73.0", "@cartesia/cartesia-js@4.2.0"]
+SDK_NODE = ROOT / ".cache" / "sdk-node"
+
+
+def node_modules() -> Path:
+    """The JavaScript SDKs, installed by npm into .cache/sdk-node once (skips where Node or npm is missing)."""
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("Node and npm are needed for the JavaScript SDKs")
+    stamp = SDK_NODE / ".packages"
+    if not stamp.is_file() or stamp.read_text() != " ".join(JS_SDKS):
+        SDK_NODE.mkdir(parents=True, exist_ok=True)
+        installed = subprocess.run(
+            ["npm", "install", "--prefix", str(SDK_NODE), "--no-audit", "--no-fund", "--no-save", *JS_SDKS],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if installed.returncode != 0:
+            pytest.skip(f"npm could not install {JS_SDKS}: {installed.stderr[-500:]}")
+        stamp.write_text(" ".join(JS_SDKS))
+    return SDK_NODE / "node_modules"
+
+
+def test_javascript_sdks_speak_and_list_voices_over_the_servers_own_tls(tls: TlsServer, tmp_path: Path) -> None:
+    """Cartesia's JavaScript SDK connects with wss:// only, ElevenLabs' with https://: both against TLS_CERT."""
+    modules = node_modules()
+    done = subprocess.run(
+        ["node", str(ROOT / "tools" / "sdk_check.mjs"), tls.url, KEY, str(tmp_path)],
+        env={**os.environ, "NODE_PATH": str(modules), "NODE_EXTRA_CA_CERTS": str(tls.cert)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=end_with_parent,
+    )
+    assert done.returncode == 0, f"{done.stderr}\n{tls.srv.logs()[-4000:]}"
+    found = json.loads(done.stdout)
+    eleven, cartesia = found["elevenlabs"], found["cartesia"]
+    for file in (eleven["convert"]["file"], eleven["convertWithTimestamps"]["file"], cartesia["generate"]["file"]):
+        assert plausible(seconds(tmp_path / file)), file
+    assert eleven["convertWithTimestamps"]["characters"] == TEXT
+    assert len(eleven["voices"]["getAll"]) == 14 and eleven["voices"]["search"] == {
+        "ids": eleven["voices"]["getAll"][:5],
+        "hasMore": True,
+        "total": 14,
+    }
+    assert cartesia["voices"] == eleven["voices"]["getAll"]  # every page of 5, by the SDK's cursor
+    ws = cartesia["websocket"]
+    assert ws["url"].startswith("wss://") and ws["types"][-1] == "done"
+    assert plausible(seconds(tmp_path / ws["file"]))
