@@ -10,9 +10,9 @@
 
 import { createRequire } from "node:module";
 import { mkdirSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 
-const require = createRequire(join(process.env.NODE_PATH ?? ".", "x.js"));
+const require = createRequire(resolve(process.env.NODE_PATH ?? "node_modules", "x.js"));
 const { ElevenLabsClient } = require("@elevenlabs/elevenlabs-js");
 const Cartesia = require("@cartesia/cartesia-js").default;
 
