@@ -1,9 +1,10 @@
 """Other vendors' speech protocols, each a thin adapter over server.py's pipeline, plugged into the
 server as one add-on (`protocol()`; PROTOCOLS names this module by default).
 
-  ElevenLabs  REST  POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps]
+  ElevenLabs  REST  POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps];
+                    GET /v1/voices, /v2/voices, /v1/voices/{voice_id}
               WS    /v1/text-to-speech/{voice_id}/stream-input, .../multi-stream-input
-  Cartesia    WS    /tts/websocket; REST POST /tts/bytes
+  Cartesia    WS    /tts/websocket; REST POST /tts/bytes, /tts/sse; GET /voices, /voices/{voice_id}
   Wyoming     TCP   on WYOMING_PORT (Home Assistant)
   Asterisk    TCP   AudioSocket on AUDIOSOCKET_PORT; WS /v1/telephony/asterisk (chan_websocket);
               REST  POST /v1/telephony/audiosocket/{uuid}: what a call is to say
@@ -653,9 +654,16 @@ class CartesiaControls(NullIsDefault):
 
 
 class CartesiaVoice(NullIsDefault):
-    mode: Literal["id"] = "id"  # "embedding" voices are Cartesia's own vectors: no counterpart here
+    mode: str = "id"
     id: str = Field(min_length=1)
     controls: CartesiaControls | None = Field(None, alias="__experimental_controls")
+
+    @field_validator("mode")
+    @classmethod
+    def _by_id(cls, value: str) -> str:
+        if value != "id":  # "embedding" voices are Cartesia's own vectors: no counterpart here
+            raise ValueError(f"only voices by id are served here (mode 'id'), not {value[:40]!r}")
+        return value
 
 
 class CartesiaOutput(NullIsDefault):

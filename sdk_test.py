@@ -272,6 +272,26 @@ def test_cartesia_a_complete_sentence_pushed_with_continue_is_spoken_before_the_
     print(f"cartesia: first audio of a pushed 'Hello there. ' after {waited:.3f} s")
 
 
+@pytest.mark.parametrize(
+    "pushed,complete",
+    [
+        ("Hello there. ", True),
+        ("Yes! ", True),
+        ("Ok? \n", True),
+        ("Hello there.", False),  # the sentence may go on ("there.com"): wait for the space
+        ("Hello there! How ", False),  # split_complete speaks "Hello there! " by itself
+        ("Hello Mr. ", False),
+        ("It costs 3 dollars, e.g. ", False),
+        ("Wait... ", False),
+        ("   ", False),
+    ],
+)
+def test_a_pushed_sentence_is_complete_when_it_ends_with_its_end_and_a_space(pushed: str, complete: bool) -> None:
+    import adapters
+
+    assert adapters.ends_sentence(pushed) is complete
+
+
 def test_wyoming_voices_carry_names_languages_and_what_they_are(piper: ServerProcess) -> None:
     from wyoming.client import AsyncTcpClient
     from wyoming.info import Describe, Info
