@@ -387,6 +387,16 @@ def test_the_server_serves_https_and_wss_itself(tls: TlsServer) -> None:
     assert events[-1]["type"] == "done" and pcm_seconds(events, "t") > 0.3
 
 
+def test_the_images_healthcheck_asks_over_https_when_tls_is_on(tls: TlsServer) -> None:
+    """Dockerfile's HEALTHCHECK (compose.yaml's is the same: server_test.py checks) reads TLS_CERT."""
+    line = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if "CMD [" in line and "/ready" in line)
+    command = json.loads(line[line.index("[") :])
+    env = {**os.environ, "PORT": str(tls.srv.port), "TLS_CERT": str(tls.cert)}
+    assert subprocess.run([sys.executable, *command[1:]], env=env, capture_output=True, timeout=30).returncode == 0
+    plain = {**env, "TLS_CERT": ""}  # asked over plain HTTP, the TLS port does not answer
+    assert subprocess.run([sys.executable, *command[1:]], env=plain, capture_output=True, timeout=30).returncode != 0
+
+
 JS_SDKS = ["@elevenlabs/elevenlabs-js@2.73.0", "@cartesia/cartesia-js@4.2.0"]
 SDK_NODE = ROOT / ".cache" / "sdk-node"
 
