@@ -975,8 +975,9 @@ class CartesiaSession(VendorSession):
                 await self.feed(context, request)
         except ApiError as exc:
             await self.send_json(self.error_message(exc, context_id))
-            # The error is the context's last message (done: true); a context it ends says no more.
-            if context_id is not None and (context := self.active.get(context_id)) is not None:
+            # The error is an open context's last message (done: true): it is cancelled, so that nothing
+            # follows. A context already ended (text sent after `continue: false`) is spoken to its end.
+            if context_id is not None and (context := self.active.get(context_id)) is not None and not context.ended:
                 await self.cancel(context)
 
     async def start(self, context: Utterance, request: CartesiaRequest) -> None:
