@@ -30,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from loguru import logger
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -644,7 +644,18 @@ def speed_step(value: Any, words: tuple[str, ...]) -> Any:
     return value
 
 
-class CartesiaControls(NullIsDefault):
+class CartesiaObject(NullIsDefault):
+    """A nested object of a Cartesia request: anything else is refused in words, not by our class's name."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: Any) -> Any:
+        if not isinstance(data, dict | cls):
+            raise ValueError("must be a JSON object")
+        return data
+
+
+class CartesiaControls(CartesiaObject):
     speed: float | None = Field(None, ge=-1.0, le=1.0)  # emotion is accepted and ignored
 
     @field_validator("speed", mode="before")
@@ -653,7 +664,7 @@ class CartesiaControls(NullIsDefault):
         return speed_step(value, tuple(CARTESIA_SPEED_STEPS))
 
 
-class CartesiaVoice(NullIsDefault):
+class CartesiaVoice(CartesiaObject):
     mode: str = "id"
     id: str = Field(min_length=1)
     controls: CartesiaControls | None = Field(None, alias="__experimental_controls")
@@ -666,14 +677,14 @@ class CartesiaVoice(NullIsDefault):
         return value
 
 
-class CartesiaOutput(NullIsDefault):
+class CartesiaOutput(CartesiaObject):
     container: Literal["raw", "wav", "mp3"] = "raw"
     encoding: Literal["pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw"] | None = None
     sample_rate: int
     bit_rate: int | None = Field(None, ge=8000, le=320000)
 
 
-class CartesiaGeneration(NullIsDefault):
+class CartesiaGeneration(CartesiaObject):
     speed: float | None = Field(None, ge=0.25, le=4.0)  # volume and emotion are accepted and ignored
 
 

@@ -27,9 +27,12 @@ import httpx
 import numpy as np
 import pytest
 import websockets.sync.client
+from hypothesis import given
+from hypothesis import settings as fuzzing
+from hypothesis import strategies as st
 
 import server
-from testing import ROOT, ServerProcess, end_with_parent, free_port, read_wav
+from testing import FUZZ, JUNK, ROOT, ServerProcess, end_with_parent, free_port, read_wav
 
 KEY = "sdk-s3cret"
 SDK_VENV = ROOT / ".cache" / "sdk-venv"
@@ -222,6 +225,46 @@ def test_cartesia_errors_name_the_field_and_end_their_context(piper: ServerProce
     [error] = cartesia_context(piper, message)  # a context_id even when the message is not a valid request
     assert (error["type"], error["done"], error["context_id"], error["status_code"]) == ("error", True, "ctx-1", 400)
     assert "Cartesia" not in error["message"] and "Voice'" not in error["message"], error  # no class of ours
+
+
+CARTESIA_VOICES = st.one_of(
+    st.sampled_from(["alloy", "nobody", ""]),
+    st.fixed_dictionaries(
+        {"mode": st.one_of(st.sampled_from(["id", "embedding"]), JUNK), "id": st.one_of(st.just("alloy"), JUNK)},
+        optional={"__experimental_controls": st.fixed_dictionaries({"speed": st.one_of(st.floats(-2, 2), JUNK)})},
+    ),
+    JUNK,
+)
+
+
+@fuzzing(**FUZZ, max_examples=300)
+@given(
+    voice=CARTESIA_VOICES,
+    speed=st.one_of(st.sampled_from(["slow", "normal", "fast", "fastest"]), st.floats(0, 5), JUNK),
+    config=st.one_of(st.fixed_dictionaries({"speed": st.one_of(st.floats(0, 5), JUNK)}), JUNK),
+    output=st.one_of(st.just(RAW), JUNK),
+)
+def test_fuzzed_cartesia_voice_and_speed_forms_are_read_or_refused_by_field(
+    voice: Any, speed: Any, config: Any, output: Any
+) -> None:
+    """Every voice and speed form Cartesia's clients send is read (a multiplier within the server's range)
+    or refused with a 400 that names the field and no class of ours."""
+    import adapters
+
+    request = {
+        "voice": voice,
+        "speed": speed,
+        "generation_config": config,
+        "output_format": output,
+        "transcript": "Hi.",
+    }
+    try:
+        fields = adapters.cartesia_fields(server.parse_model(adapters.CartesiaRequest, request), websocket=True)
+    except server.ApiError as exc:
+        assert exc.status == 400 and exc.param and exc.param.split(".")[0] in request, (exc.param, exc.message)
+        assert "Cartesia" not in exc.message and "Controls" not in exc.message, exc.message
+    else:
+        assert 0.25 <= fields.speed <= 4.0 and fields.voice_name
 
 
 def test_cartesia_error_mid_context_ends_it_with_its_context_id(piper: ServerProcess) -> None:
