@@ -46,5 +46,5 @@ USER tts
 EXPOSE 8000
 # /ready is 503 while the model downloads, loads and warms up (first start: minutes), then 200.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/ready' % os.environ.get('PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, ssl, urllib.request; tls = bool(os.environ.get('TLS_CERT')); urllib.request.urlopen('%s://127.0.0.1:%s/ready' % ('https' if tls else 'http', os.environ.get('PORT', '8000')), timeout=4, context=ssl._create_unverified_context() if tls else None)"]
 CMD ["python", "server.py"]

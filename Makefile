@@ -9,8 +9,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TEST_MODULES := server_test.py adapters_test.py tools_test.py golden_test.py text_frontend_test.py timestamps_test.py \
-	deploy_test.py scaleout_test.py
+# The vendors' official SDKs (sdk_test.py): a virtualenv of their own, their pins clash with ours
+SDK_VENV := .cache/sdk-venv
+SDK_STAMP := $(SDK_VENV)/.requirements
+TEST_MODULES := server_test.py adapters_test.py sdk_test.py tools_test.py golden_test.py text_frontend_test.py \
+	timestamps_test.py deploy_test.py scaleout_test.py
 REQUIREMENTS := requirements.txt requirements-nodeps.txt requirements-test.txt
 # The browser tests drive Debian's chromium; Playwright must never download its own.
 CHROMIUM := /usr/bin/chromium
@@ -23,7 +26,7 @@ export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
 .PHONY: install run lint test gpu-check golden clean
 
-install: $(STAMP) $(CHROMIUM) $(HAPROXY)
+install: $(STAMP) $(CHROMIUM) $(HAPROXY) $(SDK_STAMP)
 
 $(STAMP): $(REQUIREMENTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +35,11 @@ $(STAMP): $(REQUIREMENTS)
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements-test.txt
 	touch $(STAMP)
+
+$(SDK_STAMP): tools/sdk-requirements.txt $(STAMP)
+	$(PY) -m venv --clear $(SDK_VENV)
+	$(SDK_VENV)/bin/pip install --disable-pip-version-check -q -r tools/sdk-requirements.txt
+	cp tools/sdk-requirements.txt $@
 
 $(CHROMIUM):
 	if command -v apt-get >/dev/null; then \
@@ -53,7 +61,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-test: lint $(CHROMIUM) $(HAPROXY)
+test: lint $(CHROMIUM) $(HAPROXY) $(SDK_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --durations=15 --timeout=300 --timeout-method=thread $(TEST_MODULES) $(PYTEST_ARGS)
 
 gpu-check: $(STAMP)

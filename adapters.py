@@ -1,9 +1,10 @@
 """Other vendors' speech protocols, each a thin adapter over server.py's pipeline, plugged into the
 server as one add-on (`protocol()`; PROTOCOLS names this module by default).
 
-  ElevenLabs  REST  POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps]
+  ElevenLabs  REST  POST /v1/text-to-speech/{voice_id}[/stream][/with-timestamps];
+                    GET /v1/voices, /v2/voices, /v1/voices/{voice_id}
               WS    /v1/text-to-speech/{voice_id}/stream-input, .../multi-stream-input
-  Cartesia    WS    /tts/websocket; REST POST /tts/bytes
+  Cartesia    WS    /tts/websocket; REST POST /tts/bytes, /tts/sse; GET /voices, /voices/{voice_id}
   Wyoming     TCP   on WYOMING_PORT (Home Assistant)
   Asterisk    TCP   AudioSocket on AUDIOSOCKET_PORT; WS /v1/telephony/asterisk (chan_websocket);
               REST  POST /v1/telephony/audiosocket/{uuid}: what a call is to say
@@ -29,7 +30,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from loguru import logger
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route, WebSocketRoute
@@ -95,7 +96,10 @@ def b64(data: bytes) -> str:
 
 
 def vendor_route(
-    path: str, endpoint: Callable[[Request], Awaitable[Response]], error: Callable[[ApiError], Response]
+    path: str,
+    endpoint: Callable[[Request], Awaitable[Response]],
+    error: Callable[[ApiError], Response],
+    method: str = "POST",
 ) -> Route:
     """An HTTP route that answers errors in its protocol's shape."""
 
@@ -107,7 +111,7 @@ def vendor_route(
             response.headers.update(exc.headers)
             return response
 
-    return Route(path, answer, methods=["POST"])
+    return Route(path, answer, methods=[method])
 
 
 async def speak_http(
@@ -154,6 +158,67 @@ def query_bool(params: Any, name: str) -> bool:
         return server.parse_bool(raw)
     except ValueError:
         raise ApiError(400, f"'{name}' must be true or false.", param=name, code="invalid_value") from None
+
+
+LANGUAGE_NAMES = {
+    "ar": "Arabic", "da": "Danish", "de": "German", "el": "Greek", "en": "English", "es": "Spanish",
+    "fi": "Finnish", "fr": "French", "he": "Hebrew", "hi": "Hindi", "it": "Italian", "ja": "Japanese",
+    "ko": "Korean", "ms": "Malay", "nl": "Dutch", "no": "Norwegian", "pl": "Polish", "pt": "Portuguese",
+    "ru": "Russian", "sv": "Swedish", "sw": "Swahili", "tr": "Turkish", "zh": "Chinese",
+}  # fmt: skip
+
+
+def base_language(code: str) -> str:
+    return code.replace("_", "-").split("-")[0].lower()
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    """One of the server's voices as a person choosing it reads it (the vendors' voice lists)."""
+
+    id: str
+    name: str  # the id, capitalized
+    kind: str  # builtin, alias or uploaded (server.VoiceLibrary.list)
+    what: str  # what the voice is, in a few words
+    languages: list[str]
+
+    @property
+    def language(self) -> str:
+        """The first language's ISO 639-1 code ("en" of "en_US"), as the vendors' voice lists give it."""
+        return base_language(self.languages[0]) if self.languages else "en"
+
+    @property
+    def language_names(self) -> str:
+        names = [LANGUAGE_NAMES.get(base_language(code), code) for code in self.languages]
+        return ", ".join(names) if len(names) <= 3 else f"{len(names)} languages"
+
+    @property
+    def description(self) -> str:
+        return f"{self.name}: {self.what} ({self.language_names})"
+
+
+def voice_catalog(app_state: AppState) -> list[VoiceInfo]:
+    """The server's voices (server.VoiceLibrary.list) with their names, languages and what each is."""
+    engine = app_state.engine
+    languages = list(engine.describe().get("languages") or ["en"])
+    model = "Piper" if engine.name == "piper" else "Chatterbox"
+    found = []
+    for voice in app_state.speaker.voices.list():
+        kind = voice["type"]
+        if kind == "builtin":
+            what = f"{model}'s built-in voice"
+        elif kind == "alias":
+            what = f"OpenAI's voice name, spoken in {model}'s built-in voice"
+        elif engine.clones_voices:
+            what = "a voice cloned from an uploaded clip"
+        else:
+            what = f"a {model} voice model from the voices folder"
+        found.append(VoiceInfo(voice["id"], voice["id"][:1].upper() + voice["id"][1:], kind, what, languages))
+    return found
+
+
+def voice_info(app_state: AppState, voice_id: str) -> VoiceInfo | None:
+    return next((voice for voice in voice_catalog(app_state) if voice.id == voice_id), None)
 
 
 # --- ElevenLabs --------------------------------------------------------------------------------
@@ -292,6 +357,117 @@ def elevenlabs_alignment(chars: list[CharTime], start: float) -> dict[str, Any]:
         "charsDurationsMs": durations,
         "charDurationsMs": durations,
     }
+
+
+ELEVENLABS_CATEGORIES = {"builtin": "premade", "alias": "premade", "uploaded": "cloned"}
+# voice_type as ElevenLabs filters it: which of our voices' categories each takes.
+ELEVENLABS_VOICE_TYPES = {
+    "default": {"premade"},
+    "personal": {"cloned"},
+    "workspace": {"cloned"},
+    "non-default": {"cloned"},
+    "non-community": {"cloned"},
+    "saved": {"premade", "cloned"},
+    "community": set(),
+}
+
+
+def elevenlabs_voice(voice: VoiceInfo) -> dict[str, Any]:
+    """A voice in ElevenLabs' shape (its `Voice`): what its SDK's voice listings and lookups read."""
+    language = voice.language
+    return {
+        "voice_id": voice.id,
+        "name": voice.name,
+        "category": ELEVENLABS_CATEGORIES.get(voice.kind, "premade"),
+        "description": voice.description,
+        "labels": {"language": language, "description": voice.what},
+        "samples": None,
+        "fine_tuning": None,
+        "preview_url": None,
+        "available_for_tiers": [],
+        "settings": None,
+        "sharing": None,
+        "high_quality_base_model_ids": [],
+        "verified_languages": [
+            {"language": base_language(code), "locale": code, "model_id": "", "accent": None}
+            for code in voice.languages
+        ],
+        "is_owner": voice.kind == "uploaded",
+        "is_legacy": False,
+    }
+
+
+def elevenlabs_key(request: Request) -> None:
+    check_key(server.state(request), request.headers.get("xi-api-key"), server.bearer_token(request.headers))
+
+
+async def elevenlabs_voices(request: Request) -> Response:
+    """GET /v1/voices: every voice ({"voices": [...]}, ElevenLabs' GetVoicesResponse)."""
+    elevenlabs_key(request)
+    return JSONResponse({"voices": [elevenlabs_voice(v) for v in voice_catalog(server.state(request))]})
+
+
+async def elevenlabs_voices_v2(request: Request) -> Response:
+    """GET /v2/voices: search (name, description, labels, category), category and voice_type filters,
+    voice_ids, sort by name, pages of page_size (1-100, default 10) with next_page_token, has_more and
+    total_count. The other filters (gender, age, accent, ...) describe ElevenLabs' library: accepted, and
+    every voice here matches them."""
+    elevenlabs_key(request)
+    params = request.query_params
+    page_size = query_int(params, "page_size", 10, 1, 100)
+    token = params.get("next_page_token") or "0"
+    if not token.isdigit():
+        raise ApiError(
+            400, "'next_page_token' is not one this server gave.", param="next_page_token", code="invalid_value"
+        )
+    sort_direction = params.get("sort_direction") or "asc"
+    if sort_direction not in ("asc", "desc"):
+        raise ApiError(400, "'sort_direction' must be 'asc' or 'desc'.", param="sort_direction", code="invalid_value")
+    voice_type = params.get("voice_type")
+    if voice_type and voice_type not in ELEVENLABS_VOICE_TYPES:
+        raise ApiError(
+            400,
+            f"'voice_type' must be one of {', '.join(ELEVENLABS_VOICE_TYPES)}.",
+            param="voice_type",
+            code="invalid_value",
+        )
+    voices = [elevenlabs_voice(v) for v in voice_catalog(server.state(request))]
+    if search := (params.get("search") or "").strip().lower():
+        voices = [
+            v
+            for v in voices
+            if search in " ".join([v["name"], v["description"], v["category"], *v["labels"].values()]).lower()
+        ]
+    if category := params.get("category"):
+        voices = [v for v in voices if v["category"] == category]
+    if voice_type:
+        voices = [v for v in voices if v["category"] in ELEVENLABS_VOICE_TYPES[voice_type]]
+    if ids := params.getlist("voice_ids"):
+        wanted = {i for raw in ids for i in raw.split(",") if i}
+        voices = [v for v in voices if v["voice_id"] in wanted]
+    if params.get("sort") == "name" or sort_direction == "desc":
+        voices.sort(key=lambda v: v["name"].lower(), reverse=sort_direction == "desc")
+    start = int(token)
+    page = voices[start : start + page_size]
+    more = start + page_size < len(voices)
+    return JSONResponse(
+        {
+            "voices": page,
+            "has_more": more,
+            "total_count": len(voices),
+            "next_page_token": str(start + page_size) if more else None,
+        }
+    )
+
+
+async def elevenlabs_voice_by_id(request: Request) -> Response:
+    """GET /v1/voices/{voice_id}: one voice, or 404 voice_not_found."""
+    elevenlabs_key(request)
+    voice_id = request.path_params["voice_id"]
+    voice = voice_info(server.state(request), voice_id)
+    if voice is None:
+        raise ApiError(404, f"A voice with the voice_id {voice_id!r} was not found.", code="voice_not_found")
+    return JSONResponse(elevenlabs_voice(voice))
 
 
 class ElevenLabsSession(VendorSession):
@@ -454,26 +630,68 @@ class ElevenLabsMultiSession(ElevenLabsSession):
 CARTESIA_ENCODINGS = {"pcm_s16le": "pcm", "pcm_f32le": "pcm", "pcm_mulaw": "ulaw", "pcm_alaw": "alaw"}
 
 
-class CartesiaVoice(NullIsDefault):
-    mode: Literal["id"] = "id"
+# Cartesia's speed words (top-level `speed`; Sonic-2's `voice.__experimental_controls.speed`, whose numbers
+# run from -1, slowest, to 1, fastest) as steps from -1 to 1; a step x speaks at 1 + x/2 times the pace.
+CARTESIA_SPEED_STEPS = {"slowest": -1.0, "slow": -0.5, "normal": 0.0, "fast": 0.5, "fastest": 1.0}
+
+
+def speed_step(value: Any, words: tuple[str, ...]) -> Any:
+    """A speed word as its step; anything else as it is (the field checks it)."""
+    if isinstance(value, str):
+        if value not in words:
+            raise ValueError(f"must be one of {', '.join(map(repr, words))} or a number")
+        return CARTESIA_SPEED_STEPS[value]
+    return value
+
+
+class CartesiaObject(NullIsDefault):
+    """A nested object of a Cartesia request: anything else is refused in words, not by our class's name."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: Any) -> Any:
+        if not isinstance(data, dict | cls):
+            raise ValueError("must be a JSON object")
+        return data
+
+
+class CartesiaControls(CartesiaObject):
+    speed: float | None = Field(None, ge=-1.0, le=1.0)  # emotion is accepted and ignored
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _speed_word(cls, value: Any) -> Any:
+        return speed_step(value, tuple(CARTESIA_SPEED_STEPS))
+
+
+class CartesiaVoice(CartesiaObject):
+    mode: str = "id"
     id: str = Field(min_length=1)
+    controls: CartesiaControls | None = Field(None, alias="__experimental_controls")
+
+    @field_validator("mode")
+    @classmethod
+    def _by_id(cls, value: str) -> str:
+        if value != "id":  # "embedding" voices are Cartesia's own vectors: no counterpart here
+            raise ValueError(f"only voices by id are served here (mode 'id'), not {value[:40]!r}")
+        return value
 
 
-class CartesiaOutput(NullIsDefault):
+class CartesiaOutput(CartesiaObject):
     container: Literal["raw", "wav", "mp3"] = "raw"
     encoding: Literal["pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw"] | None = None
     sample_rate: int
     bit_rate: int | None = Field(None, ge=8000, le=320000)
 
 
-class CartesiaGeneration(NullIsDefault):
+class CartesiaGeneration(CartesiaObject):
     speed: float | None = Field(None, ge=0.25, le=4.0)  # volume and emotion are accepted and ignored
 
 
 class CartesiaRequest(NullIsDefault):
     model_id: str = ""  # any model: the one loaded speaks
     transcript: str = ""
-    voice: CartesiaVoice | None = None
+    voice: CartesiaVoice | None = None  # a voice id, or {"mode": "id", "id": ...}
     language: str | None = None
     context_id: str | None = Field(None, min_length=1, max_length=128)
     output_format: CartesiaOutput | None = None
@@ -483,6 +701,42 @@ class CartesiaRequest(NullIsDefault):
     flush: bool = False
     cancel: bool = False
     generation_config: CartesiaGeneration | None = None
+    speed: float | None = Field(None, ge=0.25, le=4.0)  # a multiplier, or "slow", "normal", "fast"
+
+    @field_validator("voice", mode="before")
+    @classmethod
+    def _voice_id(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"mode": "id", "id": value}
+        if not isinstance(value, dict):
+            raise ValueError('must be a voice id or {"mode": "id", "id": ...}')
+        return value
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _speed_word(cls, value: Any) -> Any:
+        step = speed_step(value, ("slow", "normal", "fast"))
+        return 1.0 + step / 2 if isinstance(value, str) else step
+
+
+def cartesia_speed(request: CartesiaRequest) -> float | None:
+    """The first speed the request gives, of generation_config.speed, the top-level speed and
+    voice.__experimental_controls.speed, as a multiplier."""
+    if request.generation_config is not None and request.generation_config.speed is not None:
+        return request.generation_config.speed
+    if request.speed is not None:
+        return request.speed
+    controls = request.voice.controls if request.voice is not None else None
+    if controls is not None and controls.speed is not None:
+        return 1.0 + controls.speed / 2
+    return None
+
+
+def cartesia_voice_id(request: CartesiaRequest) -> str:
+    voice = request.voice
+    if voice is None:
+        raise ApiError(400, "'voice' is required.", param="voice", code="missing_field")
+    return voice.id
 
 
 @dataclass
@@ -499,9 +753,9 @@ class CartesiaContext(Utterance):
 
 def cartesia_fields(request: CartesiaRequest, websocket: bool) -> SynthesisFields:
     """Our synthesis fields for a request."""
-    if request.voice is None or request.output_format is None:
-        missing = "voice" if request.voice is None else "output_format"
-        raise ApiError(400, f"'{missing}' is required.", param=missing, code="missing_field")
+    voice = cartesia_voice_id(request)
+    if request.output_format is None:
+        raise ApiError(400, "'output_format' is required.", param="output_format", code="missing_field")
     out = request.output_format
     if websocket and out.container != "raw":
         raise ApiError(
@@ -522,14 +776,13 @@ def cartesia_fields(request: CartesiaRequest, websocket: bool) -> SynthesisField
         name = "wav"
     else:
         name = CARTESIA_ENCODINGS[out.encoding]
-    speed = request.generation_config.speed if request.generation_config is not None else None
     fields = server.parse_model(
         SynthesisFields,
         {
-            "voice": request.voice.id,
+            "voice": voice,
             "response_format": name,
             "sample_rate": out.sample_rate,
-            "speed": speed,
+            "speed": cartesia_speed(request),
             "language": request.language,
         },
     )
@@ -573,6 +826,127 @@ async def cartesia_bytes(request: Request) -> Response:
     return response
 
 
+def ends_sentence(buffer: str) -> bool:
+    """Text still arriving whose last sentence is complete: it ends with a sentence end and then a space
+    ("Hello there. "), which split_complete waits on for what follows (it could be "Mr. " or "3. ")."""
+    if not buffer or not buffer[-1].isspace() or not buffer.strip():
+        return False
+    tail = buffer[-400:]
+    _, rest = server.split_complete(tail + "1")  # a probe that neither starts nor continues a sentence
+    return rest.strip() == "1"
+
+
+async def cartesia_sse(request: Request) -> Response:
+    """POST /tts/sse: the transcript's raw audio as Cartesia's events (chunk, timestamps with
+    add_timestamps, done; an error event, done, if it fails on the way), streamed as it is made."""
+    check_key(server.state(request), request.headers.get("x-api-key"), server.bearer_token(request.headers))
+    body: CartesiaRequest = server.parse_model(CartesiaRequest, await server.read_json(request, server.MAX_JSON_BYTES))
+    fields = cartesia_fields(body, websocket=True)
+    job, chunks = await server.request_job(request, fields, body.transcript, "pcm", True, param="transcript")
+    audio = await server.speech_stream(request, job, chunks, True)
+    float32 = sends_float32(body)
+    tagged = {"context_id": body.context_id} if body.context_id else {}
+
+    async def events() -> AsyncIterator[bytes]:
+        words, sent_at = Words(), time.monotonic()
+        try:
+            async for data, original, _, _ in with_timings(audio, job):
+                if data:
+                    now = time.monotonic()
+                    step, sent_at = now - sent_at, now
+                    yield cartesia_event(
+                        "chunk",
+                        data=b64(s16_to_f32(data) if float32 else data),
+                        done=False,
+                        status_code=206,
+                        step_time=round(1000 * step, 1),
+                        **tagged,
+                    )
+                if body.add_timestamps and (done := words.add(original, final=not data)):
+                    yield cartesia_event(
+                        "timestamps", done=False, status_code=206, word_timestamps=word_timestamps(done), **tagged
+                    )
+            yield cartesia_event("done", done=True, status_code=200, **tagged)
+        except Exception as exc:
+            server.log_failure(exc)
+            error = cartesia_error_body(server.client_error(exc))
+            yield cartesia_event("error", done=True, request_id=job.id, **error, **tagged)
+
+    return StreamingResponse(
+        server.ended_cleanly(events()), media_type="text/event-stream", headers={"X-Request-Id": job.id}
+    )
+
+
+def cartesia_event(kind: str, **fields: Any) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, separators=(',', ':'))}\n\n".encode()
+
+
+def word_timestamps(words: list[tuple[str, float, float]]) -> dict[str, list[Any]]:
+    return {
+        "words": [w for w, _, _ in words],
+        "start": [round(s, 3) for _, s, _ in words],
+        "end": [round(e, 3) for _, _, e in words],
+    }
+
+
+CARTESIA_EPOCH = "2025-01-01T00:00:00Z"  # created_at: the server's voices have no creation time of their own
+
+
+def cartesia_voice(voice: VoiceInfo) -> dict[str, Any]:
+    """A voice in Cartesia's shape (its `Voice`)."""
+    language = voice.language
+    return {
+        "id": voice.id,
+        "name": voice.name,
+        "description": voice.description,
+        "tagline": voice.what,
+        "language": language,
+        "locales": [{"locale": code, "is_native": i == 0} for i, code in enumerate(voice.languages)],
+        "is_owner": voice.kind == "uploaded",
+        "is_public": voice.kind != "uploaded",
+        "access": "private" if voice.kind == "uploaded" else "public",
+        "visibility": "owner" if voice.kind == "uploaded" else "all",
+        "created_at": CARTESIA_EPOCH,
+        "gender": None,
+        "preview_file_url": None,
+    }
+
+
+async def cartesia_voices(request: Request) -> Response:
+    """GET /voices: Cartesia's page of voices ({"data", "has_more", "next_page"}), limit (1-100, default
+    10), starting_after / ending_before (a voice id), q (name, description or id), is_owner."""
+    check_key(server.state(request), request.headers.get("x-api-key"), server.bearer_token(request.headers))
+    params = request.query_params
+    limit = query_int(params, "limit", 10, 1, 100)
+    voices = [cartesia_voice(v) for v in voice_catalog(server.state(request))]
+    if q := (params.get("q") or "").strip().lower():
+        voices = [v for v in voices if q in f"{v['id']} {v['name']} {v['description']}".lower()]
+    if params.get("is_owner") not in (None, ""):
+        voices = [v for v in voices if v["is_owner"] == query_bool(params, "is_owner")]
+    ids = [v["id"] for v in voices]
+    for name in ("starting_after", "ending_before"):
+        if (cursor := params.get(name)) and cursor not in ids:
+            raise ApiError(400, f"'{name}' is not a voice id of this list.", param=name, code="invalid_value")
+    if after := params.get("starting_after"):
+        page = voices[ids.index(after) + 1 :][:limit]
+        more = ids.index(after) + 1 + limit < len(voices)
+    elif before := params.get("ending_before"):
+        page = voices[: ids.index(before)][-limit:]
+        more = ids.index(before) > limit
+    else:
+        page, more = voices[:limit], limit < len(voices)
+    return JSONResponse({"data": page, "has_more": more, "next_page": page[-1]["id"] if more and page else None})
+
+
+async def cartesia_voice_by_id(request: Request) -> Response:
+    """GET /voices/{id}: one voice, or 404."""
+    check_key(server.state(request), request.headers.get("x-api-key"), server.bearer_token(request.headers))
+    voice = voice_info(server.state(request), request.path_params["voice_id"])
+    if voice is None:
+        raise ApiError(404, "Voice not found.", param="id", code="not_found")
+    return JSONResponse(cartesia_voice(voice))
+
+
 class CartesiaSession(VendorSession):
     """/tts/websocket: contexts side by side, each fed with `continue` until `continue: false`."""
 
@@ -591,7 +965,10 @@ class CartesiaSession(VendorSession):
     async def receive(self, text: str | None, data: bytes | None) -> None:
         context_id = None
         try:
-            request: CartesiaRequest = server.parse_model(CartesiaRequest, server.ws_message(text))
+            message = server.ws_message(text)
+            named = message.get("context_id") if isinstance(message, dict) else None
+            context_id = named if isinstance(named, str) and named else None  # errors name it, even a bad message's
+            request: CartesiaRequest = server.parse_model(CartesiaRequest, message)
             context_id = request.context_id or uuid.uuid4().hex
             context = self.active.get(context_id)
             if request.cancel:
@@ -609,6 +986,10 @@ class CartesiaSession(VendorSession):
                 await self.feed(context, request)
         except ApiError as exc:
             await self.send_json(self.error_message(exc, context_id))
+            # The error is an open context's last message (done: true): it is cancelled, so that nothing
+            # follows. A context already ended (text sent after `continue: false`) is spoken to its end.
+            if context_id is not None and (context := self.active.get(context_id)) is not None and not context.ended:
+                await self.cancel(context)
 
     async def start(self, context: Utterance, request: CartesiaRequest) -> None:
         """A new context's output and first text (the whole transcript at once is chunked as HTTP's)."""
@@ -628,7 +1009,7 @@ class CartesiaSession(VendorSession):
             context.timer = None
         if not request.more:
             await context.end()
-        elif request.flush or request.max_buffer_delay_ms == 0:
+        elif request.flush or request.max_buffer_delay_ms == 0 or ends_sentence(context.buffer):
             await context.flush()
             if request.flush:
                 context.flushes.append(context.queued)
@@ -662,11 +1043,7 @@ class CartesiaSession(VendorSession):
                     "done": False,
                     "status_code": 206,
                     "context_id": context.id,
-                    "word_timestamps": {
-                        "words": [w for w, _, _ in words],
-                        "start": [round(s, 3) for _, s, _ in words],
-                        "end": [round(e, 3) for _, _, e in words],
-                    },
+                    "word_timestamps": word_timestamps(words),
                 }
             )
         await self.send_flushes(context, len(context.job.timeline.chunks_generated))
@@ -774,23 +1151,23 @@ class WyomingSession(SpeechSession):
         return await self.realtime_job(fields, "pcm")
 
     def info(self) -> Info:
-        engine, described = self.app_state.engine, self.app_state.engine.describe()
+        engine = self.app_state.engine
         attribution = (
             Attribution(name="Rhasspy", url="https://github.com/rhasspy/piper")
             if engine.name == "piper"
             else Attribution(name="Resemble AI", url="https://github.com/resemble-ai/chatterbox")
         )
-        languages = described.get("languages", ["en"])
+        # Home Assistant's dropdown shows each voice's description: its name, what it is and its languages.
         voices = [
             TtsVoice(
-                name=v["id"],
+                name=v.id,
                 attribution=attribution,
                 installed=True,
-                description=v["type"],
+                description=v.description,
                 version=None,
-                languages=languages,
+                languages=v.languages,
             )
-            for v in self.app_state.speaker.voices.list()
+            for v in voice_catalog(self.app_state)
         ]
         return Info(
             tts=[
@@ -1431,7 +1808,13 @@ KEY_IN_SESSION: list[BaseRoute] = [
     vendor_route(f"{ELEVENLABS_TTS}/stream/with-timestamps", elevenlabs_timestamps, elevenlabs_error),
     WebSocketRoute(f"{ELEVENLABS_TTS}/stream-input", elevenlabs_websocket),
     WebSocketRoute(f"{ELEVENLABS_TTS}/multi-stream-input", elevenlabs_multi_websocket),
+    vendor_route("/v1/voices", elevenlabs_voices, elevenlabs_error, "GET"),
+    vendor_route("/v2/voices", elevenlabs_voices_v2, elevenlabs_error, "GET"),
+    vendor_route("/v1/voices/{voice_id}", elevenlabs_voice_by_id, elevenlabs_error, "GET"),
     vendor_route("/tts/bytes", cartesia_bytes, cartesia_error),
+    vendor_route("/tts/sse", cartesia_sse, cartesia_error),
+    vendor_route("/voices", cartesia_voices, cartesia_error, "GET"),
+    vendor_route("/voices/{voice_id}", cartesia_voice_by_id, cartesia_error, "GET"),
     WebSocketRoute("/tts/websocket", cartesia_websocket),
     WebSocketRoute("/v1/telephony/asterisk", asterisk_websocket),
     WebSocketRoute("/v1/telephony/twilio", twilio_websocket),  # the key comes in its `start` message

@@ -196,6 +196,12 @@ class Settings:
     audiosocket_port: int = _env(
         "AUDIOSOCKET_PORT", "TCP port of the Asterisk AudioSocket server (0 = off).", default=0
     )
+    tls_cert: str = _env(
+        "TLS_CERT",
+        "PEM certificate (chain) file: with TLS_KEY, the server speaks HTTPS and WSS itself; empty = plain HTTP.",
+        default="",
+    )
+    tls_key: str = _env("TLS_KEY", "PEM private key file of TLS_CERT.", default="")
     protocols: str = _env(
         "PROTOCOLS",
         "Comma-separated modules of add-on protocols to serve (each module's "
@@ -252,6 +258,11 @@ class Settings:
         for name, port in (("WYOMING_PORT", settings.wyoming_port), ("AUDIOSOCKET_PORT", settings.audiosocket_port)):
             if not 0 <= port <= 65535:
                 raise SystemExit(f"{name}={port}: choose a TCP port (0 = off)")
+        if bool(settings.tls_cert) != bool(settings.tls_key):
+            raise SystemExit("TLS_CERT and TLS_KEY go together: set both (HTTPS) or neither (HTTP)")
+        for name, path in (("TLS_CERT", settings.tls_cert), ("TLS_KEY", settings.tls_key)):
+            if path and not Path(path).is_file():
+                raise SystemExit(f"{name}={path!r}: no such file")
         return settings
 
     @property
@@ -7481,6 +7492,8 @@ def main() -> None:
         log_config=None,
         ws_max_size=1024 * 1024,
         timeout_graceful_shutdown=math.ceil(SHUTDOWN_FLUSH_SECONDS),
+        ssl_certfile=settings.tls_cert or None,
+        ssl_keyfile=settings.tls_key or None,
     )
     uv = Server(config)
     speaker.host.health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
