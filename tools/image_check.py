@@ -66,6 +66,7 @@ class Made:
     containers: list[str] = field(default_factory=list)
     volumes: list[str] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
+    bases: set[str] = field(default_factory=set)  # image ids: whatever descends from them is this run's
     dirs: list[Path] = field(default_factory=list)
     dockerd: subprocess.Popen[bytes] | None = None
 
@@ -202,6 +203,11 @@ def debootstrap_base(name: str, suite: str, mirror: str, made: Made, docker: str
     tar.stdout.close()
     if tar.wait() or imported.returncode:
         raise CheckFailed(f"tar | docker import failed: {imported.stderr.strip()}")
+    made.bases.add(image_id(docker, name))
+
+
+def image_id(docker: str, name: str) -> str:
+    return run([docker, "image", "inspect", "-f", "{{.Id}}", name]).stdout.strip()
 
 
 def ca_layer(base: str, name: str, made: Made, docker: str, work: Path, log: Path) -> None:
@@ -221,7 +227,8 @@ def ca_layer(base: str, name: str, made: Made, docker: str, work: Path, log: Pat
     )
     made.images.append(name)
     say(f"{name}: {base} with {bundle}")
-    run([docker, "build", "-q", "-t", name, str(context)], log=log)
+    run([docker, "build", "-q", "--no-cache", "--force-rm", "-t", name, str(context)], log=log)
+    made.bases.add(image_id(docker, name))
 
 
 # --- the container -----------------------------------------------------------------------------------------
@@ -438,19 +445,59 @@ def serve(docker: str, image: str, made: Made, tag: str, figures: Figures) -> No
 # --- cleaning up -------------------------------------------------------------------------------------------
 
 
+def remove_tree(directory: Path) -> None:
+    """A debootstrap stopped half-way leaves /proc, /sys (and in a container the host's /dev) mounted in its
+    root: unmounted first, and nothing removed across a file system's edge."""
+    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
+    for mount in sorted((m for m in mounts if m.startswith(f"{directory}/")), key=len, reverse=True):
+        run(["umount", "-l", mount], check=False)
+    run(["rm", "-rf", "--one-file-system", str(directory)], check=False)
+
+
+def descendants(docker: str, bases: set[str]) -> list[str]:
+    """Every image that descends from `bases` (the image, an interrupted build's cached steps), leaves first."""
+    ids = sorted(set(run([docker, "images", "-a", "-q", "--no-trunc"], check=False).stdout.split()))
+    inspected = run([docker, "image", "inspect", "-f", "{{.Id}} {{.Parent}}", *ids], check=False) if ids else None
+    parent = {
+        image: up
+        for image, _, up in (line.partition(" ") for line in (inspected.stdout if inspected else "").splitlines())
+    }
+
+    def depth(image: str) -> int | None:
+        steps = 0
+        while image and image not in bases:
+            image, steps = parent.get(image, ""), steps + 1
+        return steps if image else None
+
+    found = [(steps, image) for image in parent if (steps := depth(image)) is not None]
+    return [image for _, image in sorted(found, reverse=True)]
+
+
 def clean_up(docker: str | None, made: Made) -> None:
     say("removing what this run made")
-    if docker:
-        for container in reversed(made.containers):
+    for attempt in range(5) if docker else ():
+        assert docker is not None
+        # An interrupted build's daemon side may still commit a step or hold a container for a moment.
+        containers = list(reversed(made.containers))
+        for base in made.bases:
+            containers += run([docker, "ps", "-a", "-q", "--filter", f"ancestor={base}"], check=False).stdout.split()
+        for container in containers:
             run([docker, "rm", "-f", "-v", container], check=False)
         for volume in reversed(made.volumes):
             run([docker, "volume", "rm", "-f", volume], check=False)
-        for image in reversed(made.images):
+        for image in [*descendants(docker, made.bases), *reversed(made.images)]:
             run([docker, "rmi", "-f", image], check=False)
+        left = [name for name in made.images if run([docker, "image", "inspect", name], check=False).returncode == 0]
+        if not (left or descendants(docker, made.bases)):
+            break
+        if attempt == 4:
+            say(f"left behind: {left} and images descending from {sorted(made.bases)}")
+        time.sleep(3)
     for directory in made.dirs:
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_tree(directory)
     if made.dockerd is not None:
         say("stopping the dockerd this run started")
+        time.sleep(10)  # an interrupted build's container layer is still being deleted for a moment after
         made.dockerd.terminate()
         try:
             made.dockerd.wait(30)
@@ -507,13 +554,16 @@ def main() -> int:
             ca_layer(base, f"{tag}-base:latest", made, docker, work, log)
         image = f"{tag}:latest"
         say(f"docker build --build-arg CUDA_IMAGE={tag}-base:latest -t {image} .")
-        made.images.append(image)  # removed first (made.images in reverse)
+        made.images.append(image)
         with timed(figures, "image build"):
-            run([docker, "build", "--build-arg", f"CUDA_IMAGE={tag}-base:latest", "-t", image, str(ROOT)], log=log)
+            run(
+                [docker, "build", "--force-rm", "--build-arg", f"CUDA_IMAGE={tag}-base:latest", "-t", image, str(ROOT)],
+                log=log,
+            )
         size = int(run([docker, "image", "inspect", "-f", "{{.Size}}", image]).stdout)
         figures.add("image size", f"{size / 1e9:.2f} GB")
         serve(docker, image, made, tag, figures)
-    except (CheckFailed, KeyboardInterrupt, SystemExit) as error:
+    except (Exception, KeyboardInterrupt, SystemExit) as error:
         failure = error
         if docker:
             for container in made.containers:
