@@ -3,6 +3,8 @@
 # make test     set up .venv (once), make lint, then the whole test suite offline
 # make install  set up .venv (and Debian's chromium and haproxy for the tests) only
 # make gpu-check  on a CUDA machine: tests, every option's warm-up, syncs, kernels, speed, bench -> one table
+# make image-check [IMAGE_BASE=IMAGE]  as root: build the Docker image on a debootstrapped Debian base (or IMAGE),
+#                run it with Piper as a user would (speech, health, voices volume, SIGTERM drain), remove it all
 # make golden [GOLDEN_AT=REV]  record every seeded transport's bytes on this machine (golden/outputs.json),
 #                as REV's server makes them (default: the working tree); the test suite compares against them
 PYTHON ?= python3
@@ -24,7 +26,7 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.cache/numba
 
-.PHONY: install run lint test gpu-check golden clean
+.PHONY: install run lint test gpu-check image-check golden clean
 
 install: $(STAMP) $(CHROMIUM) $(HAPROXY) $(SDK_STAMP)
 
@@ -66,6 +68,10 @@ test: lint $(CHROMIUM) $(HAPROXY) $(SDK_STAMP)
 
 gpu-check: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) tools/gpu_check.py $(GPU_CHECK_ARGS)
+
+# Not part of test: minutes, root (apt-get, dockerd, debootstrap) and several GB; standard library only, no .venv.
+image-check:
+	$(SUDO) $(PYTHON) tools/image_check.py $(if $(IMAGE_BASE),--base $(IMAGE_BASE)) $(IMAGE_CHECK_ARGS)
 
 GOLDEN_SOURCE := .cache/golden-source
 golden: $(STAMP)
