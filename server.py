@@ -3712,7 +3712,7 @@ def make_engine(settings: Settings) -> Engine:
 # --- Voices -----------------------------------------------------------------
 
 OPENAI_VOICES = frozenset("alloy ash ballad coral echo fable onyx nova sage shimmer verse marin cedar".split())
-VOICE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+VOICE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # fullmatch: "$" under match lets a trailing newline through
 VOICE_MAX_BYTES = 10 * 1024 * 1024
 VOICE_MIN_SECONDS, VOICE_MAX_SECONDS = 5.0, 30.0
 
@@ -3740,7 +3740,7 @@ class VoiceLibrary:
             yield  # closing the file releases the lock
 
     def _files(self, name: str, extensions: tuple[str, ...] | None = None) -> list[Path]:
-        if not VOICE_NAME.match(name):
+        if not VOICE_NAME.fullmatch(name):
             return []
         return [p for ext in extensions or self.extensions if (p := self.directory / f"{name}{ext}").is_file()]
 
@@ -3780,7 +3780,7 @@ class VoiceLibrary:
                     p.name[: -len(ext)]
                     for p in self.directory.glob("*")
                     for ext in self.extensions
-                    if p.name.endswith(ext) and VOICE_NAME.match(p.name[: -len(ext)])
+                    if p.name.endswith(ext) and VOICE_NAME.fullmatch(p.name[: -len(ext)])
                 }
             )
             if self.directory.is_dir()
@@ -5857,7 +5857,7 @@ class SpeechRequest(SynthesisFields):
     timestamps: bool = False  # SSE: word timings as they are spoken (speech.audio.timestamps events)
 
 
-_OUTPUT_FORMAT = re.compile(r"^(pcm|ulaw|alaw|mp3|opus)_(\d{1,6})(?:_(\d{1,6}))?$")
+_OUTPUT_FORMAT = re.compile(r"(pcm|ulaw|alaw|mp3|opus)_(\d{1,6})(?:_(\d{1,6}))?")
 
 
 def output_spec(fields: SynthesisFields, default_format: str) -> OutputSpec:
@@ -5866,7 +5866,7 @@ def output_spec(fields: SynthesisFields, default_format: str) -> OutputSpec:
     name = default_format if fields.response_format is None else fields.response_format
     rate, bitrate, rate_param = fields.sample_rate, None, "sample_rate"
     if fields.output_format is not None:
-        match = _OUTPUT_FORMAT.match(fields.output_format)
+        match = _OUTPUT_FORMAT.fullmatch(fields.output_format)
         if not match:
             raise ApiError(
                 400,
@@ -6862,7 +6862,7 @@ async def upload_voice(request: Request) -> Response:
         ) from None
     try:
         name, upload = form.get("name"), form.get("file")
-        if not isinstance(name, str) or not VOICE_NAME.match(name):
+        if not isinstance(name, str) or not VOICE_NAME.fullmatch(name):
             raise ApiError(
                 400,
                 "'name' must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'.",

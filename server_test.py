@@ -1017,6 +1017,13 @@ def long_silence_flac(seconds: int, rate: int = 8000) -> bytes:
     return out.getvalue()
 
 
+def test_a_trailing_newline_never_passes_for_a_name_or_a_format(fake_client: TestClient) -> None:
+    assert server.VOICE_NAME.fullmatch("alloy") and not server.VOICE_NAME.fullmatch("alloy\n")
+    for body in ({"voice": "default\n"}, {"output_format": "pcm_16000\n"}):
+        response = fake_client.post("/v1/audio/speech", json={"input": "Hi.", **body})
+        assert_openai_error(response, 400, next(iter(body)))
+
+
 def test_decoding_an_upload_stops_at_its_limit() -> None:
     import tracemalloc
 
@@ -1843,6 +1850,8 @@ BAD_UPLOADS = [
     ("x" * 65, 6.0, "a.wav", 400, "name"),
     ("default", 6.0, "a.wav", 400, "name"),
     ("ok_name", 6.0, "a.txt", 400, "file"),
+    ("alloy\n", 6.0, "a.wav", 400, "name"),  # "$" under re.match let a trailing newline through
+    ("ok_name\n", 6.0, "a.wav", 400, "name"),
 ]
 
 
