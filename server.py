@@ -156,6 +156,22 @@ class Settings:
         "Seconds a stream waits for a client that reads nothing; then it ends, and its slot and model work are freed.",
         default=30.0,
     )
+    input_timeout: float = _env(
+        "INPUT_TIMEOUT",
+        "Seconds a client may keep an open utterance, context or connection waiting on it: for an utterance's next "
+        "text, a Wyoming or AudioSocket connection's next event, a socket's credentials; then it ends with an error.",
+        default=20.0,
+    )
+    header_timeout: float = _env(
+        "HEADER_TIMEOUT",
+        "Seconds a new or kept-alive HTTP connection has to send a whole request head; then it is closed.",
+        default=10.0,
+    )
+    max_connections: int = _env(
+        "MAX_CONNECTIONS",
+        "Client connections open at once (HTTP, WebSocket, Wyoming, AudioSocket); more are closed at once and logged.",
+        default=2048,
+    )
     ws_max_utterances: int = _env(
         "WS_MAX_UTTERANCES",
         "Utterances one WebSocket connection may have queued or speaking; more get an error.",
@@ -251,6 +267,8 @@ class Settings:
                 f"STREAM_CONTEXT_TOKENS must be at least {HIFT_OVERLAP_FRAMES // MEL_FRAMES_PER_TOKEN} "
                 "(the vocoder's overlap)"
             )
+        if min(settings.input_timeout, settings.header_timeout) <= 0 or settings.max_connections < 1:
+            raise SystemExit("INPUT_TIMEOUT and HEADER_TIMEOUT must be positive, MAX_CONNECTIONS at least 1")
         if settings.stream_send_timeout <= 0 or settings.shutdown_grace_s < 0 or settings.ws_max_utterances < 1:
             raise SystemExit(
                 "STREAM_SEND_TIMEOUT must be positive, SHUTDOWN_GRACE_S not negative, WS_MAX_UTTERANCES at least 1"
@@ -6110,11 +6128,56 @@ async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int
     )
 
 
+class ConnectionLimit:
+    """At most MAX_CONNECTIONS client connections open at once, over every listener: uvicorn's own count of
+    its HTTP and WebSocket connections (`http`, set when served by main) and the add-on TCP servers' (`enter`
+    and `leave`). One beyond it is closed at once; a warning every REFUSED_LOG_SECONDS says how many were."""
+
+    REFUSED_LOG_SECONDS = 10.0
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.http: set[Any] = set()
+        self.tcp = 0
+        self.refused = 0
+        self._logged_at = -math.inf
+
+    @property
+    def open(self) -> int:
+        return len(self.http) + self.tcp
+
+    def full(self) -> bool:
+        """True (and counted, and logged now and then) when a new connection must be refused."""
+        if self.open < self.limit:
+            return False
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._logged_at >= self.REFUSED_LOG_SECONDS:
+            self._logged_at = now
+            logger.warning(
+                "connection limit reached: {} open (MAX_CONNECTIONS={}); {} refused so far",
+                self.open,
+                self.limit,
+                self.refused,
+            )
+        return True
+
+    def enter(self) -> bool:
+        if self.full():
+            return False
+        self.tcp += 1
+        return True
+
+    def leave(self) -> None:
+        self.tcp -= 1
+
+
 @dataclass
 class AppState:
     settings: Settings
     engine: Engine
     speaker: Speaker
+    connections: ConnectionLimit
     lexicon: Lexicon | None = None  # LEXICON_FILE's rules
     started: float = field(default_factory=time.time)
     protocol_state: dict[str, Any] = field(default_factory=dict)  # each add-on's own (ProtocolPlugin.state), by name
@@ -7365,6 +7428,7 @@ def create_app(
         engine=engine,
         speaker=speaker,
         lexicon=load_lexicon(settings.lexicon_file),
+        connections=ConnectionLimit(settings.max_connections),
         protocol_state={protocol.name: protocol.state for protocol in protocols},
     )
     return app
