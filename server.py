@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import resource
 import signal
 import struct
 import sys
@@ -40,6 +41,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -67,6 +69,7 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import BaseRoute, Match, Route, WebSocketRoute
 from starlette.types import Scope
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected, WebSocketState
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from text_frontend import PARALINGUISTIC_TAGS, Lexicon, Pause, Reading, Speech, TextError, read_text
 
@@ -5268,6 +5271,23 @@ async def iterate(items: list[T]) -> AsyncIterator[T]:
         yield item
 
 
+async def after_first(items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """The same items, handed back once the first has arrived (or they ended)."""
+    try:
+        first = [await anext(items)]
+    except StopAsyncIteration:
+        first = []
+    return _resumed(first, items)
+
+
+async def _resumed(first: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
+    for item in first:
+        yield item
+    if first:
+        async for item in rest:
+            yield item
+
+
 class ModelHost:
     """The engine on its inference thread: loading (at start or on demand) and warm-up, unloading when
     idle, the voices prepared for the loaded model, and whether the device can still be trusted."""
@@ -5720,6 +5740,8 @@ class Speaker:
             else:
                 kept: list[bytes] | None = [] if key is not None else None
                 kept_bytes = 0
+                if not isinstance(texts, list):  # text still coming: the slot is taken at its first piece
+                    texts = await after_first(texts)
                 async with self.admission.admitted(job, streaming):
                     async for data in self._render(job, iterate(texts) if isinstance(texts, list) else texts):
                         if kept is not None:
@@ -6128,10 +6150,11 @@ async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int
     )
 
 
-class ConnectionLimit:
-    """At most MAX_CONNECTIONS client connections open at once, over every listener: uvicorn's own count of
-    its HTTP and WebSocket connections (`http`, set when served by main) and the add-on TCP servers' (`enter`
-    and `leave`). One beyond it is closed at once; a warning every REFUSED_LOG_SECONDS says how many were."""
+class ConnectionLimit(Collector):
+    """At most MAX_CONNECTIONS client connections open at once, over every listener: uvicorn's own set of
+    its HTTP and WebSocket connections (`http`, given by main) and the add-on TCP servers' count (`enter`,
+    `leave`). One beyond it is closed at once; a warning every REFUSED_LOG_SECONDS says how many were.
+    Its metrics: the connections open and those refused or cut, by reason."""
 
     REFUSED_LOG_SECONDS = 10.0
 
@@ -6139,7 +6162,7 @@ class ConnectionLimit:
         self.limit = limit
         self.http: set[Any] = set()
         self.tcp = 0
-        self.refused = 0
+        self.refused: dict[str, int] = {}  # by reason: connection_limit, header_timeout, header_too_large
         self._logged_at = -math.inf
 
     @property
@@ -6147,10 +6170,10 @@ class ConnectionLimit:
         return len(self.http) + self.tcp
 
     def full(self) -> bool:
-        """True (and counted, and logged now and then) when a new connection must be refused."""
+        """True (counted, and logged now and then) when a new connection must be refused."""
         if self.open < self.limit:
             return False
-        self.refused += 1
+        self.count("connection_limit")
         now = time.monotonic()
         if now - self._logged_at >= self.REFUSED_LOG_SECONDS:
             self._logged_at = now
@@ -6158,9 +6181,12 @@ class ConnectionLimit:
                 "connection limit reached: {} open (MAX_CONNECTIONS={}); {} refused so far",
                 self.open,
                 self.limit,
-                self.refused,
+                self.refused["connection_limit"],
             )
         return True
+
+    def count(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def enter(self) -> bool:
         if self.full():
@@ -6170,6 +6196,17 @@ class ConnectionLimit:
 
     def leave(self) -> None:
         self.tcp -= 1
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("tts_connections_open", "Client connections open, every listener.", value=self.open)
+        refused = CounterMetricFamily(
+            "tts_connections_refused",
+            "Connections refused or cut by the server's limits, by reason.",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.refused.items()):
+            refused.add_metric([reason], n)
+        yield refused
 
 
 @dataclass
@@ -6491,6 +6528,7 @@ class Utterance:
     cancelled: bool = False
     task: asyncio.Task[None] | None = None
     rendering: AsyncGenerator[bytes, None] | None = None  # its audio, once speaking
+    last_input: float = field(default_factory=time.monotonic)  # when the client last gave it text
 
     def texts(self) -> list[ScriptItem] | AsyncIterator[ScriptItem]:
         return self.chunks if self.chunks is not None else self._fed()
@@ -6520,6 +6558,7 @@ class Utterance:
             self.job.text_log = text
 
     async def add_text(self, text: str) -> None:
+        self.last_input = time.monotonic()
         if self.ended:
             raise ApiError(
                 409, f"Utterance {self.id!r} has ended; start a new one.", param="id", code="utterance_ended"
@@ -6537,6 +6576,7 @@ class Utterance:
         await self.queue_text(complete)
 
     async def flush(self) -> None:
+        self.last_input = time.monotonic()
         text, self.buffer = self.buffer, ""
         await self.queue_text(text)
 
@@ -6565,10 +6605,26 @@ class Utterance:
             yield data
 
     async def _fed(self) -> AsyncIterator[ScriptItem]:
-        while (item := await self.feed.get()) is not None:
+        while (item := await self._next_fed()) is not None:
             if isinstance(item, TextChunk):
                 self.queued_chars -= len(item.text)
             yield item
+
+    async def _next_fed(self) -> ScriptItem | None:
+        """The next fed item; an utterance whose client has sent no text for INPUT_TIMEOUT while the model
+        waits for more ends with 408 (what the client sent since is in its buffer: it still counts as input)."""
+        timeout = self.speaker.settings.input_timeout
+        while True:
+            try:
+                return await within(max(0.0, self.last_input + timeout - time.monotonic()), self.feed.get())
+            except TimeoutError:
+                if time.monotonic() >= self.last_input + timeout:
+                    raise ApiError(
+                        408,
+                        f"No text came for {timeout:g} s (INPUT_TIMEOUT) while {self.id!r} waited for more; "
+                        "it has ended.",
+                        code="input_timeout",
+                    ) from None
 
 
 WS_MAX_MESSAGE_BYTES = 256 * 1024
@@ -7423,12 +7479,14 @@ def create_app(
         lifespan=lifespan,
         middleware=middleware(settings, routes, speaker, self_checked),
     )
+    connections = ConnectionLimit(settings.max_connections)
+    speaker.metrics.registry.register(connections)
     app.state.tts = AppState(
         settings=settings,
         engine=engine,
         speaker=speaker,
         lexicon=load_lexicon(settings.lexicon_file),
-        connections=ConnectionLimit(settings.max_connections),
+        connections=connections,
         protocol_state={protocol.name: protocol.state for protocol in protocols},
     )
     return app
@@ -7505,7 +7563,25 @@ def _not_given_up(record: logging.LogRecord) -> bool:
     return not _GIVEN_UP.get()
 
 
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def log_safe(text: str) -> str:
+    """Text for one log line: control characters and line separators escaped (`\\n`, `\\x1b`), so that
+    nothing a client sends (a path with %0A, a name, a header) can end a line or forge the next."""
+    return _UNPRINTABLE.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
+
+
+def escape_record(record: Any) -> None:
+    """Every record's message and string fields made log_safe, whoever logged it (a traceback stays as it is)."""
+    record["message"] = log_safe(record["message"])
+    for name, value in record["extra"].items():
+        if isinstance(value, str):
+            record["extra"][name] = log_safe(value)
+
+
 def configure_logging(level: str, json_lines: bool = False) -> None:
+    logger.configure(patcher=escape_record)
     logger.remove()
     logger.add(
         sys.stderr,
@@ -7516,6 +7592,154 @@ def configure_logging(level: str, json_lines: bool = False) -> None:
     )
     logging.basicConfig(handlers=[_ToLoguru()], level=logging.WARNING, force=True)
     logging.getLogger("uvicorn.error").addFilter(_not_given_up)
+
+
+REQUEST_HEAD_MAX_BYTES = 64 * 1024
+REQUEST_HEAD_MAX_FIELDS = 100
+
+
+class GuardedHttp(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol with the limits it lacks. A connection beyond MAX_CONNECTIONS gets a 503
+    and is closed. A request head (request line and header fields) must come whole within HEADER_TIMEOUT of
+    the connection or of the previous response (an idle or slowloris connection is closed, a half-sent head
+    answered 408), in at most REQUEST_HEAD_MAX_BYTES and REQUEST_HEAD_MAX_FIELDS (431): every byte of a head
+    is counted as it arrives, before the parser buffers any more of it."""
+
+    def __init__(self, *args: Any, limits: ConnectionLimit, header_timeout: float, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.limits = limits
+        self.header_timeout = header_timeout
+        self.head_bytes: int | None = 0  # bytes of the head being read; None while a request is under way
+        self.head_fields = 0
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.refusal: ApiError | None = None
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.limits.full():
+            self.refused = True
+            busy = ApiError(
+                503,
+                "The server has too many open connections; retry shortly.",
+                type="server_error",
+                code="too_many_connections",
+                headers={"Retry-After": "1"},
+            )
+            transport.write(self.error_response(busy))
+            transport.close()
+            return
+        super().connection_made(transport)
+        self.await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_head_timer()
+        if not self.refused:
+            super().connection_lost(exc)
+
+    def await_head(self) -> None:
+        self.head_bytes, self.head_fields = 0, 0
+        self.stop_head_timer()
+        self.head_timer = self.loop.call_later(self.header_timeout, self.head_timed_out)
+
+    def stop_head_timer(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        self.limits.count("header_timeout")
+        if self.head_bytes:
+            self.refuse(
+                ApiError(
+                    408, f"The request head did not arrive within {self.header_timeout:g} s.", code="request_timeout"
+                )
+            )
+        else:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.head_bytes is not None:
+            self.head_bytes += len(data)
+            if self.head_bytes > REQUEST_HEAD_MAX_BYTES:
+                self.too_large()
+                return
+        super().data_received(data)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_fields += 1
+        if self.head_fields > REQUEST_HEAD_MAX_FIELDS:
+            self.refusal = self.head_too_large()
+            raise ValueError(self.refusal.message)  # ends the parse; send_400_response sends the refusal
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.stop_head_timer()
+        self.head_bytes = None
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.head_bytes, self.head_fields = 0, 0  # what arrives next is the next request's head
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.cycle.response_complete:  # no pipelined request started
+            self.await_head()
+
+    def head_too_large(self) -> ApiError:
+        self.limits.count("header_too_large")
+        return ApiError(
+            431,
+            f"Request heads are limited to {REQUEST_HEAD_MAX_BYTES} bytes and {REQUEST_HEAD_MAX_FIELDS} header fields.",
+            code="request_header_fields_too_large",
+        )
+
+    def too_large(self) -> None:
+        self.refuse(self.head_too_large())
+
+    def send_400_response(self, msg: str) -> None:
+        self.refuse(self.refusal or ApiError(400, msg, code="invalid_http_request"))
+
+    def refuse(self, error: ApiError) -> None:
+        self.stop_head_timer()
+        self.transport.write(self.error_response(error))
+        self.transport.close()
+
+    @staticmethod
+    def error_response(error: ApiError) -> bytes:
+        body = json.dumps({"error": error_body(error)}).encode()
+        reason = HTTPStatus(error.status).phrase
+        headers = "".join(f"{name}: {value}\r\n" for name, value in error.headers.items())
+        return (
+            f"HTTP/1.1 {error.status} {reason}\r\ncontent-type: application/json\r\n{headers}"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        ).encode() + body
+
+
+DESCRIPTOR_RESERVE = 256  # descriptors beyond the connections: model files, logs, pipes, voices being read
+
+
+def raise_descriptor_limit(connections: int) -> None:
+    """Let the process open descriptors up to its hard limit (each connection takes one); warn when
+    MAX_CONNECTIONS would still not fit, since then the process runs out before the limit bites."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, connections + DESCRIPTOR_RESERVE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+            soft = hard
+    if connections + DESCRIPTOR_RESERVE > soft:
+        logger.warning(
+            "MAX_CONNECTIONS={} needs about {} descriptors but the process may open {} (ulimit -n): "
+            "lower MAX_CONNECTIONS or raise the limit",
+            connections,
+            connections + DESCRIPTOR_RESERVE,
+            soft,
+        )
 
 
 def main() -> None:
@@ -7550,6 +7774,10 @@ def main() -> None:
 
     config = uvicorn.Config(
         app,
+        http=cast(
+            type[asyncio.Protocol],
+            functools.partial(GuardedHttp, limits=app.state.tts.connections, header_timeout=settings.header_timeout),
+        ),
         host=settings.host,
         port=settings.port,
         log_level="warning",
@@ -7560,6 +7788,8 @@ def main() -> None:
         ssl_keyfile=settings.tls_key or None,
     )
     uv = Server(config)
+    app.state.tts.connections.http = uv.server_state.connections
+    raise_descriptor_limit(settings.max_connections)
     speaker.host.health.shutdown = lambda: stop_for_restart(lambda: setattr(uv, "should_exit", True))
     uv.run()
     if speaker.host.health.fault is not None:

@@ -830,6 +830,22 @@ def test_websocket_limits(tmp_path: Path) -> None:
             assert json.loads(ws.receive_text())["type"] == "done"
 
 
+def test_an_utterance_takes_a_slot_at_its_first_text_and_ends_when_its_text_stops(tmp_path: Path) -> None:
+    with fake_app(tmp_path, engine=ToneEngine(), max_queue=1, input_timeout=1.0) as client:
+        with client.websocket_connect("/v1/audio/speech/ws") as ws:
+            ws.send_text(json.dumps({"type": "speak", "id": "open", "text": "Waiting for the rest", "final": False}))
+            assert json.loads(ws.receive_text())["type"] == "start"
+            body = {"input": "The only slot is free.", "response_format": "pcm"}
+            assert client.post("/v1/audio/speech", json=body).status_code == 200  # not 429: nothing to speak yet
+            error = json.loads(ws.receive_text())  # no more text within INPUT_TIMEOUT
+            assert (error["type"], error["id"], error["code"]) == ("error", "open", "input_timeout")
+            ws.send_text(json.dumps({"type": "speak", "id": "next", "text": "Still usable."}))
+            assert json.loads(ws.receive_text())["type"] == "start"
+            while (received := ws.receive()).get("text") is None:
+                pass
+            assert json.loads(received["text"])["type"] == "done"
+
+
 # --- Hostile input and slow clients (fake engine) ---------------------------------
 
 JSON_BODY = {"content-type": "application/json"}
@@ -4545,6 +4561,120 @@ def test_browser_page_asks_for_the_api_key(browser: Any, tmp_path: Path) -> None
             assert stats["error"] is None and stats["bytes"] > 0 and stats["underruns"] == 0
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------
+# Connections: heads, idle and slow clients, the connection cap, forged log lines (a real server)
+# ---------------------------------------------------------------------------
+
+
+def raw_connection(srv: ServerProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+    return sock
+
+
+def raw_reply(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection."""
+    received = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    sock.close()
+    return received
+
+
+def raw_error(reply: bytes) -> tuple[int, dict[str, Any]]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+@pytest.fixture(scope="module")
+def piper_guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    srv = ServerProcess(
+        "piper", None, tmp_path_factory.mktemp("voices-guarded"), HEADER_TIMEOUT="3", MAX_CONNECTIONS="6"
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_request_heads_are_bounded_in_size_count_and_time(piper_guarded: ServerProcess) -> None:
+    srv = piper_guarded
+    before = scrape(srv.url)
+    idle = raw_connection(srv)
+    assert raw_reply(idle) == b""  # closed after HEADER_TIMEOUT, having sent nothing
+    slow = raw_connection(srv)
+    slow.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+    status, error = raw_error(raw_reply(slow))
+    assert (status, error["code"]) == (408, "request_timeout")
+    long_line = raw_connection(srv)
+    long_line.sendall(b"GET /health HTTP/1.1\r\nX-Long: ")
+    with contextlib.suppress(OSError):  # the server answers and closes while this is still sending
+        for _ in range(64):
+            long_line.sendall(b"a" * 65536)
+    status, error = raw_error(raw_reply(long_line))
+    assert (status, error["code"], error["type"]) == (431, "request_header_fields_too_large", "invalid_request_error")
+    many = raw_connection(srv)
+    many.sendall(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(101)) + b"\r\n")
+    assert raw_error(raw_reply(many))[0] == 431
+    fine = raw_connection(srv)
+    fine.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(90)) + b"\r\n")
+    assert fine.recv(65536).startswith(b"HTTP/1.1 200 ")
+    fine.close()
+    with httpx.Client(base_url=srv.url) as client:  # a kept-alive connection serves request after request
+        for _ in range(3):
+            assert client.get("/health").status_code == 200
+            time.sleep(0.4)
+    after = scrape(srv.url)
+    for reason, n in (("header_timeout", 2), ("header_too_large", 2)):
+        assert (
+            metric(after, "tts_connections_refused_total", reason=reason)
+            - metric(before, "tts_connections_refused_total", reason=reason)
+            == n
+        )
+
+
+def test_connections_beyond_the_cap_are_refused_and_logged(piper_guarded: ServerProcess) -> None:
+    srv = piper_guarded
+    held = [raw_connection(srv) for _ in range(6)]  # silent: each holds its place for HEADER_TIMEOUT
+    status, error = raw_error(raw_reply(raw_connection(srv)))
+    assert (status, error["code"]) == (503, "too_many_connections")
+    for sock in held:
+        assert raw_reply(sock) == b""  # idle: closed after HEADER_TIMEOUT, freeing their places
+    assert httpx.get(f"{srv.url}/health").status_code == 200
+    assert "connection limit reached" in srv.logs()
+
+
+def test_a_path_cannot_forge_a_log_line(piper_json: ServerProcess) -> None:
+    srv = piper_json
+    forged = '{"text": "forged", "record": {"extra": {}, "message": "request forged"}}'
+    response = httpx.get(f"{srv.url}/nothing%0A{forged.replace(' ', '%20')}%0D%0A%E2%80%A8x")
+    assert response.status_code == 404
+    wait_until(lambda: response.headers["x-request-id"] in srv.logs())
+    assert not any(line.startswith('{"text": "forged"') for line in srv.logs().splitlines())
+    [line] = request_lines(srv, response.headers["x-request-id"])
+    assert line["route"].startswith("/nothing\\n{") and "\\r\\n\\u2028x" in line["route"]
+
+
+def test_log_lines_escape_what_clients_send(capsys: pytest.CaptureFixture[str]) -> None:
+    from loguru import logger
+
+    logger.configure(patcher=server.escape_record)  # as configure_logging does
+    plain: list[str] = []
+    as_json: list[str] = []
+    sinks = [logger.add(plain.append, format="{message} {extra}"), logger.add(as_json.append, serialize=True)]
+    try:
+        logger.bind(route="/a\nINFO | forged").info("request {}", "voice=x\r\n\x1b[2J\u2028done")
+    finally:
+        for sink in sinks:
+            logger.remove(sink)
+    assert plain[0].count("\n") == 1 and "voice=x\\r\\n\\x1b[2J\\u2028done" in plain[0]
+    record = json.loads(as_json[0])["record"]
+    assert record["message"] == "request voice=x\\r\\n\\x1b[2J\\u2028done"
+    assert record["extra"]["route"] == "/a\\nINFO | forged"
+    assert server.log_safe("naïve – ok\t") == "naïve – ok\\t"
 
 
 # ---------------------------------------------------------------------------
