@@ -5991,6 +5991,16 @@ def parse_json(body: bytes | str) -> dict[str, Any]:
     return data
 
 
+def replayed(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI receive that hands a body already read to a parser (Starlette's form parser reads one)."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    return receive
+
+
 async def read_body(request: Request, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
@@ -6965,16 +6975,19 @@ async def upload_voice(request: Request) -> Response:
             param="file",
             code="cloning_not_supported",
         )
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > VOICE_MAX_BYTES + 64 * 1024:
+    try:  # counted as it arrives, so that a chunked body without Content-Length stops at the limit too
+        body = await read_body(request, VOICE_MAX_BYTES + 64 * 1024)
+    except ApiError:
         raise ApiError(
             413,
             f"Voice clips are limited to {VOICE_MAX_BYTES // (1024 * 1024)} MB.",
             param="file",
             code="file_too_large",
-        )
+        ) from None
     try:
-        form = await request.form(max_files=1, max_fields=4, max_part_size=VOICE_MAX_BYTES + 1)
+        form = await Request(request.scope, replayed(body)).form(
+            max_files=1, max_fields=4, max_part_size=VOICE_MAX_BYTES + 1
+        )
     except Exception as exc:  # malformed multipart, oversized part
         raise ApiError(
             400, f"Expected multipart/form-data with 'name' and 'file': {exc}", code="invalid_form"

@@ -1894,6 +1894,24 @@ def test_voice_upload_rejects_non_audio_and_oversize(servers: dict[str, ServerPr
     assert_openai_error(no_file, 400)
 
 
+def test_a_chunked_voice_upload_stops_at_its_limit(servers: dict[str, ServerProcess]) -> None:
+    """No Content-Length: the body is counted as it arrives, and the 413 comes before the client is done."""
+    srv = servers["turbo"]
+    sock = socket.create_connection(("127.0.0.1", srv.port), timeout=60)
+    head = b"POST /v1/audio/voices HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    sock.sendall(head + b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    sock.sendall(b"%x\r\n%s\r\n" % (len(part), part))
+    megabyte = b"%x\r\n%s\r\n" % (1 << 20, b"\0" * (1 << 20))
+    with contextlib.suppress(OSError):  # the server may answer and close while this still sends
+        for _ in range(48):  # never the last chunk: a server that reads to the end never answers
+            sock.sendall(megabyte)
+    reply = raw_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 413 "), reply[:200]
+    assert b'"code":"file_too_large"' in reply.replace(b" ", b"")
+    assert not list(srv.voices_dir.glob("a*"))
+
+
 def test_errors_end_to_end(live: ServerProcess) -> None:
     url = f"{live.url}/v1/audio/speech"
     assert_openai_error(httpx.post(url, content=b"{oops", headers={"content-type": "application/json"}), 400)
