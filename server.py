@@ -1562,6 +1562,26 @@ class ChatterboxText:
             at += len(piece)
         return spans
 
+    CHECK_SENTENCES = ("The quick brown fox jumps over the lazy dog.", "Hello, how are you today?")
+
+    def check(self, vocabulary: int) -> None:
+        """Refuse, at load, a tokenizer that cannot read text (a checkpoint without its tokenizer files
+        loads one with an empty vocabulary: every text would be the same silence). Two sentences must
+        each give several tokens, different ones, within T3's text vocabulary."""
+        encoded = [self.ids(sentence, "en")[0].tolist() for sentence in self.CHECK_SENTENCES]
+        problem = None
+        if min(len(ids) for ids in encoded) < 3:
+            problem = f"turns {self.CHECK_SENTENCES[0]!r} into {len(encoded[0])} tokens"
+        elif encoded[0] == encoded[1] or len(set(encoded[0] + encoded[1])) < 4:
+            problem = "gives different sentences the same few tokens"
+        elif not all(0 <= token < vocabulary for ids in encoded for token in ids):
+            problem = f"gives ids beyond T3's text vocabulary ({vocabulary})"
+        if problem is not None:
+            raise RuntimeError(
+                f"The {self.kind} checkpoint's text tokenizer {problem}: its tokenizer files are missing or "
+                "do not belong to this model."
+            )
+
     def fit(self, text: str, language: str | None, limit: int) -> list[str]:
         return split_to_fit(text, limit, lambda piece: self.ids(piece, language).shape[-1])
 
@@ -1659,6 +1679,7 @@ class ChatterboxEngine(Engine):
             logger.warning(warning)
         self.parts.t3.tfmr.to(dtype=self.options.dtype)  # embeddings, conditioning and heads stay float32
         self.text = ChatterboxText(self.kind, self.parts.tokenizer, self.parts.t3.hp)
+        self.text.check(self.parts.t3.hp.text_tokens_dict_size)
         self.batch = self.build_batch()
         self.s3gen = S3GenDecoder(
             self.parts.s3gen,

@@ -4308,6 +4308,25 @@ def test_a_corrupt_piper_voice_is_a_clear_error(servers: dict[str, ServerProcess
             (srv.voices_dir / f"broken{suffix}").unlink()
 
 
+def test_a_checkpoint_whose_tokenizer_cannot_read_text_refuses_to_start(
+    checkpoints: dict[str, Path], tmp_path: Path
+) -> None:
+    """Without tokenizer.json, Turbo's tokenizer loads with an empty vocabulary: every text would be no
+    tokens and every request the same audio. The server must not start with it."""
+    broken = tmp_path / "turbo"
+    broken.mkdir()
+    for path in checkpoints["turbo"].iterdir():
+        if path.name != "tokenizer.json":
+            (broken / path.name).symlink_to(path)
+    srv = ServerProcess("turbo", broken, tmp_path / "voices")
+    try:
+        assert srv.proc.wait(600) == 3
+        log = srv.logs()
+        assert "model failed to load" in log and "tokenizer files are missing" in log
+    finally:
+        srv.stop()
+
+
 def piper_pcm(srv: ServerProcess, text: str, **fields: Any) -> np.ndarray:
     response = speak(srv, input=text, response_format="pcm", seed=1, **fields)
     assert response.status_code == 200, response.text
