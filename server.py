@@ -7673,15 +7673,19 @@ class GuardedHttp(HttpToolsProtocol):
     """uvicorn's HTTP/1.1 protocol with the limits it lacks. A connection beyond MAX_CONNECTIONS gets a 503
     and is closed. A request head (request line and header fields) must come whole within HEADER_TIMEOUT of
     the connection or of the previous response (an idle or slowloris connection is closed, a half-sent head
-    answered 408), in at most REQUEST_HEAD_MAX_BYTES and REQUEST_HEAD_MAX_FIELDS (431): every byte of a head
-    is counted as it arrives, before the parser buffers any more of it."""
+    answered 408), in at most REQUEST_HEAD_MAX_BYTES and REQUEST_HEAD_MAX_FIELDS (431): the parsed line and
+    fields are counted exactly, and a head still incomplete is counted by the bytes fed for it, so the
+    parser never buffers much more of one."""
 
     def __init__(self, *args: Any, limits: ConnectionLimit, header_timeout: float, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.limits = limits
         self.header_timeout = header_timeout
-        self.head_bytes: int | None = 0  # bytes of the head being read; None while a request is under way
+        self.reading_head = True  # False from a head's end to the next message's start
+        self.head_fed = 0  # bytes fed while the head was incomplete
+        self.head_size = 0  # of its request line and fields parsed so far
         self.head_fields = 0
+        self.heads = 0  # heads complete on this connection
         self.head_timer: asyncio.TimerHandle | None = None
         self.refusal: ApiError | None = None
         self.refused = False
@@ -7708,7 +7712,7 @@ class GuardedHttp(HttpToolsProtocol):
             super().connection_lost(exc)
 
     def await_head(self) -> None:
-        self.head_bytes, self.head_fields = 0, 0
+        self.reading_head, self.head_fed, self.head_size, self.head_fields = True, 0, 0, 0
         self.stop_head_timer()
         self.head_timer = self.loop.call_later(self.header_timeout, self.head_timed_out)
 
@@ -7722,7 +7726,7 @@ class GuardedHttp(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         self.limits.count("header_timeout")
-        if self.head_bytes:
+        if self.head_fed:
             self.refuse(
                 ApiError(
                     408, f"The request head did not arrive within {self.header_timeout:g} s.", code="request_timeout"
@@ -7732,28 +7736,44 @@ class GuardedHttp(HttpToolsProtocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.head_bytes is not None:
-            self.head_bytes += len(data)
-            if self.head_bytes > REQUEST_HEAD_MAX_BYTES:
-                self.too_large()
-                return
+        heads_before = self.heads
         super().data_received(data)
+        # Bytes of a head still incomplete (the parser holds them): all of this data when no head ended in it.
+        if self.reading_head and self.heads == heads_before and not self.transport.is_closing():
+            self.head_fed += len(data)
+            if self.head_fed > REQUEST_HEAD_MAX_BYTES:
+                self.refuse(self.head_too_large())
+
+    def on_url(self, url: bytes) -> None:
+        self.count_head(len(url))
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.head_fields += 1
+        self.count_head(len(name) + len(value) + 4)
         if self.head_fields > REQUEST_HEAD_MAX_FIELDS:
-            self.refusal = self.head_too_large()
-            raise ValueError(self.refusal.message)  # ends the parse; send_400_response sends the refusal
+            self.stop_parsing(self.head_too_large())
         super().on_header(name, value)
+
+    def count_head(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > REQUEST_HEAD_MAX_BYTES:
+            self.stop_parsing(self.head_too_large())
+
+    def stop_parsing(self, refusal: ApiError) -> None:
+        """Raised in a parser callback, this ends the parse; uvicorn then calls send_400_response."""
+        self.refusal = refusal
+        raise ValueError(refusal.message)
 
     def on_headers_complete(self) -> None:
         self.stop_head_timer()
-        self.head_bytes = None
+        self.reading_head = False
+        self.heads += 1
         super().on_headers_complete()
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        self.head_bytes, self.head_fields = 0, 0  # what arrives next is the next request's head
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.reading_head, self.head_fed, self.head_size, self.head_fields = True, 0, 0, 0
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -7767,9 +7787,6 @@ class GuardedHttp(HttpToolsProtocol):
             f"Request heads are limited to {REQUEST_HEAD_MAX_BYTES} bytes and {REQUEST_HEAD_MAX_FIELDS} header fields.",
             code="request_header_fields_too_large",
         )
-
-    def too_large(self) -> None:
-        self.refuse(self.head_too_large())
 
     def send_400_response(self, msg: str) -> None:
         self.refuse(self.refusal or ApiError(400, msg, code="invalid_http_request"))

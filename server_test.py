@@ -4734,6 +4734,9 @@ def test_request_heads_are_bounded_in_size_count_and_time(piper_guarded: ServerP
         for _ in range(3):
             assert client.get("/health").status_code == 200
             time.sleep(0.4)
+        big = json.dumps({"input": "Hi. " * 200_000}).encode()  # 800 KB of body is not head
+        for _ in range(2):
+            assert assert_openai_error(client.post("/v1/audio/speech", content=big, headers=JSON_BODY), 400, "input")
     after = scrape(srv.url)
     for reason, n in (("header_timeout", 2), ("header_too_large", 2)):
         assert (
