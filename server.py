@@ -6165,7 +6165,13 @@ def ssml_of(fields: SynthesisFields) -> bool | None:
     return None if fields.text_type is None else fields.text_type == "ssml"
 
 
-async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int, default_format: str) -> SpeechJob:
+async def speech_job(
+    fields: SynthesisFields,
+    app_state: AppState,
+    priority: int,
+    default_format: str,
+    reading: Reading | None = None,  # text_reading(fields, app_state), when the caller has made it already
+) -> SpeechJob:
     output = output_spec(fields, default_format)
     languages = app_state.engine.describe().get("languages", ["en"])
     language = "en" if fields.language is None else fields.language.lower()
@@ -6213,7 +6219,7 @@ async def speech_job(fields: SynthesisFields, app_state: AppState, priority: int
         speed=fields.speed,
         seed=fields.seed,
         priority=priority,
-        reading=text_reading(fields, app_state),
+        reading=reading or text_reading(fields, app_state),
         ssml=ssml_of(fields),
     )
 
@@ -6358,7 +6364,9 @@ async def request_job(
     app_state = state(request)
     text_started = time.perf_counter()
     reading = text_reading(fields, app_state)
-    chunks = await asyncio.to_thread(speech_script, text, app_state.settings, reading, ssml_of(fields), param, 0, True)
+    chunks = await asyncio.to_thread(
+        functools.partial(speech_script, text, app_state.settings, reading, ssml_of(fields), param=param)
+    )
     text_seconds = time.perf_counter() - text_started
     if streaming:
         priority = Priority.REALTIME
@@ -6366,7 +6374,7 @@ async def request_job(
         priority = Priority.BACKGROUND
     else:
         priority = Priority.FILE
-    job = await speech_job(fields, app_state, priority, default_format)
+    job = await speech_job(fields, app_state, priority, default_format, reading)
     job.spoken.add_original(text)
     record = request_record(request)
     job.id = record.id  # the request's id names its utterance too
@@ -6615,7 +6623,14 @@ class Utterance:
     async def say_all(self, text: str, param: str = "text") -> None:
         """All of the text at once, validated, read and chunked exactly as an HTTP request's would be."""
         job = self.job
-        chunks = await text_step(job.timeline, speech_script, text, self.speaker.settings, job.reading, job.ssml, param)
+        chunks = await text_step(
+            job.timeline,
+            functools.partial(speech_script, param=param),
+            text,
+            self.speaker.settings,
+            job.reading,
+            job.ssml,
+        )
         self.say_chunks(chunks, text)
 
     def say_chunks(self, chunks: list[ScriptItem], text: str) -> None:
@@ -6658,9 +6673,8 @@ class Utterance:
         """A complete piece of the text: read (never as an SSML document: inline breaks are), chunked, fed."""
         job = self.job
         base = len(job.spoken.original)
-        chunks = await text_step(
-            job.timeline, speech_script, text, self.speaker.settings, job.reading, False, "text", base, False
-        )
+        piece = functools.partial(speech_script, ssml=False, param="text", base=base, whole=False)
+        chunks = await text_step(job.timeline, piece, text, self.speaker.settings, job.reading)
         job.spoken.add_original(text)
         self.queue_chunks(chunks)
 
