@@ -1,14 +1,22 @@
-"""Tests of the benchmarks and tools: bench.py and tools/gpu_check.py (its CPU dry run), on tiny checkpoints."""
+"""Tests of the benchmarks and tools: bench.py and tools/gpu_check.py (its CPU dry run), on tiny checkpoints;
+tools/loadtest.py's soak with hostile clients against a real server."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from testing import (
     MODELS,
+    ROOT,
+    ServerProcess,
     ToolResult,
+    free_port,
     load_tool,
 )
 
@@ -91,3 +99,41 @@ def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(tool_resul
     assert all(float(row["ms_per_token"]) > 0 for row in rows.values())
     assert float(rows["whole"]["vs_whole"]) == 1 and float(rows["10,20:8"]["mel_error_db"]) < 0
     assert re.fullmatch(r"s3gen_streamed_vs_whole=\d+\.\d{3}", lines[-1])
+
+
+def test_soak_with_hostile_clients_reports_each_cut_and_no_failure(tmp_path: Path) -> None:
+    """loadtest.py --soak --hostile as a user runs it, against a Piper server with short timeouts: every
+    hostile kind is cut by the server (none reaches the bound), normal traffic is heard in both phases, and
+    the server's memory and descriptors are sampled."""
+    wyoming = free_port()
+    srv = ServerProcess(
+        "piper",
+        None,
+        tmp_path / "voices",
+        HEADER_TIMEOUT="2",
+        INPUT_TIMEOUT="2",
+        STREAM_SEND_TIMEOUT="2",
+        WYOMING_PORT=str(wyoming),
+    )
+    try:
+        srv.wait_ready()
+        soak = ["--concurrency", "1", "--soak", "16", "--hostile", "3", "--phase", "4", "--hostile-bound", "40"]
+        soak += ["--wyoming-port", str(wyoming), "--rss-every", "2", "--seed", "3", "--json"]
+        result = subprocess.run(
+            [sys.executable, "tools/loadtest.py", "--url", srv.url, *soak],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        summary = json.loads(result.stdout)
+        assert result.returncode == 0 and summary["server_failures"] == 0, summary["failures"]
+        held = summary["hostile"]["held_s"]
+        kinds = {"idle", "slowloris", "xoff", "silent_contexts", "silent_utterance", "silent_twilio", "wyoming_idle"}
+        assert set(held) == kinds and all(row["max"] < 40 for row in held.values()), held
+        assert not any(end.startswith("client ") for end in summary["hostile"]["ends"]), summary["hostile"]["ends"]
+        assert summary["first_audio"]["calm"]["n"] > 0 and summary["first_audio"]["hostile"]["n"] > 0
+        assert all(sample[3] is not None and sample[3] > 0 for sample in summary["rss_samples"])
+        assert "Traceback" not in srv.logs()
+    finally:
+        srv.stop()

@@ -286,12 +286,12 @@ class Hostile:
     until the server cuts it, and what it held and how it ended are counted."""
 
     url: str
-    rng: random.Random
     bound: float  # a client still held after this long is a server failure
     wyoming_port: int | None
     held: dict[str, list[float]] = field(default_factory=dict)
     ends: Counter[str] = field(default_factory=Counter)
     failures: list[str] = field(default_factory=list)
+    turns: int = 0  # the kinds take turns, so that a short soak has each
 
     @property
     def kinds(self) -> list[str]:
@@ -310,7 +310,8 @@ class Hostile:
     async def one(self) -> None:
         from websockets.exceptions import ConnectionClosed
 
-        kind = self.rng.choice(self.kinds)
+        kind = self.kinds[self.turns % len(self.kinds)]
+        self.turns += 1
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.bound):
@@ -417,7 +418,7 @@ async def soak(
     wyoming_port: int | None = None,
 ) -> dict[str, object]:
     state = Soak(url, random.Random(seed))
-    hostiles = Hostile(url, random.Random(seed + 1), bound, wyoming_port)
+    hostiles = Hostile(url, bound, wyoming_port)
     deadline = time.monotonic() + seconds
     started = time.monotonic()
     samples: list[tuple[float, int, float, int | None, str]] = []  # (s since start, requests, RSS MB, fds, phase)
