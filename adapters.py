@@ -22,6 +22,7 @@ import base64
 import functools
 import itertools
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -69,12 +70,36 @@ def check_key(app_state: AppState, *presented: str | None) -> None:
         raise ApiError(401, "Missing or invalid API key.", code="invalid_api_key")
 
 
-class VendorSession(SpeechSession):
+def is_speaking(utterance: Utterance) -> bool:
+    """The utterance is being spoken for text its client gave: started, and its text complete or not all
+    taken by the model yet. One that only waits for more text (an empty context) is not."""
+    started = utterance.task is not None and not utterance.task.done()
+    return started and (utterance.ended or utterance.chunks is not None or utterance.queued_chars > 0)
+
+
+class IdleAwareSession(SpeechSession):
+    """A session that closes a client gone quiet, and so tells a connection that only waits (for text, for an
+    event) from one whose speech is still being made or sent."""
+
+    sounded_at = -math.inf  # when its last audio left
+
+    def sounded(self) -> None:
+        self.sounded_at = time.monotonic()
+
+    def sounding(self, window: float) -> bool:
+        """Audio is being made or sent for text received: an utterance is speaking, or audio left within the
+        last `window` seconds (the model's current chunk, its text all taken)."""
+        recent = time.monotonic() - self.sounded_at < window
+        return recent or any(is_speaking(utterance) for utterance in self.active.values())
+
+
+class VendorSession(IdleAwareSession):
     """A WebSocket whose utterances ("contexts") are named by the client and may be spoken side by
     side; subclasses say how messages, audio and endings look in their protocol."""
 
     async def stream(self, utterance: Utterance) -> None:
         async for data, original, normalized, start in with_timings(utterance.audio(), utterance.job):
+            self.sounded()
             await self.send_audio(utterance, data, original, normalized, start)
 
     async def send_audio(
@@ -506,8 +531,8 @@ class ElevenLabsSession(VendorSession):
             try:
                 message = await server.within(self.inactivity, self.websocket.receive())
             except TimeoutError:
-                if any(u.task is not None and not u.task.done() for u in self.active.values()):
-                    continue  # speaking is activity too
+                if self.sounding(self.inactivity):
+                    continue  # speech being made or sent is activity; a context that only waits for text is not
                 await self.send_error(
                     ApiError(
                         408, f"No message for {self.inactivity} s (inactivity_timeout).", code="input_timeout_exceeded"

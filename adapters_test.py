@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlencode
@@ -39,6 +40,7 @@ from testing import (
     assert_openai_error,
     audiosocket_call,
     fake_app,
+    free_port,
     padded,
     read_wav,
     speak,
@@ -593,3 +595,56 @@ def test_protocols_plug_in_by_module_name_and_only_as_named(tmp_path: Path) -> N
         paths = {cast(Route | WebSocketRoute, route).path for route in client.app.routes}
         assert "/v1/audio/speech/ws" in paths and not paths & {"/v1/telephony/twilio", "/tts/websocket"}
         assert client.post("/tts/bytes", json={}).status_code == 404
+
+
+# --- Hostile clients: limits on what a client may send, and for how long it may keep a connection waiting ---
+
+STRICT_KEY = "k3y"
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A Piper server with short INPUT_TIMEOUT and STREAM_SEND_TIMEOUT, an API key and both TCP protocols."""
+    srv = ServerProcess(
+        "piper",
+        None,
+        tmp_path_factory.mktemp("voices-strict"),
+        command=None,
+        port=None,
+        API_KEY=STRICT_KEY,
+        INPUT_TIMEOUT="2",
+        STREAM_SEND_TIMEOUT="2",
+        WYOMING_PORT=str(free_port()),
+        AUDIOSOCKET_PORT=str(free_port()),
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def assert_no_traceback(srv: ServerProcess) -> None:
+    logs = srv.logs()
+    assert "Traceback" not in logs and "never retrieved" not in logs, logs
+
+
+def test_elevenlabs_inactivity_timeout_closes_idle_sockets_and_empty_contexts(strict: ServerProcess) -> None:
+    base = f"ws://127.0.0.1:{strict.port}/v1/text-to-speech/default"
+    keyed = {"additional_headers": {"xi-api-key": STRICT_KEY}}
+    multi = VendorSocket(f"{base}/multi-stream-input?output_format=pcm_16000&inactivity_timeout=2", **keyed)
+    for context in ("a", "b", "c"):
+        multi.send(text=" ", context_id=context)  # contexts that only wait for text
+    single = VendorSocket(f"{base}/stream-input?output_format=pcm_16000&inactivity_timeout=2", **keyed)
+    single.send(text=" ")
+    for socket in (multi, single):
+        error = json.loads(socket.ws.recv(timeout=30))
+        assert error["error"] == "input_timeout_exceeded" and error["message"] and error["code"] == 408, error
+        assert socket.closed() == 1008
+    # speaking is activity: a long text is spoken to its end past the timeout
+    speaking = VendorSocket(f"{base}/stream-input?output_format=pcm_16000&inactivity_timeout=1", **keyed)
+    speaking.send(text="A long answer, spoken for a while. " * 60)
+    speaking.send(text="")
+    messages = speaking.until(lambda m: m.get("isFinal") or "error" in m)
+    assert messages[-1] == {"isFinal": True} and not any("error" in m for m in messages)
+    assert_no_traceback(strict)
