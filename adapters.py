@@ -38,7 +38,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketState
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error as WyomingError
-from wyoming.event import Event, async_read_event, async_write_event
+from wyoming.event import Event, async_write_event
 from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
 from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler, AsyncTcpServer
@@ -1107,9 +1107,80 @@ class CartesiaSession(VendorSession):
 # --- Wyoming (Home Assistant) ------------------------------------------------------------------
 
 
-class WyomingSession(SpeechSession):
+WYOMING_MAX_HEADER_BYTES = 64 * 1024  # an event's JSON line (asyncio's stream limit too)
+WYOMING_MAX_DATA_BYTES = 1024 * 1024  # an event's data or payload: a synthesize text is a few KB
+
+
+class WyomingRefused(Exception):
+    """An event the server will not read: it gets an `error` event, then the connection closes."""
+
+    def __init__(self, text: str, code: str = "invalid_event"):
+        super().__init__(text)
+        self.text, self.code = text, code
+
+
+def wyoming_length(header: dict[str, Any], name: str) -> int:
+    """The header's data_length or payload_length, checked before anything of it is read."""
+    value = header.get(name)
+    if value is None:
+        return 0
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and value > WYOMING_MAX_DATA_BYTES:
+        raise WyomingRefused(f"'{name}' is limited to {WYOMING_MAX_DATA_BYTES} bytes.", "event_too_large")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise WyomingRefused(f"'{name}' must be a whole number of bytes.")
+    return value
+
+
+def wyoming_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:  # not JSON, or not UTF-8
+        raise WyomingRefused(f"Not a Wyoming event: its {what} is not JSON.") from None
+    if not isinstance(value, dict):
+        raise WyomingRefused(f"Not a Wyoming event: its {what} is not a JSON object.")
+    return value
+
+
+async def read_wyoming_event(reader: asyncio.StreamReader, timeout: float) -> Event | None:
+    """The next event, read as the wyoming package's async_read_event reads it, but within limits and
+    checked: None when the stream ends; TimeoutError when no event starts within `timeout` seconds
+    (nothing of it read); WyomingRefused for an event too large (its data never read) or malformed."""
+    try:
+        line = await server.within(timeout, reader.readuntil(b"\n"))
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise WyomingRefused("The connection ended inside an event's header.") from None
+        return None
+    except asyncio.LimitOverrunError:  # over the reader's limit (asyncio's default, the same 64 KiB)
+        line = None
+    if line is None or len(line) > WYOMING_MAX_HEADER_BYTES:
+        raise WyomingRefused(
+            f"An event's header line is limited to {WYOMING_MAX_HEADER_BYTES} bytes.", "event_too_large"
+        )
+    header = wyoming_object(line, "header line")
+    kind, data = header.get("type"), header.get("data")
+    data = {} if data is None else data
+    if not isinstance(kind, str) or not isinstance(data, dict):
+        raise WyomingRefused("Not a Wyoming event: 'type' must be a string and 'data' an object.")
+    data_length, payload_length = wyoming_length(header, "data_length"), wyoming_length(header, "payload_length")
+    try:  # the rest of an event that has begun comes at once; a client that stalls in it is given up
+        if data_length:
+            data = {**data, **wyoming_object(await server.within(timeout, reader.readexactly(data_length)), "data")}
+        payload = await server.within(timeout, reader.readexactly(payload_length)) if payload_length else None
+    except TimeoutError:
+        raise WyomingRefused(
+            f"An event's data did not come within {timeout:g} s (INPUT_TIMEOUT).", "input_timeout"
+        ) from None
+    except asyncio.IncompleteReadError:
+        return None
+    return Event(type=kind, data=data, payload=payload)
+
+
+class WyomingSession(IdleAwareSession):
     """One Wyoming TCP connection: `synthesize` is one utterance; `synthesize-start`, chunks and
-    `synthesize-stop` one utterance fed sentence by sentence, ended by `synthesize-stopped`."""
+    `synthesize-stop` one utterance fed sentence by sentence, ended by `synthesize-stopped`. A connection
+    that sends no event for INPUT_TIMEOUT while nothing is being spoken is closed."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
         super().__init__(None, app_state, route="wyoming")
@@ -1119,16 +1190,22 @@ class WyomingSession(SpeechSession):
         self.rate = app_state.engine.sample_rate if app_state.engine.sample_rate in server.SAMPLE_RATES else 24000
 
     async def read_messages(self) -> None:
-        while not self.closing:
+        try:
+            while not self.closing and (event := await self.next_event()) is not None:
+                await self.handle(event)
+        except WyomingRefused as refused:
+            await self.write(WyomingError(text=refused.text, code=refused.code).event())
+        except ConnectionError:
+            return
+
+    async def next_event(self) -> Event | None:
+        timeout = self.app_state.settings.input_timeout
+        while True:
             try:
-                event = await async_read_event(self.reader)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                return
-            if event is None:
-                if not self.reader.at_eof():  # a line that is not an event
-                    await self.write(WyomingError(text="Not a Wyoming event.", code="invalid_event").event())
-                return
-            await self.handle(event)
+                return await read_wyoming_event(self.reader, timeout)
+            except TimeoutError:
+                if not self.sounding(timeout):
+                    raise WyomingRefused(f"No event for {timeout:g} s (INPUT_TIMEOUT).", "input_timeout") from None
 
     async def handle(self, event: Event) -> None:
         try:
@@ -1211,6 +1288,7 @@ class WyomingSession(SpeechSession):
     async def stream(self, utterance: Utterance) -> None:
         await self.write(AudioStart(rate=self.rate, width=2, channels=1).event())
         async for data in utterance.audio():
+            self.sounded()
             await self.write(AudioChunk(rate=self.rate, width=2, channels=1, audio=data).event())
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
@@ -1226,7 +1304,8 @@ class WyomingSession(SpeechSession):
 
 
 class WyomingHandler(AsyncEventHandler):
-    """The wyoming package's server hands each connection to one of these; its session reads the events."""
+    """The wyoming package's server hands each connection to one of these; its session reads the events
+    (read_wyoming_event, not the package's reader: that one has no limits)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
         super().__init__(reader, writer)
@@ -1237,10 +1316,7 @@ class WyomingHandler(AsyncEventHandler):
         return True
 
     async def run(self) -> None:
-        try:
-            await self.session.run()
-        finally:
-            self.writer.close()
+        await serve_tcp(self.session, self.writer)
 
 
 # --- Telephony: what a call says ---------------------------------------------------------------
@@ -1886,7 +1962,7 @@ class TcpServers:
         assert task is not None
         self.calls.add(task)
         try:
-            await AudioSocketSession(reader, writer, self.app_state).run()
+            await serve_tcp(AudioSocketSession(reader, writer, self.app_state), writer)
         finally:
             self.calls.discard(task)
 
@@ -1898,3 +1974,19 @@ class TcpServers:
             for task in list(self.calls):
                 task.cancel()
             await asyncio.gather(*self.calls, return_exceptions=True)
+
+
+async def serve_tcp(session: WyomingSession | AudioSocketSession, writer: asyncio.StreamWriter) -> None:
+    """One Wyoming or AudioSocket connection, counted in MAX_CONNECTIONS: when the server is full it is
+    closed at once (ConnectionLimit logs it). A client that leaves or reads nothing just ends it."""
+    connections = session.app_state.connections
+    if not connections.enter():
+        writer.close()
+        return
+    try:
+        await session.run()
+    except (ConnectionError, server.ClientStalled):
+        pass
+    finally:
+        connections.leave()
+        writer.close()

@@ -629,6 +629,133 @@ def assert_no_traceback(srv: ServerProcess) -> None:
     assert "Traceback" not in logs and "never retrieved" not in logs, logs
 
 
+async def wyoming_exchange(port: int, raw: bytes, timeout: float = 15) -> list[dict[str, Any]]:
+    """Send raw bytes to the Wyoming port, then read every event (type and data) until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    events = []
+    try:
+        async with asyncio.timeout(timeout):
+            while line := await reader.readline():
+                header = json.loads(line)
+                data = json.loads(await reader.readexactly(header["data_length"])) if header.get("data_length") else {}
+                if header.get("payload_length"):
+                    await reader.readexactly(header["payload_length"])
+                events.append({"type": header["type"], **data})
+    finally:
+        writer.close()
+    return events
+
+
+def test_wyoming_refuses_oversized_events_without_reading_them(strict: ServerProcess) -> None:
+    port = int(strict.env["WYOMING_PORT"])
+    huge_headers = [
+        {"type": "synthesize", "data_length": 10**12},
+        {"type": "synthesize", "data_length": 1e12},
+        {"type": "synthesize", "payload_length": 10**12},
+        {"type": "synthesize", "data_length": 2 * 1024 * 1024},
+    ]
+    for header in huge_headers:
+        events = asyncio.run(wyoming_exchange(port, json.dumps(header).encode() + b"\n" + b"x" * 1000))
+        assert [(e["type"], e["code"]) for e in events] == [("error", "event_too_large")], header
+        assert events[0]["text"]
+    long_line = b'{"type": "synthesize", "x": "' + b"y" * 200_000 + b'"}\n'
+    events = asyncio.run(wyoming_exchange(port, long_line))
+    assert [(e["type"], e["code"]) for e in events] == [("error", "event_too_large")]
+    assert_no_traceback(strict)
+
+
+def test_malformed_wyoming_events_get_an_error_and_a_close_never_a_traceback(strict: ServerProcess) -> None:
+    port = int(strict.env["WYOMING_PORT"])
+    malformed = [
+        b'{"type": "synthesize", "data_length": "x"}\n',
+        b'{"type": "synthesize", "data_length": 1.5}\nab',
+        b'{"type": "synthesize", "data_length": -3}\n',
+        b'{"type": "synthesize", "payload_length": "9"}\n123456789',
+        b'{"data": {"text": "Hi."}}\n',
+        b'{"type": 5}\n',
+        b'{"type": "synthesize", "data": [1]}\n',
+        b"[1, 2]\n",
+        b"{not json\n",
+        b'\xff\xfe{"type": "synthesize"}\n',
+        b'{"type": "synthesize", "data_length": 4}\n\xff\xfe{}',
+        b'{"type": "synthesize", "data_length": 2}\n[]',
+    ]
+    for raw in malformed:
+        events = asyncio.run(wyoming_exchange(port, raw))
+        assert [(e["type"], e["code"]) for e in events] == [("error", "invalid_event")], raw
+        assert events[0]["text"]
+    assert_no_traceback(strict)
+
+
+def test_idle_wyoming_connections_close_after_input_timeout_but_not_while_speaking(strict: ServerProcess) -> None:
+    from wyoming.client import AsyncTcpClient
+    from wyoming.info import Describe
+    from wyoming.tts import Synthesize
+
+    port = int(strict.env["WYOMING_PORT"])
+    events = asyncio.run(wyoming_exchange(port, b""))  # connected, then silent
+    assert [(e["type"], e["code"]) for e in events] == [("error", "input_timeout")]
+
+    async def long_speech() -> list[str]:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Synthesize(text="A long answer, spoken for a while. " * 100).event())
+            kinds = []
+            while (event := await asyncio.wait_for(client.read_event(), 60)) is not None:
+                kinds.append(event.type)
+                if event.type == "audio-stop":
+                    break
+            await client.write_event(Describe().event())  # still open
+            reply = await asyncio.wait_for(client.read_event(), 30)
+            kinds.append(reply.type if reply is not None else "closed")
+            return kinds
+
+    kinds = asyncio.run(long_speech())
+    assert "error" not in kinds and kinds[-2:] == ["audio-stop", "info"]
+    assert_no_traceback(strict)
+
+
+def test_wyoming_and_audiosocket_connections_count_in_max_connections(tmp_path: Path) -> None:
+    srv = ServerProcess(
+        "piper",
+        None,
+        tmp_path / "voices",
+        command=None,
+        port=None,
+        MAX_CONNECTIONS="2",
+        WYOMING_PORT=str(free_port()),
+        AUDIOSOCKET_PORT=str(free_port()),
+    )
+    wyoming, audiosocket = int(srv.env["WYOMING_PORT"]), int(srv.env["AUDIOSOCKET_PORT"])
+    describe = b'{"type": "describe"}\n'
+
+    async def scenario() -> None:
+        held = [await asyncio.open_connection("127.0.0.1", wyoming) for _ in range(2)]
+        for reader, writer in held:
+            writer.write(describe)
+            assert json.loads(await asyncio.wait_for(reader.readline(), 30))["type"] == "info"
+        for port in (wyoming, audiosocket):  # a third: closed at once, unanswered
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(describe)
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            writer.close()
+        held[0][1].close()
+        await asyncio.sleep(1)  # the server sees it leave
+        reader, writer = await asyncio.open_connection("127.0.0.1", wyoming)
+        writer.write(describe)
+        assert json.loads(await asyncio.wait_for(reader.readline(), 30))["type"] == "info"
+        for _, w in (held[1], (reader, writer)):
+            w.close()
+
+    try:
+        srv.wait_ready()
+        asyncio.run(scenario())
+        assert "connection limit reached" in srv.logs()
+        assert_no_traceback(srv)
+    finally:
+        srv.stop()
+
+
 def test_elevenlabs_inactivity_timeout_closes_idle_sockets_and_empty_contexts(strict: ServerProcess) -> None:
     base = f"ws://127.0.0.1:{strict.port}/v1/text-to-speech/default"
     keyed = {"additional_headers": {"xi-api-key": STRICT_KEY}}
