@@ -1343,6 +1343,9 @@ class CallSpeech(SynthesisFields):
     hangup: bool = True
 
 
+MAX_SPEECHES_PER_CALL = 16  # speeches waiting to be said on one call: a call's prompts, well within it
+
+
 @dataclass
 class CallScript:
     queue: asyncio.Queue[CallSpeech] = field(default_factory=asyncio.Queue)
@@ -1351,7 +1354,9 @@ class CallScript:
 
 
 class CallScripts:
-    """What each call is to say, registered by call id before or while the call is connected."""
+    """What each call is to say, registered by call id before or while the call is connected: at most
+    MAX_CALLS calls, MAX_SPEECHES_PER_CALL speeches waiting on each; a call never connected is forgotten
+    after UNCONNECTED_TTL."""
 
     MAX_CALLS = 1000
     UNCONNECTED_TTL = 600.0  # seconds a registration waits for its call
@@ -1371,6 +1376,13 @@ class CallScripts:
                 headers={"Retry-After": "1"},
             )
         script = self.calls.setdefault(call_id, CallScript())
+        if script.queue.qsize() >= MAX_SPEECHES_PER_CALL:
+            raise ApiError(
+                429,
+                f"Call {call_id} has {MAX_SPEECHES_PER_CALL} speeches waiting already; retry once some are said.",
+                code="too_many_speeches",
+                headers={"Retry-After": "1"},
+            )
         script.queue.put_nowait(speech)
         return script.queue.qsize()
 
@@ -1413,7 +1425,7 @@ class CallUtterance(Utterance):
     hangup: bool = False  # hang up once this has been spoken
 
 
-class CallSession(SpeechSession):
+class CallSession(IdleAwareSession):
     """A phone call that says its script: each registered speech is one utterance, spoken in order;
     after one that says `hangup`, with nothing more queued, the call is hung up."""
 
@@ -1449,6 +1461,9 @@ class CallSession(SpeechSession):
             hangup=speech.hangup,
         )
 
+    def sounding(self, window: float) -> bool:
+        return super().sounding(window) or (self.script is not None and not self.script.queue.empty())
+
     def hangs_up_after(self, utterance: Utterance) -> bool:
         """The utterance asks to hang up, and nothing else is left to say."""
         queued = self.script is not None and not self.script.queue.empty()
@@ -1471,7 +1486,6 @@ class CallSession(SpeechSession):
 AUDIOSOCKET_HANGUP, AUDIOSOCKET_UUID, AUDIOSOCKET_AUDIO, AUDIOSOCKET_ERROR = 0x00, 0x01, 0x10, 0xFF
 AUDIOSOCKET_FRAME = 320  # 20 ms of 8 kHz signed 16-bit linear
 FRAME_SECONDS = 0.02
-AUDIOSOCKET_UUID_WAIT = 10.0
 
 
 def audiosocket_frame(kind: int, payload: bytes = b"") -> bytes:
@@ -1496,7 +1510,8 @@ class Pacer:
 
 class AudioSocketSession(CallSession):
     """An Asterisk AudioSocket connection: the UUID frame names the call's script; speech leaves as
-    320-byte slin frames paced in real time; a hangup frame ends the call."""
+    320-byte slin frames paced in real time; a hangup frame ends the call. Asterisk sends the caller's
+    audio all along: no frame for INPUT_TIMEOUT while nothing is being said is a call gone, hung up."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
         super().__init__(None, app_state, route="audiosocket")
@@ -1504,15 +1519,26 @@ class AudioSocketSession(CallSession):
         self.pacer = Pacer()
 
     async def read_frame(self) -> tuple[int, bytes] | None:
+        """The next frame; None when the connection ends (or stalls inside a frame); TimeoutError when no
+        frame starts within INPUT_TIMEOUT (nothing of it read)."""
+        timeout = self.app_state.settings.input_timeout
         try:
-            header = await self.reader.readexactly(3)
-            return header[0], await self.reader.readexactly(int.from_bytes(header[1:], "big"))
+            header = await server.within(timeout, self.reader.readexactly(3))
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
+        try:
+            return header[0], await server.within(timeout, self.reader.readexactly(int.from_bytes(header[1:], "big")))
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def refuse(self, reason: str) -> None:
+        logger.warning("audiosocket call {}: {}", self.call, reason)
+        await self.send_frame(audiosocket_frame(AUDIOSOCKET_ERROR, b"\x00"))  # a frame of its own: an error
+        await self.send_frame(audiosocket_frame(AUDIOSOCKET_HANGUP))
 
     async def read_messages(self) -> None:
         try:
-            first = await server.within(AUDIOSOCKET_UUID_WAIT, self.read_frame())
+            first = await self.read_frame()
         except TimeoutError:
             first = None
         try:
@@ -1528,17 +1554,24 @@ class AudioSocketSession(CallSession):
                 )
             await self.start_script(script)
         except ApiError as exc:
-            logger.warning("audiosocket call {}: {}", self.call, exc.message)
-            await self.send_frame(audiosocket_frame(AUDIOSOCKET_ERROR, b"\x00"))  # a frame of its own: an error
-            await self.send_frame(audiosocket_frame(AUDIOSOCKET_HANGUP))
+            await self.refuse(exc.message)
             return
-        while not self.closing and (frame := await self.read_frame()) is not None:
-            if frame[0] in (AUDIOSOCKET_HANGUP, AUDIOSOCKET_ERROR):
+        timeout = self.app_state.settings.input_timeout
+        while not self.closing:
+            try:
+                frame = await self.read_frame()
+            except TimeoutError:
+                if self.sounding(timeout):
+                    continue
+                await self.refuse(f"no frame for {timeout:g} s (INPUT_TIMEOUT): hung up")
+                return
+            if frame is None or frame[0] in (AUDIOSOCKET_HANGUP, AUDIOSOCKET_ERROR):
                 return  # the caller hung up (or Asterisk failed): the call is over
             # audio (the caller's voice) and DTMF: nothing to do
 
     async def stream(self, utterance: Utterance) -> None:
         async for frame in fixed_frames(utterance.audio(), AUDIOSOCKET_FRAME, b"\x00"):
+            self.sounded()
             await self.pacer.wait()
             await self.send_frame(audiosocket_frame(AUDIOSOCKET_AUDIO, frame))
 

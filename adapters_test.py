@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -754,6 +755,49 @@ def test_wyoming_and_audiosocket_connections_count_in_max_connections(tmp_path: 
         assert_no_traceback(srv)
     finally:
         srv.stop()
+
+
+def test_audiosocket_caps_queued_speeches_and_closes_silent_calls(strict: ServerProcess) -> None:
+    import adapters
+
+    keyed = {"Authorization": f"Bearer {STRICT_KEY}"}
+    call = uuid.uuid4()
+    register = f"{strict.url}/v1/telephony/audiosocket/{call}"
+    for n in range(1, adapters.MAX_SPEECHES_PER_CALL + 1):
+        queued = httpx.post(register, json={"text": "Hi.", "hangup": False}, headers=keyed, timeout=60)
+        assert queued.status_code == 202 and queued.json()["queued"] == n
+    refused = httpx.post(register, json={"text": "Hi."}, headers=keyed, timeout=60)
+    assert assert_openai_error(refused, 429)["code"] == "too_many_speeches"
+
+    port = int(strict.env["AUDIOSOCKET_PORT"])
+
+    async def frames_until_closed(first: bytes) -> list[int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(first)
+        kinds = []
+        try:
+            async with asyncio.timeout(60):
+                while header := await reader.read(3):
+                    await reader.readexactly(int.from_bytes(header[1:], "big"))
+                    kinds.append(header[0])
+        finally:
+            writer.close()
+        return kinds
+
+    # no UUID frame, nothing at all: an error, a hangup, then the socket closes
+    assert asyncio.run(frames_until_closed(b"")) == [adapters.AUDIOSOCKET_ERROR, adapters.AUDIOSOCKET_HANGUP]
+    # a call that has said its one speech (hangup false) and hears nothing more from Asterisk
+    quiet = uuid.uuid4()
+    assert (
+        httpx.post(
+            f"{strict.url}/v1/telephony/audiosocket/{quiet}", json={"text": "Hi.", "hangup": False}, headers=keyed
+        ).status_code
+        == 202
+    )
+    kinds = asyncio.run(frames_until_closed(b"\x01\x00\x10" + quiet.bytes))
+    audio = [k for k in kinds if k == adapters.AUDIOSOCKET_AUDIO]
+    assert audio and kinds[len(audio) :] == [adapters.AUDIOSOCKET_ERROR, adapters.AUDIOSOCKET_HANGUP], kinds
+    assert_no_traceback(strict)
 
 
 def test_elevenlabs_inactivity_timeout_closes_idle_sockets_and_empty_contexts(strict: ServerProcess) -> None:
