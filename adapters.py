@@ -1710,11 +1710,22 @@ class AsteriskSession(CallSession):
         await self.command("START_MEDIA_BUFFERING")
         async for data in utterance.audio():
             for i in range(0, len(data), ASTERISK_MAX_MESSAGE):
-                await self.flowing.wait()
+                await self.until_flowing()
                 await self.send(self.websocket.send_bytes(data[i : i + ASTERISK_MAX_MESSAGE]))
         if self.hangs_up_after(utterance):
             self.hangup_after = utterance.id
         await self.command("STOP_MEDIA_BUFFERING", correlation_id=utterance.id)
+
+    async def until_flowing(self) -> None:
+        """Wait out Asterisk's MEDIA_XOFF; one that lasts STREAM_SEND_TIMEOUT is a client that reads nothing."""
+        seconds = self.app_state.settings.stream_send_timeout
+        try:
+            await server.within(seconds, self.flowing.wait())
+        except TimeoutError:
+            logger.warning(
+                "asterisk websocket: MEDIA_XOFF for {:g} s (STREAM_SEND_TIMEOUT), the call is ended", seconds
+            )
+            raise server.ClientStalled() from None
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
         if isinstance(error, ApiError):  # any other failure was logged, with its traceback, as it happened

@@ -800,6 +800,27 @@ def test_audiosocket_caps_queued_speeches_and_closes_silent_calls(strict: Server
     assert_no_traceback(strict)
 
 
+def test_asterisk_media_xoff_without_xon_ends_the_call_as_stalled(strict: ServerProcess) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+    from websockets.typing import Subprotocol
+
+    text = "A long answer that Asterisk never lets through. " * 20
+    url = f"ws://127.0.0.1:{strict.port}/v1/telephony/asterisk?" + urlencode({"token": STRICT_KEY, "text": text})
+    with connect(url, subprotocols=[Subprotocol("media")]) as ws:
+        ws.send("MEDIA_START connection_id:c1 channel:WebSocket/tts/0x1 format:slin16 optimal_frame_size:640")
+        ws.send("MEDIA_XOFF")  # and never MEDIA_XON
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(timeout=30)
+        assert ws.close_code == 1008
+    status = httpx.get(f"{strict.url}/v1/status", headers={"Authorization": f"Bearer {STRICT_KEY}"}, timeout=10)
+    assert status.json()["queue"]["active"] == 0  # its slot is free
+    lines = [line for line in strict.logs().splitlines() if " route=/v1/telephony/asterisk " in line]
+    assert " outcome=stalled " in lines[-1], lines
+    assert "MEDIA_XOFF for 2 s" in strict.logs()
+
+
 def test_elevenlabs_inactivity_timeout_closes_idle_sockets_and_empty_contexts(strict: ServerProcess) -> None:
     base = f"ws://127.0.0.1:{strict.port}/v1/text-to-speech/default"
     keyed = {"additional_headers": {"xi-api-key": STRICT_KEY}}
