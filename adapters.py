@@ -1765,6 +1765,30 @@ class TwilioSession(SpeechSession):
         self.defaults: dict[str, Any] = {}  # synthesis fields of the query string and customParameters
         self.numbers = itertools.count(1)
 
+    async def read_messages(self) -> None:
+        """SpeechSession's, once the stream has started: a valid `start` (its key checked) must come within
+        INPUT_TIMEOUT of the socket's opening, whatever else comes first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.app_state.settings.input_timeout
+        while not self.closing and self.stream_sid is None:
+            try:
+                message = await server.within(deadline - loop.time(), self.websocket.receive())
+            except TimeoutError:
+                await self.not_started()
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            await self.receive(message.get("text"), message.get("bytes"))
+        await super().read_messages()
+
+    async def not_started(self) -> None:
+        timeout = self.app_state.settings.input_timeout
+        exc = ApiError(
+            408, f"No valid 'start' within {timeout:g} s (INPUT_TIMEOUT).", param="event", code="input_timeout"
+        )
+        await self.send_json({"event": "error", "streamSid": None, "error": server.error_body(exc)})
+        self.closing, self.close_code = True, 1008
+
     async def receive(self, text: str | None, data: bytes | None) -> None:
         try:
             message = server.ws_message(text)

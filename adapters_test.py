@@ -821,6 +821,22 @@ def test_asterisk_media_xoff_without_xon_ends_the_call_as_stalled(strict: Server
     assert "MEDIA_XOFF for 2 s" in strict.logs()
 
 
+def test_twilio_socket_without_a_valid_start_is_closed_after_input_timeout(strict: ServerProcess) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{strict.port}/v1/telephony/twilio") as ws:
+        ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        for _ in range(4):  # Twilio's own events keep nothing open
+            ws.send(json.dumps({"event": "media", "media": {"payload": ""}}))
+            time.sleep(0.5)
+        error = json.loads(ws.recv(timeout=30))
+        assert error["event"] == "error" and error["error"]["code"] == "input_timeout", error
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+        assert ws.close_code == 1008
+
+
 def test_elevenlabs_inactivity_timeout_closes_idle_sockets_and_empty_contexts(strict: ServerProcess) -> None:
     base = f"ws://127.0.0.1:{strict.port}/v1/text-to-speech/default"
     keyed = {"additional_headers": {"xi-api-key": STRICT_KEY}}
