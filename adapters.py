@@ -495,11 +495,17 @@ async def elevenlabs_voice_by_id(request: Request) -> Response:
     return JSONResponse(elevenlabs_voice(voice))
 
 
+@dataclass
+class ElevenLabsContext(Utterance):
+    heard_at: float = field(default_factory=time.monotonic)  # the last message naming it
+
+
 class ElevenLabsSession(VendorSession):
     """stream-input: one utterance per socket, its text arriving in pieces; `{"text": ""}` ends it,
     and the socket closes after `{"isFinal": true}`."""
 
     multi = False
+    utterance_type = ElevenLabsContext
 
     def __init__(self, websocket: WebSocket, app_state: AppState):
         super().__init__(websocket, app_state)
@@ -532,6 +538,7 @@ class ElevenLabsSession(VendorSession):
                 message = await server.within(self.inactivity, self.websocket.receive())
             except TimeoutError:
                 if self.sounding(self.inactivity):
+                    await self.close_idle_contexts()
                     continue  # speech being made or sent is activity; a context that only waits for text is not
                 await self.send_error(
                     ApiError(
@@ -544,6 +551,16 @@ class ElevenLabsSession(VendorSession):
             if message["type"] == "websocket.disconnect":
                 return
             await self.receive(message.get("text"), message.get("bytes"))
+            await self.close_idle_contexts()
+
+    async def close_idle_contexts(self) -> None:
+        """On multi-stream-input, inactivity_timeout is each context's too: one with no message for it and
+        nothing being spoken is closed as close_context closes it (what it buffered is spoken, then isFinal)."""
+        now = time.monotonic()
+        for context in list(self.active.values()):
+            idle = isinstance(context, ElevenLabsContext) and now - context.heard_at >= self.inactivity
+            if self.multi and idle and not is_speaking(context):
+                await context.end()
 
     async def receive(self, text: str | None, data: bytes | None) -> None:
         context_id = None
@@ -563,6 +580,8 @@ class ElevenLabsSession(VendorSession):
                 await self.close_socket()
                 return
             context = self.active.get(context_id)
+            if isinstance(context, ElevenLabsContext):
+                context.heard_at = time.monotonic()
             if context is None:
                 if message.close_context or (self.multi and not message.text and not message.flush):
                     return  # closing, or keeping alive, a context that has ended: nothing to do

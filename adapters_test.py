@@ -856,3 +856,34 @@ def test_elevenlabs_inactivity_timeout_closes_idle_sockets_and_empty_contexts(st
     messages = speaking.until(lambda m: m.get("isFinal") or "error" in m)
     assert messages[-1] == {"isFinal": True} and not any("error" in m for m in messages)
     assert_no_traceback(strict)
+
+
+def test_elevenlabs_multi_context_inactivity_timeout_closes_each_idle_context(strict: ServerProcess) -> None:
+    """On multi-stream-input inactivity_timeout is each context's: one with no message for it (and nothing being
+    spoken) is closed, its isFinal sent, while a context kept alive (an empty text) and the socket go on."""
+    base = f"ws://127.0.0.1:{strict.port}/v1/text-to-speech/default"
+    multi = VendorSocket(
+        f"{base}/multi-stream-input?output_format=pcm_16000&inactivity_timeout=2",
+        additional_headers={"xi-api-key": STRICT_KEY},
+    )
+    multi.send(text=" ", context_id="idle")
+    multi.send(text=" ", context_id="kept")
+    finals = []
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        multi.send(text="", context_id="kept")  # ElevenLabs' keep-alive
+        try:
+            message = json.loads(multi.ws.recv(timeout=0.5))
+        except TimeoutError:
+            continue
+        assert "error" not in message, message
+        if message.get("isFinal"):
+            finals.append(message["contextId"])
+    assert finals == ["idle"]
+    multi.send(text="Still here.", context_id="kept", flush=True)
+    multi.send(context_id="kept", close_context=True)
+    messages = multi.until(lambda m: m.get("isFinal"))
+    assert messages[-1]["contextId"] == "kept" and any(m.get("audio") for m in messages)
+    multi.send(close_socket=True)
+    assert multi.closed() == 1000
+    assert_no_traceback(strict)
