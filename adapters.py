@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import itertools
 import json
@@ -1128,6 +1129,7 @@ class CartesiaSession(VendorSession):
 
 WYOMING_MAX_HEADER_BYTES = 64 * 1024  # an event's JSON line (asyncio's stream limit too)
 WYOMING_MAX_DATA_BYTES = 1024 * 1024  # an event's data or payload: a synthesize text is a few KB
+WYOMING_LINGER_SECONDS = 2.0  # after a refused event, for the client to read the error before the close
 
 
 class WyomingRefused(Exception):
@@ -1214,8 +1216,21 @@ class WyomingSession(IdleAwareSession):
                 await self.handle(event)
         except WyomingRefused as refused:
             await self.write(WyomingError(text=refused.text, code=refused.code).event())
+            await self.linger()
         except ConnectionError:
             return
+
+    async def linger(self) -> None:
+        """Close after a refusal without resetting the connection: a socket closed with bytes unread sends a
+        reset, which can destroy the error event on its way. Stop writing, then let what the client still
+        sends drain away (never kept) for WYOMING_LINGER_SECONDS at most."""
+        if not self.writer.can_write_eof():
+            return
+        self.writer.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(WYOMING_LINGER_SECONDS):
+                while await self.reader.read(64 * 1024):
+                    pass
 
     async def next_event(self) -> Event | None:
         timeout = self.app_state.settings.input_timeout
