@@ -1264,7 +1264,7 @@ class WyomingSession(IdleAwareSession):
                     lambda: self.job(Synthesize.from_event(event).voice),
                     lambda utterance: utterance.say_all(Synthesize.from_event(event).text),
                 )
-        except (ApiError, KeyError, TypeError, AttributeError) as exc:
+        except (ApiError, KeyError, TypeError, AttributeError, ValueError) as exc:  # ValueError: text not UTF-8
             message = exc.message if isinstance(exc, ApiError) else f"Malformed {event.type} event."
             code = exc.code if isinstance(exc, ApiError) else "invalid_event"
             await self.write(WyomingError(text=message, code=code).event())

@@ -686,6 +686,12 @@ def test_malformed_wyoming_events_get_an_error_and_a_close_never_a_traceback(str
         events = asyncio.run(wyoming_exchange(port, raw))
         assert [(e["type"], e["code"]) for e in events] == [("error", "invalid_event")], raw
         assert events[0]["text"]
+    # a well-formed event whose data cannot be answered (a ping's text, echoed, that is no UTF-8): an error, and
+    # the connection goes on (the array after it ends it)
+    ping = json.dumps({"text": "\ud800"}).encode()
+    raw = json.dumps({"type": "ping", "data_length": len(ping)}).encode() + b"\n" + ping + b"[1]\n"
+    events = asyncio.run(wyoming_exchange(port, raw))
+    assert [(e["type"], e["code"]) for e in events] == [("error", "invalid_event")] * 2
     assert_no_traceback(strict)
 
 
