@@ -2089,6 +2089,8 @@ async def serve_tcp(session: WyomingSession | AudioSocketSession, writer: asynci
         await session.run()
     except (ConnectionError, server.ClientStalled):
         pass
+    except Exception:  # a bug: logged once here, not left in the task for asyncio to report
+        logger.exception("{}: the connection failed", session.route)
     finally:
         connections.leave()
         writer.close()
