@@ -1398,10 +1398,14 @@ class CallScripts:
     def __init__(self) -> None:
         self.calls: dict[str, CallScript] = {}
 
-    def add(self, call_id: str, speech: CallSpeech) -> int:
+    def forget_stale(self) -> None:
+        """Registrations whose call never connected within UNCONNECTED_TTL (swept at each add and take)."""
         now = time.monotonic()
         for stale in [c for c, s in self.calls.items() if not s.connected and now - s.created > self.UNCONNECTED_TTL]:
             del self.calls[stale]
+
+    def add(self, call_id: str, speech: CallSpeech) -> int:
+        self.forget_stale()
         if call_id not in self.calls and len(self.calls) >= self.MAX_CALLS:
             raise ApiError(
                 429,
@@ -1421,6 +1425,7 @@ class CallScripts:
         return script.queue.qsize()
 
     def take(self, call_id: str) -> CallScript | None:
+        self.forget_stale()
         script = self.calls.get(call_id)
         if script is not None:
             script.connected = True

@@ -806,6 +806,16 @@ def test_audiosocket_caps_queued_speeches_and_closes_silent_calls(strict: Server
     assert_no_traceback(strict)
 
 
+def test_call_scripts_forget_a_registration_whose_call_never_connects() -> None:
+    import adapters
+
+    scripts = adapters.CallScripts()
+    scripts.UNCONNECTED_TTL = 0.0
+    scripts.add("never", adapters.CallSpeech(text="Hi."))
+    time.sleep(0.01)
+    assert scripts.take("never") is None and not scripts.calls  # its call comes too late: nothing is kept
+
+
 def test_asterisk_media_xoff_without_xon_ends_the_call_as_stalled(strict: ServerProcess) -> None:
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
