@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import itertools
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -37,7 +39,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketState
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error as WyomingError
-from wyoming.event import Event, async_read_event, async_write_event
+from wyoming.event import Event, async_write_event
 from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
 from wyoming.ping import Ping, Pong
 from wyoming.server import AsyncEventHandler, AsyncTcpServer
@@ -69,12 +71,36 @@ def check_key(app_state: AppState, *presented: str | None) -> None:
         raise ApiError(401, "Missing or invalid API key.", code="invalid_api_key")
 
 
-class VendorSession(SpeechSession):
+def is_speaking(utterance: Utterance) -> bool:
+    """The utterance is being spoken for text its client gave: started, and its text complete or not all
+    taken by the model yet. One that only waits for more text (an empty context) is not."""
+    started = utterance.task is not None and not utterance.task.done()
+    return started and (utterance.ended or utterance.chunks is not None or utterance.queued_chars > 0)
+
+
+class IdleAwareSession(SpeechSession):
+    """A session that closes a client gone quiet, and so tells a connection that only waits (for text, for an
+    event) from one whose speech is still being made or sent."""
+
+    sounded_at = -math.inf  # when its last audio left
+
+    def sounded(self) -> None:
+        self.sounded_at = time.monotonic()
+
+    def sounding(self, window: float) -> bool:
+        """Audio is being made or sent for text received: an utterance is speaking, or audio left within the
+        last `window` seconds (the model's current chunk, its text all taken)."""
+        recent = time.monotonic() - self.sounded_at < window
+        return recent or any(is_speaking(utterance) for utterance in self.active.values())
+
+
+class VendorSession(IdleAwareSession):
     """A WebSocket whose utterances ("contexts") are named by the client and may be spoken side by
     side; subclasses say how messages, audio and endings look in their protocol."""
 
     async def stream(self, utterance: Utterance) -> None:
         async for data, original, normalized, start in with_timings(utterance.audio(), utterance.job):
+            self.sounded()
             await self.send_audio(utterance, data, original, normalized, start)
 
     async def send_audio(
@@ -470,11 +496,17 @@ async def elevenlabs_voice_by_id(request: Request) -> Response:
     return JSONResponse(elevenlabs_voice(voice))
 
 
+@dataclass
+class ElevenLabsContext(Utterance):
+    heard_at: float = field(default_factory=time.monotonic)  # the last message naming it
+
+
 class ElevenLabsSession(VendorSession):
     """stream-input: one utterance per socket, its text arriving in pieces; `{"text": ""}` ends it,
     and the socket closes after `{"isFinal": true}`."""
 
     multi = False
+    utterance_type = ElevenLabsContext
 
     def __init__(self, websocket: WebSocket, app_state: AppState):
         super().__init__(websocket, app_state)
@@ -506,8 +538,9 @@ class ElevenLabsSession(VendorSession):
             try:
                 message = await server.within(self.inactivity, self.websocket.receive())
             except TimeoutError:
-                if any(u.task is not None and not u.task.done() for u in self.active.values()):
-                    continue  # speaking is activity too
+                if self.sounding(self.inactivity):
+                    await self.close_idle_contexts()
+                    continue  # speech being made or sent is activity; a context that only waits for text is not
                 await self.send_error(
                     ApiError(
                         408, f"No message for {self.inactivity} s (inactivity_timeout).", code="input_timeout_exceeded"
@@ -519,6 +552,16 @@ class ElevenLabsSession(VendorSession):
             if message["type"] == "websocket.disconnect":
                 return
             await self.receive(message.get("text"), message.get("bytes"))
+            await self.close_idle_contexts()
+
+    async def close_idle_contexts(self) -> None:
+        """On multi-stream-input, inactivity_timeout is each context's too: one with no message for it and
+        nothing being spoken is closed as close_context closes it (what it buffered is spoken, then isFinal)."""
+        now = time.monotonic()
+        for context in list(self.active.values()):
+            idle = isinstance(context, ElevenLabsContext) and now - context.heard_at >= self.inactivity
+            if self.multi and idle and not is_speaking(context):
+                await context.end()
 
     async def receive(self, text: str | None, data: bytes | None) -> None:
         context_id = None
@@ -538,6 +581,8 @@ class ElevenLabsSession(VendorSession):
                 await self.close_socket()
                 return
             context = self.active.get(context_id)
+            if isinstance(context, ElevenLabsContext):
+                context.heard_at = time.monotonic()
             if context is None:
                 if message.close_context or (self.multi and not message.text and not message.flush):
                     return  # closing, or keeping alive, a context that has ended: nothing to do
@@ -1082,9 +1127,81 @@ class CartesiaSession(VendorSession):
 # --- Wyoming (Home Assistant) ------------------------------------------------------------------
 
 
-class WyomingSession(SpeechSession):
+WYOMING_MAX_HEADER_BYTES = 64 * 1024  # an event's JSON line (asyncio's stream limit too)
+WYOMING_MAX_DATA_BYTES = 1024 * 1024  # an event's data or payload: a synthesize text is a few KB
+WYOMING_LINGER_SECONDS = 2.0  # after a refused event, for the client to read the error before the close
+
+
+class WyomingRefused(Exception):
+    """An event the server will not read: it gets an `error` event, then the connection closes."""
+
+    def __init__(self, text: str, code: str = "invalid_event"):
+        super().__init__(text)
+        self.text, self.code = text, code
+
+
+def wyoming_length(header: dict[str, Any], name: str) -> int:
+    """The header's data_length or payload_length, checked before anything of it is read."""
+    value = header.get(name)
+    if value is None:
+        return 0
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and value > WYOMING_MAX_DATA_BYTES:
+        raise WyomingRefused(f"'{name}' is limited to {WYOMING_MAX_DATA_BYTES} bytes.", "event_too_large")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise WyomingRefused(f"'{name}' must be a whole number of bytes.")
+    return value
+
+
+def wyoming_object(raw: bytes, what: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except ValueError:  # not JSON, or not UTF-8
+        raise WyomingRefused(f"Not a Wyoming event: its {what} is not JSON.") from None
+    if not isinstance(value, dict):
+        raise WyomingRefused(f"Not a Wyoming event: its {what} is not a JSON object.")
+    return value
+
+
+async def read_wyoming_event(reader: asyncio.StreamReader, timeout: float) -> Event | None:
+    """The next event, read as the wyoming package's async_read_event reads it, but within limits and
+    checked: None when the stream ends; TimeoutError when no event starts within `timeout` seconds
+    (nothing of it read); WyomingRefused for an event too large (its data never read) or malformed."""
+    try:
+        line = await server.within(timeout, reader.readuntil(b"\n"))
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise WyomingRefused("The connection ended inside an event's header.") from None
+        return None
+    except asyncio.LimitOverrunError:  # over the reader's limit (asyncio's default, the same 64 KiB)
+        line = None
+    if line is None or len(line) > WYOMING_MAX_HEADER_BYTES:
+        raise WyomingRefused(
+            f"An event's header line is limited to {WYOMING_MAX_HEADER_BYTES} bytes.", "event_too_large"
+        )
+    header = wyoming_object(line, "header line")
+    kind, data = header.get("type"), header.get("data")
+    data = {} if data is None else data
+    if not isinstance(kind, str) or not isinstance(data, dict):
+        raise WyomingRefused("Not a Wyoming event: 'type' must be a string and 'data' an object.")
+    data_length, payload_length = wyoming_length(header, "data_length"), wyoming_length(header, "payload_length")
+    try:  # the rest of an event that has begun comes at once; a client that stalls in it is given up
+        if data_length:
+            data = {**data, **wyoming_object(await server.within(timeout, reader.readexactly(data_length)), "data")}
+        payload = await server.within(timeout, reader.readexactly(payload_length)) if payload_length else None
+    except TimeoutError:
+        raise WyomingRefused(
+            f"An event's data did not come within {timeout:g} s (INPUT_TIMEOUT).", "input_timeout"
+        ) from None
+    except asyncio.IncompleteReadError:
+        return None
+    return Event(type=kind, data=data, payload=payload)
+
+
+class WyomingSession(IdleAwareSession):
     """One Wyoming TCP connection: `synthesize` is one utterance; `synthesize-start`, chunks and
-    `synthesize-stop` one utterance fed sentence by sentence, ended by `synthesize-stopped`."""
+    `synthesize-stop` one utterance fed sentence by sentence, ended by `synthesize-stopped`. A connection
+    that sends no event for INPUT_TIMEOUT while nothing is being spoken is closed."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
         super().__init__(None, app_state, route="wyoming")
@@ -1094,16 +1211,35 @@ class WyomingSession(SpeechSession):
         self.rate = app_state.engine.sample_rate if app_state.engine.sample_rate in server.SAMPLE_RATES else 24000
 
     async def read_messages(self) -> None:
-        while not self.closing:
+        try:
+            while not self.closing and (event := await self.next_event()) is not None:
+                await self.handle(event)
+        except WyomingRefused as refused:
+            await self.write(WyomingError(text=refused.text, code=refused.code).event())
+            await self.linger()
+        except ConnectionError:
+            return
+
+    async def linger(self) -> None:
+        """Close after a refusal without resetting the connection: a socket closed with bytes unread sends a
+        reset, which can destroy the error event on its way. Stop writing, then let what the client still
+        sends drain away (never kept) for WYOMING_LINGER_SECONDS at most."""
+        if not self.writer.can_write_eof():
+            return
+        self.writer.write_eof()
+        with contextlib.suppress(TimeoutError, ConnectionError):
+            async with asyncio.timeout(WYOMING_LINGER_SECONDS):
+                while await self.reader.read(64 * 1024):
+                    pass
+
+    async def next_event(self) -> Event | None:
+        timeout = self.app_state.settings.input_timeout
+        while True:
             try:
-                event = await async_read_event(self.reader)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                return
-            if event is None:
-                if not self.reader.at_eof():  # a line that is not an event
-                    await self.write(WyomingError(text="Not a Wyoming event.", code="invalid_event").event())
-                return
-            await self.handle(event)
+                return await read_wyoming_event(self.reader, timeout)
+            except TimeoutError:
+                if not self.sounding(timeout):
+                    raise WyomingRefused(f"No event for {timeout:g} s (INPUT_TIMEOUT).", "input_timeout") from None
 
     async def handle(self, event: Event) -> None:
         try:
@@ -1128,7 +1264,7 @@ class WyomingSession(SpeechSession):
                     lambda: self.job(Synthesize.from_event(event).voice),
                     lambda utterance: utterance.say_all(Synthesize.from_event(event).text),
                 )
-        except (ApiError, KeyError, TypeError, AttributeError) as exc:
+        except (ApiError, KeyError, TypeError, AttributeError, ValueError) as exc:  # ValueError: text not UTF-8
             message = exc.message if isinstance(exc, ApiError) else f"Malformed {event.type} event."
             code = exc.code if isinstance(exc, ApiError) else "invalid_event"
             await self.write(WyomingError(text=message, code=code).event())
@@ -1186,6 +1322,7 @@ class WyomingSession(SpeechSession):
     async def stream(self, utterance: Utterance) -> None:
         await self.write(AudioStart(rate=self.rate, width=2, channels=1).event())
         async for data in utterance.audio():
+            self.sounded()
             await self.write(AudioChunk(rate=self.rate, width=2, channels=1, audio=data).event())
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
@@ -1201,7 +1338,8 @@ class WyomingSession(SpeechSession):
 
 
 class WyomingHandler(AsyncEventHandler):
-    """The wyoming package's server hands each connection to one of these; its session reads the events."""
+    """The wyoming package's server hands each connection to one of these; its session reads the events
+    (read_wyoming_event, not the package's reader: that one has no limits)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
         super().__init__(reader, writer)
@@ -1212,10 +1350,7 @@ class WyomingHandler(AsyncEventHandler):
         return True
 
     async def run(self) -> None:
-        try:
-            await self.session.run()
-        finally:
-            self.writer.close()
+        await serve_tcp(self.session, self.writer)
 
 
 # --- Telephony: what a call says ---------------------------------------------------------------
@@ -1242,6 +1377,9 @@ class CallSpeech(SynthesisFields):
     hangup: bool = True
 
 
+MAX_SPEECHES_PER_CALL = 16  # speeches waiting to be said on one call: a call's prompts, well within it
+
+
 @dataclass
 class CallScript:
     queue: asyncio.Queue[CallSpeech] = field(default_factory=asyncio.Queue)
@@ -1250,7 +1388,9 @@ class CallScript:
 
 
 class CallScripts:
-    """What each call is to say, registered by call id before or while the call is connected."""
+    """What each call is to say, registered by call id before or while the call is connected: at most
+    MAX_CALLS calls, MAX_SPEECHES_PER_CALL speeches waiting on each; a call never connected is forgotten
+    after UNCONNECTED_TTL."""
 
     MAX_CALLS = 1000
     UNCONNECTED_TTL = 600.0  # seconds a registration waits for its call
@@ -1258,10 +1398,14 @@ class CallScripts:
     def __init__(self) -> None:
         self.calls: dict[str, CallScript] = {}
 
-    def add(self, call_id: str, speech: CallSpeech) -> int:
+    def forget_stale(self) -> None:
+        """Registrations whose call never connected within UNCONNECTED_TTL (swept at each add and take)."""
         now = time.monotonic()
         for stale in [c for c, s in self.calls.items() if not s.connected and now - s.created > self.UNCONNECTED_TTL]:
             del self.calls[stale]
+
+    def add(self, call_id: str, speech: CallSpeech) -> int:
+        self.forget_stale()
         if call_id not in self.calls and len(self.calls) >= self.MAX_CALLS:
             raise ApiError(
                 429,
@@ -1270,10 +1414,18 @@ class CallScripts:
                 headers={"Retry-After": "1"},
             )
         script = self.calls.setdefault(call_id, CallScript())
+        if script.queue.qsize() >= MAX_SPEECHES_PER_CALL:
+            raise ApiError(
+                429,
+                f"Call {call_id} has {MAX_SPEECHES_PER_CALL} speeches waiting already; retry once some are said.",
+                code="too_many_speeches",
+                headers={"Retry-After": "1"},
+            )
         script.queue.put_nowait(speech)
         return script.queue.qsize()
 
     def take(self, call_id: str) -> CallScript | None:
+        self.forget_stale()
         script = self.calls.get(call_id)
         if script is not None:
             script.connected = True
@@ -1312,7 +1464,7 @@ class CallUtterance(Utterance):
     hangup: bool = False  # hang up once this has been spoken
 
 
-class CallSession(SpeechSession):
+class CallSession(IdleAwareSession):
     """A phone call that says its script: each registered speech is one utterance, spoken in order;
     after one that says `hangup`, with nothing more queued, the call is hung up."""
 
@@ -1348,6 +1500,9 @@ class CallSession(SpeechSession):
             hangup=speech.hangup,
         )
 
+    def sounding(self, window: float) -> bool:
+        return super().sounding(window) or (self.script is not None and not self.script.queue.empty())
+
     def hangs_up_after(self, utterance: Utterance) -> bool:
         """The utterance asks to hang up, and nothing else is left to say."""
         queued = self.script is not None and not self.script.queue.empty()
@@ -1370,7 +1525,6 @@ class CallSession(SpeechSession):
 AUDIOSOCKET_HANGUP, AUDIOSOCKET_UUID, AUDIOSOCKET_AUDIO, AUDIOSOCKET_ERROR = 0x00, 0x01, 0x10, 0xFF
 AUDIOSOCKET_FRAME = 320  # 20 ms of 8 kHz signed 16-bit linear
 FRAME_SECONDS = 0.02
-AUDIOSOCKET_UUID_WAIT = 10.0
 
 
 def audiosocket_frame(kind: int, payload: bytes = b"") -> bytes:
@@ -1395,7 +1549,8 @@ class Pacer:
 
 class AudioSocketSession(CallSession):
     """An Asterisk AudioSocket connection: the UUID frame names the call's script; speech leaves as
-    320-byte slin frames paced in real time; a hangup frame ends the call."""
+    320-byte slin frames paced in real time; a hangup frame ends the call. Asterisk sends the caller's
+    audio all along: no frame for INPUT_TIMEOUT while nothing is being said is a call gone, hung up."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, app_state: AppState):
         super().__init__(None, app_state, route="audiosocket")
@@ -1403,15 +1558,26 @@ class AudioSocketSession(CallSession):
         self.pacer = Pacer()
 
     async def read_frame(self) -> tuple[int, bytes] | None:
+        """The next frame; None when the connection ends (or stalls inside a frame); TimeoutError when no
+        frame starts within INPUT_TIMEOUT (nothing of it read)."""
+        timeout = self.app_state.settings.input_timeout
         try:
-            header = await self.reader.readexactly(3)
-            return header[0], await self.reader.readexactly(int.from_bytes(header[1:], "big"))
+            header = await server.within(timeout, self.reader.readexactly(3))
         except (asyncio.IncompleteReadError, ConnectionError):
             return None
+        try:
+            return header[0], await server.within(timeout, self.reader.readexactly(int.from_bytes(header[1:], "big")))
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    async def refuse(self, reason: str) -> None:
+        logger.warning("audiosocket call {}: {}", self.call, reason)
+        await self.send_frame(audiosocket_frame(AUDIOSOCKET_ERROR, b"\x00"))  # a frame of its own: an error
+        await self.send_frame(audiosocket_frame(AUDIOSOCKET_HANGUP))
 
     async def read_messages(self) -> None:
         try:
-            first = await server.within(AUDIOSOCKET_UUID_WAIT, self.read_frame())
+            first = await self.read_frame()
         except TimeoutError:
             first = None
         try:
@@ -1427,17 +1593,24 @@ class AudioSocketSession(CallSession):
                 )
             await self.start_script(script)
         except ApiError as exc:
-            logger.warning("audiosocket call {}: {}", self.call, exc.message)
-            await self.send_frame(audiosocket_frame(AUDIOSOCKET_ERROR, b"\x00"))  # a frame of its own: an error
-            await self.send_frame(audiosocket_frame(AUDIOSOCKET_HANGUP))
+            await self.refuse(exc.message)
             return
-        while not self.closing and (frame := await self.read_frame()) is not None:
-            if frame[0] in (AUDIOSOCKET_HANGUP, AUDIOSOCKET_ERROR):
+        timeout = self.app_state.settings.input_timeout
+        while not self.closing:
+            try:
+                frame = await self.read_frame()
+            except TimeoutError:
+                if self.sounding(timeout):
+                    continue
+                await self.refuse(f"no frame for {timeout:g} s (INPUT_TIMEOUT): hung up")
+                return
+            if frame is None or frame[0] in (AUDIOSOCKET_HANGUP, AUDIOSOCKET_ERROR):
                 return  # the caller hung up (or Asterisk failed): the call is over
             # audio (the caller's voice) and DTMF: nothing to do
 
     async def stream(self, utterance: Utterance) -> None:
         async for frame in fixed_frames(utterance.audio(), AUDIOSOCKET_FRAME, b"\x00"):
+            self.sounded()
             await self.pacer.wait()
             await self.send_frame(audiosocket_frame(AUDIOSOCKET_AUDIO, frame))
 
@@ -1576,11 +1749,22 @@ class AsteriskSession(CallSession):
         await self.command("START_MEDIA_BUFFERING")
         async for data in utterance.audio():
             for i in range(0, len(data), ASTERISK_MAX_MESSAGE):
-                await self.flowing.wait()
+                await self.until_flowing()
                 await self.send(self.websocket.send_bytes(data[i : i + ASTERISK_MAX_MESSAGE]))
         if self.hangs_up_after(utterance):
             self.hangup_after = utterance.id
         await self.command("STOP_MEDIA_BUFFERING", correlation_id=utterance.id)
+
+    async def until_flowing(self) -> None:
+        """Wait out Asterisk's MEDIA_XOFF; one that lasts STREAM_SEND_TIMEOUT is a client that reads nothing."""
+        seconds = self.app_state.settings.stream_send_timeout
+        try:
+            await server.within(seconds, self.flowing.wait())
+        except TimeoutError:
+            logger.warning(
+                "asterisk websocket: MEDIA_XOFF for {:g} s (STREAM_SEND_TIMEOUT), the call is ended", seconds
+            )
+            raise server.ClientStalled() from None
 
     async def finished(self, utterance: Utterance, error: Exception | None) -> None:
         if isinstance(error, ApiError):  # any other failure was logged, with its traceback, as it happened
@@ -1619,6 +1803,30 @@ class TwilioSession(SpeechSession):
         self.stream_sid: str | None = None
         self.defaults: dict[str, Any] = {}  # synthesis fields of the query string and customParameters
         self.numbers = itertools.count(1)
+
+    async def read_messages(self) -> None:
+        """SpeechSession's, once the stream has started: a valid `start` (its key checked) must come within
+        INPUT_TIMEOUT of the socket's opening, whatever else comes first."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.app_state.settings.input_timeout
+        while not self.closing and self.stream_sid is None:
+            try:
+                message = await server.within(deadline - loop.time(), self.websocket.receive())
+            except TimeoutError:
+                await self.not_started()
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            await self.receive(message.get("text"), message.get("bytes"))
+        await super().read_messages()
+
+    async def not_started(self) -> None:
+        timeout = self.app_state.settings.input_timeout
+        exc = ApiError(
+            408, f"No valid 'start' within {timeout:g} s (INPUT_TIMEOUT).", param="event", code="input_timeout"
+        )
+        await self.send_json({"event": "error", "streamSid": None, "error": server.error_body(exc)})
+        self.closing, self.close_code = True, 1008
 
     async def receive(self, text: str | None, data: bytes | None) -> None:
         try:
@@ -1861,7 +2069,7 @@ class TcpServers:
         assert task is not None
         self.calls.add(task)
         try:
-            await AudioSocketSession(reader, writer, self.app_state).run()
+            await serve_tcp(AudioSocketSession(reader, writer, self.app_state), writer)
         finally:
             self.calls.discard(task)
 
@@ -1873,3 +2081,21 @@ class TcpServers:
             for task in list(self.calls):
                 task.cancel()
             await asyncio.gather(*self.calls, return_exceptions=True)
+
+
+async def serve_tcp(session: WyomingSession | AudioSocketSession, writer: asyncio.StreamWriter) -> None:
+    """One Wyoming or AudioSocket connection, counted in MAX_CONNECTIONS: when the server is full it is
+    closed at once (ConnectionLimit logs it). A client that leaves or reads nothing just ends it."""
+    connections = session.app_state.connections
+    if not connections.enter():
+        writer.close()
+        return
+    try:
+        await session.run()
+    except (ConnectionError, server.ClientStalled):
+        pass
+    except Exception:  # a bug: logged once here, not left in the task for asyncio to report
+        logger.exception("{}: the connection failed", session.route)
+    finally:
+        connections.leave()
+        writer.close()

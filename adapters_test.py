@@ -9,6 +9,8 @@ import asyncio
 import base64
 import json
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlencode
@@ -39,6 +41,7 @@ from testing import (
     assert_openai_error,
     audiosocket_call,
     fake_app,
+    free_port,
     padded,
     read_wav,
     speak,
@@ -593,3 +596,310 @@ def test_protocols_plug_in_by_module_name_and_only_as_named(tmp_path: Path) -> N
         paths = {cast(Route | WebSocketRoute, route).path for route in client.app.routes}
         assert "/v1/audio/speech/ws" in paths and not paths & {"/v1/telephony/twilio", "/tts/websocket"}
         assert client.post("/tts/bytes", json={}).status_code == 404
+
+
+# --- Hostile clients: limits on what a client may send, and for how long it may keep a connection waiting ---
+
+STRICT_KEY = "k3y"
+
+
+@pytest.fixture(scope="module")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A Piper server with short INPUT_TIMEOUT and STREAM_SEND_TIMEOUT, an API key and both TCP protocols."""
+    srv = ServerProcess(
+        "piper",
+        None,
+        tmp_path_factory.mktemp("voices-strict"),
+        command=None,
+        port=None,
+        API_KEY=STRICT_KEY,
+        INPUT_TIMEOUT="2",
+        STREAM_SEND_TIMEOUT="2",
+        WYOMING_PORT=str(free_port()),
+        AUDIOSOCKET_PORT=str(free_port()),
+    )
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def assert_no_traceback(srv: ServerProcess) -> None:
+    logs = srv.logs()
+    assert "Traceback" not in logs and "never retrieved" not in logs, logs
+
+
+async def wyoming_exchange(port: int, raw: bytes, timeout: float = 15) -> list[dict[str, Any]]:
+    """Send raw bytes to the Wyoming port, then read every event (type and data) until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(raw)
+    events = []
+    try:
+        async with asyncio.timeout(timeout):
+            while line := await reader.readline():
+                header = json.loads(line)
+                data = json.loads(await reader.readexactly(header["data_length"])) if header.get("data_length") else {}
+                if header.get("payload_length"):
+                    await reader.readexactly(header["payload_length"])
+                events.append({"type": header["type"], **data})
+    finally:
+        writer.close()
+    return events
+
+
+def test_wyoming_refuses_oversized_events_without_reading_them(strict: ServerProcess) -> None:
+    port = int(strict.env["WYOMING_PORT"])
+    huge_headers = [
+        {"type": "synthesize", "data_length": 10**12},
+        {"type": "synthesize", "data_length": 1e12},
+        {"type": "synthesize", "payload_length": 10**12},
+        {"type": "synthesize", "data_length": 2 * 1024 * 1024},
+    ]
+    for header in huge_headers:
+        events = asyncio.run(wyoming_exchange(port, json.dumps(header).encode() + b"\n" + b"x" * 256 * 1024))
+        assert [(e["type"], e["code"]) for e in events] == [("error", "event_too_large")], header
+        assert events[0]["text"]
+    long_line = b'{"type": "synthesize", "x": "' + b"y" * 200_000 + b'"}\n'
+    events = asyncio.run(wyoming_exchange(port, long_line))
+    assert [(e["type"], e["code"]) for e in events] == [("error", "event_too_large")]
+    assert_no_traceback(strict)
+
+
+def test_malformed_wyoming_events_get_an_error_and_a_close_never_a_traceback(strict: ServerProcess) -> None:
+    port = int(strict.env["WYOMING_PORT"])
+    malformed = [
+        b'{"type": "synthesize", "data_length": "x"}\n',
+        b'{"type": "synthesize", "data_length": 1.5}\nab',
+        b'{"type": "synthesize", "data_length": -3}\n',
+        b'{"type": "synthesize", "payload_length": "9"}\n123456789',
+        b'{"data": {"text": "Hi."}}\n',
+        b'{"type": 5}\n',
+        b'{"type": "synthesize", "data": [1]}\n',
+        b"[1, 2]\n",
+        b"{not json\n",
+        b'\xff\xfe{"type": "synthesize"}\n',
+        b'{"type": "synthesize", "data_length": 4}\n\xff\xfe{}',
+        b'{"type": "synthesize", "data_length": 2}\n[]',
+    ]
+    for raw in malformed:
+        events = asyncio.run(wyoming_exchange(port, raw))
+        assert [(e["type"], e["code"]) for e in events] == [("error", "invalid_event")], raw
+        assert events[0]["text"]
+    # a well-formed event whose data cannot be answered (a ping's text, echoed, that is no UTF-8): an error, and
+    # the connection goes on (the array after it ends it)
+    ping = json.dumps({"text": "\ud800"}).encode()
+    raw = json.dumps({"type": "ping", "data_length": len(ping)}).encode() + b"\n" + ping + b"[1]\n"
+    events = asyncio.run(wyoming_exchange(port, raw))
+    assert [(e["type"], e["code"]) for e in events] == [("error", "invalid_event")] * 2
+    assert_no_traceback(strict)
+
+
+def test_idle_wyoming_connections_close_after_input_timeout_but_not_while_speaking(strict: ServerProcess) -> None:
+    from wyoming.client import AsyncTcpClient
+    from wyoming.info import Describe
+    from wyoming.tts import Synthesize
+
+    port = int(strict.env["WYOMING_PORT"])
+    events = asyncio.run(wyoming_exchange(port, b""))  # connected, then silent
+    assert [(e["type"], e["code"]) for e in events] == [("error", "input_timeout")]
+
+    async def long_speech() -> list[str]:
+        async with AsyncTcpClient("127.0.0.1", port) as client:
+            await client.write_event(Synthesize(text="A long answer, spoken for a while. " * 100).event())
+            kinds = []
+            while (event := await asyncio.wait_for(client.read_event(), 60)) is not None:
+                kinds.append(event.type)
+                if event.type == "audio-stop":
+                    break
+            await client.write_event(Describe().event())  # still open
+            reply = await asyncio.wait_for(client.read_event(), 30)
+            kinds.append(reply.type if reply is not None else "closed")
+            return kinds
+
+    kinds = asyncio.run(long_speech())
+    assert "error" not in kinds and kinds[-2:] == ["audio-stop", "info"]
+    assert_no_traceback(strict)
+
+
+def test_wyoming_and_audiosocket_connections_count_in_max_connections(tmp_path: Path) -> None:
+    srv = ServerProcess(
+        "piper",
+        None,
+        tmp_path / "voices",
+        command=None,
+        port=None,
+        MAX_CONNECTIONS="2",
+        WYOMING_PORT=str(free_port()),
+        AUDIOSOCKET_PORT=str(free_port()),
+    )
+    wyoming, audiosocket = int(srv.env["WYOMING_PORT"]), int(srv.env["AUDIOSOCKET_PORT"])
+    describe = b'{"type": "describe"}\n'
+
+    async def scenario() -> None:
+        held = [await asyncio.open_connection("127.0.0.1", wyoming) for _ in range(2)]
+        for reader, writer in held:
+            writer.write(describe)
+            assert json.loads(await asyncio.wait_for(reader.readline(), 30))["type"] == "info"
+        for port in (wyoming, audiosocket):  # a third: closed at once, unanswered
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(describe)
+            assert await asyncio.wait_for(reader.read(), 30) == b""
+            writer.close()
+        held[0][1].close()
+        await asyncio.sleep(1)  # the server sees it leave
+        reader, writer = await asyncio.open_connection("127.0.0.1", wyoming)
+        writer.write(describe)
+        assert json.loads(await asyncio.wait_for(reader.readline(), 30))["type"] == "info"
+        for _, w in (held[1], (reader, writer)):
+            w.close()
+
+    try:
+        srv.wait_ready()
+        asyncio.run(scenario())
+        assert "connection limit reached" in srv.logs()
+        assert_no_traceback(srv)
+    finally:
+        srv.stop()
+
+
+def test_audiosocket_caps_queued_speeches_and_closes_silent_calls(strict: ServerProcess) -> None:
+    import adapters
+
+    keyed = {"Authorization": f"Bearer {STRICT_KEY}"}
+    call = uuid.uuid4()
+    register = f"{strict.url}/v1/telephony/audiosocket/{call}"
+    for n in range(1, adapters.MAX_SPEECHES_PER_CALL + 1):
+        queued = httpx.post(register, json={"text": "Hi.", "hangup": False}, headers=keyed, timeout=60)
+        assert queued.status_code == 202 and queued.json()["queued"] == n
+    refused = httpx.post(register, json={"text": "Hi."}, headers=keyed, timeout=60)
+    assert assert_openai_error(refused, 429)["code"] == "too_many_speeches"
+
+    port = int(strict.env["AUDIOSOCKET_PORT"])
+
+    async def frames_until_closed(first: bytes) -> list[int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(first)
+        kinds = []
+        try:
+            async with asyncio.timeout(60):
+                while header := await reader.read(3):
+                    await reader.readexactly(int.from_bytes(header[1:], "big"))
+                    kinds.append(header[0])
+        finally:
+            writer.close()
+        return kinds
+
+    # no UUID frame, nothing at all: an error, a hangup, then the socket closes
+    assert asyncio.run(frames_until_closed(b"")) == [adapters.AUDIOSOCKET_ERROR, adapters.AUDIOSOCKET_HANGUP]
+    # a call that has said its one speech (hangup false) and hears nothing more from Asterisk
+    quiet = uuid.uuid4()
+    assert (
+        httpx.post(
+            f"{strict.url}/v1/telephony/audiosocket/{quiet}", json={"text": "Hi.", "hangup": False}, headers=keyed
+        ).status_code
+        == 202
+    )
+    kinds = asyncio.run(frames_until_closed(b"\x01\x00\x10" + quiet.bytes))
+    audio = [k for k in kinds if k == adapters.AUDIOSOCKET_AUDIO]
+    assert audio and kinds[len(audio) :] == [adapters.AUDIOSOCKET_ERROR, adapters.AUDIOSOCKET_HANGUP], kinds
+    assert_no_traceback(strict)
+
+
+def test_call_scripts_forget_a_registration_whose_call_never_connects() -> None:
+    import adapters
+
+    scripts = adapters.CallScripts()
+    scripts.UNCONNECTED_TTL = 0.0
+    scripts.add("never", adapters.CallSpeech(text="Hi."))
+    time.sleep(0.01)
+    assert scripts.take("never") is None and not scripts.calls  # its call comes too late: nothing is kept
+
+
+def test_asterisk_media_xoff_without_xon_ends_the_call_as_stalled(strict: ServerProcess) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+    from websockets.typing import Subprotocol
+
+    text = "A long answer that Asterisk never lets through. " * 20
+    url = f"ws://127.0.0.1:{strict.port}/v1/telephony/asterisk?" + urlencode({"token": STRICT_KEY, "text": text})
+    with connect(url, subprotocols=[Subprotocol("media")]) as ws:
+        ws.send("MEDIA_START connection_id:c1 channel:WebSocket/tts/0x1 format:slin16 optimal_frame_size:640")
+        ws.send("MEDIA_XOFF")  # and never MEDIA_XON
+        with pytest.raises(ConnectionClosed):
+            while True:
+                ws.recv(timeout=30)
+        assert ws.close_code == 1008
+    status = httpx.get(f"{strict.url}/v1/status", headers={"Authorization": f"Bearer {STRICT_KEY}"}, timeout=10)
+    assert status.json()["queue"]["active"] == 0  # its slot is free
+    lines = [line for line in strict.logs().splitlines() if " route=/v1/telephony/asterisk " in line]
+    assert " outcome=stalled " in lines[-1], lines
+    assert "MEDIA_XOFF for 2 s" in strict.logs()
+
+
+def test_twilio_socket_without_a_valid_start_is_closed_after_input_timeout(strict: ServerProcess) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{strict.port}/v1/telephony/twilio") as ws:
+        ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        for _ in range(4):  # Twilio's own events keep nothing open
+            ws.send(json.dumps({"event": "media", "media": {"payload": ""}}))
+            time.sleep(0.5)
+        error = json.loads(ws.recv(timeout=30))
+        assert error["event"] == "error" and error["error"]["code"] == "input_timeout", error
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=30)
+        assert ws.close_code == 1008
+
+
+def test_elevenlabs_inactivity_timeout_closes_idle_sockets_and_empty_contexts(strict: ServerProcess) -> None:
+    base = f"ws://127.0.0.1:{strict.port}/v1/text-to-speech/default"
+    keyed = {"additional_headers": {"xi-api-key": STRICT_KEY}}
+    multi = VendorSocket(f"{base}/multi-stream-input?output_format=pcm_16000&inactivity_timeout=2", **keyed)
+    for context in ("a", "b", "c"):
+        multi.send(text=" ", context_id=context)  # contexts that only wait for text
+    single = VendorSocket(f"{base}/stream-input?output_format=pcm_16000&inactivity_timeout=2", **keyed)
+    single.send(text=" ")
+    for socket in (multi, single):
+        error = json.loads(socket.ws.recv(timeout=30))
+        assert error["error"] == "input_timeout_exceeded" and error["message"] and error["code"] == 408, error
+        assert socket.closed() == 1008
+    # speaking is activity: a long text is spoken to its end past the timeout
+    speaking = VendorSocket(f"{base}/stream-input?output_format=pcm_16000&inactivity_timeout=1", **keyed)
+    speaking.send(text="A long answer, spoken for a while. " * 60)
+    speaking.send(text="")
+    messages = speaking.until(lambda m: m.get("isFinal") or "error" in m)
+    assert messages[-1] == {"isFinal": True} and not any("error" in m for m in messages)
+    assert_no_traceback(strict)
+
+
+def test_elevenlabs_multi_context_inactivity_timeout_closes_each_idle_context(strict: ServerProcess) -> None:
+    """On multi-stream-input inactivity_timeout is each context's: one with no message for it (and nothing being
+    spoken) is closed, its isFinal sent, while a context kept alive (an empty text) and the socket go on."""
+    base = f"ws://127.0.0.1:{strict.port}/v1/text-to-speech/default"
+    multi = VendorSocket(
+        f"{base}/multi-stream-input?output_format=pcm_16000&inactivity_timeout=2",
+        additional_headers={"xi-api-key": STRICT_KEY},
+    )
+    multi.send(text=" ", context_id="idle")
+    multi.send(text=" ", context_id="kept")
+    finals = []
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        multi.send(text="", context_id="kept")  # ElevenLabs' keep-alive
+        try:
+            message = json.loads(multi.ws.recv(timeout=0.5))
+        except TimeoutError:
+            continue
+        assert "error" not in message, message
+        if message.get("isFinal"):
+            finals.append(message["contextId"])
+    assert finals == ["idle"]
+    multi.send(text="Still here.", context_id="kept", flush=True)
+    multi.send(context_id="kept", close_context=True)
+    messages = multi.until(lambda m: m.get("isFinal"))
+    assert messages[-1]["contextId"] == "kept" and any(m.get("audio") for m in messages)
+    multi.send(close_socket=True)
+    assert multi.closed() == 1000
+    assert_no_traceback(strict)
