@@ -498,7 +498,10 @@ async def elevenlabs_voice_by_id(request: Request) -> Response:
 
 @dataclass
 class ElevenLabsContext(Utterance):
-    heard_at: float = field(default_factory=time.monotonic)  # the last message naming it
+    """A context: its last_input is the last message naming it (an empty text keeps it alive), and
+    inactivity_timeout, not INPUT_TIMEOUT, bounds its wait for text (close_idle_contexts)."""
+
+    input_timeout: float = math.inf
 
 
 class ElevenLabsSession(VendorSession):
@@ -559,7 +562,7 @@ class ElevenLabsSession(VendorSession):
         nothing being spoken is closed as close_context closes it (what it buffered is spoken, then isFinal)."""
         now = time.monotonic()
         for context in list(self.active.values()):
-            idle = isinstance(context, ElevenLabsContext) and now - context.heard_at >= self.inactivity
+            idle = now - context.last_input >= self.inactivity
             if self.multi and idle and not is_speaking(context):
                 await context.end()
 
@@ -581,8 +584,8 @@ class ElevenLabsSession(VendorSession):
                 await self.close_socket()
                 return
             context = self.active.get(context_id)
-            if isinstance(context, ElevenLabsContext):
-                context.heard_at = time.monotonic()
+            if context is not None:
+                context.last_input = time.monotonic()
             if context is None:
                 if message.close_context or (self.multi and not message.text and not message.flush):
                     return  # closing, or keeping alive, a context that has ended: nothing to do

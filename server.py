@@ -6605,6 +6605,7 @@ class Utterance:
     task: asyncio.Task[None] | None = None
     rendering: AsyncGenerator[bytes, None] | None = None  # its audio, once speaking
     last_input: float = field(default_factory=time.monotonic)  # when the client last gave it text
+    input_timeout: float = 0.0  # its own bound on waiting for text (0: INPUT_TIMEOUT; math.inf: none)
 
     def texts(self) -> list[ScriptItem] | AsyncIterator[ScriptItem]:
         return self.chunks if self.chunks is not None else self._fed()
@@ -6695,7 +6696,9 @@ class Utterance:
     async def _next_fed(self) -> ScriptItem | None:
         """The next fed item; an utterance whose client has sent no text for INPUT_TIMEOUT while the model
         waits for more ends with 408 (what the client sent since is in its buffer: it still counts as input)."""
-        timeout = self.speaker.settings.input_timeout
+        timeout = self.input_timeout or self.speaker.settings.input_timeout
+        if timeout == math.inf:
+            return await self.feed.get()
         while True:
             try:
                 return await within(max(0.0, self.last_input + timeout - time.monotonic()), self.feed.get())
