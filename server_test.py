@@ -1100,7 +1100,7 @@ def test_voice_storage_faults_are_clear_errors(tmp_path: Path) -> None:
     sink = logger.add(lines.append, format="{level} {message}")
     try:
         with small_filesystem(tmp_path / "voices", "512k") as voices, fake_app(tmp_path, ClipToneEngine()) as client:
-            client.app.state.tts.speaker.voices.directory = voices
+            cast(Any, client.app).state.tts.speaker.voices.directory = voices
 
             def upload(name: str) -> Any:
                 return client.post("/v1/audio/voices", data={"name": name}, files={"file": ("a.wav", clip)})
