@@ -4737,6 +4737,12 @@ def test_request_heads_are_bounded_in_size_count_and_time(piper_guarded: ServerP
         big = json.dumps({"input": "Hi. " * 200_000}).encode()  # 800 KB of body is not head
         for _ in range(2):
             assert assert_openai_error(client.post("/v1/audio/speech", content=big, headers=JSON_BODY), 400, "input")
+            # answered before its body is read: the rest of the body is still no head
+            assert (
+                assert_openai_error(client.post("/v1/nothing", content=big), 404)["code"]
+                != "request_header_fields_too_large"
+            )
+            assert client.get("/health").status_code == 200
     after = scrape(srv.url)
     for reason, n in (("header_timeout", 2), ("header_too_large", 2)):
         assert (
