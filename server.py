@@ -7794,7 +7794,7 @@ class GuardedHttp(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
-        if self.cycle.response_complete:  # answered before its body was all read: now the next head may come
+        if self.cycle is not None and self.cycle.response_complete:  # answered before its body was all read
             self.await_head()
 
     def on_response_complete(self) -> None:
