@@ -85,6 +85,8 @@ class Cluster:
         self.wait_states(dict.fromkeys(REPLICAS, "UP"))
 
     def start(self, env: dict[str, str], port: int | None = None) -> ServerProcess:
+        # INPUT_TIMEOUT long enough for `held` utterances to outlast any test's checks on a slow machine.
+        env = {"INPUT_TIMEOUT": "300", **env}
         return ServerProcess(self.kind, self.model_dir, self.voices, command=None, port=port, **env)
 
     def replace(self, index: int) -> ServerProcess:
@@ -209,14 +211,14 @@ def load(srv: ServerProcess) -> tuple[float, float, float]:
 
 @contextmanager
 def held(url: str, count: int) -> Iterator[list[ClientConnection]]:
-    """`count` utterances kept open (final: false, no sentence yet), one per WebSocket (a connection's
-    utterances take turns): each holds its place in the replica's admission until its connection closes,
-    doing no work."""
+    """`count` utterances kept open (final: false), one per WebSocket (a connection's utterances take turns):
+    each takes its place in the replica's admission with its first sentence, speaks it and then holds the
+    place, waiting for more text (for the replicas' INPUT_TIMEOUT), until its connection closes."""
     with ExitStack() as stack:
         sockets = []
         for n in range(count):
             ws = stack.enter_context(connect(url.replace("http://", "ws://") + "/v1/audio/speech/ws", max_size=None))
-            ws.send(json.dumps({"type": "speak", "id": f"hold-{n}", "text": "Hold on", "final": False}))
+            ws.send(json.dumps({"type": "speak", "id": f"hold-{n}", "text": "Hold on. And", "final": False}))
             sockets.append(ws)
         yield sockets
 
