@@ -4393,6 +4393,44 @@ def test_piper_trimming_removes_only_silent_edges() -> None:
     np.testing.assert_allclose(out[start + 200 : start + len(core) - 200], core[200:-200], atol=1e-6)
 
 
+def speech_dbfs(audio: np.ndarray) -> float:
+    """RMS of the speech (silence left out, as LoudnessLeveler counts it), in dBFS."""
+    voiced = audio[np.abs(audio) > server.SILENCE_THRESHOLD].astype(np.float64)
+    return float(10 * np.log10(np.mean(voiced**2)))
+
+
+def test_piper_speech_is_levelled_by_default_to_audio_level_without_clipping() -> None:
+    """Real Piper speech through the stages the server runs it through (levelling, then resampling to 24 kHz,
+    then 16-bit PCM): by default near AUDIO_LEVEL (its peers' level), not 6-7 dB under, and no sample clips."""
+    engine = server.PiperEngine()
+    engine.load()
+    settings = server.Settings.from_env({})
+    assert settings.levels_loudness(engine)
+    text = SPEECH + " Is it far? No, only a few steps. Then it stops, turns round, and looks back at us!"
+    events = engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True))
+    pieces = [p for p in events if isinstance(p, np.ndarray) and len(p)]
+    assert len(pieces) > 1  # several sentences: one level over the utterance, not one per sentence
+    assert speech_dbfs(np.concatenate(pieces)) < settings.audio_level - 3  # as the voice speaks: quiet
+    for target in (settings.audio_level, -24.0):
+        leveler = server.LoudnessLeveler(target)
+        resampler = server.StreamResampler(engine.sample_rate, 24000)
+        out = np.concatenate([resampler.push(leveler.push(p)) for p in pieces] + [resampler.push(np.zeros(0), True)])
+        pcm = np.round(np.clip(out, -1, 1) * 32767).astype(np.int16)
+        assert abs(speech_dbfs(pcm / 32768.0) - target) < 1.5
+        assert np.max(np.abs(out)) < 1.0 and np.max(np.abs(pcm)) < 32767  # nothing clips
+
+
+def test_audio_normalize_is_auto_true_or_false() -> None:
+    piper, chatterbox = server.PiperEngine(), server.ChatterboxEngine("turbo", "", "cpu")
+    auto = server.Settings.from_env({})
+    assert auto.levels_loudness(piper) and not auto.levels_loudness(chatterbox)  # Chatterbox's bytes as they were
+    on, off = server.Settings.from_env({"AUDIO_NORMALIZE": "on"}), server.Settings.from_env({"AUDIO_NORMALIZE": "0"})
+    assert on.levels_loudness(chatterbox) and not off.levels_loudness(piper)
+    for bad in ({"AUDIO_NORMALIZE": "loud"}, {"AUDIO_LEVEL": "-3"}):
+        with pytest.raises(SystemExit):
+            server.Settings.from_env(bad)
+
+
 PIPER_MARKED = "The quick brown fox jumps over the lazy dog. Then it runs into the forest!"
 
 
