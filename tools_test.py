@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 
 from testing import (
     MODELS,
+    ROOT,
     ToolResult,
     load_tool,
 )
@@ -91,3 +94,22 @@ def test_bench_s3gen_prices_a_streamed_token_against_a_whole_file_one(tool_resul
     assert all(float(row["ms_per_token"]) > 0 for row in rows.values())
     assert float(rows["whole"]["vs_whole"]) == 1 and float(rows["10,20:8"]["mel_error_db"]) < 0
     assert re.fullmatch(r"s3gen_streamed_vs_whole=\d+\.\d{3}", lines[-1])
+
+
+def test_piper_peers_dry_run_names_the_pinned_peers_and_the_same_voice() -> None:
+    """Its dry run installs and starts nothing: the commands it would run, each peer pinned, one voice for all."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "piper_peers.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    serve = [line for line in done.stdout.splitlines() if line.startswith("serve:")]
+    assert len(serve) == 3 and "server.py" in serve[0]
+    assert "piper.http_server" in serve[1] and "wyoming-piper" in serve[2]
+    assert all("en_US-joe-medium" in line for line in serve[1:])
+    for line in done.stdout.splitlines():
+        if line.startswith("install:") and " install " in line:
+            assert all("==" in word for word in line.split(" install -q ")[1].split())
+    assert "over HTTP" in done.stdout and "over Wyoming" in done.stdout
