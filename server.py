@@ -954,8 +954,8 @@ class LoudnessLeveler:
     The gain follows the running RMS of the utterance so far (speech only, silence is ignored),
     within limits, so the whole utterance settles on one level rather than each sentence jumping
     to its own peak; it glides linearly across each piece, so it never clicks. The first piece
-    starts at its own gain (nothing was heard before it), and no piece's gain lets a sample past
-    PEAK_CEILING: nothing clips, resampling's overshoot included.
+    with speech starts at its own gain (nothing was heard before it), and no piece's gain lets a
+    sample past PEAK_CEILING: nothing clips, and resampling's overshoot has 1 dB to spare.
     """
 
     TARGET_DBFS = -18.0
@@ -972,13 +972,11 @@ class LoudnessLeveler:
         voiced = audio[np.abs(audio) > SILENCE_THRESHOLD]
         self.energy += float(np.sum(voiced.astype(np.float64) ** 2))
         self.count += len(voiced)
-        target = 1.0 if self.gain is None else self.gain
-        if self.count:
-            rms_db = 10 * np.log10(self.energy / self.count + 1e-12)
-            target = 10 ** (np.clip(self.target_dbfs - rms_db, -self.MAX_CUT_DB, self.MAX_BOOST_DB) / 20)
+        if len(audio) == 0 or not self.count:
+            return audio  # silence so far: nothing to level, no gain chosen yet
+        rms_db = 10 * np.log10(self.energy / self.count + 1e-12)
+        target = 10 ** (np.clip(self.target_dbfs - rms_db, -self.MAX_CUT_DB, self.MAX_BOOST_DB) / 20)
         start = target if self.gain is None else self.gain
-        if len(audio) == 0:
-            return audio
         # Both ends under the piece's limit keep every sample of the glide under the ceiling; the start
         # only drops for a piece that peaks higher than the gain allows, at its boundary.
         limit = self.PEAK_CEILING / max(float(np.max(np.abs(audio))), 1e-9)

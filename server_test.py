@@ -340,7 +340,10 @@ def test_loudness_leveler_reaches_target_smoothly() -> None:
     rate = 24000
     quiet = (0.02 * np.sin(2 * np.pi * 200 * np.arange(3 * rate) / rate)).astype(np.float32)
     leveler = server.LoudnessLeveler()
+    assert not leveler.push(np.zeros(4800, np.float32)).any() and leveler.gain is None  # no gain before speech
     out = np.concatenate([leveler.push(quiet[i : i + 4800]) for i in range(0, len(quiet), 4800)])
+    first_rms_db = 10 * np.log10(np.mean(out[:4800] ** 2))
+    assert abs(first_rms_db - server.LoudnessLeveler.TARGET_DBFS) < 1.0  # at the level from the first piece on
     rms_db = 10 * np.log10(np.mean(out[-rate:] ** 2))
     assert abs(rms_db - server.LoudnessLeveler.TARGET_DBFS) < 1.0
     assert np.max(np.abs(np.diff(out))) < 2 * np.max(np.abs(np.diff(out[-rate:]))) + 1e-6  # no gain jumps
@@ -4951,20 +4954,26 @@ def test_websocket_origin_is_checked_on_a_real_server(servers: dict[str, ServerP
 
 
 def test_piper_runs_are_capped_and_memory_comes_back() -> None:
+    """Each ONNX run is at most PIPER_MAX_PHONEMES long, through onnxruntime's CPU arena (fast) that each run
+    shrinks as it ends (its memory comes back: tools/piper_arena.py measures both)."""
     engine = server.PiperEngine()
     engine.load()
-    assert not engine.default.session.get_session_options().enable_cpu_mem_arena
+    onnx_session = engine.default.session.session
+    assert onnx_session.get_session_options().enable_cpu_mem_arena
     lengths: list[int] = []
-    run = engine.default.session.run
+    shrinks: list[str] = []
+    run = onnx_session.run
 
-    def recorded(outputs: Any, feeds: dict[str, Any], *args: Any) -> Any:
+    def recorded(outputs: Any, feeds: dict[str, Any], run_options: Any = None) -> Any:
         lengths.append(feeds["input"].shape[1])
-        return run(outputs, feeds, *args)
+        shrinks.append(run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage"))
+        return run(outputs, feeds, run_options)
 
-    engine.default.session.run = recorded
+    onnx_session.run = recorded
     text = "".join(chr(0x4E00 + 7919 * n % 20000) for n in range(20))  # espeak spells out each: 300 phonemes
     audio = audio_of(engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True)))
     assert len(lengths) >= 2 and max(lengths) <= 2 * server.PIPER_MAX_PHONEMES + 1, lengths  # a pad after each
+    assert shrinks == ["cpu:0"] * len(lengths)
     assert len(audio) / engine.sample_rate > 10
 
 
