@@ -12,7 +12,8 @@ the servers take turns (their order rotates each repetition); every client sends
 
 Prints one Markdown table: per comparison, text and clients, first audio p50/p95 (ms) and aggregate audio
 seconds per wall second of both servers and their ratio (this server / the peer: under 1 is sooner for first
-audio, over 1 is more audio), then each server's RSS once ready (before any request) and at the end.
+audio, over 1 is more audio), then each server's RSS once ready (before any request) and at the end, and
+how loud its speech is.
 """
 
 from __future__ import annotations
@@ -59,6 +60,20 @@ TEXTS = {
 class Result:
     first_audio: float  # seconds from sending to the first audio byte
     audio_seconds: float
+    rms_dbfs: float  # over every sample, pauses included (as a listener's volume meter)
+    peak_dbfs: float
+
+
+def result(first_audio: float | None, pcm: bytes, bytes_per_second: int) -> Result:
+    """A request's measures from its 16-bit PCM."""
+    import numpy as np
+
+    samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2").astype(np.float64) / 32768.0
+    rms = float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
+    peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
+    return Result(
+        first_audio or 0.0, len(pcm) / bytes_per_second, 20 * np.log10(rms + 1e-12), 20 * np.log10(peak + 1e-12)
+    )
 
 
 @dataclass
@@ -182,14 +197,14 @@ async def http_speech(url: str, body: dict[str, object], header_bytes: int, rate
     import httpx
 
     started = time.perf_counter()
-    first, received = None, 0
+    first, received = None, b""
     async with httpx.AsyncClient(timeout=600) as client, client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for data in response.aiter_bytes():
-            received += len(data)
-            if first is None and received > header_bytes:
+            received += data
+            if first is None and len(received) > header_bytes:
                 first = time.perf_counter() - started
-    return Result(first or 0.0, (received - header_bytes) / 2 / rate)
+    return result(first, received[header_bytes:], 2 * rate)
 
 
 def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
@@ -199,17 +214,18 @@ def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
         from wyoming.tts import Synthesize
 
         started = time.perf_counter()
-        first, seconds = None, 0.0
+        first, pcm, bytes_per_second = None, b"", 1
         async with AsyncTcpClient("127.0.0.1", port) as client:
             await client.write_event(Synthesize(text=text).event())
             while (event := await client.read_event()) is not None:
                 if AudioChunk.is_type(event.type):
                     chunk = AudioChunk.from_event(event)
                     first = first or time.perf_counter() - started
-                    seconds += len(chunk.audio) / (chunk.rate * chunk.width * chunk.channels)
+                    pcm += chunk.audio
+                    bytes_per_second = chunk.rate * chunk.width * chunk.channels
                 elif AudioStop.is_type(event.type):
                     break
-        return Result(first or 0.0, seconds)
+        return result(first, pcm, bytes_per_second)
 
     return speak
 
@@ -327,6 +343,8 @@ def stop(served: list[Served]) -> None:
 @dataclass
 class Cell:
     first_audio: list[float] = field(default_factory=list)
+    rms_dbfs: list[float] = field(default_factory=list)
+    peak_dbfs: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)  # audio seconds per wall second, one per round
 
 
@@ -346,6 +364,8 @@ def measure(served: list[Served], reps: int, clients: list[int], texts: list[str
                     results, wall = asyncio.run(round_of(server, TEXTS[text_name], count))
                     cell = cells.setdefault((server.name, text_name, count), Cell())
                     cell.first_audio += [r.first_audio for r in results]
+                    cell.rms_dbfs += [r.rms_dbfs for r in results]
+                    cell.peak_dbfs += [r.peak_dbfs for r in results]
                     cell.throughput.append(sum(r.audio_seconds for r in results) / wall)
                 print(f"rep {rep + 1}: {text_name}, {count} clients done", file=sys.stderr)
     return cells
@@ -411,11 +431,14 @@ def main() -> None:
         stop(served)
     print("\n".join(table(cells, comparisons, clients, texts)))
     print()
-    print("| server | RSS once ready MB | RSS at end MB |")
-    print("|---|---|---|")
+    print("| server | RSS once ready MB | RSS at end MB | loudness: RMS dBFS, median (all samples) | peak dBFS, max |")
+    print("|---|---|---|---|---|")
     for server in served:
-        if server.process:
-            print(f"| {server.name} | {server.rss_start_mb:.0f} | {server.rss_end_mb:.0f} |")
+        mine = [cell for (name, _, _), cell in cells.items() if name == server.name]
+        rms = statistics.median(x for cell in mine for x in cell.rms_dbfs)
+        peak = max(x for cell in mine for x in cell.peak_dbfs)
+        memory = f"{server.rss_start_mb:.0f} | {server.rss_end_mb:.0f}" if server.process else "(the same process) | "
+        print(f"| {server.name} | {memory} | {rms:.1f} | {peak:.1f} |")
 
 
 if __name__ == "__main__":
