@@ -45,6 +45,7 @@ from testing import (
     free_port,
     padded,
     read_wav,
+    serving,
     speak,
     twilio_start,
     wait_idle,
@@ -619,11 +620,8 @@ def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         WYOMING_PORT=str(free_port()),
         AUDIOSOCKET_PORT=str(free_port()),
     )
-    try:
-        srv.wait_ready()
+    with serving(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 def assert_no_traceback(srv: ServerProcess) -> None:

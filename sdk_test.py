@@ -32,7 +32,7 @@ from hypothesis import settings as fuzzing
 from hypothesis import strategies as st
 
 import server
-from testing import FUZZ, JUNK, ROOT, ServerProcess, end_with_parent, free_port, read_wav
+from testing import FUZZ, JUNK, ROOT, ServerProcess, end_with_parent, free_port, read_wav, serving
 
 KEY = "sdk-s3cret"
 SDK_VENV = ROOT / ".cache" / "sdk-venv"
@@ -59,11 +59,8 @@ def piper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = ServerProcess(
         "piper", None, tmp_path_factory.mktemp("voices-sdk"), command=None, API_KEY=KEY, WYOMING_PORT=str(free_port())
     )
-    try:
-        srv.wait_ready()
+    with serving(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 def sdk_check(srv: ServerProcess, vendor: str, out: Path) -> dict[str, Any]:

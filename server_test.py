@@ -67,6 +67,7 @@ from testing import (
     fake_app,
     free_port,
     read_wav,
+    serving,
     speak,
     sse_events,
     status_of,
@@ -4741,11 +4742,8 @@ def piper_guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerPr
     srv = ServerProcess(
         "piper", None, tmp_path_factory.mktemp("voices-guarded"), HEADER_TIMEOUT="3", MAX_CONNECTIONS="6"
     )
-    try:
-        srv.wait_ready()
+    with serving(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 def test_request_heads_are_bounded_in_size_count_and_time(piper_guarded: ServerProcess) -> None:
@@ -4844,11 +4842,8 @@ def piper_json(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     srv = ServerProcess(
         "piper", None, tmp_path_factory.mktemp("voices-piper-json"), LOG_JSON="true", RESULT_CACHE_MB="1"
     )
-    try:
-        srv.wait_ready()
+    with serving(srv):
         yield srv
-    finally:
-        srv.stop()
 
 
 def json_log_lines(srv: ServerProcess) -> list[dict[str, Any]]:

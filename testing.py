@@ -17,6 +17,7 @@ import sys
 import time
 import wave
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -288,6 +289,16 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+@contextmanager
+def serving(srv: ServerProcess) -> Iterator[ServerProcess]:
+    """A started server, once it is ready; stopped however the block ends (a fixture yields inside it)."""
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
 
 
 @dataclass
