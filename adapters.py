@@ -1455,9 +1455,11 @@ async def register_call_speech(request: Request) -> Response:
     speech: CallSpeech = server.parse_model(CallSpeech, await server.read_json(request, server.MAX_JSON_BYTES))
     reading = server.text_reading(speech, app_state)
     await asyncio.to_thread(
-        server.speech_script, speech.text, app_state.settings, reading, server.ssml_of(speech), "text"
+        functools.partial(
+            server.speech_script, speech.text, app_state.settings, reading, server.ssml_of(speech), param="text"
+        )
     )
-    await server.speech_job(speech, app_state, Priority.REALTIME, "pcm")  # refuse what could not be spoken, now
+    await server.speech_job(speech, app_state, Priority.REALTIME, "pcm", reading)  # refuse what cannot be said, now
     queued = call_scripts(app_state).add(call, speech)
     return JSONResponse({"uuid": call, "queued": queued}, status_code=202)
 
@@ -1902,8 +1904,8 @@ class TwilioSession(SpeechSession):
                 code="invalid_api_key",
             )
 
-    async def job(self, speech: TwilioSpeech) -> SpeechJob:
-        job = await self.realtime_job(speech, "ulaw")
+    async def job(self, speech: TwilioSpeech, reading: server.Reading | None = None) -> SpeechJob:
+        job = await self.realtime_job(speech, "ulaw", reading)
         if (job.output.fmt.name, job.output.rate) != ("ulaw", 8000):
             raise ApiError(
                 400,
@@ -1921,9 +1923,10 @@ class TwilioSession(SpeechSession):
         settings = self.app_state.settings
         started = time.perf_counter()
         reading = server.text_reading(speech, self.app_state)
-        items = await asyncio.to_thread(  # one model call per sentence (a long one cut), pauses with the next
-            server.speech_script, speech.text, settings, reading, server.ssml_of(speech), "text", 0, True, False
+        per_sentence = functools.partial(  # one model call per sentence (a long one cut), pauses with the next
+            server.speech_script, speech.text, settings, reading, server.ssml_of(speech), param="text", pack=False
         )
+        items = await asyncio.to_thread(per_sentence)
         sentences: list[list[server.ScriptItem]] = [[]]
         for item in items:
             sentences[-1].append(item)
@@ -1931,7 +1934,7 @@ class TwilioSession(SpeechSession):
                 sentences.append([])
         sentences = [sentence for sentence in sentences if sentence]
         text_seconds = (time.perf_counter() - started) / len(sentences)
-        job = await self.job(speech)
+        job = await self.job(speech, reading)
         name = speech.id or str(next(self.numbers))
         if any(mark.split(".")[0] == name for mark in self.active):
             raise ApiError(

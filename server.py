@@ -6887,8 +6887,10 @@ class SpeechSession:
             self.admit(utterance)
         return utterance
 
-    async def realtime_job(self, fields: SynthesisFields, default_format: str) -> SpeechJob:
-        return await speech_job(fields, self.app_state, Priority.REALTIME, default_format)
+    async def realtime_job(
+        self, fields: SynthesisFields, default_format: str, reading: Reading | None = None
+    ) -> SpeechJob:
+        return await speech_job(fields, self.app_state, Priority.REALTIME, default_format, reading)
 
     def admit(self, utterance: Utterance) -> None:
         """The utterance joins the session, to be spoken after those started before it."""
