@@ -7857,16 +7857,13 @@ class GuardedHttp(HttpToolsProtocol):
         super().on_message_begin()
         self.reading_head, self.head_fed, self.head_size, self.head_fields = True, 0, 0, 0
 
-    def on_message_complete(self) -> None:
-        super().on_message_complete()
-        if self.cycle is not None and self.cycle.response_complete:  # answered before its body was all read
-            self.await_head()
-
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # The next head may come once this request's body is all read (not after an early answer to an
-        # upload still arriving) and no pipelined request has started.
-        if not self.transport.is_closing() and self.cycle.response_complete and not self.cycle.more_body:
+        if self.transport.is_closing():
+            return
+        if self.cycle.more_body:  # answered before its body was all read (a refused upload): not worth reading on
+            self.transport.close()
+        elif self.cycle.response_complete:  # the next head may come (no pipelined request started)
             self.await_head()
 
     def head_too_large(self) -> ApiError:
