@@ -1207,6 +1207,10 @@ class Engine(ABC):
     def unload(self) -> None:
         """Free the model's memory; load() brings it back."""
 
+    def idle(self) -> None:
+        """Nothing has run for ENGINE_REST_S: a moment to give memory back (`ModelHost.rest_when_idle`)."""
+        return None
+
     def release_memory(self) -> None:
         """Return cached accelerator memory to the device."""
         if torch.cuda.is_available():
@@ -1236,10 +1240,11 @@ class ChunkEngine(Engine):
     @abstractmethod
     def synthesize(
         self, text: str, voice: Any, params: SynthesisParams, phonemes: PhonemeSpans = ()
-    ) -> Iterator[np.ndarray | TextMarks]:
+    ) -> Iterator[np.ndarray | TextMarks | RunEvent]:
         """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced, and the
         TextMarks of that audio before it. An empty array is no audio yet: the engine hands the
-        inference thread back so other requests get a turn."""
+        inference thread back so other requests get a turn. TOKENS_DONE, once the last audio is
+        computed (before it is handed out), lets the chunk end in the same turn."""
 
 
 # --- Chatterbox model construction -----------------------------------------
@@ -3566,18 +3571,27 @@ def phoneme_starts(
 
 
 class ShrinkingSession:
-    """An onnxruntime session whose runs shrink the CPU arena as they end (`memory.enable_memory_arena_shrinkage`):
-    within a run allocations reuse the arena, and a long run's peak does not stay allocated after it."""
+    """A Piper voice's onnxruntime session, its CPU arena kept while it is busy (runs reuse the arena's memory
+    instead of faulting in fresh pages) and shrunk when asked: `shrink` makes the smallest run with
+    `memory.enable_memory_arena_shrinkage`, which frees the arena's unused regions as that run ends."""
 
     def __init__(self, session: Any):
         import onnxruntime
 
         self.session = session
-        self.run_options = onnxruntime.RunOptions()
-        self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self.shrinking = onnxruntime.RunOptions()
+        self.shrinking.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self.smallest: dict[str, np.ndarray] | None = None  # since the last shrink, a run's feeds cut short
 
     def run(self, output_names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(output_names, feeds, self.run_options)
+        # The start token, its pad and one phoneme: any voice speaks it.
+        self.smallest = {**feeds, "input": feeds["input"][:1, :3], "input_lengths": np.array([3], dtype=np.int64)}
+        return self.session.run(output_names, feeds)
+
+    def shrink(self) -> None:
+        if self.smallest is not None:
+            self.session.run(None, self.smallest, self.shrinking)
+            self.smallest = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)
@@ -3598,6 +3612,7 @@ class PiperEngine(ChunkEngine):
         self.sample_rate = 22050
         self.default: Any = None
         self.language = "en"
+        self.used: list[Any] = []  # the voices' sessions that have run since the server was last idle
 
     def _default_path(self) -> Path:
         if self.voice_path:
@@ -3629,7 +3644,7 @@ class PiperEngine(ChunkEngine):
 
     @staticmethod
     def session_runs(session: Any) -> Any:
-        """The session piper's voice runs: each run gives the arena's free regions back as it ends."""
+        """The session piper's voice runs: its arena is given back once the server is idle (`idle`)."""
         return ShrinkingSession(session)
 
     @staticmethod
@@ -3664,6 +3679,12 @@ class PiperEngine(ChunkEngine):
     def warm_up(self) -> None:
         for _ in self.synthesize("Warm up.", self.default, SynthesisParams()):
             pass
+        self.idle()
+
+    def idle(self) -> None:
+        for session in self.used:
+            session.shrink()
+        self.used.clear()
 
     def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
         if voice.path is None:
@@ -3701,7 +3722,7 @@ class PiperEngine(ChunkEngine):
 
     def synthesize(
         self, text: str, voice: Any, params: SynthesisParams, phonemes: PhonemeSpans = ()
-    ) -> Iterator[np.ndarray | TextMarks]:
+    ) -> Iterator[np.ndarray | TextMarks | RunEvent]:
         from piper import SynthesisConfig
 
         # VITS draws its noise inside the ONNX graph from a generator that onnxruntime seeds once per
@@ -3712,17 +3733,23 @@ class PiperEngine(ChunkEngine):
             if params.seeded
             else SynthesisConfig(normalize_audio=False)
         )
+        if not any(session is voice.session for session in self.used):
+            self.used.append(voice.session)
         sentences = self.phonemize(voice, text, phonemes)
         words = text_words(text)
         spoken = [phoneme_words(sentence) for sentence in sentences]
         targets = iter(word_targets(len(words), sum(map(len, spoken))))
         id_map, offset = voice.config.phoneme_id_map, 0
         # piper's own synthesize() runs each sentence at once, however long: ours is cut into runs.
-        for sentence, starts in zip(sentences, spoken):
+        runs = [list(phoneme_runs(sentence, PIPER_MAX_PHONEMES)) for sentence in sentences]
+        last = (len(runs) - 1, len(runs[-1]) - 1) if runs else None
+        for s, (sentence_runs, starts) in enumerate(zip(runs, spoken)):
             run_start = 0
-            for run in phoneme_runs(sentence, PIPER_MAX_PHONEMES):
+            for r, run in enumerate(sentence_runs):
                 ids = voice.phonemes_to_ids(run)
                 audio, id_samples = voice.phoneme_ids_to_audio(ids, config, include_alignments=True)
+                if (s, r) == last:
+                    yield TOKENS_DONE
                 audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
                 at, kind = phoneme_starts(run, ids, id_samples, id_map, len(audio))
                 marks = []
@@ -4007,7 +4034,7 @@ def rank(priority: int, submitted: float, ticket: int, now: float) -> tuple[floa
     return priority - (now - submitted) / AGING_SECONDS, ticket
 
 
-class _Event:
+class RunEvent:
     def __init__(self, name: str):
         self.name = name
 
@@ -4015,8 +4042,9 @@ class _Event:
         return self.name
 
 
-TOKENS_DONE = _Event("TOKENS_DONE")  # T3 has drawn a generation's last token; its next chunk may start
-GENERATION_DONE = _Event("GENERATION_DONE")  # its last audio has been delivered
+# The model has computed a generation's last audio (T3: drawn its last token); its next chunk may start.
+TOKENS_DONE = RunEvent("TOKENS_DONE")
+GENERATION_DONE = RunEvent("GENERATION_DONE")  # its last audio has been delivered
 
 
 @dataclass(frozen=True)
@@ -4028,6 +4056,29 @@ class TextMarks:
 
     marks: tuple[tuple[int, int], ...]
     kind: str = "aligned"  # "aligned": measured by the model; "estimated": spread over the audio's real length
+
+
+PLAYBACK_MARGIN_S = 2.0  # a stream this far ahead of its listener gives way to those nearer their end of audio
+
+
+@dataclass(eq=False)
+class Playback:
+    """A request's audio against a listener who plays it from its first sample in real time (the
+    inference thread's count): how far ahead of that listener it is decides whether it runs next."""
+
+    speed: float = 1.0  # its tempo: audio at speed 2 plays in half the time
+    arrival: float = field(default_factory=time.monotonic)  # its place in line, kept for all its chunks
+    started: float | None = None  # when its first audio was handed out
+    seconds: float = 0.0  # of audio handed out, as played
+
+    def heard(self, seconds: float, now: float) -> None:
+        if self.started is None:
+            self.started = now
+        self.seconds += seconds / self.speed
+
+    def lead(self, now: float) -> float:
+        """Seconds of audio the listener has not reached yet (negative: it ran dry that long ago)."""
+        return self.seconds - (now - self.started) if self.started is not None else 0.0
 
 
 @dataclass(eq=False)
@@ -4051,20 +4102,22 @@ class Generation:
     model_seconds: float = 0.0  # its share of the inference thread's time
     tokens: list[int] = field(default_factory=list)  # T3's speech tokens, once drawn
     phonemes: PhonemeSpans = ()  # spans of `text` to be read as the IPA given (engines that read phonemes)
+    playback: Playback = field(default_factory=Playback)  # its request's, shared by all its chunks
 
     def rank(self, now: float) -> tuple[float, int]:
         return rank(self.priority, self.submitted, self.ticket, now)
 
 
 class SequentialRunner:
-    """How an engine without batching runs generations: each turn, one piece of the most urgent one.
-    Streams take turns (a stream goes to the back of its class after each piece, so first audio comes
-    soon for all); whole files keep their request's place in line (each finishes as early as it can)."""
+    """How an engine without batching runs generations: each turn, one piece of the most urgent one
+    (`urgency`). Streams get their first audio first, then whoever is about to fall behind its listener;
+    the rest (whole files, streams comfortably ahead) go in order of arrival, so each finishes as early
+    as it can, as first come, first served would have it."""
 
-    def __init__(self, engine: ChunkEngine, tickets: Callable[[], int]):
-        self.engine, self.tickets = engine, tickets
+    def __init__(self, engine: ChunkEngine):
+        self.engine = engine
         self.generations: list[Generation] = []
-        self._pieces: dict[Generation, tuple[Iterator[np.ndarray | TextMarks], RngStream]] = {}
+        self._pieces: dict[Generation, tuple[Iterator[np.ndarray | TextMarks | RunEvent], RngStream]] = {}
 
     def add(self, generation: Generation) -> None:
         self.generations.append(generation)
@@ -4080,13 +4133,27 @@ class SequentialRunner:
     def warm_up(self) -> None:
         self.engine.warm_up()
 
+    @staticmethod
+    def urgency(generation: Generation, now: float) -> tuple[int, float, float]:
+        """Its place in the next turn's line (lowest first): a stream's first audio (in order of arrival);
+        a stream within PLAYBACK_MARGIN_S of running dry (least lead first); then everyone else by arrival,
+        background work behind until it has aged (`rank`)."""
+        playback = generation.playback
+        if generation.priority == Priority.REALTIME:
+            if playback.started is None:
+                return 0, generation.submitted, 0.0
+            if (lead := playback.lead(now)) < PLAYBACK_MARGIN_S:
+                return 1, lead, 0.0
+        priority = max(generation.priority, Priority.FILE)
+        return 2, *rank(priority, playback.arrival, generation.ticket, now)
+
     def turn(self) -> None:
         for generation in [g for g in self.generations if g.cancelled]:
             self._retire(generation)
         if not self.generations:
             return
         now = time.monotonic()
-        generation = min(self.generations, key=lambda g: g.rank(now))
+        generation = min(self.generations, key=lambda g: self.urgency(g, now))
         started = time.monotonic()
         try:
             if generation not in self._pieces:
@@ -4101,23 +4168,33 @@ class SequentialRunner:
                 self._pieces[generation] = pieces, rng
             pieces, rng = self._pieces[generation]
             with rng.active():
-                piece = next(pieces, None)
+                ended = self._advance(generation, pieces)
         except Exception as exc:
             self._retire(generation)
             generation.deliver(exc)
             return
         finally:
             generation.model_seconds += time.monotonic() - started
-        if piece is None:
+        if ended:
             self._retire(generation)
             generation.deliver(GENERATION_DONE)
-            return
-        if isinstance(piece, TextMarks):
-            generation.deliver(piece)  # before the audio it marks
-        elif len(piece):
-            generation.deliver(as_array(piece))
-        if generation.priority == Priority.REALTIME:
-            generation.ticket, generation.submitted = self.tickets(), time.monotonic()
+
+    def _advance(self, generation: Generation, pieces: Iterator[Any]) -> bool:
+        """Its pieces up to and including the next audio (marks and TOKENS_DONE cost no model time), and
+        once it has said TOKENS_DONE, the rest; whether it has ended."""
+        computed = False
+        for piece in pieces:
+            if isinstance(piece, TextMarks) or piece is TOKENS_DONE:
+                computed = computed or piece is TOKENS_DONE
+                generation.deliver(piece)  # marks before the audio they mark
+            else:
+                if len(piece):
+                    audio = as_array(piece)
+                    generation.playback.heard(len(audio) / self.engine.sample_rate, time.monotonic())
+                    generation.deliver(audio)
+                if not computed:
+                    return False  # an empty piece too: the engine hands the turn back
+        return True
 
     def _retire(self, generation: Generation) -> None:
         self.generations.remove(generation)
@@ -4464,13 +4541,13 @@ def run_alone(
         events.clear()
 
 
-def make_runner(engine: Engine, tickets: Callable[[], int]) -> SequentialRunner | BatchRunner:
+def make_runner(engine: Engine) -> SequentialRunner | BatchRunner:
     """How the inference worker runs an engine's generations: Chatterbox's many at a time through its
     batch, any other's one piece at a time."""
     if isinstance(engine, ChatterboxEngine):
         return BatchRunner(engine)
     assert isinstance(engine, ChunkEngine)
-    return SequentialRunner(engine, tickets)
+    return SequentialRunner(engine)
 
 
 S3GEN_SEED_SALT = 0x53336E  # a generation's S3Gen draws come from a stream of their own, apart from T3's
@@ -4509,7 +4586,7 @@ class InferenceWorker:
         self._incoming: list[Generation] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
-        self.runner = make_runner(engine, self.ticket) if engine is not None else None
+        self.runner = make_runner(engine) if engine is not None else None
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._stopping = False
         self.busy = False
@@ -5408,6 +5485,9 @@ async def _resumed(first: list[T], rest: AsyncIterator[T]) -> AsyncIterator[T]:
             yield item
 
 
+ENGINE_REST_S = 2.0  # a lull this long lets the engine give back memory a burst of work kept (Piper's arena)
+
+
 class ModelHost:
     """The engine on its inference thread: loading (at start or on demand) and warm-up, unloading when
     idle, the voices prepared for the loaded model, and whether the device can still be trusted."""
@@ -5482,6 +5562,16 @@ class ModelHost:
         self.voice_cache.clear()
         self.engine.unload()
         logger.info("model unloaded after {:.0f}s idle", time.monotonic() - self.last_used)
+
+    async def rest_when_idle(self) -> None:
+        """Once nothing has run for ENGINE_REST_S, the engine's `idle` (on the inference thread), once a lull."""
+        rested = self.last_used
+        while True:
+            await asyncio.sleep(ENGINE_REST_S / 2)
+            idle = time.monotonic() - self.last_used > ENGINE_REST_S
+            if self.loaded and not self.in_flight() and idle and rested != self.last_used:
+                rested = self.last_used
+                self.worker.post(self.engine.idle, Priority.BACKGROUND)
 
     async def unload_when_idle(self) -> None:
         idle = self.settings.idle_unload_s
@@ -5677,6 +5767,7 @@ class ChunkPipeline:
         self.ahead = asyncio.Semaphore(2)  # the chunk being consumed and one more
         self.started: list[Generation] = []
         self.accounted: dict[Generation, tuple[float, float]] = {}  # queue and model time billed to the job
+        self.playback = Playback(job.speed)
 
     async def audio(self, items: AsyncIterator[ScriptItem]) -> AsyncIterator[np.ndarray]:
         """The audio as it is made: a producer task starts the chunks' generations, in order; this
@@ -5792,6 +5883,7 @@ class ChunkPipeline:
                 ticket,
                 deliver,
                 phonemes=item.phonemes,
+                playback=self.playback,
             )
             self.started.append(generation)
             worker.start(generation)
@@ -7588,6 +7680,7 @@ def create_app(
             loading = speaker.host.start_loading()
             loading.add_done_callback(_report_load_failure)
             background.append(loading)
+        background.append(asyncio.ensure_future(speaker.host.rest_when_idle()))
         if settings.idle_unload_s > 0:
             background.append(asyncio.ensure_future(speaker.host.unload_when_idle()))
         try:

@@ -4439,7 +4439,7 @@ PIPER_MARKED = "The quick brown fox jumps over the lazy dog. Then it runs into t
 
 
 def piper_events(engine: server.PiperEngine, voice: Any, phonemes: server.PhonemeSpans = ()) -> list[Any]:
-    runner = server.SequentialRunner(engine, itertools.count().__next__)
+    runner = server.SequentialRunner(engine)
     events: list[Any] = []
     generation = server.Generation(
         PIPER_MARKED, voice, server.SynthesisParams(seeded=True), 0, server.Priority.REALTIME, 0, events.append
@@ -4449,6 +4449,67 @@ def piper_events(engine: server.PiperEngine, voice: Any, phonemes: server.Phonem
     while runner.busy:
         runner.turn()
     return events
+
+
+def test_the_sequential_runner_serves_first_audio_then_streams_running_dry_then_arrivals() -> None:
+    """A stream's first audio goes first; then a stream within PLAYBACK_MARGIN_S of running dry (the least
+    lead first); then, in order of arrival, whole files and streams comfortably ahead, which give way
+    (background work behind them until it has waited AGING_SECONDS a class)."""
+    now = time.monotonic()
+
+    def generation(priority: int, arrival: float, started: float | None = None, heard: float = 0.0) -> Any:
+        playback = server.Playback(arrival=now - arrival, started=None if started is None else now - started)
+        playback.seconds = heard
+        return server.Generation(
+            "Hello there.",
+            200.0,
+            server.SynthesisParams(),
+            0,
+            priority,
+            0,
+            lambda _: None,
+            submitted=now - arrival,
+            playback=playback,
+        )
+
+    lines = {
+        "new stream": generation(server.Priority.REALTIME, 1.0),
+        "newer stream": generation(server.Priority.REALTIME, 0.5),
+        "stream dry": generation(server.Priority.REALTIME, 9.0, started=8.0, heard=6.0),  # 2 s behind
+        "stream nearly dry": generation(server.Priority.REALTIME, 9.0, started=8.0, heard=9.0),
+        "stream ahead": generation(server.Priority.REALTIME, 30.0, started=5.0, heard=60.0),
+        "whole file": generation(server.Priority.FILE, 20.0),
+        "long whole file": generation(server.Priority.BACKGROUND, 25.0),
+        "long whole file, aged": generation(server.Priority.BACKGROUND, 35.0),  # aged past the whole file
+    }
+    order = sorted(lines, key=lambda name: server.SequentialRunner.urgency(lines[name], now))
+    assert order == [
+        "new stream",
+        "newer stream",
+        "stream dry",
+        "stream nearly dry",
+        "stream ahead",
+        "long whole file, aged",
+        "whole file",
+        "long whole file",
+    ]
+
+
+def test_a_piper_generation_ends_in_the_turn_of_its_last_audio() -> None:
+    """Piper says TOKENS_DONE once its last audio is made: the runner hands that audio out and ends the
+    generation in the same turn (the request's next chunk, or its end, need not wait a round of others)."""
+    engine = server.PiperEngine()
+    engine.load()
+    runner = server.SequentialRunner(engine)
+    events: list[Any] = []
+    text = "One sentence. And a second one."
+    runner.add(server.Generation(text, engine.default, server.SynthesisParams(seeded=True), 0, 0, 0, events.append))
+    runner.turn()
+    assert isinstance(events[-1], np.ndarray) and runner.busy  # the first sentence, and more to come
+    events.clear()
+    runner.turn()
+    assert [type(e) for e in events] == [server.RunEvent, server.TextMarks, np.ndarray, server.RunEvent]
+    assert events[0] is server.TOKENS_DONE and events[-1] is server.GENERATION_DONE and not runner.busy
 
 
 def test_piper_marks_each_word_where_its_phonemes_start() -> None:
@@ -4958,27 +5019,55 @@ def test_websocket_origin_is_checked_on_a_real_server(servers: dict[str, ServerP
 
 
 def test_piper_runs_are_capped_and_memory_comes_back() -> None:
-    """Each ONNX run is at most PIPER_MAX_PHONEMES long, through onnxruntime's CPU arena (fast) that each run
-    shrinks as it ends (its memory comes back: tools/piper_arena.py measures both)."""
+    """Each ONNX run is at most PIPER_MAX_PHONEMES long, through onnxruntime's CPU arena (fast), which is shrunk
+    once the engine is idle, by one short run (its memory comes back: tools/piper_arena.py measures both)."""
     engine = server.PiperEngine()
     engine.load()
     onnx_session = engine.default.session.session
     assert onnx_session.get_session_options().enable_cpu_mem_arena
     lengths: list[int] = []
-    shrinks: list[str] = []
+    shrinks: list[str | None] = []
     run = onnx_session.run
 
     def recorded(outputs: Any, feeds: dict[str, Any], run_options: Any = None) -> Any:
         lengths.append(feeds["input"].shape[1])
-        shrinks.append(run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage"))
+        shrinks.append(run_options and run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage"))
         return run(outputs, feeds, run_options)
 
     onnx_session.run = recorded
     text = "".join(chr(0x4E00 + 7919 * n % 20000) for n in range(20))  # espeak spells out each: 300 phonemes
     audio = audio_of(engine.synthesize(text, engine.default, server.SynthesisParams(seeded=True)))
     assert len(lengths) >= 2 and max(lengths) <= 2 * server.PIPER_MAX_PHONEMES + 1, lengths  # a pad after each
-    assert shrinks == ["cpu:0"] * len(lengths)
-    assert len(audio) / engine.sample_rate > 10
+    assert shrinks == [None] * len(lengths) and len(audio) / engine.sample_rate > 10
+    runs = len(lengths)
+    engine.idle()
+    engine.idle()  # nothing has run since: nothing to shrink
+    assert len(lengths) == runs + 1 and lengths[-1] == 3 and shrinks[-1] == "cpu:0"
+
+
+def test_a_piper_server_keeps_its_arena_through_a_burst_and_gives_it_back_after_a_lull(
+    servers: dict[str, ServerProcess],
+) -> None:
+    """A long sentence's run leaves onnxruntime's arena hundreds of MB large, kept while requests follow one
+    another (no faulting pages in afresh for each), and shrunk once nothing has run for ENGINE_REST_S."""
+    srv = servers["piper"]
+
+    def rss_mb() -> float:
+        status = Path(f"/proc/{srv.proc.pid}/status").read_text()
+        return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+
+    sentence = "The keeper climbed the stairs, " * 8 + "and lit the lamp."  # one run of 250 phonemes
+    before = rss_mb()
+    response = httpx.post(f"{srv.url}/v1/audio/speech", json={"input": sentence, "voice": "alloy"}, timeout=120)
+    assert response.status_code == 200
+    grown = rss_mb()
+    print(f"RSS {before:.0f} MB, after the request {grown:.0f} MB")
+    assert grown > before + 50
+    deadline = time.monotonic() + 60
+    while rss_mb() > before + (grown - before) / 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    print(f"RSS after the lull {rss_mb():.0f} MB")
+    assert rss_mb() < before + (grown - before) / 3
 
 
 def test_phoneme_runs_cut_after_words() -> None:

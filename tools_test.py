@@ -1,5 +1,5 @@
 """Tests of the benchmarks and tools: bench.py and tools/gpu_check.py (its CPU dry run), on tiny checkpoints;
-tools/loadtest.py's soak with hostile clients against a real server."""
+tools/loadtest.py's soak with hostile clients against a real server; the Piper tools."""
 
 from __future__ import annotations
 
@@ -156,3 +156,21 @@ def test_piper_peers_dry_run_names_the_pinned_peers_and_the_same_voice() -> None
         if line.startswith("install:") and " install " in line:
             assert all("==" in word for word in line.split(" install -q ")[1].split())
     assert "over HTTP" in done.stdout and "over Wyoming" in done.stdout
+
+
+def test_piper_batch_compares_batched_runs_with_one_run_each() -> None:
+    """On the bundled voice: every size's row, both rates counted from each sentence's own samples (padding
+    left out), and their ratio."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "piper_batch.py"), "--reps", "1", "--sizes", "2,3"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if re.match(r"\| \d", line)]
+    assert [row[0].strip() for row in rows] == ["2", "3"]
+    for row in rows:
+        each, batched = (float(cell.split()[0]) for cell in row[1:3])
+        assert each > 1 and batched > 1  # faster than real time, counted in samples of speech
+        assert float(row[3].strip().rstrip("x")) == pytest.approx(batched / each, abs=0.03)

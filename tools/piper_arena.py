@@ -2,8 +2,9 @@
 
 Throughput: one process loads server.PiperEngine (the bundled voice) once per configuration and synthesizes a
 ~190-word paragraph with each in turn, `--calls` times (the order rotates each time), so a shared machine's load
-falls on all alike; audio seconds per wall second, median and spread. RSS: each configuration in a fresh process
-of its own (so the memory is its own), `--rss-calls` calls: RSS after the first call, at the end, and its slope.
+falls on all alike; audio seconds per wall second, median and spread (calls back to back: no lull between them).
+RSS: each configuration in a fresh process of its own (so the memory is its own), `--rss-calls` calls, each
+followed by a lull (the engine's `idle`): RSS after the first call, at the end, and its slope.
 
     .venv/bin/python tools/piper_arena.py --calls 10 --rss-calls 30
 """
@@ -18,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,12 +39,13 @@ PARAGRAPH = (
     "while their parents linger over the photographs of storms that once shook the whole building."
 )
 
-CONFIGURATIONS = ("arena-off", "arena", "arena-shrink")
+CONFIGURATIONS = ("arena-off", "arena", "arena-shrink-each-run", "arena-shrink-when-idle")
 
 
 def engine_for(configuration: str) -> Any:
-    """server.PiperEngine as shipped ("arena-shrink"), or with the arena as it was ("arena-off") or on and
-    never shrunk ("arena")."""
+    """server.PiperEngine as shipped ("arena-shrink-when-idle": the arena shrunk once the runner has nothing
+    left to run), or with the arena off, as it once was ("arena-off"), on and never shrunk ("arena"), or shrunk
+    as each run ends ("arena-shrink-each-run", as it was before)."""
     import onnxruntime
 
     import server
@@ -57,12 +61,29 @@ def engine_for(configuration: str) -> Any:
         def session_runs(session: Any) -> Any:
             return session
 
-    class ArenaKept(server.PiperEngine):
+        def idle(self) -> None:
+            self.used.clear()
+
+    class ArenaKept(ArenaOff):
+        session_options = server.PiperEngine.session_options
+
+    class ShrunkEachRun(server.ShrinkingSession):
+        def run(self, output_names: Any, feeds: Any) -> Any:
+            return self.session.run(output_names, feeds, self.shrinking)
+
+    class ArenaShrunkEachRun(ArenaOff):
+        session_options = server.PiperEngine.session_options
+
         @staticmethod
         def session_runs(session: Any) -> Any:
-            return session
+            return ShrunkEachRun(session)
 
-    engines = {"arena-off": ArenaOff, "arena": ArenaKept, "arena-shrink": server.PiperEngine}
+    engines = {
+        "arena-off": ArenaOff,
+        "arena": ArenaKept,
+        "arena-shrink-each-run": ArenaShrunkEachRun,
+        "arena-shrink-when-idle": server.PiperEngine,
+    }
     return engines[configuration]()
 
 
@@ -81,7 +102,7 @@ def synthesize_paragraph(engine: Any) -> float:
     samples = sum(
         len(piece)
         for piece in engine.synthesize(PARAGRAPH, engine.default, server.SynthesisParams())
-        if not isinstance(piece, server.TextMarks)
+        if isinstance(piece, np.ndarray)
     )
     return samples / engine.sample_rate / (time.perf_counter() - started)
 
@@ -108,6 +129,7 @@ def rss_series(configuration: str, calls: int) -> list[float]:
     series = []
     for _ in range(calls):
         synthesize_paragraph(engine)
+        engine.idle()  # a lull after each call, as the server has one after a burst (ENGINE_REST_S)
         series.append(rss_mb())
     return series
 

@@ -59,20 +59,25 @@ TEXTS = {
 @dataclass
 class Result:
     first_audio: float  # seconds from sending to the first audio byte
+    total: float  # seconds from sending to the last
     audio_seconds: float
     rms_dbfs: float  # over every sample, pauses included (as a listener's volume meter)
     peak_dbfs: float
 
 
-def result(first_audio: float | None, pcm: bytes, bytes_per_second: int) -> Result:
-    """A request's measures from its 16-bit PCM."""
+def result(started: float, first_audio: float | None, pcm: bytes, bytes_per_second: int) -> Result:
+    """A request's measures from its 16-bit PCM, all of it received now."""
     import numpy as np
 
     samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2").astype(np.float64) / 32768.0
     rms = float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
     peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
     return Result(
-        first_audio or 0.0, len(pcm) / bytes_per_second, 20 * np.log10(rms + 1e-12), 20 * np.log10(peak + 1e-12)
+        first_audio or 0.0,
+        time.perf_counter() - started,
+        len(pcm) / bytes_per_second,
+        20 * np.log10(rms + 1e-12),
+        20 * np.log10(peak + 1e-12),
     )
 
 
@@ -86,6 +91,7 @@ class Served:
     ready: Callable[[], bool]
     speak: Callable[[str], Coroutine[Any, Any, Result]]
     process: subprocess.Popen[bytes] | None = None
+    ready_seconds: float = 0.0  # from starting the process to ready
     rss_start_mb: float = 0.0
     rss_end_mb: float = 0.0
     log: Path = field(default_factory=Path)
@@ -204,7 +210,7 @@ async def http_speech(url: str, body: dict[str, object], header_bytes: int, rate
             received += data
             if first is None and len(received) > header_bytes:
                 first = time.perf_counter() - started
-    return result(first, received[header_bytes:], 2 * rate)
+    return result(started, first, received[header_bytes:], 2 * rate)
 
 
 def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
@@ -225,7 +231,7 @@ def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
                     bytes_per_second = chunk.rate * chunk.width * chunk.channels
                 elif AudioStop.is_type(event.type):
                     break
-        return result(first, pcm, bytes_per_second)
+        return result(started, first, pcm, bytes_per_second)
 
     return speak
 
@@ -303,6 +309,7 @@ def start(served: list[Served]) -> None:
     for server in served:
         if server.command:
             server.log = logs / f"{server.name.replace(' ', '-')}.log"
+            server.ready_seconds = -time.monotonic()
             server.process = subprocess.Popen(
                 server.command,
                 env={**os.environ, **server.env},
@@ -320,6 +327,7 @@ def start(served: list[Served]) -> None:
                 raise SystemExit(f"{server.name} not ready in 300 s")
             time.sleep(0.3)
         if server.process:
+            server.ready_seconds += time.monotonic()
             server.rss_start_mb = rss_mb(server.process.pid)
         asyncio.run(server.speak("Warm up."))  # wyoming-piper loads its voice at the first request
 
@@ -343,6 +351,7 @@ def stop(served: list[Served]) -> None:
 @dataclass
 class Cell:
     first_audio: list[float] = field(default_factory=list)
+    total: list[float] = field(default_factory=list)
     rms_dbfs: list[float] = field(default_factory=list)
     peak_dbfs: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)  # audio seconds per wall second, one per round
@@ -364,11 +373,23 @@ def measure(served: list[Served], reps: int, clients: list[int], texts: list[str
                     results, wall = asyncio.run(round_of(server, TEXTS[text_name], count))
                     cell = cells.setdefault((server.name, text_name, count), Cell())
                     cell.first_audio += [r.first_audio for r in results]
+                    cell.total += [r.total for r in results]
                     cell.rms_dbfs += [r.rms_dbfs for r in results]
                     cell.peak_dbfs += [r.peak_dbfs for r in results]
                     cell.throughput.append(sum(r.audio_seconds for r in results) / wall)
                 print(f"rep {rep + 1}: {text_name}, {count} clients done", file=sys.stderr)
     return cells
+
+
+def memory_over_long_calls(server: Served, calls: int) -> list[tuple[int, float]]:
+    """The server's RSS after each of `calls` long requests in a row (the 10-sentence text), every tenth kept."""
+    assert server.process is not None
+    kept = []
+    for call in range(1, calls + 1):
+        asyncio.run(server.speak(TEXTS["10 sentences"]))
+        if call == 1 or call % 10 == 0:
+            kept.append((call, rss_mb(server.process.pid)))
+    return kept
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -384,8 +405,8 @@ def table(
 ) -> list[str]:
     lines = [
         "| over | text | clients | first audio p50 ms (ours / peer = ratio) | first audio p95 ms | "
-        "audio s per s, median (ours / peer = ratio) |",
-        "|---|---|---|---|---|---|",
+        "audio s per s, median (ours / peer = ratio) | total time p50 ms |",
+        "|---|---|---|---|---|---|---|",
     ]
     for label, ours, peer in comparisons:
         for text_name in texts:
@@ -394,10 +415,12 @@ def table(
                 p50 = [1000 * percentile(c.first_audio, 0.5) for c in (a, b)]
                 p95 = [1000 * percentile(c.first_audio, 0.95) for c in (a, b)]
                 rate = [statistics.median(c.throughput) for c in (a, b)]
+                total = [1000 * percentile(c.total, 0.5) for c in (a, b)]
                 lines.append(
                     f"| {label} vs {peer} | {text_name} | {count} | {p50[0]:.0f} / {p50[1]:.0f} = {p50[0] / p50[1]:.2f}x "
                     f"| {p95[0]:.0f} / {p95[1]:.0f} = {p95[0] / p95[1]:.2f}x "
-                    f"| {rate[0]:.1f} / {rate[1]:.1f} = {rate[0] / rate[1]:.2f}x |"
+                    f"| {rate[0]:.1f} / {rate[1]:.1f} = {rate[0] / rate[1]:.2f}x "
+                    f"| {total[0]:.0f} / {total[1]:.0f} = {total[0] / total[1]:.2f}x |"
                 )
     return lines
 
@@ -407,6 +430,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="repetitions of every cell (servers rotate each time)")
     parser.add_argument("--clients", default="1,2,4,8", help="concurrent clients, comma-separated")
     parser.add_argument("--texts", default=",".join(TEXTS), help=f"of: {', '.join(TEXTS)}")
+    parser.add_argument("--long-calls", type=int, default=0, help="then this server's RSS over this many long calls")
     parser.add_argument("--dry-run", action="store_true", help="print what would be installed and run; start nothing")
     args = parser.parse_args()
     clients = [int(n) for n in args.clients.split(",")]
@@ -427,18 +451,29 @@ def main() -> None:
     start(served)
     try:
         cells = measure(served, args.reps, clients, texts)
+        memory = memory_over_long_calls(served[0], args.long_calls) if args.long_calls else []
     finally:
         stop(served)
     print("\n".join(table(cells, comparisons, clients, texts)))
     print()
-    print("| server | RSS once ready MB | RSS at end MB | loudness: RMS dBFS, median (all samples) | peak dBFS, max |")
-    print("|---|---|---|---|---|")
+    print(
+        "| server | start to ready s | RSS once ready MB | RSS at end MB | loudness: RMS dBFS, median (all samples) "
+        "| peak dBFS, max |"
+    )
+    print("|---|---|---|---|---|---|")
     for server in served:
         mine = [cell for (name, _, _), cell in cells.items() if name == server.name]
         rms = statistics.median(x for cell in mine for x in cell.rms_dbfs)
         peak = max(x for cell in mine for x in cell.peak_dbfs)
-        memory = f"{server.rss_start_mb:.0f} | {server.rss_end_mb:.0f}" if server.process else "(the same process) | "
-        print(f"| {server.name} | {memory} | {rms:.1f} | {peak:.1f} |")
+        rss = (
+            f"{server.ready_seconds:.1f} | {server.rss_start_mb:.0f} | {server.rss_end_mb:.0f}"
+            if server.process
+            else "(the same process) | | "
+        )
+        print(f"| {server.name} | {rss} | {rms:.1f} | {peak:.1f} |")
+    if memory:
+        print()
+        print(f"{served[0].name}, RSS MB after each long call: " + ", ".join(f"{n}: {mb:.0f}" for n, mb in memory))
 
 
 if __name__ == "__main__":
