@@ -60,7 +60,7 @@ def main() -> None:
     session = voice.session
     config = voice.config
     scales = np.array([config.noise_scale, config.length_scale, config.noise_w_scale], dtype=np.float32)
-    ids = [voice.phonemes_to_ids(sum(voice.phonemize(text), [])) for text in SENTENCES]
+    ids = [voice.phonemes_to_ids(voice.phonemize(text)[0]) for text in SENTENCES]  # one sentence each
     run(session, ids[:1], scales, config.hop_length)  # warm
     print("| sentences at once | one run each: audio s per s, median (min-max) | one batched run | ratio |")
     print("|---|---|---|---|")
