@@ -101,6 +101,12 @@ else:
 T = TypeVar("T")
 
 
+def loaded_torch() -> Any:
+    """torch if something has imported it, else None: with no torch loaded there are no tensors and no
+    device errors to look for, and looking must not load it."""
+    return sys.modules.get("torch")
+
+
 __version__ = "0.1.0"
 
 # ---------------------------------------------------------------------------
@@ -725,7 +731,7 @@ class ChunkJoiner:
     def push(self, piece: Any, starts_segment: bool) -> Any:
         cat: Callable[..., Any]
         fade: Callable[[int], tuple[Any, Any]]
-        if isinstance(piece, torch.Tensor):
+        if (loaded := loaded_torch()) is not None and isinstance(piece, loaded.Tensor):
             cat = torch.cat
             fade = lambda n: device_fade_curves(n, piece.device, piece.dtype)  # noqa: E731
         else:
@@ -1232,10 +1238,12 @@ class Engine(ABC):
     def unload(self) -> None:
         """Free the model's memory; load() brings it back."""
 
-    def release_memory(self) -> None:
+    def release_memory(self) -> None:  # noqa: B027 (optional: most engines cache none)
         """Return cached accelerator memory to the device."""
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+    def inference(self) -> contextlib.AbstractContextManager[Any]:
+        """The mode the inference thread runs this engine's work in (Chatterbox: torch's inference mode)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
@@ -1265,6 +1273,10 @@ class ChunkEngine(Engine):
         """Audio for one chunk of text, float32 mono at `sample_rate`, as it is produced, and the
         TextMarks of that audio before it. An empty array is no audio yet: the engine hands the
         inference thread back so other requests get a turn."""
+
+    def random_stream(self, seed: int) -> RngStream | NoRandomness:
+        """The random stream a generation's synthesis draws from (torch's), swapped in around each of its pieces."""
+        return RngStream(seed)
 
 
 # --- Chatterbox model construction -----------------------------------------
@@ -1770,6 +1782,13 @@ class ChatterboxEngine(Engine):
         self.s3gen = None
         gc.collect()
         self.release_memory()
+
+    def release_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def inference(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.inference_mode()
 
     def warm_up(self) -> None:
         """Capture every graph now, never while serving."""
@@ -3258,6 +3277,9 @@ class PiperEngine(ChunkEngine):
             )
         return loaded
 
+    def random_stream(self, seed: int) -> NoRandomness:
+        return NoRandomness()  # its noise is onnxruntime's, out of a seed's reach (see synthesize)
+
     def synthesize(
         self, text: str, voice: Any, params: SynthesisParams, phonemes: PhonemeSpans = ()
     ) -> Iterator[np.ndarray | TextMarks]:
@@ -3343,6 +3365,11 @@ class PiperEngine(ChunkEngine):
         }
 
 
+# Device nodes of the GPU drivers torch.cuda can use (NVIDIA's, ROCm's, WSL's): without one, asking torch
+# would only load it (~440 MB) to hear no.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
 def choose_model(settings: Settings) -> tuple[str, str]:
     """TTS_MODEL=auto: Chatterbox Turbo where it can run well or is already here, else Piper.
     Looks only at this machine (no network)."""
@@ -3354,7 +3381,7 @@ def choose_model(settings: Settings) -> tuple[str, str]:
             (k for k, f in CHECKPOINT_FILES.items() if f["t3"] in files), "turbo"
         )
         return kind, f"MODEL_DIR holds a {kind} checkpoint"
-    if torch.cuda.is_available():
+    if any(os.path.exists(node) for node in GPU_DEVICE_NODES) and torch.cuda.is_available():
         return "turbo", "a CUDA GPU is present"
     from huggingface_hub import try_to_load_from_cache
 
@@ -3623,7 +3650,7 @@ class SequentialRunner:
     def __init__(self, engine: ChunkEngine, tickets: Callable[[], int]):
         self.engine, self.tickets = engine, tickets
         self.generations: list[Generation] = []
-        self._pieces: dict[Generation, tuple[Iterator[np.ndarray | TextMarks], RngStream]] = {}
+        self._pieces: dict[Generation, tuple[Iterator[np.ndarray | TextMarks], RngStream | NoRandomness]] = {}
 
     def add(self, generation: Generation) -> None:
         self.generations.append(generation)
@@ -3650,7 +3677,7 @@ class SequentialRunner:
         try:
             if generation not in self._pieces:
                 generation.queue_wait = started - generation.submitted
-                rng = RngStream(generation.seed)
+                rng = self.engine.random_stream(generation.seed)
                 with rng.active():
                     pieces = iter(
                         self.engine.synthesize(
@@ -4069,6 +4096,10 @@ class InferenceWorker:
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self.runner = make_runner(engine, self.ticket) if engine is not None else None
+        # The mode its work runs in; with no engine (tests' own units of torch work), torch's inference mode.
+        self.inference: Callable[[], contextlib.AbstractContextManager[Any]] = (
+            engine.inference if engine is not None else lambda: torch.inference_mode()
+        )
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._stopping = False
         self.busy = False
@@ -4125,7 +4156,6 @@ class InferenceWorker:
         return self._waiting.pop(best)
 
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
         runner = self.runner
         while True:
             with self._cond:
@@ -4142,7 +4172,7 @@ class InferenceWorker:
             if item is not None and not item.future.cancelled():
                 self.busy = True
                 try:
-                    with torch.inference_mode():
+                    with self.inference():
                         result, error = item.fn(), None
                 except BaseException as exc:  # delivered to the awaiting request
                     # Keep this one call wherever model work's error is caught: a fatal device error must be seen.
@@ -4153,7 +4183,7 @@ class InferenceWorker:
             if runner is not None and runner.busy:
                 self.busy = True
                 try:
-                    with torch.inference_mode():
+                    with self.inference():
                         runner.turn()
                 except Exception as exc:  # the runner delivers each generation's own errors; this is a bug
                     self.on_error(exc)
@@ -4186,6 +4216,8 @@ def fatal_device_error(error: BaseException) -> str | None:
     """The cause, if `error` (or an error it was raised from) leaves the CUDA context unusable: a
     device-side assert, an illegal address, a failed graph capture... Those are sticky: every later
     call fails too. None for anything the next request survives, an out-of-memory error included."""
+    if loaded_torch() is None:
+        return None
     seen: BaseException | None = error
     while seen is not None:
         message = str(seen).strip()
@@ -4248,6 +4280,13 @@ def stop_for_restart(stop: Callable[[], None]) -> None:
     stop()
     time.sleep(2 * DEVICE_FAULT_GRACE_S)
     os._exit(EXIT_DEVICE_FAULT)
+
+
+class NoRandomness:
+    """The random stream of an engine that draws nothing from torch's generators (Piper)."""
+
+    def active(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 class RngStream:
@@ -7480,8 +7519,10 @@ def main() -> None:
 
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_json)
-    set_torch_threads(settings.torch_threads)
-    app = create_app(settings)
+    engine = make_engine(settings)
+    if isinstance(engine, ChatterboxEngine):
+        set_torch_threads(settings.torch_threads)
+    app = create_app(settings, engine)
     speaker = app.state.tts.speaker
 
     class Server(uvicorn.Server):

@@ -4535,6 +4535,49 @@ def test_auto_model_choice(checkpoints: dict[str, Path], tmp_path: Path, env: di
     assert out.stdout.strip().splitlines()[-1] == expected, out.stderr
 
 
+def test_auto_model_choice_without_a_gpu_or_weights_leaves_torch_unloaded(tmp_path: Path) -> None:
+    """TTS_MODEL=auto on a machine with no GPU device node and no Chatterbox weights picks Piper without
+    loading torch to ask it about CUDA (a fresh process: this one has torch loaded)."""
+    choose = (
+        "import sys, server; server.GPU_DEVICE_NODES = ()\n"
+        "print(server.choose_model(server.Settings.from_env())[0], 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TTS_MODEL": "auto", "MODEL_DIR": "", "HF_HUB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", choose], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split() == ["piper", "False"], out.stderr
+
+
+def test_a_piper_server_never_loads_torch(tmp_path: Path) -> None:
+    """A Piper server speaks over HTTP, its WebSocket and Wyoming without ever loading torch (~440 MB of
+    RSS): its libraries are not mapped, so neither Chatterbox nor t3_decoder.py, which import it, was loaded."""
+    from wyoming.audio import AudioChunk
+    from wyoming.client import AsyncTcpClient
+    from wyoming.tts import Synthesize
+
+    wyoming_port = free_port()
+    srv = ServerProcess("piper", None, tmp_path / "voices", WYOMING_PORT=str(wyoming_port))
+    with serving(srv):
+        speech = httpx.post(f"{srv.url}/v1/audio/speech", json={"input": SPEECH, "response_format": "pcm"}, timeout=120)
+        assert speech.status_code == 200 and len(speech.content) > 24000, speech.text
+        with connect_ws(srv) as ws:
+            ws.send(json.dumps({"type": "speak", "id": "a", "text": "Hi there."}))
+            messages = iter(lambda: ws.recv(timeout=60), None)
+            assert any(isinstance(m, str) and json.loads(m)["type"] == "done" for m in messages)  # audio: bytes
+
+        async def wyoming() -> bytes:
+            async with AsyncTcpClient("127.0.0.1", wyoming_port) as client:
+                await client.write_event(Synthesize(text="Wyoming speaks.").event())
+                audio = b""
+                while (event := await asyncio.wait_for(client.read_event(), 60)) and event.type != "audio-stop":
+                    audio += AudioChunk.from_event(event).audio if event.type == "audio-chunk" else b""
+                return audio
+
+        assert len(asyncio.run(wyoming())) > 8000
+        maps = Path(f"/proc/{srv.proc.pid}/maps").read_text()
+        assert "onnxruntime" in maps  # the server's own process
+        assert "libtorch" not in maps, [line for line in maps.splitlines() if "torch" in line]
+
+
 # ---------------------------------------------------------------------------
 # The browser page, in real headless Chromium (Debian's package, driven by Playwright)
 # ---------------------------------------------------------------------------
