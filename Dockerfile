@@ -27,7 +27,8 @@ COPY requirements.txt requirements-nodeps.txt ./
 RUN pip install --upgrade "pip>=24" \
     && pip install -r requirements.txt \
     && pip install --no-deps -r requirements-nodeps.txt
-# .dockerignore lets through only the server's own files (server.py, text_frontend.py, adapters.py, tools/, web/).
+# .dockerignore lets through only the server's own files (server.py, t3_decoder.py, text_frontend.py, adapters.py,
+# tools/, web/).
 COPY . .
 
 RUN useradd --create-home --uid 10001 tts \

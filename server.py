@@ -21,6 +21,7 @@ import errno
 import functools
 import hashlib
 import hmac
+import importlib
 import io
 import itertools
 import json
@@ -44,7 +45,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 os.environ.setdefault("NUMBA_CACHE_DIR", str(Path.home() / ".cache" / "numba"))
 # OpenMP threads that spin while they wait for work steal the cores the event loop and the other
@@ -53,8 +54,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import anyio
 import numpy as np
-import torch
-import torch.nn.functional as F
 from loguru import logger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -74,7 +73,39 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from text_frontend import PARALINGUISTIC_TAGS, Lexicon, Pause, Reading, Speech, TextError, read_text
 
+
+class LazyModule:
+    """A module imported on its first attribute's use, so a Piper-only server never loads torch (~440 MB).
+    Bound to a name here, not put in sys.modules: libraries that look there for torch find it only once
+    it really is imported."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        value = getattr(importlib.import_module(self._name), attr)
+        setattr(self, attr, value)  # found directly from now on
+        return value
+
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+
+    import t3_decoder
+else:
+    torch = LazyModule("torch")
+    F = LazyModule("torch.nn.functional")
+    t3_decoder = LazyModule("t3_decoder")
+
 T = TypeVar("T")
+
+
+def loaded_torch() -> Any:
+    """torch if something has imported it, else None: with no torch loaded there are no tensors and no
+    device errors to look for, and looking must not load it."""
+    return sys.modules.get("torch")
+
 
 __version__ = "0.1.0"
 
@@ -337,7 +368,7 @@ def parse_bool(raw: str) -> bool:
 
 
 MODEL_KINDS = ("auto", "turbo", "standard", "multilingual", "piper")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # torch's dtypes, by name
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 NATIVE_SAMPLE_RATE = 24000
 
@@ -700,7 +731,7 @@ class ChunkJoiner:
     def push(self, piece: Any, starts_segment: bool) -> Any:
         cat: Callable[..., Any]
         fade: Callable[[int], tuple[Any, Any]]
-        if isinstance(piece, torch.Tensor):
+        if (loaded := loaded_torch()) is not None and isinstance(piece, loaded.Tensor):
             cat = torch.cat
             fade = lambda n: device_fade_curves(n, piece.device, piece.dtype)  # noqa: E731
         else:
@@ -1207,14 +1238,15 @@ class Engine(ABC):
     def unload(self) -> None:
         """Free the model's memory; load() brings it back."""
 
-    def idle(self) -> None:
+    def idle(self) -> None:  # noqa: B027 (optional: most engines keep nothing to give back)
         """Nothing has run for ENGINE_REST_S: a moment to give memory back (`ModelHost.rest_when_idle`)."""
-        return None
 
-    def release_memory(self) -> None:
+    def release_memory(self) -> None:  # noqa: B027 (optional: most engines cache none)
         """Return cached accelerator memory to the device."""
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+
+    def inference(self) -> contextlib.AbstractContextManager[Any]:
+        """The mode the inference thread runs this engine's work in (Chatterbox: torch's inference mode)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def prepare_voice(self, voice: VoiceRef, exaggeration: float) -> Any:
@@ -1245,6 +1277,10 @@ class ChunkEngine(Engine):
         TextMarks of that audio before it. An empty array is no audio yet: the engine hands the
         inference thread back so other requests get a turn. TOKENS_DONE, once the last audio is
         computed (before it is handed out), lets the chunk end in the same turn."""
+
+    def random_stream(self, seed: int) -> RngStream | NoRandomness:
+        """The random stream a generation's synthesis draws from (torch's), swapped in around each of its pieces."""
+        return RngStream(seed)
 
 
 # --- Chatterbox model construction -----------------------------------------
@@ -1751,6 +1787,13 @@ class ChatterboxEngine(Engine):
         gc.collect()
         self.release_memory()
 
+    def release_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def inference(self) -> contextlib.AbstractContextManager[Any]:
+        return torch.inference_mode()
+
     def warm_up(self) -> None:
         """Capture every graph now, never while serving."""
         if self.options.cuda_graphs:
@@ -1869,7 +1912,7 @@ def t3_capacity(t3: Any, chunk_max_chars: int, device: str) -> int:
     return conditioning + chunk_max_chars + 2 + 2 + speech_token_budget("\u4e00" * chunk_max_chars)
 
 
-def slots_that_fit(t3: Any, rows_per_slot: int, capacity: int, options: DecodeOptions) -> int:
+def slots_that_fit(t3: Any, rows_per_slot: int, capacity: int, options: t3_decoder.DecodeOptions) -> int:
     """MAX_BATCH=0 on CUDA: the device's default, fewer if their KV cache would take more than
     KV_CACHE_MEMORY_SHARE of the GPU's free memory (one standard slot's cache is about 0.4 GB)."""
     config = t3.tfmr.config
@@ -1895,11 +1938,13 @@ def slots_that_fit(t3: Any, rows_per_slot: int, capacity: int, options: DecodeOp
     return min(options.max_batch, fit)
 
 
-def t3_batch(kind: str, t3: Any, options: DecodeOptions, capacity: int) -> T3Batch:
-    return T3Batch(t3, t3_decoder(kind, t3, options, capacity), cfg=kind != "turbo", monitored=kind == "multilingual")
+def t3_batch(kind: str, t3: Any, options: t3_decoder.DecodeOptions, capacity: int) -> T3Batch:
+    return T3Batch(
+        t3, build_t3_decoder(kind, t3, options, capacity), cfg=kind != "turbo", monitored=kind == "multilingual"
+    )
 
 
-def t3_decoder(kind: str, t3: Any, options: DecodeOptions, capacity: int) -> T3Decoder:
+def build_t3_decoder(kind: str, t3: Any, options: t3_decoder.DecodeOptions, capacity: int) -> t3_decoder.T3Decoder:
     """Llama's decoder probes the heads whose attention follows the text (upstream's LLAMA_ALIGNED_HEADS: the
     text marks, and Multilingual's alignment monitor); a model too small to have them (a tiny test
     checkpoint) probes its last layer's first head. GPT-2 (Turbo) has no known such heads."""
@@ -1913,7 +1958,7 @@ def t3_decoder(kind: str, t3: Any, options: DecodeOptions, capacity: int) -> T3D
         if kind == "multilingual" and len(probes) != len(LLAMA_ALIGNED_HEADS):
             raise ValueError("a Multilingual model without upstream's alignment heads")  # its monitor reads them
         probes = probes or ((layers - 1, 0),)
-    return T3Decoder(t3.tfmr, 1 if kind == "turbo" else 2, options, capacity, probes=probes)
+    return t3_decoder.T3Decoder(t3.tfmr, 1 if kind == "turbo" else 2, options, capacity, probes=probes)
 
 
 def alignment_monitor(t3: Any, len_cond: int, len_text: int) -> Any:
@@ -2254,9 +2299,7 @@ def hift_source(hift: Any, mel: torch.Tensor, cache: torch.Tensor | None) -> tor
 # out the idle rows past the last busy slot only where that cannot change a row's arithmetic), so a
 # row's arithmetic never depends on its neighbours. On CUDA the whole step is captured once per
 # cache-length bucket at warm-up and replayed; on CPU it runs eagerly, each slot attending over exactly
-# its own length.
-
-CACHE_BUCKET = 256  # graphed/compiled steps attend over the cache in buckets of this many positions
+# its own length. The model half (the transformer over its KV cache, quantization) is t3_decoder.py.
 
 
 @dataclass(frozen=True)
@@ -2271,7 +2314,7 @@ class ModelOptions:
     attention: str = "sdpa"
     max_batch: int = 0  # 0: the device's default
 
-    def resolve(self, device: str) -> tuple[DecodeOptions, list[str]]:
+    def resolve(self, device: str) -> tuple[t3_decoder.DecodeOptions, list[str]]:
         """What this device will run, and one warning for each option it cannot do."""
         cuda = device == "cuda"
         warnings = []
@@ -2300,14 +2343,14 @@ class ModelOptions:
             warnings.append(f"TORCH_COMPILE needs {missing}: running eager")
             compile_mode = ""
         graphs = self.cuda_graphs and cuda
-        return DecodeOptions(
-            DTYPES[dtype],
+        return t3_decoder.DecodeOptions(
+            getattr(torch, dtype),
             quantize,
             self.attention,
             compile_mode,
             graphs,
             eos_check_every=16 if cuda else 1,
-            s3gen_dtype=DTYPES[s3gen_dtype],
+            s3gen_dtype=getattr(torch, s3gen_dtype),
             max_batch=self.max_batch or DEFAULT_MAX_BATCH["cuda" if cuda else "cpu"],
             prefill_chunk=PREFILL_CHUNK["cuda" if cuda else "cpu"],
         ), warnings
@@ -2369,76 +2412,6 @@ def cpu_has_native_bfloat16() -> bool:
         return bool(re.search(r"\b(amx_bf16|avx512_bf16)\b", Path("/proc/cpuinfo").read_text()))
     except OSError:
         return False
-
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How T3 runs: the load-time settings, resolved for the device."""
-
-    dtype: torch.dtype = torch.float32
-    quantize: str = "none"  # "int8"
-    attention: str = "sdpa"  # or "eager"
-    compile_mode: str = ""  # "" = no torch.compile, else its mode
-    cuda_graphs: bool = False
-    eos_check_every: int = 1  # steps between reading tokens back; >1 saves a sync per step on CUDA
-    s3gen_dtype: torch.dtype = torch.float32  # S3Gen's flow, under autocast (its vocoder stays float32)
-    max_batch: int = 8  # generation slots decoded together
-    prefill_chunk: int = 32  # prompt positions per prefill turn while others decode
-
-    @property
-    def bucketed(self) -> bool:
-        """Static attention shapes (needed by graphs and compiled steps)."""
-        return self.cuda_graphs or bool(self.compile_mode)
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "s3gen_dtype": str(self.s3gen_dtype).removeprefix("torch."),
-            "quantize": self.quantize,
-            "torch_compile": bool(self.compile_mode),
-            "compile_mode": self.compile_mode or None,
-            "cuda_graphs": self.cuda_graphs,
-            "attention": self.attention,
-            "eos_check_every": self.eos_check_every,
-            "max_batch": self.max_batch,
-        }
-
-
-class KVCache:
-    """Keys and values of every row of the batch, allocated once at load for the longest generation:
-    [2 (keys, values), rows, heads, capacity, head_dim] per layer. Never reallocated: graphs read it by address."""
-
-    def __init__(
-        self,
-        layers: int,
-        rows: int,
-        heads: int,
-        head_dim: int,
-        capacity: int,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ):
-        self.layers = [
-            torch.zeros(2, rows, heads, capacity, head_dim, dtype=dtype, device=device) for _ in range(layers)
-        ]
-        self.capacity = capacity
-
-    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor) -> None:
-        """One write of keys and values: kv [r, T, 2, heads, head_dim] at rows [r, 1] x positions [r or 1, T]."""
-        self.layers[layer][:, rows, :, positions] = kv
-
-    def prefix(self, rows: slice, length: int) -> list[torch.Tensor]:
-        """A copy of the first `length` positions of `rows`, every layer."""
-        return [layer[:, rows, :, :length].clone() for layer in self.layers]
-
-    def put_prefix(self, rows: slice, prefix: list[torch.Tensor]) -> None:
-        for layer, kept in zip(self.layers, prefix):
-            layer[:, rows, :, : kept.shape[3]] = kept
-
-    def clear(self, rows: slice, start: int) -> None:
-        """Zero `rows` from position `start` on, every layer."""
-        for layer in self.layers:
-            layer[:, rows, :, start:].zero_()
 
 
 @dataclass(frozen=True)
@@ -2523,402 +2496,6 @@ class VoicePrefixes(LruCache):
 
 # Voices whose conditioning prefix stays cached (full-size Turbo: 40 MB each in float32 on CPU).
 VOICE_PREFIXES = 8
-
-
-def attend(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor | None,
-    causal: bool,
-    attention: str,
-) -> torch.Tensor:
-    """Scaled dot-product attention, [B, H, T, D]; `mask` is additive or boolean over the keys."""
-    if attention == "sdpa":
-        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, is_causal=causal and mask is None)
-    return attention_probs(query, keys, mask, causal) @ values
-
-
-def attention_probs(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
-    scores = (query @ keys.transpose(-1, -2)) * query.shape[-1] ** -0.5
-    if causal and mask is None:
-        t, s = scores.shape[-2:]
-        mask = torch.ones(t, s, dtype=torch.bool, device=scores.device).tril(s - t)
-    if mask is not None:
-        scores = scores.masked_fill(mask.logical_not(), float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores.float(), dim=-1).to(query.dtype)
-
-
-def prompt_mask(start: int, count: int, device: torch.device | str) -> torch.Tensor | None:
-    """Causal mask of `count` prompt positions written after `start` earlier ones (None: plain causal)."""
-    if start == 0:
-        return None
-    return torch.ones(count, start + count, dtype=torch.bool, device=device).tril(start)
-
-
-def step_mask(positions: torch.Tensor, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [rows, 1, 1, length] of a decode step: each row sees the cache up to its own position.
-    Built once per step, shared by every layer."""
-    hidden = torch.arange(length, device=positions.device) > positions[:, None]
-    return torch.zeros(hidden.shape, dtype=dtype, device=positions.device).masked_fill(hidden, float("-inf"))[
-        :, None, None
-    ]
-
-
-def gpt2_layer(block: Any) -> torch.nn.Module:
-    """One of Turbo's GPT-2 blocks as the decoder's layer: norms, fused projections (HF's Conv1D as Linear)."""
-
-    def linear(conv: Any) -> torch.nn.Linear:  # HF's Conv1D holds the transposed weight of a Linear
-        layer = torch.nn.Linear(1, 1, device="meta")
-        layer.in_features, layer.out_features = conv.weight.shape
-        layer.weight = torch.nn.Parameter(conv.weight.t(), requires_grad=False)
-        layer.bias = conv.bias
-        return layer
-
-    return torch.nn.ModuleDict(
-        dict(
-            norm1=block.ln_1,
-            qkv=linear(block.attn.c_attn),
-            out=linear(block.attn.c_proj),
-            norm2=block.ln_2,
-            up=linear(block.mlp.c_fc),
-            down=linear(block.mlp.c_proj),
-        )
-    )
-
-
-def llama_layer(layer: Any) -> torch.nn.Module:
-    """One of the Llama layers as the decoder's layer: RMS norms, q/k/v and gate/up fused."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return torch.nn.ModuleDict(
-        dict(
-            norm1=RMSNorm(layer.input_layernorm),
-            qkv=fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj),
-            out=attn.o_proj,
-            norm2=RMSNorm(layer.post_attention_layernorm),
-            gate_up=fuse_linears(mlp.gate_proj, mlp.up_proj),
-            down=mlp.down_proj,
-        )
-    )
-
-
-class T3Decoder(torch.nn.Module):
-    """T3's transformer over a static KV cache of `max_batch` slots; GPT-2 (Turbo) or Llama (standard,
-    Multilingual, whose slots hold a conditional and an unconditional row for CFG).
-
-    `prefill` writes one slot's prompt; `step` advances every row by one position. Both return the final
-    hidden state of each row's last position in float32. Layers use the checkpoint's own weights: Llama's
-    q/k/v and gate/up projections are fused into one matrix each, and the checkpoint's modules are left
-    holding views of it (nothing is copied unless quantized). The rotary tables and the cache are sized
-    once, at construction, for the longest generation.
-    """
-
-    def __init__(
-        self,
-        tfmr: Any,
-        rows_per_slot: int,
-        options: DecodeOptions,
-        capacity: int,
-        probes: tuple[tuple[int, int], ...] = (),
-    ):
-        super().__init__()
-        config = tfmr.config
-        self.gpt2 = config.model_type == "gpt2"
-        self.options, self.rows_per_slot = options, rows_per_slot
-        self.heads = config.num_attention_heads
-        self.dim = config.hidden_size
-        self.head_dim = getattr(config, "head_dim", None) or self.dim // self.heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.layer_count = config.num_hidden_layers
-        self.layers = torch.nn.ModuleList(
-            gpt2_layer(b) if self.gpt2 else llama_layer(b) for b in (tfmr.h if self.gpt2 else tfmr.layers)
-        )
-        self.final_norm = tfmr.ln_f if self.gpt2 else RMSNorm(tfmr.norm)
-        self.positions = tfmr.wpe if self.gpt2 else None
-        device = self.final_norm.weight.device
-        if options.quantize == "int8":
-            quantize_linears(self.layers, device.type)
-        # Whether eager steps may leave out the idle slots past the last busy one.
-        self.independent_rows = exact_at_any_row_count(self.layers)
-        self.capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
-        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        if not self.gpt2:
-            cos, sin = tfmr.rotary_emb(
-                torch.zeros(1, dtype=options.dtype, device=device), torch.arange(self.capacity, device=device)[None]
-            )
-            self.rope = (cos[0], sin[0])
-        self.rows = options.max_batch * rows_per_slot
-        self.cache = KVCache(
-            self.layer_count, self.rows, self.kv_heads, self.head_dim, self.capacity, options.dtype, device
-        )
-        self.all_rows = torch.arange(self.rows, device=device)[:, None]
-        # (layer, head) pairs whose attention the alignment monitor reads: each slot's conditional row.
-        self.probes = probes
-        self.probe_rows = torch.zeros(len(probes), options.max_batch, self.capacity, device=device)
-        self.prefill_probes: dict[tuple[int, int], torch.Tensor] = {}  # the last prefill chunk's rows
-
-    def forward(
-        self,
-        embeds: torch.Tensor,
-        rows: slice,
-        positions: torch.Tensor,
-        attend_rows: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """Write `positions` ([r or 1, T]) of cache `rows` from embeds [r, T, dim] and return each row's last
-        hidden state; `attend_rows(layer, q, keys, values)` attends q over those rows' whole cache."""
-        x = embeds.to(self.options.dtype)
-        b, t, _ = x.shape
-        row_index = self.all_rows[rows]
-        if self.positions is not None:
-            x = x + self.positions(positions)
-        rope = None if self.rope is None else (self.rope[0][positions], self.rope[1][positions])
-        for index, layer in enumerate(cast("list[torch.nn.ModuleDict]", self.layers)):
-            qkv = layer["qkv"](layer["norm1"](x))
-            q = qkv[..., : self.heads * self.head_dim].view(b, t, self.heads, self.head_dim)
-            kv = qkv[..., self.heads * self.head_dim :].view(b, t, 2, self.kv_heads, self.head_dim)
-            if rope is not None:
-                if self.kv_heads == self.heads:  # queries and keys side by side: rotated together
-                    qk = rotate(
-                        qkv[..., : 2 * self.heads * self.head_dim].view(b, t, 2, self.heads, self.head_dim), *rope
-                    )
-                    q, keys = qk[:, :, 0], qk[:, :, 1]
-                else:
-                    q, keys = rotate(q, *rope), rotate(kv[:, :, 0], *rope)
-                kv = torch.stack((keys, kv[:, :, 1]), dim=2)
-            q = q.transpose(1, 2)
-            self.cache.write(index, row_index, positions, kv)
-            keys, values = self.cache.layers[index][:, rows]
-            out = attend_rows(index, q, keys, values)
-            x = x + layer["out"](out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
-            h = layer["norm2"](x)
-            if self.gpt2:
-                x = x + layer["down"](F.gelu(layer["up"](h), approximate="tanh"))
-            else:
-                gate, up = layer["gate_up"](h).chunk(2, dim=-1)
-                x = x + layer["down"](F.silu(gate) * up)
-        return self.final_norm(x[:, -1]).float()
-
-    def _probed_heads(self, layer: int) -> list[tuple[int, int]]:
-        """(index in probe_rows, head) of each probed head in this layer."""
-        return [(n, head) for n, (probed, head) in enumerate(self.probes) if probed == layer]
-
-    def _grouped(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.kv_heads == self.heads:
-            return keys, values
-        groups = self.heads // self.kv_heads  # grouped-query attention
-        return keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-
-    def prefill(self, embeds: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
-        """Write prompt positions [start, start + T) of one slot (embeds [rows_per_slot, T, dim])."""
-        count = embeds.shape[1]
-        end = start + count
-        mask = prompt_mask(start, count, embeds.device)
-
-        def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-            keys, values = self._grouped(keys[:, :, :end], values[:, :, :end])
-            for _, head in self._probed_heads(index):
-                rows = attention_probs(q[:1, head : head + 1], keys[:1, head : head + 1], mask, True)[0, 0]
-                # Indexed by position, as the monitor reads it: rows of earlier chunks stay zero.
-                self.prefill_probes[(index, head)] = F.pad(rows, (0, 0, start, 0)) if start else rows
-            return attend(q, keys, values, mask, True, self.options.attention)
-
-        rows = slice(slot * self.rows_per_slot, (slot + 1) * self.rows_per_slot)
-        positions = torch.arange(start, end, device=embeds.device)[None]
-        return self(embeds, rows, positions, attend_rows)
-
-    def step(self, embeds: torch.Tensor, positions: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """Every row's next position (embeds [rows, 1, dim], positions [rows]), eagerly: each slot attends
-        over exactly its own `lengths[slot]` positions (0: idle, skipped), as it would alone. Rows past
-        the last busy slot are left out (zeros out) when that cannot change the others' arithmetic;
-        otherwise every row is computed, busy or not."""
-        per_slot = self.rows_per_slot
-        slots = [(slice(s * per_slot, (s + 1) * per_slot), n, s) for s, n in enumerate(lengths) if n]
-        count = self.rows
-        if self.independent_rows and slots:
-            count = slots[-1][0].stop
-
-        def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-            out = torch.zeros_like(q)
-            for rows, length, slot in slots:
-                slot_keys, slot_values = self._grouped(keys[rows, :, :length], values[rows, :, :length])
-                out[rows] = attend(q[rows], slot_keys, slot_values, None, False, self.options.attention)
-                for n, head in self._probed_heads(index):
-                    self.probe_rows[n, slot, :length] = attention_probs(
-                        q[rows.start : rows.start + 1, head : head + 1], slot_keys[:1, head : head + 1], None, False
-                    )[0, 0, 0]
-            return out
-
-        if count == self.rows:
-            return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
-        hidden = torch.zeros(self.rows, self.dim, device=embeds.device)
-        hidden[:count] = self(embeds[:count], slice(0, count), positions[:count, None], attend_rows)
-        return hidden
-
-    def masked_step(self, embeds: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
-        """The static-shape step: every row attends over the first `length` cache positions (a bucket
-        boundary) through one mask, so graphs and compiled code see a handful of shapes."""
-        mask = step_mask(positions, length, self.options.dtype)
-        conditional = slice(0, self.rows, self.rows_per_slot)
-
-        def attend_rows(index: int, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-            keys, values = self._grouped(keys[:, :, :length], values[:, :, :length])
-            for n, head in self._probed_heads(index):
-                self.probe_rows[n, :, :length] = attention_probs(
-                    q[conditional, head : head + 1], keys[conditional, head : head + 1], mask[conditional], False
-                )[:, 0, 0]
-            return attend(q, keys, values, mask, False, self.options.attention)
-
-        return self(embeds, slice(0, self.rows), positions[:, None], attend_rows)
-
-
-class RMSNorm(torch.nn.Module):
-    """Llama's RMS norm as one fused kernel (HF's module runs six), over the checkpoint's own weight."""
-
-    def __init__(self, norm: Any):
-        super().__init__()
-        self.weight, self.eps = norm.weight, norm.variance_epsilon
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of x [B, T, ..., D] (cos, sin: [B or 1, T, D]), as HF's Llama applies it."""
-    shape = (*cos.shape[:2], *[1] * (x.dim() - 3), cos.shape[-1])
-    cos, sin = cos.view(shape), sin.view(shape)
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def fuse_linears(*linears: torch.nn.Linear) -> torch.nn.Linear:
-    """One Linear computing several (same input) at once; the originals are left holding views of its weight."""
-    first = linears[0]
-    weight = torch.cat([m.weight.detach() for m in linears])
-    fused = torch.nn.Linear(first.in_features, weight.shape[0], bias=False, device="meta")
-    fused.weight = torch.nn.Parameter(weight, requires_grad=False)
-    if any(m.bias is not None for m in linears):
-        raise ValueError("fuse_linears: biased projections are not expected in T3's Llama")
-    start = 0
-    for m in linears:
-        m.weight = torch.nn.Parameter(weight[start : start + m.out_features], requires_grad=False)
-        start += m.out_features
-    return fused
-
-
-def bucket_length(position: int, capacity: int) -> int:
-    """The static attention length that covers `position`."""
-    return min(-(-(position + 1) // CACHE_BUCKET) * CACHE_BUCKET, capacity)
-
-
-class RowScaledInt8Linear(torch.nn.Module):
-    """A Linear in int8 (one weight scale per output row) whose activations get one scale per input row.
-
-    PyTorch's dynamic int8 quantizes a whole batch with one activation scale, so a row's result would
-    depend on the rows beside it. Here each row is scaled to [-1, 1] first, and a sentinel row pins the
-    batch's range to exactly that, so every row is quantized alike; fbgemm's integer products are exact,
-    and the row's own scale is applied after."""
-
-    _sentinel: torch.Tensor  # a buffer
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        from torch.ao.quantization.observer import PerChannelMinMaxObserver
-
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().float()
-        observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
-        observer(weight)
-        scales, zero_points = observer.calculate_qparams()
-        quantized = torch.quantize_per_channel(weight, scales.double(), zero_points, 0, torch.qint8)
-        self._packed = torch.ops.quantized.linear_prepack(quantized, None)
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
-        self.register_buffer(
-            "_sentinel",
-            torch.tensor([1.0, -1.0]).repeat((self.in_features + 1) // 2)[None, : self.in_features],
-            persistent=False,
-        )
-
-    def weight(self) -> torch.Tensor:
-        """The quantized weight (qint8, one scale per output row)."""
-        return torch.ops.quantized.linear_unpack(self._packed)[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.reshape(-1, self.in_features).float()
-        scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12)
-        scaled = torch.cat([x / scale, self._sentinel])
-        y = torch.ops.quantized.linear_dynamic(scaled, self._packed, True)[:-1] * scale
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*shape[:-1], self.out_features)
-
-
-def exact_at_any_row_count(module: torch.nn.Module) -> bool:
-    """Whether a row's arithmetic under `module` is the same however many rows are computed together:
-    it is when every linear is row-scaled int8 (exact integer products, each row's own scale); a float
-    matmul may sum in another order for another row count."""
-    linears = [m for m in module.modules() if isinstance(m, (torch.nn.Linear, RowScaledInt8Linear))]
-    return all(isinstance(m, RowScaledInt8Linear) for m in linears)
-
-
-def quantize_linears(module: torch.nn.Module, device: str) -> None:
-    """Swap every Linear under `module` for an int8 one, in place: row-scaled int8 on CPU (the
-    checkpoint's own float modules stay), bitsandbytes on CUDA (their float weights are freed)."""
-    if device == "cuda":
-        quantize_bitsandbytes(module)
-    else:
-        replace_linears(module, RowScaledInt8Linear)
-
-
-class Float16Around(torch.nn.Module):
-    """Runs a float16 module on inputs of any float dtype: bitsandbytes' int8 kernels take and give
-    float16 (and fuse the bias only in float16), so casting here saves a kernel and a log line per call.
-    T3's linear layers see normalized states and attention or MLP outputs, well within float16's range."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.to(torch.float16)).to(x.dtype)
-
-
-def quantize_bitsandbytes(module: torch.nn.Module) -> None:
-    """Every Linear under `module` becomes bitsandbytes' LLM.int8 layer, quantized on its own device
-    (one scale per weight row and per activation row, so batched rows stay independent), and its float
-    weight's storage is freed, also under the checkpoint's modules that shared it: memory goes down, not up.
-
-    threshold=0 drops LLM.int8's outlier columns, whose search syncs the host (`outliers.any()`,
-    `argwhere`) and so cannot run inside a CUDA graph capture; eval mode keeps bitsandbytes on its
-    inference path; the weights are quantized once, here."""
-    import bitsandbytes as bnb
-
-    def int8(child: torch.nn.Linear) -> torch.nn.Module:
-        weight = child.weight.detach()
-        codes, scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16).contiguous())
-        layer = bnb.nn.Linear8bitLt(
-            child.in_features,
-            child.out_features,
-            bias=child.bias is not None,
-            has_fp16_weights=False,
-            threshold=0.0,
-            device="meta",
-        )
-        layer.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scales)
-        if child.bias is not None:
-            layer.bias = torch.nn.Parameter(child.bias.detach().to(torch.float16), requires_grad=False)
-        layer.init_8bit_state()
-        weight.untyped_storage().resize_(0)  # a view (GPT-2's transposed Conv1D, Llama's fused q/k/v) frees its base
-        return Float16Around(layer.eval())
-
-    replace_linears(module, int8)
-
-
-def replace_linears(module: torch.nn.Module, make: Callable[[torch.nn.Linear], torch.nn.Module]) -> None:
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, torch.nn.Linear):
-                setattr(parent, name, make(child))
 
 
 # --- Sampling, on the device, as upstream's HF logits processors do it -------------
@@ -3211,7 +2788,7 @@ class T3Batch:
     A decoder with probes (Llama) also notes, beside each drawn token, the text token its slot's conditional
     row attended to most through the probed heads (`attended`, read with the tokens): where it is in the text."""
 
-    def __init__(self, t3: Any, decoder: T3Decoder, cfg: bool, monitored: bool):
+    def __init__(self, t3: Any, decoder: t3_decoder.T3Decoder, cfg: bool, monitored: bool):
         options, device = decoder.options, decoder.final_norm.weight.device
         self.t3, self.decoder, self.options, self.device = t3, decoder, options, device
         turbo_order = not cfg  # Turbo (GPT-2, no CFG) filters in its own order
@@ -3315,7 +2892,7 @@ class T3Batch:
         """Advance every slot by one token."""
         busy = self.busy
         if self.options.bucketed:
-            length = bucket_length(max(s.position for s in busy), self.decoder.capacity)
+            length = t3_decoder.bucket_length(max(s.position for s in busy), self.decoder.capacity)
             parts = self.graphs.get(length) or self.static_parts(length)
             parts[0]()
             if self.monitored:
@@ -3424,19 +3001,19 @@ class T3Batch:
         self.discard_block()
 
 
-def compiled_step(decoder: T3Decoder) -> Callable[..., torch.Tensor]:
+def compiled_step(decoder: t3_decoder.T3Decoder) -> Callable[..., torch.Tensor]:
     """The static-shape step through torch.compile. Our graphs wrap the compiled step, so inductor's own
     CUDA graphs stay off (the modes that capture them skip a step that writes into the KV cache)."""
     mode = {"default": "default", "reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}[
         decoder.options.compile_mode
     ]
     torch._dynamo.config.recompile_limit = max(
-        torch._dynamo.config.recompile_limit, decoder.capacity // CACHE_BUCKET + 2
+        torch._dynamo.config.recompile_limit, decoder.capacity // t3_decoder.CACHE_BUCKET + 2
     )
     return torch.compile(decoder.masked_step, mode=mode, fullgraph=False, dynamic=False)
 
 
-def monitor_verdicts(slots: list[Slot | None], decoder: T3Decoder, start: int, stop: int) -> torch.Tensor:
+def monitor_verdicts(slots: list[Slot | None], decoder: t3_decoder.T3Decoder, start: int, stop: int) -> torch.Tensor:
     """Multilingual: each busy slot's alignment monitor reads its rows of the probed heads and rules
     (on the host, over one copy of the rows): a StopVerdict per slot, [slots, 1]."""
     verdicts = torch.zeros(len(slots), 1, dtype=torch.long)
@@ -3456,7 +3033,7 @@ def monitor_verdicts(slots: list[Slot | None], decoder: T3Decoder, start: int, s
 
 
 def bucket_lengths(capacity: int) -> range:
-    return range(CACHE_BUCKET, capacity + 1, CACHE_BUCKET)
+    return range(t3_decoder.CACHE_BUCKET, capacity + 1, t3_decoder.CACHE_BUCKET)
 
 
 def capture_step_graphs(batch: T3Batch) -> None:
@@ -3720,6 +3297,9 @@ class PiperEngine(ChunkEngine):
             )
         return loaded
 
+    def random_stream(self, seed: int) -> NoRandomness:
+        return NoRandomness()  # its noise is onnxruntime's, out of a seed's reach (see synthesize)
+
     def synthesize(
         self, text: str, voice: Any, params: SynthesisParams, phonemes: PhonemeSpans = ()
     ) -> Iterator[np.ndarray | TextMarks | RunEvent]:
@@ -3811,6 +3391,11 @@ class PiperEngine(ChunkEngine):
         }
 
 
+# Device nodes of the GPU drivers torch.cuda can use (NVIDIA's, ROCm's, WSL's): without one, asking torch
+# would only load it (~440 MB) to hear no.
+GPU_DEVICE_NODES = ("/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+
+
 def choose_model(settings: Settings) -> tuple[str, str]:
     """TTS_MODEL=auto: Chatterbox Turbo where it can run well or is already here, else Piper.
     Looks only at this machine (no network)."""
@@ -3822,7 +3407,7 @@ def choose_model(settings: Settings) -> tuple[str, str]:
             (k for k, f in CHECKPOINT_FILES.items() if f["t3"] in files), "turbo"
         )
         return kind, f"MODEL_DIR holds a {kind} checkpoint"
-    if torch.cuda.is_available():
+    if any(os.path.exists(node) for node in GPU_DEVICE_NODES) and torch.cuda.is_available():
         return "turbo", "a CUDA GPU is present"
     from huggingface_hub import try_to_load_from_cache
 
@@ -4117,7 +3702,9 @@ class SequentialRunner:
     def __init__(self, engine: ChunkEngine):
         self.engine = engine
         self.generations: list[Generation] = []
-        self._pieces: dict[Generation, tuple[Iterator[np.ndarray | TextMarks | RunEvent], RngStream]] = {}
+        self._pieces: dict[
+            Generation, tuple[Iterator[np.ndarray | TextMarks | RunEvent], RngStream | NoRandomness]
+        ] = {}
 
     def add(self, generation: Generation) -> None:
         self.generations.append(generation)
@@ -4158,7 +3745,7 @@ class SequentialRunner:
         try:
             if generation not in self._pieces:
                 generation.queue_wait = started - generation.submitted
-                rng = RngStream(generation.seed)
+                rng = self.engine.random_stream(generation.seed)
                 with rng.active():
                     pieces = iter(
                         self.engine.synthesize(
@@ -4587,6 +4174,10 @@ class InferenceWorker:
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self.runner = make_runner(engine) if engine is not None else None
+        # The mode its work runs in; with no engine (tests' own units of torch work), torch's inference mode.
+        self.inference: Callable[[], contextlib.AbstractContextManager[Any]] = (
+            engine.inference if engine is not None else lambda: torch.inference_mode()
+        )
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._stopping = False
         self.busy = False
@@ -4643,7 +4234,6 @@ class InferenceWorker:
         return self._waiting.pop(best)
 
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
         runner = self.runner
         while True:
             with self._cond:
@@ -4660,7 +4250,7 @@ class InferenceWorker:
             if item is not None and not item.future.cancelled():
                 self.busy = True
                 try:
-                    with torch.inference_mode():
+                    with self.inference():
                         result, error = item.fn(), None
                 except BaseException as exc:  # delivered to the awaiting request
                     # Keep this one call wherever model work's error is caught: a fatal device error must be seen.
@@ -4671,7 +4261,7 @@ class InferenceWorker:
             if runner is not None and runner.busy:
                 self.busy = True
                 try:
-                    with torch.inference_mode():
+                    with self.inference():
                         runner.turn()
                 except Exception as exc:  # the runner delivers each generation's own errors; this is a bug
                     self.on_error(exc)
@@ -4704,6 +4294,8 @@ def fatal_device_error(error: BaseException) -> str | None:
     """The cause, if `error` (or an error it was raised from) leaves the CUDA context unusable: a
     device-side assert, an illegal address, a failed graph capture... Those are sticky: every later
     call fails too. None for anything the next request survives, an out-of-memory error included."""
+    if loaded_torch() is None:
+        return None
     seen: BaseException | None = error
     while seen is not None:
         message = str(seen).strip()
@@ -4766,6 +4358,13 @@ def stop_for_restart(stop: Callable[[], None]) -> None:
     stop()
     time.sleep(2 * DEVICE_FAULT_GRACE_S)
     os._exit(EXIT_DEVICE_FAULT)
+
+
+class NoRandomness:
+    """The random stream of an engine that draws nothing from torch's generators (Piper)."""
+
+    def active(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
 
 class RngStream:
@@ -8014,8 +7613,10 @@ def main() -> None:
 
     settings = Settings.from_env()
     configure_logging(settings.log_level, settings.log_json)
-    set_torch_threads(settings.torch_threads)
-    app = create_app(settings)
+    engine = make_engine(settings)
+    if isinstance(engine, ChatterboxEngine):
+        set_torch_threads(settings.torch_threads)
+    app = create_app(settings, engine)
     speaker = app.state.tts.speaker
 
     class Server(uvicorn.Server):

@@ -45,6 +45,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.testclient import TestClient
 
 import server
+import t3_decoder
 from testing import (
     ADAPTER_ENGINES,
     ANY_TEXT,
@@ -2531,7 +2532,7 @@ def test_int8_rows_are_quantized_alone(checkpoints: dict[str, Path], tmp_path: P
     crowd = [run.tokens for run in run_generations(engine, requests, vocode=False, start_turns=[0, 1, 2, 5])]
     assert crowd == alone
     assert not tiny_engine(checkpoints, "turbo", max_batch=4).loaded_batch().decoder.independent_rows  # float32 matmuls
-    layer = server.RowScaledInt8Linear(torch.nn.Linear(64, 32))
+    layer = t3_decoder.RowScaledInt8Linear(torch.nn.Linear(64, 32))
     x = torch.randn(4, 64)
     loud = torch.cat([x[:1], 100 * x[1:]])
     assert torch.equal(layer(x)[0], layer(loud)[0])
@@ -3034,7 +3035,7 @@ def teacher_forced_hidden(
                     lengths[slot] = int(positions[batch.rows(slot)][0]) + 1
             if bucketed:
                 hidden = decoder.masked_step(
-                    embeds, positions, server.bucket_length(max(lengths) - 1, decoder.capacity)
+                    embeds, positions, t3_decoder.bucket_length(max(lengths) - 1, decoder.capacity)
                 )
             else:
                 hidden = decoder.step(embeds, positions, lengths)
@@ -3126,7 +3127,7 @@ def kernels_per_step(engine: server.ChatterboxEngine) -> tuple[float, float, int
             for kept, probed in ((len(layers), ()), (1, ()), (len(layers), probes)):  # the differences
                 decoder.layers, decoder.probes = layers[:kept], probed
                 with Count() as model:
-                    decoder.masked_step(batch.inputs, batch.positions, server.CACHE_BUCKET)
+                    decoder.masked_step(batch.inputs, batch.positions, t3_decoder.CACHE_BUCKET)
                 counts.append(model.calls)
             with Count() as drawing:
                 batch._draw()
@@ -3524,7 +3525,7 @@ def test_cuda_options_fall_back_with_one_warning_each(monkeypatch: pytest.Monkey
     assert options.compile_mode == "" and len(warnings) == 1 and "Triton" in warnings[0]
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
     assert compiled.resolve("cuda") == (
-        server.DecodeOptions(
+        t3_decoder.DecodeOptions(
             torch.bfloat16,
             compile_mode="default",
             cuda_graphs=True,
@@ -3547,7 +3548,7 @@ def test_cuda_options_fall_back_with_one_warning_each(monkeypatch: pytest.Monkey
         assert options.compile_mode == "" and len(warnings) == 1 and "Python.h" in warnings[0]
 
 
-def step_host_reads(decoder: server.T3Decoder, steps: int = 4) -> tuple[torch.Tensor, list[str]]:
+def step_host_reads(decoder: t3_decoder.T3Decoder, steps: int = 4) -> tuple[torch.Tensor, list[str]]:
     """Hidden states of a seeded prompt in slot 0 and `steps` static-shape decode steps (what a CUDA graph
     captures), and the ops within the steps that read device memory back to the host (on CUDA each is a
     sync, which a graph capture cannot hold)."""
@@ -3561,7 +3562,7 @@ def step_host_reads(decoder: server.T3Decoder, steps: int = 4) -> tuple[torch.Te
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
             for i, embed in enumerate(embeds):
                 positions = torch.full((decoder.rows,), 24 + i)
-                hidden.append(decoder.masked_step(embed, positions, server.CACHE_BUCKET)[rows])
+                hidden.append(decoder.masked_step(embed, positions, t3_decoder.CACHE_BUCKET)[rows])
     return torch.stack(hidden), [event.name for event in profile.events() if event.name in reads]
 
 
@@ -3577,7 +3578,7 @@ def test_cuda_int8_layers_are_capturable_eval_mode_and_free_the_float_weights(ch
         assert reads == []
         checkpoint_weights = [p for p in engine.parts.t3.tfmr.parameters() if p.dim() == 2 and p.shape[0] > 1]
         with torch.inference_mode():
-            server.quantize_bitsandbytes(decoder.layers)
+            t3_decoder.quantize_bitsandbytes(decoder.layers)
         int8 = [m for m in decoder.layers.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
         layers = engine.parts.t3.cfg.num_hidden_layers
         assert len(int8) == 4 * layers  # Llama's q/k/v and gate/up are fused
@@ -3763,7 +3764,7 @@ def test_int8_and_bfloat16_engines_stay_close_to_float32(checkpoints: dict[str, 
     reference, _ = teacher_forced_logits(tiny_engine(checkpoints, "standard"), tokens)
     int8 = tiny_engine(checkpoints, "standard", quantize="int8")
     assert int8.batch is not None and int8.parts is not None
-    quantized = [m for m in int8.batch.decoder.modules() if isinstance(m, server.RowScaledInt8Linear)]
+    quantized = [m for m in int8.batch.decoder.modules() if isinstance(m, t3_decoder.RowScaledInt8Linear)]
     assert len(quantized) == 4 * int8.parts.t3.cfg.num_hidden_layers  # q/k/v, out, gate/up, down
     assert {m.weight().qscheme() for m in quantized} == {torch.per_channel_affine}  # one scale per output row
     assert isinstance(int8.parts.t3.tfmr.layers[0].mlp.up_proj, torch.nn.Linear)  # the checkpoint's own stay
@@ -4593,6 +4594,49 @@ def test_auto_model_choice(checkpoints: dict[str, Path], tmp_path: Path, env: di
         text=True,
     )
     assert out.stdout.strip().splitlines()[-1] == expected, out.stderr
+
+
+def test_auto_model_choice_without_a_gpu_or_weights_leaves_torch_unloaded(tmp_path: Path) -> None:
+    """TTS_MODEL=auto on a machine with no GPU device node and no Chatterbox weights picks Piper without
+    loading torch to ask it about CUDA (a fresh process: this one has torch loaded)."""
+    choose = (
+        "import sys, server; server.GPU_DEVICE_NODES = ()\n"
+        "print(server.choose_model(server.Settings.from_env())[0], 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TTS_MODEL": "auto", "MODEL_DIR": "", "HF_HUB_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", choose], env=env, cwd=ROOT, capture_output=True, text=True)
+    assert out.stdout.split() == ["piper", "False"], out.stderr
+
+
+def test_a_piper_server_never_loads_torch(tmp_path: Path) -> None:
+    """A Piper server speaks over HTTP, its WebSocket and Wyoming without ever loading torch (~440 MB of
+    RSS): its libraries are not mapped, so neither Chatterbox nor t3_decoder.py, which import it, was loaded."""
+    from wyoming.audio import AudioChunk
+    from wyoming.client import AsyncTcpClient
+    from wyoming.tts import Synthesize
+
+    wyoming_port = free_port()
+    srv = ServerProcess("piper", None, tmp_path / "voices", WYOMING_PORT=str(wyoming_port))
+    with serving(srv):
+        speech = httpx.post(f"{srv.url}/v1/audio/speech", json={"input": SPEECH, "response_format": "pcm"}, timeout=120)
+        assert speech.status_code == 200 and len(speech.content) > 24000, speech.text
+        with connect_ws(srv) as ws:
+            ws.send(json.dumps({"type": "speak", "id": "a", "text": "Hi there."}))
+            messages = iter(lambda: ws.recv(timeout=60), None)
+            assert any(isinstance(m, str) and json.loads(m)["type"] == "done" for m in messages)  # audio: bytes
+
+        async def wyoming() -> bytes:
+            async with AsyncTcpClient("127.0.0.1", wyoming_port) as client:
+                await client.write_event(Synthesize(text="Wyoming speaks.").event())
+                audio = b""
+                while (event := await asyncio.wait_for(client.read_event(), 60)) and event.type != "audio-stop":
+                    audio += AudioChunk.from_event(event).audio if event.type == "audio-chunk" else b""
+                return audio
+
+        assert len(asyncio.run(wyoming())) > 8000
+        maps = Path(f"/proc/{srv.proc.pid}/maps").read_text()
+        assert "onnxruntime" in maps  # the server's own process
+        assert "libtorch" not in maps, [line for line in maps.splitlines() if "torch" in line]
 
 
 # ---------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import server  # noqa: I001  (first: it sets OMP_WAIT_POLICY before torch loads 
 import torch
 
 import bench
+import t3_decoder
 
 
 def profile_steps(engine: server.ChatterboxEngine, prompt: torch.Tensor, slots: int) -> None:
@@ -74,14 +75,14 @@ def bound(engine: server.ChatterboxEngine, prompt: torch.Tensor, keys: int) -> N
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
-    real = server.attend
+    real = t3_decoder.attend
     medians: dict[tuple[str, int], list[float]] = {}
     for _ in range(3):
         for count in (8, 1):
             for name, attend in (("real", real), ("free", free_attention)):
-                server.attend = attend
+                t3_decoder.attend = attend
                 medians.setdefault((name, count), []).append(median_step(count))
-    server.attend = real
+    t3_decoder.attend = real
     for name, label in (("real", "attention as served"), ("free", "attention costing nothing")):
         eight, one = statistics.median(medians[(name, 8)]), statistics.median(medians[(name, 1)])
         rounds = {count: "/".join(f"{1000 * x:.0f}" for x in medians[(name, count)]) for count in (8, 1)}
