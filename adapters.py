@@ -224,7 +224,8 @@ class VoiceInfo:
 
 
 def voice_catalog(app_state: AppState) -> list[VoiceInfo]:
-    """The server's voices (server.VoiceLibrary.list) with their names, languages and what each is."""
+    """The server's voices (server.VoiceLibrary.list) with their names, languages and what each is. It lists a
+    directory: off the event loop."""
     engine = app_state.engine
     languages = list(engine.describe().get("languages") or ["en"])
     model = "Piper" if engine.name == "piper" else "Chatterbox"
@@ -430,7 +431,8 @@ def elevenlabs_key(request: Request) -> None:
 async def elevenlabs_voices(request: Request) -> Response:
     """GET /v1/voices: every voice ({"voices": [...]}, ElevenLabs' GetVoicesResponse)."""
     elevenlabs_key(request)
-    return JSONResponse({"voices": [elevenlabs_voice(v) for v in voice_catalog(server.state(request))]})
+    catalog = await asyncio.to_thread(voice_catalog, server.state(request))
+    return JSONResponse({"voices": [elevenlabs_voice(v) for v in catalog]})
 
 
 async def elevenlabs_voices_v2(request: Request) -> Response:
@@ -457,7 +459,7 @@ async def elevenlabs_voices_v2(request: Request) -> Response:
             param="voice_type",
             code="invalid_value",
         )
-    voices = [elevenlabs_voice(v) for v in voice_catalog(server.state(request))]
+    voices = [elevenlabs_voice(v) for v in await asyncio.to_thread(voice_catalog, server.state(request))]
     if search := (params.get("search") or "").strip().lower():
         voices = [
             v
@@ -490,7 +492,7 @@ async def elevenlabs_voice_by_id(request: Request) -> Response:
     """GET /v1/voices/{voice_id}: one voice, or 404 voice_not_found."""
     elevenlabs_key(request)
     voice_id = request.path_params["voice_id"]
-    voice = voice_info(server.state(request), voice_id)
+    voice = await asyncio.to_thread(voice_info, server.state(request), voice_id)
     if voice is None:
         raise ApiError(404, f"A voice with the voice_id {voice_id!r} was not found.", code="voice_not_found")
     return JSONResponse(elevenlabs_voice(voice))
@@ -966,7 +968,7 @@ async def cartesia_voices(request: Request) -> Response:
     check_key(server.state(request), request.headers.get("x-api-key"), server.bearer_token(request.headers))
     params = request.query_params
     limit = query_int(params, "limit", 10, 1, 100)
-    voices = [cartesia_voice(v) for v in voice_catalog(server.state(request))]
+    voices = [cartesia_voice(v) for v in await asyncio.to_thread(voice_catalog, server.state(request))]
     if q := (params.get("q") or "").strip().lower():
         voices = [v for v in voices if q in f"{v['id']} {v['name']} {v['description']}".lower()]
     if params.get("is_owner") not in (None, ""):
@@ -989,7 +991,7 @@ async def cartesia_voices(request: Request) -> Response:
 async def cartesia_voice_by_id(request: Request) -> Response:
     """GET /voices/{id}: one voice, or 404."""
     check_key(server.state(request), request.headers.get("x-api-key"), server.bearer_token(request.headers))
-    voice = voice_info(server.state(request), request.path_params["voice_id"])
+    voice = await asyncio.to_thread(voice_info, server.state(request), request.path_params["voice_id"])
     if voice is None:
         raise ApiError(404, "Voice not found.", param="id", code="not_found")
     return JSONResponse(cartesia_voice(voice))
@@ -1247,7 +1249,7 @@ class WyomingSession(IdleAwareSession):
     async def handle(self, event: Event) -> None:
         try:
             if Describe.is_type(event.type):
-                await self.write(self.info().event())
+                await self.write((await asyncio.to_thread(self.info)).event())
             elif Ping.is_type(event.type):
                 await self.write(Pong(text=Ping.from_event(event).text).event())
             elif SynthesizeStart.is_type(event.type):

@@ -6789,7 +6789,7 @@ async def speech_websocket(websocket: WebSocket) -> None:
 
 
 async def list_voices(request: Request) -> Response:
-    voices = state(request).speaker.voices.list()
+    voices = await asyncio.to_thread(state(request).speaker.voices.list)  # a directory listing: off the event loop
     # `voices` is what Open WebUI reads (and other OpenAI-compatible TTS servers answer).
     return JSONResponse(
         {"object": "list", "data": voices, "voices": [{"id": voice["id"], "name": voice["id"]} for voice in voices]}

@@ -7,13 +7,15 @@ piper-tts's `python -m piper.http_server` (a whole WAV per POST /synthesize) and
 (WYOMING_PORT) with wyoming-piper. For each text (1, 3, ~10 sentences) and each number of concurrent clients,
 the servers take turns (their order rotates each repetition); every client sends one request at once.
 
-    .venv/bin/python tools/piper_peers.py --reps 3 --clients 1,2,4,8
+    .venv/bin/python tools/piper_peers.py --reps 3 --clients 1,2,4,8 --long-calls 100
     .venv/bin/python tools/piper_peers.py --dry-run   # what it would install and run, nothing started
 
-Prints one Markdown table: per comparison, text and clients, first audio p50/p95 (ms) and aggregate audio
-seconds per wall second of both servers and their ratio (this server / the peer: under 1 is sooner for first
-audio, over 1 is more audio), then each server's RSS once ready (before any request) and at the end, and
-how loud its speech is.
+Prints one Markdown table: per comparison, text and clients, first audio p50/p95 (ms), aggregate audio
+seconds per wall second and total time p50 (sending to the last byte) of both servers and their ratio (this
+server / the peer: under 1 is sooner, over 1 is more audio; wyoming-piper serves one request at a time, so its
+total times are first come, first served's), then each server's start-to-ready seconds, RSS once ready (before
+any request) and at the end, and how loud its speech is. `--long-calls N` then sends this server N long
+requests in a row (the 10-sentence text) and prints its RSS after the first and every tenth.
 """
 
 from __future__ import annotations
