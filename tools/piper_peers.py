@@ -71,12 +71,13 @@ def result(started: float, first_audio: float | None, pcm: bytes, bytes_per_seco
     """A request's measures from its 16-bit PCM, all of it received now."""
     import numpy as np
 
+    total = time.perf_counter() - started
     samples = np.frombuffer(pcm[: len(pcm) // 2 * 2], "<i2").astype(np.float64) / 32768.0
     rms = float(np.sqrt(np.mean(samples**2))) if len(samples) else 0.0
     peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
     return Result(
         first_audio or 0.0,
-        time.perf_counter() - started,
+        total,
         len(pcm) / bytes_per_second,
         20 * np.log10(rms + 1e-12),
         20 * np.log10(peak + 1e-12),
@@ -205,14 +206,14 @@ async def http_speech(url: str, body: dict[str, object], header_bytes: int, rate
     import httpx
 
     started = time.perf_counter()
-    first, received = None, b""
+    first, received = None, bytearray()  # appended in place: the client's own work stays small
     async with httpx.AsyncClient(timeout=600) as client, client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for data in response.aiter_bytes():
             received += data
             if first is None and len(received) > header_bytes:
                 first = time.perf_counter() - started
-    return result(started, first, received[header_bytes:], 2 * rate)
+    return result(started, first, bytes(received[header_bytes:]), 2 * rate)
 
 
 def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
@@ -222,7 +223,7 @@ def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
         from wyoming.tts import Synthesize
 
         started = time.perf_counter()
-        first, pcm, bytes_per_second = None, b"", 1
+        first, pcm, bytes_per_second = None, bytearray(), 1
         async with AsyncTcpClient("127.0.0.1", port) as client:
             await client.write_event(Synthesize(text=text).event())
             while (event := await client.read_event()) is not None:
@@ -233,7 +234,7 @@ def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
                     bytes_per_second = chunk.rate * chunk.width * chunk.channels
                 elif AudioStop.is_type(event.type):
                     break
-        return result(started, first, pcm, bytes_per_second)
+        return result(started, first, bytes(pcm), bytes_per_second)
 
     return speak
 
