@@ -3702,6 +3702,7 @@ class SequentialRunner:
     def __init__(self, engine: ChunkEngine):
         self.engine = engine
         self.generations: list[Generation] = []
+        self._counted_until = 0.0  # the turn's model time is billed to its generation up to here
         self._pieces: dict[
             Generation, tuple[Iterator[np.ndarray | TextMarks | RunEvent], RngStream | NoRandomness]
         ] = {}
@@ -3741,7 +3742,7 @@ class SequentialRunner:
             return
         now = time.monotonic()
         generation = min(self.generations, key=lambda g: self.urgency(g, now))
-        started = time.monotonic()
+        started = self._counted_until = time.monotonic()
         try:
             if generation not in self._pieces:
                 generation.queue_wait = started - generation.submitted
@@ -3761,10 +3762,17 @@ class SequentialRunner:
             generation.deliver(exc)
             return
         finally:
-            generation.model_seconds += time.monotonic() - started
+            generation.model_seconds += time.monotonic() - self._counted_until
         if ended:
             self._retire(generation)
             generation.deliver(GENERATION_DONE)
+
+    def _hand_out(self, generation: Generation, event: Any) -> None:
+        """`event` to its request, the model time before it counted first (the request may report it at once)."""
+        now = time.monotonic()
+        generation.model_seconds += now - self._counted_until
+        self._counted_until = now
+        generation.deliver(event)
 
     def _advance(self, generation: Generation, pieces: Iterator[Any]) -> bool:
         """Its pieces up to and including the next audio (marks and TOKENS_DONE cost no model time), and
@@ -3773,12 +3781,12 @@ class SequentialRunner:
         for piece in pieces:
             if isinstance(piece, TextMarks) or piece is TOKENS_DONE:
                 computed = computed or piece is TOKENS_DONE
-                generation.deliver(piece)  # marks before the audio they mark
+                self._hand_out(generation, piece)  # marks before the audio they mark
             else:
                 if len(piece):
                     audio = as_array(piece)
                     generation.playback.heard(len(audio) / self.engine.sample_rate, time.monotonic())
-                    generation.deliver(audio)
+                    self._hand_out(generation, audio)
                 if not computed:
                     return False  # an empty piece too: the engine hands the turn back
         return True
