@@ -158,6 +158,15 @@ def test_piper_peers_dry_run_names_the_pinned_peers_and_the_same_voice() -> None
     assert "over HTTP" in done.stdout and "over Wyoming" in done.stdout
 
 
+def test_piper_peers_counts_a_stall_as_a_listener_would_hear_it() -> None:
+    """A listener plays from the first audio byte on: a part arriving after what came before has played out is a
+    stall of that difference; parts ahead of the listener are none."""
+    peers = load_tool("piper_peers")
+    assert peers.stall_of([(10.0, 0), (11.5, 100)], 100) == pytest.approx(0.5)  # 1 s of audio, more at 1.5 s
+    assert peers.stall_of([(10.0, 0), (10.5, 100), (11.2, 200), (11.9, 200)], 100) == 0.0
+    assert peers.stall_of([], 100) == 0.0
+
+
 def test_piper_batch_compares_batched_runs_with_one_run_each() -> None:
     """On the bundled voice: every size's row, both rates counted from each sentence's own samples (padding
     left out), and their ratio."""

@@ -13,7 +13,8 @@ the servers take turns (their order rotates each repetition); every client sends
 Prints one Markdown table: per comparison, text and clients, first audio p50/p95 (ms), aggregate audio
 seconds per wall second and total time p50 (sending to the last byte) of both servers and their ratio (this
 server / the peer: under 1 is sooner, over 1 is more audio; wyoming-piper serves one request at a time, so its
-total times are first come, first served's), then each server's start-to-ready seconds, RSS once ready (before
+total times are first come, first served's), and both servers' longest stall (how long a listener playing a
+response from its first audio byte on would have waited for more, the worst request of the cell); then each server's start-to-ready seconds, RSS once ready (before
 any request) and at the end, and how loud its speech is. `--long-calls N` then sends this server N long
 requests in a row (the 10-sentence text) and prints its RSS after the first and every tenth.
 """
@@ -62,13 +63,25 @@ TEXTS = {
 class Result:
     first_audio: float  # seconds from sending to the first audio byte
     total: float  # seconds from sending to the last
+    stall: float  # the longest a listener playing from the first audio byte on would have waited for more
     audio_seconds: float
     rms_dbfs: float  # over every sample, pauses included (as a listener's volume meter)
     peak_dbfs: float
 
 
-def result(started: float, first_audio: float | None, pcm: bytes, bytes_per_second: int) -> Result:
-    """A request's measures from its 16-bit PCM, all of it received now."""
+def stall_of(arrivals: list[tuple[float, int]], bytes_per_second: int) -> float:
+    """The longest wait of a listener who starts playing at the first audio byte: at each arrival (its time and the
+    bytes received before it), how long the audio already received had run out."""
+    if not arrivals:
+        return 0.0
+    began = arrivals[0][0]
+    return max(0.0, *(at - began - before / bytes_per_second for at, before in arrivals))
+
+
+def result(
+    started: float, first_audio: float | None, pcm: bytes, bytes_per_second: int, arrivals: list[tuple[float, int]]
+) -> Result:
+    """A request's measures from its 16-bit PCM, all of it received now, and when each part arrived."""
     import numpy as np
 
     total = time.perf_counter() - started
@@ -78,6 +91,7 @@ def result(started: float, first_audio: float | None, pcm: bytes, bytes_per_seco
     return Result(
         first_audio or 0.0,
         total,
+        stall_of(arrivals, bytes_per_second),
         len(pcm) / bytes_per_second,
         20 * np.log10(rms + 1e-12),
         20 * np.log10(peak + 1e-12),
@@ -207,13 +221,16 @@ async def http_speech(url: str, body: dict[str, object], header_bytes: int, rate
 
     started = time.perf_counter()
     first, received = None, bytearray()  # appended in place: the client's own work stays small
+    arrivals: list[tuple[float, int]] = []
     async with httpx.AsyncClient(timeout=600) as client, client.stream("POST", url, json=body) as response:
         response.raise_for_status()
         async for data in response.aiter_bytes():
+            if len(received) + len(data) > header_bytes:
+                arrivals.append((time.perf_counter(), max(0, len(received) - header_bytes)))
             received += data
             if first is None and len(received) > header_bytes:
                 first = time.perf_counter() - started
-    return result(started, first, bytes(received[header_bytes:]), 2 * rate)
+    return result(started, first, bytes(received[header_bytes:]), 2 * rate, arrivals)
 
 
 def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
@@ -224,17 +241,19 @@ def wyoming_speech(port: int) -> Callable[[str], Coroutine[Any, Any, Result]]:
 
         started = time.perf_counter()
         first, pcm, bytes_per_second = None, bytearray(), 1
+        arrivals: list[tuple[float, int]] = []
         async with AsyncTcpClient("127.0.0.1", port) as client:
             await client.write_event(Synthesize(text=text).event())
             while (event := await client.read_event()) is not None:
                 if AudioChunk.is_type(event.type):
                     chunk = AudioChunk.from_event(event)
                     first = first or time.perf_counter() - started
+                    arrivals.append((time.perf_counter(), len(pcm)))
                     pcm += chunk.audio
                     bytes_per_second = chunk.rate * chunk.width * chunk.channels
                 elif AudioStop.is_type(event.type):
                     break
-        return result(started, first, bytes(pcm), bytes_per_second)
+        return result(started, first, bytes(pcm), bytes_per_second, arrivals)
 
     return speak
 
@@ -355,6 +374,7 @@ def stop(served: list[Served]) -> None:
 class Cell:
     first_audio: list[float] = field(default_factory=list)
     total: list[float] = field(default_factory=list)
+    stall: list[float] = field(default_factory=list)
     rms_dbfs: list[float] = field(default_factory=list)
     peak_dbfs: list[float] = field(default_factory=list)
     throughput: list[float] = field(default_factory=list)  # audio seconds per wall second, one per round
@@ -377,6 +397,7 @@ def measure(served: list[Served], reps: int, clients: list[int], texts: list[str
                     cell = cells.setdefault((server.name, text_name, count), Cell())
                     cell.first_audio += [r.first_audio for r in results]
                     cell.total += [r.total for r in results]
+                    cell.stall += [r.stall for r in results]
                     cell.rms_dbfs += [r.rms_dbfs for r in results]
                     cell.peak_dbfs += [r.peak_dbfs for r in results]
                     cell.throughput.append(sum(r.audio_seconds for r in results) / wall)
@@ -408,8 +429,8 @@ def table(
 ) -> list[str]:
     lines = [
         "| over | text | clients | first audio p50 ms (ours / peer = ratio) | first audio p95 ms | "
-        "audio s per s, median (ours / peer = ratio) | total time p50 ms |",
-        "|---|---|---|---|---|---|---|",
+        "audio s per s, median (ours / peer = ratio) | total time p50 ms | longest stall ms (ours / peer) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, ours, peer in comparisons:
         for text_name in texts:
@@ -419,11 +440,13 @@ def table(
                 p95 = [1000 * percentile(c.first_audio, 0.95) for c in (a, b)]
                 rate = [statistics.median(c.throughput) for c in (a, b)]
                 total = [1000 * percentile(c.total, 0.5) for c in (a, b)]
+                stall = [1000 * max(c.stall) for c in (a, b)]
                 lines.append(
                     f"| {label} vs {peer} | {text_name} | {count} | {p50[0]:.0f} / {p50[1]:.0f} = {p50[0] / p50[1]:.2f}x "
                     f"| {p95[0]:.0f} / {p95[1]:.0f} = {p95[0] / p95[1]:.2f}x "
                     f"| {rate[0]:.1f} / {rate[1]:.1f} = {rate[0] / rate[1]:.2f}x "
-                    f"| {total[0]:.0f} / {total[1]:.0f} = {total[0] / total[1]:.2f}x |"
+                    f"| {total[0]:.0f} / {total[1]:.0f} = {total[0] / total[1]:.2f}x "
+                    f"| {stall[0]:.0f} / {stall[1]:.0f} |"
                 )
     return lines
 
