@@ -7552,6 +7552,15 @@ class GuardedHttp(HttpToolsProtocol):
         self.reading_head = False
         self.heads += 1
         super().on_headers_complete()
+        cycle = self.cycle
+        send = cycle.send
+
+        async def send_closing_early(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body:
+                cycle.keep_alive = False  # answered before its body was all read: the response says it closes
+            await send(message)
+
+        cycle.send = send_closing_early  # type: ignore[method-assign]
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -4874,6 +4874,10 @@ def test_request_heads_are_bounded_in_size_count_and_time(piper_guarded: ServerP
     fine.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(90)) + b"\r\n")
     assert fine.recv(65536).startswith(b"HTTP/1.1 200 ")
     fine.close()
+    early = raw_connection(srv)  # answered before its body has come: the answer says the connection closes
+    early.sendall(b"POST /v1/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 800000\r\n\r\n" + b"x" * 1000)
+    reply = raw_reply(early)
+    assert reply.startswith(b"HTTP/1.1 404 ") and b"\r\nconnection: close\r\n" in reply.lower()
     with httpx.Client(base_url=srv.url) as client:  # a kept-alive connection serves request after request
         for _ in range(3):
             assert client.get("/health").status_code == 200
