@@ -7551,8 +7551,11 @@ class GuardedHttp(HttpToolsProtocol):
         self.stop_head_timer()
         self.reading_head = False
         self.heads += 1
+        previous = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
+        if cycle is None or cycle is previous:  # a WebSocket upgrade: no response cycle of its own
+            return
         send = cycle.send
 
         async def send_closing_early(message: Any) -> None:
